@@ -1,0 +1,261 @@
+//! The validated description of a VM. Everything here has already been checked: sizes are in
+//! range, files named on the command line could be opened, device options parsed. `vm` builds
+//! from this without re-validating.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use log::LevelFilter;
+
+/// Smallest guest memory pvm accepts: below this no Linux guest gets through early boot.
+pub const MIN_MEM_BYTES: u64 = 32 << 20;
+/// Largest guest memory pvm accepts (1 TiB): far beyond any host here, but a hard sanity bound.
+pub const MAX_MEM_BYTES: u64 = 1 << 40;
+/// Default guest memory.
+pub const DEFAULT_MEM_BYTES: u64 = 512 << 20;
+/// Most vCPUs a guest may have (APIC IDs are 8-bit in the MADT entries pvm writes).
+pub const MAX_CPUS: u8 = 255;
+
+/// Where the guest console lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsoleKind {
+    /// The legacy 8250 UART at 0x3f8 (ttyS0).
+    Serial,
+    /// virtio-console (hvc0); the UART still carries early boot messages.
+    Virtio,
+}
+
+/// One `--disk` flag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// The serial number the guest reads with VIRTIO_BLK_T_GET_ID (at most 20 bytes).
+    pub serial: Option<String>,
+}
+
+/// One `--tap` flag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TapSpec {
+    pub name: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// A complete, validated VM description.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// The user's part of the kernel command line, appended after what pvm adds.
+    pub cmdline: String,
+    pub mem_bytes: u64,
+    pub cpus: u8,
+    pub disks: Vec<DiskSpec>,
+    pub taps: Vec<TapSpec>,
+    pub console: ConsoleKind,
+    pub log_level: LevelFilter,
+}
+
+/// Parses a memory size: `256M`, `2G`, `1T`, `4096K`, or a plain number of MiB.
+pub fn parse_mem_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, "M"),
+    };
+    if digits.is_empty() {
+        return Err(format!(
+            "'{text}' is not a size (use 256M, 2G or a number of MiB)"
+        ));
+    }
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "K" | "KIB" => 10,
+        "M" | "MIB" => 20,
+        "G" | "GIB" => 30,
+        "T" | "TIB" => 40,
+        _ => {
+            return Err(format!(
+                "'{text}' has an unknown unit '{unit}' (use K, M, G or T)"
+            ));
+        }
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is too large"))?;
+    let bytes = value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{text}' is too large"))?;
+    if bytes < MIN_MEM_BYTES {
+        return Err(format!(
+            "{text} is below the minimum of {}M",
+            MIN_MEM_BYTES >> 20
+        ));
+    }
+    if bytes > MAX_MEM_BYTES {
+        return Err(format!(
+            "{text} is above the maximum of {}G",
+            MAX_MEM_BYTES >> 30
+        ));
+    }
+    if bytes % 4096 != 0 {
+        return Err(format!("{text} is not a whole number of 4 KiB pages"));
+    }
+    Ok(bytes)
+}
+
+/// Parses a MAC address written as six colon-separated hex bytes.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!(
+            "mac '{text}' must be six hex bytes like 52:54:00:12:34:56"
+        ));
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return Err(format!(
+                "mac '{text}' must be six hex bytes like 52:54:00:12:34:56"
+            ));
+        }
+        *byte = u8::from_str_radix(part, 16)
+            .map_err(|_| format!("mac '{text}' has a non-hex byte '{part}'"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("mac '{text}' is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// Parses `PATH[,ro][,serial=ID]`.
+pub fn parse_disk(text: &str) -> Result<DiskSpec, String> {
+    let mut parts = text.split(',');
+    let path = parts.next().unwrap_or_default();
+    if path.is_empty() {
+        return Err("a disk needs a path: --disk PATH[,ro][,serial=ID]".to_string());
+    }
+    let mut spec = DiskSpec {
+        path: PathBuf::from(path),
+        read_only: false,
+        serial: None,
+    };
+    for option in parts {
+        match option.split_once('=') {
+            None if option == "ro" => spec.read_only = true,
+            Some(("serial", id)) => {
+                if id.is_empty() || id.len() > 20 || !id.is_ascii() {
+                    return Err(format!("serial '{id}' must be 1 to 20 ASCII characters"));
+                }
+                spec.serial = Some(id.to_string());
+            }
+            _ => {
+                return Err(format!(
+                    "unknown disk option '{option}' (known: ro, serial=ID)"
+                ));
+            }
+        }
+    }
+    Ok(spec)
+}
+
+/// Parses `NAME[,mac=MAC]`.
+pub fn parse_tap(text: &str) -> Result<TapSpec, String> {
+    let mut parts = text.split(',');
+    let name = parts.next().unwrap_or_default();
+    // IFNAMSIZ is 16 including the terminating NUL.
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains('/')
+        || name.contains(char::is_whitespace)
+    {
+        return Err(format!(
+            "tap name '{name}' must be 1 to 15 characters without '/' or spaces"
+        ));
+    }
+    let mut spec = TapSpec {
+        name: name.to_string(),
+        mac: None,
+    };
+    for option in parts {
+        match option.split_once('=') {
+            Some(("mac", mac)) => spec.mac = Some(parse_mac(mac)?),
+            _ => return Err(format!("unknown tap option '{option}' (known: mac=MAC)")),
+        }
+    }
+    Ok(spec)
+}
+
+impl fmt::Display for ConsoleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConsoleKind::Serial => "serial",
+            ConsoleKind::Virtio => "virtio",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_sizes() {
+        assert_eq!(parse_mem_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_mem_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_mem_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_mem_size("512"), Ok(512 << 20));
+        assert_eq!(parse_mem_size("65536K"), Ok(64 << 20));
+        assert!(parse_mem_size("").unwrap_err().contains("not a size"));
+        assert!(parse_mem_size("M").unwrap_err().contains("not a size"));
+        assert!(parse_mem_size("12X").unwrap_err().contains("unknown unit"));
+        assert!(parse_mem_size("1M").unwrap_err().contains("minimum"));
+        assert!(parse_mem_size("2T").unwrap_err().contains("maximum"));
+        assert!(
+            parse_mem_size("99999999999999999999G")
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(parse_mem_size("40000001K").unwrap_err().contains("4 KiB"));
+    }
+
+    #[test]
+    fn disks() {
+        let d = parse_disk("/a/b.img,ro,serial=disk0").unwrap();
+        assert_eq!(d.path, PathBuf::from("/a/b.img"));
+        assert!(d.read_only);
+        assert_eq!(d.serial.as_deref(), Some("disk0"));
+        assert!(!parse_disk("x.img").unwrap().read_only);
+        assert!(parse_disk(",ro").is_err());
+        assert!(
+            parse_disk("x.img,rw")
+                .unwrap_err()
+                .contains("unknown disk option 'rw'")
+        );
+        assert!(parse_disk("x.img,serial=123456789012345678901").is_err());
+    }
+
+    #[test]
+    fn taps_and_macs() {
+        let t = parse_tap("tap0,mac=52:54:00:ab:cd:ef").unwrap();
+        assert_eq!(t.name, "tap0");
+        assert_eq!(t.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
+        assert!(parse_tap("").is_err());
+        assert!(parse_tap("a-very-long-tap-name").is_err());
+        assert!(
+            parse_tap("tap0,mac=01:00:00:00:00:00")
+                .unwrap_err()
+                .contains("multicast")
+        );
+        assert!(
+            parse_tap("tap0,mac=zz:00:00:00:00:00")
+                .unwrap_err()
+                .contains("non-hex")
+        );
+        assert!(parse_tap("tap0,mac=52:54").is_err());
+        assert!(
+            parse_tap("tap0,queues=2")
+                .unwrap_err()
+                .contains("unknown tap option")
+        );
+    }
+}

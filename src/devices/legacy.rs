@@ -1,0 +1,142 @@
+//! Bus adapters for vm-superio's 8250 UART and i8042 controller.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use vm_superio::{I8042Device, Serial, Trigger, serial::NoEvents};
+
+use super::IrqTrigger;
+use crate::bus::BusDevice;
+use crate::exit::{EndSignal, Outcome};
+
+/// The 8250 UART at 0x3f8, interrupting on IRQ 4 through an irqfd.
+pub struct SerialDevice {
+    pub serial: Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialDevice {
+    pub fn new(irq: IrqTrigger, out: Box<dyn Write + Send>) -> Self {
+        SerialDevice {
+            serial: Serial::new(irq, out),
+        }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.serial.fifo_capacity().min(bytes.len());
+        if room == 0 {
+            return 0;
+        }
+        match self.serial.enqueue_raw_bytes(&bytes[..room]) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial: cannot queue input for the guest: {e:?}");
+                0
+            }
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if data.len() == 1 && offset < 8 {
+            data[0] = self.serial.read(offset as u8);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() == 1 && offset < 8 {
+            if let Err(e) = self.serial.write(offset as u8, data[0]) {
+                // Output to a closed stdout must not stop the guest.
+                log::debug!("serial: write failed: {e:?}");
+            }
+        }
+    }
+}
+
+/// Turns the i8042 "pulse reset line" command into the end of the VM.
+#[derive(Debug)]
+pub struct ResetLine(pub Arc<EndSignal>);
+
+impl Trigger for ResetLine {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.end(Outcome::Reboot);
+        Ok(())
+    }
+}
+
+/// The i8042 controller at 0x60..0x64 (data port at offset 0, command port at offset 4).
+pub struct I8042(pub I8042Device<ResetLine>);
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if data.len() == 1 {
+            data[0] = self.0.read(offset as u8);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() == 1 {
+            let _ = self.0.write(offset as u8, data[0]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use vmm_sys_util::eventfd::EventFd;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn serial_output_input_and_interrupt() {
+        let sink = Sink::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev =
+            SerialDevice::new(IrqTrigger(irq.try_clone().unwrap()), Box::new(sink.clone()));
+        // Enable the "received data available" interrupt (IER bit 0).
+        dev.write(1, &[1]);
+        dev.write(0, b"h");
+        dev.write(0, b"i");
+        assert_eq!(&*sink.0.lock().unwrap(), b"hi");
+        assert_eq!(dev.enqueue_input(b"ok"), 2);
+        assert!(irq.read().unwrap() >= 1, "input raises the UART interrupt");
+        let mut byte = [0u8];
+        dev.read(0, &mut byte);
+        assert_eq!(&byte, b"o");
+        // A full FIFO takes no more.
+        let big = vec![b'x'; 200];
+        let taken = dev.enqueue_input(&big);
+        assert!(taken < 200);
+        assert_eq!(dev.enqueue_input(&big), 0);
+    }
+
+    #[test]
+    fn i8042_reset_ends_the_vm_as_reboot() {
+        let end = Arc::new(EndSignal::new().unwrap());
+        let mut dev = I8042(I8042Device::new(ResetLine(end.clone())));
+        dev.write(4, &[0x12]);
+        assert_eq!(end.outcome(), None);
+        dev.write(4, &[0xfe]);
+        assert_eq!(end.outcome(), Some(Outcome::Reboot));
+    }
+}

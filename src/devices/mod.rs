@@ -1,0 +1,20 @@
+//! The platform devices pvm keeps besides virtio: the 8250 UART for early boot (vm-superio), the
+//! i8042 reset line (vm-superio), the ACPI power device and pvpanic.
+
+pub mod legacy;
+pub mod power;
+
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
+
+/// An interrupt line as an eventfd that KVM turns into an interrupt (irqfd).
+#[derive(Debug)]
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}

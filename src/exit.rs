@@ -1,0 +1,141 @@
+//! How a VM run ends, and the process exit code for each ending. The first ending reported wins:
+//! a pvpanic write followed by the panic's reboot is a panic, not a reboot.
+
+use std::sync::Mutex;
+
+use vmm_sys_util::eventfd::EventFd;
+
+pub const GUEST_POWER_OFF: i32 = 0;
+pub const VMM_FAILURE: i32 = 1;
+pub const GUEST_PANIC: i32 = 3;
+pub const GUEST_TRIPLE_FAULT: i32 = 4;
+pub const KVM_RUN_FAILURE: i32 = 5;
+
+/// How the guest (or the run) ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// ACPI S5 or i8042-style power-off.
+    PowerOff,
+    /// The guest rebooted (i8042 reset); pvm ends the VM rather than restarting it.
+    Reboot,
+    /// The guest reported a panic through pvpanic.
+    Panic,
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault,
+    /// KVM could not run the guest (internal error, emulation failure, failed entry); details.
+    KvmFailure(String),
+    /// pvm was asked to stop by this signal (SIGINT, SIGTERM, SIGHUP).
+    Signal(i32),
+    /// The user typed the console's quit escape (Ctrl-A x); ends like SIGINT.
+    ConsoleQuit,
+    /// A pvm thread failed while the guest ran.
+    VmmFailure(String),
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::PowerOff | Outcome::Reboot => GUEST_POWER_OFF,
+            Outcome::Panic => GUEST_PANIC,
+            Outcome::TripleFault => GUEST_TRIPLE_FAULT,
+            Outcome::KvmFailure(_) => KVM_RUN_FAILURE,
+            Outcome::Signal(signo) => 128 + signo,
+            Outcome::ConsoleQuit => 128 + libc::SIGINT,
+            Outcome::VmmFailure(_) => VMM_FAILURE,
+        }
+    }
+
+    /// What pvm prints on stderr for this ending, if anything.
+    pub fn message(&self) -> Option<String> {
+        match self {
+            Outcome::PowerOff | Outcome::Reboot => None,
+            Outcome::Panic => Some("the guest kernel panicked (pvpanic)".to_string()),
+            Outcome::TripleFault => {
+                Some("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".to_string())
+            }
+            Outcome::KvmFailure(detail) => Some(format!("KVM could not run the guest: {detail}")),
+            Outcome::Signal(signo) => Some(format!("stopped by signal {signo}")),
+            Outcome::ConsoleQuit => Some("stopped from the console (Ctrl-A x)".to_string()),
+            Outcome::VmmFailure(detail) => Some(detail.clone()),
+        }
+    }
+}
+
+/// Where devices and vCPUs report that the VM should end; the main loop waits on `event`.
+#[derive(Debug)]
+pub struct EndSignal {
+    outcome: Mutex<Option<Outcome>>,
+    event: EventFd,
+}
+
+impl EndSignal {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(EndSignal {
+            outcome: Mutex::new(None),
+            event: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Records `outcome` unless an earlier one is recorded, and wakes the main loop.
+    pub fn end(&self, outcome: Outcome) {
+        let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(outcome);
+        }
+        // A full eventfd counter still wakes the loop, so a failed write loses nothing.
+        let _ = self.event.write(1);
+    }
+
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn event(&self) -> &EventFd {
+        &self.event
+    }
+}
+
+/// Formats an error with its chain of sources on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_distinct_where_it_matters() {
+        assert_eq!(Outcome::PowerOff.exit_code(), 0);
+        assert_eq!(Outcome::Reboot.exit_code(), 0);
+        assert_eq!(Outcome::Panic.exit_code(), GUEST_PANIC);
+        assert_eq!(Outcome::TripleFault.exit_code(), GUEST_TRIPLE_FAULT);
+        assert_eq!(Outcome::KvmFailure("x".into()).exit_code(), KVM_RUN_FAILURE);
+        assert_eq!(Outcome::Signal(15).exit_code(), 143);
+        assert!(Outcome::PowerOff.message().is_none());
+        assert!(Outcome::Panic.message().unwrap().contains("panic"));
+    }
+
+    #[test]
+    fn first_ending_wins() {
+        let s = EndSignal::new().unwrap();
+        assert_eq!(s.outcome(), None);
+        s.end(Outcome::Panic);
+        s.end(Outcome::Reboot);
+        assert_eq!(s.outcome(), Some(Outcome::Panic));
+        assert_eq!(s.event().read().unwrap(), 2);
+    }
+}

@@ -1,0 +1,55 @@
+//! pvm: a virtio-first KVM virtual machine monitor.
+//!
+//! Data flows one way: [`cli`] (clap, no KVM) produces a validated [`config::VmConfig`];
+//! [`vm::Vm::build`] turns it into memory, irqchip, devices, boot state and vCPUs in an explicit
+//! order; [`vm::Vm::run`] runs until the guest ends and reports how it ended as an [`exit::Outcome`].
+
+pub mod boot;
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod cpuid;
+pub mod devices;
+pub mod exit;
+pub mod kvm_host;
+pub mod layout;
+pub mod logger;
+pub mod memory;
+pub mod terminal;
+pub mod vcpu;
+pub mod vm;
+
+use std::ffi::OsString;
+
+/// Runs pvm with the given process arguments and returns the process exit code.
+pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
+    let config = match cli::parse(args) {
+        Ok(config) => config,
+        Err(cli::CliExit::Message(code, text)) => {
+            // --help and --version go to stdout with code 0; usage errors to stderr with 2.
+            if code == 0 {
+                print!("{text}");
+            } else {
+                eprint!("{text}");
+            }
+            return code;
+        }
+    };
+    logger::init(config.log_level);
+    match vm::run(config) {
+        Ok(outcome) => {
+            if let Some(message) = outcome.message() {
+                eprintln!("pvm: {message}");
+            }
+            outcome.exit_code()
+        }
+        Err(err) => {
+            eprintln!("pvm: {}", exit::error_chain(&err));
+            if err.is_usage() {
+                cli::USAGE_ERROR
+            } else {
+                exit::VMM_FAILURE
+            }
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! vCPUs: per-vCPU setup (CPUID, MSRs, LAPIC, boot registers) and the run loop. The exit handler
+//! is a plain function over the buses, unit-tested with synthetic exits; each vCPU thread holds
+//! its own handles, and only the one device an exit touches is locked.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use kvm_bindings::{CpuId, Msrs, kvm_msr_entry};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::boot::{BootEntry, regs};
+use crate::bus::Bus;
+use crate::cpuid;
+use crate::exit::{EndSignal, Outcome};
+
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MSR_IA32_TSC: u32 = 0x10;
+/// MISC_ENABLE: fast string operations, as firmware leaves them.
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+/// MTRRdefType: MTRRs enabled, default memory type write-back.
+const MTRR_ENABLE_WRITEBACK: u64 = (1 << 11) | 6;
+
+/// LAPIC register offsets and delivery modes for the local interrupt pins.
+const APIC_LVT_LINT0: usize = 0x350;
+const APIC_LVT_LINT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// KVM_SYSTEM_EVENT_* types.
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+const SYSTEM_EVENT_CRASH: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("vCPU {index}: {what}: {source}")]
+    Setup {
+        index: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: KVM took only {set} of {wanted} MSRs")]
+    Msrs {
+        index: u8,
+        set: usize,
+        wanted: usize,
+    },
+}
+
+/// What the vCPU loop does after an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ExitAction {
+    Continue,
+    End(Outcome),
+}
+
+/// Userspace exits (KVM_RUN returns) counted by reason, shared by all vCPUs.
+#[derive(Debug, Default)]
+pub struct ExitStats {
+    pub io_in: AtomicU64,
+    pub io_out: AtomicU64,
+    pub mmio_read: AtomicU64,
+    pub mmio_write: AtomicU64,
+    pub interrupted: AtomicU64,
+    pub other: AtomicU64,
+}
+
+impl ExitStats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// "reason=count" pairs, for `--stats` and the benchmarks.
+    pub fn summary(&self) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "io_in={} io_out={} mmio_read={} mmio_write={} interrupted={} other={}",
+            get(&self.io_in),
+            get(&self.io_out),
+            get(&self.mmio_read),
+            get(&self.mmio_write),
+            get(&self.interrupted),
+            get(&self.other)
+        )
+    }
+}
+
+/// The buses a vCPU dispatches exits to.
+#[derive(Debug)]
+pub struct Buses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+/// Handles one exit. Accesses that hit no device read as all-ones and are otherwise ignored,
+/// as on real hardware, so probing guests keep going.
+pub fn handle_exit(exit: VcpuExit<'_>, buses: &Buses, stats: &ExitStats) -> ExitAction {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            ExitStats::bump(&stats.io_in);
+            if !buses.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            ExitStats::bump(&stats.io_out);
+            buses.pio.write(u64::from(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            ExitStats::bump(&stats.mmio_read);
+            if !buses.mmio.read(addr, data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            ExitStats::bump(&stats.mmio_write);
+            buses.mmio.write(addr, data);
+        }
+        VcpuExit::Shutdown => return ExitAction::End(Outcome::TripleFault),
+        VcpuExit::SystemEvent(kind, _) => {
+            return ExitAction::End(match kind {
+                SYSTEM_EVENT_SHUTDOWN => Outcome::PowerOff,
+                SYSTEM_EVENT_RESET => Outcome::Reboot,
+                SYSTEM_EVENT_CRASH => Outcome::Panic,
+                other => Outcome::KvmFailure(format!("unknown system event {other}")),
+            });
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            return ExitAction::End(Outcome::KvmFailure(format!(
+                "VM entry failed on host CPU {cpu}, hardware reason {reason:#x}"
+            )));
+        }
+        // InternalError needs the vCPU's registers; the run loop reports it.
+        VcpuExit::InternalError => {
+            return ExitAction::End(Outcome::KvmFailure("internal error".to_string()));
+        }
+        VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr | VcpuExit::IoapicEoi(_) => {
+            ExitStats::bump(&stats.other);
+        }
+        other => {
+            return ExitAction::End(Outcome::KvmFailure(format!("unhandled exit {other:?}")));
+        }
+    }
+    ExitAction::Continue
+}
+
+fn read_u32(regs: &[std::os::raw::c_char], offset: usize) -> u32 {
+    let b = |i: usize| regs[offset + i] as u8;
+    u32::from_le_bytes([b(0), b(1), b(2), b(3)])
+}
+
+fn write_u32(regs: &mut [std::os::raw::c_char], offset: usize, value: u32) {
+    for (i, byte) in value.to_le_bytes().iter().enumerate() {
+        regs[offset + i] = *byte as std::os::raw::c_char;
+    }
+}
+
+/// Sets an LVT entry's delivery mode (bits 10:8), keeping its other bits.
+pub fn set_lvt_delivery_mode(regs: &mut [std::os::raw::c_char], offset: usize, mode: u32) {
+    let value = read_u32(regs, offset);
+    write_u32(regs, offset, (value & !0x700) | (mode << 8));
+}
+
+/// The MSRs firmware would have set before handing over to a kernel.
+pub fn boot_msrs() -> Vec<kvm_msr_entry> {
+    let entry = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    vec![
+        entry(MSR_IA32_SYSENTER_CS, 0),
+        entry(MSR_IA32_SYSENTER_ESP, 0),
+        entry(MSR_IA32_SYSENTER_EIP, 0),
+        entry(MSR_STAR, 0),
+        entry(MSR_CSTAR, 0),
+        entry(MSR_KERNEL_GS_BASE, 0),
+        entry(MSR_SYSCALL_MASK, 0),
+        entry(MSR_LSTAR, 0),
+        entry(MSR_IA32_TSC, 0),
+        entry(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        entry(MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK),
+    ]
+}
+
+/// Configures vCPU `index` of `count`; the boot vCPU (0) also gets the kernel entry state.
+pub fn configure(
+    vcpu: &VcpuFd,
+    index: u8,
+    count: u8,
+    supported_cpuid: &CpuId,
+    boot: Option<BootEntry>,
+) -> Result<(), Error> {
+    let setup = |what| {
+        move |source| Error::Setup {
+            index,
+            what,
+            source,
+        }
+    };
+    let mut cpuid = supported_cpuid.clone();
+    cpuid::normalize(cpuid.as_mut_slice(), index, count);
+    vcpu.set_cpuid2(&cpuid).map_err(setup("KVM_SET_CPUID2"))?;
+
+    let entries = boot_msrs();
+    let msrs = Msrs::from_entries(&entries).expect("a handful of MSRs fits a FamStructWrapper");
+    let set = vcpu.set_msrs(&msrs).map_err(setup("KVM_SET_MSRS"))?;
+    if set != entries.len() {
+        return Err(Error::Msrs {
+            index,
+            set,
+            wanted: entries.len(),
+        });
+    }
+
+    let mut lapic = vcpu.get_lapic().map_err(setup("KVM_GET_LAPIC"))?;
+    set_lvt_delivery_mode(&mut lapic.regs, APIC_LVT_LINT0, APIC_MODE_EXTINT);
+    set_lvt_delivery_mode(&mut lapic.regs, APIC_LVT_LINT1, APIC_MODE_NMI);
+    vcpu.set_lapic(&lapic).map_err(setup("KVM_SET_LAPIC"))?;
+
+    if let Some(boot) = boot {
+        vcpu.set_fpu(&regs::initial_fpu())
+            .map_err(setup("KVM_SET_FPU"))?;
+        let mut sregs = vcpu.get_sregs().map_err(setup("KVM_GET_SREGS"))?;
+        regs::setup_sregs(&mut sregs, boot.mode);
+        vcpu.set_sregs(&sregs).map_err(setup("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&regs::entry_regs(boot.mode, boot.entry.0))
+            .map_err(setup("KVM_SET_REGS"))?;
+    }
+    Ok(())
+}
+
+/// Describes where the vCPU stopped: RIP and the instruction bytes there, for failure reports.
+fn describe_position(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> String {
+    let Ok(regs) = vcpu.get_regs() else {
+        return "registers unavailable".to_string();
+    };
+    let mut text = format!("RIP {:#x}", regs.rip);
+    if let Ok(t) = vcpu.translate_gva(regs.rip) {
+        if t.valid != 0 {
+            let mut bytes = [0u8; 16];
+            if mem
+                .read_slice(&mut bytes, GuestAddress(t.physical_address))
+                .is_ok()
+            {
+                let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                text.push_str(&format!(", instruction bytes {}", hex.join(" ")));
+            }
+        }
+    }
+    text
+}
+
+/// Everything a vCPU thread owns.
+pub struct Vcpu {
+    pub index: u8,
+    pub fd: VcpuFd,
+    pub buses: Arc<Buses>,
+    pub memory: GuestMemoryMmap,
+    pub end: Arc<EndSignal>,
+    pub stop: Arc<AtomicBool>,
+    pub stats: Arc<ExitStats>,
+}
+
+impl Vcpu {
+    /// Runs until the guest ends the VM or the main thread asks to stop (then kicks this thread
+    /// with a signal so KVM_RUN returns EINTR).
+    pub fn run(mut self) {
+        while !self.stop.load(Ordering::Acquire) {
+            let action = match self.fd.run() {
+                Ok(VcpuExit::InternalError) => {
+                    let suberror = {
+                        let run = self.fd.get_kvm_run();
+                        // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is
+                        // the active member of the union.
+                        unsafe { run.__bindgen_anon_1.internal.suberror }
+                    };
+                    let kind = match suberror {
+                        1 => "emulation failure",
+                        2 => "simultaneous exception",
+                        3 => "delivery event failure",
+                        _ => "internal error",
+                    };
+                    ExitAction::End(Outcome::KvmFailure(format!(
+                        "vCPU {}: KVM_EXIT_INTERNAL_ERROR ({kind}, suberror {suberror}) at {}",
+                        self.index,
+                        describe_position(&self.fd, &self.memory)
+                    )))
+                }
+                Ok(exit) => handle_exit(exit, &self.buses, &self.stats),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    ExitStats::bump(&self.stats.interrupted);
+                    ExitAction::Continue
+                }
+                Err(e) => ExitAction::End(Outcome::KvmFailure(format!(
+                    "vCPU {}: KVM_RUN failed: {e}",
+                    self.index
+                ))),
+            };
+            if let ExitAction::End(outcome) = action {
+                self.end.end(outcome);
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::BusDevice;
+    use std::sync::Mutex;
+
+    struct Port(u8, Vec<u8>);
+
+    impl BusDevice for Port {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(self.0);
+        }
+        fn write(&mut self, _offset: u64, data: &[u8]) {
+            self.1.extend_from_slice(data);
+        }
+    }
+
+    fn buses() -> (Buses, Arc<Mutex<Port>>) {
+        let port = Arc::new(Mutex::new(Port(0x42, Vec::new())));
+        let mut pio = Bus::new();
+        pio.insert(0x3f8, 8, port.clone()).unwrap();
+        let mut mmio = Bus::new();
+        mmio.insert(0xd000_0000, 0x1000, port.clone()).unwrap();
+        (Buses { pio, mmio }, port)
+    }
+
+    #[test]
+    fn io_and_mmio_exits_reach_devices() {
+        let (buses, port) = buses();
+        let stats = ExitStats::default();
+        let mut data = [0u8; 1];
+        assert_eq!(
+            handle_exit(VcpuExit::IoIn(0x3f8, &mut data), &buses, &stats),
+            ExitAction::Continue
+        );
+        assert_eq!(data, [0x42]);
+        let mut data = [0u8; 2];
+        handle_exit(VcpuExit::IoIn(0x60, &mut data), &buses, &stats);
+        assert_eq!(data, [0xff, 0xff], "unclaimed port reads as all-ones");
+        handle_exit(VcpuExit::IoOut(0x3f9, b"a"), &buses, &stats);
+        handle_exit(VcpuExit::MmioWrite(0xd000_0010, b"bc"), &buses, &stats);
+        let mut data = [0u8; 4];
+        handle_exit(VcpuExit::MmioRead(0xd000_0000, &mut data), &buses, &stats);
+        assert_eq!(data, [0x42; 4]);
+        handle_exit(VcpuExit::MmioWrite(0xe000_0000, b"zz"), &buses, &stats);
+        assert_eq!(port.lock().unwrap().1, b"abc");
+        assert_eq!(
+            stats.summary(),
+            "io_in=2 io_out=1 mmio_read=1 mmio_write=2 interrupted=0 other=0"
+        );
+    }
+
+    #[test]
+    fn guest_endings() {
+        let (buses, _) = buses();
+        let stats = ExitStats::default();
+        assert_eq!(
+            handle_exit(VcpuExit::Shutdown, &buses, &stats),
+            ExitAction::End(Outcome::TripleFault)
+        );
+        assert_eq!(
+            handle_exit(
+                VcpuExit::SystemEvent(SYSTEM_EVENT_SHUTDOWN, &[]),
+                &buses,
+                &stats
+            ),
+            ExitAction::End(Outcome::PowerOff)
+        );
+        assert_eq!(
+            handle_exit(
+                VcpuExit::SystemEvent(SYSTEM_EVENT_CRASH, &[]),
+                &buses,
+                &stats
+            ),
+            ExitAction::End(Outcome::Panic)
+        );
+        assert!(matches!(
+            handle_exit(VcpuExit::FailEntry(0x21, 1), &buses, &stats),
+            ExitAction::End(Outcome::KvmFailure(m)) if m.contains("0x21")
+        ));
+        assert_eq!(
+            handle_exit(VcpuExit::Hlt, &buses, &stats),
+            ExitAction::Continue
+        );
+        assert!(matches!(
+            handle_exit(VcpuExit::Unknown, &buses, &stats),
+            ExitAction::End(_)
+        ));
+    }
+
+    #[test]
+    fn lvt_modes_keep_other_bits() {
+        let mut regs = [0 as std::os::raw::c_char; 1024];
+        write_u32(&mut regs, APIC_LVT_LINT0, 0x0001_0000); // masked
+        set_lvt_delivery_mode(&mut regs, APIC_LVT_LINT0, APIC_MODE_EXTINT);
+        assert_eq!(read_u32(&regs, APIC_LVT_LINT0), 0x0001_0700);
+        set_lvt_delivery_mode(&mut regs, APIC_LVT_LINT1, APIC_MODE_NMI);
+        assert_eq!(read_u32(&regs, APIC_LVT_LINT1), 0x400);
+    }
+
+    #[test]
+    fn boot_msrs_enable_mtrrs_and_fast_strings() {
+        let msrs = boot_msrs();
+        let get = |i| msrs.iter().find(|e| e.index == i).unwrap().data;
+        assert_eq!(get(MSR_MTRR_DEF_TYPE), MTRR_ENABLE_WRITEBACK);
+        assert_eq!(get(MSR_IA32_MISC_ENABLE) & 1, 1);
+    }
+}

@@ -1,0 +1,437 @@
+//! Building and running a VM, in the order the architecture fixes: KVM VM -> irqchip/PIT ->
+//! memory -> platform devices -> ACPI -> kernel -> vCPUs -> the main event loop.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_superio::I8042Device;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{Killable, register_signal_handler};
+
+use crate::boot::{self, acpi};
+use crate::bus::{self, Bus};
+use crate::config::{ConsoleKind, VmConfig};
+use crate::devices::IrqTrigger;
+use crate::devices::legacy::{I8042, ResetLine, SerialDevice};
+use crate::devices::power::{AcpiPower, PvPanic};
+use crate::exit::{EndSignal, Outcome};
+use crate::terminal::RawMode;
+use crate::vcpu::{self, Buses, ExitStats, Vcpu};
+use crate::{kvm_host, layout, memory};
+
+/// KVM needs three pages for the TSS and one for the identity map (Intel); both in the MMIO gap.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// What pvm puts on the kernel command line before the user's part.
+const SERIAL_CMDLINE: &str =
+    "console=ttyS0 reboot=k i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+/// Ctrl-A starts a console escape; Ctrl-A x quits, Ctrl-A Ctrl-A sends one Ctrl-A.
+const ESCAPE: u8 = 0x01;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Host(#[from] kvm_host::Error),
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    #[error(transparent)]
+    Bus(#[from] bus::Error),
+    #[error(transparent)]
+    Acpi(#[from] acpi::Error),
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+    #[error("no --kernel given (pvm cannot yet boot a kernel from the disk image)")]
+    NoKernel,
+    #[error("{0} is not supported yet: pvm has no virtio devices in this build")]
+    Unsupported(&'static str),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot start the thread for vCPU {index}: {source}")]
+    Spawn { index: u8, source: std::io::Error },
+}
+
+impl Error {
+    /// True when the user's input (a flag or a file it names) is at fault, not pvm or KVM.
+    pub fn is_usage(&self) -> bool {
+        use boot::Error as B;
+        match self {
+            Error::NoKernel | Error::Unsupported(_) => true,
+            Error::Boot(e) => matches!(
+                e,
+                B::OpenKernel { .. }
+                    | B::UnknownKernelFormat(_)
+                    | B::LoadKernel { .. }
+                    | B::OpenInitrd { .. }
+                    | B::InitrdTooLarge { .. }
+                    | B::Cmdline { .. }
+            ),
+            _ => false,
+        }
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+/// The signal that ended the run (SIGINT/SIGTERM/SIGHUP), and the eventfd its handler pokes.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+static STOP_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_stop_signal(signo: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_SIGNAL.store(signo, Ordering::SeqCst);
+    let fd = STOP_EVENT_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) on an eventfd is async-signal-safe; the buffer is a live u64.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// Kicks a vCPU out of KVM_RUN; the handler itself has nothing to do.
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+/// Builds the VM described by `config` and runs it until the guest ends.
+pub fn run(config: VmConfig) -> Result<Outcome, Error> {
+    if config.kernel.is_none() {
+        return Err(Error::NoKernel);
+    }
+    if !config.disks.is_empty() {
+        return Err(Error::Unsupported("--disk"));
+    }
+    if !config.taps.is_empty() {
+        return Err(Error::Unsupported("--tap"));
+    }
+    if config.console == ConsoleKind::Virtio {
+        return Err(Error::Unsupported("--console virtio"));
+    }
+    if let Some(kernel) = &config.kernel {
+        boot::probe_kernel(kernel)?;
+    }
+    let (kvm, _flavour) = kvm_host::open()?;
+    let vm = Vm::build(&kvm, &config)?;
+    vm.run()
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    _vm_fd: VmFd,
+    vcpus: Vec<Vcpu>,
+    serial: Arc<Mutex<SerialDevice>>,
+    end: Arc<EndSignal>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ExitStats>,
+}
+
+impl Vm {
+    pub fn build(kvm: &Kvm, config: &VmConfig) -> Result<Vm, Error> {
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let guest_memory = memory::create(config.mem_bytes)?;
+        memory::register(&vm_fd, &guest_memory)?;
+
+        let end = Arc::new(EndSignal::new().map_err(io_err("eventfd"))?);
+        let mut pio = Bus::new();
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        vm_fd
+            .register_irqfd(&serial_irq, layout::SERIAL_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            IrqTrigger(serial_irq),
+            Box::new(std::io::stdout()),
+        )));
+        pio.insert(u64::from(layout::SERIAL_PORT), 8, serial.clone())?;
+        let i8042 = I8042(I8042Device::new(ResetLine(end.clone())));
+        pio.insert(
+            u64::from(layout::I8042_PORT),
+            5,
+            Arc::new(Mutex::new(i8042)),
+        )?;
+        pio.insert(
+            u64::from(layout::ACPI_SLEEP_CONTROL_PORT),
+            2,
+            Arc::new(Mutex::new(AcpiPower(end.clone()))),
+        )?;
+        pio.insert(
+            u64::from(layout::PVPANIC_PORT),
+            1,
+            Arc::new(Mutex::new(PvPanic(end.clone()))),
+        )?;
+        let buses = Arc::new(Buses {
+            pio,
+            mmio: Bus::new(),
+        });
+
+        let rsdp = acpi::write(&guest_memory, config.cpus, &[])?;
+        let cmdline = boot::build_cmdline(SERIAL_CMDLINE, &config.cmdline)?;
+        let kernel = config.kernel.as_deref().ok_or(Error::NoKernel)?;
+        let entry = boot::load(
+            &guest_memory,
+            kernel,
+            config.initrd.as_deref(),
+            &cmdline,
+            config.mem_bytes,
+            rsdp,
+        )?;
+        log::info!(
+            "kernel {} entered via {:?} at {:#x}",
+            kernel.display(),
+            entry.mode,
+            entry.entry.0
+        );
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(ExitStats::default());
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for index in 0..config.cpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu::configure(
+                &fd,
+                index,
+                config.cpus,
+                &supported,
+                (index == 0).then_some(entry),
+            )?;
+            vcpus.push(Vcpu {
+                index,
+                fd,
+                buses: buses.clone(),
+                memory: guest_memory.clone(),
+                end: end.clone(),
+                stop: stop.clone(),
+                stats: stats.clone(),
+            });
+        }
+        Ok(Vm {
+            _vm_fd: vm_fd,
+            vcpus,
+            serial,
+            end,
+            stop,
+            stats,
+        })
+    }
+
+    /// Runs the vCPUs and the main loop (stdin to the UART, stop signals) until the VM ends.
+    pub fn run(self) -> Result<Outcome, Error> {
+        let stop_event = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        STOP_EVENT_FD.store(stop_event.as_raw_fd(), Ordering::SeqCst);
+        for signo in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            register_signal_handler(signo, on_stop_signal).map_err(|e| Error::Io {
+                what: "installing signal handlers",
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            })?;
+        }
+        register_signal_handler(kick_signal(), on_kick).map_err(|e| Error::Io {
+            what: "installing the vCPU kick handler",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+
+        let raw = RawMode::enter().map_err(io_err("putting the terminal in raw mode"))?;
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut spawn_error = None;
+        for vcpu in self.vcpus {
+            let index = vcpu.index;
+            match std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu.run())
+            {
+                Ok(handle) => threads.push(handle),
+                Err(source) => {
+                    spawn_error = Some(Error::Spawn { index, source });
+                    break;
+                }
+            }
+        }
+        let loop_result = match spawn_error {
+            Some(err) => Err(err),
+            None => main_loop(&self.serial, &self.end, &stop_event),
+        };
+        // Whatever happened, stop and join every vCPU before the terminal is restored.
+        self.stop.store(true, Ordering::Release);
+        for handle in threads {
+            while !handle.is_finished() {
+                let _ = handle.kill(kick_signal());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = handle.join();
+        }
+        STOP_EVENT_FD.store(-1, Ordering::SeqCst);
+        let _ = std::io::stdout().flush();
+        drop(raw);
+        log::info!("exits: {}", self.stats.summary());
+        loop_result?;
+        let signo = STOP_SIGNAL.load(Ordering::SeqCst);
+        Ok(self.end.outcome().unwrap_or(Outcome::Signal(signo)))
+    }
+}
+
+/// Tokens for the main loop's epoll.
+const TOKEN_STDIN: u64 = 0;
+const TOKEN_END: u64 = 1;
+const TOKEN_STOP: u64 = 2;
+
+fn main_loop(
+    serial: &Mutex<SerialDevice>,
+    end: &EndSignal,
+    stop_event: &EventFd,
+) -> Result<(), Error> {
+    let epoll = Epoll::new().map_err(io_err("epoll"))?;
+    let add = |fd: i32, token: u64| {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(io_err("epoll_ctl"))
+    };
+    add(end.event().as_raw_fd(), TOKEN_END)?;
+    add(stop_event.as_raw_fd(), TOKEN_STOP)?;
+    // stdin may be /dev/null or a regular file, which epoll refuses; then there is no input.
+    let mut stdin_open = add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
+    let mut input = ConsoleInput::default();
+    let mut events = vec![EpollEvent::default(); 4];
+    loop {
+        // Input the UART could not take yet is retried on a short timer.
+        let timeout = if input.pending.is_empty() { -1 } else { 10 };
+        let n = match epoll.wait(timeout, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(Error::Io {
+                    what: "epoll_wait",
+                    source: e,
+                });
+            }
+        };
+        for event in &events[..n] {
+            match event.data() {
+                TOKEN_END => return Ok(()),
+                TOKEN_STOP => {
+                    let signo = STOP_SIGNAL.load(Ordering::SeqCst);
+                    end.end(Outcome::Signal(signo));
+                    return Ok(());
+                }
+                TOKEN_STDIN if input.pending.is_empty() => {
+                    let mut buf = [0u8; 64];
+                    // SAFETY: reading into a live stack buffer of the given length.
+                    let got = unsafe {
+                        libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len())
+                    };
+                    if got <= 0 {
+                        // EOF or error: no more input, but the guest runs on.
+                        let _ = epoll.ctl(
+                            ControlOperation::Delete,
+                            libc::STDIN_FILENO,
+                            EpollEvent::default(),
+                        );
+                        stdin_open = false;
+                    } else if input.feed(&buf[..got as usize]) {
+                        end.end(Outcome::ConsoleQuit);
+                        return Ok(());
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !input.pending.is_empty() {
+            let taken = serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_input(&input.pending);
+            input.pending.drain(..taken);
+            // While input waits, stdin is not read (events stay level-triggered).
+            if stdin_open && input.pending.is_empty() {
+                continue;
+            }
+        }
+    }
+}
+
+/// Host keyboard input on its way to the guest, with the Ctrl-A escape handled.
+#[derive(Debug, Default)]
+struct ConsoleInput {
+    pending: Vec<u8>,
+    escaped: bool,
+}
+
+impl ConsoleInput {
+    /// Queues `bytes`; returns true when the user asked to quit (Ctrl-A x).
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &byte in bytes {
+            if self.escaped {
+                self.escaped = false;
+                match byte {
+                    b'x' | b'X' => return true,
+                    ESCAPE => self.pending.push(ESCAPE),
+                    _ => {}
+                }
+            } else if byte == ESCAPE {
+                self.escaped = true;
+            } else {
+                self.pending.push(byte);
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_escape() {
+        let mut input = ConsoleInput::default();
+        assert!(!input.feed(b"ls\r"));
+        assert!(!input.feed(&[ESCAPE, ESCAPE, b'a']));
+        assert_eq!(input.pending, b"ls\r\x01a");
+        assert!(!input.feed(&[ESCAPE]));
+        assert!(input.feed(b"x"));
+    }
+}

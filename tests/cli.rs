@@ -1,0 +1,280 @@
+//! The pvm binary end to end on this host's /dev/kvm, with hand-assembled micro guests: each is a
+//! one-segment ELF whose 64-bit code pokes one platform device. They need no guest kernel, so
+//! they run fast even where /dev/kvm is kvm_pvm (which emulates guest supervisor code), and they
+//! pin down pvm's exit codes, error lines, signal handling and terminal restoration.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const PVM: &str = env!("CARGO_BIN_EXE_pvm");
+const LOAD_ADDR: u64 = 0x10_0000;
+
+/// Fails clearly (instead of skipping) where the host has no KVM at all.
+fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm (any flavour, kvm_pvm included); this host has none"
+    );
+}
+
+/// An ELF64 executable with one PT_LOAD segment holding `code` at 1 MiB, entered there.
+fn micro_kernel(name: &str, code: &[u8]) -> PathBuf {
+    let mut elf = vec![0u8; 0x1000];
+    elf[..16].copy_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    let put = |elf: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+        elf[at..at + bytes.len()].copy_from_slice(bytes)
+    };
+    put(&mut elf, 16, &2u16.to_le_bytes()); // ET_EXEC
+    put(&mut elf, 18, &0x3eu16.to_le_bytes()); // x86-64
+    put(&mut elf, 20, &1u32.to_le_bytes());
+    put(&mut elf, 24, &LOAD_ADDR.to_le_bytes()); // entry
+    put(&mut elf, 32, &64u64.to_le_bytes()); // program headers right after the header
+    put(&mut elf, 52, &64u16.to_le_bytes());
+    put(&mut elf, 54, &56u16.to_le_bytes());
+    put(&mut elf, 56, &1u16.to_le_bytes());
+    let ph = 64;
+    put(&mut elf, ph, &1u32.to_le_bytes()); // PT_LOAD
+    put(&mut elf, ph + 4, &5u32.to_le_bytes()); // R+X
+    put(&mut elf, ph + 8, &0x1000u64.to_le_bytes()); // file offset
+    put(&mut elf, ph + 16, &LOAD_ADDR.to_le_bytes());
+    put(&mut elf, ph + 24, &LOAD_ADDR.to_le_bytes());
+    put(&mut elf, ph + 32, &(code.len() as u64).to_le_bytes());
+    put(&mut elf, ph + 40, &(code.len() as u64).to_le_bytes());
+    put(&mut elf, ph + 48, &0x1000u64.to_le_bytes());
+    elf.extend_from_slice(code);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("micro-kernels");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, elf).unwrap();
+    path
+}
+
+/// `out dx, al` of each byte of `text` to the UART.
+fn print(text: &str) -> Vec<u8> {
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for byte in text.bytes() {
+        code.extend_from_slice(&[0xb0, byte, 0xee]); // mov al, byte; out dx, al
+    }
+    code
+}
+
+/// Writes `value` to I/O port `port`, then halts forever.
+fn out_then_halt(port: u16, value: u8) -> Vec<u8> {
+    let [lo, hi] = port.to_le_bytes();
+    vec![0x66, 0xba, lo, hi, 0xb0, value, 0xee, 0xf4, 0xeb, 0xfd]
+}
+
+fn run(args: &[&str]) -> (Output, Duration) {
+    let start = Instant::now();
+    let out = Command::new(PVM)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (out, start.elapsed())
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The stderr lines that are not the kvm_pvm notice.
+fn error_lines(out: &Output) -> Vec<String> {
+    stderr(out)
+        .lines()
+        .filter(|l| !l.contains("kvm_pvm"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn guest_power_off_exits_zero_and_prints() {
+    require_kvm();
+    let mut code = print("hello from the micro guest\r\n");
+    code.extend(out_then_halt(0x3c0, (5 << 2) | (1 << 5))); // ACPI S5 + SLP_EN
+    let kernel = micro_kernel("poweroff", &code);
+    let (out, _) = run(&["--kernel", kernel.to_str().unwrap(), "--mem", "64M"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello from the micro guest"));
+    assert!(error_lines(&out).is_empty(), "{:?}", error_lines(&out));
+}
+
+#[test]
+fn guest_reboot_through_i8042_exits_zero() {
+    require_kvm();
+    let kernel = micro_kernel("reboot", &out_then_halt(0x64, 0xfe));
+    let (out, _) = run(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--mem",
+        "64M",
+        "--cpus",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+}
+
+#[test]
+fn guest_panic_exits_with_the_panic_code() {
+    require_kvm();
+    let kernel = micro_kernel("panic", &out_then_halt(0x505, 1));
+    let (out, _) = run(&["--kernel", kernel.to_str().unwrap(), "--mem", "64M"]);
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", stderr(&out));
+    assert!(stderr(&out).contains("panicked"), "{}", stderr(&out));
+}
+
+#[test]
+fn guest_triple_fault_exits_with_its_code() {
+    require_kvm();
+    // ud2 with an empty IDT: #UD cannot be delivered, nor #DF, so the CPU shuts down.
+    let kernel = micro_kernel("triple-fault", &[0x0f, 0x0b]);
+    let (out, _) = run(&["--kernel", kernel.to_str().unwrap(), "--mem", "64M"]);
+    assert_eq!(out.status.code(), Some(4), "stderr: {}", stderr(&out));
+    assert!(stderr(&out).contains("triple-faulted"), "{}", stderr(&out));
+}
+
+#[test]
+fn missing_and_garbage_kernels_are_usage_errors() {
+    let (out, took) = run(&["--kernel", "/nonexistent/vmlinux"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        error_lines(&out),
+        vec!["pvm: --kernel /nonexistent/vmlinux: No such file or directory (os error 2)"]
+    );
+    let garbage = micro_kernel("garbage", b"");
+    std::fs::write(&garbage, b"MZ this is not a kernel").unwrap();
+    let (out, _) = run(&["--kernel", garbage.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let lines = error_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("--kernel") && lines[0].contains("not an ELF vmlinux or a bzImage"));
+    let (out, _) = run(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("no --kernel"), "{}", stderr(&out));
+    assert!(took < Duration::from_secs(5));
+}
+
+#[test]
+fn bad_flags_are_one_line_errors_naming_the_flag() {
+    for (args, flag) in [
+        (&["--mem", "0"][..], "--mem"),
+        (&["--mem", "lots"], "--mem"),
+        (&["--cpus", "300"], "--cpus"),
+        (&["--console", "tty"], "--console"),
+        (&["--tap", "bad/name"], "--tap"),
+        (&["--disk", "/nonexistent.img"], "--disk"),
+        (&["--initrd", "/nonexistent.cpio"], "--initrd"),
+    ] {
+        let (out, _) = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let lines = error_lines(&out);
+        assert_eq!(lines.len(), 1, "{args:?}: {lines:?}");
+        assert!(
+            lines[0].starts_with("pvm: ") && lines[0].contains(flag),
+            "{args:?}: {lines:?}"
+        );
+    }
+}
+
+#[test]
+fn help_lists_every_flag() {
+    let (out, _) = run(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--mem",
+        "--cpus",
+        "--disk",
+        "--tap",
+        "--console",
+    ] {
+        assert!(text.contains(flag), "{flag} missing from --help");
+    }
+}
+
+/// A pseudo-terminal pair; the child gets the replica as stdin.
+fn openpty() -> (OwnedFd, OwnedFd) {
+    let (mut primary, mut replica) = (0, 0);
+    // SAFETY: openpty writes two descriptors into the provided ints; the other arguments may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut primary,
+            &mut replica,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(primary), OwnedFd::from_raw_fd(replica)) }
+}
+
+fn termios_of(fd: &OwnedFd) -> Vec<u8> {
+    // SAFETY: termios is plain data; tcgetattr fills it.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and pointer.
+    assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
+    // Compare the flag words and control characters.
+    format!(
+        "{:x} {:x} {:x} {:x} {:?}",
+        t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag, t.c_cc
+    )
+    .into_bytes()
+}
+
+#[test]
+fn sigterm_stops_a_running_guest_and_restores_the_terminal() {
+    require_kvm();
+    // Print, then spin forever: only a signal ends this guest.
+    let mut code = print("spinning\r\n");
+    code.extend_from_slice(&[0xeb, 0xfe]);
+    let kernel = micro_kernel("spin", &code);
+    let (_primary, replica) = openpty();
+    let before = termios_of(&replica);
+    let mut child = Command::new(PVM)
+        .args(["--kernel", kernel.to_str().unwrap(), "--mem", "64M"])
+        .stdin(Stdio::from(replica.try_clone().unwrap()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while !String::from_utf8_lossy(&seen).contains("spinning") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "pvm ended before the guest printed");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert_ne!(
+        termios_of(&replica),
+        before,
+        "pvm should have put the terminal in raw mode"
+    );
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "pvm did not stop within 10 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    assert_eq!(
+        termios_of(&replica),
+        before,
+        "terminal settings not restored"
+    );
+}

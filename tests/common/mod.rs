@@ -1,0 +1,711 @@
+//! Support for pvm's integration tests: guest assets, guest initramfs images, and running pvm
+//! scenarios on a KVM host that can boot stock kernels.
+//!
+//! A test binary declares all its scenarios once in a `static` [`Batch`]; the first test to
+//! ask for an outcome runs the whole batch, the others wait for it and pick their own result.
+//! Where /dev/kvm comes from kvm_intel or kvm_amd the scenarios run directly on this machine;
+//! anywhere else (the build machines have kvm_pvm, see ../shared/docs/kvm-hosts.md) they run
+//! inside an emulated KVM host, `scripts/kvm-host`, which boots once per batch.
+//! `PVM_KVM_HOST=direct|emulated` overrides the choice.
+//!
+//! A scenario is a POSIX `sh` script (busybox sh in the emulated host) run with the scenario's
+//! files in its working directory and pvm on `PATH`. Two placeholders expand in the script and
+//! in pvm's arguments: `{pvm}` (script only) becomes the pvm command line built from the
+//! scenario's arguments, and `{kernel}` the path of the scenario's guest kernel. Files left in
+//! the script's `out/` directory come back in [`Outcome::out`].
+
+// Each test binary compiles this module and uses only part of it.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Exit code of a scenario that ran out of time (as with coreutils' `timeout`).
+pub const TIMED_OUT: i32 = 124;
+
+const DEFAULT_TIMEOUT_SECS: u32 = 120;
+
+fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs one of the repository's scripts and returns the last line it printed on stdout.
+fn script_output(script: &str, args: &[&str]) -> Result<String, String> {
+    let output = Command::new(repo_root().join("scripts").join(script))
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run scripts/{script}: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("scripts/{script} failed ({})", output.status));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    match stdout.lines().last() {
+        Some(line) if !line.is_empty() => Ok(line.to_string()),
+        _ => Err(format!("scripts/{script} printed nothing on stdout")),
+    }
+}
+
+// A failure is cached like a success: a test binary's other tests then fail at once instead of
+// repeating a slow build.
+
+fn try_assets() -> Result<PathBuf, String> {
+    static ASSETS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    ASSETS
+        .get_or_init(|| match std::env::var_os("PVM_ASSETS") {
+            Some(dir) => Ok(PathBuf::from(dir)),
+            None => script_output("guest-assets", &[]).map(PathBuf::from),
+        })
+        .clone()
+}
+
+fn try_pvm_static() -> Result<PathBuf, String> {
+    static PVM: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PVM.get_or_init(|| script_output("build-static", &[]).map(PathBuf::from))
+        .clone()
+}
+
+/// The guest assets directory (kernels, modules, busybox): `$PVM_ASSETS`, or whatever
+/// `scripts/guest-assets` prepares, once per process.
+pub fn assets() -> PathBuf {
+    try_assets().unwrap_or_else(|e| panic!("cannot prepare the guest assets: {e}"))
+}
+
+/// A statically linked release pvm, built once per process by `scripts/build-static`.
+pub fn pvm_static() -> PathBuf {
+    try_pvm_static().unwrap_or_else(|e| panic!("cannot build a static pvm: {e}"))
+}
+
+/// The pvm the test harness built for this test run (not static; used on a direct host).
+fn pvm_dynamic() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pvm"))
+}
+
+/// The guest kernels in the assets directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Minimal 6.1 kernel with virtio built in (guest/minimal-6.1.config), ELF vmlinux.
+    MinimalElf,
+    /// The same kernel as a bzImage.
+    MinimalBzImage,
+    /// Debian's cloud kernel as shipped (bzImage; virtio drivers are modules).
+    DebianBzImage,
+    /// Debian's cloud kernel as an ELF vmlinux extracted from the bzImage.
+    DebianElf,
+}
+
+impl Kernel {
+    /// Path relative to the assets directory.
+    pub fn relative_path(self) -> &'static str {
+        match self {
+            Kernel::MinimalElf => "minimal/vmlinux",
+            Kernel::MinimalBzImage => "minimal/bzImage",
+            Kernel::DebianBzImage => "debian/vmlinuz",
+            Kernel::DebianElf => "debian/vmlinux",
+        }
+    }
+
+    pub fn path(self) -> PathBuf {
+        assets().join(self.relative_path())
+    }
+
+    /// Debian's kernel needs its virtio modules loaded by the initramfs.
+    pub fn needs_modules(self) -> bool {
+        matches!(self, Kernel::DebianBzImage | Kernel::DebianElf)
+    }
+}
+
+/// Appends one newc ("070701") cpio entry to `out`.
+fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {
+    let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
+    let namesize = name.len() + 1;
+    // ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor namesize check
+    let fields = [
+        ino as usize,
+        mode as usize,
+        0,
+        0,
+        nlink,
+        0,
+        data.len(),
+        0,
+        0,
+        rdev.0 as usize,
+        rdev.1 as usize,
+        namesize,
+        0,
+    ];
+    out.extend_from_slice(b"070701");
+    for field in fields {
+        out.extend_from_slice(format!("{field:08x}").as_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    pad4(out);
+    out.extend_from_slice(data);
+    pad4(out);
+}
+
+fn pad4(out: &mut Vec<u8>) {
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
+/// An uncompressed newc archive of `dirs` (mode 0755) and `files` (path, mode, contents).
+fn cpio_archive(dirs: &[&str], files: &[(String, u32, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut ino = 1;
+    for dir in dirs {
+        cpio_entry(&mut out, ino, dir, 0o040755, &[], (0, 0));
+        ino += 1;
+    }
+    // The kernel opens /dev/console for init before anything mounts devtmpfs; without this node
+    // /init runs with no stdin/stdout and nothing it prints reaches the console.
+    cpio_entry(&mut out, ino, "dev/console", 0o020600, &[], (5, 1));
+    ino += 1;
+    for (path, mode, data) in files {
+        cpio_entry(&mut out, ino, path, 0o100000 | mode, data, (0, 0));
+        ino += 1;
+    }
+    cpio_entry(&mut out, 0, "TRAILER!!!", 0, &[], (0, 0));
+    out
+}
+
+/// A guest initramfs: busybox.cpio.gz followed by an archive holding `/init`, which mounts
+/// /proc, /sys and /dev, loads the virtio modules if `kernel` needs them, runs `init_script`
+/// (busybox sh) and powers the guest off. The second archive is left uncompressed: the kernel
+/// accepts that, and gunzip under nested emulation would only cost time.
+pub fn guest_initramfs(init_script: &str, kernel: Kernel) -> Vec<u8> {
+    let base = assets().join("busybox.cpio.gz");
+    let mut image =
+        fs::read(&base).unwrap_or_else(|e| panic!("cannot read {}: {e}", base.display()));
+    // An uncompressed archive is only recognised at a 4-byte aligned offset; zeros are skipped.
+    pad4(&mut image);
+
+    let mut init = String::from(
+        "#!/bin/sh\n\
+         # /init written by tests/common\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sysfs /sys\n\
+         mount -t devtmpfs devtmpfs /dev\n",
+    );
+    let mut dirs = Vec::new();
+    let mut files = Vec::new();
+    if kernel.needs_modules() {
+        init.push_str(
+            "for m in $(cat /lib/modules/order); do\n    \
+             insmod /lib/modules/$m.ko || echo \"init: insmod $m failed\"\n\
+             done\n",
+        );
+        let modules = assets().join("debian/modules");
+        let order = fs::read_to_string(modules.join("order"))
+            .unwrap_or_else(|e| panic!("cannot read {}/order: {e}", modules.display()));
+        for name in order.lines().filter(|l| !l.is_empty()) {
+            let path = modules.join(format!("{name}.ko"));
+            let data =
+                fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+            files.push((format!("lib/modules/{name}.ko"), 0o644, data));
+        }
+        files.push(("lib/modules/order".to_string(), 0o644, order.into_bytes()));
+        dirs = vec!["lib", "lib/modules"];
+    }
+    init.push_str(init_script);
+    // Without this, /init ending would panic the guest; a test expecting a panic causes one.
+    init.push_str("\npoweroff -f\n");
+    files.push(("init".to_string(), 0o755, init.into_bytes()));
+
+    image.extend(cpio_archive(&dirs, &files));
+    image
+}
+
+/// Quotes `word` for sh.
+fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+/// One pvm run (or any script) to execute on a KVM host.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// Unique within a batch; letters, digits, `.`, `_` and `-`. Scenarios run in name order.
+    pub name: String,
+    /// The run script (busybox sh); see the module documentation for `{pvm}` and `{kernel}`.
+    /// Its exit code is the outcome's `rc`.
+    pub script: String,
+    /// Arguments of `{pvm}`; may name the scenario's files by relative path and use `{kernel}`.
+    pub pvm_args: Vec<String>,
+    /// The kernel `{kernel}` stands for; only the kernels a batch uses are copied into the host.
+    pub kernel: Option<Kernel>,
+    /// Files put in the scenario's working directory: (relative path, contents).
+    pub files: Vec<(String, Vec<u8>)>,
+    /// After this, the scenario's whole process group is killed and `rc` is [`TIMED_OUT`].
+    pub timeout_secs: u32,
+}
+
+impl Scenario {
+    /// A scenario that runs pvm with no arguments yet; add them with [`Scenario::args`].
+    pub fn new(name: &str) -> Self {
+        Scenario {
+            name: name.to_string(),
+            script: "{pvm}".to_string(),
+            pvm_args: Vec::new(),
+            kernel: None,
+            files: Vec::new(),
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+        }
+    }
+
+    /// The common case: boot `kernel` on `cpus` vCPUs and 256 MiB with an initramfs whose
+    /// /init runs `init_script` (see [`guest_initramfs`]).
+    pub fn boot(name: &str, kernel: Kernel, cpus: u32, init_script: &str) -> Self {
+        Scenario::new(name)
+            .kernel(kernel)
+            .file("initrd.cpio", guest_initramfs(init_script, kernel))
+            .args(["--kernel", "{kernel}", "--initrd", "initrd.cpio"])
+            .args([
+                "--cpus",
+                &cpus.to_string(),
+                "--mem",
+                "256M",
+                "--cmdline",
+                "quiet",
+            ])
+    }
+
+    /// Replaces the run script (by default just `{pvm}`).
+    pub fn script(mut self, script: &str) -> Self {
+        self.script = script.to_string();
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.pvm_args
+            .extend(args.into_iter().map(|a| a.as_ref().to_string()));
+        self
+    }
+
+    pub fn kernel(mut self, kernel: Kernel) -> Self {
+        self.kernel = Some(kernel);
+        self
+    }
+
+    pub fn file(mut self, path: &str, contents: Vec<u8>) -> Self {
+        self.files.push((path.to_string(), contents));
+        self
+    }
+
+    pub fn timeout(mut self, secs: u32) -> Self {
+        self.timeout_secs = secs;
+        self
+    }
+
+    /// The run script with placeholders expanded; `kernels` is where the kernel files are.
+    fn render(&self, kernels: &Path) -> String {
+        let kernel = self
+            .kernel
+            .map(|k| kernels.join(k.relative_path()).display().to_string());
+        let expand = |text: &str| match &kernel {
+            Some(path) => text.replace("{kernel}", path),
+            None => text.to_string(),
+        };
+        let mut pvm = String::from("pvm");
+        for arg in &self.pvm_args {
+            pvm.push(' ');
+            pvm.push_str(&shell_quote(&expand(arg)));
+        }
+        format!(
+            "# scenario {}, written by tests/common\n{}\n",
+            self.name,
+            expand(&self.script).replace("{pvm}", &pvm)
+        )
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let name_ok = !self.name.is_empty()
+            && !self.name.starts_with('.')
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if !name_ok {
+            return Err(format!("bad scenario name {:?}", self.name));
+        }
+        let uses_kernel = self.script.contains("{kernel}")
+            || self.pvm_args.iter().any(|a| a.contains("{kernel}"));
+        if uses_kernel && self.kernel.is_none() {
+            return Err(format!(
+                "scenario {} uses {{kernel}} but sets no kernel",
+                self.name
+            ));
+        }
+        for (path, _) in &self.files {
+            let relative = Path::new(path)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !relative || ["run", "timeout", "console", "out"].contains(&path.as_str()) {
+                return Err(format!("scenario {}: bad file name {path:?}", self.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates `dir` with the scenario's files, its run script and its timeout.
+    fn write(&self, dir: &Path, kernels: &Path) -> Result<(), String> {
+        let io = |e: std::io::Error| {
+            format!(
+                "cannot write scenario {} in {}: {e}",
+                self.name,
+                dir.display()
+            )
+        };
+        fs::create_dir_all(dir).map_err(io)?;
+        for (path, contents) in &self.files {
+            let path = dir.join(path);
+            fs::create_dir_all(path.parent().unwrap()).map_err(io)?;
+            fs::write(path, contents).map_err(io)?;
+        }
+        fs::write(dir.join("run"), self.render(kernels)).map_err(io)?;
+        fs::write(dir.join("timeout"), format!("{}\n", self.timeout_secs)).map_err(io)
+    }
+}
+
+/// What a scenario did.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub name: String,
+    /// The run script's stdout and stderr (the guest's serial console comes through pvm).
+    pub console: String,
+    /// The run script's exit code; [`TIMED_OUT`] if it ran out of time.
+    pub rc: i32,
+    /// Wall time of the run script.
+    pub seconds: f64,
+    /// The files the script left in its `out/` directory (may not exist).
+    pub out: PathBuf,
+}
+
+impl Outcome {
+    /// Prints the scenario's console to stderr (shown when a test fails).
+    pub fn dump(&self) {
+        eprintln!(
+            "----- scenario {}: rc {} after {:.2} s, console:\n{}\n----- end of {}",
+            self.name, self.rc, self.seconds, self.console, self.name
+        );
+    }
+
+    pub fn assert_rc(&self, rc: i32) {
+        if self.rc != rc {
+            self.dump();
+            panic!(
+                "scenario {} exited with {}, expected {rc}",
+                self.name, self.rc
+            );
+        }
+    }
+
+    pub fn assert_contains(&self, needle: &str) {
+        if !self.console.contains(needle) {
+            self.dump();
+            panic!("scenario {}: console lacks {needle:?}", self.name);
+        }
+    }
+}
+
+/// True when scenarios run inside the emulated KVM host rather than on this machine.
+pub fn emulated_host() -> bool {
+    match std::env::var("PVM_KVM_HOST").as_deref() {
+        Ok("direct") => false,
+        Ok("emulated") => true,
+        Ok(other) => panic!("PVM_KVM_HOST={other}: expected direct or emulated"),
+        Err(_) => {
+            let vendor = ["kvm_intel", "kvm_amd"]
+                .iter()
+                .any(|m| Path::new("/sys/module").join(m).exists());
+            !(vendor && Path::new("/dev/kvm").exists())
+        }
+    }
+}
+
+/// A fresh directory for this process's batch, target/kvm-host/<test binary>-<pid>. Earlier
+/// batches of the same test binary are removed once their process is gone, so one stays
+/// around for inspection.
+fn batch_dir() -> Result<PathBuf, String> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let parent = target.join("kvm-host");
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the test binary: {e}"))?;
+    let stem = exe.file_name().unwrap().to_string_lossy();
+    // Cargo names test binaries <name>-<hash>.
+    let test = stem
+        .rsplit_once('-')
+        .map_or(&*stem, |(name, _)| name)
+        .to_string();
+    if let Ok(entries) = fs::read_dir(&parent) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix(&format!("{test}-")) else {
+                continue;
+            };
+            if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+                // Best effort: a leftover only costs disk space.
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = parent.join(format!("{test}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Runs all `scenarios` and returns their outcomes by name; panics if the batch could not run
+/// (a scenario failing is an outcome, not a panic).
+pub fn run_batch(scenarios: &[Scenario]) -> HashMap<String, Outcome> {
+    try_run_batch(scenarios).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn try_run_batch(scenarios: &[Scenario]) -> Result<HashMap<String, Outcome>, String> {
+    let mut sorted: Vec<&Scenario> = scenarios.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    for (i, s) in sorted.iter().enumerate() {
+        s.check()?;
+        if i > 0 && sorted[i - 1].name == s.name {
+            return Err(format!("two scenarios are named {}", s.name));
+        }
+    }
+    let dir = batch_dir()?;
+    if emulated_host() {
+        run_emulated(&sorted, &dir)
+    } else {
+        run_direct(&sorted, &dir)
+    }
+}
+
+/// Hard-links `from` to `to` (same file system: no copy of a large kernel), else copies it.
+fn link_or_copy(from: &Path, to: &Path) -> Result<(), String> {
+    fs::create_dir_all(to.parent().unwrap()).map_err(|e| e.to_string())?;
+    fs::hard_link(from, to)
+        .or_else(|_| fs::copy(from, to).map(drop))
+        .map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))
+}
+
+fn run_emulated(scenarios: &[&Scenario], dir: &Path) -> Result<HashMap<String, Outcome>, String> {
+    let assets = try_assets()?;
+    link_or_copy(&try_pvm_static()?, &dir.join("pvm"))?;
+    for s in scenarios {
+        if let Some(kernel) = s.kernel {
+            let shared = dir.join("shared").join(kernel.relative_path());
+            if !shared.exists() {
+                link_or_copy(&assets.join(kernel.relative_path()), &shared)?;
+            }
+        }
+        s.write(
+            &dir.join("scenarios").join(&s.name),
+            Path::new("/batch/shared"),
+        )?;
+    }
+    let status = Command::new(repo_root().join("scripts/kvm-host"))
+        .arg("run")
+        .arg(dir)
+        .env("PVM_ASSETS", &assets)
+        .status()
+        .map_err(|e| format!("cannot run scripts/kvm-host: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "scripts/kvm-host failed ({status}); see {}",
+            dir.join("host-console.log").display()
+        ));
+    }
+    let mut outcomes = HashMap::new();
+    for s in scenarios {
+        let results = dir.join("results").join(&s.name);
+        let read = |file: &str| {
+            fs::read(results.join(file))
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .map_err(|e| {
+                    format!(
+                        "scenario {}: no {file} in {}: {e}",
+                        s.name,
+                        results.display()
+                    )
+                })
+        };
+        let number = |file: &str| -> Result<f64, String> {
+            let text = read(file)?;
+            text.trim()
+                .parse()
+                .map_err(|_| format!("scenario {}: {file} is {text:?}", s.name))
+        };
+        let outcome = Outcome {
+            name: s.name.clone(),
+            console: read("console")?,
+            rc: number("rc")? as i32,
+            seconds: number("seconds")?,
+            out: results.join("out"),
+        };
+        outcomes.insert(s.name.clone(), outcome);
+    }
+    Ok(outcomes)
+}
+
+fn run_direct(scenarios: &[&Scenario], dir: &Path) -> Result<HashMap<String, Outcome>, String> {
+    let pvm = pvm_dynamic();
+    let path = format!(
+        "{}:{}",
+        pvm.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut outcomes = HashMap::new();
+    for s in scenarios {
+        let cwd = dir.join("scenarios").join(&s.name);
+        s.write(&cwd, &try_assets()?)?;
+        let outcome =
+            run_direct_one(s, &cwd, &path).map_err(|e| format!("scenario {}: {e}", s.name))?;
+        eprintln!(
+            "pvm-test: scenario {} rc={} in {:.2}s",
+            s.name, outcome.rc, outcome.seconds
+        );
+        outcomes.insert(s.name.clone(), outcome);
+    }
+    Ok(outcomes)
+}
+
+/// Runs one scenario's script on this machine, in a process group of its own so that a
+/// timeout, or anything it left running in the background, can be killed as a whole.
+fn run_direct_one(s: &Scenario, cwd: &Path, path: &str) -> Result<Outcome, String> {
+    let console = fs::File::create(cwd.join("console")).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let mut child = Command::new("sh")
+        .arg("./run")
+        .current_dir(cwd)
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .stdout(console.try_clone().map_err(|e| e.to_string())?)
+        .stderr(console)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot run sh: {e}"))?;
+    let group = format!("-{}", child.id());
+    let kill = |signal: &str| {
+        // The group may be gone already; nothing to do then.
+        let _ = Command::new("kill")
+            .args([signal, "--", &group])
+            .stderr(Stdio::null())
+            .status();
+    };
+    // On expiry: SIGTERM, so pvm can report how far the guest got, then SIGKILL after 2 s.
+    let mut deadline = start + Duration::from_secs(s.timeout_secs.into());
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            kill(if timed_out { "-KILL" } else { "-TERM" });
+            timed_out = true;
+            deadline += Duration::from_secs(2);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let rc = match status.code() {
+        _ if timed_out => TIMED_OUT,
+        Some(code) => code,
+        None => 128 + status.signal().unwrap_or(0),
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    kill("-KILL");
+    let console = fs::read(cwd.join("console")).map_err(|e| e.to_string())?;
+    Ok(Outcome {
+        name: s.name.clone(),
+        console: String::from_utf8_lossy(&console).into_owned(),
+        rc,
+        seconds,
+        out: cwd.join("out"),
+    })
+}
+
+/// All the scenarios of one test binary, run together the first time an outcome is asked for:
+///
+/// ```ignore
+/// static BATCH: Batch = Batch::new(scenarios);
+/// fn scenarios() -> Vec<Scenario> { vec![Scenario::boot("hello", Kernel::MinimalElf, 1, "echo hi")] }
+/// #[test]
+/// fn hello() { BATCH.outcome("hello").assert_contains("hi"); }
+/// ```
+#[derive(Debug)]
+pub struct Batch {
+    scenarios: fn() -> Vec<Scenario>,
+    // A failed batch is remembered too, so that every test reports it instead of re-running it.
+    outcomes: OnceLock<Result<HashMap<String, Outcome>, String>>,
+}
+
+impl Batch {
+    pub const fn new(scenarios: fn() -> Vec<Scenario>) -> Self {
+        Batch {
+            scenarios,
+            outcomes: OnceLock::new(),
+        }
+    }
+
+    /// The outcome of scenario `name`, running the batch first if no test has yet.
+    pub fn outcome(&self, name: &str) -> &Outcome {
+        let outcomes = self
+            .outcomes
+            .get_or_init(|| try_run_batch(&(self.scenarios)()));
+        match outcomes {
+            Ok(outcomes) => outcomes
+                .get(name)
+                .unwrap_or_else(|| panic!("no scenario named {name} in this test's batch")),
+            Err(e) => panic!("the batch did not run: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpio_archive_is_read_back_by_cpio() {
+        let files = [("bin/odd name".to_string(), 0o755, b"abcde".to_vec())];
+        let archive = cpio_archive(&["bin"], &files);
+        let mut child = Command::new("cpio")
+            .args(["-t", "-v", "--quiet"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("cpio");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), &archive).unwrap();
+        let listing = String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap();
+        let lines: Vec<&str> = listing.lines().collect();
+        assert_eq!(lines.len(), 2, "{listing}");
+        assert!(
+            lines[0].starts_with("drwxr-xr-x") && lines[0].ends_with(" bin"),
+            "{listing}"
+        );
+        assert!(
+            lines[1].starts_with("-rwxr-xr-x") && lines[1].contains(" 5 "),
+            "{listing}"
+        );
+        assert!(lines[1].ends_with(" bin/odd name"), "{listing}");
+    }
+
+    #[test]
+    fn pvm_placeholder_expands_to_quoted_arguments() {
+        let s = Scenario::new("x")
+            .kernel(Kernel::DebianElf)
+            .args(["--kernel", "{kernel}", "--cmdline", "it's"])
+            .script("echo {kernel}\n{pvm}");
+        let script = s.render(Path::new("/k"));
+        assert!(script.ends_with(
+            "echo /k/debian/vmlinux\npvm '--kernel' '/k/debian/vmlinux' '--cmdline' 'it'\\''s'\n"
+        ));
+    }
+}

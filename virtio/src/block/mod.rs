@@ -1,0 +1,317 @@
+//! virtio-blk backed by a raw image file (or a host block device).
+//!
+//! The image is opened and flock'ed at construction so a disk already used by another pvm is
+//! refused before the guest boots. Requests are served synchronously on the device's worker
+//! thread with preadv/pwritev straight into guest memory (see [`request`]).
+
+mod request;
+#[cfg(test)]
+mod tests;
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::mem::offset_of;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
+    virtio_blk_config,
+};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use vm_memory::GuestMemoryMmap;
+
+pub use request::{DiskImage, MAX_RANGE_SECTORS, SECTOR_SIZE};
+
+use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::worker::{
+    DeviceQueue, EventHandler, EventLoop, Worker, check_queue_count, feature, read_config_bytes,
+};
+
+/// Descriptors per queue; also bounds the segments of one request.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest data segment the driver may use (config `size_max`).
+const SEGMENT_MAX_BYTES: u32 = 1 << 20;
+/// DISCARD granularity in sectors (4 KiB, the usual filesystem block, so holes are real).
+const DISCARD_ALIGNMENT_SECTORS: u32 = 8;
+/// Numbers the worker threads virtio-blk0, virtio-blk1, ...
+static NEXT_BLOCK_INDEX: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("disk {}: cannot open: {source}", .path.display())]
+    Open { path: PathBuf, source: io::Error },
+    #[error("disk {}: the image is in use (locked by another process, e.g. another pvm)", .path.display())]
+    Locked { path: PathBuf },
+    #[error("disk {}: cannot lock the image: {source}", .path.display())]
+    Lock { path: PathBuf, source: io::Error },
+    #[error("disk {}: cannot determine the size: {source}", .path.display())]
+    Size { path: PathBuf, source: io::Error },
+    #[error("disk {}: serial {serial:?} is longer than 20 bytes", .path.display())]
+    SerialTooLong { path: PathBuf, serial: String },
+}
+
+/// A virtio-blk device.
+#[derive(Debug)]
+pub struct Block {
+    name: String,
+    disk: Arc<DiskImage>,
+    config: Vec<u8>,
+    offered_features: u64,
+    acked_features: u64,
+    worker: Option<Worker>,
+}
+
+impl Block {
+    /// Opens `path` (read-write, or read-only with `read_only`) and locks it: exclusively for a
+    /// writable disk, shared for a read-only one. `serial` (at most 20 bytes) is what the guest
+    /// reads as the disk ID (/sys/block/vdX/serial).
+    pub fn new(path: &Path, read_only: bool, serial: Option<&str>) -> Result<Self, BlockError> {
+        let id = disk_id(path, serial)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| BlockError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        lock(&file, path, read_only)?;
+        // Seeking works for block devices too, where metadata reports a length of 0.
+        let bytes = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BlockError::Size {
+                path: path.to_owned(),
+                source,
+            })?;
+        if bytes % SECTOR_SIZE != 0 {
+            log::warn!(
+                "disk {}: size {bytes} is not a multiple of 512; the tail is not visible to the guest",
+                path.display()
+            );
+        }
+        let disk = DiskImage {
+            file,
+            sectors: bytes / SECTOR_SIZE,
+            read_only,
+            id,
+        };
+        let mut offered_features = feature(VIRTIO_F_VERSION_1)
+            | feature(VIRTIO_RING_F_EVENT_IDX)
+            | feature(VIRTIO_RING_F_INDIRECT_DESC)
+            | feature(VIRTIO_BLK_F_BLK_SIZE)
+            | feature(VIRTIO_BLK_F_SEG_MAX)
+            | feature(VIRTIO_BLK_F_SIZE_MAX)
+            | feature(VIRTIO_BLK_F_FLUSH);
+        if read_only {
+            offered_features |= feature(VIRTIO_BLK_F_RO);
+        } else {
+            offered_features |= feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        let index = NEXT_BLOCK_INDEX.fetch_add(1, Ordering::Relaxed);
+        Ok(Block {
+            name: format!("virtio-blk{index}"),
+            config: config_space(disk.sectors),
+            disk: Arc::new(disk),
+            offered_features,
+            acked_features: 0,
+            worker: None,
+        })
+    }
+
+    /// The disk size in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.disk.sectors
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.disk.read_only
+    }
+}
+
+fn disk_id(
+    path: &Path,
+    serial: Option<&str>,
+) -> Result<[u8; VIRTIO_BLK_ID_BYTES as usize], BlockError> {
+    let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+    if let Some(serial) = serial {
+        let bytes = serial.as_bytes();
+        if bytes.len() > id.len() {
+            return Err(BlockError::SerialTooLong {
+                path: path.to_owned(),
+                serial: serial.to_owned(),
+            });
+        }
+        id[..bytes.len()].copy_from_slice(bytes);
+    }
+    Ok(id)
+}
+
+/// Takes the image's flock; it lasts as long as the file stays open (the device's lifetime).
+fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError> {
+    let mode = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock only acts on the valid fd owned by `file`.
+    let ret = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
+    if ret == 0 {
+        return Ok(());
+    }
+    let source = io::Error::last_os_error();
+    if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Err(BlockError::Locked {
+            path: path.to_owned(),
+        })
+    } else {
+        Err(BlockError::Lock {
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
+
+/// The little-endian `struct virtio_blk_config` image.
+fn config_space(sectors: u64) -> Vec<u8> {
+    let mut config = vec![0u8; std::mem::size_of::<virtio_blk_config>()];
+    let mut put = |offset: usize, bytes: &[u8]| {
+        config[offset..offset + bytes.len()].copy_from_slice(bytes);
+    };
+    put(
+        offset_of!(virtio_blk_config, capacity),
+        &sectors.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, size_max),
+        &SEGMENT_MAX_BYTES.to_le_bytes(),
+    );
+    // Two descriptors of each chain hold the header and the status byte.
+    put(
+        offset_of!(virtio_blk_config, seg_max),
+        &u32::from(QUEUE_SIZE - 2).to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, blk_size),
+        &(SECTOR_SIZE as u32).to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, max_discard_sectors),
+        &MAX_RANGE_SECTORS.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, max_discard_seg),
+        &1u32.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, discard_sector_alignment),
+        &DISCARD_ALIGNMENT_SECTORS.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, max_write_zeroes_sectors),
+        &MAX_RANGE_SECTORS.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, max_write_zeroes_seg),
+        &1u32.to_le_bytes(),
+    );
+    put(offset_of!(virtio_blk_config, write_zeroes_may_unmap), &[1]);
+    config
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.offered_features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.offered_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Every field is read-only (no CONFIG_WCE).
+    }
+
+    fn activate(
+        &mut self,
+        memory: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        check_queue_count(&queues, 1)?;
+        let event_idx = self.acked_features & feature(VIRTIO_RING_F_EVENT_IDX) != 0;
+        let Some(queue) = queues.into_iter().next() else {
+            return Err(ActivateError::QueueCount { got: 0, want: 1 });
+        };
+        let handler = BlockWorker {
+            memory,
+            interrupt,
+            queue: DeviceQueue::new(queue, event_idx),
+            disk: Arc::clone(&self.disk),
+        };
+        self.worker = Some(Worker::spawn(self.name.clone(), handler)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+        self.acked_features = 0;
+    }
+}
+
+/// The block data plane: one queue, served synchronously.
+struct BlockWorker {
+    memory: GuestMemoryMmap,
+    interrupt: Arc<dyn Interrupt>,
+    queue: DeviceQueue,
+    disk: Arc<DiskImage>,
+}
+
+impl BlockWorker {
+    fn serve(&mut self) {
+        let (disk, memory) = (&self.disk, &self.memory);
+        self.queue
+            .process(memory, self.interrupt.as_ref(), |chain| {
+                request::handle_request(disk, memory, chain)
+            });
+    }
+}
+
+impl EventHandler for BlockWorker {
+    fn register(&mut self, events: &EventLoop) -> io::Result<()> {
+        events.watch(&self.queue.kick, 0)
+    }
+
+    fn start(&mut self, _events: &EventLoop) {
+        self.serve();
+    }
+
+    fn handle_event(&mut self, _events: &EventLoop, _token: u64) {
+        self.queue.clear_kick();
+        self.serve();
+    }
+}

@@ -1,0 +1,364 @@
+//! virtio-console with a single port (the guest's hvc0): no multiport, no resize.
+//!
+//! Guest output (transmitq) goes to a host writer, stdout in the VMM. Host input is pushed by the
+//! VMM's main loop through a [`ConsoleInput`] handle into a bounded buffer and delivered into
+//! receiveq buffers as the guest posts them; bytes wait (they are not dropped) while the guest has
+//! no buffers, up to [`INPUT_BUFFER_LIMIT`].
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use log::{debug, warn};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::chain::{Chain, split_chain};
+use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::worker::{
+    DeviceQueue, EventHandler, EventLoop, Worker, check_queue_count, feature, read_config_bytes,
+};
+
+pub const QUEUE_SIZE: u16 = 64;
+/// Host input kept while the guest is not reading; beyond this `push` refuses bytes.
+pub const INPUT_BUFFER_LIMIT: usize = 64 * 1024;
+const RECEIVE_QUEUE: usize = 0;
+const TRANSMIT_QUEUE: usize = 1;
+const RX_KICK: u64 = 0;
+const TX_KICK: u64 = 1;
+const INPUT_READY: u64 = 2;
+/// Guest output is copied to the writer in pieces of this size.
+const TX_CHUNK: usize = 4096;
+static NEXT_CONSOLE_INDEX: AtomicUsize = AtomicUsize::new(0);
+
+const OFFERED_FEATURES: u64 = feature(VIRTIO_F_VERSION_1)
+    | feature(VIRTIO_RING_F_EVENT_IDX)
+    | feature(VIRTIO_RING_F_INDIRECT_DESC);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("cannot create the console input eventfd: {0}")]
+    InputEvent(io::Error),
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock leaves plain bytes behind, still usable.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[derive(Debug)]
+struct InputBuffer {
+    pending: Mutex<VecDeque<u8>>,
+    /// Wakes the worker when bytes arrive.
+    ready: EventFd,
+}
+
+/// The VMM's handle for feeding host keyboard input to the guest; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ConsoleInput {
+    buffer: Arc<InputBuffer>,
+}
+
+impl ConsoleInput {
+    /// Queues `bytes` for the guest and returns how many were accepted: all of them unless the
+    /// guest has stopped reading and [`INPUT_BUFFER_LIMIT`] bytes are already waiting.
+    pub fn push(&self, bytes: &[u8]) -> usize {
+        let accepted = {
+            let mut pending = lock(&self.buffer.pending);
+            let room = INPUT_BUFFER_LIMIT.saturating_sub(pending.len());
+            let accepted = room.min(bytes.len());
+            pending.extend(&bytes[..accepted]);
+            accepted
+        };
+        if accepted > 0 {
+            if let Err(e) = self.buffer.ready.write(1) {
+                warn!("virtio-console: cannot wake the worker: {e}");
+            }
+        }
+        accepted
+    }
+
+    /// Bytes waiting for the guest.
+    pub fn pending(&self) -> usize {
+        lock(&self.buffer.pending).len()
+    }
+}
+
+type SharedOutput = Arc<Mutex<Box<dyn Write + Send>>>;
+
+/// A virtio-console device.
+pub struct Console {
+    name: String,
+    output: SharedOutput,
+    input: ConsoleInput,
+    acked_features: u64,
+    worker: Option<Worker>,
+}
+
+impl fmt::Debug for Console {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Console")
+            .field("name", &self.name)
+            .field("input", &self.input)
+            .field("acked_features", &self.acked_features)
+            .field("worker", &self.worker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Console {
+    /// A console whose guest output goes to `output`. Feed input through [`Console::input`].
+    pub fn new(output: Box<dyn Write + Send>) -> Result<Self, ConsoleError> {
+        let ready = EventFd::new(EFD_NONBLOCK).map_err(ConsoleError::InputEvent)?;
+        let index = NEXT_CONSOLE_INDEX.fetch_add(1, Ordering::Relaxed);
+        Ok(Console {
+            name: format!("virtio-con{index}"),
+            output: Arc::new(Mutex::new(output)),
+            input: ConsoleInput {
+                buffer: Arc::new(InputBuffer {
+                    pending: Mutex::new(VecDeque::new()),
+                    ready,
+                }),
+            },
+            acked_features: 0,
+            worker: None,
+        })
+    }
+
+    /// The handle the VMM's main loop pushes host input through.
+    pub fn input(&self) -> ConsoleInput {
+        self.input.clone()
+    }
+}
+
+/// `struct virtio_console_config`: cols and rows (0: unknown, no F_SIZE), max_nr_ports 1 (only
+/// read with F_MULTIPORT), emerg_wr 0.
+fn config_space() -> [u8; 12] {
+    let mut config = [0u8; 12];
+    config[4..8].copy_from_slice(&1u32.to_le_bytes());
+    config
+}
+
+/// Copies the device-readable bytes of a transmitq chain to `output`. Buffers outside guest
+/// memory are skipped; an output error is returned (the rest of the chain is dropped) so the
+/// caller can report it, but it never stops the device.
+pub(crate) fn transmit(
+    output: &mut dyn Write,
+    mem: &GuestMemoryMmap,
+    chain: Chain<'_>,
+) -> io::Result<()> {
+    let mut chunk = [0u8; TX_CHUNK];
+    for desc in chain.filter(|d| !d.is_write_only()) {
+        let len = u64::from(desc.len());
+        let mut offset = 0u64;
+        while offset < len {
+            let n = (len - offset).min(TX_CHUNK as u64) as usize;
+            let Some(addr) = desc.addr().checked_add(offset) else {
+                break;
+            };
+            if let Err(e) = mem.read_slice(&mut chunk[..n], addr) {
+                debug!("virtio-console: transmit buffer outside guest memory: {e}");
+                break;
+            }
+            output.write_all(&chunk[..n])?;
+            offset += n as u64;
+        }
+    }
+    output.flush()
+}
+
+/// Moves pending host input into receiveq buffers until either runs out. Bytes that do not fit
+/// stay pending; when the guest has no buffers, notifications are enabled so its next buffer
+/// brings a kick.
+pub(crate) fn deliver_input(
+    rx: &mut DeviceQueue,
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn Interrupt,
+    pending: &Mutex<VecDeque<u8>>,
+) {
+    let mut pending = lock(pending);
+    while !pending.is_empty() {
+        let Some(chain) = rx.pop(mem) else {
+            if rx.enable_notification(mem) {
+                continue;
+            }
+            break;
+        };
+        let head = chain.head_index();
+        let written = match split_chain(chain) {
+            Ok(buffers) => {
+                let bytes = pending.make_contiguous();
+                match buffers.writable.write_from(mem, bytes) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        debug!("virtio-console: receive buffer unusable: {e}");
+                        0
+                    }
+                }
+            }
+            Err(e) => {
+                debug!("virtio-console: malformed receive chain: {e}");
+                0
+            }
+        };
+        pending.drain(..written);
+        // At most the chain's length, which virtio-queue bounds to u32.
+        rx.add_used(mem, head, u32::try_from(written).unwrap_or(u32::MAX));
+    }
+    drop(pending);
+    rx.signal_used(mem, interrupt);
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        OFFERED_FEATURES
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & OFFERED_FEATURES;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&config_space(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // emerg_wr is only writable with F_EMERG_WRITE, which is not offered.
+    }
+
+    fn activate(
+        &mut self,
+        memory: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        check_queue_count(&queues, 2)?;
+        let event_idx = self.acked_features & feature(VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut queues: Vec<DeviceQueue> = queues
+            .into_iter()
+            .map(|q| DeviceQueue::new(q, event_idx))
+            .collect();
+        // Transports hand queues over in index order; check anyway rather than trust it.
+        queues.sort_by_key(|q| q.index);
+        let (Some(tx), Some(rx)) = (queues.pop(), queues.pop()) else {
+            return Err(ActivateError::QueueCount { got: 0, want: 2 });
+        };
+        if (usize::from(rx.index), usize::from(tx.index)) != (RECEIVE_QUEUE, TRANSMIT_QUEUE) {
+            warn!(
+                "virtio-console: unexpected queue indices {} and {}",
+                rx.index, tx.index
+            );
+        }
+        let handler = ConsoleWorker {
+            memory,
+            interrupt,
+            rx,
+            tx,
+            output: Arc::clone(&self.output),
+            input: Arc::clone(&self.input.buffer),
+            output_failed: false,
+        };
+        self.worker = Some(Worker::spawn(self.name.clone(), handler)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+        self.acked_features = 0;
+    }
+}
+
+struct ConsoleWorker {
+    memory: GuestMemoryMmap,
+    interrupt: Arc<dyn Interrupt>,
+    rx: DeviceQueue,
+    tx: DeviceQueue,
+    output: SharedOutput,
+    input: Arc<InputBuffer>,
+    /// Whether the last write to `output` failed, to log an outage once.
+    output_failed: bool,
+}
+
+impl ConsoleWorker {
+    fn transmit_all(&mut self) {
+        let (memory, output, output_failed) = (&self.memory, &self.output, &mut self.output_failed);
+        self.tx.process(memory, self.interrupt.as_ref(), |chain| {
+            match transmit(&mut **lock(output), memory, chain) {
+                Ok(()) => *output_failed = false,
+                Err(e) => {
+                    // Once per outage, not once per chain: a closed stdout would flood the log.
+                    if !*output_failed {
+                        warn!("virtio-console: output failed, dropping guest output: {e}");
+                    }
+                    *output_failed = true;
+                }
+            }
+            // The device writes nothing into transmit buffers.
+            0
+        });
+    }
+
+    fn receive_all(&mut self) {
+        deliver_input(
+            &mut self.rx,
+            &self.memory,
+            self.interrupt.as_ref(),
+            &self.input.pending,
+        );
+    }
+}
+
+impl EventHandler for ConsoleWorker {
+    fn register(&mut self, events: &EventLoop) -> io::Result<()> {
+        events.watch(&self.rx.kick, RX_KICK)?;
+        events.watch(&self.tx.kick, TX_KICK)?;
+        events.watch(&self.input.ready, INPUT_READY)
+    }
+
+    fn start(&mut self, _events: &EventLoop) {
+        self.transmit_all();
+        self.receive_all();
+    }
+
+    fn handle_event(&mut self, _events: &EventLoop, token: u64) {
+        match token {
+            RX_KICK => {
+                self.rx.clear_kick();
+                self.receive_all();
+            }
+            TX_KICK => {
+                self.tx.clear_kick();
+                self.transmit_all();
+            }
+            INPUT_READY => {
+                // The count is irrelevant: everything pending is delivered below.
+                let _ = self.input.ready.read();
+                self.receive_all();
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,81 @@
+//! The contract between a virtio transport (mmio, pci) and a device (block, net, console, rng).
+//!
+//! The transport owns the guest-visible register state: feature negotiation, device status,
+//! queue configuration. When the driver sets DRIVER_OK it hands the device everything the data
+//! plane needs in one call ([`VirtioDevice::activate`]): guest memory, the configured queues with
+//! their kick eventfds (KVM ioeventfds in the VMM, plain eventfds in tests) and an [`Interrupt`].
+//! The device then runs on its own worker thread; [`VirtioDevice::reset`] stops it and makes the
+//! device ready for a new activation (driver reload).
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// How a device tells the driver that something happened. Implementations: the mmio transport's
+/// interrupt status + irqfd, the pci transport's MSI-X vectors (one irqfd each).
+pub trait Interrupt: Send + Sync + Debug {
+    /// The used ring of `queue` has new entries.
+    fn notify_queue(&self, queue: u16) -> std::io::Result<()>;
+    /// The device configuration space changed.
+    fn notify_config(&self) -> std::io::Result<()>;
+}
+
+/// One configured queue, handed to the device at activation.
+#[derive(Debug)]
+pub struct ActiveQueue {
+    /// The queue's index within the device.
+    pub index: u16,
+    /// The queue as the driver configured it (size, ring addresses, ready, event_idx).
+    pub queue: Queue,
+    /// Signalled when the driver notifies this queue.
+    pub kick: EventFd,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver configured {got} queues, the device needs {want}")]
+    QueueCount { got: usize, want: usize },
+    #[error("the device is already active")]
+    AlreadyActive,
+    #[error("cannot start the device worker: {0}")]
+    Worker(std::io::Error),
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// A virtio device as a transport sees it.
+pub trait VirtioDevice: Send + Debug {
+    /// The virtio device ID (VIRTIO_ID_BLOCK, VIRTIO_ID_NET, ...).
+    fn device_type(&self) -> u32;
+
+    /// The maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// Feature bits the device offers (including VIRTIO_F_VERSION_1).
+    fn features(&self) -> u64;
+
+    /// The driver accepted `features` (a subset of [`Self::features`], checked by the transport)
+    /// and set FEATURES_OK.
+    fn ack_features(&mut self, features: u64);
+
+    /// Reads the device-specific configuration space; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes the device-specific configuration space; writes to read-only fields are ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// Starts the data plane (DRIVER_OK).
+    fn activate(
+        &mut self,
+        memory: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError>;
+
+    /// Stops the data plane and returns to the state before activation (status written 0, or a
+    /// device error). Must be callable in any state, repeatedly.
+    fn reset(&mut self);
+}

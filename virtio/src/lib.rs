@@ -1,0 +1,28 @@
+//! pvm-virtio: the guest-visible virtio world of pvm.
+//!
+//! This crate holds the virtio transports (virtio-mmio, virtio-pci) and the devices behind them
+//! (console, block, net, rng). It deliberately has no dependency on kvm-ioctls: a device sees
+//! guest memory (vm-memory), eventfds for queue kicks and an interrupt trait, so every device can
+//! be unit-tested and fuzzed without /dev/kvm. The VMM (the `pvm` crate) wires transports to KVM
+//! ioeventfds and irqfds in one place.
+
+pub mod block;
+mod chain;
+pub mod console;
+pub mod device;
+pub mod mmio;
+pub mod net;
+pub mod pci;
+pub mod rng;
+#[cfg(test)]
+mod test_utils;
+mod transport;
+mod worker;
+
+pub use block::{Block, BlockError};
+pub use console::{Console, ConsoleError, ConsoleInput};
+pub use device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+pub use mmio::MmioTransport;
+pub use net::{Net, NetBackend, NetCounters, NetError, Tap, TapError};
+pub use pci::{MsiMessage, MsiSink, PciTransport};
+pub use rng::Rng;

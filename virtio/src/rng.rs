@@ -1,0 +1,277 @@
+//! virtio-rng (entropy device): fills the guest's buffers from the host's getrandom(2).
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use log::warn;
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
+
+use crate::chain::Chain;
+use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::worker::{DeviceQueue, EventHandler, EventLoop, Worker, check_queue_count, feature};
+
+pub const QUEUE_SIZE: u16 = 64;
+/// The most entropy one chain receives, so a guest offering huge buffers cannot keep the worker
+/// busy (the driver simply asks again).
+pub const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
+static NEXT_RNG_INDEX: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    #[error("getrandom failed: {0}")]
+    GetRandom(io::Error),
+}
+
+/// A virtio-rng device.
+#[derive(Debug)]
+pub struct Rng {
+    name: String,
+    acked_features: u64,
+    worker: Option<Worker>,
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Rng {
+    pub fn new() -> Self {
+        let index = NEXT_RNG_INDEX.fetch_add(1, Ordering::Relaxed);
+        Rng {
+            name: format!("virtio-rng{index}"),
+            acked_features: 0,
+            worker: None,
+        }
+    }
+}
+
+const OFFERED_FEATURES: u64 = feature(VIRTIO_F_VERSION_1)
+    | feature(VIRTIO_RING_F_EVENT_IDX)
+    | feature(VIRTIO_RING_F_INDIRECT_DESC);
+
+/// Fills `buf` from getrandom(2), retrying short reads and signals.
+pub(crate) fn fill_random(buf: &mut [u8]) -> Result<(), RngError> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into the valid, owned `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(RngError::GetRandom(err));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Fills the device-writable descriptors of one chain (device-readable ones are ignored) with up
+/// to [`MAX_BYTES_PER_REQUEST`] random bytes; returns the number of bytes written.
+pub(crate) fn handle_request(mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
+    let mut random = [0u8; 4096];
+    let mut written = 0usize;
+    for desc in chain.filter(|d| d.is_write_only()) {
+        let mut offset = 0usize;
+        let len = desc.len() as usize;
+        while offset < len && written < MAX_BYTES_PER_REQUEST {
+            let n = (len - offset)
+                .min(random.len())
+                .min(MAX_BYTES_PER_REQUEST - written);
+            if let Err(e) = fill_random(&mut random[..n]) {
+                warn!("virtio-rng: {e}");
+                return written as u32;
+            }
+            let Some(addr) = desc.addr().checked_add(offset as u64) else {
+                return written as u32;
+            };
+            if mem.write_slice(&random[..n], addr).is_err() {
+                // A buffer outside guest RAM: report what was filled so far.
+                return written as u32;
+            }
+            offset += n;
+            written += n;
+        }
+        if written >= MAX_BYTES_PER_REQUEST {
+            break;
+        }
+    }
+    written as u32
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        OFFERED_FEATURES
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & OFFERED_FEATURES;
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        // virtio-rng has no configuration space.
+        data.fill(0);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        memory: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        check_queue_count(&queues, 1)?;
+        let event_idx = self.acked_features & feature(VIRTIO_RING_F_EVENT_IDX) != 0;
+        let Some(queue) = queues.into_iter().next() else {
+            return Err(ActivateError::QueueCount { got: 0, want: 1 });
+        };
+        let handler = RngWorker {
+            memory,
+            interrupt,
+            queue: DeviceQueue::new(queue, event_idx),
+        };
+        self.worker = Some(Worker::spawn(self.name.clone(), handler)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+        self.acked_features = 0;
+    }
+}
+
+struct RngWorker {
+    memory: GuestMemoryMmap,
+    interrupt: Arc<dyn Interrupt>,
+    queue: DeviceQueue,
+}
+
+impl RngWorker {
+    fn serve(&mut self) {
+        let memory = &self.memory;
+        self.queue
+            .process(memory, self.interrupt.as_ref(), |chain| {
+                handle_request(memory, chain)
+            });
+    }
+}
+
+impl EventHandler for RngWorker {
+    fn register(&mut self, events: &EventLoop) -> io::Result<()> {
+        events.watch(&self.queue.kick, 0)
+    }
+
+    fn start(&mut self, _events: &EventLoop) {
+        self.serve();
+    }
+
+    fn handle_event(&mut self, _events: &EventLoop, _token: u64) {
+        self.queue.clear_kick();
+        self.serve();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::test_utils::{RecordingInterrupt, TestQueue, readable, test_memory, writable};
+
+    fn run(mem: &GuestMemoryMmap, descs: &[virtio_queue::desc::RawDescriptor]) -> u32 {
+        use virtio_queue::QueueT;
+        let tq = TestQueue::new(mem, 16);
+        tq.add_chain(descs);
+        let chain = tq.queue().pop_descriptor_chain(mem).unwrap();
+        handle_request(mem, chain)
+    }
+
+    fn bytes(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    #[test]
+    fn fills_writable_descriptors_only() {
+        let mem = test_memory();
+        let used = run(
+            &mem,
+            &[
+                readable(0x10_000, 64),
+                writable(0x20_000, 256),
+                writable(0x30_000, 5000),
+            ],
+        );
+        assert_eq!(used, 5256);
+        assert_eq!(
+            bytes(&mem, 0x10_000, 64),
+            vec![0; 64],
+            "readable buffer touched"
+        );
+        // 256 random bytes being all zero has probability 2^-2048.
+        assert_ne!(bytes(&mem, 0x20_000, 256), vec![0; 256]);
+        assert_ne!(bytes(&mem, 0x30_000 + 4900, 100), vec![0; 100]);
+    }
+
+    #[test]
+    fn bounds_each_request() {
+        let mem = test_memory();
+        let used = run(&mem, &[writable(0x10_000, 0x10_0000)]);
+        assert_eq!(used as usize, MAX_BYTES_PER_REQUEST);
+        let past = MAX_BYTES_PER_REQUEST as u64 + 0x10_000;
+        assert_eq!(bytes(&mem, past, 4096), vec![0; 4096]);
+    }
+
+    #[test]
+    fn buffers_outside_memory_are_cut_short() {
+        let mem = test_memory();
+        assert_eq!(run(&mem, &[writable(0x40_0000_0000, 64)]), 0);
+        assert_eq!(run(&mem, &[writable(0xff_fff0, 64)]), 0);
+        assert_eq!(run(&mem, &[readable(0x10_000, 16)]), 0);
+    }
+
+    #[test]
+    fn worker_fills_after_kick_and_reactivates() {
+        let mem = test_memory();
+        let mut rng = Rng::new();
+        for ring in [0u64, 0x8000] {
+            let tq = TestQueue::at(&mem, GuestAddress(ring), 16);
+            let active = tq.active_queue(0);
+            let kick = active.kick.try_clone().unwrap();
+            let interrupt = Arc::new(RecordingInterrupt::default());
+            rng.ack_features(rng.features());
+            rng.activate(mem.clone(), interrupt.clone(), vec![active])
+                .unwrap();
+            tq.add_chain(&[writable(0x50_000, 32)]);
+            kick.write(1).unwrap();
+            assert!(interrupt.wait_for(0, 1));
+            assert_eq!(tq.used(&mem), vec![(0, 32)]);
+            rng.reset();
+        }
+    }
+}
