@@ -27,7 +27,7 @@ fn scenarios() -> Vec<Scenario> {
     ] {
         for cpus in [1, 2] {
             all.push(
-                Scenario::boot(&format!("{label}-{cpus}cpu"), kernel, cpus, &report()).timeout(120),
+                Scenario::boot(&format!("{label}-{cpus}cpu"), kernel, cpus, &report()).timeout(60),
             );
         }
     }

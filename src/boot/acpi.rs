@@ -55,6 +55,20 @@ pub fn dsdt(device_aml: &[u8]) -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut dsdt);
+    // The UART must be described too: a hardware-reduced platform has no legacy PIC, so Linux
+    // maps no ISA IRQs by itself, and without IRQ 4 the 8250 never sends user-space output.
+    let com1_io = aml::IO::new(layout::SERIAL_PORT, layout::SERIAL_PORT, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, layout::SERIAL_IRQ);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    aml::Device::new(
+        "_SB_.COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &com1_crs),
+        ],
+    )
+    .to_aml_bytes(&mut dsdt);
     dsdt.append_slice(device_aml);
     dsdt.as_slice().to_vec()
 }
@@ -175,7 +189,7 @@ mod tests {
         assert_eq!(length_of(&d), d.len());
         assert!(checksum_ok(&d));
         let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
-        assert!(find(&d, b"_S5_") && find(&d, b"QEMU0001"));
+        assert!(find(&d, b"_S5_") && find(&d, b"QEMU0001") && find(&d, b"COM1"));
         let f = fadt(0x1234);
         assert_eq!(&f[0..4], b"FACP");
         assert!(checksum_ok(&f));

@@ -685,16 +685,22 @@ mod tests {
         std::io::Write::write_all(&mut child.stdin.take().unwrap(), &archive).unwrap();
         let listing = String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap();
         let lines: Vec<&str> = listing.lines().collect();
-        assert_eq!(lines.len(), 2, "{listing}");
+        assert_eq!(lines.len(), 3, "{listing}");
         assert!(
             lines[0].starts_with("drwxr-xr-x") && lines[0].ends_with(" bin"),
             "{listing}"
         );
         assert!(
-            lines[1].starts_with("-rwxr-xr-x") && lines[1].contains(" 5 "),
+            lines[1].starts_with("crw-------")
+                && lines[1].contains(" 5,")
+                && lines[1].ends_with(" dev/console"),
             "{listing}"
         );
-        assert!(lines[1].ends_with(" bin/odd name"), "{listing}");
+        assert!(
+            lines[2].starts_with("-rwxr-xr-x") && lines[2].contains(" 5 "),
+            "{listing}"
+        );
+        assert!(lines[2].ends_with(" bin/odd name"), "{listing}");
     }
 
     #[test]
