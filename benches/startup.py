@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""Start-up cost of the VMM itself: process start -> KVM VM, memory, devices, ACPI, kernel load,
+vCPUs -> guest runs -> guest powers off -> pvm exits. The guest is a hand-made one-instruction
+ELF that writes the ACPI sleep register (the same micro guest tests/cli.rs uses), so the figure
+is pvm's own overhead, not a kernel's boot. Also reports pvm's peak RSS (guest memory is
+MAP_NORESERVE and untouched, so it is not counted).
+
+Usage: benches/startup.py [RUNS]   (builds target/release/pvm first)
+"""
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+runs = int(sys.argv[1]) if len(sys.argv) > 1 else 30
+root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+subprocess.run(["cargo", "build", "--release", "-q", "--bin", "pvm"], cwd=root, check=True)
+pvm = os.path.join(root, "target/release/pvm")
+
+# mov dx, 0x3c0; mov al, (5 << 2) | 0x20; out dx, al; hlt
+code = bytes([0x66, 0xBA, 0xC0, 0x03, 0xB0, 0x34, 0xEE, 0xF4])
+load = 0x100000
+ehdr = b"\x7fELF\x02\x01\x01" + b"\0" * 9 + struct.pack(
+    "<HHIQQQIHHHHHH", 2, 0x3E, 1, load, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+phdr = struct.pack("<IIQQQQQQ", 1, 5, 0x1000, load, load, len(code), len(code), 0x1000)
+image = (ehdr + phdr).ljust(0x1000, b"\0") + code
+kernel = tempfile.NamedTemporaryFile(suffix=".elf", delete=False)
+kernel.write(image)
+kernel.close()
+
+for mem, cpus in (("512M", 1), ("4G", 4)):
+    args = [pvm, "--kernel", kernel.name, "--mem", mem, "--cpus", str(cpus), "--log-level", "off"]
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(args, stdout=subprocess.DEVNULL, check=True)
+        times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    # GNU time execs pvm directly, so the peak is pvm's own (a forked Python would count too).
+    timed = subprocess.run(["/usr/bin/time", "-f", "%M"] + args, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, check=True)
+    rss_kib = int(timed.stderr.strip().splitlines()[-1])
+    print(f"startup --mem {mem} --cpus {cpus}: median {statistics.median(times):.1f} ms, "
+          f"p10 {times[len(times) // 10]:.1f} ms, p90 {times[len(times) * 9 // 10]:.1f} ms "
+          f"over {runs} runs; pvm peak RSS {rss_kib / 1024:.1f} MiB")
+os.unlink(kernel.name)
