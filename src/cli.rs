@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use log::LevelFilter;
 
-use crate::config::{self, ConsoleKind, DiskSpec, TapSpec, VmConfig};
+use crate::config::{self, ConsoleKind, DiskSpec, TapSpec, Transport, VmConfig};
 
 /// Exit code for a bad command line or an unreadable file named on it.
 pub const USAGE_ERROR: i32 = 2;
@@ -59,6 +59,15 @@ struct Args {
     #[arg(long, value_name = "serial|virtio", default_value = "serial", value_parser = parse_console)]
     console: ConsoleKind,
 
+    /// How virtio devices reach the guest: pci (modern virtio-pci with MSI-X; every distribution
+    /// kernel has the driver) or mmio (virtio-mmio, described in ACPI).
+    #[arg(long, value_name = "pci|mmio", default_value = "pci", value_parser = parse_transport)]
+    transport: Transport,
+
+    /// Print the VM's userspace exits (KVM_RUN returns) by reason on stderr when it ends.
+    #[arg(long)]
+    stats: bool,
+
     /// How much pvm itself logs to stderr: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
     log_level: LevelFilter,
@@ -67,6 +76,14 @@ struct Args {
 fn parse_log_level(text: &str) -> Result<LevelFilter, String> {
     text.parse()
         .map_err(|_| format!("'{text}' is not a log level (off, error, warn, info, debug, trace)"))
+}
+
+fn parse_transport(text: &str) -> Result<Transport, String> {
+    match text {
+        "pci" => Ok(Transport::Pci),
+        "mmio" => Ok(Transport::Mmio),
+        _ => Err(format!("'{text}' is not a transport (pci or mmio)")),
+    }
 }
 
 fn parse_console(text: &str) -> Result<ConsoleKind, String> {
@@ -142,6 +159,8 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<VmConfig, CliE
         disks: args.disk,
         taps: args.tap,
         console: args.console,
+        transport: args.transport,
+        stats: args.stats,
         log_level: args.log_level,
     })
 }
@@ -177,6 +196,8 @@ mod tests {
         assert_eq!(c.console, ConsoleKind::Serial);
         assert!(c.kernel.is_none() && c.disks.is_empty() && c.taps.is_empty());
         assert_eq!(c.cmdline, "");
+        assert_eq!(c.transport, Transport::Pci);
+        assert!(!c.stats);
     }
 
     #[test]
@@ -210,6 +231,7 @@ mod tests {
         assert!(error_of(&["--cpus", "0"]).contains("--cpus"));
         assert!(error_of(&["--cpus", "256"]).contains("--cpus"));
         assert!(error_of(&["--console", "vga"]).contains("--console"));
+        assert!(error_of(&["--transport", "isa"]).contains("--transport"));
         assert!(error_of(&["--tap", "tap0,mac=zz"]).contains("--tap"));
         assert!(error_of(&["--disk", "x,rw"]).contains("--disk"));
         assert!(error_of(&["--bogus"]).contains("--bogus"));

@@ -25,6 +25,15 @@ pub enum ConsoleKind {
     Virtio,
 }
 
+/// How virtio devices reach the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// virtio-mmio, described in the ACPI DSDT (and on the command line for `acpi=off` guests).
+    Mmio,
+    /// Modern virtio-pci with MSI-X: every distribution kernel has its driver.
+    Pci,
+}
+
 /// One `--disk` flag.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskSpec {
@@ -53,6 +62,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskSpec>,
     pub taps: Vec<TapSpec>,
     pub console: ConsoleKind,
+    pub transport: Transport,
+    /// Print userspace exit counts by reason when the VM ends.
+    pub stats: bool,
     pub log_level: LevelFilter,
 }
 

@@ -11,12 +11,15 @@ pub mod config;
 pub mod cpuid;
 pub mod devices;
 pub mod exit;
+pub mod irq_routing;
 pub mod kvm_host;
 pub mod layout;
 pub mod logger;
 pub mod memory;
+pub mod pci;
 pub mod terminal;
 pub mod vcpu;
+pub mod virtio_devices;
 pub mod vm;
 
 use std::ffi::OsString;

@@ -24,14 +24,19 @@ use crate::devices::power::{AcpiPower, PvPanic};
 use crate::exit::{EndSignal, Outcome};
 use crate::terminal::RawMode;
 use crate::vcpu::{self, Buses, ExitStats, Vcpu};
+use crate::virtio_devices::{self, Attached};
 use crate::{kvm_host, layout, memory};
+use pvm_virtio::ConsoleInput;
 
 /// KVM needs three pages for the TSS and one for the identity map (Intel); both in the MMIO gap.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
-/// What pvm puts on the kernel command line before the user's part.
-const SERIAL_CMDLINE: &str =
-    "console=ttyS0 reboot=k i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+/// What pvm puts on the kernel command line before the user's part: reboot through the i8042
+/// (which ends the VM), and i8042 probing kept short.
+const BASE_CMDLINE: &str = "reboot=k i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+/// The UART is the console, or only the early console before hvc0 takes over.
+const SERIAL_CONSOLE: &str = "console=ttyS0";
+const VIRTIO_CONSOLE: &str = "earlycon=uart8250,io,0x3f8 console=hvc0";
 /// Ctrl-A starts a console escape; Ctrl-A x quits, Ctrl-A Ctrl-A sends one Ctrl-A.
 const ESCAPE: u8 = 0x01;
 
@@ -56,8 +61,8 @@ pub enum Error {
     Vcpu(#[from] vcpu::Error),
     #[error("no --kernel given (pvm cannot yet boot a kernel from the disk image)")]
     NoKernel,
-    #[error("{0} is not supported yet: pvm has no virtio devices in this build")]
-    Unsupported(&'static str),
+    #[error(transparent)]
+    Virtio(#[from] virtio_devices::Error),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -72,7 +77,7 @@ impl Error {
     pub fn is_usage(&self) -> bool {
         use boot::Error as B;
         match self {
-            Error::NoKernel | Error::Unsupported(_) => true,
+            Error::NoKernel | Error::Virtio(virtio_devices::Error::Device(_)) => true,
             Error::Boot(e) => matches!(
                 e,
                 B::OpenKernel { .. }
@@ -121,15 +126,6 @@ pub fn run(config: VmConfig) -> Result<Outcome, Error> {
     if config.kernel.is_none() {
         return Err(Error::NoKernel);
     }
-    if !config.disks.is_empty() {
-        return Err(Error::Unsupported("--disk"));
-    }
-    if !config.taps.is_empty() {
-        return Err(Error::Unsupported("--tap"));
-    }
-    if config.console == ConsoleKind::Virtio {
-        return Err(Error::Unsupported("--console virtio"));
-    }
     if let Some(kernel) = &config.kernel {
         boot::probe_kernel(kernel)?;
     }
@@ -140,9 +136,11 @@ pub fn run(config: VmConfig) -> Result<Outcome, Error> {
 
 /// A built VM, ready to run.
 pub struct Vm {
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
     vcpus: Vec<Vcpu>,
     serial: Arc<Mutex<SerialDevice>>,
+    console_input: Option<ConsoleInput>,
+    print_stats: bool,
     end: Arc<EndSignal>,
     stop: Arc<AtomicBool>,
     stats: Arc<ExitStats>,
@@ -150,7 +148,7 @@ pub struct Vm {
 
 impl Vm {
     pub fn build(kvm: &Kvm, config: &VmConfig) -> Result<Vm, Error> {
-        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -196,13 +194,12 @@ impl Vm {
             1,
             Arc::new(Mutex::new(PvPanic(end.clone()))),
         )?;
-        let buses = Arc::new(Buses {
-            pio,
-            mmio: Bus::new(),
-        });
+        let mut mmio = Bus::new();
+        let attached = virtio_devices::attach(config, &vm_fd, &guest_memory, &mut pio, &mut mmio)?;
+        let buses = Arc::new(Buses { pio, mmio });
 
-        let rsdp = acpi::write(&guest_memory, config.cpus, &[])?;
-        let cmdline = boot::build_cmdline(SERIAL_CMDLINE, &config.cmdline)?;
+        let rsdp = acpi::write(&guest_memory, config.cpus, &attached.aml)?;
+        let cmdline = boot::build_cmdline(&pvm_cmdline(config, &attached), &config.cmdline)?;
         let kernel = config.kernel.as_deref().ok_or(Error::NoKernel)?;
         let entry = boot::load(
             &guest_memory,
@@ -250,6 +247,8 @@ impl Vm {
             _vm_fd: vm_fd,
             vcpus,
             serial,
+            console_input: attached.console_input,
+            print_stats: config.stats,
             end,
             stop,
             stats,
@@ -289,7 +288,13 @@ impl Vm {
         }
         let loop_result = match spawn_error {
             Some(err) => Err(err),
-            None => main_loop(&self.serial, &self.end, &stop_event),
+            None => {
+                let sink = match self.console_input {
+                    Some(input) => InputSink::Virtio(input),
+                    None => InputSink::Serial(self.serial),
+                };
+                main_loop(&sink, &self.end, &stop_event)
+            }
         };
         // Whatever happened, stop and join every vCPU before the terminal is restored.
         self.stop.store(true, Ordering::Release);
@@ -303,10 +308,55 @@ impl Vm {
         STOP_EVENT_FD.store(-1, Ordering::SeqCst);
         let _ = std::io::stdout().flush();
         drop(raw);
-        log::info!("exits: {}", self.stats.summary());
+        if self.print_stats {
+            eprintln!("pvm: exits: {}", self.stats.summary());
+        } else {
+            log::info!("exits: {}", self.stats.summary());
+        }
         loop_result?;
         let signo = STOP_SIGNAL.load(Ordering::SeqCst);
         Ok(self.end.outcome().unwrap_or(Outcome::Signal(signo)))
+    }
+}
+
+/// pvm's part of the kernel command line for `config`.
+fn pvm_cmdline(config: &VmConfig, attached: &Attached) -> String {
+    let console = match config.console {
+        ConsoleKind::Serial => SERIAL_CONSOLE,
+        ConsoleKind::Virtio => VIRTIO_CONSOLE,
+    };
+    let mut cmdline = format!("{console} {BASE_CMDLINE}");
+    // virtio-mmio devices are described in ACPI; a guest told to ignore ACPI needs them here.
+    // (Both at once would make a kernel with cmdline devices probe every device twice.)
+    if config
+        .cmdline
+        .split_whitespace()
+        .any(|word| word == "acpi=off")
+    {
+        for device in &attached.cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(device);
+        }
+    }
+    cmdline
+}
+
+/// Where host keyboard input goes: the UART, or virtio-console.
+enum InputSink {
+    Serial(Arc<Mutex<SerialDevice>>),
+    Virtio(ConsoleInput),
+}
+
+impl InputSink {
+    /// Offers `bytes` to the guest; returns how many it took (the rest waits).
+    fn offer(&self, bytes: &[u8]) -> usize {
+        match self {
+            InputSink::Serial(serial) => serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_input(bytes),
+            InputSink::Virtio(input) => input.push(bytes),
+        }
     }
 }
 
@@ -315,11 +365,7 @@ const TOKEN_STDIN: u64 = 0;
 const TOKEN_END: u64 = 1;
 const TOKEN_STOP: u64 = 2;
 
-fn main_loop(
-    serial: &Mutex<SerialDevice>,
-    end: &EndSignal,
-    stop_event: &EventFd,
-) -> Result<(), Error> {
+fn main_loop(sink: &InputSink, end: &EndSignal, stop_event: &EventFd) -> Result<(), Error> {
     let epoll = Epoll::new().map_err(io_err("epoll"))?;
     let add = |fd: i32, token: u64| {
         epoll
@@ -334,7 +380,7 @@ fn main_loop(
     add(stop_event.as_raw_fd(), TOKEN_STOP)?;
     // stdin may be /dev/null or a regular file, which epoll refuses; then there is no input.
     let mut stdin_open = add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
-    let mut input = ConsoleInput::default();
+    let mut input = KeyboardInput::default();
     let mut events = vec![EpollEvent::default(); 4];
     loop {
         // Input the UART could not take yet is retried on a short timer.
@@ -380,10 +426,7 @@ fn main_loop(
             }
         }
         if !input.pending.is_empty() {
-            let taken = serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .enqueue_input(&input.pending);
+            let taken = sink.offer(&input.pending);
             input.pending.drain(..taken);
             // While input waits, stdin is not read (events stay level-triggered).
             if stdin_open && input.pending.is_empty() {
@@ -395,12 +438,12 @@ fn main_loop(
 
 /// Host keyboard input on its way to the guest, with the Ctrl-A escape handled.
 #[derive(Debug, Default)]
-struct ConsoleInput {
+struct KeyboardInput {
     pending: Vec<u8>,
     escaped: bool,
 }
 
-impl ConsoleInput {
+impl KeyboardInput {
     /// Queues `bytes`; returns true when the user asked to quit (Ctrl-A x).
     fn feed(&mut self, bytes: &[u8]) -> bool {
         for &byte in bytes {
@@ -427,7 +470,7 @@ mod tests {
 
     #[test]
     fn console_escape() {
-        let mut input = ConsoleInput::default();
+        let mut input = KeyboardInput::default();
         assert!(!input.feed(b"ls\r"));
         assert!(!input.feed(&[ESCAPE, ESCAPE, b'a']));
         assert_eq!(input.pending, b"ls\r\x01a");

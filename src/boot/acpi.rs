@@ -73,6 +73,53 @@ pub fn dsdt(device_aml: &[u8]) -> Vec<u8> {
     dsdt.as_slice().to_vec()
 }
 
+/// A virtio-mmio device node (LNRO0005) for kernels that find virtio-mmio devices through ACPI.
+pub fn virtio_mmio_aml(index: usize, base: u64, size: u64, gsi: u32) -> Vec<u8> {
+    let memory = aml::Memory32Fixed::new(true, base as u32, size as u32);
+    let irq = aml::Interrupt::new(true, true, false, false, gsi);
+    let crs = aml::ResourceTemplate::new(vec![&memory, &irq]);
+    let uid = index as u32;
+    let mut out = Vec::new();
+    aml::Device::new(
+        format!("_SB_.V{index:03}").as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"LNRO0005"),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
+/// The PCI host bridge (PNP0A03) for bus 0: config ports 0xcf8-0xcff and the BAR window.
+/// Without it an ACPI guest never scans the bus.
+pub fn pci_host_bridge_aml() -> Vec<u8> {
+    let bus = aml::AddressSpace::<u16>::new_bus_number(0, 0);
+    let config_io = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let window = aml::AddressSpace::<u32>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        layout::PCI_MMIO_START as u32,
+        (layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE - 1) as u32,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &config_io, &window]);
+    let mut out = Vec::new();
+    aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
 /// The MADT: LAPIC `i` has APIC ID `i` (matching CPUID), one IOAPIC with GSI base 0.
 pub fn madt(cpus: u8) -> Vec<u8> {
     let mut madt = MADT::new(
@@ -203,6 +250,22 @@ mod tests {
         // SLEEP_CONTROL_REG at 244: system I/O, byte access, pvm's port.
         assert_eq!(f[244], 1);
         assert_eq!(u64::from_le_bytes(f[248..256].try_into().unwrap()), 0x3c0);
+    }
+
+    #[test]
+    fn device_nodes_carry_their_ids() {
+        let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+        let mmio = virtio_mmio_aml(3, 0xd000_3000, 0x1000, 8);
+        assert!(find(&mmio, b"V003") && find(&mmio, b"LNRO0005"));
+        assert!(
+            find(&mmio, &0xd000_3000u32.to_le_bytes()),
+            "Memory32Fixed base"
+        );
+        let pci = pci_host_bridge_aml();
+        assert!(find(&pci, b"PCI0") && find(&pci, b"_CRS"));
+        let d = dsdt(&pci);
+        assert_eq!(length_of(&d), d.len());
+        assert!(checksum_ok(&d));
     }
 
     #[test]

@@ -1,0 +1,259 @@
+//! Wiring virtio devices into the VM, in one place: each device gets its transport (virtio-mmio
+//! or virtio-pci), every queue notification becomes a KVM ioeventfd and every interrupt an
+//! irqfd, so the vCPU threads never do device I/O; the devices run on their own workers.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use pvm_virtio::pci::BAR_SIZE;
+use pvm_virtio::{
+    Block, Console, ConsoleInput, MmioTransport, Net, PciTransport, Rng, VirtioDevice,
+};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::acpi;
+use crate::bus::{self, Bus, BusDevice};
+use crate::config::{ConsoleKind, Transport, VmConfig};
+use crate::irq_routing::{DeviceMsi, GsiRouter};
+use crate::layout;
+use crate::pci::PciRoot;
+
+/// PCI I/O ports of configuration mechanism #1.
+const PCI_CONFIG_PORT: u64 = 0xcf8;
+/// GSIs for MSI-X vectors start above the IOAPIC pins.
+const MSI_GSI_START: u32 = layout::IOAPIC_PINS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Device(String),
+    #[error("too many virtio devices for the {0} transport")]
+    TooMany(&'static str),
+    #[error("cannot set up the {what} of virtio device {name}: {source}")]
+    Io {
+        what: &'static str,
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("KVM refused the {what} of virtio device {name}: {source}")]
+    Kvm {
+        what: &'static str,
+        name: String,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Bus(#[from] bus::Error),
+}
+
+/// What the rest of the VM needs to know about the attached devices.
+#[derive(Debug, Default)]
+pub struct Attached {
+    /// AML for the DSDT (virtio-mmio nodes, the PCI host bridge).
+    pub aml: Vec<u8>,
+    /// Kernel command line entries (virtio-mmio devices for guests without ACPI).
+    pub cmdline: Vec<String>,
+    /// Where host keyboard input goes with `--console virtio`.
+    pub console_input: Option<ConsoleInput>,
+}
+
+/// A device with the name pvm's messages use for it.
+type NamedDevice = (String, Box<dyn VirtioDevice>);
+
+/// The devices `config` asks for, in guest-visible order: console, disks, nets, rng.
+fn create_devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Option<ConsoleInput>), Error> {
+    let mut devices: Vec<NamedDevice> = Vec::new();
+    let mut console_input = None;
+    if config.console == ConsoleKind::Virtio {
+        let console =
+            Console::new(Box::new(std::io::stdout())).map_err(|e| Error::Device(e.to_string()))?;
+        console_input = Some(console.input());
+        devices.push(("console".to_string(), Box::new(console)));
+    }
+    for (i, disk) in config.disks.iter().enumerate() {
+        let block = Block::new(&disk.path, disk.read_only, disk.serial.as_deref())
+            .map_err(|e| Error::Device(format!("--disk {e}")))?;
+        devices.push((format!("block{i}"), Box::new(block)));
+    }
+    for (i, tap) in config.taps.iter().enumerate() {
+        let net =
+            Net::with_tap(&tap.name, tap.mac).map_err(|e| Error::Device(format!("--tap {e}")))?;
+        devices.push((format!("net{i}"), Box::new(net)));
+    }
+    devices.push(("rng".to_string(), Box::new(Rng::new())));
+    Ok((devices, console_input))
+}
+
+struct MmioDevice(MmioTransport);
+
+impl BusDevice for MmioDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.read(offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.write(offset, data);
+    }
+}
+
+struct PciBar(Arc<Mutex<PciTransport>>);
+
+impl BusDevice for PciBar {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bar_read(offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bar_write(offset, data);
+    }
+}
+
+/// Creates the virtio devices and attaches them to the buses with their ioeventfds and irqfds.
+pub fn attach(
+    config: &VmConfig,
+    vm: &Arc<VmFd>,
+    memory: &GuestMemoryMmap,
+    pio: &mut Bus,
+    mmio: &mut Bus,
+) -> Result<Attached, Error> {
+    let (devices, console_input) = create_devices(config)?;
+    let mut attached = Attached {
+        console_input,
+        ..Default::default()
+    };
+    match config.transport {
+        Transport::Mmio => {
+            for (index, (name, device)) in devices.into_iter().enumerate() {
+                attach_mmio(index, name, device, vm, memory, mmio, &mut attached)?;
+            }
+        }
+        Transport::Pci => {
+            let router = Arc::new(GsiRouter::new(vm.clone()));
+            let mut root = PciRoot::new();
+            let mut next_gsi = MSI_GSI_START;
+            for (index, (name, device)) in devices.into_iter().enumerate() {
+                let transport = attach_pci(
+                    index,
+                    &name,
+                    device,
+                    vm,
+                    memory,
+                    mmio,
+                    &router,
+                    &mut next_gsi,
+                )?;
+                root.add(transport).ok_or(Error::TooMany("pci"))?;
+            }
+            pio.insert(PCI_CONFIG_PORT, 8, Arc::new(Mutex::new(root)))?;
+            attached.aml.extend(acpi::pci_host_bridge_aml());
+        }
+    }
+    Ok(attached)
+}
+
+fn attach_mmio(
+    index: usize,
+    name: String,
+    device: Box<dyn VirtioDevice>,
+    vm: &VmFd,
+    memory: &GuestMemoryMmap,
+    bus: &mut Bus,
+    attached: &mut Attached,
+) -> Result<(), Error> {
+    let gsi = layout::VIRTIO_GSI_START + index as u32;
+    if gsi >= layout::IOAPIC_PINS {
+        return Err(Error::TooMany("mmio"));
+    }
+    let base = layout::VIRTIO_MMIO_START + index as u64 * layout::VIRTIO_MMIO_SIZE;
+    let io = |what| {
+        let name = name.clone();
+        move |source| Error::Io { what, name, source }
+    };
+    let kvm = |what| {
+        let name = name.clone();
+        move |source| Error::Kvm { what, name, source }
+    };
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io("interrupt eventfd"))?;
+    vm.register_irqfd(&irq, gsi).map_err(kvm("irqfd"))?;
+    let transport = MmioTransport::new(device, memory.clone(), irq).map_err(io("transport"))?;
+    for (offset, queue, kick) in transport.queue_kicks() {
+        vm.register_ioevent(kick, &IoEventAddress::Mmio(base + offset), queue)
+            .map_err(kvm("ioeventfd"))?;
+    }
+    bus.insert(
+        base,
+        layout::VIRTIO_MMIO_SIZE,
+        Arc::new(Mutex::new(MmioDevice(transport))),
+    )?;
+    attached.aml.extend(acpi::virtio_mmio_aml(
+        index,
+        base,
+        layout::VIRTIO_MMIO_SIZE,
+        gsi,
+    ));
+    attached
+        .cmdline
+        .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+    log::info!("virtio-mmio {name} at {base:#x}, GSI {gsi}");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attach_pci(
+    index: usize,
+    name: &str,
+    device: Box<dyn VirtioDevice>,
+    vm: &VmFd,
+    memory: &GuestMemoryMmap,
+    bus: &mut Bus,
+    router: &Arc<GsiRouter>,
+    next_gsi: &mut u32,
+) -> Result<Arc<Mutex<PciTransport>>, Error> {
+    let bar = layout::PCI_MMIO_START + index as u64 * BAR_SIZE;
+    if bar + BAR_SIZE > layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE {
+        return Err(Error::TooMany("pci"));
+    }
+    let io = |what| {
+        move |source| Error::Io {
+            what,
+            name: name.to_string(),
+            source,
+        }
+    };
+    let kvm = |what| {
+        move |source| Error::Kvm {
+            what,
+            name: name.to_string(),
+            source,
+        }
+    };
+    // One vector per queue plus one for configuration changes.
+    let vectors = device.queue_max_sizes().len() as u16 + 1;
+    let msi = Arc::new(DeviceMsi {
+        router: router.clone(),
+        first_gsi: *next_gsi,
+    });
+    let transport =
+        PciTransport::new(device, memory.clone(), bar, vectors, msi).map_err(io("transport"))?;
+    for (vector, irqfd) in transport.vector_irqfds().into_iter().enumerate() {
+        vm.register_irqfd(irqfd, *next_gsi + vector as u32)
+            .map_err(kvm("irqfd"))?;
+    }
+    *next_gsi += u32::from(vectors);
+    for (offset, kick) in transport.queue_kicks() {
+        vm.register_ioevent(kick, &IoEventAddress::Mmio(bar + offset), NoDatamatch)
+            .map_err(kvm("ioeventfd"))?;
+    }
+    let transport = Arc::new(Mutex::new(transport));
+    bus.insert(
+        bar,
+        BAR_SIZE,
+        Arc::new(Mutex::new(PciBar(transport.clone()))),
+    )?;
+    log::info!("virtio-pci {name} BAR0 at {bar:#x}, {vectors} MSI-X vectors");
+    Ok(transport)
+}
