@@ -1,8 +1,11 @@
 //! Building and running a VM, in the order the architecture fixes: KVM VM -> irqchip/PIT ->
 //! memory -> platform devices -> ACPI -> kernel -> vCPUs -> the main event loop.
 
+use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -59,8 +62,10 @@ pub enum Error {
     Boot(#[from] boot::Error),
     #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
-    #[error("no --kernel given (pvm cannot yet boot a kernel from the disk image)")]
+    #[error("no --kernel given and no --disk to boot a kernel from")]
     NoKernel,
+    #[error(transparent)]
+    DiskBoot(#[from] boot::disk::Error),
     #[error(transparent)]
     Virtio(#[from] virtio_devices::Error),
     #[error("{what}: {source}")]
@@ -77,7 +82,9 @@ impl Error {
     pub fn is_usage(&self) -> bool {
         use boot::Error as B;
         match self {
-            Error::NoKernel | Error::Virtio(virtio_devices::Error::Device(_)) => true,
+            Error::NoKernel
+            | Error::DiskBoot(_)
+            | Error::Virtio(virtio_devices::Error::Device(_)) => true,
             Error::Boot(e) => matches!(
                 e,
                 B::OpenKernel { .. }
@@ -121,16 +128,100 @@ fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 
-/// Builds the VM described by `config` and runs it until the guest ends.
-pub fn run(config: VmConfig) -> Result<Outcome, Error> {
-    if config.kernel.is_none() {
-        return Err(Error::NoKernel);
+/// The kernel (and initrd) to boot, opened, with the names messages use for them.
+#[derive(Debug)]
+pub struct BootFiles {
+    pub kernel: (File, PathBuf),
+    pub initrd: Option<(File, PathBuf)>,
+    /// root= for a kernel found on the first disk.
+    pub root: Option<String>,
+}
+
+/// A file in memory (memfd) holding `bytes`.
+fn memory_file(name: &str, bytes: &[u8]) -> std::io::Result<File> {
+    let cname = std::ffi::CString::new(name).unwrap_or_default();
+    // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor or -1.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    file.write_all(bytes)?;
+    Ok(file)
+}
+
+/// Opens --kernel/--initrd, or finds the guest's own kernel on the first --disk.
+pub fn boot_files(config: &VmConfig) -> Result<BootFiles, Error> {
     if let Some(kernel) = &config.kernel {
         boot::probe_kernel(kernel)?;
+        let open = |path: &PathBuf, flag: bool| {
+            File::open(path).map_err(|source| match flag {
+                true => Error::Boot(boot::Error::OpenKernel {
+                    path: path.clone(),
+                    source,
+                }),
+                false => Error::Boot(boot::Error::OpenInitrd {
+                    path: path.clone(),
+                    source,
+                }),
+            })
+        };
+        let initrd = match &config.initrd {
+            Some(path) => Some((open(path, false)?, path.clone())),
+            None => None,
+        };
+        return Ok(BootFiles {
+            kernel: (open(kernel, true)?, kernel.clone()),
+            initrd,
+            root: None,
+        });
     }
+    let disk = config.disks.first().ok_or(Error::NoKernel)?;
+    let found = boot::disk::find_kernel(&disk.path)?;
+    let name = |inner: &str| PathBuf::from(format!("{}:{inner}", disk.path.display()));
+    let io = io_err("keeping the disk's kernel in memory");
+    let kernel = (
+        memory_file("kernel", &found.kernel).map_err(&io)?,
+        name(&found.kernel_name),
+    );
+    let initrd = match (&config.initrd, &found.initrd) {
+        (Some(path), _) => Some((
+            File::open(path).map_err(|source| {
+                Error::Boot(boot::Error::OpenInitrd {
+                    path: path.clone(),
+                    source,
+                })
+            })?,
+            path.clone(),
+        )),
+        (None, Some((initrd_name, bytes))) => Some((
+            memory_file("initrd", bytes).map_err(&io)?,
+            name(initrd_name),
+        )),
+        (None, None) => None,
+    };
+    let root = found.root_device();
+    eprintln!(
+        "pvm: booting {} (initrd: {}), root={root}",
+        kernel.1.display(),
+        initrd
+            .as_ref()
+            .map(|i| i.1.display().to_string())
+            .unwrap_or_else(|| "none".to_string())
+    );
+    Ok(BootFiles {
+        kernel,
+        initrd,
+        root: Some(root),
+    })
+}
+
+/// Builds the VM described by `config` and runs it until the guest ends.
+pub fn run(config: VmConfig) -> Result<Outcome, Error> {
+    let boot_files = boot_files(&config)?;
     let (kvm, _flavour) = kvm_host::open()?;
-    let vm = Vm::build(&kvm, &config)?;
+    let vm = Vm::build(&kvm, &config, boot_files)?;
     vm.run()
 }
 
@@ -147,7 +238,7 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn build(kvm: &Kvm, config: &VmConfig) -> Result<Vm, Error> {
+    pub fn build(kvm: &Kvm, config: &VmConfig, mut boot_files: BootFiles) -> Result<Vm, Error> {
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
@@ -199,12 +290,18 @@ impl Vm {
         let buses = Arc::new(Buses { pio, mmio });
 
         let rsdp = acpi::write(&guest_memory, config.cpus, &attached.aml)?;
-        let cmdline = boot::build_cmdline(&pvm_cmdline(config, &attached), &config.cmdline)?;
-        let kernel = config.kernel.as_deref().ok_or(Error::NoKernel)?;
+        let cmdline = boot::build_cmdline(
+            &pvm_cmdline(config, &attached, boot_files.root.as_deref()),
+            &config.cmdline,
+        )?;
+        let kernel = boot_files.kernel.1.clone();
         let entry = boot::load(
             &guest_memory,
-            kernel,
-            config.initrd.as_deref(),
+            (&mut boot_files.kernel.0, &kernel),
+            boot_files
+                .initrd
+                .as_mut()
+                .map(|(file, path)| (file, path.as_path())),
             &cmdline,
             config.mem_bytes,
             rsdp,
@@ -320,12 +417,15 @@ impl Vm {
 }
 
 /// pvm's part of the kernel command line for `config`.
-fn pvm_cmdline(config: &VmConfig, attached: &Attached) -> String {
+fn pvm_cmdline(config: &VmConfig, attached: &Attached, root: Option<&str>) -> String {
     let console = match config.console {
         ConsoleKind::Serial => SERIAL_CONSOLE,
         ConsoleKind::Virtio => VIRTIO_CONSOLE,
     };
     let mut cmdline = format!("{console} {BASE_CMDLINE}");
+    if let Some(root) = root {
+        cmdline.push_str(&format!(" root={root} rw"));
+    }
     // virtio-mmio devices are described in ACPI; a guest told to ignore ACPI needs them here.
     // (Both at once would make a kernel with cmdline devices probe every device twice.)
     if config

@@ -278,3 +278,53 @@ fn sigterm_stops_a_running_guest_and_restores_the_terminal() {
         "terminal settings not restored"
     );
 }
+
+/// A scratch disk image path under the test's temporary directory.
+fn scratch_image(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("disk-images");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn disk_without_a_filesystem_or_kernel_is_a_clear_error() {
+    let blank = scratch_image("blank.img");
+    std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
+    let (out, _) = run(&["--disk", blank.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let lines = error_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("no ext4 root filesystem"), "{lines:?}");
+
+    // An ext4 image (mkfs.ext4 -d, no root needed) with nothing in /boot.
+    let tree = scratch_image("empty-tree");
+    std::fs::create_dir_all(tree.join("boot")).unwrap();
+    let empty = scratch_image("empty-ext4.img");
+    std::fs::write(&empty, vec![0u8; 8 << 20]).unwrap();
+    let mkfs = Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-d",
+            tree.to_str().unwrap(),
+            empty.to_str().unwrap(),
+        ])
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs, installed by scripts/host-packages)");
+    assert!(mkfs.success());
+    let (out, _) = run(&["--disk", empty.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let lines = error_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    for looked_for in [
+        "no kernel found",
+        "/boot/vmlinuz-*",
+        "/boot/vmlinux-*",
+        "/vmlinuz",
+    ] {
+        assert!(
+            lines[0].contains(looked_for),
+            "{looked_for} missing: {lines:?}"
+        );
+    }
+}

@@ -63,6 +63,35 @@ fn exits_scenario(name: &str, transport: &str, reads: u32) -> Scenario {
         .timeout(90)
 }
 
+/// Wraps `body` so it runs in a new network namespace holding tap0 (10.0.2.1/24, up). The body
+/// goes through a quoted heredoc, so `{pvm}`'s quoting survives untouched.
+fn in_network_namespace(body: &str) -> String {
+    format!(
+        "cat > in-netns.sh <<'NETNS'\n\
+         ip link set lo up\n\
+         tunctl -t tap0 >/dev/null\n\
+         ip link set tap0 up\n\
+         ip addr add 10.0.2.1/24 dev tap0\n\
+         {body}\n\
+         NETNS\n\
+         unshare -n sh ./in-netns.sh"
+    )
+}
+
+/// Runs pvm with stdin on a fifo; once the guest prints `ready`, types `input` into it.
+fn answer_when(ready: &str, input: &str) -> String {
+    format!(
+        "mkfifo in\n\
+         ({{pvm}} < in > out.log 2>&1; echo $? > rc.txt) &\n\
+         exec 3> in\n\
+         for i in $(seq 1 120); do grep -q {ready} out.log && break; sleep 1; done\n\
+         printf '{input}' >&3\n\
+         wait\n\
+         cat out.log\n\
+         exit $(cat rc.txt)"
+    )
+}
+
 fn net_scenario(name: &str, kernel: Kernel, transport: &str) -> Scenario {
     // The guest sends 3 MiB of random bytes; the host side of the tap keeps everything it gets.
     let init = "ip link set eth0 up\n\
@@ -71,18 +100,15 @@ fn net_scenario(name: &str, kernel: Kernel, transport: &str) -> Scenario {
                 dd if=/dev/urandom of=/tmp/blob bs=65536 count=48 2>/dev/null\n\
                 echo \"guest-md5 $(md5sum < /tmp/blob)\"\n\
                 timeout 120 nc -w 5 10.0.2.1 5000 < /tmp/blob && echo sent-ok\n";
-    let script = "cat > receiver <<'EOF'\n#!/bin/sh\nexec cat > received\nEOF\n\
-                  chmod +x receiver\n\
-                  unshare -n sh -c '\n\
-                    ip link set lo up\n\
-                    tunctl -t tap0 >/dev/null\n\
-                    ip link set tap0 up\n\
-                    ip addr add 10.0.2.1/24 dev tap0\n\
-                    nc -l -p 5000 -e ./receiver &\n\
-                    {pvm}\n\
-                    rc=$?\n\
-                    echo \"host-md5 $(md5sum < received)\"\n\
-                    exit $rc'";
+    let script = in_network_namespace(
+        "cat > receiver <<'EOF'\n#!/bin/sh\nexec cat > received\nEOF\n\
+         chmod +x receiver\n\
+         nc -l -p 5000 -e ./receiver &\n\
+         {pvm}\n\
+         rc=$?\n\
+         echo \"host-md5 $(md5sum < received)\"\n\
+         exit $rc",
+    );
     Scenario::boot(name, kernel, 1, init)
         .args([
             "--transport",
@@ -90,7 +116,7 @@ fn net_scenario(name: &str, kernel: Kernel, transport: &str) -> Scenario {
             "--tap",
             "tap0,mac=52:54:00:12:34:56",
         ])
-        .script(script)
+        .script(&script)
         .timeout(240)
 }
 
@@ -107,14 +133,7 @@ fn scenarios() -> Vec<Scenario> {
                            echo ready-for-input\n\
                            read -t 60 line\n\
                            echo \"got: $line\"\n";
-    let answer_when_asked = "mkfifo in\n\
-                             ({pvm} < in > out.log 2>&1; echo $? > rc.txt) &\n\
-                             exec 3> in\n\
-                             for i in $(seq 1 120); do grep -q ready-for-input out.log && break; sleep 1; done\n\
-                             echo hello-from-the-host >&3\n\
-                             wait\n\
-                             cat out.log\n\
-                             exit $(cat rc.txt)";
+    let answer_when_asked = answer_when("ready-for-input", "hello-from-the-host\\n");
     vec![
         disk_scenario("disk-minimal-pci", Kernel::MinimalElf, "pci"),
         disk_scenario("disk-minimal-mmio", Kernel::MinimalElf, "mmio"),
@@ -136,7 +155,7 @@ fn scenarios() -> Vec<Scenario> {
             rng_and_console,
         )
         .args(["--transport", "mmio", "--console", "virtio"])
-        .script(answer_when_asked)
+        .script(&answer_when_asked)
         .timeout(90),
         Scenario::boot(
             "console-debian-pci",
@@ -145,7 +164,7 @@ fn scenarios() -> Vec<Scenario> {
             rng_and_console,
         )
         .args(["--console", "virtio"])
-        .script(answer_when_asked)
+        .script(&answer_when_asked)
         .timeout(90),
         exits_scenario("exits-pci-100", "pci", 100),
         exits_scenario("exits-pci-1000", "pci", 1000),
@@ -154,6 +173,27 @@ fn scenarios() -> Vec<Scenario> {
         net_scenario("net-minimal-pci", Kernel::MinimalElf, "pci"),
         net_scenario("net-minimal-mmio", Kernel::MinimalElf, "mmio"),
         net_scenario("net-debian-pci", Kernel::DebianBzImage, "pci"),
+        // No --kernel: pvm boots the kernel in the image's /boot, with a tap attached.
+        Scenario::new("rootfs-boot")
+            .file(
+                "rootfs.img",
+                std::fs::read(common::assets().join("rootfs.img")).unwrap(),
+            )
+            .args([
+                "--disk",
+                "rootfs.img",
+                "--tap",
+                "tap0",
+                "--mem",
+                "256M",
+                "--cmdline",
+                "quiet",
+            ])
+            .script(&in_network_namespace(&answer_when(
+                "PVM-ROOTFS-SHELL-READY",
+                "echo SHELL-$((6*7)) $(cat /sys/class/net/eth0/address)\\npoweroff -f\\n",
+            )))
+            .timeout(120),
     ]
 }
 
@@ -310,4 +350,14 @@ fn net_minimal_mmio() {
 #[test]
 fn net_debian_pci() {
     check_net("net-debian-pci");
+}
+
+#[test]
+fn boots_the_kernel_found_on_the_disk_image_to_a_shell() {
+    let outcome = BATCH.outcome("rootfs-boot");
+    outcome.assert_rc(0);
+    outcome.assert_contains("pvm: booting rootfs.img:/boot/vmlinuz-");
+    outcome.assert_contains("root=/dev/vda");
+    outcome.assert_contains("pvm rootfs: Linux");
+    outcome.assert_contains("SHELL-42 ");
 }

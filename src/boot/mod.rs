@@ -3,6 +3,7 @@
 //! command line, the e820 map and either `boot_params` (zero page) or PVH `hvm_start_info`.
 
 pub mod acpi;
+pub mod disk;
 pub mod regs;
 
 use std::fs::File;
@@ -157,20 +158,21 @@ pub fn probe_kernel(path: &Path) -> Result<(), Error> {
 }
 
 /// Loads kernel, initrd and command line, and writes boot parameters and boot tables.
+/// `kernel_path` and the initrd's path only name the files in messages.
 pub fn load(
     mem: &GuestMemoryMmap,
-    kernel_path: &Path,
-    initrd_path: Option<&Path>,
+    kernel: (&mut File, &Path),
+    initrd: Option<(&mut File, &Path)>,
     cmdline: &Cmdline,
     mem_bytes: u64,
     rsdp: GuestAddress,
 ) -> Result<BootEntry, Error> {
+    let (file, kernel_path) = kernel;
     let open_err = |source| Error::OpenKernel {
         path: kernel_path.to_path_buf(),
         source,
     };
-    let mut file = File::open(kernel_path).map_err(open_err)?;
-    let format = kernel_format(&mut file)
+    let format = kernel_format(file)
         .map_err(open_err)?
         .ok_or_else(|| Error::UnknownKernelFormat(kernel_path.to_path_buf()))?;
     let himem = Some(GuestAddress(layout::HIMEM_START));
@@ -180,7 +182,7 @@ pub fn load(
     };
     let (result, entry) = match format {
         KernelFormat::Elf => {
-            let result = Elf::load(mem, None, &mut file, himem).map_err(load_err)?;
+            let result = Elf::load(mem, None, file, himem).map_err(load_err)?;
             let entry = match result.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => BootEntry {
                     mode: EntryMode::Pvh,
@@ -194,7 +196,7 @@ pub fn load(
             (result, entry)
         }
         KernelFormat::BzImage => {
-            let result = BzImage::load(mem, None, &mut file, himem).map_err(load_err)?;
+            let result = BzImage::load(mem, None, file, himem).map_err(load_err)?;
             let entry = GuestAddress(result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET);
             (
                 result,
@@ -216,8 +218,10 @@ pub fn load(
         .setup_header
         .map(|h| u64::from(h.initrd_addr_max))
         .unwrap_or(DEFAULT_INITRD_ADDR_MAX);
-    let initrd = match initrd_path {
-        Some(path) => Some(load_initrd(mem, path, mem_bytes, initrd_max, kernel_end)?),
+    let initrd = match initrd {
+        Some((file, path)) => Some(load_initrd(
+            mem, file, path, mem_bytes, initrd_max, kernel_end,
+        )?),
         None => None,
     };
     loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_START), cmdline)
@@ -241,6 +245,7 @@ pub fn load(
 /// kernel's limit; returns (address, size).
 fn load_initrd(
     mem: &GuestMemoryMmap,
+    file: &mut File,
     path: &Path,
     mem_bytes: u64,
     initrd_max: u64,
@@ -250,8 +255,9 @@ fn load_initrd(
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(open_err)?;
     let size = file.metadata().map_err(open_err)?.len();
+    // Load from the start, whoever read the file before.
+    file.seek(SeekFrom::Start(0)).map_err(open_err)?;
     let low_ram_end = mem_bytes.min(layout::MMIO_GAP_START);
     let top = low_ram_end.min(initrd_max.saturating_add(1));
     let addr = top.checked_sub(size).map(|a| a & !0xfff);
@@ -264,7 +270,7 @@ fn load_initrd(
             });
         }
     };
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    mem.read_exact_volatile_from(GuestAddress(addr), file, size as usize)
         .map_err(|source| Error::LoadInitrd {
             path: path.to_path_buf(),
             source,
@@ -413,7 +419,16 @@ mod tests {
         std::fs::write(&dir, b"this is not a kernel at all").unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let cmdline = build_cmdline("console=ttyS0", "").unwrap();
-        let err = load(&mem, &dir, None, &cmdline, 64 << 20, GuestAddress(0)).unwrap_err();
+        let mut file = File::open(&dir).unwrap();
+        let err = load(
+            &mem,
+            (&mut file, &dir),
+            None,
+            &cmdline,
+            64 << 20,
+            GuestAddress(0),
+        )
+        .unwrap_err();
         std::fs::remove_file(&dir).unwrap();
         assert!(matches!(err, Error::UnknownKernelFormat(_)), "{err}");
         assert!(err.to_string().starts_with("--kernel "));

@@ -1,0 +1,422 @@
+//! Booting the guest's own kernel from its disk image when no --kernel is given: find the root
+//! filesystem (ext4 on the whole disk, or the first Linux partition of an MBR or GPT disk), pick
+//! the newest kernel in /boot and its matching initrd, and say which device is root.
+
+use std::cmp::Ordering;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use ext4_view::{Ext4, Ext4Read};
+
+const SECTOR: u64 = 512;
+const EXT4_MAGIC_OFFSET: u64 = 1024 + 56;
+const EXT4_MAGIC: u16 = 0xef53;
+const MBR_LINUX: u8 = 0x83;
+const MBR_GPT_PROTECTIVE: u8 = 0xee;
+/// GPT "Linux filesystem data" type GUID 0FC63DAF-8483-4772-8E79-3D69D8477DE4, as stored.
+const GPT_LINUX_FS: [u8; 16] = [
+    0xaf, 0x3d, 0xc6, 0x0f, 0x83, 0x84, 0x72, 0x47, 0x8e, 0x79, 0x3d, 0x69, 0xd8, 0x47, 0x7d, 0xe4,
+];
+/// Where kernels are looked for, in order; `*` is a version suffix.
+const KERNEL_PATTERNS: [&str; 5] = [
+    "/boot/vmlinuz-*",
+    "/boot/vmlinux-*",
+    "/boot/vmlinuz",
+    "/vmlinuz",
+    "/boot/bzImage",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--disk {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "--disk {path}: no ext4 root filesystem (looked at the whole disk and the first Linux partition of an MBR or GPT table)"
+    )]
+    NoFilesystem { path: PathBuf },
+    #[error("--disk {path}: cannot read its ext4 filesystem: {detail}")]
+    Ext4 { path: PathBuf, detail: String },
+    #[error("--disk {path}: no kernel found on {location} (looked for {})", KERNEL_PATTERNS.join(", "))]
+    NoKernel { path: PathBuf, location: String },
+}
+
+/// Where the root filesystem sits on the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RootLocation {
+    /// Byte offset of the filesystem.
+    pub offset: u64,
+    /// 1-based partition number, or None for a whole-disk filesystem.
+    pub partition: Option<u32>,
+}
+
+/// What was found: the kernel and initrd contents with their names for messages.
+#[derive(Debug)]
+pub struct DiskKernel {
+    pub kernel_name: String,
+    pub kernel: Vec<u8>,
+    pub initrd: Option<(String, Vec<u8>)>,
+    pub root: RootLocation,
+}
+
+impl DiskKernel {
+    /// The root= value for the first virtio disk (vda).
+    pub fn root_device(&self) -> String {
+        match self.root.partition {
+            Some(n) => format!("/dev/vda{n}"),
+            None => "/dev/vda".to_string(),
+        }
+    }
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or_default())
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default())
+}
+
+/// Reads `len` bytes at `offset`; short images read as zeros past their end.
+fn read_at(file: &mut File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    // Offsets from a hostile partition table may lie far past the end (or past i64::MAX).
+    if offset >= file.metadata()?.len() {
+        return Ok(buf);
+    }
+    file.seek(SeekFrom::Start(offset))?;
+    let mut filled = 0;
+    while filled < len {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(buf)
+}
+
+fn has_ext4_at(file: &mut File, offset: u64) -> std::io::Result<bool> {
+    let magic = read_at(file, offset + EXT4_MAGIC_OFFSET, 2)?;
+    Ok(u16_at(&magic, 0) == EXT4_MAGIC)
+}
+
+/// Finds the root filesystem: the whole disk, else the first Linux partition (MBR or GPT).
+pub fn locate_root(file: &mut File) -> std::io::Result<Option<RootLocation>> {
+    if has_ext4_at(file, 0)? {
+        return Ok(Some(RootLocation {
+            offset: 0,
+            partition: None,
+        }));
+    }
+    let mbr = read_at(file, 0, SECTOR as usize)?;
+    if mbr[510..512] != [0x55, 0xaa] {
+        return Ok(None);
+    }
+    let entries: Vec<(u8, u64)> = (0..4)
+        .map(|i| {
+            let e = &mbr[446 + 16 * i..446 + 16 * (i + 1)];
+            (e[4], u64::from(u32_at(e, 8)))
+        })
+        .collect();
+    if entries.iter().any(|(kind, _)| *kind == MBR_GPT_PROTECTIVE) {
+        return locate_gpt(file);
+    }
+    for (i, (kind, start)) in entries.iter().enumerate() {
+        if *kind == MBR_LINUX && *start > 0 && has_ext4_at(file, start * SECTOR)? {
+            return Ok(Some(RootLocation {
+                offset: start * SECTOR,
+                partition: Some(i as u32 + 1),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+fn locate_gpt(file: &mut File) -> std::io::Result<Option<RootLocation>> {
+    let header = read_at(file, SECTOR, SECTOR as usize)?;
+    if &header[0..8] != b"EFI PART" {
+        return Ok(None);
+    }
+    let entries_lba = u64_at(&header, 72);
+    // Bounded: a hostile table cannot make pvm read gigabytes.
+    let count = u32_at(&header, 80).min(256) as usize;
+    let size = u32_at(&header, 84) as usize;
+    if !(128..=4096).contains(&size) {
+        return Ok(None);
+    }
+    let table = read_at(file, entries_lba.saturating_mul(SECTOR), count * size)?;
+    for i in 0..count {
+        let entry = &table[i * size..(i + 1) * size];
+        if entry[0..16] == GPT_LINUX_FS {
+            let start = u64_at(entry, 32).saturating_mul(SECTOR);
+            if has_ext4_at(file, start)? {
+                return Ok(Some(RootLocation {
+                    offset: start,
+                    partition: Some(i as u32 + 1),
+                }));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Orders version strings so that "6.10" sorts after "6.9".
+pub fn compare_versions(a: &str, b: &str) -> Ordering {
+    let parts = |s: &str| -> Vec<(u64, String)> {
+        s.split(['.', '-', '_'])
+            .map(|p| {
+                let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+                (digits.parse().unwrap_or(0), p[digits.len()..].to_string())
+            })
+            .collect()
+    };
+    parts(a).cmp(&parts(b))
+}
+
+/// The ext4 filesystem at an offset of the image.
+struct Partition {
+    file: File,
+    offset: u64,
+}
+
+impl Ext4Read for Partition {
+    fn read(
+        &mut self,
+        start: u64,
+        dst: &mut [u8],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
+        self.file.seek(SeekFrom::Start(self.offset + start))?;
+        self.file.read_exact(dst)?;
+        Ok(())
+    }
+}
+
+/// Looks in `image` for a kernel (and its initrd) to boot.
+pub fn find_kernel(image: &Path) -> Result<DiskKernel, Error> {
+    let io = |source| Error::Io {
+        path: image.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(image).map_err(io)?;
+    let root = locate_root(&mut file)
+        .map_err(io)?
+        .ok_or_else(|| Error::NoFilesystem {
+            path: image.to_path_buf(),
+        })?;
+    let ext4_err = |e: ext4_view::Ext4Error| Error::Ext4 {
+        path: image.to_path_buf(),
+        detail: e.to_string(),
+    };
+    let fs = Ext4::load(Box::new(Partition {
+        file,
+        offset: root.offset,
+    }))
+    .map_err(ext4_err)?;
+    let location = match root.partition {
+        Some(n) => format!("partition {n}"),
+        None => "the whole disk".to_string(),
+    };
+    let boot_names: Vec<String> = match fs.read_dir("/boot") {
+        Ok(dir) => dir
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().as_str().ok().map(str::to_string))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut versioned: Vec<(&str, &str)> = boot_names
+        .iter()
+        .filter_map(|n| {
+            n.strip_prefix("vmlinuz-")
+                .or_else(|| n.strip_prefix("vmlinux-"))
+                .map(|v| (n.as_str(), v))
+        })
+        .collect();
+    versioned.sort_by(|a, b| compare_versions(a.1, b.1));
+    let (kernel_path, version) = match versioned.last() {
+        Some((name, version)) => (format!("/boot/{name}"), Some(version.to_string())),
+        None => {
+            let found = KERNEL_PATTERNS[2..]
+                .iter()
+                .find(|p| fs.exists(**p).unwrap_or(false));
+            match found {
+                Some(path) => (path.to_string(), None),
+                None => {
+                    return Err(Error::NoKernel {
+                        path: image.to_path_buf(),
+                        location,
+                    });
+                }
+            }
+        }
+    };
+    let kernel = fs.read(kernel_path.as_str()).map_err(ext4_err)?;
+    let initrd_candidates: Vec<String> = match &version {
+        Some(v) => vec![
+            format!("/boot/initrd.img-{v}"),
+            format!("/boot/initramfs-{v}.img"),
+            format!("/boot/initrd-{v}"),
+        ],
+        None => vec!["/boot/initrd.img".to_string(), "/initrd.img".to_string()],
+    };
+    let mut initrd = None;
+    for candidate in initrd_candidates {
+        if fs.exists(candidate.as_str()).unwrap_or(false) {
+            initrd = Some((
+                candidate.clone(),
+                fs.read(candidate.as_str()).map_err(ext4_err)?,
+            ));
+            break;
+        }
+    }
+    Ok(DiskKernel {
+        kernel_name: kernel_path,
+        kernel,
+        initrd,
+        root,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn image(name: &str, bytes: &[u8]) -> File {
+        let path = std::env::temp_dir().join(format!("pvm-disk-{}-{name}", std::process::id()));
+        let mut f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(bytes).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+
+    fn with_ext4_magic(bytes: &mut [u8], at: usize) {
+        bytes[at + 1024 + 56..at + 1024 + 58].copy_from_slice(&EXT4_MAGIC.to_le_bytes());
+    }
+
+    #[test]
+    fn whole_disk_filesystem() {
+        let mut bytes = vec![0u8; 8192];
+        with_ext4_magic(&mut bytes, 0);
+        let root = locate_root(&mut image("whole", &bytes)).unwrap().unwrap();
+        assert_eq!(
+            root,
+            RootLocation {
+                offset: 0,
+                partition: None
+            }
+        );
+    }
+
+    #[test]
+    fn first_linux_mbr_partition() {
+        let mut bytes = vec![0u8; 8 * 4096];
+        bytes[510] = 0x55;
+        bytes[511] = 0xaa;
+        // Partition 1: FAT (0x0c) at sector 8; partition 2: Linux at sector 32.
+        bytes[446 + 4] = 0x0c;
+        bytes[446 + 8..446 + 12].copy_from_slice(&8u32.to_le_bytes());
+        bytes[462 + 4] = MBR_LINUX;
+        bytes[462 + 8..462 + 12].copy_from_slice(&32u32.to_le_bytes());
+        with_ext4_magic(&mut bytes, 32 * 512);
+        let root = locate_root(&mut image("mbr", &bytes)).unwrap().unwrap();
+        assert_eq!(
+            root,
+            RootLocation {
+                offset: 32 * 512,
+                partition: Some(2)
+            }
+        );
+    }
+
+    #[test]
+    fn first_linux_gpt_partition() {
+        let mut bytes = vec![0u8; 64 * 1024];
+        bytes[510] = 0x55;
+        bytes[511] = 0xaa;
+        bytes[446 + 4] = MBR_GPT_PROTECTIVE;
+        bytes[512..520].copy_from_slice(b"EFI PART");
+        bytes[512 + 72..512 + 80].copy_from_slice(&2u64.to_le_bytes());
+        bytes[512 + 80..512 + 84].copy_from_slice(&4u32.to_le_bytes());
+        bytes[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
+        // Entry 1: some other type; entry 2: Linux filesystem at LBA 64.
+        bytes[1024..1040].copy_from_slice(&[1; 16]);
+        let e2 = 1024 + 128;
+        bytes[e2..e2 + 16].copy_from_slice(&GPT_LINUX_FS);
+        bytes[e2 + 32..e2 + 40].copy_from_slice(&64u64.to_le_bytes());
+        with_ext4_magic(&mut bytes, 64 * 512);
+        let root = locate_root(&mut image("gpt", &bytes)).unwrap().unwrap();
+        assert_eq!(
+            root,
+            RootLocation {
+                offset: 64 * 512,
+                partition: Some(2)
+            }
+        );
+        let disk = DiskKernel {
+            kernel_name: String::new(),
+            kernel: vec![],
+            initrd: None,
+            root,
+        };
+        assert_eq!(disk.root_device(), "/dev/vda2");
+    }
+
+    #[test]
+    fn no_filesystem_and_hostile_tables() {
+        assert_eq!(
+            locate_root(&mut image("empty", &[0u8; 4096])).unwrap(),
+            None
+        );
+        assert_eq!(locate_root(&mut image("tiny", &[1, 2, 3])).unwrap(), None);
+        let mut bytes = vec![0u8; 4096];
+        bytes[510] = 0x55;
+        bytes[511] = 0xaa;
+        bytes[446 + 4] = MBR_GPT_PROTECTIVE;
+        bytes[512..520].copy_from_slice(b"EFI PART");
+        bytes[512 + 72..512 + 80].copy_from_slice(&u64::MAX.to_le_bytes());
+        bytes[512 + 80..512 + 84].copy_from_slice(&u32::MAX.to_le_bytes());
+        bytes[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
+        assert_eq!(locate_root(&mut image("hostile", &bytes)).unwrap(), None);
+    }
+
+    #[test]
+    fn versions_sort_numerically() {
+        assert_eq!(
+            compare_versions("6.10.0-1-amd64", "6.9.0-1-amd64"),
+            Ordering::Greater
+        );
+        assert_eq!(
+            compare_versions("6.1.0-57-cloud-amd64", "6.1.0-9-cloud-amd64"),
+            Ordering::Greater
+        );
+        assert_eq!(compare_versions("6.1", "6.1"), Ordering::Equal);
+    }
+
+    #[test]
+    fn missing_kernel_lists_what_was_looked_for() {
+        let err = Error::NoKernel {
+            path: "root.img".into(),
+            location: "the whole disk".into(),
+        };
+        let text = err.to_string();
+        assert!(
+            text.contains("--disk root.img")
+                && text.contains("/boot/vmlinuz-*")
+                && text.contains("/vmlinuz"),
+            "{text}"
+        );
+    }
+}
