@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pvm_virtio::pci::BAR_SIZE;
 use pvm_virtio::{
-    Block, Console, ConsoleInput, MmioTransport, Net, PciTransport, Rng, VirtioDevice,
+    Block, Console, ConsoleInput, MmioTransport, Net, NetCounters, PciTransport, Rng, VirtioDevice,
 };
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -55,19 +55,21 @@ pub struct Attached {
     pub cmdline: Vec<String>,
     /// Where host keyboard input goes with `--console virtio`.
     pub console_input: Option<ConsoleInput>,
+    /// Per-tap frame counters (errors and drops included), for --stats.
+    pub net_counters: Vec<(String, Arc<NetCounters>)>,
 }
 
 /// A device with the name pvm's messages use for it.
 type NamedDevice = (String, Box<dyn VirtioDevice>);
 
-/// The devices `config` asks for, in guest-visible order: console, disks, nets, rng.
-fn create_devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Option<ConsoleInput>), Error> {
+/// The devices `config` asks for, in guest-visible order: console, disks, nets, rng. Handles
+/// the rest of the VM needs (console input, net counters) go into `attached`.
+fn create_devices(config: &VmConfig, attached: &mut Attached) -> Result<Vec<NamedDevice>, Error> {
     let mut devices: Vec<NamedDevice> = Vec::new();
-    let mut console_input = None;
     if config.console == ConsoleKind::Virtio {
         let console =
             Console::new(Box::new(std::io::stdout())).map_err(|e| Error::Device(e.to_string()))?;
-        console_input = Some(console.input());
+        attached.console_input = Some(console.input());
         devices.push(("console".to_string(), Box::new(console)));
     }
     for (i, disk) in config.disks.iter().enumerate() {
@@ -78,10 +80,13 @@ fn create_devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Option<Console
     for (i, tap) in config.taps.iter().enumerate() {
         let net =
             Net::with_tap(&tap.name, tap.mac).map_err(|e| Error::Device(format!("--tap {e}")))?;
+        attached
+            .net_counters
+            .push((tap.name.clone(), net.counters()));
         devices.push((format!("net{i}"), Box::new(net)));
     }
     devices.push(("rng".to_string(), Box::new(Rng::new())));
-    Ok((devices, console_input))
+    Ok(devices)
 }
 
 struct MmioDevice(MmioTransport);
@@ -120,11 +125,8 @@ pub fn attach(
     pio: &mut Bus,
     mmio: &mut Bus,
 ) -> Result<Attached, Error> {
-    let (devices, console_input) = create_devices(config)?;
-    let mut attached = Attached {
-        console_input,
-        ..Default::default()
-    };
+    let mut attached = Attached::default();
+    let devices = create_devices(config, &mut attached)?;
     match config.transport {
         Transport::Mmio => {
             for (index, (name, device)) in devices.into_iter().enumerate() {

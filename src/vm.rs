@@ -29,7 +29,7 @@ use crate::terminal::RawMode;
 use crate::vcpu::{self, Buses, ExitStats, Vcpu};
 use crate::virtio_devices::{self, Attached};
 use crate::{kvm_host, layout, memory};
-use pvm_virtio::ConsoleInput;
+use pvm_virtio::{ConsoleInput, NetCounters};
 
 /// KVM needs three pages for the TSS and one for the identity map (Intel); both in the MMIO gap.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -231,6 +231,7 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     serial: Arc<Mutex<SerialDevice>>,
     console_input: Option<ConsoleInput>,
+    net_counters: Vec<(String, Arc<NetCounters>)>,
     print_stats: bool,
     end: Arc<EndSignal>,
     stop: Arc<AtomicBool>,
@@ -345,6 +346,7 @@ impl Vm {
             vcpus,
             serial,
             console_input: attached.console_input,
+            net_counters: attached.net_counters,
             print_stats: config.stats,
             end,
             stop,
@@ -407,6 +409,9 @@ impl Vm {
         drop(raw);
         if self.print_stats {
             eprintln!("pvm: exits: {}", self.stats.summary());
+            for (tap, counters) in &self.net_counters {
+                eprintln!("pvm: tap {tap}: {}", counters.summary());
+            }
         } else {
             log::info!("exits: {}", self.stats.summary());
         }

@@ -328,3 +328,50 @@ fn disk_without_a_filesystem_or_kernel_is_a_clear_error() {
         );
     }
 }
+
+#[test]
+fn a_disk_in_use_by_another_pvm_is_refused() {
+    require_kvm();
+    let image = scratch_image("shared.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let mut code = print("holding the disk\r\n");
+    code.extend_from_slice(&[0xeb, 0xfe]);
+    let kernel = micro_kernel("spin-disk", &code);
+    let args = [
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--mem",
+        "64M",
+        "--disk",
+        image.to_str().unwrap(),
+    ];
+    let mut first = Command::new(PVM)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once the guest runs, its devices (and the image's lock) exist.
+    let mut stdout = first.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while !String::from_utf8_lossy(&seen).contains("holding the disk") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "the first pvm ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let (out, _) = run(&args);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    assert_eq!(first.wait().unwrap().code(), Some(128 + libc::SIGTERM));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let lines = error_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("--disk")
+            && lines[0].contains("shared.img")
+            && lines[0].contains("in use"),
+        "{lines:?}"
+    );
+}

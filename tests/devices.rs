@@ -26,6 +26,14 @@ fn write_pattern(tag: &str, dev: &str) -> String {
     )
 }
 
+/// A driver reload: unbinding resets the device (status 0, workers stopped), binding brings it
+/// up again; the disk must still read back what was written.
+const RELOAD_DRIVER: &str = "dev=$(basename $(readlink /sys/block/vda/device))\n\
+     echo $dev > /sys/bus/virtio/drivers/virtio_blk/unbind\n\
+     echo $dev > /sys/bus/virtio/drivers/virtio_blk/bind\n\
+     for i in 1 2 3 4 5; do [ -b /dev/vda ] && break; sleep 1; done\n\
+     echo \"reloaded: $(head -c 15 /dev/vda)\"\n";
+
 /// Runs pvm, then hands the disk images back to the test.
 const KEEP_DISKS: &str = "{pvm}\nrc=$?\nmkdir -p out\ncp *.img out/\nexit $rc";
 
@@ -36,7 +44,7 @@ fn disk_scenario(name: &str, kernel: Kernel, transport: &str) -> Scenario {
          {}{}",
         write_pattern("A", "/dev/vda"),
         write_pattern("B", "/dev/vdb"),
-    );
+    ) + RELOAD_DRIVER;
     Scenario::boot(name, kernel, 1, &init)
         .args([
             "--transport",
@@ -115,6 +123,7 @@ fn net_scenario(name: &str, kernel: Kernel, transport: &str) -> Scenario {
             transport,
             "--tap",
             "tap0,mac=52:54:00:12:34:56",
+            "--stats",
         ])
         .script(&script)
         .timeout(240)
@@ -204,6 +213,7 @@ fn check_disks(name: &str) {
     outcome.assert_contains("serial: disk-a");
     outcome.assert_contains("A-write-ok");
     outcome.assert_contains("B-write-ok");
+    outcome.assert_contains("reloaded: A-PATTERN00001");
     for (image, tag) in [("a.img", "A"), ("b.img", "B")] {
         let bytes = std::fs::read(outcome.out.join(image)).unwrap();
         let expected = pattern(tag, 4096);
@@ -334,6 +344,25 @@ fn check_net(name: &str) {
     assert_eq!(
         guest, host,
         "{name}: the 3 MiB arrived damaged or incomplete"
+    );
+    // The device's own counters agree: frames went out, none failed or was malformed.
+    let counters = outcome
+        .console
+        .lines()
+        .find_map(|l| l.strip_prefix("pvm: tap tap0: "))
+        .unwrap_or_else(|| panic!("{name}: no tap counters"));
+    let value = |key: &str| -> u64 {
+        counters
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+            .unwrap()
+    };
+    assert!(value("tx_bytes") >= 3 << 20, "{name}: {counters}");
+    assert!(value("rx_frames") > 0, "{name}: {counters}");
+    assert_eq!(
+        value("tx_errors") + value("tx_malformed"),
+        0,
+        "{name}: {counters}"
     );
 }
 

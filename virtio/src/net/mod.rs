@@ -72,6 +72,24 @@ pub struct NetCounters {
     pub rx_errors: AtomicU64,
 }
 
+impl NetCounters {
+    /// "name=value" pairs, for pvm's --stats.
+    pub fn summary(&self) -> String {
+        let get = |c: &AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        format!(
+            "tx_frames={} tx_bytes={} tx_errors={} tx_malformed={} rx_frames={} rx_bytes={} rx_dropped={} rx_errors={}",
+            get(&self.tx_frames),
+            get(&self.tx_bytes),
+            get(&self.tx_errors),
+            get(&self.tx_malformed),
+            get(&self.rx_frames),
+            get(&self.rx_bytes),
+            get(&self.rx_dropped),
+            get(&self.rx_errors)
+        )
+    }
+}
+
 /// A virtio-net device.
 #[derive(Debug)]
 pub struct Net {
