@@ -51,8 +51,9 @@ struct Args {
     #[arg(long, value_name = "PATH[,ro][,serial=ID]", value_parser = config::parse_disk)]
     disk: Vec<DiskSpec>,
 
-    /// A host tap device as a virtio-net device; repeatable. `mac=` sets the guest's MAC.
-    #[arg(long, value_name = "NAME[,mac=MAC]", value_parser = config::parse_tap)]
+    /// A host tap device as a virtio-net device; repeatable. `mac=` sets the guest's MAC;
+    /// `vhost=` moves its queues into the kernel's vhost-net (auto: when /dev/vhost-net works).
+    #[arg(long, value_name = "NAME[,mac=MAC][,vhost=on|off|auto]", value_parser = config::parse_tap)]
     tap: Vec<TapSpec>,
 
     /// Where the guest console lives: the 8250 UART (ttyS0) or virtio-console (hvc0).

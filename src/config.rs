@@ -43,11 +43,23 @@ pub struct DiskSpec {
     pub serial: Option<String>,
 }
 
+/// Whether a tap's queues go to the kernel's vhost-net.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VhostMode {
+    /// vhost-net, or fail.
+    On,
+    /// pvm's own device worker.
+    Off,
+    /// vhost-net when /dev/vhost-net is usable, else pvm's worker.
+    Auto,
+}
+
 /// One `--tap` flag.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TapSpec {
     pub name: String,
     pub mac: Option<[u8; 6]>,
+    pub vhost: VhostMode,
 }
 
 /// A complete, validated VM description.
@@ -170,7 +182,7 @@ pub fn parse_disk(text: &str) -> Result<DiskSpec, String> {
     Ok(spec)
 }
 
-/// Parses `NAME[,mac=MAC]`.
+/// Parses `NAME[,mac=MAC][,vhost=on|off|auto]`.
 pub fn parse_tap(text: &str) -> Result<TapSpec, String> {
     let mut parts = text.split(',');
     let name = parts.next().unwrap_or_default();
@@ -187,11 +199,24 @@ pub fn parse_tap(text: &str) -> Result<TapSpec, String> {
     let mut spec = TapSpec {
         name: name.to_string(),
         mac: None,
+        vhost: VhostMode::Auto,
     };
     for option in parts {
         match option.split_once('=') {
             Some(("mac", mac)) => spec.mac = Some(parse_mac(mac)?),
-            _ => return Err(format!("unknown tap option '{option}' (known: mac=MAC)")),
+            Some(("vhost", mode)) => {
+                spec.vhost = match mode {
+                    "on" => VhostMode::On,
+                    "off" => VhostMode::Off,
+                    "auto" => VhostMode::Auto,
+                    _ => return Err(format!("vhost={mode}: use on, off or auto")),
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "unknown tap option '{option}' (known: mac=MAC, vhost=on|off|auto)"
+                ));
+            }
         }
     }
     Ok(spec)
@@ -248,6 +273,15 @@ mod tests {
 
     #[test]
     fn taps_and_macs() {
+        assert_eq!(parse_tap("tap0").unwrap().vhost, VhostMode::Auto);
+        assert_eq!(parse_tap("tap0,vhost=on").unwrap().vhost, VhostMode::On);
+        let t = parse_tap("tap0,vhost=off,mac=52:54:00:00:00:01").unwrap();
+        assert_eq!((t.vhost, t.mac.is_some()), (VhostMode::Off, true));
+        assert!(
+            parse_tap("tap0,vhost=maybe")
+                .unwrap_err()
+                .contains("vhost=maybe")
+        );
         let t = parse_tap("tap0,mac=52:54:00:ab:cd:ef").unwrap();
         assert_eq!(t.name, "tap0");
         assert_eq!(t.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));

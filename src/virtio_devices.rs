@@ -7,17 +7,19 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pvm_virtio::pci::BAR_SIZE;
 use pvm_virtio::{
-    Block, Console, ConsoleInput, MmioTransport, Net, NetCounters, PciTransport, Rng, VirtioDevice,
+    Block, Console, ConsoleInput, MmioTransport, Net, NetCounters, PciTransport, Rng, Tap,
+    VirtioDevice,
 };
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::acpi;
 use crate::bus::{self, Bus, BusDevice};
-use crate::config::{ConsoleKind, Transport, VmConfig};
+use crate::config::{ConsoleKind, TapSpec, Transport, VhostMode, VmConfig};
 use crate::irq_routing::{DeviceMsi, GsiRouter};
 use crate::layout;
 use crate::pci::PciRoot;
+use pvm_vhost::net::VhostNetPlane;
 
 /// PCI I/O ports of configuration mechanism #1.
 const PCI_CONFIG_PORT: u64 = 0xcf8;
@@ -77,16 +79,41 @@ fn create_devices(config: &VmConfig, attached: &mut Attached) -> Result<Vec<Name
             .map_err(|e| Error::Device(format!("--disk {e}")))?;
         devices.push((format!("block{i}"), Box::new(block)));
     }
-    for (i, tap) in config.taps.iter().enumerate() {
-        let net =
-            Net::with_tap(&tap.name, tap.mac).map_err(|e| Error::Device(format!("--tap {e}")))?;
+    for (i, spec) in config.taps.iter().enumerate() {
+        let net = create_net(spec)?;
         attached
             .net_counters
-            .push((tap.name.clone(), net.counters()));
+            .push((spec.name.clone(), net.counters()));
         devices.push((format!("net{i}"), Box::new(net)));
     }
     devices.push(("rng".to_string(), Box::new(Rng::new())));
     Ok(devices)
+}
+
+/// A net device on the tap `spec` names, its queues served by vhost-net or by pvm's worker.
+fn create_net(spec: &TapSpec) -> Result<Net, Error> {
+    let tap = Arc::new(Tap::open(&spec.name).map_err(|e| Error::Device(format!("--tap {e}")))?);
+    let mut net = Net::new(tap.clone(), spec.mac);
+    let vhost = match spec.vhost {
+        VhostMode::On => true,
+        VhostMode::Off => false,
+        VhostMode::Auto => pvm_vhost::net::available(),
+    };
+    if vhost {
+        let plane = tap
+            .try_clone_file()
+            .map_err(pvm_vhost::net::Error::Open)
+            .and_then(VhostNetPlane::new)
+            .map_err(|e| Error::Device(format!("--tap {},vhost=on: {e}", spec.name)))?;
+        net.set_data_plane(Box::new(plane));
+    }
+    // Which one serves the queues matters for what to expect of throughput and CPU.
+    eprintln!(
+        "pvm: tap {}: {} data plane",
+        spec.name,
+        net.data_plane_name()
+    );
+    Ok(net)
 }
 
 struct MmioDevice(MmioTransport);

@@ -395,6 +395,12 @@ impl Vm {
                 main_loop(&sink, &self.end, &stop_event)
             }
         };
+        // Read while every thread still lives: after the join the vCPUs' share is gone.
+        let thread_cpu = if self.print_stats {
+            thread_cpu_ms()
+        } else {
+            Vec::new()
+        };
         // Whatever happened, stop and join every vCPU before the terminal is restored.
         self.stop.store(true, Ordering::Release);
         for handle in threads {
@@ -412,6 +418,11 @@ impl Vm {
             for (tap, counters) in &self.net_counters {
                 eprintln!("pvm: tap {tap}: {}", counters.summary());
             }
+            let cpu: Vec<String> = thread_cpu
+                .iter()
+                .map(|(name, ms)| format!("{name}={ms}"))
+                .collect();
+            eprintln!("pvm: cpu ms by thread: {}", cpu.join(" "));
         } else {
             log::info!("exits: {}", self.stats.summary());
         }
@@ -419,6 +430,38 @@ impl Vm {
         let signo = STOP_SIGNAL.load(Ordering::SeqCst);
         Ok(self.end.outcome().unwrap_or(Outcome::Signal(signo)))
     }
+}
+
+/// CPU time (user + system, ms) of each of this process's threads, by thread name; threads
+/// with the same name are summed. vCPU threads' time includes the guest's own execution.
+fn thread_cpu_ms() -> Vec<(String, u64)> {
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .unwrap_or(100)
+        .max(1);
+    let mut totals: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // "tid (comm) state ..." with utime and stime the 12th and 13th fields after comm.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let tick = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        *totals.entry(name).or_default() += (tick(11) + tick(12)) * 1000 / ticks;
+    }
+    totals.into_iter().collect()
 }
 
 /// pvm's part of the kernel command line for `config`.

@@ -3,3 +3,5 @@
 //! Kernel vhost-net and vhost-user frontends let a virtio device's queues be served by the host
 //! kernel or by another process, so the VMM is not in the packet path. Like pvm-virtio it never
 //! imports from the VMM crate.
+
+pub mod net;

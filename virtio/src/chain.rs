@@ -9,11 +9,14 @@
 
 use std::io;
 use std::marker::PhantomData;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 
 use virtio_queue::DescriptorChain;
 use vm_memory::volatile_memory::PtrGuardMut;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions,
+};
 
 /// A descriptor chain over the VMM's guest memory.
 pub(crate) type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
@@ -111,17 +114,9 @@ impl Segments {
                 need,
             });
         }
-        let mut done = 0usize;
-        for seg in &self.list {
-            if done == buf.len() {
-                break;
-            }
-            let chunk = usize::try_from(seg.len)
-                .unwrap_or(usize::MAX)
-                .min(buf.len() - done);
-            mem.read_slice(&mut buf[done..done + chunk], seg.addr)?;
-            done += chunk;
-        }
+        self.for_each_piece(buf.len(), |addr, piece| {
+            mem.read_slice(&mut buf[piece], addr)
+        })?;
         Ok(())
     }
 
@@ -131,15 +126,28 @@ impl Segments {
         mem: &GuestMemoryMmap,
         data: &[u8],
     ) -> Result<usize, ChainError> {
+        self.for_each_piece(data.len(), |addr, piece| {
+            mem.write_slice(&data[piece], addr)
+        })
+    }
+
+    /// Lays a host buffer of `len` bytes over the stream and calls `copy` once per segment it
+    /// reaches, with the segment's address and the piece of the buffer that falls on it; stops
+    /// at the end of the buffer or of the segments. Returns the number of bytes laid over.
+    fn for_each_piece(
+        &self,
+        len: usize,
+        mut copy: impl FnMut(GuestAddress, Range<usize>) -> Result<(), GuestMemoryError>,
+    ) -> Result<usize, ChainError> {
         let mut done = 0usize;
         for seg in &self.list {
-            if done == data.len() {
+            if done == len {
                 break;
             }
             let chunk = usize::try_from(seg.len)
                 .unwrap_or(usize::MAX)
-                .min(data.len() - done);
-            mem.write_slice(&data[done..done + chunk], seg.addr)?;
+                .min(len - done);
+            copy(seg.addr, done..done + chunk)?;
             done += chunk;
         }
         Ok(done)

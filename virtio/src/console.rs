@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::chain::{Chain, split_chain};
 use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::worker::{
-    DeviceQueue, EventHandler, EventLoop, Worker, check_queue_count, feature, read_config_bytes,
+    DeviceQueue, EventHandler, EventLoop, WorkerSlot, device_queues, feature, read_config_bytes,
 };
 
 pub const QUEUE_SIZE: u16 = 64;
@@ -95,17 +95,15 @@ type SharedOutput = Arc<Mutex<Box<dyn Write + Send>>>;
 
 /// A virtio-console device.
 pub struct Console {
-    name: String,
     output: SharedOutput,
     input: ConsoleInput,
     acked_features: u64,
-    worker: Option<Worker>,
+    worker: WorkerSlot,
 }
 
 impl fmt::Debug for Console {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Console")
-            .field("name", &self.name)
             .field("input", &self.input)
             .field("acked_features", &self.acked_features)
             .field("worker", &self.worker)
@@ -119,7 +117,6 @@ impl Console {
         let ready = EventFd::new(EFD_NONBLOCK).map_err(ConsoleError::InputEvent)?;
         let index = NEXT_CONSOLE_INDEX.fetch_add(1, Ordering::Relaxed);
         Ok(Console {
-            name: format!("virtio-con{index}"),
             output: Arc::new(Mutex::new(output)),
             input: ConsoleInput {
                 buffer: Arc::new(InputBuffer {
@@ -128,7 +125,7 @@ impl Console {
                 }),
             },
             acked_features: 0,
-            worker: None,
+            worker: WorkerSlot::new(format!("virtio-con{index}")),
         })
     }
 
@@ -247,43 +244,28 @@ impl VirtioDevice for Console {
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        check_queue_count(&queues, 2)?;
-        let event_idx = self.acked_features & feature(VIRTIO_RING_F_EVENT_IDX) != 0;
-        let mut queues: Vec<DeviceQueue> = queues
-            .into_iter()
-            .map(|q| DeviceQueue::new(q, event_idx))
-            .collect();
-        // Transports hand queues over in index order; check anyway rather than trust it.
-        queues.sort_by_key(|q| q.index);
-        let (Some(tx), Some(rx)) = (queues.pop(), queues.pop()) else {
-            return Err(ActivateError::QueueCount { got: 0, want: 2 });
-        };
-        if (usize::from(rx.index), usize::from(tx.index)) != (RECEIVE_QUEUE, TRANSMIT_QUEUE) {
-            warn!(
-                "virtio-console: unexpected queue indices {} and {}",
-                rx.index, tx.index
-            );
-        }
-        let handler = ConsoleWorker {
-            memory,
-            interrupt,
-            rx,
-            tx,
-            output: Arc::clone(&self.output),
-            input: Arc::clone(&self.input.buffer),
-            output_failed: false,
-        };
-        self.worker = Some(Worker::spawn(self.name.clone(), handler)?);
-        Ok(())
+        self.worker.start(|| {
+            let [rx, tx] = device_queues(queues, self.acked_features)?;
+            if (usize::from(rx.index), usize::from(tx.index)) != (RECEIVE_QUEUE, TRANSMIT_QUEUE) {
+                warn!(
+                    "virtio-console: unexpected queue indices {} and {}",
+                    rx.index, tx.index
+                );
+            }
+            Ok(ConsoleWorker {
+                memory,
+                interrupt,
+                rx,
+                tx,
+                output: Arc::clone(&self.output),
+                input: Arc::clone(&self.input.buffer),
+                output_failed: false,
+            })
+        })
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.worker.stop();
         self.acked_features = 0;
     }
 }

@@ -21,6 +21,14 @@ pub trait Interrupt: Send + Sync + Debug {
     fn notify_queue(&self, queue: u16) -> std::io::Result<()>;
     /// The device configuration space changed.
     fn notify_config(&self) -> std::io::Result<()>;
+
+    /// An eventfd that raises `queue`'s interrupt when written, for a data plane outside pvm
+    /// (vhost) to signal directly: the irqfd of the queue's MSI-X vector. None where writing a
+    /// bare eventfd cannot raise the interrupt correctly (virtio-mmio must also set its
+    /// interrupt status), in which case the caller relays through [`Self::notify_queue`].
+    fn queue_irqfd(&self, _queue: u16) -> Option<EventFd> {
+        None
+    }
 }
 
 /// One configured queue, handed to the device at activation.

@@ -9,6 +9,7 @@
 pub mod block;
 mod chain;
 pub mod console;
+pub mod data_plane;
 pub mod device;
 pub mod mmio;
 pub mod net;

@@ -14,7 +14,7 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use crate::chain::Chain;
 use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
-use crate::worker::{DeviceQueue, EventHandler, EventLoop, Worker, check_queue_count, feature};
+use crate::worker::{SingleQueueHandler, WorkerSlot, device_queues, feature};
 
 pub const QUEUE_SIZE: u16 = 64;
 /// The most entropy one chain receives, so a guest offering huge buffers cannot keep the worker
@@ -31,9 +31,8 @@ pub enum RngError {
 /// A virtio-rng device.
 #[derive(Debug)]
 pub struct Rng {
-    name: String,
     acked_features: u64,
-    worker: Option<Worker>,
+    worker: WorkerSlot,
 }
 
 impl Default for Rng {
@@ -46,9 +45,8 @@ impl Rng {
     pub fn new() -> Self {
         let index = NEXT_RNG_INDEX.fetch_add(1, Ordering::Relaxed);
         Rng {
-            name: format!("virtio-rng{index}"),
             acked_features: 0,
-            worker: None,
+            worker: WorkerSlot::new(format!("virtio-rng{index}")),
         }
     }
 }
@@ -139,59 +137,20 @@ impl VirtioDevice for Rng {
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        check_queue_count(&queues, 1)?;
-        let event_idx = self.acked_features & feature(VIRTIO_RING_F_EVENT_IDX) != 0;
-        let Some(queue) = queues.into_iter().next() else {
-            return Err(ActivateError::QueueCount { got: 0, want: 1 });
-        };
-        let handler = RngWorker {
-            memory,
-            interrupt,
-            queue: DeviceQueue::new(queue, event_idx),
-        };
-        self.worker = Some(Worker::spawn(self.name.clone(), handler)?);
-        Ok(())
+        self.worker.start(|| {
+            let [queue] = device_queues(queues, self.acked_features)?;
+            Ok(SingleQueueHandler::new(
+                memory,
+                interrupt,
+                queue,
+                handle_request,
+            ))
+        })
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.worker.stop();
         self.acked_features = 0;
-    }
-}
-
-struct RngWorker {
-    memory: GuestMemoryMmap,
-    interrupt: Arc<dyn Interrupt>,
-    queue: DeviceQueue,
-}
-
-impl RngWorker {
-    fn serve(&mut self) {
-        let memory = &self.memory;
-        self.queue
-            .process(memory, self.interrupt.as_ref(), |chain| {
-                handle_request(memory, chain)
-            });
-    }
-}
-
-impl EventHandler for RngWorker {
-    fn register(&mut self, events: &EventLoop) -> io::Result<()> {
-        events.watch(&self.queue.kick, 0)
-    }
-
-    fn start(&mut self, _events: &EventLoop) {
-        self.serve();
-    }
-
-    fn handle_event(&mut self, _events: &EventLoop, _token: u64) {
-        self.queue.clear_kick();
-        self.serve();
     }
 }
 

@@ -4,7 +4,8 @@
 //! its backend fds (tap, console input) and a kill eventfd. The device-specific logic is an
 //! [`EventHandler`]; [`DeviceQueue`] wraps a virtqueue with the notification-suppression loop and
 //! the policy for a misbehaving driver: a queue the guest corrupted is stopped (logged once), never
-//! a panic and never a busy loop.
+//! a panic and never a busy loop. Devices start and stop their worker through a [`WorkerSlot`]
+//! (see [`activation`], which also holds what every device's `activate` shares).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -17,8 +18,11 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+pub(crate) use self::activation::{SingleQueueHandler, WorkerSlot, device_queues};
 use crate::chain::Chain;
 use crate::device::{ActivateError, ActiveQueue, Interrupt};
+
+mod activation;
 
 /// The epoll token of the kill eventfd; handlers use small tokens of their own.
 const KILL_TOKEN: u64 = u64::MAX;
@@ -58,18 +62,6 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     if let Some(src) = config.get(start..) {
         let n = src.len().min(data.len());
         data[..n].copy_from_slice(&src[..n]);
-    }
-}
-
-/// Checks that the driver configured exactly the queues the device has.
-pub(crate) fn check_queue_count(queues: &[ActiveQueue], want: usize) -> Result<(), ActivateError> {
-    if queues.len() == want {
-        Ok(())
-    } else {
-        Err(ActivateError::QueueCount {
-            got: queues.len(),
-            want,
-        })
     }
 }
 
@@ -118,17 +110,14 @@ pub(crate) trait EventHandler: Send + 'static {
 
 /// A running worker thread; dropping or stopping it ends the thread.
 #[derive(Debug)]
-pub(crate) struct Worker {
+struct Worker {
     name: String,
     kill: EventFd,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Worker {
-    pub(crate) fn spawn<H: EventHandler>(
-        name: String,
-        mut handler: H,
-    ) -> Result<Self, WorkerError> {
+    fn spawn<H: EventHandler>(name: String, mut handler: H) -> Result<Self, WorkerError> {
         let events = EventLoop::new()?;
         let kill = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::KillEvent)?;
         events
@@ -150,7 +139,7 @@ impl Worker {
     }
 
     /// Tells the thread to exit and waits for it.
-    pub(crate) fn stop(mut self) {
+    fn stop(mut self) {
         self.shutdown();
     }
 

@@ -31,9 +31,7 @@ use vm_memory::GuestMemoryMmap;
 pub use request::{DiskImage, MAX_RANGE_SECTORS, SECTOR_SIZE};
 
 use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
-use crate::worker::{
-    DeviceQueue, EventHandler, EventLoop, Worker, check_queue_count, feature, read_config_bytes,
-};
+use crate::worker::{SingleQueueHandler, WorkerSlot, device_queues, feature, read_config_bytes};
 
 /// Descriptors per queue; also bounds the segments of one request.
 pub const QUEUE_SIZE: u16 = 256;
@@ -61,12 +59,11 @@ pub enum BlockError {
 /// A virtio-blk device.
 #[derive(Debug)]
 pub struct Block {
-    name: String,
     disk: Arc<DiskImage>,
     config: Vec<u8>,
     offered_features: u64,
     acked_features: u64,
-    worker: Option<Worker>,
+    worker: WorkerSlot,
 }
 
 impl Block {
@@ -117,12 +114,11 @@ impl Block {
         }
         let index = NEXT_BLOCK_INDEX.fetch_add(1, Ordering::Relaxed);
         Ok(Block {
-            name: format!("virtio-blk{index}"),
             config: config_space(disk.sectors),
             disk: Arc::new(disk),
             offered_features,
             acked_features: 0,
-            worker: None,
+            worker: WorkerSlot::new(format!("virtio-blk{index}")),
         })
     }
 
@@ -257,61 +253,20 @@ impl VirtioDevice for Block {
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        check_queue_count(&queues, 1)?;
-        let event_idx = self.acked_features & feature(VIRTIO_RING_F_EVENT_IDX) != 0;
-        let Some(queue) = queues.into_iter().next() else {
-            return Err(ActivateError::QueueCount { got: 0, want: 1 });
-        };
-        let handler = BlockWorker {
-            memory,
-            interrupt,
-            queue: DeviceQueue::new(queue, event_idx),
-            disk: Arc::clone(&self.disk),
-        };
-        self.worker = Some(Worker::spawn(self.name.clone(), handler)?);
-        Ok(())
+        self.worker.start(|| {
+            let [queue] = device_queues(queues, self.acked_features)?;
+            let disk = Arc::clone(&self.disk);
+            Ok(SingleQueueHandler::new(
+                memory,
+                interrupt,
+                queue,
+                move |memory, chain| request::handle_request(&disk, memory, chain),
+            ))
+        })
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.worker.stop();
         self.acked_features = 0;
-    }
-}
-
-/// The block data plane: one queue, served synchronously.
-struct BlockWorker {
-    memory: GuestMemoryMmap,
-    interrupt: Arc<dyn Interrupt>,
-    queue: DeviceQueue,
-    disk: Arc<DiskImage>,
-}
-
-impl BlockWorker {
-    fn serve(&mut self) {
-        let (disk, memory) = (&self.disk, &self.memory);
-        self.queue
-            .process(memory, self.interrupt.as_ref(), |chain| {
-                request::handle_request(disk, memory, chain)
-            });
-    }
-}
-
-impl EventHandler for BlockWorker {
-    fn register(&mut self, events: &EventLoop) -> io::Result<()> {
-        events.watch(&self.queue.kick, 0)
-    }
-
-    fn start(&mut self, _events: &EventLoop) {
-        self.serve();
-    }
-
-    fn handle_event(&mut self, _events: &EventLoop, _token: u64) {
-        self.queue.clear_kick();
-        self.serve();
     }
 }

@@ -4,7 +4,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::*;
 use crate::transport::testing::{
-    FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SeenQueue, SharedLog, guest_memory,
+    FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SharedLog, expected_queue, guest_memory,
     ring_addresses,
 };
 use crate::transport::{
@@ -75,18 +75,6 @@ fn bring_up(transport: &mut MmioTransport, sizes: &[u16]) {
         configure_queue(transport, index, size);
     }
     set_status(transport, STATUS_DRIVER_OK);
-}
-
-fn expected_queue(index: u16, size: u16) -> SeenQueue {
-    let (desc_table, avail_ring, used_ring) = ring_addresses(index);
-    SeenQueue {
-        index,
-        size,
-        desc_table,
-        avail_ring,
-        used_ring,
-        event_idx: true,
-    }
 }
 
 #[test]

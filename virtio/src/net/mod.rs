@@ -31,9 +31,10 @@ use vm_memory::GuestMemoryMmap;
 
 use self::rxtx::{Delivery, deliver_frame, transmit};
 pub use self::tap::{NetBackend, Tap, TapError};
+use crate::data_plane::{DEVICE_FEATURE_MASK, DataPlane};
 use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::worker::{
-    DeviceQueue, EventHandler, EventLoop, Worker, check_queue_count, feature, read_config_bytes,
+    DeviceQueue, EventHandler, EventLoop, WorkerSlot, device_queues, feature, read_config_bytes,
 };
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -93,13 +94,14 @@ impl NetCounters {
 /// A virtio-net device.
 #[derive(Debug)]
 pub struct Net {
-    name: String,
     backend: Arc<dyn NetBackend>,
     mac: [u8; 6],
     offered_features: u64,
     acked_features: u64,
     counters: Arc<NetCounters>,
-    worker: Option<Worker>,
+    worker: WorkerSlot,
+    /// Serves the queues instead of `worker` when set (kernel vhost-net).
+    data_plane: Option<Box<dyn DataPlane>>,
 }
 
 impl Net {
@@ -107,6 +109,18 @@ impl Net {
     /// one.
     pub fn with_tap(tap_name: &str, mac: Option<[u8; 6]>) -> Result<Self, NetError> {
         Ok(Self::new(Arc::new(Tap::open(tap_name)?), mac))
+    }
+
+    /// Hands the queues to `plane` (kernel vhost-net) instead of pvm's worker, and stops
+    /// offering ring features the plane cannot serve. Call before the guest sees the device.
+    pub fn set_data_plane(&mut self, plane: Box<dyn DataPlane>) {
+        self.offered_features &= DEVICE_FEATURE_MASK | plane.supported_features();
+        self.data_plane = Some(plane);
+    }
+
+    /// What serves the queues: "vhost-net" or "in-process".
+    pub fn data_plane_name(&self) -> &'static str {
+        self.data_plane.as_ref().map_or("in-process", |p| p.name())
     }
 
     /// A device on any backend.
@@ -130,13 +144,13 @@ impl Net {
         }
         let index = NEXT_NET_INDEX.fetch_add(1, Ordering::Relaxed);
         Net {
-            name: format!("virtio-net{index}"),
             backend,
             mac: mac.unwrap_or_else(generated_mac),
             offered_features,
             acked_features: 0,
             counters: Arc::new(NetCounters::default()),
-            worker: None,
+            worker: WorkerSlot::new(format!("virtio-net{index}")),
+            data_plane: None,
         }
     }
 
@@ -233,38 +247,36 @@ impl VirtioDevice for Net {
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
+        if let Some(plane) = self.data_plane.as_mut() {
+            if queues.len() != 2 {
+                return Err(ActivateError::QueueCount {
+                    got: queues.len(),
+                    want: 2,
+                });
+            }
+            return plane.start(&memory, interrupt, queues, self.acked_features);
         }
-        check_queue_count(&queues, 2)?;
-        let event_idx = self.acked_features & feature(VIRTIO_RING_F_EVENT_IDX) != 0;
-        let mut queues: Vec<DeviceQueue> = queues
-            .into_iter()
-            .map(|q| DeviceQueue::new(q, event_idx))
-            .collect();
-        queues.sort_by_key(|q| q.index);
-        let (Some(tx), Some(rx)) = (queues.pop(), queues.pop()) else {
-            return Err(ActivateError::QueueCount { got: 0, want: 2 });
-        };
-        let handler = NetWorker {
-            memory,
-            interrupt,
-            rx,
-            tx,
-            backend: Arc::clone(&self.backend),
-            counters: Arc::clone(&self.counters),
-            mergeable: self.acked_features & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
-            frame: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
-            pending_len: None,
-            backend_watched: false,
-        };
-        self.worker = Some(Worker::spawn(self.name.clone(), handler)?);
-        Ok(())
+        self.worker.start(|| {
+            let [rx, tx] = device_queues(queues, self.acked_features)?;
+            Ok(NetWorker {
+                memory,
+                interrupt,
+                rx,
+                tx,
+                backend: Arc::clone(&self.backend),
+                counters: Arc::clone(&self.counters),
+                mergeable: self.acked_features & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
+                frame: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
+                pending_len: None,
+                backend_watched: false,
+            })
+        })
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
+        match self.data_plane.as_mut() {
+            Some(plane) => plane.stop(),
+            None => self.worker.stop(),
         }
         self.acked_features = 0;
         if let Err(e) = self.backend.set_offloads(0) {

@@ -51,6 +51,11 @@ pub struct Tap {
 
 impl Tap {
     /// Attaches to (or creates, given CAP_NET_ADMIN) the tap interface `name`.
+    /// Another descriptor of the same tap queue, for a data plane outside pvm (vhost-net).
+    pub fn try_clone_file(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
     pub fn open(name: &str) -> Result<Tap, TapError> {
         let bytes = name.as_bytes();
         if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {

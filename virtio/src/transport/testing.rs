@@ -158,6 +158,20 @@ pub fn ring_addresses(index: u16) -> (u64, u64, u64) {
     (base, base + 0x4000, base + 0x8000)
 }
 
+/// What the device should see of queue `index` once a driver configured it with `size` at
+/// [`ring_addresses`] and acked EVENT_IDX.
+pub fn expected_queue(index: u16, size: u16) -> SeenQueue {
+    let (desc_table, avail_ring, used_ring) = ring_addresses(index);
+    SeenQueue {
+        index,
+        size,
+        desc_table,
+        avail_ring,
+        used_ring,
+        event_idx: true,
+    }
+}
+
 /// A linear congruential generator: deterministic garbage without another crate.
 #[derive(Debug)]
 pub struct Lcg(u64);

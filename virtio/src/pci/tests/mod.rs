@@ -11,7 +11,7 @@ use super::config::{
 use super::msix::{ISR_CONFIG, ISR_QUEUE};
 use super::*;
 use crate::transport::testing::{
-    FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SeenQueue, SharedLog, guest_memory,
+    FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SharedLog, expected_queue, guest_memory,
     ring_addresses,
 };
 use crate::transport::{
@@ -343,20 +343,7 @@ fn bring_up_activates_ready_queues_with_their_configuration() {
     );
     let log = f.log.get();
     assert_eq!(log.acked_features, Some(DRIVER_FEATURES));
-    let expected: Vec<_> = [(0u16, 128u16), (1, 32)]
-        .iter()
-        .map(|&(index, size)| {
-            let (desc_table, avail_ring, used_ring) = ring_addresses(index);
-            SeenQueue {
-                index,
-                size,
-                desc_table,
-                avail_ring,
-                used_ring,
-                event_idx: true,
-            }
-        })
-        .collect();
+    let expected = vec![expected_queue(0, 128), expected_queue(1, 32)];
     assert_eq!(log.activations, vec![expected]);
     drop(log);
     f.set_bar(QUEUE_SELECT, 2, 0);

@@ -1,0 +1,284 @@
+//! Kernel vhost-net as the data plane of pvm's virtio-net device: the kernel moves frames
+//! between the guest's rings and the tap; pvm only sets the rings up. Kicks are the queues'
+//! ioeventfds; calls are the MSI-X irqfds on virtio-pci, or, on virtio-mmio (whose interrupt
+//! status the kernel cannot set), eventfds that a relay thread turns into interrupts.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use pvm_virtio::data_plane::DataPlane;
+use pvm_virtio::{ActivateError, ActiveQueue, Interrupt};
+use vhost::net::VhostNet as _;
+use vhost::vhost_kern::net::Net as KernelNet;
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
+use virtio_queue::QueueT;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Where the kernel's vhost-net device lives.
+pub const VHOST_NET_PATH: &str = "/dev/vhost-net";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{VHOST_NET_PATH}: {0}")]
+    Open(std::io::Error),
+}
+
+/// True when /dev/vhost-net can be opened read-write (the `auto` choice).
+pub fn available() -> bool {
+    File::options()
+        .read(true)
+        .write(true)
+        .open(VHOST_NET_PATH)
+        .is_ok()
+}
+
+/// The kernel vhost-net data plane for one tap.
+pub struct VhostNetPlane {
+    tap: File,
+    features: u64,
+    running: Option<Running>,
+}
+
+/// One activation: the open vhost-net instance and the call relay, if any.
+struct Running {
+    net: KernelNet<Arc<GuestMemoryMmap>>,
+    queues: usize,
+    relay: Option<Relay>,
+}
+
+impl std::fmt::Debug for VhostNetPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostNetPlane")
+            .field("tap", &self.tap.as_raw_fd())
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("running", &self.running.is_some())
+            .finish()
+    }
+}
+
+impl VhostNetPlane {
+    /// Probes /dev/vhost-net for its features; `tap` is a descriptor of the tap to serve.
+    pub fn new(tap: File) -> Result<Self, Error> {
+        // A scratch instance, only to learn the features (owner-less instances allow that).
+        let probe = File::options()
+            .read(true)
+            .write(true)
+            .open(VHOST_NET_PATH)
+            .map_err(Error::Open)?;
+        let features = kernel_features(&probe).map_err(Error::Open)?;
+        Ok(VhostNetPlane {
+            tap,
+            features,
+            running: None,
+        })
+    }
+}
+
+/// VHOST_GET_FEATURES on an open vhost-net descriptor.
+fn kernel_features(fd: &File) -> std::io::Result<u64> {
+    // _IOR(VHOST_VIRTIO, 0x00, __u64)
+    const VHOST_GET_FEATURES: libc::c_ulong = 0x8008_af00;
+    let mut features = 0u64;
+    // SAFETY: the ioctl writes one u64 into `features`, which outlives the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), VHOST_GET_FEATURES, &mut features) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(features)
+}
+
+fn backend_err(what: &'static str) -> impl Fn(vhost::Error) -> ActivateError {
+    move |e| ActivateError::Backend(format!("vhost-net {what}: {e}"))
+}
+
+impl DataPlane for VhostNetPlane {
+    fn supported_features(&self) -> u64 {
+        self.features & !(1 << VIRTIO_F_ACCESS_PLATFORM)
+    }
+
+    fn start(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+        features: u64,
+    ) -> Result<(), ActivateError> {
+        if self.running.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        // A fresh instance per activation: closing the old one on stop released everything.
+        let net = KernelNet::new(Arc::new(memory.clone())).map_err(backend_err("open"))?;
+        net.set_owner().map_err(backend_err("SET_OWNER"))?;
+        // vhost takes the transport/ring features and the header-shaping MRG_RXBUF; the tap
+        // handles the header and offloads. ACCESS_PLATFORM is never passed: it would make vhost
+        // translate addresses through an IOTLB pvm does not run.
+        let vhost_features = features & self.supported_features();
+        log::debug!(
+            "vhost-net: negotiated {features:#x}, vhost offers {:#x}, set {vhost_features:#x}",
+            self.features
+        );
+        net.set_features(vhost_features)
+            .map_err(backend_err("SET_FEATURES"))?;
+        let regions: Vec<VhostUserMemoryRegionInfo> = memory
+            .iter()
+            .map(|region| VhostUserMemoryRegionInfo {
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                mmap_offset: 0,
+                mmap_handle: -1,
+            })
+            .collect();
+        net.set_mem_table(&regions)
+            .map_err(backend_err("SET_MEM_TABLE"))?;
+        let mut relayed = Vec::new();
+        let count = queues.len();
+        for active in &queues {
+            let index = usize::from(active.index);
+            let queue = &active.queue;
+            net.set_vring_num(index, queue.size())
+                .map_err(backend_err("SET_VRING_NUM"))?;
+            let config = VringConfigData {
+                queue_max_size: queue.max_size(),
+                queue_size: queue.size(),
+                flags: 0,
+                desc_table_addr: queue.desc_table(),
+                used_ring_addr: queue.used_ring(),
+                avail_ring_addr: queue.avail_ring(),
+                log_addr: None,
+            };
+            net.set_vring_addr(index, &config)
+                .map_err(backend_err("SET_VRING_ADDR"))?;
+            net.set_vring_base(index, queue.next_avail())
+                .map_err(backend_err("SET_VRING_BASE"))?;
+            net.set_vring_kick(index, &active.kick)
+                .map_err(backend_err("SET_VRING_KICK"))?;
+            let call = match interrupt.queue_irqfd(active.index) {
+                Some(irqfd) => irqfd,
+                None => {
+                    let call = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+                    relayed.push((
+                        active.index,
+                        call.try_clone().map_err(ActivateError::Worker)?,
+                    ));
+                    call
+                }
+            };
+            net.set_vring_call(index, &call)
+                .map_err(backend_err("SET_VRING_CALL"))?;
+            net.set_backend(index, Some(&self.tap))
+                .map_err(backend_err("SET_BACKEND"))?;
+        }
+        let relay = if relayed.is_empty() {
+            None
+        } else {
+            Some(Relay::spawn(relayed, interrupt).map_err(ActivateError::Worker)?)
+        };
+        log::info!(
+            "vhost-net serves {count} queues ({} relayed)",
+            relay.as_ref().map_or(0, |r| r.queues)
+        );
+        self.running = Some(Running {
+            net,
+            queues: count,
+            relay,
+        });
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            for index in 0..running.queues {
+                if let Err(e) = running.net.set_backend(index, None) {
+                    log::warn!("vhost-net: detaching queue {index}: {e}");
+                }
+            }
+            if let Some(relay) = running.relay {
+                relay.stop();
+            }
+            // Dropping `net` closes the instance; the kernel stops its worker.
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "vhost-net"
+    }
+}
+
+impl Drop for VhostNetPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Turns vhost's call eventfds into `Interrupt::notify_queue` (virtio-mmio).
+struct Relay {
+    kill: EventFd,
+    queues: usize,
+    thread: JoinHandle<()>,
+}
+
+impl Relay {
+    fn spawn(calls: Vec<(u16, EventFd)>, interrupt: Arc<dyn Interrupt>) -> std::io::Result<Relay> {
+        let kill = EventFd::new(libc::EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        let kill_token = calls.len() as u64;
+        epoll.ctl(
+            ControlOperation::Add,
+            kill.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, kill_token),
+        )?;
+        for (slot, (_, call)) in calls.iter().enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                call.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, slot as u64),
+            )?;
+        }
+        let queues = calls.len();
+        let thread_kill = kill.try_clone()?;
+        let thread = std::thread::Builder::new()
+            .name("vhost-relay".to_string())
+            .spawn(move || {
+                let _keep_kill_open = thread_kill;
+                let mut events = vec![EpollEvent::default(); calls.len() + 1];
+                loop {
+                    let n = match epoll.wait(-1, &mut events) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            log::error!("vhost-net relay: epoll: {e}");
+                            return;
+                        }
+                    };
+                    for event in &events[..n] {
+                        let token = event.data();
+                        if token == kill_token {
+                            return;
+                        }
+                        let (queue, call) = &calls[token as usize];
+                        if call.read().is_ok() {
+                            if let Err(e) = interrupt.notify_queue(*queue) {
+                                log::warn!("vhost-net relay: interrupt for queue {queue}: {e}");
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(Relay {
+            kill,
+            queues,
+            thread,
+        })
+    }
+
+    fn stop(self) {
+        let _ = self.kill.write(1);
+        let _ = self.thread.join();
+    }
+}
