@@ -103,8 +103,47 @@ fn read_at(file: &mut File, offset: u64, len: usize) -> std::io::Result<Vec<u8>>
 }
 
 fn has_ext4_at(file: &mut File, offset: u64) -> std::io::Result<bool> {
-    let magic = read_at(file, offset + EXT4_MAGIC_OFFSET, 2)?;
+    // A hostile partition table can put a partition at the very end of the address space.
+    let Some(at) = offset.checked_add(EXT4_MAGIC_OFFSET) else {
+        return Ok(false);
+    };
+    let magic = read_at(file, at, 2)?;
     Ok(u16_at(&magic, 0) == EXT4_MAGIC)
+}
+
+/// Checks the superblock's size fields against the space the filesystem can occupy, before
+/// ext4-view sizes its tables and caches from them: a hostile image could otherwise make pvm
+/// allocate gigabytes (billions of block groups, or 1 GiB blocks). Returns why it is refused.
+pub fn check_superblock(file: &mut File, offset: u64) -> std::io::Result<Result<(), String>> {
+    const INCOMPAT_64BIT: u32 = 0x80;
+    let sb = read_at(file, offset.saturating_add(1024), 1024)?;
+    let log_block_size = u32_at(&sb, 24);
+    // ext4 blocks are 1 KiB to 64 KiB.
+    if log_block_size > 6 {
+        return Ok(Err(format!(
+            "block size 2^{} KiB is out of range",
+            log_block_size
+        )));
+    }
+    let block_size = 1024u64 << log_block_size;
+    let blocks_per_group = u64::from(u32_at(&sb, 32));
+    // mkfs.ext4 never makes groups smaller than 256 blocks; a group bitmap is one block.
+    if blocks_per_group < 256 || blocks_per_group > block_size * 8 {
+        return Ok(Err(format!(
+            "{blocks_per_group} blocks per group is out of range"
+        )));
+    }
+    let mut blocks = u64::from(u32_at(&sb, 4));
+    if u32_at(&sb, 0x60) & INCOMPAT_64BIT != 0 {
+        blocks |= u64::from(u32_at(&sb, 0x150)) << 32;
+    }
+    let room = file.metadata()?.len().saturating_sub(offset);
+    if blocks.saturating_mul(block_size) > room {
+        return Ok(Err(format!(
+            "it claims {blocks} blocks of {block_size} bytes, more than the {room} bytes it has"
+        )));
+    }
+    Ok(Ok(()))
 }
 
 /// Finds the root filesystem: the whole disk, else the first Linux partition (MBR or GPT).
@@ -214,6 +253,12 @@ pub fn find_kernel(image: &Path) -> Result<DiskKernel, Error> {
         path: image.to_path_buf(),
         detail: e.to_string(),
     };
+    if let Err(detail) = check_superblock(&mut file, root.offset).map_err(io)? {
+        return Err(Error::Ext4 {
+            path: image.to_path_buf(),
+            detail,
+        });
+    }
     let fs = Ext4::load(Box::new(Partition {
         file,
         offset: root.offset,
@@ -390,6 +435,49 @@ mod tests {
         bytes[512 + 80..512 + 84].copy_from_slice(&u32::MAX.to_le_bytes());
         bytes[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
         assert_eq!(locate_root(&mut image("hostile", &bytes)).unwrap(), None);
+    }
+
+    #[test]
+    fn partition_at_the_end_of_the_address_space_is_not_a_crash() {
+        // Found by the disk_kernel fuzz target: a GPT Linux entry at LBA 2^55 - 1.
+        let mut bytes = vec![0u8; 64 * 1024];
+        bytes[510] = 0x55;
+        bytes[511] = 0xaa;
+        bytes[446 + 4] = MBR_GPT_PROTECTIVE;
+        bytes[512..520].copy_from_slice(b"EFI PART");
+        bytes[512 + 72..512 + 80].copy_from_slice(&2u64.to_le_bytes());
+        bytes[512 + 80..512 + 84].copy_from_slice(&1u32.to_le_bytes());
+        bytes[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
+        bytes[1024..1040].copy_from_slice(&GPT_LINUX_FS);
+        bytes[1024 + 32..1024 + 40].copy_from_slice(&((1u64 << 55) - 1).to_le_bytes());
+        assert_eq!(locate_root(&mut image("gpt-end", &bytes)).unwrap(), None);
+    }
+
+    /// A whole-disk image with a superblock carrying the given size fields.
+    fn superblock_image(name: &str, blocks: u32, log_block_size: u32, per_group: u32) -> File {
+        let mut bytes = vec![0u8; 1 << 20];
+        with_ext4_magic(&mut bytes, 0);
+        bytes[1024 + 4..1024 + 8].copy_from_slice(&blocks.to_le_bytes());
+        bytes[1024 + 24..1024 + 28].copy_from_slice(&log_block_size.to_le_bytes());
+        bytes[1024 + 32..1024 + 36].copy_from_slice(&per_group.to_le_bytes());
+        image(name, &bytes)
+    }
+
+    #[test]
+    fn superblocks_that_would_make_pvm_allocate_gigabytes_are_refused() {
+        // 1 MiB image: 1024 blocks of 1 KiB fit, in groups of 8192.
+        assert_eq!(
+            check_superblock(&mut superblock_image("ok", 1024, 0, 8192), 0).unwrap(),
+            Ok(())
+        );
+        // Found by the fuzzer: 3 billion blocks in 1-block groups, and 1 GiB blocks.
+        let huge = check_superblock(&mut superblock_image("groups", 0xb000_0000, 0, 1), 0).unwrap();
+        assert!(huge.unwrap_err().contains("blocks per group"));
+        let big = check_superblock(&mut superblock_image("blocks", 1, 20, 8192), 0).unwrap();
+        assert!(big.unwrap_err().contains("block size"));
+        let claims =
+            check_superblock(&mut superblock_image("claims", 0xb000_0000, 0, 8192), 0).unwrap();
+        assert!(claims.unwrap_err().contains("more than the"));
     }
 
     #[test]
