@@ -13,6 +13,9 @@ const SECTOR: u64 = 512;
 const EXT4_MAGIC_OFFSET: u64 = 1024 + 56;
 const EXT4_MAGIC: u16 = 0xef53;
 const MBR_LINUX: u8 = 0x83;
+/// The largest kernel or initrd pvm reads from a disk image. Distribution initrds are tens of
+/// MiB; an inode claiming more is refused before anything is allocated for it.
+const MAX_BOOT_FILE: u64 = 1 << 30;
 const MBR_GPT_PROTECTIVE: u8 = 0xee;
 /// GPT "Linux filesystem data" type GUID 0FC63DAF-8483-4772-8E79-3D69D8477DE4, as stored.
 const GPT_LINUX_FS: [u8; 16] = [
@@ -115,7 +118,6 @@ fn has_ext4_at(file: &mut File, offset: u64) -> std::io::Result<bool> {
 /// ext4-view sizes its tables and caches from them: a hostile image could otherwise make pvm
 /// allocate gigabytes (billions of block groups, or 1 GiB blocks). Returns why it is refused.
 pub fn check_superblock(file: &mut File, offset: u64) -> std::io::Result<Result<(), String>> {
-    const INCOMPAT_64BIT: u32 = 0x80;
     let sb = read_at(file, offset.saturating_add(1024), 1024)?;
     let log_block_size = u32_at(&sb, 24);
     // ext4 blocks are 1 KiB to 64 KiB.
@@ -133,10 +135,9 @@ pub fn check_superblock(file: &mut File, offset: u64) -> std::io::Result<Result<
             "{blocks_per_group} blocks per group is out of range"
         )));
     }
-    let mut blocks = u64::from(u32_at(&sb, 4));
-    if u32_at(&sb, 0x60) & INCOMPAT_64BIT != 0 {
-        blocks |= u64::from(u32_at(&sb, 0x150)) << 32;
-    }
+    // The high half counts even without INCOMPAT_64BIT: ext4-view adds it regardless, so a
+    // stray value there would otherwise size its group-descriptor table.
+    let blocks = u64::from(u32_at(&sb, 4)) | u64::from(u32_at(&sb, 0x150)) << 32;
     let room = file.metadata()?.len().saturating_sub(offset);
     if blocks.saturating_mul(block_size) > room {
         return Ok(Err(format!(
@@ -259,6 +260,11 @@ pub fn find_kernel(image: &Path) -> Result<DiskKernel, Error> {
             detail,
         });
     }
+    let fs_room = file
+        .metadata()
+        .map_err(io)?
+        .len()
+        .saturating_sub(root.offset);
     let fs = Ext4::load(Box::new(Partition {
         file,
         offset: root.offset,
@@ -301,7 +307,21 @@ pub fn find_kernel(image: &Path) -> Result<DiskKernel, Error> {
             }
         }
     };
-    let kernel = fs.read(kernel_path.as_str()).map_err(ext4_err)?;
+    // ext4-view allocates the size an inode claims before reading a byte of it, so the claim
+    // is checked first: no larger than the filesystem's room in the image, nor MAX_BOOT_FILE.
+    let room = fs_room;
+    let read_bounded = |path: &str| -> Result<Vec<u8>, Error> {
+        let len = fs.metadata(path).map_err(ext4_err)?.len();
+        let limit = room.min(MAX_BOOT_FILE);
+        if len > limit {
+            return Err(Error::Ext4 {
+                path: image.to_path_buf(),
+                detail: format!("{path} claims {len} bytes, more than the {limit} pvm reads"),
+            });
+        }
+        fs.read(path).map_err(ext4_err)
+    };
+    let kernel = read_bounded(kernel_path.as_str())?;
     let initrd_candidates: Vec<String> = match &version {
         Some(v) => vec![
             format!("/boot/initrd.img-{v}"),
@@ -313,10 +333,7 @@ pub fn find_kernel(image: &Path) -> Result<DiskKernel, Error> {
     let mut initrd = None;
     for candidate in initrd_candidates {
         if fs.exists(candidate.as_str()).unwrap_or(false) {
-            initrd = Some((
-                candidate.clone(),
-                fs.read(candidate.as_str()).map_err(ext4_err)?,
-            ));
+            initrd = Some((candidate.clone(), read_bounded(candidate.as_str())?));
             break;
         }
     }
@@ -478,6 +495,55 @@ mod tests {
         let claims =
             check_superblock(&mut superblock_image("claims", 0xb000_0000, 0, 8192), 0).unwrap();
         assert!(claims.unwrap_err().contains("more than the"));
+    }
+
+    /// The image a fuzz/crashes/disk_kernel input describes (see `disk` in fuzz/src/boot.rs):
+    /// u32 size, then u32 offset / u16 length / bytes chunks, all little-endian.
+    fn fuzz_image(name: &str, input: &[u8]) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("pvm-fuzz-{}-{name}", std::process::id()));
+        let file = File::create(&path).unwrap();
+        let mut rest = input;
+        let take = |rest: &mut &[u8], n: usize| {
+            let (head, tail) = rest.split_at(n.min(rest.len()));
+            *rest = tail;
+            head.to_vec()
+        };
+        let size = u64::from(u32::from_le_bytes(take(&mut rest, 4).try_into().unwrap()));
+        file.set_len(size).unwrap();
+        while !rest.is_empty() {
+            let mut word = take(&mut rest, 4);
+            word.resize(4, 0);
+            let offset = u64::from(u32::from_le_bytes(word.try_into().unwrap()));
+            let mut half = take(&mut rest, 2);
+            half.resize(2, 0);
+            let len = usize::from(u16::from_le_bytes(half.try_into().unwrap()));
+            let bytes = take(&mut rest, len);
+            if offset < size {
+                let keep = bytes.len().min((size - offset) as usize);
+                std::os::unix::fs::FileExt::write_all_at(&file, &bytes[..keep], offset).unwrap();
+            }
+        }
+        path
+    }
+
+    #[test]
+    fn fuzzer_found_images_are_errors_not_huge_allocations() {
+        // s_blocks_count_hi set without INCOMPAT_64BIT: ext4-view counts it anyway.
+        let path = fuzz_image(
+            "hi",
+            include_bytes!("../../fuzz/crashes/disk_kernel/ext4-blocks-count-hi-without-64bit"),
+        );
+        let err = find_kernel(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains("more than the"), "{err}");
+        // /vmlinuz's inode claims 172 GiB.
+        let path = fuzz_image(
+            "inode",
+            include_bytes!("../../fuzz/crashes/disk_kernel/ext4-kernel-inode-claims-172-gib"),
+        );
+        let err = find_kernel(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains("/vmlinuz claims 184683593728 bytes"), "{err}");
     }
 
     #[test]

@@ -181,9 +181,13 @@ pub(crate) fn deliver_input(
     pending: &Mutex<VecDeque<u8>>,
 ) {
     let mut pending = lock(pending);
+    // Bounds the retries after enable_notification found more: a driver rewriting avail.idx
+    // could otherwise keep the worker here. Input left over waits for the next kick.
+    let mut retries = 0;
     while !pending.is_empty() {
         let Some(chain) = rx.pop(mem) else {
-            if rx.enable_notification(mem) {
+            retries += 1;
+            if retries <= 16 && rx.enable_notification(mem) {
                 continue;
             }
             break;

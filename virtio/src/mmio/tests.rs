@@ -410,3 +410,42 @@ fn garbage_register_traffic_never_panics() {
     bring_up(&mut transport, &[16, 4, 256]);
     assert_eq!(log.get().activations.len(), activations + 1);
 }
+
+#[test]
+fn a_used_ring_overlapping_any_ring_sets_needs_reset() {
+    // fuzz/crashes/mmio/avail-idx-under-used-flags: avail.idx and used.flags share two bytes.
+    let (mut t, log) = transport(&[16]);
+    assert!(negotiate(&mut t, DRIVER_FEATURES));
+    configure_queue(&mut t, 0, 4);
+    write32(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x1_1002);
+    write32(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x1_1004);
+    set_status(&mut t, STATUS_DRIVER_OK);
+    assert!(log.get().activations.is_empty());
+    assert_ne!(t.device_status() & STATUS_NEEDS_RESET, 0);
+
+    // Queue 1's used ring written over queue 0's descriptor table.
+    let (mut t, log) = transport(&[16, 16]);
+    assert!(negotiate(&mut t, DRIVER_FEATURES));
+    configure_queue(&mut t, 0, 16);
+    configure_queue(&mut t, 1, 16);
+    let (desc0, ..) = ring_addresses(0);
+    write32(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, (desc0 + 0x40) as u32);
+    set_status(&mut t, STATUS_DRIVER_OK);
+    assert!(log.get().activations.is_empty());
+    assert_ne!(t.device_status() & STATUS_NEEDS_RESET, 0);
+
+    // Adjacent but disjoint areas are fine: a 16-entry descriptor table is 256 bytes, the
+    // available ring 38 (with used_event), the used ring 134 (with avail_event).
+    let (mut t, log) = transport(&[16]);
+    assert!(negotiate(&mut t, DRIVER_FEATURES));
+    configure_queue(&mut t, 0, 16);
+    for (register, address) in [
+        (VIRTIO_MMIO_QUEUE_DESC_LOW, 0x2_0000u32),
+        (VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2_0100),
+        (VIRTIO_MMIO_QUEUE_USED_LOW, 0x2_0128),
+    ] {
+        write32(&mut t, register, address);
+    }
+    set_status(&mut t, STATUS_DRIVER_OK);
+    assert_eq!(log.get().activations.len(), 1);
+}

@@ -344,6 +344,9 @@ impl NetWorker {
                 Some(len) => len,
                 None if !self.rx.has_available(&self.memory) => {
                     if self.rx.notify_on_more(&self.memory) {
+                        // Counted too: a driver rewriting avail.idx under us must not be able
+                        // to keep the worker away from its kill eventfd.
+                        frames += 1;
                         continue;
                     }
                     self.watch_backend(events, false);
@@ -388,6 +391,9 @@ impl NetWorker {
                 Delivery::NoBuffers => {
                     self.pending_len = Some(len);
                     if self.rx.notify_on_more(&self.memory) {
+                        // Counted too: a driver rewriting avail.idx under us must not be able
+                        // to keep the worker away from its kill eventfd.
+                        frames += 1;
                         continue;
                     }
                     self.watch_backend(events, false);

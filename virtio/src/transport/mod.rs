@@ -43,6 +43,16 @@ pub(crate) enum QueueConfigError {
     },
     #[error("queue {index}: the rings are not inside guest memory")]
     OutsideMemory { index: u16 },
+    #[error(
+        "queue {index}: its used ring at {used:#x} overlaps the {area} of queue {other} at {address:#x}"
+    )]
+    Overlap {
+        index: u16,
+        used: u64,
+        other: u16,
+        area: &'static str,
+        address: u64,
+    },
 }
 
 /// Why DRIVER_OK did not start the device.
@@ -84,6 +94,18 @@ impl QueueRegisters {
         }
     }
 
+    /// The guest-physical areas of the three parts of the queue, as `(name, start, end)` with
+    /// `end` exclusive, sized for the event-index fields whether or not they were negotiated.
+    fn areas(&self) -> [(&'static str, u64, u64); 3] {
+        let size = u64::from(self.size);
+        let area = |name, start: u64, len: u64| (name, start, start.saturating_add(len));
+        [
+            area("descriptor table", self.desc_table, 16 * size),
+            area("available ring", self.avail_ring, 6 + 2 * size),
+            area("used ring", self.used_ring, 6 + 8 * size),
+        ]
+    }
+
     /// The queue the device gets, or why these registers do not describe a usable queue.
     fn to_queue(
         self,
@@ -120,6 +142,32 @@ impl QueueRegisters {
         }
         Ok(queue)
     }
+}
+
+/// Refuses a configuration in which the used ring of a ready queue, the only area the device
+/// writes, overlaps any area of a ready queue (its own descriptor table and available ring
+/// included). The device would otherwise rewrite what it reads next: a driver whose avail.idx
+/// sits under used.flags makes every notification toggle make a chain appear and vanish.
+fn check_no_overlap(queues: &[QueueRegisters]) -> Result<(), QueueConfigError> {
+    let ready = || (0u16..).zip(queues).filter(|(_, q)| q.ready);
+    for (index, queue) in ready() {
+        let [_, _, (_, used_start, used_end)] = queue.areas();
+        for (other, other_queue) in ready() {
+            for (area, start, end) in other_queue.areas() {
+                let same = other == index && area == "used ring";
+                if !same && start < used_end && used_start < end {
+                    return Err(QueueConfigError::Overlap {
+                        index,
+                        used: used_start,
+                        other,
+                        area,
+                        address: start,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Replaces the low 32 bits of a 64-bit register (the driver writes them in two halves).
@@ -377,6 +425,7 @@ impl VirtioCore {
 
     fn try_activate(&mut self) -> Result<(), ActivationError> {
         let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        check_no_overlap(&self.queues)?;
         let mut active = Vec::new();
         for ((index, registers), kick) in (0u16..).zip(&self.queues).zip(&self.kicks) {
             if !registers.ready {
