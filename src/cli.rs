@@ -69,6 +69,12 @@ struct Args {
     #[arg(long)]
     stats: bool,
 
+    /// The seccomp sandbox: on (a filter per thread kind: main, vCPU, device; a forbidden system
+    /// call ends pvm naming it, exit code 6) or off, for debugging.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off,
+          action = clap::ArgAction::Set)]
+    seccomp: bool,
+
     /// How much pvm itself logs to stderr: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
     log_level: LevelFilter,
@@ -77,6 +83,14 @@ struct Args {
 fn parse_log_level(text: &str) -> Result<LevelFilter, String> {
     text.parse()
         .map_err(|_| format!("'{text}' is not a log level (off, error, warn, info, debug, trace)"))
+}
+
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{text}' is neither on nor off")),
+    }
 }
 
 fn parse_transport(text: &str) -> Result<Transport, String> {
@@ -162,6 +176,7 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<VmConfig, CliE
         console: args.console,
         transport: args.transport,
         stats: args.stats,
+        seccomp: args.seccomp,
         log_level: args.log_level,
     })
 }

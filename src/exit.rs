@@ -10,6 +10,8 @@ pub const VMM_FAILURE: i32 = 1;
 pub const GUEST_PANIC: i32 = 3;
 pub const GUEST_TRIPLE_FAULT: i32 = 4;
 pub const KVM_RUN_FAILURE: i32 = 5;
+/// A pvm thread made a system call its seccomp filter does not allow (see crate::seccomp).
+pub const SECCOMP_VIOLATION: i32 = 6;
 
 /// How the guest (or the run) ended.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -17,6 +17,7 @@ pub mod layout;
 pub mod logger;
 pub mod memory;
 pub mod pci;
+pub mod seccomp;
 pub mod terminal;
 pub mod vcpu;
 pub mod virtio_devices;

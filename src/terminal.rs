@@ -1,13 +1,30 @@
 //! The host terminal: raw mode while the guest owns it, and the exact previous settings back on
 //! every way out (normal return, error, panic, SIGINT/SIGTERM/SIGHUP).
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// The settings to put back; shared with the panic hook, which runs on any thread.
 static SAVED: Mutex<Option<libc::termios>> = Mutex::new(None);
+/// The same settings for signal handlers, which must not take a lock; `RAW` says whether they
+/// still need putting back.
+static SAVED_FOR_SIGNALS: OnceLock<libc::termios> = OnceLock::new();
+static RAW: AtomicBool = AtomicBool::new(false);
+
+/// Puts the terminal back from a signal handler (async-signal-safe: an atomic, a load and
+/// tcsetattr).
+pub fn restore_from_signal_handler() {
+    if RAW.swap(false, Ordering::SeqCst) {
+        if let Some(termios) = SAVED_FOR_SIGNALS.get() {
+            // SAFETY: tcsetattr reads the termios struct we pass; fd 0 is stdin.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, termios) };
+        }
+    }
+}
 
 fn restore_saved() {
     let saved = SAVED.lock().unwrap_or_else(|e| e.into_inner()).take();
+    RAW.store(false, Ordering::SeqCst);
     if let Some(termios) = saved {
         // SAFETY: tcsetattr reads the termios struct we pass; fd 0 is stdin.
         unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &termios) };
@@ -33,6 +50,7 @@ impl RawMode {
             return Err(std::io::Error::last_os_error());
         }
         *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some(termios);
+        let _ = SAVED_FOR_SIGNALS.set(termios);
         let previous_hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             restore_saved();
@@ -47,6 +65,7 @@ impl RawMode {
             restore_saved();
             return Err(err);
         }
+        RAW.store(true, Ordering::SeqCst);
         Ok(RawMode { active: true })
     }
 }

@@ -66,7 +66,11 @@ type NamedDevice = (String, Box<dyn VirtioDevice>);
 
 /// The devices `config` asks for, in guest-visible order: console, disks, nets, rng. Handles
 /// the rest of the VM needs (console input, net counters) go into `attached`.
-fn create_devices(config: &VmConfig, attached: &mut Attached) -> Result<Vec<NamedDevice>, Error> {
+fn create_devices(
+    config: &VmConfig,
+    memory: &GuestMemoryMmap,
+    attached: &mut Attached,
+) -> Result<Vec<NamedDevice>, Error> {
     let mut devices: Vec<NamedDevice> = Vec::new();
     if config.console == ConsoleKind::Virtio {
         let console =
@@ -80,7 +84,7 @@ fn create_devices(config: &VmConfig, attached: &mut Attached) -> Result<Vec<Name
         devices.push((format!("block{i}"), Box::new(block)));
     }
     for (i, spec) in config.taps.iter().enumerate() {
-        let net = create_net(spec)?;
+        let net = create_net(spec, memory)?;
         attached
             .net_counters
             .push((spec.name.clone(), net.counters()));
@@ -91,7 +95,7 @@ fn create_devices(config: &VmConfig, attached: &mut Attached) -> Result<Vec<Name
 }
 
 /// A net device on the tap `spec` names, its queues served by vhost-net or by pvm's worker.
-fn create_net(spec: &TapSpec) -> Result<Net, Error> {
+fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<Net, Error> {
     let tap = Arc::new(Tap::open(&spec.name).map_err(|e| Error::Device(format!("--tap {e}")))?);
     let mut net = Net::new(tap.clone(), spec.mac);
     let vhost = match spec.vhost {
@@ -103,7 +107,7 @@ fn create_net(spec: &TapSpec) -> Result<Net, Error> {
         let plane = tap
             .try_clone_file()
             .map_err(pvm_vhost::net::Error::Open)
-            .and_then(VhostNetPlane::new)
+            .and_then(|tap| VhostNetPlane::new(tap, memory))
             .map_err(|e| Error::Device(format!("--tap {},vhost=on: {e}", spec.name)))?;
         net.set_data_plane(Box::new(plane));
     }
@@ -153,7 +157,7 @@ pub fn attach(
     mmio: &mut Bus,
 ) -> Result<Attached, Error> {
     let mut attached = Attached::default();
-    let devices = create_devices(config, &mut attached)?;
+    let devices = create_devices(config, memory, &mut attached)?;
     match config.transport {
         Transport::Mmio => {
             for (index, (name, device)) in devices.into_iter().enumerate() {

@@ -25,6 +25,7 @@ use crate::devices::IrqTrigger;
 use crate::devices::legacy::{I8042, ResetLine, SerialDevice};
 use crate::devices::power::{AcpiPower, PvPanic};
 use crate::exit::{EndSignal, Outcome};
+use crate::seccomp::{self, ThreadKind};
 use crate::terminal::RawMode;
 use crate::vcpu::{self, Buses, ExitStats, Vcpu};
 use crate::virtio_devices::{self, Attached};
@@ -73,6 +74,8 @@ pub enum Error {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("seccomp: {0}")]
+    Sandbox(String),
     #[error("cannot start the thread for vCPU {index}: {source}")]
     Spawn { index: u8, source: std::io::Error },
 }
@@ -233,6 +236,7 @@ pub struct Vm {
     console_input: Option<ConsoleInput>,
     net_counters: Vec<(String, Arc<NetCounters>)>,
     print_stats: bool,
+    seccomp: bool,
     end: Arc<EndSignal>,
     stop: Arc<AtomicBool>,
     stats: Arc<ExitStats>,
@@ -240,6 +244,10 @@ pub struct Vm {
 
 impl Vm {
     pub fn build(kvm: &Kvm, config: &VmConfig, mut boot_files: BootFiles) -> Result<Vm, Error> {
+        if config.seccomp {
+            // Device threads are spawned with their devices below; each confines itself first.
+            pvm_virtio::thread::set_thread_init(seccomp::install_device_filter);
+        }
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
@@ -348,6 +356,7 @@ impl Vm {
             console_input: attached.console_input,
             net_counters: attached.net_counters,
             print_stats: config.stats,
+            seccomp: config.seccomp,
             end,
             stop,
             stats,
@@ -374,10 +383,18 @@ impl Vm {
         let mut spawn_error = None;
         for vcpu in self.vcpus {
             let index = vcpu.index;
+            let sandbox = self.seccomp;
             match std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu.run())
-            {
+                .spawn(move || {
+                    if sandbox {
+                        if let Err(e) = seccomp::install(ThreadKind::Vcpu, false) {
+                            vcpu.end.end(Outcome::VmmFailure(e));
+                            return;
+                        }
+                    }
+                    vcpu.run()
+                }) {
                 Ok(handle) => threads.push(handle),
                 Err(source) => {
                     spawn_error = Some(Error::Spawn { index, source });
@@ -385,9 +402,15 @@ impl Vm {
                 }
             }
         }
-        let loop_result = match spawn_error {
-            Some(err) => Err(err),
-            None => {
+        let sandboxed = match (&spawn_error, self.seccomp) {
+            (None, true) => {
+                seccomp::install(ThreadKind::Main, self.print_stats).map_err(Error::Sandbox)
+            }
+            _ => Ok(()),
+        };
+        let loop_result = match (spawn_error, sandboxed) {
+            (Some(err), _) | (None, Err(err)) => Err(err),
+            (None, Ok(())) => {
                 let sink = match self.console_input {
                     Some(input) => InputSink::Virtio(input),
                     None => InputSink::Serial(self.serial),

@@ -375,3 +375,122 @@ fn a_disk_in_use_by_another_pvm_is_refused() {
         "{lines:?}"
     );
 }
+
+/// Starts pvm on a guest that prints "spinning" and spins, with a disk (so a block device
+/// thread exists) and two vCPUs, and returns once the guest runs.
+fn spinning_pvm(name: &str, extra: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+    let mut code = print("spinning\r\n");
+    code.extend_from_slice(&[0xeb, 0xfe]);
+    let kernel = micro_kernel(name, &code);
+    let image = scratch_image(&format!("{name}.img"));
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let mut child = Command::new(PVM)
+        .args(["--kernel", kernel.to_str().unwrap(), "--mem", "64M"])
+        .args(["--cpus", "2", "--disk", image.to_str().unwrap()])
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while !String::from_utf8_lossy(&seen).contains("spinning") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "pvm ended before the guest printed");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    child
+}
+
+/// Each of `pid`'s user threads (kernel helpers such as kvm-nx-lpage-recovery excluded) with
+/// the seccomp mode /proc reports for it (0 none, 2 filter).
+fn thread_seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        };
+        let name = field("Name:");
+        if !name.starts_with("kvm-") {
+            threads.push((name, field("Seccomp:")));
+        }
+    }
+    threads.sort();
+    threads
+}
+
+#[test]
+fn every_thread_runs_under_a_seccomp_filter_unless_turned_off() {
+    require_kvm();
+    const EXPECTED: [&str; 5] = ["pvm", "vcpu0", "vcpu1", "virtio-blk0", "virtio-rng0"];
+    for (flag, mode) in [("on", "2"), ("off", "0")] {
+        let mut child = spinning_pvm("spin-seccomp", &["--seccomp", flag], &[]);
+        // vCPU 0 printing does not mean vCPU 1 has named itself and installed its filter yet.
+        let start = Instant::now();
+        let threads = loop {
+            let threads = thread_seccomp_modes(child.id());
+            let names: Vec<&str> = threads.iter().map(|(n, _)| n.as_str()).collect();
+            let settled = names == EXPECTED && threads.iter().all(|(_, m)| m == mode);
+            if settled || start.elapsed() > Duration::from_secs(5) {
+                break threads;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert_eq!(child.wait().unwrap().code(), Some(128 + libc::SIGTERM));
+        let names: Vec<&str> = threads.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, EXPECTED, "--seccomp {flag}");
+        for (name, seen) in &threads {
+            assert_eq!(seen, mode, "--seccomp {flag}: thread {name}");
+        }
+    }
+}
+
+#[test]
+fn a_forbidden_system_call_ends_pvm_naming_thread_and_call() {
+    require_kvm();
+    let mut code = print("spinning\r\n");
+    code.extend_from_slice(&[0xeb, 0xfe]);
+    let kernel = micro_kernel("spin-probe", &code);
+    let image = scratch_image("probe.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    for (kind, thread) in [
+        ("main", "main (main)"),
+        ("vcpu", "vcpu0 (vcpu)"),
+        ("device", "(device)"),
+    ] {
+        let (_primary, replica) = openpty();
+        let before = termios_of(&replica);
+        let out = Command::new(PVM)
+            .args(["--kernel", kernel.to_str().unwrap(), "--mem", "64M"])
+            .args(["--disk", image.to_str().unwrap()])
+            .env("PVM_SECCOMP_PROBE", kind)
+            .stdin(Stdio::from(replica.try_clone().unwrap()))
+            .output()
+            .unwrap();
+        let lines = error_lines(&out);
+        assert_eq!(out.status.code(), Some(6), "{kind}: {lines:?}");
+        assert_eq!(lines.len(), 1, "{kind}: {lines:?}");
+        assert!(
+            lines[0].starts_with("pvm: seccomp: thread ")
+                && lines[0].contains(thread)
+                && lines[0].contains("forbidden system call getppid (110)"),
+            "{kind}: {lines:?}"
+        );
+        assert_eq!(
+            termios_of(&replica),
+            before,
+            "{kind}: terminal not restored"
+        );
+    }
+}

@@ -6,9 +6,9 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use pvm_virtio::data_plane::DataPlane;
+use pvm_virtio::thread::DeviceThread;
 use pvm_virtio::{ActivateError, ActiveQueue, Interrupt};
 use vhost::net::VhostNet as _;
 use vhost::vhost_kern::net::Net as KernelNet;
@@ -38,15 +38,20 @@ pub fn available() -> bool {
 }
 
 /// The kernel vhost-net data plane for one tap.
+///
+/// Everything it needs is made when the VM is built, before the guest runs: the vhost-net
+/// instance (kept for the VM's life: a driver reset hands it back with VHOST_RESET_OWNER rather
+/// than closing it, so no guest-triggered path opens a file) and the relay's thread.
 pub struct VhostNetPlane {
     tap: File,
     features: u64,
+    net: KernelNet<Arc<GuestMemoryMmap>>,
+    relay_thread: DeviceThread,
     running: Option<Running>,
 }
 
-/// One activation: the open vhost-net instance and the call relay, if any.
+/// One activation: how many queues vhost serves and the call relay, if any.
 struct Running {
-    net: KernelNet<Arc<GuestMemoryMmap>>,
     queues: usize,
     relay: Option<Relay>,
 }
@@ -62,25 +67,27 @@ impl std::fmt::Debug for VhostNetPlane {
 }
 
 impl VhostNetPlane {
-    /// Probes /dev/vhost-net for its features; `tap` is a descriptor of the tap to serve.
-    pub fn new(tap: File) -> Result<Self, Error> {
-        // A scratch instance, only to learn the features (owner-less instances allow that).
-        let probe = File::options()
-            .read(true)
-            .write(true)
-            .open(VHOST_NET_PATH)
-            .map_err(Error::Open)?;
-        let features = kernel_features(&probe).map_err(Error::Open)?;
+    /// Opens a vhost-net instance for `memory` and learns its features; `tap` is a descriptor
+    /// of the tap to serve.
+    pub fn new(tap: File, memory: &GuestMemoryMmap) -> Result<Self, Error> {
+        let net = KernelNet::new(Arc::new(memory.clone())).map_err(|e| match e {
+            vhost::Error::VhostOpen(e) => Error::Open(e),
+            other => Error::Open(std::io::Error::other(other.to_string())),
+        })?;
+        // Owner-less instances answer VHOST_GET_FEATURES.
+        let features = kernel_features(&net).map_err(Error::Open)?;
         Ok(VhostNetPlane {
             tap,
             features,
+            net,
+            relay_thread: DeviceThread::spawn("vhost-relay".to_string()),
             running: None,
         })
     }
 }
 
 /// VHOST_GET_FEATURES on an open vhost-net descriptor.
-fn kernel_features(fd: &File) -> std::io::Result<u64> {
+fn kernel_features(fd: &impl AsRawFd) -> std::io::Result<u64> {
     // _IOR(VHOST_VIRTIO, 0x00, __u64)
     const VHOST_GET_FEATURES: libc::c_ulong = 0x8008_af00;
     let mut features = 0u64;
@@ -111,8 +118,7 @@ impl DataPlane for VhostNetPlane {
         if self.running.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        // A fresh instance per activation: closing the old one on stop released everything.
-        let net = KernelNet::new(Arc::new(memory.clone())).map_err(backend_err("open"))?;
+        let net = &self.net;
         net.set_owner().map_err(backend_err("SET_OWNER"))?;
         // vhost takes the transport/ring features and the header-shaping MRG_RXBUF; the tap
         // handles the header and offloads. ACCESS_PLATFORM is never passed: it would make vhost
@@ -177,14 +183,13 @@ impl DataPlane for VhostNetPlane {
         let relay = if relayed.is_empty() {
             None
         } else {
-            Some(Relay::spawn(relayed, interrupt).map_err(ActivateError::Worker)?)
+            Some(Relay::start(&mut self.relay_thread, relayed, interrupt)?)
         };
         log::info!(
             "vhost-net serves {count} queues ({} relayed)",
             relay.as_ref().map_or(0, |r| r.queues)
         );
         self.running = Some(Running {
-            net,
             queues: count,
             relay,
         });
@@ -194,14 +199,18 @@ impl DataPlane for VhostNetPlane {
     fn stop(&mut self) {
         if let Some(running) = self.running.take() {
             for index in 0..running.queues {
-                if let Err(e) = running.net.set_backend(index, None) {
+                if let Err(e) = self.net.set_backend(index, None) {
                     log::warn!("vhost-net: detaching queue {index}: {e}");
                 }
             }
             if let Some(relay) = running.relay {
-                relay.stop();
+                relay.stop(&mut self.relay_thread);
             }
-            // Dropping `net` closes the instance; the kernel stops its worker.
+            // Stops the kernel's worker and forgets the rings, memory table and owner, so the
+            // next activation starts from a clean instance.
+            if let Err(e) = self.net.reset_owner() {
+                log::warn!("vhost-net: RESET_OWNER: {e}");
+            }
         }
     }
 
@@ -216,35 +225,42 @@ impl Drop for VhostNetPlane {
     }
 }
 
-/// Turns vhost's call eventfds into `Interrupt::notify_queue` (virtio-mmio).
+/// Turns vhost's call eventfds into `Interrupt::notify_queue` (virtio-mmio), on the plane's
+/// relay thread.
 struct Relay {
     kill: EventFd,
     queues: usize,
-    thread: JoinHandle<()>,
 }
 
 impl Relay {
-    fn spawn(calls: Vec<(u16, EventFd)>, interrupt: Arc<dyn Interrupt>) -> std::io::Result<Relay> {
-        let kill = EventFd::new(libc::EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
+    fn start(
+        thread: &mut DeviceThread,
+        calls: Vec<(u16, EventFd)>,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Result<Relay, ActivateError> {
+        let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let epoll = Epoll::new().map_err(ActivateError::Worker)?;
         let kill_token = calls.len() as u64;
-        epoll.ctl(
-            ControlOperation::Add,
-            kill.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, kill_token),
-        )?;
-        for (slot, (_, call)) in calls.iter().enumerate() {
-            epoll.ctl(
+        epoll
+            .ctl(
                 ControlOperation::Add,
-                call.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, slot as u64),
-            )?;
+                kill.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, kill_token),
+            )
+            .map_err(ActivateError::Worker)?;
+        for (slot, (_, call)) in calls.iter().enumerate() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    call.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, slot as u64),
+                )
+                .map_err(ActivateError::Worker)?;
         }
         let queues = calls.len();
-        let thread_kill = kill.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name("vhost-relay".to_string())
-            .spawn(move || {
+        let thread_kill = kill.try_clone().map_err(ActivateError::Worker)?;
+        thread
+            .run(move || {
                 let _keep_kill_open = thread_kill;
                 let mut events = vec![EpollEvent::default(); calls.len() + 1];
                 loop {
@@ -269,16 +285,14 @@ impl Relay {
                         }
                     }
                 }
-            })?;
-        Ok(Relay {
-            kill,
-            queues,
-            thread,
-        })
+            })
+            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        Ok(Relay { kill, queues })
     }
 
-    fn stop(self) {
-        let _ = self.kill.write(1);
-        let _ = self.thread.join();
+    fn stop(self, thread: &mut DeviceThread) {
+        if self.kill.write(1).is_ok() {
+            thread.wait();
+        }
     }
 }

@@ -17,6 +17,7 @@ pub mod pci;
 pub mod rng;
 #[cfg(test)]
 mod test_utils;
+pub mod thread;
 mod transport;
 mod worker;
 

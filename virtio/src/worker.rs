@@ -10,7 +10,6 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{Ordering, fence};
-use std::thread::{self, JoinHandle};
 
 use log::{error, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -21,6 +20,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 pub(crate) use self::activation::{SingleQueueHandler, WorkerSlot, device_queues};
 use crate::chain::Chain;
 use crate::device::{ActivateError, ActiveQueue, Interrupt};
+use crate::thread::{DeviceThread, ThreadError};
 
 mod activation;
 
@@ -37,8 +37,8 @@ pub enum WorkerError {
     KillEvent(io::Error),
     #[error("cannot watch the device's file descriptors: {0}")]
     Watch(io::Error),
-    #[error("cannot spawn thread {name}: {source}")]
-    Spawn { name: String, source: io::Error },
+    #[error(transparent)]
+    Thread(#[from] ThreadError),
 }
 
 impl From<WorkerError> for ActivateError {
@@ -108,59 +108,37 @@ pub(crate) trait EventHandler: Send + 'static {
     fn handle_event(&mut self, events: &EventLoop, token: u64);
 }
 
-/// A running worker thread; dropping or stopping it ends the thread.
+/// A data plane running on a device's [`DeviceThread`]: its kill eventfd ends it.
 #[derive(Debug)]
 struct Worker {
-    name: String,
     kill: EventFd,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl Worker {
-    fn spawn<H: EventHandler>(name: String, mut handler: H) -> Result<Self, WorkerError> {
+    /// Registers `handler`'s fds on the calling thread (so errors reach `activate`), then hands
+    /// its event loop to `thread`.
+    fn start<H: EventHandler>(
+        thread: &mut DeviceThread,
+        mut handler: H,
+    ) -> Result<Self, WorkerError> {
         let events = EventLoop::new()?;
         let kill = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::KillEvent)?;
         events
             .watch(&kill, KILL_TOKEN)
             .map_err(WorkerError::Watch)?;
         handler.register(&events).map_err(WorkerError::Watch)?;
-        let thread = thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || run(events, handler))
-            .map_err(|source| WorkerError::Spawn {
-                name: name.clone(),
-                source,
-            })?;
-        Ok(Worker {
-            name,
-            kill,
-            thread: Some(thread),
-        })
+        thread.run(move || run(events, handler))?;
+        Ok(Worker { kill })
     }
 
-    /// Tells the thread to exit and waits for it.
-    fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
+    /// Tells the event loop to return and waits for it.
+    fn stop(self, thread: &mut DeviceThread) {
         if let Err(e) = self.kill.write(1) {
-            // Without the kill event the thread would never wake; leave it detached.
-            error!("{}: cannot signal the worker to stop: {e}", self.name);
+            // Without the kill event the loop would never return; waiting would hang.
+            error!("{}: cannot signal the worker to stop: {e}", thread.name());
             return;
         }
-        if thread.join().is_err() {
-            error!("{}: the worker thread panicked", self.name);
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.shutdown();
+        thread.wait();
     }
 }
 
@@ -454,7 +432,7 @@ mod tests {
             false,
         );
         let (done, finished) = std::sync::mpsc::channel();
-        thread::spawn(move || {
+        std::thread::spawn(move || {
             let interrupt = crate::test_utils::RecordingInterrupt::default();
             dq.process(&mem, &interrupt, |_| 0);
             done.send(()).unwrap();

@@ -12,21 +12,26 @@ use vm_memory::GuestMemoryMmap;
 use super::{DeviceQueue, EventHandler, EventLoop, Worker, feature};
 use crate::chain::Chain;
 use crate::device::{ActivateError, ActiveQueue, Interrupt};
+use crate::thread::DeviceThread;
 
-/// Where a device keeps its worker: empty until `activate`, running until `reset`. It holds the
-/// thread's name (virtio-blk0, ...) so a worker restarted after a reset is named the same.
+/// Where a device keeps its worker: the device's thread, spawned with the device (before the
+/// guest runs) and named after it (virtio-blk0, ...), and the data plane running on it from
+/// `activate` until `reset`.
 #[derive(Debug)]
 pub(crate) struct WorkerSlot {
-    name: String,
+    thread: DeviceThread,
     worker: Option<Worker>,
 }
 
 impl WorkerSlot {
     pub(crate) fn new(name: String) -> Self {
-        WorkerSlot { name, worker: None }
+        WorkerSlot {
+            thread: DeviceThread::spawn(name),
+            worker: None,
+        }
     }
 
-    /// Runs the handler `build` makes on a new worker thread; `build` is the device-specific
+    /// Runs the handler `build` makes on the device thread; `build` is the device-specific
     /// part of `activate`. An active device refuses before `build` runs, so a repeated
     /// activation neither looks at the new queues nor disturbs the running worker.
     pub(crate) fn start<H: EventHandler>(
@@ -37,16 +42,22 @@ impl WorkerSlot {
             return Err(ActivateError::AlreadyActive);
         }
         let handler = build()?;
-        self.worker = Some(Worker::spawn(self.name.clone(), handler)?);
+        self.worker = Some(Worker::start(&mut self.thread, handler)?);
         Ok(())
     }
 
-    /// Ends the worker and waits for it. Nothing to do when none runs: a reset may come in any
-    /// state.
+    /// Ends the data plane and waits for it. Nothing to do when none runs: a reset may come in
+    /// any state.
     pub(crate) fn stop(&mut self) {
         if let Some(worker) = self.worker.take() {
-            worker.stop();
+            worker.stop(&mut self.thread);
         }
+    }
+}
+
+impl Drop for WorkerSlot {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
