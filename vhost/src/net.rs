@@ -118,8 +118,65 @@ impl DataPlane for VhostNetPlane {
         if self.running.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
+        self.net.set_owner().map_err(backend_err("SET_OWNER"))?;
+        let count = queues.len();
+        match self.program(memory, interrupt, queues, features) {
+            Ok(relay) => {
+                self.running = Some(Running {
+                    queues: count,
+                    relay,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                // Whatever was set up goes: a queue already attached would keep using a ring
+                // the driver is about to reset, and the owner would refuse the next SET_OWNER.
+                // (The vhost crate refuses rings the transport accepted, e.g. one ending at the
+                // top of a RAM region, so a guest can take this path.)
+                self.release(count);
+                Err(e)
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            if let Some(relay) = running.relay {
+                relay.stop(&mut self.relay_thread);
+            }
+            self.release(running.queues);
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "vhost-net"
+    }
+}
+
+impl VhostNetPlane {
+    /// Detaches the tap from the first `queues` queues and hands the instance back: it stops the
+    /// kernel's worker and forgets the rings, memory table and owner, so the next activation
+    /// starts from a clean instance.
+    fn release(&mut self, queues: usize) {
+        for index in 0..queues {
+            if let Err(e) = self.net.set_backend(index, None) {
+                log::debug!("vhost-net: detaching queue {index}: {e}");
+            }
+        }
+        if let Err(e) = self.net.reset_owner() {
+            log::warn!("vhost-net: RESET_OWNER: {e}");
+        }
+    }
+
+    /// Programs an owned instance for `queues`; returns the call relay (virtio-mmio) if any.
+    fn program(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+        features: u64,
+    ) -> Result<Option<Relay>, ActivateError> {
         let net = &self.net;
-        net.set_owner().map_err(backend_err("SET_OWNER"))?;
         // vhost takes the transport/ring features and the header-shaping MRG_RXBUF; the tap
         // handles the header and offloads. ACCESS_PLATFORM is never passed: it would make vhost
         // translate addresses through an IOTLB pvm does not run.
@@ -189,33 +246,7 @@ impl DataPlane for VhostNetPlane {
             "vhost-net serves {count} queues ({} relayed)",
             relay.as_ref().map_or(0, |r| r.queues)
         );
-        self.running = Some(Running {
-            queues: count,
-            relay,
-        });
-        Ok(())
-    }
-
-    fn stop(&mut self) {
-        if let Some(running) = self.running.take() {
-            for index in 0..running.queues {
-                if let Err(e) = self.net.set_backend(index, None) {
-                    log::warn!("vhost-net: detaching queue {index}: {e}");
-                }
-            }
-            if let Some(relay) = running.relay {
-                relay.stop(&mut self.relay_thread);
-            }
-            // Stops the kernel's worker and forgets the rings, memory table and owner, so the
-            // next activation starts from a clean instance.
-            if let Err(e) = self.net.reset_owner() {
-                log::warn!("vhost-net: RESET_OWNER: {e}");
-            }
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        "vhost-net"
+        Ok(relay)
     }
 }
 

@@ -66,6 +66,16 @@ impl Segments {
         self.total
     }
 
+    /// The length of the largest buffer (0 when there is none).
+    pub(crate) fn largest(&self) -> u64 {
+        self.list.iter().map(|s| s.len).max().unwrap_or(0)
+    }
+
+    /// The number of (non-empty) buffers.
+    pub(crate) fn count(&self) -> usize {
+        self.list.len()
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.total == 0
     }

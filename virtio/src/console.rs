@@ -23,7 +23,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::chain::{Chain, split_chain};
 use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::worker::{
-    DeviceQueue, EventHandler, EventLoop, WorkerSlot, device_queues, feature, read_config_bytes,
+    CHAINS_PER_PASS, DeviceQueue, EventHandler, EventLoop, WorkerSlot, device_queues, feature,
+    read_config_bytes,
 };
 
 pub const QUEUE_SIZE: u16 = 64;
@@ -184,7 +185,14 @@ pub(crate) fn deliver_input(
     // Bounds the retries after enable_notification found more: a driver rewriting avail.idx
     // could otherwise keep the worker here. Input left over waits for the next kick.
     let mut retries = 0;
+    let mut served = 0;
     while !pending.is_empty() {
+        if served == CHAINS_PER_PASS {
+            // Chains that take no bytes (no writable buffer) could otherwise hold the worker
+            // here for as long as the guest publishes them; come back through epoll.
+            let _ = rx.kick.write(1);
+            break;
+        }
         let Some(chain) = rx.pop(mem) else {
             retries += 1;
             if retries <= 16 && rx.enable_notification(mem) {
@@ -209,6 +217,7 @@ pub(crate) fn deliver_input(
                 0
             }
         };
+        served += 1;
         pending.drain(..written);
         // At most the chain's length, which virtio-queue bounds to u32.
         rx.add_used(mem, head, u32::try_from(written).unwrap_or(u32::MAX));

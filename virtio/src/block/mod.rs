@@ -36,7 +36,10 @@ use crate::worker::{SingleQueueHandler, WorkerSlot, device_queues, feature, read
 /// Descriptors per queue; also bounds the segments of one request.
 pub const QUEUE_SIZE: u16 = 256;
 /// Largest data segment the driver may use (config `size_max`).
-const SEGMENT_MAX_BYTES: u32 = 1 << 20;
+pub(crate) const SEGMENT_MAX_BYTES: u32 = 1 << 20;
+/// The most data buffers one request may have: two descriptors of each chain hold the header and
+/// the status byte.
+pub(crate) const SEG_MAX: u16 = QUEUE_SIZE - 2;
 /// DISCARD granularity in sectors (4 KiB, the usual filesystem block, so holes are real).
 const DISCARD_ALIGNMENT_SECTORS: u32 = 8;
 /// Numbers the worker threads virtio-blk0, virtio-blk1, ...
@@ -189,10 +192,9 @@ fn config_space(sectors: u64) -> Vec<u8> {
         offset_of!(virtio_blk_config, size_max),
         &SEGMENT_MAX_BYTES.to_le_bytes(),
     );
-    // Two descriptors of each chain hold the header and the status byte.
     put(
         offset_of!(virtio_blk_config, seg_max),
-        &u32::from(QUEUE_SIZE - 2).to_le_bytes(),
+        &u32::from(SEG_MAX).to_le_bytes(),
     );
     put(
         offset_of!(virtio_blk_config, blk_size),

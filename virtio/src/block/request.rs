@@ -15,6 +15,7 @@ use virtio_bindings::bindings::virtio_blk::{
 };
 use vm_memory::{GuestMemoryMmap, Permissions};
 
+use super::{SEG_MAX, SEGMENT_MAX_BYTES};
 use crate::chain::{Chain, ChainError, Segments, split_chain};
 
 /// virtio-blk addresses the disk in 512-byte sectors, whatever the block size.
@@ -61,6 +62,11 @@ pub enum RequestError {
     UnsupportedFlags(u32),
     #[error("{0} ranges in one request, the device takes one")]
     TooManyRanges(u64),
+    #[error(
+        "{segments} data buffers, the largest {largest} bytes: beyond the advertised seg_max \
+         {SEG_MAX} / size_max {SEGMENT_MAX_BYTES}"
+    )]
+    TooLarge { segments: usize, largest: u64 },
     #[error("range of {0} sectors exceeds the advertised maximum")]
     RangeTooLong(u32),
     #[error("host I/O: {0}")]
@@ -134,6 +140,17 @@ fn execute(
         raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
     ]);
     let data = readable;
+    // What the config space advertises is what the device takes: at most SEG_MAX buffers of
+    // at most SEGMENT_MAX_BYTES each (so at most 254 MiB per request).
+    for buffers in [&data, &writable] {
+        let largest = buffers.largest();
+        if buffers.count() > usize::from(SEG_MAX) || largest > u64::from(SEGMENT_MAX_BYTES) {
+            return Err(RequestError::TooLarge {
+                segments: buffers.count(),
+                largest,
+            });
+        }
+    }
     match kind {
         VIRTIO_BLK_T_IN => {
             if !data.is_empty() {

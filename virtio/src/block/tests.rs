@@ -239,6 +239,53 @@ fn out_of_range_and_unaligned_requests_fail() {
 }
 
 #[test]
+fn requests_beyond_the_advertised_seg_max_or_size_max_fail() {
+    let (mem, tmp) = (test_memory(), image());
+    let disk = disk(&tmp, false);
+    // A buffer over size_max (1 MiB), in either direction: refused before any I/O (the disk is
+    // far smaller, but the size check comes first and names the real reason).
+    for kind in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
+        let h = header(&mem, kind, 0);
+        let big = (SEGMENT_MAX_BYTES + 512) as u32;
+        let data = if kind == VIRTIO_BLK_T_IN {
+            writable(0x100_000, big)
+        } else {
+            readable(0x100_000, big)
+        };
+        let s = status_desc(&mem);
+        submit_big(&disk, &mem, &[h, data, s]);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR, "{kind}");
+    }
+    // seg_max + 1 one-sector buffers: refused; seg_max of them: served (from a disk with room).
+    let big_tmp = TempFile::new().unwrap();
+    big_tmp.as_file().set_len(512 * 512).unwrap();
+    let disk = DiskImage {
+        sectors: 512,
+        file: big_tmp.as_file().try_clone().unwrap(),
+        ..disk
+    };
+    for (segments, want) in [
+        (usize::from(SEG_MAX) + 1, VIRTIO_BLK_S_IOERR),
+        (usize::from(SEG_MAX), VIRTIO_BLK_S_OK),
+    ] {
+        let mut descs = vec![header(&mem, VIRTIO_BLK_T_IN, 0)];
+        descs.extend((0..segments as u64).map(|i| writable(0x100_000 + 512 * (i % 32), 512)));
+        descs.push(status_desc(&mem));
+        submit_big(&disk, &mem, &descs);
+        assert_eq!(status(&mem), want, "{segments} segments");
+    }
+}
+
+/// Like `submit`, on a queue large enough for long chains.
+fn submit_big(disk: &DiskImage, mem: &GuestMemoryMmap, descs: &[RawDescriptor]) -> u32 {
+    let tq = TestQueue::new(mem, 512);
+    tq.add_chain(descs);
+    let mut queue = tq.queue();
+    let chain = queue.pop_descriptor_chain(mem).unwrap();
+    handle_request(disk, mem, chain)
+}
+
+#[test]
 fn malformed_chains() {
     let (mem, tmp) = (test_memory(), image());
     let disk = disk(&tmp, false);

@@ -133,6 +133,27 @@ fn input_waits_for_buffers_instead_of_being_dropped() {
 }
 
 #[test]
+fn chains_that_take_no_input_cannot_hold_the_worker() {
+    // A guest that keeps publishing receive chains without a writable byte: one pass serves
+    // CHAINS_PER_PASS of them, then kicks its own queue to come back through epoll.
+    let mem = test_memory();
+    let tq = TestQueue::new(&mem, 1024);
+    tq.store_desc(0, readable(0x10_000, 4));
+    for _ in 0..300 {
+        tq.publish(&mem, 0);
+    }
+    let (mut rx, interrupt) = tq.device_queue(false);
+    let pending = pending_of(b"abc");
+    deliver_input(&mut rx, &mem, interrupt.as_ref(), &pending);
+    assert_eq!(tq.used(&mem).len(), CHAINS_PER_PASS);
+    assert_eq!(rx.kick.read().unwrap(), 1);
+    assert_eq!(pending.lock().unwrap().len(), 3);
+    // The next pass (the kick) serves the rest.
+    deliver_input(&mut rx, &mem, interrupt.as_ref(), &pending);
+    assert_eq!(tq.used(&mem).len(), 300);
+}
+
+#[test]
 fn push_is_bounded() {
     let console = Console::new(Box::new(Vec::new())).unwrap();
     let input = console.input();
