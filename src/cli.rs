@@ -65,6 +65,11 @@ struct Args {
     #[arg(long, value_name = "pci|mmio", default_value = "pci", value_parser = parse_transport)]
     transport: Transport,
 
+    /// Debug: time the boot. pvm prints when the first vCPU enters the guest, and each time the
+    /// guest writes 123 to I/O port 0x3f0 (e.g. from /init), both relative to pvm's start.
+    #[arg(long)]
+    boot_timer: bool,
+
     /// Print the VM's userspace exits (KVM_RUN returns) by reason on stderr when it ends.
     #[arg(long)]
     stats: bool,
@@ -176,6 +181,7 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<VmConfig, CliE
         console: args.console,
         transport: args.transport,
         stats: args.stats,
+        boot_timer: args.boot_timer,
         seccomp: args.seccomp,
         log_level: args.log_level,
     })

@@ -77,6 +77,8 @@ pub struct VmConfig {
     pub transport: Transport,
     /// Print userspace exit counts by reason when the VM ends.
     pub stats: bool,
+    /// The boot-timer debug device on port 0x3f0 (crate::devices::boot_timer).
+    pub boot_timer: bool,
     /// Install the per-thread seccomp filters (crate::seccomp).
     pub seccomp: bool,
     pub log_level: LevelFilter,

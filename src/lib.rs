@@ -27,6 +27,7 @@ use std::ffi::OsString;
 
 /// Runs pvm with the given process arguments and returns the process exit code.
 pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
+    let _ = devices::boot_timer::PROCESS_START.set(std::time::Instant::now());
     let config = match cli::parse(args) {
         Ok(config) => config,
         Err(cli::CliExit::Message(code, text)) => {

@@ -270,12 +270,19 @@ pub struct Vcpu {
     pub end: Arc<EndSignal>,
     pub stop: Arc<AtomicBool>,
     pub stats: Arc<ExitStats>,
+    /// Print when the first vCPU enters the guest (--boot-timer).
+    pub boot_timer: bool,
 }
 
 impl Vcpu {
     /// Runs until the guest ends the VM or the main thread asks to stop (then kicks this thread
     /// with a signal so KVM_RUN returns EINTR).
     pub fn run(mut self) {
+        if let Some(first) = crate::devices::boot_timer::record_first_run() {
+            if self.boot_timer {
+                eprintln!("{}", crate::devices::boot_timer::first_run_line(&first));
+            }
+        }
         while !self.stop.load(Ordering::Acquire) {
             let action = match self.fd.run() {
                 Ok(VcpuExit::InternalError) => {

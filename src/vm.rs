@@ -22,6 +22,7 @@ use crate::boot::{self, acpi};
 use crate::bus::{self, Bus};
 use crate::config::{ConsoleKind, VmConfig};
 use crate::devices::IrqTrigger;
+use crate::devices::boot_timer::{BOOT_TIMER_PORT, BootTimer};
 use crate::devices::legacy::{I8042, ResetLine, SerialDevice};
 use crate::devices::power::{AcpiPower, PvPanic};
 use crate::exit::{EndSignal, Outcome};
@@ -294,6 +295,13 @@ impl Vm {
             1,
             Arc::new(Mutex::new(PvPanic(end.clone()))),
         )?;
+        if config.boot_timer {
+            pio.insert(
+                u64::from(BOOT_TIMER_PORT),
+                1,
+                Arc::new(Mutex::new(BootTimer::default())),
+            )?;
+        }
         let mut mmio = Bus::new();
         let attached = virtio_devices::attach(config, &vm_fd, &guest_memory, &mut pio, &mut mmio)?;
         let buses = Arc::new(Buses { pio, mmio });
@@ -347,6 +355,7 @@ impl Vm {
                 end: end.clone(),
                 stop: stop.clone(),
                 stats: stats.clone(),
+                boot_timer: config.boot_timer,
             });
         }
         Ok(Vm {

@@ -494,3 +494,35 @@ fn a_forbidden_system_call_ends_pvm_naming_thread_and_call() {
         );
     }
 }
+
+#[test]
+fn boot_timer_reports_the_first_kvm_run_and_each_guest_signal() {
+    require_kvm();
+    // out 0x3f0, 123 twice (and once a wrong value), then ACPI power-off.
+    let signal = |value: u8| vec![0x66, 0xba, 0xf0, 0x03, 0xb0, value, 0xee];
+    let mut code = signal(123);
+    code.extend(signal(7));
+    code.extend(signal(123));
+    code.extend(out_then_halt(0x3c0, (5 << 2) | (1 << 5)));
+    let kernel = micro_kernel("boot-timer", &code);
+    let args = ["--kernel", kernel.to_str().unwrap(), "--mem", "64M"];
+    let (out, _) = run(&[&args[..], &["--boot-timer"]].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines = error_lines(&out);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines[0].starts_with("pvm: boot-timer: first KVM_RUN ") && lines[0].ends_with(" CPU-ms"),
+        "{lines:?}"
+    );
+    for (line, n) in lines[1..].iter().zip(1..) {
+        assert!(
+            line.starts_with(&format!("pvm: boot-timer: guest signal {n} at "))
+                && line.ends_with(" ms after the first KVM_RUN"),
+            "{lines:?}"
+        );
+    }
+    // Without the flag the port is not there: the writes cost an exit and nothing is printed.
+    let (out, _) = run(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(error_lines(&out).is_empty(), "{:?}", error_lines(&out));
+}

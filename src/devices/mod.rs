@@ -1,6 +1,7 @@
 //! The platform devices pvm keeps besides virtio: the 8250 UART for early boot (vm-superio), the
 //! i8042 reset line (vm-superio), the ACPI power device and pvpanic.
 
+pub mod boot_timer;
 pub mod legacy;
 pub mod power;
 

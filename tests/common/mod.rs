@@ -213,6 +213,11 @@ pub fn guest_initramfs(init_script: &str, kernel: Kernel) -> Vec<u8> {
         files.push(("lib/modules/order".to_string(), 0o644, order.into_bytes()));
         dirs = vec!["lib", "lib/modules"];
     }
+    files.push((
+        "bin/pvm-boot-signal".to_string(),
+        0o755,
+        boot_signal_program(),
+    ));
     init.push_str(init_script);
     // Without this, /init ending would panic the guest; a test expecting a panic causes one.
     init.push_str("\npoweroff -f\n");
@@ -220,6 +225,49 @@ pub fn guest_initramfs(init_script: &str, kernel: Kernel) -> Vec<u8> {
 
     image.extend(cpio_archive(&dirs, &files));
     image
+}
+
+/// A static x86-64 Linux program that signals pvm's boot timer (writes 123 to port 0x3f0, see
+/// `pvm --boot-timer`) and exits: ioperm(0x3f0, 1, 1); out 0x3f0, al; exit(0). Hand-assembled,
+/// so it works on any guest kernel (Debian's cloud kernel has no /dev/port).
+pub fn boot_signal_program() -> Vec<u8> {
+    const LOAD: u64 = 0x40_0000;
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0xb8, 173, 0, 0, 0,          // mov eax, SYS_ioperm
+        0xbf, 0xf0, 0x03, 0, 0,      // mov edi, 0x3f0
+        0xbe, 1, 0, 0, 0,            // mov esi, 1
+        0xba, 1, 0, 0, 0,            // mov edx, 1
+        0x0f, 0x05,                  // syscall
+        0x66, 0xba, 0xf0, 0x03,      // mov dx, 0x3f0
+        0xb0, 123,                   // mov al, 123
+        0xee,                        // out dx, al
+        0xb8, 60, 0, 0, 0,           // mov eax, SYS_exit
+        0x31, 0xff,                  // xor edi, edi
+        0x0f, 0x05,                  // syscall
+    ];
+    let mut elf = vec![0u8; 0x1000];
+    let mut put = |at: usize, bytes: &[u8]| elf[at..at + bytes.len()].copy_from_slice(bytes);
+    put(0, b"\x7fELF\x02\x01\x01");
+    put(16, &2u16.to_le_bytes()); // ET_EXEC
+    put(18, &0x3eu16.to_le_bytes()); // x86-64
+    put(20, &1u32.to_le_bytes());
+    put(24, &(LOAD + 0x1000).to_le_bytes()); // entry: the code, one page in
+    put(32, &64u64.to_le_bytes()); // program headers right after the header
+    put(52, &64u16.to_le_bytes());
+    put(54, &56u16.to_le_bytes());
+    put(56, &1u16.to_le_bytes());
+    put(64, &1u32.to_le_bytes()); // PT_LOAD
+    put(68, &5u32.to_le_bytes()); // R+X
+    put(72, &0u64.to_le_bytes()); // from file offset 0
+    put(80, &LOAD.to_le_bytes());
+    put(88, &LOAD.to_le_bytes());
+    let size = (0x1000 + code.len()) as u64;
+    put(96, &size.to_le_bytes());
+    put(104, &size.to_le_bytes());
+    put(112, &0x1000u64.to_le_bytes());
+    elf.extend_from_slice(code);
+    elf
 }
 
 /// Quotes `word` for sh.

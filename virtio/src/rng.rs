@@ -204,6 +204,12 @@ mod tests {
         assert_eq!(used as usize, MAX_BYTES_PER_REQUEST);
         let past = MAX_BYTES_PER_REQUEST as u64 + 0x10_000;
         assert_eq!(bytes(&mem, past, 4096), vec![0; 4096]);
+        // A 4 GiB - 1 descriptor gets the same 64 KiB; an empty one gets nothing.
+        assert_eq!(
+            run(&mem, &[writable(0x10_000, u32::MAX)]) as usize,
+            MAX_BYTES_PER_REQUEST
+        );
+        assert_eq!(run(&mem, &[writable(0x10_000, 0)]), 0);
     }
 
     #[test]

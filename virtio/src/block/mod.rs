@@ -133,6 +133,17 @@ impl Block {
     pub fn is_read_only(&self) -> bool {
         self.disk.read_only
     }
+
+    /// Serves one request chain on the calling thread, as the worker does for each chain it
+    /// pops. For pvm-virtio's benchmarks (benches/block.rs) only; not part of the API.
+    #[doc(hidden)]
+    pub fn bench_serve_request(
+        &self,
+        memory: &GuestMemoryMmap,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    ) -> u32 {
+        request::handle_request(&self.disk, memory, chain)
+    }
 }
 
 fn disk_id(

@@ -163,6 +163,17 @@ impl Net {
         Arc::clone(&self.counters)
     }
 
+    /// Sends one transmit chain to the backend on the calling thread, as the worker does for
+    /// each chain it pops. For pvm-virtio's benchmarks (benches/net.rs) only; not part of the API.
+    #[doc(hidden)]
+    pub fn bench_transmit(
+        &self,
+        memory: &GuestMemoryMmap,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    ) -> u32 {
+        transmit(self.backend.as_ref(), memory, chain, &self.counters)
+    }
+
     fn config_space(&self) -> [u8; 8] {
         let mut config = [0u8; 8];
         let mac = offset_of!(virtio_net_config, mac);

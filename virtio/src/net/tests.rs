@@ -112,7 +112,10 @@ fn transmit_drops_malformed_chains_and_counts_backend_errors() {
     transmit_one(&backend, &mem, &[writable(0x10_000, 64)], &counters);
     transmit_one(&backend, &mem, &[readable(0x4000_0000, 64)], &counters);
     transmit_one(&backend, &mem, &[readable(0x10_000, 0x20_000)], &counters);
-    assert_eq!(counters.tx_malformed.load(Ordering::Relaxed), 4);
+    // Zero-length only, and a 4 GiB - 1 descriptor.
+    transmit_one(&backend, &mem, &[readable(0x10_000, 0)], &counters);
+    transmit_one(&backend, &mem, &[readable(0x10_000, u32::MAX)], &counters);
+    assert_eq!(counters.tx_malformed.load(Ordering::Relaxed), 6);
     peer.set_nonblocking(true).unwrap();
     assert!(
         peer.recv(&mut [0u8; 16]).is_err(),
