@@ -20,7 +20,7 @@ mod test_utils;
 mod transport;
 mod worker;
 
-pub use block::{Block, BlockError};
+pub use block::{Block, BlockError, DiskErrors};
 pub use console::{Console, ConsoleError, ConsoleInput};
 pub use device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 pub use mmio::MmioTransport;
