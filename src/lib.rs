@@ -33,9 +33,10 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
         Err(cli::CliExit::Message(code, text)) => {
             // --help and --version go to stdout with code 0; usage errors to stderr with 2.
             if code == 0 {
-                print!("{text}");
+                // Not print!, which panics on a closed pipe (`pvm --help | true`).
+                let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
             } else {
-                eprint!("{text}");
+                logger::to_stderr(&text);
             }
             return code;
         }
@@ -44,12 +45,12 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
     match vm::run(config) {
         Ok(outcome) => {
             if let Some(message) = outcome.message() {
-                eprintln!("pvm: {message}");
+                logger::to_stderr(&format!("pvm: {message}\n"));
             }
             outcome.exit_code()
         }
         Err(err) => {
-            eprintln!("pvm: {}", exit::error_chain(&err));
+            logger::to_stderr(&format!("pvm: {}\n", exit::error_chain(&err)));
             if err.is_usage() {
                 cli::USAGE_ERROR
             } else {

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pvm_virtio::pci::BAR_SIZE;
 use pvm_virtio::{
-    Block, Console, ConsoleInput, MmioTransport, Net, NetCounters, PciTransport, Rng, Tap,
-    VirtioDevice,
+    Block, Console, ConsoleInput, DiskErrors, MmioTransport, Net, NetCounters, PciTransport, Rng,
+    Tap, VirtioDevice,
 };
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -59,6 +59,8 @@ pub struct Attached {
     pub console_input: Option<ConsoleInput>,
     /// Per-tap frame counters (errors and drops included), for --stats.
     pub net_counters: Vec<(String, Arc<NetCounters>)>,
+    /// Per-disk host I/O failure counts, for --stats.
+    pub disk_errors: Vec<(String, Arc<DiskErrors>)>,
 }
 
 /// A device with the name pvm's messages use for it.
@@ -81,6 +83,9 @@ fn create_devices(
     for (i, disk) in config.disks.iter().enumerate() {
         let block = Block::new(&disk.path, disk.read_only, disk.serial.as_deref())
             .map_err(|e| Error::Device(format!("--disk {e}")))?;
+        attached
+            .disk_errors
+            .push((disk.path.display().to_string(), block.errors()));
         devices.push((format!("block{i}"), Box::new(block)));
     }
     for (i, spec) in config.taps.iter().enumerate() {
@@ -112,11 +117,11 @@ fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<Net, Error> {
         net.set_data_plane(Box::new(plane));
     }
     // Which one serves the queues matters for what to expect of throughput and CPU.
-    eprintln!(
-        "pvm: tap {}: {} data plane",
+    crate::logger::to_stderr(&format!(
+        "pvm: tap {}: {} data plane\n",
         spec.name,
         net.data_plane_name()
-    );
+    ));
     Ok(net)
 }
 

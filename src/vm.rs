@@ -30,8 +30,8 @@ use crate::seccomp::{self, ThreadKind};
 use crate::terminal::RawMode;
 use crate::vcpu::{self, Buses, ExitStats, Vcpu};
 use crate::virtio_devices::{self, Attached};
-use crate::{kvm_host, layout, memory};
-use pvm_virtio::{ConsoleInput, NetCounters};
+use crate::{kvm_host, layout, logger, memory};
+use pvm_virtio::{ConsoleInput, DiskErrors, NetCounters};
 
 /// KVM needs three pages for the TSS and one for the identity map (Intel); both in the MMIO gap.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -206,14 +206,14 @@ pub fn boot_files(config: &VmConfig) -> Result<BootFiles, Error> {
         (None, None) => None,
     };
     let root = found.root_device();
-    eprintln!(
-        "pvm: booting {} (initrd: {}), root={root}",
+    logger::to_stderr(&format!(
+        "pvm: booting {} (initrd: {}), root={root}\n",
         kernel.1.display(),
         initrd
             .as_ref()
             .map(|i| i.1.display().to_string())
             .unwrap_or_else(|| "none".to_string())
-    );
+    ));
     Ok(BootFiles {
         kernel,
         initrd,
@@ -236,6 +236,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     console_input: Option<ConsoleInput>,
     net_counters: Vec<(String, Arc<NetCounters>)>,
+    disk_errors: Vec<(String, Arc<DiskErrors>)>,
     print_stats: bool,
     seccomp: bool,
     end: Arc<EndSignal>,
@@ -364,6 +365,7 @@ impl Vm {
             serial,
             console_input: attached.console_input,
             net_counters: attached.net_counters,
+            disk_errors: attached.disk_errors,
             print_stats: config.stats,
             seccomp: config.seccomp,
             end,
@@ -446,15 +448,20 @@ impl Vm {
         let _ = std::io::stdout().flush();
         drop(raw);
         if self.print_stats {
-            eprintln!("pvm: exits: {}", self.stats.summary());
+            // Not eprintln!, which panics when stderr is a pipe whose reader has gone.
+            let mut stats = format!("pvm: exits: {}\n", self.stats.summary());
             for (tap, counters) in &self.net_counters {
-                eprintln!("pvm: tap {tap}: {}", counters.summary());
+                stats.push_str(&format!("pvm: tap {tap}: {}\n", counters.summary()));
+            }
+            for (disk, errors) in &self.disk_errors {
+                stats.push_str(&format!("pvm: disk {disk}: io_errors={}\n", errors.count()));
             }
             let cpu: Vec<String> = thread_cpu
                 .iter()
                 .map(|(name, ms)| format!("{name}={ms}"))
                 .collect();
-            eprintln!("pvm: cpu ms by thread: {}", cpu.join(" "));
+            stats.push_str(&format!("pvm: cpu ms by thread: {}\n", cpu.join(" ")));
+            logger::to_stderr(&stats);
         } else {
             log::info!("exits: {}", self.stats.summary());
         }

@@ -3,69 +3,17 @@
 //! they run fast even where /dev/kvm is kvm_pvm (which emulates guest supervisor code), and they
 //! pin down pvm's exit codes, error lines, signal handling and terminal restoration.
 
+mod micro;
+
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use micro::{micro_kernel, out_then_halt, print, require_kvm};
+
 const PVM: &str = env!("CARGO_BIN_EXE_pvm");
-const LOAD_ADDR: u64 = 0x10_0000;
-
-/// Fails clearly (instead of skipping) where the host has no KVM at all.
-fn require_kvm() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm (any flavour, kvm_pvm included); this host has none"
-    );
-}
-
-/// An ELF64 executable with one PT_LOAD segment holding `code` at 1 MiB, entered there.
-fn micro_kernel(name: &str, code: &[u8]) -> PathBuf {
-    let mut elf = vec![0u8; 0x1000];
-    elf[..16].copy_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    let put = |elf: &mut Vec<u8>, at: usize, bytes: &[u8]| {
-        elf[at..at + bytes.len()].copy_from_slice(bytes)
-    };
-    put(&mut elf, 16, &2u16.to_le_bytes()); // ET_EXEC
-    put(&mut elf, 18, &0x3eu16.to_le_bytes()); // x86-64
-    put(&mut elf, 20, &1u32.to_le_bytes());
-    put(&mut elf, 24, &LOAD_ADDR.to_le_bytes()); // entry
-    put(&mut elf, 32, &64u64.to_le_bytes()); // program headers right after the header
-    put(&mut elf, 52, &64u16.to_le_bytes());
-    put(&mut elf, 54, &56u16.to_le_bytes());
-    put(&mut elf, 56, &1u16.to_le_bytes());
-    let ph = 64;
-    put(&mut elf, ph, &1u32.to_le_bytes()); // PT_LOAD
-    put(&mut elf, ph + 4, &5u32.to_le_bytes()); // R+X
-    put(&mut elf, ph + 8, &0x1000u64.to_le_bytes()); // file offset
-    put(&mut elf, ph + 16, &LOAD_ADDR.to_le_bytes());
-    put(&mut elf, ph + 24, &LOAD_ADDR.to_le_bytes());
-    put(&mut elf, ph + 32, &(code.len() as u64).to_le_bytes());
-    put(&mut elf, ph + 40, &(code.len() as u64).to_le_bytes());
-    put(&mut elf, ph + 48, &0x1000u64.to_le_bytes());
-    elf.extend_from_slice(code);
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("micro-kernels");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, elf).unwrap();
-    path
-}
-
-/// `out dx, al` of each byte of `text` to the UART.
-fn print(text: &str) -> Vec<u8> {
-    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
-    for byte in text.bytes() {
-        code.extend_from_slice(&[0xb0, byte, 0xee]); // mov al, byte; out dx, al
-    }
-    code
-}
-
-/// Writes `value` to I/O port `port`, then halts forever.
-fn out_then_halt(port: u16, value: u8) -> Vec<u8> {
-    let [lo, hi] = port.to_le_bytes();
-    vec![0x66, 0xba, lo, hi, 0xb0, value, 0xee, 0xf4, 0xeb, 0xfd]
-}
 
 fn run(args: &[&str]) -> (Output, Duration) {
     let start = Instant::now();

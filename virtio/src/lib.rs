@@ -21,7 +21,7 @@ pub mod thread;
 mod transport;
 mod worker;
 
-pub use block::{Block, BlockError};
+pub use block::{Block, BlockError, DiskErrors};
 pub use console::{Console, ConsoleError, ConsoleInput};
 pub use device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 pub use mmio::MmioTransport;

@@ -14,7 +14,7 @@ use std::mem::offset_of;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -28,7 +28,7 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use vm_memory::GuestMemoryMmap;
 
-pub use request::{DiskImage, MAX_RANGE_SECTORS, SECTOR_SIZE};
+pub use request::{DiskErrors, DiskImage, MAX_RANGE_SECTORS, SECTOR_SIZE};
 
 use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::worker::{SingleQueueHandler, WorkerSlot, device_queues, feature, read_config_bytes};
@@ -102,6 +102,9 @@ impl Block {
             sectors: bytes / SECTOR_SIZE,
             read_only,
             id,
+            name: path.display().to_string(),
+            errors: Arc::default(),
+            flush_failed: AtomicBool::new(false),
         };
         let mut offered_features = feature(VIRTIO_F_VERSION_1)
             | feature(VIRTIO_RING_F_EVENT_IDX)
@@ -143,6 +146,11 @@ impl Block {
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
     ) -> u32 {
         request::handle_request(&self.disk, memory, chain)
+    }
+
+    /// The disk's host I/O failure counts; they stay valid across resets.
+    pub fn errors(&self) -> Arc<DiskErrors> {
+        Arc::clone(&self.disk.errors)
     }
 }
 

@@ -6,6 +6,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use log::{debug, warn};
 use virtio_bindings::bindings::virtio_blk::{
@@ -39,6 +41,40 @@ pub struct DiskImage {
     pub(crate) read_only: bool,
     /// GET_ID answer: the serial, zero-padded to 20 bytes.
     pub(crate) id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    /// Names the disk in log messages (its path).
+    pub(crate) name: String,
+    /// Host I/O failures, shared with the VMM for --stats.
+    pub(crate) errors: Arc<DiskErrors>,
+    /// Set once an fdatasync failed: see [`RequestError::EarlierFlushFailed`].
+    pub(crate) flush_failed: AtomicBool,
+}
+
+/// The host I/O failures of one disk. Every failed request is counted; each distinct cause
+/// (errno) is logged only the first time, so a guest that keeps writing to a full or failing
+/// host disk cannot flood pvm's log.
+#[derive(Debug, Default)]
+pub struct DiskErrors {
+    count: AtomicU64,
+    /// The causes logged so far (error messages: one per errno, so few).
+    logged: Mutex<Vec<String>>,
+}
+
+impl DiskErrors {
+    /// Requests that failed on the host side so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Counts one failure; true if its cause is new, i.e. the caller should log it.
+    pub(crate) fn record(&self, cause: &str) -> bool {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut logged = self.logged.lock().unwrap_or_else(PoisonError::into_inner);
+        if logged.iter().any(|c| c == cause) {
+            return false;
+        }
+        logged.push(cause.to_string());
+        true
+    }
 }
 
 /// Why a request failed; each maps to the status byte the driver sees.
@@ -71,6 +107,12 @@ pub enum RequestError {
     RangeTooLong(u32),
     #[error("host I/O: {0}")]
     Io(#[from] io::Error),
+    /// A failed fdatasync leaves the host page cache unreliable: Linux marks the pages it could
+    /// not write back clean, so the next fdatasync succeeds although the data never reached
+    /// the disk. Once a flush failed, none may succeed (as QEMU does): the guest must not be
+    /// told that writes it made before are durable.
+    #[error("host I/O: an earlier flush failed, so data written before it may be lost")]
+    EarlierFlushFailed,
 }
 
 impl RequestError {
@@ -105,10 +147,16 @@ pub(crate) fn handle_request(disk: &DiskImage, mem: &GuestMemoryMmap, chain: Cha
     let (code, data_len) = match execute(disk, mem, readable, writable) {
         Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
         Err(e) => {
-            // Host-side failures (EIO, ENOSPC) matter to the operator; the rest is the guest's
-            // doing and would only let it flood the log.
-            if matches!(e, RequestError::Io(_)) {
-                warn!("virtio-blk: request failed: {e}");
+            // Host-side failures (EIO, ENOSPC) matter to the operator, once per cause; the rest
+            // is the guest's doing and would only let it flood the log.
+            if matches!(e, RequestError::Io(_) | RequestError::EarlierFlushFailed) {
+                let cause = e.to_string();
+                if disk.errors.record(&cause) {
+                    warn!(
+                        "disk {}: request failed: {cause} (logged once per cause; --stats counts all)",
+                        disk.name
+                    );
+                }
             } else {
                 debug!("virtio-blk: request failed: {e}");
             }
@@ -174,7 +222,12 @@ fn execute(
         }
         VIRTIO_BLK_T_FLUSH => {
             // fdatasync: when the driver sees OK, everything written before is on stable storage.
-            disk.file.sync_data()?;
+            if disk.flush_failed.load(Ordering::Relaxed) {
+                return Err(RequestError::EarlierFlushFailed);
+            }
+            disk.file.sync_data().inspect_err(|_| {
+                disk.flush_failed.store(true, Ordering::Relaxed);
+            })?;
             Ok(0)
         }
         VIRTIO_BLK_T_GET_ID => Ok(writable.write_from(mem, &disk.id)? as u64),

@@ -27,13 +27,20 @@ fn image() -> TempFile {
 }
 
 fn disk(tmp: &TempFile, read_only: bool) -> DiskImage {
+    disk_on(tmp.as_file().try_clone().unwrap(), "test.img", read_only)
+}
+
+fn disk_on(file: std::fs::File, name: &str, read_only: bool) -> DiskImage {
     let mut id = [0u8; 20];
     id[..6].copy_from_slice(b"serial");
     DiskImage {
-        file: tmp.as_file().try_clone().unwrap(),
+        file,
         sectors: DISK_SECTORS,
         read_only,
         id,
+        name: name.to_string(),
+        errors: Arc::default(),
+        flush_failed: std::sync::atomic::AtomicBool::new(false),
     }
 }
 
@@ -466,4 +473,124 @@ fn worker_serves_kicks_and_survives_reset() {
         block.activate(mem.clone(), Arc::new(RecordingInterrupt::default()), vec![]),
         Err(ActivateError::QueueCount { got: 0, want: 1 })
     ));
+}
+
+/// Warnings logged in this test process, once [`capture_warnings`] installed the logger.
+static WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn capture_warnings() {
+    struct Capture;
+    impl log::Log for Capture {
+        fn enabled(&self, metadata: &log::Metadata) -> bool {
+            metadata.level() <= log::Level::Warn
+        }
+        fn log(&self, record: &log::Record) {
+            if self.enabled(record.metadata()) {
+                WARNINGS.lock().unwrap().push(record.args().to_string());
+            }
+        }
+        fn flush(&self) {}
+    }
+    static CAPTURE: Capture = Capture;
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        log::set_logger(&CAPTURE).unwrap();
+        log::set_max_level(log::LevelFilter::Warn);
+    });
+}
+
+/// The captured warnings that mention `name`.
+fn warnings_about(name: &str) -> Vec<String> {
+    WARNINGS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.contains(name))
+        .cloned()
+        .collect()
+}
+
+/// Host I/O errors on /dev/full: writes fail with ENOSPC (a full host disk), fdatasync with
+/// EINVAL, reads succeed. Each cause is logged once however often the guest retries, every
+/// failure is counted, and the device goes on serving requests.
+#[test]
+fn host_errors_are_logged_once_per_cause_and_all_counted() {
+    capture_warnings();
+    let mem = test_memory();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let disk = disk_on(file, "full-disk-under-test", false);
+    let request = |kind: u32, data: Option<RawDescriptor>| {
+        let mut descs = vec![header(&mem, kind, 0)];
+        descs.extend(data);
+        descs.push(status_desc(&mem));
+        submit(&disk, &mem, &descs);
+        status(&mem)
+    };
+    for _ in 0..20 {
+        assert_eq!(
+            request(VIRTIO_BLK_T_OUT, Some(readable(DATA, 4096))),
+            VIRTIO_BLK_S_IOERR
+        );
+        assert_eq!(
+            request(VIRTIO_BLK_T_IN, Some(writable(DATA, 4096))),
+            VIRTIO_BLK_S_OK
+        );
+    }
+    assert_eq!(disk.errors.count(), 20);
+    let lines = warnings_about("full-disk-under-test");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("No space left on device"), "{lines:?}");
+
+    // The first flush fails in fdatasync; later ones must fail too (see the next test), each
+    // cause logged once.
+    for _ in 0..5 {
+        assert_eq!(request(VIRTIO_BLK_T_FLUSH, None), VIRTIO_BLK_S_IOERR);
+    }
+    assert_eq!(disk.errors.count(), 25);
+    let lines = warnings_about("full-disk-under-test");
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines[1].contains("Invalid argument"), "{lines:?}");
+    assert!(lines[2].contains("an earlier flush failed"), "{lines:?}");
+    // Errors the guest causes itself are not host errors: neither counted nor warned about.
+    let h = header(&mem, VIRTIO_BLK_T_IN, DISK_SECTORS);
+    let s = status_desc(&mem);
+    submit(&disk, &mem, &[h, writable(DATA, 512), s]);
+    assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR);
+    assert_eq!(disk.errors.count(), 25);
+    assert_eq!(warnings_about("full-disk-under-test").len(), 3);
+}
+
+/// Once fdatasync failed, Linux may have marked unwritten pages clean and the next fdatasync
+/// would report success: no later flush may tell the guest its earlier writes are durable, even
+/// when the host call itself would now succeed.
+#[test]
+fn a_failed_flush_fails_every_later_flush() {
+    let (mem, tmp) = (test_memory(), image());
+    let disk = disk(&tmp, false);
+    let flush = || {
+        let h = header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        let s = status_desc(&mem);
+        assert_eq!(submit(&disk, &mem, &[h, s]), 1);
+        status(&mem)
+    };
+    assert_eq!(flush(), VIRTIO_BLK_S_OK);
+    // What a failed fdatasync leaves behind (see the previous test for the real failure).
+    disk.flush_failed
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..3 {
+        assert_eq!(flush(), VIRTIO_BLK_S_IOERR);
+    }
+    // Reads and writes still work.
+    let h = header(&mem, VIRTIO_BLK_T_OUT, 0);
+    let s = status_desc(&mem);
+    submit(&disk, &mem, &[h, readable(DATA, 512), s]);
+    assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+    let h = header(&mem, VIRTIO_BLK_T_IN, 0);
+    let s = status_desc(&mem);
+    submit(&disk, &mem, &[h, writable(DATA, 512), s]);
+    assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
 }
