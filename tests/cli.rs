@@ -5,13 +5,12 @@
 
 mod micro;
 
-use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use micro::{micro_kernel, out_then_halt, print, require_kvm};
+use micro::{micro_kernel, out_then_halt, print, read_until, require_kvm, spin};
 
 const PVM: &str = env!("CARGO_BIN_EXE_pvm");
 
@@ -182,7 +181,7 @@ fn sigterm_stops_a_running_guest_and_restores_the_terminal() {
     require_kvm();
     // Print, then spin forever: only a signal ends this guest.
     let mut code = print("spinning\r\n");
-    code.extend_from_slice(&[0xeb, 0xfe]);
+    code.extend(spin());
     let kernel = micro_kernel("spin", &code);
     let (_primary, replica) = openpty();
     let before = termios_of(&replica);
@@ -194,12 +193,8 @@ fn sigterm_stops_a_running_guest_and_restores_the_terminal() {
         .spawn()
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 64];
-    while !String::from_utf8_lossy(&seen).contains("spinning") {
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "pvm ended before the guest printed");
-        seen.extend_from_slice(&buf[..n]);
+    if let Err(seen) = read_until(&mut stdout, "spinning") {
+        panic!("pvm ended before the guest printed: {seen:?}");
     }
     assert_ne!(
         termios_of(&replica),
@@ -283,7 +278,7 @@ fn a_disk_in_use_by_another_pvm_is_refused() {
     let image = scratch_image("shared.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let mut code = print("holding the disk\r\n");
-    code.extend_from_slice(&[0xeb, 0xfe]);
+    code.extend(spin());
     let kernel = micro_kernel("spin-disk", &code);
     let args = [
         "--kernel",
@@ -302,12 +297,8 @@ fn a_disk_in_use_by_another_pvm_is_refused() {
         .unwrap();
     // Once the guest runs, its devices (and the image's lock) exist.
     let mut stdout = first.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 64];
-    while !String::from_utf8_lossy(&seen).contains("holding the disk") {
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "the first pvm ended early");
-        seen.extend_from_slice(&buf[..n]);
+    if let Err(seen) = read_until(&mut stdout, "holding the disk") {
+        panic!("the first pvm ended early: {seen:?}");
     }
     let (out, _) = run(&args);
     // SAFETY: signalling our own child.
@@ -328,7 +319,7 @@ fn a_disk_in_use_by_another_pvm_is_refused() {
 /// thread exists) and two vCPUs, and returns once the guest runs.
 fn spinning_pvm(name: &str, extra: &[&str], env: &[(&str, &str)]) -> std::process::Child {
     let mut code = print("spinning\r\n");
-    code.extend_from_slice(&[0xeb, 0xfe]);
+    code.extend(spin());
     let kernel = micro_kernel(name, &code);
     let image = scratch_image(&format!("{name}.img"));
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
@@ -343,12 +334,8 @@ fn spinning_pvm(name: &str, extra: &[&str], env: &[(&str, &str)]) -> std::proces
         .spawn()
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 64];
-    while !String::from_utf8_lossy(&seen).contains("spinning") {
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "pvm ended before the guest printed");
-        seen.extend_from_slice(&buf[..n]);
+    if let Err(seen) = read_until(&mut stdout, "spinning") {
+        panic!("pvm ended before the guest printed: {seen:?}");
     }
     child
 }
@@ -408,7 +395,7 @@ fn every_thread_runs_under_a_seccomp_filter_unless_turned_off() {
 fn a_forbidden_system_call_ends_pvm_naming_thread_and_call() {
     require_kvm();
     let mut code = print("spinning\r\n");
-    code.extend_from_slice(&[0xeb, 0xfe]);
+    code.extend(spin());
     let kernel = micro_kernel("spin-probe", &code);
     let image = scratch_image("probe.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();

@@ -505,20 +505,6 @@ fn wait_timeout(child: &mut Child, secs: u64) -> ExitStatus {
     }
 }
 
-/// Reads `from` until `text` has appeared; if the output ends first, what it was.
-fn read_until(from: &mut impl Read, text: &str) -> Result<(), String> {
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&seen).contains(text) {
-        let n = from.read(&mut buf).unwrap();
-        if n == 0 {
-            return Err(String::from_utf8_lossy(&seen).into_owned());
-        }
-        seen.extend_from_slice(&buf[..n]);
-    }
-    Ok(())
-}
-
 /// Fails the test for a pvm that ended before its guest printed: with how and why.
 fn ended_early(child: &mut Child, output: &str) -> ! {
     let status = child.wait().unwrap();
@@ -563,7 +549,7 @@ fn a_closed_stdout_and_stderr_and_sigpipe_do_not_stop_pvm() {
         .spawn()
         .unwrap();
     let mut reader = std::fs::File::from(read_end);
-    if let Err(output) = read_until(&mut reader, "first line") {
+    if let Err(output) = micro::read_until(&mut reader, "first line") {
         ended_early(&mut child, &output);
     }
     // The reader leaves: from now on every write pvm makes fails with EPIPE.
@@ -589,7 +575,7 @@ fn spinning_guest(stdin: Stdio) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    if let Err(stdout) = read_until(child.stdout.as_mut().unwrap(), "spinning") {
+    if let Err(stdout) = micro::read_until(child.stdout.as_mut().unwrap(), "spinning") {
         let stderr = stderr_of(&mut child);
         ended_early(&mut child, &format!("{stdout}{stderr}"));
     }

@@ -5,6 +5,7 @@
 // Each test binary uses only part of this module.
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 const LOAD_ADDR: u64 = 0x10_0000;
@@ -87,4 +88,18 @@ pub fn power_off() -> Vec<u8> {
 /// Jumps to itself forever: only a signal ends such a guest.
 pub fn spin() -> Vec<u8> {
     vec![0xeb, 0xfe]
+}
+
+/// Reads `from` until `text` has appeared; if the output ends first, what it was.
+pub fn read_until(from: &mut impl Read, text: &str) -> Result<(), String> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains(text) {
+        let n = from.read(&mut buf).unwrap();
+        if n == 0 {
+            return Err(String::from_utf8_lossy(&seen).into_owned());
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    Ok(())
 }

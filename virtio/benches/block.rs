@@ -238,12 +238,7 @@ fn main() {
     c.final_summary();
 
     println!();
-    println!("summary (median per request; ratio = pvm / limit):");
-    println!(
-        "summary reference: eventfd round trip between two threads (kick + interrupt, no device \
-         work) {}: the floor under every pvm worker figure",
-        micros(floor)
-    );
+    common::print_summary_header("request", floor);
     for s in &summaries {
         println!(
             "summary {}: pvm worker {} ({}), pvm request fn {}, limit {} ({}); ratio worker {}, request fn {}",

@@ -297,12 +297,7 @@ fn main() {
             }
         }
     }
-    println!("summary (median per frame; ratio = pvm / limit):");
-    println!(
-        "summary reference: eventfd round trip between two threads (kick + interrupt, no device \
-         work) {}: the floor under every pvm worker figure",
-        micros(floor)
-    );
+    common::print_summary_header("frame", floor);
     for s in &summaries {
         println!(
             "summary net tx {}: pvm worker {} ({}), pvm transmit fn {}, limit {} ({}); ratio worker {}, transmit fn {}",

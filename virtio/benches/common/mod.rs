@@ -340,3 +340,13 @@ pub fn wake_up_floor(c: &mut Criterion) -> Option<Duration> {
     peer.join().expect("peer thread");
     floor
 }
+
+/// The first lines of a bench's summary: what the figures are and the wake-up floor under them.
+pub fn print_summary_header(unit: &str, floor: Option<Duration>) {
+    println!("summary (median per {unit}; ratio = pvm / limit):");
+    println!(
+        "summary reference: eventfd round trip between two threads (kick + interrupt, no device \
+         work) {}: the floor under every pvm worker figure",
+        micros(floor)
+    );
+}

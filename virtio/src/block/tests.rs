@@ -52,6 +52,15 @@ fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) -> RawDescriptor {
     readable(HEADER, 16)
 }
 
+/// The data descriptor of a `kind` request: device-writable for IN, device-readable otherwise.
+fn data_for(kind: u32, addr: u64, len: u32) -> RawDescriptor {
+    if kind == VIRTIO_BLK_T_IN {
+        writable(addr, len)
+    } else {
+        readable(addr, len)
+    }
+}
+
 fn status_desc(mem: &GuestMemoryMmap) -> RawDescriptor {
     mem.write_obj(0xaau8, GuestAddress(STATUS)).unwrap();
     writable(STATUS, 1)
@@ -229,11 +238,7 @@ fn out_of_range_and_unaligned_requests_fail() {
     ];
     for (kind, sector, len) in cases {
         let h = header(&mem, kind, sector);
-        let data = if kind == VIRTIO_BLK_T_IN {
-            writable(DATA, len)
-        } else {
-            readable(DATA, len)
-        };
+        let data = data_for(kind, DATA, len);
         let s = status_desc(&mem);
         assert_eq!(submit(&disk, &mem, &[h, data, s]), 1);
         assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR, "{kind} {sector} {len}");
@@ -271,11 +276,7 @@ fn zero_length_buffers_are_skipped_and_4_gib_ones_refused() {
     for kind in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
         let len = u32::MAX - 32;
         let h = header(&mem, kind, 0);
-        let data = if kind == VIRTIO_BLK_T_IN {
-            writable(DATA, len)
-        } else {
-            readable(DATA, len)
-        };
+        let data = data_for(kind, DATA, len);
         let s = status_desc(&mem);
         assert_eq!(submit(&disk, &mem, &[h, data, s]), 1);
         assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR, "{kind}");
@@ -297,11 +298,7 @@ fn requests_beyond_the_advertised_seg_max_or_size_max_fail() {
     for kind in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
         let h = header(&mem, kind, 0);
         let big = SEGMENT_MAX_BYTES + 512;
-        let data = if kind == VIRTIO_BLK_T_IN {
-            writable(0x100_000, big)
-        } else {
-            readable(0x100_000, big)
-        };
+        let data = data_for(kind, 0x100_000, big);
         let s = status_desc(&mem);
         submit_big(&disk, &mem, &[h, data, s]);
         assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR, "{kind}");
