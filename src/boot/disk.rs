@@ -16,6 +16,10 @@ const MBR_LINUX: u8 = 0x83;
 /// The largest kernel or initrd pvm reads from a disk image. Distribution initrds are tens of
 /// MiB; an inode claiming more is refused before anything is allocated for it.
 const MAX_BOOT_FILE: u64 = 1 << 30;
+/// The longest symlink target followed (Linux's PATH_MAX), and the most links followed while
+/// resolving one path (Linux's MAXSYMLINKS).
+const MAX_SYMLINK_TARGET: u64 = 4096;
+const MAX_SYMLINK_HOPS: usize = 40;
 const MBR_GPT_PROTECTIVE: u8 = 0xee;
 /// GPT "Linux filesystem data" type GUID 0FC63DAF-8483-4772-8E79-3D69D8477DE4, as stored.
 const GPT_LINUX_FS: [u8; 16] = [
@@ -238,6 +242,64 @@ impl Ext4Read for Partition {
     }
 }
 
+/// Resolves `path` (absolute) to a path with no symlink in it, reading each link only after
+/// checking the length its inode claims. ext4-view's own resolution allocates whatever length a
+/// link claims, so nothing else in this file hands it a path that still holds a symlink.
+fn resolve(fs: &Ext4, path: &str) -> Result<String, String> {
+    let mut resolved: Vec<String> = Vec::new();
+    let mut pending: Vec<String> = path.rsplit('/').map(str::to_string).collect();
+    let mut hops = 0;
+    let joined = |parts: &[String]| format!("/{}", parts.join("/"));
+    while let Some(part) = pending.pop() {
+        match part.as_str() {
+            "" | "." => continue,
+            ".." => {
+                resolved.pop();
+                continue;
+            }
+            _ => {}
+        }
+        resolved.push(part);
+        let here = joined(&resolved);
+        let meta = fs
+            .symlink_metadata(here.as_str())
+            .map_err(|e| format!("{here}: {e}"))?;
+        if !meta.is_symlink() {
+            continue;
+        }
+        hops += 1;
+        if hops > MAX_SYMLINK_HOPS {
+            return Err(format!(
+                "{path}: more than {MAX_SYMLINK_HOPS} symlinks to follow"
+            ));
+        }
+        if meta.len() > MAX_SYMLINK_TARGET {
+            return Err(format!(
+                "{here}: symlink claims a {} byte target, more than {MAX_SYMLINK_TARGET}",
+                meta.len()
+            ));
+        }
+        let target = fs
+            .read_link(here.as_str())
+            .map_err(|e| format!("{here}: {e}"))?;
+        let target = target
+            .to_str()
+            .map_err(|_| format!("{here}: symlink target is not UTF-8"))?
+            .to_string();
+        resolved.pop();
+        if target.starts_with('/') {
+            resolved.clear();
+        }
+        pending.extend(target.rsplit('/').map(str::to_string));
+    }
+    Ok(joined(&resolved))
+}
+
+/// Whether `path` names something, following symlinks with [`resolve`].
+fn exists(fs: &Ext4, path: &str) -> bool {
+    resolve(fs, path).is_ok()
+}
+
 /// Looks in `image` for a kernel (and its initrd) to boot.
 pub fn find_kernel(image: &Path) -> Result<DiskKernel, Error> {
     let io = |source| Error::Io {
@@ -274,12 +336,13 @@ pub fn find_kernel(image: &Path) -> Result<DiskKernel, Error> {
         Some(n) => format!("partition {n}"),
         None => "the whole disk".to_string(),
     };
-    let boot_names: Vec<String> = match fs.read_dir("/boot") {
-        Ok(dir) => dir
+    let boot_dir = resolve(&fs, "/boot");
+    let boot_names: Vec<String> = match boot_dir.as_deref().map(|dir| fs.read_dir(dir)) {
+        Ok(Ok(dir)) => dir
             .filter_map(Result::ok)
             .filter_map(|e| e.file_name().as_str().ok().map(str::to_string))
             .collect(),
-        Err(_) => Vec::new(),
+        _ => Vec::new(),
     };
     let mut versioned: Vec<(&str, &str)> = boot_names
         .iter()
@@ -293,9 +356,7 @@ pub fn find_kernel(image: &Path) -> Result<DiskKernel, Error> {
     let (kernel_path, version) = match versioned.last() {
         Some((name, version)) => (format!("/boot/{name}"), Some(version.to_string())),
         None => {
-            let found = KERNEL_PATTERNS[2..]
-                .iter()
-                .find(|p| fs.exists(**p).unwrap_or(false));
+            let found = KERNEL_PATTERNS[2..].iter().find(|p| exists(&fs, p));
             match found {
                 Some(path) => (path.to_string(), None),
                 None => {
@@ -311,7 +372,11 @@ pub fn find_kernel(image: &Path) -> Result<DiskKernel, Error> {
     // is checked first: no larger than the filesystem's room in the image, nor MAX_BOOT_FILE.
     let room = fs_room;
     let read_bounded = |path: &str| -> Result<Vec<u8>, Error> {
-        let len = fs.metadata(path).map_err(ext4_err)?.len();
+        let real = resolve(&fs, path).map_err(|detail| Error::Ext4 {
+            path: image.to_path_buf(),
+            detail,
+        })?;
+        let len = fs.symlink_metadata(real.as_str()).map_err(ext4_err)?.len();
         let limit = room.min(MAX_BOOT_FILE);
         if len > limit {
             return Err(Error::Ext4 {
@@ -319,7 +384,7 @@ pub fn find_kernel(image: &Path) -> Result<DiskKernel, Error> {
                 detail: format!("{path} claims {len} bytes, more than the {limit} pvm reads"),
             });
         }
-        fs.read(path).map_err(ext4_err)
+        fs.read(real.as_str()).map_err(ext4_err)
     };
     let kernel = read_bounded(kernel_path.as_str())?;
     let initrd_candidates: Vec<String> = match &version {
@@ -332,7 +397,7 @@ pub fn find_kernel(image: &Path) -> Result<DiskKernel, Error> {
     };
     let mut initrd = None;
     for candidate in initrd_candidates {
-        if fs.exists(candidate.as_str()).unwrap_or(false) {
+        if exists(&fs, &candidate) {
             initrd = Some((candidate.clone(), read_bounded(candidate.as_str())?));
             break;
         }
@@ -544,6 +609,77 @@ mod tests {
         let err = find_kernel(&path).unwrap_err().to_string();
         std::fs::remove_file(&path).unwrap();
         assert!(err.contains("/vmlinuz claims 184683593728 bytes"), "{err}");
+    }
+
+    #[test]
+    fn symlinks_that_claim_huge_targets_are_refused_before_reading() {
+        // /vmlinuz is a symlink whose inode claims a 32 GiB target (fuzzer found, CI run of
+        // 2026-12-05): ext4-view would allocate that much while resolving the path.
+        let path = fuzz_image(
+            "symlink",
+            include_bytes!("../../fuzz/crashes/disk_kernel/ext4-symlink-claims-32-gib"),
+        );
+        let err = find_kernel(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains("no kernel found"), "{err}");
+    }
+
+    /// An ext4 image made by mkfs.ext4 -d from a tree `build` fills (e2fsprogs, installed by
+    /// scripts/host-packages).
+    fn ext4_image(name: &str, build: impl FnOnce(&Path)) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pvm-ext4-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let tree = dir.join("tree");
+        std::fs::create_dir_all(&tree).unwrap();
+        build(&tree);
+        let image = dir.join("root.img");
+        std::fs::write(&image, vec![0u8; 8 << 20]).unwrap();
+        let ok = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&tree)
+            .arg(&image)
+            .status()
+            .expect("mkfs.ext4 (e2fsprogs)")
+            .success();
+        assert!(ok);
+        image
+    }
+
+    #[test]
+    fn symlinks_are_followed_like_linux_follows_them() {
+        use std::os::unix::fs::symlink;
+        let long = "a-file-name-long-enough-that-its-link-is-not-stored-inline-in-the-inode";
+        let image = ext4_image("links", |t| {
+            std::fs::create_dir_all(t.join("images/boot")).unwrap();
+            std::fs::create_dir_all(t.join("images/deep")).unwrap();
+            std::fs::create_dir_all(t.join("real")).unwrap();
+            std::fs::write(t.join("images").join(long), b"kernel bytes").unwrap();
+            std::fs::write(t.join("images/initrd"), b"initrd bytes").unwrap();
+            // /boot -> real/x/../boot with /real/x -> /images/deep: `..` is taken after the
+            // link, as Linux takes it, so /boot is /images/boot (not /real/boot).
+            symlink("/images/deep", t.join("real/x")).unwrap();
+            symlink("real/x/../boot", t.join("boot")).unwrap();
+            symlink(format!("../{long}"), t.join("images/boot/vmlinuz-6.1.0")).unwrap();
+            symlink("/images/initrd", t.join("images/boot/initrd.img-6.1.0")).unwrap();
+        });
+        let found = find_kernel(&image).unwrap();
+        assert_eq!(found.kernel_name, "/boot/vmlinuz-6.1.0");
+        assert_eq!(found.kernel, b"kernel bytes");
+        let (initrd_name, initrd) = found.initrd.unwrap();
+        assert_eq!(initrd_name, "/boot/initrd.img-6.1.0");
+        assert_eq!(initrd, b"initrd bytes");
+        std::fs::remove_dir_all(image.parent().unwrap()).unwrap();
+
+        // A loop is "not found", not a hang; a dangling link the same.
+        let image = ext4_image("loop", |t| {
+            std::fs::create_dir_all(t.join("boot")).unwrap();
+            symlink("/vmlinuz.old", t.join("vmlinuz")).unwrap();
+            symlink("vmlinuz", t.join("vmlinuz.old")).unwrap();
+            symlink("/nowhere", t.join("boot/vmlinuz")).unwrap();
+        });
+        let err = find_kernel(&image).unwrap_err().to_string();
+        assert!(err.contains("no kernel found"), "{err}");
+        std::fs::remove_dir_all(image.parent().unwrap()).unwrap();
     }
 
     #[test]
