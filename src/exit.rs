@@ -2,6 +2,7 @@
 //! a pvpanic write followed by the panic's reboot is a panic, not a reboot.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -67,6 +68,9 @@ impl Outcome {
 #[derive(Debug)]
 pub struct EndSignal {
     outcome: Mutex<Option<Outcome>>,
+    /// Set with the outcome; vCPUs read it after every exit, so the one that powered off or
+    /// reset the machine never runs the guest again.
+    ended: AtomicBool,
     event: EventFd,
 }
 
@@ -74,6 +78,7 @@ impl EndSignal {
     pub fn new() -> std::io::Result<Self> {
         Ok(EndSignal {
             outcome: Mutex::new(None),
+            ended: AtomicBool::new(false),
             event: EventFd::new(libc::EFD_NONBLOCK)?,
         })
     }
@@ -84,8 +89,14 @@ impl EndSignal {
         if slot.is_none() {
             *slot = Some(outcome);
         }
+        self.ended.store(true, Ordering::Release);
         // A full eventfd counter still wakes the loop, so a failed write loses nothing.
         let _ = self.event.write(1);
+    }
+
+    /// Whether an outcome is recorded: the VM is ending and no vCPU should enter the guest.
+    pub fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
     }
 
     pub fn outcome(&self) -> Option<Outcome> {

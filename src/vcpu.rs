@@ -318,6 +318,11 @@ impl Vcpu {
                 self.end.end(outcome);
                 break;
             }
+            // A device (the ACPI power-off register, the i8042 reset) or another vCPU ended the
+            // VM: the guest must not run on past its own power-off.
+            if self.end.has_ended() {
+                break;
+            }
         }
     }
 }

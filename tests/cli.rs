@@ -50,6 +50,26 @@ fn guest_power_off_exits_zero_and_prints() {
 }
 
 #[test]
+fn the_guest_does_not_run_past_its_own_power_off() {
+    require_kvm();
+    // Power off, then keep printing: nothing after the power-off write may reach the console.
+    let mut code = print("before;");
+    code.extend_from_slice(&[0x66, 0xba, 0xc0, 0x03, 0xb0, (5 << 2) | (1 << 5), 0xee]);
+    for _ in 0..50 {
+        code.extend(print("after;"));
+    }
+    code.extend(spin());
+    let kernel = micro_kernel("run-past-power-off", &code);
+    for _ in 0..5 {
+        let (out, _) = run(&["--kernel", kernel.to_str().unwrap(), "--mem", "64M"]);
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+        let console = String::from_utf8_lossy(&out.stdout);
+        let tail = console.split_once("before;").map(|(_, tail)| tail);
+        assert_eq!(tail, Some(""), "console: {console:?}");
+    }
+}
+
+#[test]
 fn guest_reboot_through_i8042_exits_zero() {
     require_kvm();
     let kernel = micro_kernel("reboot", &out_then_halt(0x64, 0xfe));

@@ -463,6 +463,13 @@ impl Outcome {
             panic!("scenario {}: console lacks {needle:?}", self.name);
         }
     }
+
+    pub fn assert_lacks(&self, needle: &str) {
+        if self.console.contains(needle) {
+            self.dump();
+            panic!("scenario {}: console holds {needle:?}", self.name);
+        }
+    }
 }
 
 /// True when scenarios run inside the emulated KVM host rather than on this machine.
