@@ -22,6 +22,14 @@ const BLOCK_MIB: u32 = 256;
 /// TCP transfer per direction, MiB.
 const NET_MIB: u32 = 64;
 
+/// NET_MIB unless PVM_BENCH_NET_MIB says otherwise (a quick run while tuning).
+fn net_mib() -> u32 {
+    std::env::var("PVM_BENCH_NET_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(NET_MIB)
+}
+
 /// The guest's /init writes 123 to the boot-timer port first thing (tests/common puts the
 /// program in every guest initramfs).
 const SIGNAL_BOOT: &str = "/bin/pvm-boot-signal 2>/dev/null || \
@@ -77,16 +85,51 @@ fn block_scenario(mib: u32) -> Scenario {
         .timeout(600)
 }
 
+/// The data planes the TCP benchmark compares: pvm's in-process worker, pvm with vhost-net,
+/// and QEMU q35 with virtio-net-pci on vhost-net.
+const NET_PLANES: [(&str, &str); 3] = [
+    ("off", "pvm, in-process"),
+    ("on", "pvm, vhost-net"),
+    ("qemu", "QEMU q35, vhost=on"),
+];
+
+/// Shell function for the host side: `cpu_ms PID` prints the CPU time (user + system, ms) of
+/// the VMM's threads other than its vCPUs (pvm's `vcpuN`, QEMU's `CPU N/KVM`), and of the vhost
+/// kernel workers serving it (`vhost-PID`).
+const CPU_MS: &str = r#"cpu_ms() {
+    vmm=0
+    threads=""
+    for t in /proc/$1/task/*; do
+        case "$(cat $t/comm)" in vcpu*|"CPU "*) continue ;; esac
+        ticks=$(sed 's/.*) //' $t/stat | awk '{print $12 + $13}')
+        vmm=$((vmm + ticks))
+        threads="$threads $(tr ' ' _ < $t/comm):$((ticks * 10))"
+    done
+    vhost=0
+    for p in /proc/[0-9]*; do
+        [ "$(cat $p/comm 2>/dev/null)" = "vhost-$1" ] || continue
+        vhost=$((vhost + $(sed 's/.*) //' $p/stat | awk '{print $12 + $13}')))
+    done
+    echo "vmm_ms=$((vmm * 10)) vhost_ms=$((vhost * 10)) threads_ms=$threads"
+}
+"#;
+
 /// TCP both ways between the guest and the host side of tap0, in a network namespace: `mib`
-/// MiB each way (0: the baseline, which only pings). Receivers run `cat > /dev/null` through
-/// `nc -e`, since a backgrounded nc reads EOF from stdin and would close at once.
-fn net_scenario(vhost: &str, mib: u32) -> Scenario {
+/// MiB each way (0: the baseline, which only pings) under `plane` (see [`NET_PLANES`]).
+/// Receivers run `cat > /dev/null` through `nc -e`, since a backgrounded nc reads EOF from stdin
+/// and would close at once. The host samples the VMM's CPU (and its vhost workers') when the
+/// guest is ready and again when both transfers are done, so the figure covers the transfers
+/// only.
+fn net_scenario(plane: &str, mib: u32) -> Result<Scenario, String> {
     let count = mib * 16; // 64 KiB blocks
     let init = format!(
         "ip link set eth0 up\n\
          ip addr add 10.0.2.2/24 dev eth0\n\
          ping -c 1 -W 5 10.0.2.1 >/dev/null\n\
+         for d in /sys/bus/virtio/devices/*; do [ \"$(cat $d/device)\" = 0x0001 ] && echo \"netfeatures $(cat $d/features)\"; done\n\
          printf '#!/bin/sh\\nexec cat > /dev/null\\n' > /tmp/sink; chmod +x /tmp/sink\n\
+         echo net-ready\n\
+         sleep 3\n\
          t0={NOW_CS}\n\
          [ {mib} -gt 0 ] && dd if=/dev/zero bs=65536 count={count} 2>/dev/null | nc -w 5 10.0.2.1 5000\n\
          t1={NOW_CS}\n\
@@ -94,10 +137,27 @@ fn net_scenario(vhost: &str, mib: u32) -> Scenario {
          echo rx-ready\n\
          wait\n\
          t2={NOW_CS}\n\
-         echo \"BENCH net tx_cs=$((t1 - t0)) rx_cs=$((t2 - t1))\"\n"
+         echo \"BENCH net tx_cs=$((t1 - t0)) rx_cs=$((t2 - t1))\"\n\
+         sleep 3\n"
     );
+    let vmm = match plane {
+        "qemu" => format!(
+            "{QEMU} -M q35 -kernel {{kernel}} -initrd initrd.cpio -append 'console=ttyS0 quiet' \\\n    \
+             -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=on \\\n    \
+             -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile="
+        ),
+        _ => "{pvm}".to_string(),
+    };
     let script = format!(
         "cat > in-netns.sh <<'NETNS'\n\
+         {CPU_MS}\
+         wait_for() {{\n\
+             for i in $(seq 1 300); do\n\
+                 grep -q \"$1\" out.log && return\n\
+                 kill -0 $vmmpid 2>/dev/null || {{ cat out.log; echo \"VMM exited before $1\"; exit 1; }}\n\
+                 sleep 1\n\
+             done\n\
+         }}\n\
          ip link set lo up\n\
          tunctl -t tap0 >/dev/null\n\
          ip link set tap0 up\n\
@@ -105,35 +165,56 @@ fn net_scenario(vhost: &str, mib: u32) -> Scenario {
          printf '#!/bin/sh\\nexec cat > /dev/null\\n' > sink; chmod +x sink\n\
          nc -l -p 5000 -e ./sink &\n\
          listener=$!\n\
-         ({{pvm}} > out.log 2>&1; echo $? > rc.txt) &\n\
-         for i in $(seq 1 300); do grep -q rx-ready out.log && break; sleep 1; done\n\
-         [ {mib} -gt 0 ] && dd if=/dev/zero bs=65536 count={count} 2>/dev/null | nc -w 5 10.0.2.2 5001\n\
-         wait $!\n\
+         {vmm} > out.log 2>&1 &\n\
+         vmmpid=$!\n\
+         wait_for net-ready\n\
+         before=$(cpu_ms $vmmpid)\n\
+         wait_for rx-ready\n\
+         # The guest says rx-ready as its listener starts; retry until it listens.\n\
+         r0={NOW_CS}\n\
+         for i in $(seq 1 30); do\n\
+             r0={NOW_CS}\n\
+             [ {mib} -gt 0 ] || break\n\
+             dd if=/dev/zero bs=65536 count={count} 2>/dev/null | nc -w 5 10.0.2.2 5001 2>/dev/null && break\n\
+             sleep 1\n\
+         done\n\
+         r1={NOW_CS}\n\
+         wait_for 'BENCH net'\n\
+         after=$(cpu_ms $vmmpid)\n\
+         wait $vmmpid\n\
+         rc=$?\n\
          cat out.log\n\
+         echo \"BENCH hostrx rx_cs=$((r1 - r0))\"\n\
+         echo \"BENCH cpu0 $before\"\n\
+         echo \"BENCH cpu1 $after\"\n\
          echo \"BENCH tap packets=$(sed 's/:/ /' /proc/net/dev | awk '$1 == \"tap0\" {{print $3 + $11}}')\"\n\
          kill $listener 2>/dev/null\n\
-         exit $(cat rc.txt)\n\
+         exit $rc\n\
          NETNS\n\
          unshare -n sh ./in-netns.sh"
     );
-    Scenario::boot(&format!("net-{vhost}-{mib}"), Kernel::MinimalElf, 1, &init)
-        .args([
+    let scenario = Scenario::boot(&format!("net-{plane}-{mib}"), Kernel::MinimalElf, 1, &init)
+        .script(&script)
+        .timeout(600);
+    match plane {
+        "qemu" => with_qemu(scenario),
+        vhost => Ok(scenario.args([
             "--tap",
             &format!("tap0,mac=52:54:00:12:34:56,vhost={vhost}"),
             "--stats",
-        ])
-        .script(&script)
-        .timeout(600)
+        ])),
+    }
 }
 
-/// QEMU (this machine's qemu-system-x86_64, its shared libraries and firmware) as scenario
-/// files under qemu/, run inside the KVM host through its own dynamic loader.
+/// QEMU (this machine's qemu-system-x86_64, its shared libraries and firmware) as shared batch
+/// files under `{shared}/qemu`, run inside the KVM host through its own dynamic loader.
 fn with_qemu(mut scenario: Scenario) -> Result<Scenario, String> {
-    let binary = std::path::Path::new("/usr/bin/qemu-system-x86_64");
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
-    };
-    scenario = scenario.file("qemu/qemu-system-x86_64", read(binary)?);
+    use std::path::Path;
+    let binary = Path::new("/usr/bin/qemu-system-x86_64");
+    if !binary.exists() {
+        return Err(format!("{} is not installed", binary.display()));
+    }
+    scenario = scenario.shared_file("qemu/qemu-system-x86_64", binary);
     let ldd = std::process::Command::new("ldd")
         .arg(binary)
         .output()
@@ -143,9 +224,9 @@ fn with_qemu(mut scenario: Scenario) -> Result<Scenario, String> {
         let Some(path) = line.split_whitespace().find(|w| w.starts_with('/')) else {
             continue;
         };
-        let path = std::path::Path::new(path);
+        let path = Path::new(path);
         let name = path.file_name().unwrap().to_string_lossy();
-        scenario = scenario.file(&format!("qemu/lib/{name}"), read(path)?);
+        scenario = scenario.shared_file(&format!("qemu/lib/{name}"), path);
     }
     for dir in ["/usr/share/qemu", "/usr/share/seabios"] {
         for entry in std::fs::read_dir(dir).map_err(|e| format!("{dir}: {e}"))? {
@@ -157,66 +238,87 @@ fn with_qemu(mut scenario: Scenario) -> Result<Scenario, String> {
                     .metadata()
                     .is_ok_and(|m| m.is_file() && m.len() < (1 << 20))
             {
-                scenario = scenario.file(&format!("qemu/share/{name}"), read(&path)?);
+                scenario = scenario.shared_file(&format!("qemu/share/{name}"), &path);
             }
         }
     }
     Ok(scenario)
 }
 
-/// The same guest (kernel, initramfs whose /init signals the boot timer and powers off, 1 vCPU,
-/// 256 MiB) under pvm and under QEMU (-M microvm and -M q35, KVM, no default devices), each
-/// timed from launch to exit, alternating, `BOOT_RUNS` times. QEMU runs get 15 s: a guest it
-/// cannot power off (microvm without ACPI power-off) would otherwise hold the batch.
-fn comparison_scenario(kernel: Kernel, machines: &[&str]) -> Result<Scenario, String> {
-    let name = match kernel {
-        Kernel::MinimalElf => "cmp-minimal",
-        _ => "cmp-debian",
-    };
-    let mut runs = String::new();
-    for machine in machines {
-        let command = if *machine == "pvm" {
-            "{pvm} --boot-timer > run.log 2>&1".to_string()
-        } else {
-            format!(
-                "timeout 15 ./qemu/lib/ld-linux-x86-64.so.2 --library-path ./qemu/lib ./qemu/qemu-system-x86_64 \
-                 -L ./qemu/share -M {machine} -enable-kvm -cpu host -m 256 -smp 1 -nodefaults \
-                 -no-user-config -nographic -serial stdio -no-reboot \
-                 -kernel {{kernel}} -initrd initrd.cpio -append 'console=ttyS0 quiet' > run.log 2>&1"
-            )
-        };
-        runs.push_str(&format!(
-            "t0=$(cut -d' ' -f1 /proc/uptime | tr -d .)\n\
-             {command}\n\
-             rc=$?\n\
-             t1=$(cut -d' ' -f1 /proc/uptime | tr -d .)\n\
-             grep -q guest-init-reached run.log || {{ echo \"{machine}: no /init (rc $rc)\"; tail -5 run.log; }}\n\
-             grep 'boot-timer: guest signal' run.log\n\
-             echo \"BENCH wall vmm={machine} cs=$((t1 - t0)) rc=$rc\"\n"
-        ));
+/// QEMU's command line up to the machine-specific options.
+const QEMU: &str = "{shared}/qemu/lib/ld-linux-x86-64.so.2 --library-path {shared}/qemu/lib \
+    {shared}/qemu/qemu-system-x86_64 -L {shared}/qemu/share -enable-kvm -cpu host -m 256 -smp 1 \
+    -nodefaults -no-user-config -nographic -serial stdio -no-reboot";
+
+/// The VMMs the boot comparison runs: pvm, and QEMU's microvm (minimal kernel: microvm has no
+/// firmware path for a bzImage) and q35.
+fn comparison_vmms(kernel: Kernel) -> &'static [&'static str] {
+    match kernel {
+        Kernel::MinimalElf => &["pvm", "microvm", "q35"],
+        _ => &["pvm", "q35"],
     }
-    let init = format!(
-        "{SIGNAL_BOOT}echo guest-init-reached
-"
+}
+
+/// One boot of the same guest (kernel, initramfs whose /init prints a marker, 1 vCPU, 256 MiB)
+/// under `vmm`: the time from launch until the marker shows on the serial console, polled every
+/// 10 ms, measured the same way for pvm and QEMU; then the VMM gets 10 s to exit by the guest's
+/// power-off (QEMU microvm cannot power this guest off) before it is stopped. One scenario per
+/// boot, so that a freeze of the emulated host costs one boot rather than the comparison.
+fn comparison_scenario(kernel: Kernel, run: u32, vmm: &str) -> Result<Scenario, String> {
+    let label = match kernel {
+        Kernel::MinimalElf => "minimal",
+        _ => "debian",
+    };
+    let command = match vmm {
+        "pvm" => "{pvm}".to_string(),
+        machine => format!(
+            "{QEMU} -M {machine} -kernel {{kernel}} -initrd initrd.cpio \\
+    -append 'console=ttyS0 quiet'"
+        ),
+    };
+    let script = format!(
+        "t0={NOW_CS}\n\
+         {command} > run.log 2>&1 &\n\
+         pid=$!\n\
+         while ! grep -q guest-init-reached run.log && kill -0 $pid 2>/dev/null; do usleep 10000; done\n\
+         t1={NOW_CS}\n\
+         init=no; grep -q guest-init-reached run.log && init=yes\n\
+         for i in $(seq 1 100); do kill -0 $pid 2>/dev/null || break; usleep 100000; done\n\
+         ended=self; kill -0 $pid 2>/dev/null && {{ ended=stopped; kill $pid; }}\n\
+         wait $pid; rc=$?\n\
+         t2={NOW_CS}\n\
+         [ $init = yes ] || tail -n 20 run.log\n\
+         echo \"BENCH wall vmm={vmm} init_cs=$((t1 - t0)) exit_cs=$((t2 - t0)) init=$init ended=$ended rc=$rc\"\n\
+         [ $init = yes ]\n"
     );
-    let scenario = Scenario::boot(name, kernel, 1, &init)
-        .script(&format!(
-            "chmod +x qemu/lib/ld-linux-x86-64.so.2 qemu/qemu-system-x86_64\n\
-             for i in $(seq 1 {BOOT_RUNS}); do\n{runs}done"
-        ))
-        .timeout(240);
-    with_qemu(scenario)
+    let scenario = Scenario::boot(
+        &format!("cmp-{label}-{run}-{vmm}"),
+        kernel,
+        1,
+        &format!("{SIGNAL_BOOT}echo guest-init-reached\n"),
+    )
+    .script(&script)
+    .timeout(60);
+    if vmm == "pvm" {
+        Ok(scenario)
+    } else {
+        with_qemu(scenario)
+    }
 }
 
 fn scenarios() -> Vec<Scenario> {
     let mut all = Vec::new();
-    for (kernel, machines) in [
-        (Kernel::MinimalElf, &["pvm", "microvm", "q35"][..]),
-        (Kernel::DebianBzImage, &["pvm", "q35"][..]),
-    ] {
-        match comparison_scenario(kernel, machines) {
-            Ok(scenario) => all.push(scenario),
-            Err(e) => println!("QEMU comparison left out: {e}"),
+    'comparison: for kernel in [Kernel::MinimalElf, Kernel::DebianBzImage] {
+        for run in 1..=BOOT_RUNS {
+            for vmm in comparison_vmms(kernel) {
+                match comparison_scenario(kernel, run, vmm) {
+                    Ok(scenario) => all.push(scenario),
+                    Err(e) => {
+                        println!("QEMU comparison left out: {e}");
+                        break 'comparison;
+                    }
+                }
+            }
         }
     }
     for i in 1..=BOOT_RUNS {
@@ -232,9 +334,13 @@ fn scenarios() -> Vec<Scenario> {
     all.push(memory_scenario());
     all.push(block_scenario(0));
     all.push(block_scenario(BLOCK_MIB));
-    for vhost in ["off", "on"] {
-        all.push(net_scenario(vhost, 0));
-        all.push(net_scenario(vhost, NET_MIB));
+    for (plane, _) in NET_PLANES {
+        for mib in [0, net_mib()] {
+            match net_scenario(plane, mib) {
+                Ok(scenario) => all.push(scenario),
+                Err(e) => println!("net-{plane}: left out: {e}"),
+            }
+        }
     }
     all
 }
@@ -342,44 +448,62 @@ fn main() {
             );
         }
     }
-    for (name, label) in [
-        ("cmp-minimal", "minimal 6.1 ELF"),
-        ("cmp-debian", "Debian 6.1 bzImage"),
+    for (kernel, label, text) in [
+        (Kernel::MinimalElf, "minimal", "minimal 6.1 ELF"),
+        (Kernel::DebianBzImage, "debian", "Debian 6.1 bzImage"),
     ] {
-        let Some(outcome) = outcomes.get(name) else {
-            continue;
-        };
-        let mut walls: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-        for line in outcome.console.lines() {
-            let Some(at) = line.find("BENCH wall ") else {
-                continue;
-            };
-            let fields: BTreeMap<&str, &str> = line[at + 11..]
-                .split_whitespace()
-                .filter_map(|kv| kv.split_once('='))
-                .collect();
-            if fields.get("rc") == Some(&"0") {
-                if let (Some(vmm), Some(cs)) = (fields.get("vmm"), fields.get("cs")) {
-                    walls
-                        .entry(vmm.to_string())
-                        .or_default()
-                        .push(cs.parse::<f64>().unwrap_or(0.0) * 10.0);
+        // Per VMM: launch to /init and launch to exit (only runs whose guest powered the VMM
+        // off by itself), in ms.
+        let mut to_init: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut to_exit: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut failed: BTreeMap<&str, u32> = BTreeMap::new();
+        for run in 1..=BOOT_RUNS {
+            for vmm in comparison_vmms(kernel) {
+                let name = format!("cmp-{label}-{run}-{vmm}");
+                let Some(outcome) = outcomes.get(&name) else {
+                    continue;
+                };
+                let wall = bench_values(outcome, "wall");
+                match wall {
+                    Some(w) if outcome.rc == 0 => {
+                        to_init.entry(vmm).or_default().push(w["init_cs"] * 10.0);
+                        if outcome.console.contains("ended=self") && w["rc"] == 0.0 {
+                            to_exit.entry(vmm).or_default().push(w["exit_cs"] * 10.0);
+                        }
+                    }
+                    _ => {
+                        *failed.entry(vmm).or_default() += 1;
+                        println!("{name}: no /init marker (rc {}), left out", outcome.rc);
+                        outcome.dump();
+                    }
                 }
             }
         }
-        let Some(pvm) = walls.get("pvm").cloned().and_then(median) else {
-            println!("{name}: no pvm runs");
-            outcome.dump();
+        let Some(pvm_init) = to_init.get("pvm").cloned().and_then(median) else {
             continue;
         };
-        for (vmm, times) in &walls {
-            let runs = times.len();
-            if let Some(ms) = median(times.clone()) {
-                println!(
-                    "| launch to exit, /init powers off at once, {label}: {vmm} | {ms:.0} ms (median of {runs}); pvm/{vmm} = {:.2} | same guest, 1 vCPU, 256 MiB, same emulated host, alternating runs |",
+        let pvm_exit = to_exit.get("pvm").cloned().and_then(median);
+        for (vmm, times) in &to_init {
+            let Some(init_ms) = median(times.clone()) else {
+                continue;
+            };
+            let exit = match (to_exit.get(vmm).cloned().and_then(median), pvm_exit) {
+                (Some(ms), Some(pvm)) => format!(
+                    "; to exit {ms:.0} ms (median of {}), pvm/{vmm} = {:.2}",
+                    to_exit[vmm].len(),
                     pvm / ms
-                );
-            }
+                ),
+                _ => "; does not exit by the guest's power-off".to_string(),
+            };
+            let lost = failed
+                .get(vmm)
+                .map(|n| format!(", {n} run(s) failed"))
+                .unwrap_or_default();
+            println!(
+                "| launch to /init, {text}: {vmm} | {init_ms:.0} ms (median of {}{lost}), pvm/{vmm} = {:.2}{exit} | same guest, 1 vCPU, 256 MiB, same emulated host, alternating runs, serial marker polled every 10 ms |",
+                times.len(),
+                pvm_init / init_ms
+            );
         }
     }
     if let Some(mem) = ok("mem-debian").and_then(|o| bench_values(o, "mem")) {
@@ -403,58 +527,79 @@ fn main() {
         }
         let requests = 2.0 * f64::from(BLOCK_MIB);
         if let Some(base) = ok("blk-0") {
-            print_costs(
-                "block",
-                outcome,
-                base,
-                requests,
-                "requests",
-                2.0 * f64::from(BLOCK_MIB),
-            );
+            print_exits("block", outcome, base, requests, "requests");
+            if let (Some(run), Some(idle)) = (vmm_cpu_ms(outcome), vmm_cpu_ms(base)) {
+                let gib = 2.0 * f64::from(BLOCK_MIB) / 1024.0;
+                println!(
+                    "| block: VMM CPU (threads except vCPUs) per GiB | {:.1} s/GiB | --stats cpu by thread, minus a baseline boot without the transfer |",
+                    (run as f64 - idle as f64) / gib / 1000.0
+                );
+            }
         }
     }
-    for (vhost, label) in [("off", "in-process"), ("on", "vhost-net")] {
-        let Some(outcome) = ok(&format!("net-{vhost}-{NET_MIB}")) else {
+    let net_mib = net_mib();
+    let throughput = |plane: &str| {
+        let outcome = ok(&format!("net-{plane}-{net_mib}"))?;
+        // guest->host timed in the guest, host->guest on the host (from the attempt that
+        // connected to the end of the sender).
+        let tx = bench_values(outcome, "net")?["tx_cs"];
+        let rx = bench_values(outcome, "hostrx")?["rx_cs"];
+        Some((tx, rx))
+    };
+    let reference = throughput("qemu");
+    for (plane, label) in NET_PLANES {
+        let Some(outcome) = ok(&format!("net-{plane}-{net_mib}")) else {
             continue;
         };
-        if let Some(net) = bench_values(outcome, "net") {
+        if let Some((tx, rx)) = throughput(plane) {
+            let ratio = match reference {
+                // Throughput ratio = inverse time ratio.
+                Some((qtx, qrx)) if plane != "qemu" => format!(
+                    "; pvm/QEMU = {:.2} guest->host, {:.2} host->guest",
+                    qtx / tx.max(1.0),
+                    qrx / rx.max(1.0)
+                ),
+                _ => String::new(),
+            };
             println!(
-                "| TCP through tap, {label} | guest->host {}, host->guest {} | nc, {NET_MIB} MiB each way |",
-                mib_per_s(NET_MIB, net["tx_cs"]),
-                mib_per_s(NET_MIB, net["rx_cs"])
+                "| TCP through tap, {label} | guest->host {}, host->guest {}{ratio} | nc, {net_mib} MiB each way, minimal guest, q35/pci |",
+                mib_per_s(net_mib, tx),
+                mib_per_s(net_mib, rx)
             );
         }
-        let Some(base) = ok(&format!("net-{vhost}-0")) else {
+        let cpu = |tag: &str| bench_values(outcome, tag);
+        if let (Some(before), Some(after)) = (cpu("cpu0"), cpu("cpu1")) {
+            let gib = 2.0 * f64::from(net_mib) / 1024.0;
+            let per_gib = |key: &str| (after[key] - before[key]) / gib / 1000.0;
+            println!(
+                "| host CPU per GiB moved, {label} | VMM threads except vCPUs {:.1} s/GiB, vhost kernel workers {:.1} s/GiB | /proc/PID/task/*/stat and the vhost-PID kernel threads, sampled before and after the transfers |",
+                per_gib("vmm_ms"),
+                per_gib("vhost_ms")
+            );
+        }
+        if plane == "qemu" {
+            continue;
+        }
+        let Some(base) = ok(&format!("net-{plane}-0")) else {
             continue;
         };
         let packets = |o: &Outcome| bench_values(o, "tap").and_then(|t| t.get("packets").copied());
         if let (Some(moved), Some(idle)) = (packets(outcome), packets(base)) {
-            print_costs(
-                label,
-                outcome,
-                base,
-                moved - idle,
-                "packets",
-                2.0 * f64::from(NET_MIB),
-            );
+            print_exits(label, outcome, base, moved - idle, "packets");
         }
     }
 }
 
-/// Exits per 1000 `unit`s and VMM CPU (pvm's own threads) per GiB: the run minus its baseline
-/// (the same boot without the transfer).
-fn print_costs(label: &str, run: &Outcome, base: &Outcome, units: f64, unit: &str, mib: f64) {
+/// Userspace exits per 1000 `unit`s: the run's total minus its baseline's (the same boot
+/// without the transfer). Boots differ by some tens of exits (device probing), so a
+/// difference at or below zero means the transfer caused none that can be told apart.
+fn print_exits(label: &str, run: &Outcome, base: &Outcome, units: f64, unit: &str) {
     let (Some(exits_run), Some(exits_base)) = (exits(run), exits(base)) else {
         return;
     };
-    let (Some(cpu_run), Some(cpu_base)) = (vmm_cpu_ms(run), vmm_cpu_ms(base)) else {
-        return;
-    };
-    let exits = exits_run as f64 - exits_base as f64;
-    let cpu = cpu_run as f64 - cpu_base as f64;
+    let diff = exits_run as f64 - exits_base as f64;
     println!(
-        "| {label}: userspace exits per 1000 {unit}; VMM CPU per GiB | {:.2} ({exits:.0} exits over {units:.0} {unit}); {:.0} ms | --stats, minus a baseline boot without the transfer |",
-        exits * 1000.0 / units.max(1.0),
-        cpu / (mib / 1024.0)
+        "| {label}: userspace exits per 1000 {unit} | {:.2} ({exits_run} exits in the run, {exits_base} in the baseline boot; {units:.0} {unit}) | --stats, minus a baseline boot without the transfer |",
+        diff.max(0.0) * 1000.0 / units.max(1.0),
     );
 }

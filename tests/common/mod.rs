@@ -9,10 +9,11 @@
 //! `PVM_KVM_HOST=direct|emulated` overrides the choice.
 //!
 //! A scenario is a POSIX `sh` script (busybox sh in the emulated host) run with the scenario's
-//! files in its working directory and pvm on `PATH`. Two placeholders expand in the script and
-//! in pvm's arguments: `{pvm}` (script only) becomes the pvm command line built from the
-//! scenario's arguments, and `{kernel}` the path of the scenario's guest kernel. Files left in
-//! the script's `out/` directory come back in [`Outcome::out`].
+//! files in its working directory and pvm on `PATH`. Placeholders expand in the script and in
+//! pvm's arguments: `{pvm}` (script only) becomes the pvm command line built from the
+//! scenario's arguments, `{kernel}` the path of the scenario's guest kernel, and `{shared}` the
+//! batch's shared directory, where [`Scenario::shared_file`]s are put once for all scenarios.
+//! Files left in the script's `out/` directory come back in [`Outcome::out`].
 
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
@@ -289,6 +290,9 @@ pub struct Scenario {
     pub kernel: Option<Kernel>,
     /// Files put in the scenario's working directory: (relative path, contents).
     pub files: Vec<(String, Vec<u8>)>,
+    /// Host files put once per batch in the shared directory (`{shared}`), whichever scenarios
+    /// name them: (relative path there, host path).
+    pub shared: Vec<(String, PathBuf)>,
     /// After this, the scenario's whole process group is killed and `rc` is [`TIMED_OUT`].
     pub timeout_secs: u32,
 }
@@ -302,6 +306,7 @@ impl Scenario {
             pvm_args: Vec::new(),
             kernel: None,
             files: Vec::new(),
+            shared: Vec::new(),
             timeout_secs: DEFAULT_TIMEOUT_SECS,
         }
     }
@@ -349,19 +354,31 @@ impl Scenario {
         self
     }
 
+    /// Puts host file `from` at `{shared}/path` for the batch; scenarios naming the same `path`
+    /// share one copy (large files used by many scenarios, such as a QEMU binary).
+    pub fn shared_file(mut self, path: &str, from: &Path) -> Self {
+        self.shared.push((path.to_string(), from.to_path_buf()));
+        self
+    }
+
     pub fn timeout(mut self, secs: u32) -> Self {
         self.timeout_secs = secs;
         self
     }
 
-    /// The run script with placeholders expanded; `kernels` is where the kernel files are.
-    fn render(&self, kernels: &Path) -> String {
+    /// The run script with placeholders expanded; `kernels` is where the kernel files are,
+    /// `shared` the batch's shared directory.
+    fn render(&self, kernels: &Path, shared: &Path) -> String {
         let kernel = self
             .kernel
             .map(|k| kernels.join(k.relative_path()).display().to_string());
-        let expand = |text: &str| match &kernel {
-            Some(path) => text.replace("{kernel}", path),
-            None => text.to_string(),
+        let shared = shared.display().to_string();
+        let expand = |text: &str| {
+            let text = text.replace("{shared}", &shared);
+            match &kernel {
+                Some(path) => text.replace("{kernel}", path),
+                None => text,
+            }
         };
         let mut pvm = String::from("pvm");
         for arg in &self.pvm_args {
@@ -393,7 +410,8 @@ impl Scenario {
                 self.name
             ));
         }
-        for (path, _) in &self.files {
+        let files = self.files.iter().map(|(path, _)| path);
+        for path in files.chain(self.shared.iter().map(|(path, _)| path)) {
             let relative = Path::new(path)
                 .components()
                 .all(|c| matches!(c, std::path::Component::Normal(_)));
@@ -404,8 +422,21 @@ impl Scenario {
         Ok(())
     }
 
-    /// Creates `dir` with the scenario's files, its run script and its timeout.
-    fn write(&self, dir: &Path, kernels: &Path) -> Result<(), String> {
+    /// Creates `dir` with the scenario's files, its run script and its timeout, and puts its
+    /// shared files in `batch_shared` (seen as `shared` by the script) unless already there.
+    fn write(
+        &self,
+        dir: &Path,
+        kernels: &Path,
+        batch_shared: &Path,
+        shared: &Path,
+    ) -> Result<(), String> {
+        for (path, from) in &self.shared {
+            let to = batch_shared.join(path);
+            if !to.exists() {
+                link_or_copy(from, &to)?;
+            }
+        }
         let io = |e: std::io::Error| {
             format!(
                 "cannot write scenario {} in {}: {e}",
@@ -419,7 +450,7 @@ impl Scenario {
             fs::create_dir_all(path.parent().unwrap()).map_err(io)?;
             fs::write(path, contents).map_err(io)?;
         }
-        fs::write(dir.join("run"), self.render(kernels)).map_err(io)?;
+        fs::write(dir.join("run"), self.render(kernels, shared)).map_err(io)?;
         fs::write(dir.join("timeout"), format!("{}\n", self.timeout_secs)).map_err(io)
     }
 }
@@ -564,6 +595,8 @@ fn run_emulated(scenarios: &[&Scenario], dir: &Path) -> Result<HashMap<String, O
         s.write(
             &dir.join("scenarios").join(&s.name),
             Path::new("/batch/shared"),
+            &dir.join("shared"),
+            Path::new("/batch/shared"),
         )?;
     }
     let status = Command::new(repo_root().join("scripts/kvm-host"))
@@ -620,7 +653,8 @@ fn run_direct(scenarios: &[&Scenario], dir: &Path) -> Result<HashMap<String, Out
     let mut outcomes = HashMap::new();
     for s in scenarios {
         let cwd = dir.join("scenarios").join(&s.name);
-        s.write(&cwd, &try_assets()?)?;
+        let shared = dir.join("shared");
+        s.write(&cwd, &try_assets()?, &shared, &shared)?;
         let outcome =
             run_direct_one(s, &cwd, &path).map_err(|e| format!("scenario {}: {e}", s.name))?;
         eprintln!(
@@ -763,10 +797,10 @@ mod tests {
         let s = Scenario::new("x")
             .kernel(Kernel::DebianElf)
             .args(["--kernel", "{kernel}", "--cmdline", "it's"])
-            .script("echo {kernel}\n{pvm}");
-        let script = s.render(Path::new("/k"));
+            .script("echo {kernel} {shared}/q\n{pvm}");
+        let script = s.render(Path::new("/k"), Path::new("/s"));
         assert!(script.ends_with(
-            "echo /k/debian/vmlinux\npvm '--kernel' '/k/debian/vmlinux' '--cmdline' 'it'\\''s'\n"
+            "echo /k/debian/vmlinux /s/q\npvm '--kernel' '/k/debian/vmlinux' '--cmdline' 'it'\\''s'\n"
         ));
     }
 }
