@@ -11,6 +11,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::VhostUserBackendMut;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::ring::{device_queue, with_ring};
@@ -98,6 +99,10 @@ impl VhostUserBackendMut for BlockBackend {
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // CONFIG: the frontend learns the capacity (and limits) with GET_CONFIG.
         VhostUserProtocolFeatures::CONFIG
+    }
+
+    fn exit_event(&self, _thread: usize) -> Option<(EventConsumer, EventNotifier)> {
+        crate::exit_event()
     }
 
     fn set_event_idx(&mut self, _enabled: bool) {

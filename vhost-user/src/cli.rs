@@ -27,8 +27,19 @@ pub fn parse<A: Parser>(name: &str, args: impl IntoIterator<Item = OsString>) ->
             }
             _ => {
                 let rendered = err.render().to_string();
-                let first = rendered.lines().next().unwrap_or("invalid command line");
-                eprintln!("{name}: {}", first.trim_start_matches("error: "));
+                let mut lines = rendered.lines().filter(|l| !l.trim().is_empty());
+                let mut first = lines
+                    .next()
+                    .unwrap_or("invalid command line")
+                    .trim_start_matches("error: ")
+                    .to_string();
+                // "the following required arguments were not provided:" names them below.
+                if first.ends_with(':') {
+                    if let Some(next) = lines.next() {
+                        first = format!("{first} {}", next.trim());
+                    }
+                }
+                eprintln!("{name}: {first}");
                 USAGE_ERROR
             }
         }

@@ -23,6 +23,9 @@ use vhost::vhost_user::{Error as ProtocolError, Listener};
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
 
 /// Guest memory as the backends see it: whatever the frontend's SET_MEM_TABLE mapped.
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -40,6 +43,17 @@ pub enum ServeError {
     Listen { path: String, source: ProtocolError },
     #[error("{0}")]
     Daemon(String),
+}
+
+/// The eventfd pair that ends a vring worker (the backends' `exit_event`).
+pub(crate) fn exit_event() -> Option<(EventConsumer, EventNotifier)> {
+    match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+        Ok(pair) => Some(pair),
+        Err(e) => {
+            log::error!("cannot create the vring worker's exit eventfd: {e}");
+            None
+        }
+    }
 }
 
 /// A backend's own fds (the tap, wake-up eventfds) for the library's vring worker to watch,
@@ -88,7 +102,12 @@ where
     daemon
         .start(&mut listener)
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
-    match daemon.wait() {
+    let result = daemon.wait();
+    // The vring worker ends on its exit event; the daemon joins it when dropped.
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    match result {
         Ok(()) => Ok(()),
         // The frontend went away: the normal end of a VM.
         Err(vhost_user_backend::Error::HandleRequest(

@@ -22,6 +22,7 @@ use vhost_user_backend::VhostUserBackendMut;
 use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::ring::{device_queue, with_ring};
@@ -230,6 +231,10 @@ impl VhostUserBackendMut for NetBackend {
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // CONFIG: the frontend reads the MAC and link status with GET_CONFIG.
         VhostUserProtocolFeatures::CONFIG
+    }
+
+    fn exit_event(&self, _thread: usize) -> Option<(EventConsumer, EventNotifier)> {
+        crate::exit_event()
     }
 
     fn set_event_idx(&mut self, _enabled: bool) {
