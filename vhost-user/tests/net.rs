@@ -171,6 +171,12 @@ impl Receiver<'_> {
                 }
             }
             assert!(Instant::now() < deadline, "no matching frame within 10 s");
+            // Like a driver re-enabling callbacks: ask for an interrupt at the next used entry
+            // (used_event), then look again before sleeping, as entries may have come meanwhile.
+            self.ring.want_interrupt();
+            if self.ring.has_used() {
+                continue;
+            }
             irq.wait(0);
         }
     }

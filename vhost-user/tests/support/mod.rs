@@ -198,12 +198,28 @@ impl<'m> Ring<'m> {
 
     /// Asks for an interrupt at the next used entry (used_event, with EVENT_IDX) and kicks.
     pub fn kick(&self) {
+        self.want_interrupt();
+        self.kick.write(1).unwrap();
+    }
+
+    /// Asks for an interrupt once the device adds the next used entry the driver has not seen
+    /// (used_event = that index, as Linux's virtqueue_enable_cb does).
+    pub fn want_interrupt(&self) {
         let used_event = self
             .mock
             .avail_addr()
             .unchecked_add(4 + 2 * u64::from(self.size));
         self.mem.write_obj(self.seen_used, used_event).unwrap();
-        self.kick.write(1).unwrap();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the device added used entries the driver has not taken yet.
+    pub fn has_used(&self) -> bool {
+        let idx: u16 = self
+            .mem
+            .read_obj(self.mock.used_addr().unchecked_add(2))
+            .unwrap();
+        idx != self.seen_used
     }
 
     /// The used entries added since the last call, as (head, len).
