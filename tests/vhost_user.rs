@@ -141,6 +141,7 @@ fn check_block(name: &str) {
     outcome.assert_contains("reload-host-data-ok");
     outcome.assert_contains("blka-rc=0");
     outcome.assert_contains("blkb-rc=0");
+    outcome.assert_contains("pvm-vhost-user-blk: disk a.img: io_errors=0");
     let a = std::fs::read(outcome.out.join("a.img")).unwrap();
     let written = pattern("A", 4096);
     let host = pattern("H", 4096);
@@ -183,6 +184,28 @@ fn check_net(name: &str) {
     outcome.assert_contains("sent-ok");
     outcome.assert_contains("reload-ping-ok");
     outcome.assert_contains("netbe-rc=0");
+    // The backend's own counters: frames both ways, none refused or malformed.
+    let counters = outcome
+        .console
+        .lines()
+        .find_map(|l| l.strip_prefix("pvm-vhost-user-net: tap tap0: "))
+        .unwrap_or_else(|| {
+            outcome.dump();
+            panic!("{name}: no backend counters")
+        });
+    let value = |key: &str| -> u64 {
+        counters
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: no {key} in {counters}"))
+    };
+    assert!(value("tx_bytes") >= 3 << 20, "{name}: {counters}");
+    assert!(value("rx_bytes") >= 2 << 20, "{name}: {counters}");
+    assert_eq!(
+        value("tx_errors") + value("tx_malformed"),
+        0,
+        "{name}: {counters}"
+    );
     let md5 = |prefix: &str| {
         let value = outcome
             .console

@@ -77,6 +77,14 @@ impl Watched for BlockBackend {
     fn watched(&self) -> Vec<(RawFd, EventSet, u64)> {
         vec![(self.queue.kick.as_raw_fd(), EventSet::IN, u64::from(WAKE))]
     }
+
+    fn report(&self) -> Option<String> {
+        Some(format!(
+            "disk {}: io_errors={}",
+            self.disk.name(),
+            self.disk.errors().count()
+        ))
+    }
 }
 
 impl VhostUserBackendMut for BlockBackend {

@@ -60,6 +60,11 @@ pub(crate) fn exit_event() -> Option<(EventConsumer, EventNotifier)> {
 /// with their events and tokens (above the queue tokens).
 pub trait Watched {
     fn watched(&self) -> Vec<(RawFd, EventSet, u64)>;
+
+    /// What the backend did, printed when its frontend has gone (e.g. frame counters).
+    fn report(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Listens on `socket` (replacing a stale socket file), serves one frontend until it
@@ -103,6 +108,9 @@ where
         .start(&mut listener)
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
     let result = daemon.wait();
+    if let Some(report) = backend.read().ok().and_then(|b| b.report()) {
+        eprintln!("{name}: {report}");
+    }
     // The vring worker ends on its exit event; the daemon joins it when dropped.
     for handler in daemon.get_epoll_handlers() {
         handler.send_exit_event();

@@ -197,6 +197,14 @@ impl Watched for NetBackend {
             (self.tx.kick.as_raw_fd(), EventSet::IN, u64::from(TX_WAKE)),
         ]
     }
+
+    fn report(&self) -> Option<String> {
+        Some(format!(
+            "tap {}: {}",
+            self.tap.name(),
+            self.counters.summary()
+        ))
+    }
 }
 
 impl VhostUserBackendMut for NetBackend {

@@ -151,6 +151,11 @@ impl DiskImage {
         })
     }
 
+    /// Names the disk in messages (its path).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The disk size in 512-byte sectors.
     pub fn sectors(&self) -> u64 {
         self.sectors
