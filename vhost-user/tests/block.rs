@@ -10,7 +10,7 @@ use pvm_vhost::user::{Kind, VhostUserDevice};
 use pvm_virtio::VirtioDevice;
 use support::{Backend, Irqfds, Ring, readable, scratch, shared_memory, writable};
 use virtio_bindings::bindings::virtio_blk::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 const BLK: &str = env!("CARGO_BIN_EXE_pvm-vhost-user-blk");
 const DISK_BYTES: usize = 1 << 20;
@@ -290,4 +290,97 @@ fn bad_flags_are_one_line_and_exit_2() {
         assert!(stderr.starts_with("pvm-vhost-user-blk: "), "{stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn a_broken_ring_is_stopped_until_the_driver_resets() {
+    let dir = scratch("blk-broken");
+    let image = dir.join("disk.img");
+    std::fs::write(&image, image_bytes()).unwrap();
+    let socket = dir.join("blk.sock");
+    let backend = Backend::start(
+        &[],
+        BLK,
+        &[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--disk",
+            image.to_str().unwrap(),
+        ],
+    );
+    let mut device = connect(&socket);
+    let features = device.features();
+    let mem = shared_memory();
+    device.ack_features(features);
+    let mut ring = Ring::new(&mem, 0x1000, 256);
+    let irq = Irqfds::new(1);
+    device
+        .activate(mem.clone(), irq.clone(), vec![ring.active(0)])
+        .unwrap();
+    // A driver claiming 1000 buffers on a 256-entry ring: the backend stops the ring rather
+    // than reading garbage, and answers nothing, not even later valid requests.
+    let avail_idx = ring.mock.avail_addr().unchecked_add(2);
+    mem.write_obj(1000u16, avail_idx).unwrap();
+    ring.kick();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(ring.take_used().is_empty());
+    mem.write_obj(0u16, avail_idx).unwrap();
+    let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, 0, &[512]);
+    ring.kick();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        ring.take_used().is_empty(),
+        "a stopped ring was served (head {head})"
+    );
+    // The driver resets the device and starts again: the backend serves the fresh ring.
+    device.reset();
+    device.ack_features(features);
+    let mut ring = Ring::new(&mem, 0x2_0000, 256);
+    let irq = Irqfds::new(1);
+    device
+        .activate(mem.clone(), irq.clone(), vec![ring.active(0)])
+        .unwrap();
+    let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, 0, &[512]);
+    assert_eq!(complete(&mut ring, &irq, &mem, head), (513, 0));
+    assert!(buffers(&mem, &[512]) == image_bytes()[..512]);
+    drop(device);
+    assert_eq!(backend.wait(), 0);
+}
+
+#[test]
+fn garbage_from_a_frontend_ends_the_backend_with_an_error_not_a_panic() {
+    use std::io::{Read, Write};
+    let dir = scratch("blk-garbage");
+    let image = dir.join("disk.img");
+    std::fs::write(&image, image_bytes()).unwrap();
+    let socket = dir.join("blk.sock");
+    let mut child = std::process::Command::new(BLK)
+        .args([
+            "--socket",
+            socket.to_str().unwrap(),
+            "--disk",
+            image.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("serving") {
+        let n = stderr.read(&mut buf).unwrap();
+        assert!(n > 0, "the backend ended before listening");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // A header claiming request 0xffff with a 4 GiB body, then noise.
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let mut junk = vec![0xffu8; 12];
+    junk.extend((0..500u32).map(|i| (i * 37) as u8));
+    let _ = stream.write_all(&junk);
+    let status = child.wait().unwrap();
+    stderr.read_to_end(&mut seen).unwrap();
+    let text = String::from_utf8_lossy(&seen);
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    drop(stream);
 }
