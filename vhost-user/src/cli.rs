@@ -141,8 +141,18 @@ pub fn init_logger(name: &'static str, level: LevelFilter) {
     }
 }
 
-/// Serves `backend` on `socket` until the frontend disconnects; returns the exit code.
-pub fn run<B>(name: &'static str, backend: B, socket: &Path, what: &str) -> i32
+/// Parses `--seccomp`.
+pub fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{text}' is neither on nor off")),
+    }
+}
+
+/// Serves `backend` on `socket` until the frontend disconnects (confined by seccomp with
+/// `sandbox`); returns the exit code.
+pub fn run<B>(name: &'static str, backend: B, socket: &Path, sandbox: bool, what: &str) -> i32
 where
     B: vhost_user_backend::VhostUserBackendMut<Bitmap = (), Vring = crate::Vring>
         + crate::Watched
@@ -152,7 +162,7 @@ where
         // Scripts and tests wait for this line before starting the VMM.
         eprintln!("{name}: serving {what} on {}", socket.display());
     };
-    match crate::serve(name, backend, socket, ready) {
+    match crate::serve(name, backend, socket, sandbox, ready) {
         Ok(()) => {
             eprintln!("{name}: the frontend disconnected; exiting");
             0

@@ -15,6 +15,7 @@ pub mod block;
 pub mod cli;
 pub mod net;
 mod ring;
+pub mod sandbox;
 
 use std::os::fd::RawFd;
 use std::path::Path;
@@ -68,11 +69,13 @@ pub trait Watched {
 }
 
 /// Listens on `socket` (replacing a stale socket file), serves one frontend until it
-/// disconnects and returns. `ready` runs once the socket accepts connections.
+/// disconnects and returns. `ready` runs once the socket accepts connections. With `sandbox`,
+/// every thread is confined ([`sandbox::confine`]) as soon as the frontend is connected.
 pub fn serve<B>(
-    name: &str,
+    name: &'static str,
     backend: B,
     socket: &Path,
+    sandbox: bool,
     ready: impl FnOnce(),
 ) -> Result<(), ServeError>
 where
@@ -107,6 +110,11 @@ where
     daemon
         .start(&mut listener)
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
+    // One frontend only: the socket file goes now (the sandbox forbids unlink later).
+    drop(listener);
+    if sandbox {
+        crate::sandbox::confine(name).map_err(ServeError::Daemon)?;
+    }
     let result = daemon.wait();
     if let Some(report) = backend.read().ok().and_then(|b| b.report()) {
         eprintln!("{name}: {report}");

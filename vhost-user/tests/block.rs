@@ -384,3 +384,77 @@ fn garbage_from_a_frontend_ends_the_backend_with_an_error_not_a_panic() {
     assert!(!text.contains("panicked"), "{text}");
     drop(stream);
 }
+
+/// The seccomp mode /proc reports for each of `pid`'s threads (2: filter).
+fn seccomp_modes(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| {
+            let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn the_backend_confines_every_thread_once_connected_and_a_forbidden_call_ends_it() {
+    let dir = scratch("blk-seccomp");
+    let image = dir.join("disk.img");
+    std::fs::write(&image, image_bytes()).unwrap();
+    let socket = dir.join("blk.sock");
+    let args = [
+        "--socket",
+        socket.to_str().unwrap(),
+        "--disk",
+        image.to_str().unwrap(),
+    ];
+    let backend = Backend::start(&[], BLK, &args);
+    let device = connect(&socket);
+    let pid = backend.child.id();
+    let start = std::time::Instant::now();
+    let modes = loop {
+        let modes = seccomp_modes(pid);
+        if modes.len() >= 3 && modes.iter().all(|m| m == "2") {
+            break modes;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "backend threads' seccomp modes: {modes:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // Main, the connection thread and the vring worker.
+    assert_eq!(modes.len(), 3, "{modes:?}");
+    drop(device);
+    assert_eq!(backend.wait(), 0);
+
+    // The probe: a forbidden call right after confining ends the backend with exit 6 and one
+    // line naming the call (getppid is 110).
+    let mut child = std::process::Command::new(BLK)
+        .args(args)
+        .env(pvm_vhost_user::sandbox::PROBE_ENV, "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let status = child.wait().unwrap();
+    let text = reader.join().unwrap();
+    assert_eq!(status.code(), Some(6), "{text}");
+    assert!(
+        text.contains("pvm-vhost-user-blk: seccomp: forbidden system call 110"),
+        "{text}"
+    );
+}

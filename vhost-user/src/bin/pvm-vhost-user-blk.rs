@@ -29,6 +29,12 @@ struct Args {
     #[arg(long, value_name = "FILE[,ro]", value_parser = cli::parse_disk)]
     disk: cli::DiskArg,
 
+    /// The seccomp sandbox: on (once the frontend is connected every thread may only serve
+    /// it; a forbidden system call ends the backend naming it, exit 6) or off, for debugging.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = cli::parse_on_off,
+          action = clap::ArgAction::Set)]
+    seccomp: bool,
+
     /// How much to log on stderr: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = cli::parse_log_level)]
     log_level: LevelFilter,
@@ -57,5 +63,5 @@ fn main() {
             ""
         }
     );
-    std::process::exit(cli::run(NAME, backend, &args.socket, &what));
+    std::process::exit(cli::run(NAME, backend, &args.socket, args.seccomp, &what));
 }

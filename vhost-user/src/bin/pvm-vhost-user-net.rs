@@ -33,6 +33,12 @@ struct Args {
     #[arg(long, value_name = "MAC", value_parser = cli::parse_mac)]
     mac: Option<[u8; 6]>,
 
+    /// The seccomp sandbox: on (once the frontend is connected every thread may only serve
+    /// it; a forbidden system call ends the backend naming it, exit 6) or off, for debugging.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = cli::parse_on_off,
+          action = clap::ArgAction::Set)]
+    seccomp: bool,
+
     /// How much to log on stderr: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = cli::parse_log_level)]
     log_level: LevelFilter,
@@ -56,5 +62,5 @@ fn main() {
         "tap {} (mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x})",
         args.tap, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
     );
-    std::process::exit(cli::run(NAME, backend, &args.socket, &what));
+    std::process::exit(cli::run(NAME, backend, &args.socket, args.seccomp, &what));
 }
