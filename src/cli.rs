@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use log::LevelFilter;
 
-use crate::config::{self, ConsoleKind, DiskSpec, TapSpec, Transport, VmConfig};
+use crate::config::{self, ConsoleKind, DiskArg, TapSpec, Transport, VmConfig};
 
 /// Exit code for a bad command line or an unreadable file named on it.
 pub const USAGE_ERROR: i32 = 2;
@@ -47,14 +47,23 @@ struct Args {
     cpus: u8,
 
     /// A raw disk image as a virtio-blk device; repeatable. `ro` makes it read-only, `serial=ID`
-    /// sets the id the guest reads.
-    #[arg(long, value_name = "PATH[,ro][,serial=ID]", value_parser = config::parse_disk)]
-    disk: Vec<DiskSpec>,
+    /// sets the id the guest reads. `vhost-user=SOCKET` instead attaches a virtio-blk device
+    /// served by a vhost-user backend listening on SOCKET (e.g. pvm-vhost-user-blk); those
+    /// come after the image disks in guest order.
+    #[arg(long, value_name = "PATH[,ro][,serial=ID] | vhost-user=SOCKET",
+          value_parser = config::parse_disk_arg)]
+    disk: Vec<DiskArg>,
 
     /// A host tap device as a virtio-net device; repeatable. `mac=` sets the guest's MAC;
     /// `vhost=` moves its queues into the kernel's vhost-net (auto: when /dev/vhost-net works).
     #[arg(long, value_name = "NAME[,mac=MAC][,vhost=on|off|auto]", value_parser = config::parse_tap)]
     tap: Vec<TapSpec>,
+
+    /// A virtio-net device served by a vhost-user backend listening on SOCKET (e.g.
+    /// pvm-vhost-user-net); repeatable; after the --tap devices in guest order. The backend
+    /// owns the tap and the MAC. Guest RAM is then shared with the backends (memfd).
+    #[arg(long, value_name = "vhost-user=SOCKET", value_parser = config::parse_net)]
+    net: Vec<PathBuf>,
 
     /// Where the guest console lives: the 8250 UART (ttyS0) or virtio-console (hvc0).
     #[arg(long, value_name = "serial|virtio", default_value = "serial", value_parser = parse_console)]
@@ -162,8 +171,16 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<VmConfig, CliE
     if let Some(initrd) = &args.initrd {
         check_file("--initrd", initrd, false)?;
     }
-    for disk in &args.disk {
-        check_file("--disk", &disk.path, !disk.read_only)?;
+    let mut disks = Vec::new();
+    let mut vhost_user_disks = Vec::new();
+    for disk in args.disk {
+        match disk {
+            DiskArg::File(disk) => {
+                check_file("--disk", &disk.path, !disk.read_only)?;
+                disks.push(disk);
+            }
+            DiskArg::VhostUser(socket) => vhost_user_disks.push(socket),
+        }
     }
     if args.cmdline.contains('\0') || args.cmdline.contains('\n') {
         return Err(usage_error(
@@ -176,8 +193,10 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<VmConfig, CliE
         cmdline: args.cmdline,
         mem_bytes: args.mem,
         cpus: args.cpus,
-        disks: args.disk,
+        disks,
         taps: args.tap,
+        vhost_user_disks,
+        vhost_user_nets: args.net,
         console: args.console,
         transport: args.transport,
         stats: args.stats,
@@ -245,6 +264,18 @@ mod tests {
         assert_eq!(c.console, ConsoleKind::Virtio);
         assert_eq!(c.taps.len(), 2);
         assert_eq!(c.taps[1].mac, Some([0x52, 0x54, 0, 0, 0, 1]));
+        let c = parse_strs(&[
+            "--net",
+            "vhost-user=/tmp/n.sock",
+            "--disk",
+            "vhost-user=/tmp/b.sock",
+            "--net",
+            "vhost-user=/tmp/m.sock",
+        ])
+        .unwrap();
+        assert_eq!(c.vhost_user_nets.len(), 2);
+        assert_eq!(c.vhost_user_disks, vec![PathBuf::from("/tmp/b.sock")]);
+        assert!(c.disks.is_empty());
     }
 
     #[test]
@@ -256,6 +287,8 @@ mod tests {
         assert!(error_of(&["--transport", "isa"]).contains("--transport"));
         assert!(error_of(&["--tap", "tap0,mac=zz"]).contains("--tap"));
         assert!(error_of(&["--disk", "x,rw"]).contains("--disk"));
+        assert!(error_of(&["--disk", "vhost-user="]).contains("--disk"));
+        assert!(error_of(&["--net", "tap0"]).contains("--net"));
         assert!(error_of(&["--bogus"]).contains("--bogus"));
         assert!(error_of(&["--cmdline", "a\nb"]).contains("--cmdline"));
     }
@@ -285,6 +318,8 @@ mod tests {
                     "--cpus",
                     "--disk",
                     "--tap",
+                    "--net",
+                    "vhost-user=SOCKET",
                     "--console",
                 ] {
                     assert!(text.contains(flag), "{flag} missing from help");

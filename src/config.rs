@@ -73,6 +73,11 @@ pub struct VmConfig {
     pub cpus: u8,
     pub disks: Vec<DiskSpec>,
     pub taps: Vec<TapSpec>,
+    /// `--disk vhost-user=SOCKET`: block devices served by vhost-user backends, after the
+    /// file-backed disks in guest order.
+    pub vhost_user_disks: Vec<PathBuf>,
+    /// `--net vhost-user=SOCKET`: net devices served by vhost-user backends, after the taps.
+    pub vhost_user_nets: Vec<PathBuf>,
     pub console: ConsoleKind,
     pub transport: Transport,
     /// Print userspace exit counts by reason when the VM ends.
@@ -153,6 +158,44 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
         return Err(format!("mac '{text}' is a multicast address"));
     }
     Ok(mac)
+}
+
+/// One `--disk` flag: a raw image pvm serves itself, or a vhost-user backend's socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskArg {
+    File(DiskSpec),
+    VhostUser(PathBuf),
+}
+
+/// The `vhost-user=SOCKET` form shared by --disk and --net; None when `text` is not of it.
+fn parse_vhost_user(text: &str) -> Option<Result<PathBuf, String>> {
+    let socket = text.strip_prefix("vhost-user=")?;
+    Some(if socket.is_empty() {
+        Err("vhost-user= needs the backend's socket path".to_string())
+    } else if socket.contains(',') {
+        Err(format!(
+            "vhost-user={socket}: no options are taken; the backend decides (e.g. read-only)"
+        ))
+    } else {
+        Ok(PathBuf::from(socket))
+    })
+}
+
+/// Parses `PATH[,ro][,serial=ID]` or `vhost-user=SOCKET`.
+pub fn parse_disk_arg(text: &str) -> Result<DiskArg, String> {
+    match parse_vhost_user(text) {
+        Some(socket) => socket.map(DiskArg::VhostUser),
+        None => parse_disk(text).map(DiskArg::File),
+    }
+}
+
+/// Parses `--net`: `vhost-user=SOCKET` (taps pvm serves itself are `--tap`).
+pub fn parse_net(text: &str) -> Result<PathBuf, String> {
+    parse_vhost_user(text).unwrap_or_else(|| {
+        Err(format!(
+            "'{text}': use vhost-user=SOCKET (a tap pvm serves itself is --tap NAME)"
+        ))
+    })
 }
 
 /// Parses `PATH[,ro][,serial=ID]`.
@@ -273,6 +316,37 @@ mod tests {
                 .contains("unknown disk option 'rw'")
         );
         assert!(parse_disk("x.img,serial=123456789012345678901").is_err());
+    }
+
+    #[test]
+    fn vhost_user_disks_and_nets() {
+        assert_eq!(
+            parse_disk_arg("vhost-user=/run/blk.sock").unwrap(),
+            DiskArg::VhostUser(PathBuf::from("/run/blk.sock"))
+        );
+        assert!(matches!(
+            parse_disk_arg("a.img,ro").unwrap(),
+            DiskArg::File(DiskSpec {
+                read_only: true,
+                ..
+            })
+        ));
+        assert!(
+            parse_disk_arg("vhost-user=")
+                .unwrap_err()
+                .contains("socket path")
+        );
+        assert!(
+            parse_disk_arg("vhost-user=s,ro")
+                .unwrap_err()
+                .contains("no options")
+        );
+        assert_eq!(
+            parse_net("vhost-user=n.sock").unwrap(),
+            PathBuf::from("n.sock")
+        );
+        assert!(parse_net("tap0").unwrap_err().contains("--tap NAME"));
+        assert!(parse_net("vhost-user=").is_err());
     }
 
     #[test]

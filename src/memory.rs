@@ -1,9 +1,14 @@
 //! Guest RAM: anonymous MAP_NORESERVE mappings (vm-memory), advised for transparent hugepages,
-//! registered with KVM one slot per range.
+//! registered with KVM one slot per range. With a vhost-user device the RAM must be shared with
+//! the backend process: each range is then a memfd mapped MAP_SHARED, whose descriptor pvm hands
+//! over in SET_MEM_TABLE.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout;
 
@@ -14,6 +19,8 @@ pub enum Error {
         size: u64,
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("cannot create shareable guest memory (memfd of {size} bytes): {source}")]
+    Memfd { size: u64, source: std::io::Error },
     #[error("KVM refused guest memory slot {slot}: {source}")]
     RegisterSlot {
         slot: u32,
@@ -21,13 +28,19 @@ pub enum Error {
     },
 }
 
-/// Maps the guest's RAM (not yet visible to KVM).
-pub fn create(mem_bytes: u64) -> Result<GuestMemoryMmap, Error> {
-    let ranges: Vec<_> = layout::ram_ranges(mem_bytes)
-        .into_iter()
-        .map(|(start, size)| (start, size as usize))
-        .collect();
-    let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Map {
+/// Maps the guest's RAM (not yet visible to KVM); `shared` backs it with memfds another process
+/// can map (vhost-user).
+pub fn create(mem_bytes: u64, shared: bool) -> Result<GuestMemoryMmap, Error> {
+    let mut ranges = Vec::new();
+    for (start, size) in layout::ram_ranges(mem_bytes) {
+        let file = if shared {
+            Some(FileOffset::new(memfd(size)?, 0))
+        } else {
+            None
+        };
+        ranges.push((start, size as usize, file));
+    }
+    let memory = GuestMemoryMmap::from_ranges_with_files(&ranges).map_err(|source| Error::Map {
         size: mem_bytes,
         source,
     })?;
@@ -43,6 +56,21 @@ pub fn create(mem_bytes: u64) -> Result<GuestMemoryMmap, Error> {
         }
     }
     Ok(memory)
+}
+
+/// A memfd of `size` bytes (sparse: pages are allocated as the guest touches them).
+fn memfd(size: u64) -> Result<File, Error> {
+    let fail = |source| Error::Memfd { size, source };
+    // SAFETY: the name is a NUL-terminated string that outlives the call; no other memory is
+    // passed.
+    let fd = unsafe { libc::memfd_create(c"pvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(fail(std::io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(fail)?;
+    Ok(file)
 }
 
 /// Makes every region of `memory` guest-physical memory of `vm`.

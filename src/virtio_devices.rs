@@ -20,6 +20,7 @@ use crate::irq_routing::{DeviceMsi, GsiRouter};
 use crate::layout;
 use crate::pci::PciRoot;
 use pvm_vhost::net::VhostNetPlane;
+use pvm_vhost::user::{Kind, VhostUserDevice};
 
 /// PCI I/O ports of configuration mechanism #1.
 const PCI_CONFIG_PORT: u64 = 0xcf8;
@@ -61,6 +62,9 @@ pub struct Attached {
     pub net_counters: Vec<(String, Arc<NetCounters>)>,
     /// Per-disk host I/O failure counts, for --stats.
     pub disk_errors: Vec<(String, Arc<DiskErrors>)>,
+    /// The connected sockets of vhost-user devices: the vCPU threads' seccomp filter allows
+    /// messages on these only.
+    pub vhost_user_sockets: Vec<std::os::fd::RawFd>,
 }
 
 /// A device with the name pvm's messages use for it.
@@ -88,6 +92,12 @@ fn create_devices(
             .push((disk.path.display().to_string(), block.errors()));
         devices.push((format!("block{i}"), Box::new(block)));
     }
+    let mut vhost_user_index = 0;
+    for socket in &config.vhost_user_disks {
+        let device = connect_vhost_user(Kind::Block, "--disk", socket, vhost_user_index, attached)?;
+        devices.push((format!("block-vhost-user{vhost_user_index}"), device));
+        vhost_user_index += 1;
+    }
     for (i, spec) in config.taps.iter().enumerate() {
         let net = create_net(spec, memory)?;
         attached
@@ -95,8 +105,35 @@ fn create_devices(
             .push((spec.name.clone(), net.counters()));
         devices.push((format!("net{i}"), Box::new(net)));
     }
+    for socket in &config.vhost_user_nets {
+        let device = connect_vhost_user(Kind::Net, "--net", socket, vhost_user_index, attached)?;
+        devices.push((format!("net-vhost-user{vhost_user_index}"), device));
+        vhost_user_index += 1;
+    }
     devices.push(("rng".to_string(), Box::new(Rng::new())));
     Ok(devices)
+}
+
+/// A device served by the vhost-user backend on `socket`, connected and negotiated now (before
+/// the sandbox), its socket recorded for the vCPU filter.
+fn connect_vhost_user(
+    kind: Kind,
+    flag: &str,
+    socket: &std::path::Path,
+    index: usize,
+    attached: &mut Attached,
+) -> Result<Box<dyn VirtioDevice>, Error> {
+    let device = VhostUserDevice::connect(kind, socket, index)
+        .map_err(|e| Error::Device(format!("{flag} vhost-user={}: {e}", socket.display())))?;
+    attached.vhost_user_sockets.push(device.socket_fd());
+    if let Some(sectors) = device.capacity_sectors() {
+        log::info!("vhost-user disk {}: {sectors} sectors", socket.display());
+    }
+    crate::logger::to_stderr(&format!(
+        "pvm: {flag} vhost-user={}: vhost-user data plane\n",
+        socket.display()
+    ));
+    Ok(Box::new(device))
 }
 
 /// A net device on the tap `spec` names, its queues served by vhost-net or by pvm's worker.

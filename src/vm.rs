@@ -239,6 +239,8 @@ pub struct Vm {
     disk_errors: Vec<(String, Arc<DiskErrors>)>,
     print_stats: bool,
     seccomp: bool,
+    /// vhost-user sockets the vCPU threads may send and receive messages on.
+    vhost_user_sockets: Vec<i32>,
     end: Arc<EndSignal>,
     stop: Arc<AtomicBool>,
     stats: Arc<ExitStats>,
@@ -266,7 +268,9 @@ impl Vm {
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let guest_memory = memory::create(config.mem_bytes)?;
+        // vhost-user backends map guest RAM themselves: it must be shareable.
+        let shared = !config.vhost_user_disks.is_empty() || !config.vhost_user_nets.is_empty();
+        let guest_memory = memory::create(config.mem_bytes, shared)?;
         memory::register(&vm_fd, &guest_memory)?;
 
         let end = Arc::new(EndSignal::new().map_err(io_err("eventfd"))?);
@@ -368,6 +372,7 @@ impl Vm {
             disk_errors: attached.disk_errors,
             print_stats: config.stats,
             seccomp: config.seccomp,
+            vhost_user_sockets: attached.vhost_user_sockets,
             end,
             stop,
             stats,
@@ -395,11 +400,12 @@ impl Vm {
         for vcpu in self.vcpus {
             let index = vcpu.index;
             let sandbox = self.seccomp;
+            let sockets = self.vhost_user_sockets.clone();
             match std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
                     if sandbox {
-                        if let Err(e) = seccomp::install(ThreadKind::Vcpu, false) {
+                        if let Err(e) = seccomp::install_with(ThreadKind::Vcpu, false, &sockets) {
                             vcpu.end.end(Outcome::VmmFailure(e));
                             return;
                         }

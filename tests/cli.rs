@@ -159,6 +159,8 @@ fn help_lists_every_flag() {
         "--cpus",
         "--disk",
         "--tap",
+        "--net",
+        "vhost-user=SOCKET",
         "--console",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help");
@@ -480,4 +482,89 @@ fn boot_timer_reports_the_first_kvm_run_and_each_guest_signal() {
     let (out, _) = run(&args);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(error_lines(&out).is_empty(), "{:?}", error_lines(&out));
+}
+
+/// A debug build of the workspace binary `name` of package `package`, next to pvm's.
+fn workspace_binary(package: &str, name: &str) -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", package, "--bin", name])
+        .status()
+        .unwrap();
+    assert!(status.success(), "cannot build {name}");
+    PathBuf::from(PVM).with_file_name(name)
+}
+
+#[test]
+fn vhost_user_backends_connect_before_the_sandbox_and_bad_sockets_are_usage_errors() {
+    require_kvm();
+    let blk = workspace_binary("pvm-vhost-user", "pvm-vhost-user-blk");
+    let image = scratch_image("vhost-user.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let socket = scratch_image("vhost-user.sock");
+    let mut code = print("spinning\r\n");
+    code.extend(spin());
+    let kernel = micro_kernel("spin-vhost-user", &code);
+    // The relay thread (vhost-user-relay0, cut to 15 bytes) is spawned with the device.
+    const EXPECTED: [&str; 4] = ["pvm", "vcpu0", "vhost-user-rela", "virtio-rng0"];
+    for transport in ["pci", "mmio"] {
+        let _ = std::fs::remove_file(&socket);
+        let mut backend = Command::new(&blk)
+            .args(["--socket", socket.to_str().unwrap()])
+            .args(["--disk", image.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut backend_err = backend.stderr.take().unwrap();
+        read_until(&mut backend_err, "serving").expect("the backend listens");
+        let disk = format!("vhost-user={}", socket.display());
+        let mut pvm = Command::new(PVM)
+            .args(["--kernel", kernel.to_str().unwrap(), "--mem", "64M"])
+            .args(["--disk", &disk, "--transport", transport])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = pvm.stdout.take().unwrap();
+        if let Err(seen) = read_until(&mut stdout, "spinning") {
+            panic!("pvm ended before the guest printed: {seen:?}");
+        }
+        // Every thread is confined, the vhost-user relay thread included.
+        let start = Instant::now();
+        let threads = loop {
+            let threads = thread_seccomp_modes(pvm.id());
+            let settled = threads.len() == EXPECTED.len() && threads.iter().all(|(_, m)| m == "2");
+            if settled || start.elapsed() > Duration::from_secs(5) {
+                break threads;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let names: Vec<&str> = threads.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, EXPECTED, "{transport}: {threads:?}");
+        assert!(threads.iter().all(|(_, m)| m == "2"), "{threads:?}");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pvm.id() as i32, libc::SIGTERM) };
+        let out = pvm.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(128 + libc::SIGTERM));
+        assert!(
+            stderr(&out).contains(&format!("pvm: --disk {disk}: vhost-user data plane")),
+            "{}",
+            stderr(&out)
+        );
+        // The backend sees pvm go and ends by itself.
+        assert_eq!(backend.wait().unwrap().code(), Some(0), "{transport}");
+    }
+    for (flag, value) in [
+        ("--disk", "vhost-user=/nonexistent/blk.sock"),
+        ("--net", "vhost-user=/nonexistent/net.sock"),
+    ] {
+        let (out, _) = run(&["--kernel", kernel.to_str().unwrap(), flag, value]);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {}", stderr(&out));
+        let lines = error_lines(&out);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with(&format!("pvm: {flag} {value}: cannot connect")),
+            "{lines:?}"
+        );
+    }
 }

@@ -6,25 +6,9 @@
 
 mod common;
 
-use common::{Batch, Kernel, Scenario};
+use common::{Batch, Kernel, Scenario, in_network_namespace, pattern, write_pattern};
 
 const DISK_BYTES: usize = 4 << 20;
-
-/// The bytes the guest writes: `lines` numbered 17-byte lines (whole 4 KiB blocks for 4096).
-fn pattern(tag: &str, lines: usize) -> Vec<u8> {
-    (1..=lines)
-        .flat_map(|i| format!("{tag}-PATTERN{i:05}\n").into_bytes())
-        .collect()
-}
-
-/// Guest commands writing `pattern(tag, 4096)` to `dev` with a flush, reporting the outcome.
-fn write_pattern(tag: &str, dev: &str) -> String {
-    format!(
-        "for i in $(seq 1 4096); do printf '{tag}-PATTERN%05d\\n' $i; done > /tmp/p\n\
-         if dd if=/tmp/p of={dev} bs=4096 conv=fsync 2>/tmp/dd.err; then echo {tag}-write-ok; \
-         else echo {tag}-write-refused: $(cat /tmp/dd.err | head -n 1); fi\n"
-    )
-}
 
 /// A driver reload: unbinding resets the device (status 0, workers stopped), binding brings it
 /// up again; the disk must still read back what was written.
@@ -69,21 +53,6 @@ fn exits_scenario(name: &str, transport: &str, reads: u32) -> Scenario {
         .args(["--transport", transport, "--stats", "--disk", "a.img"])
         .file("a.img", vec![7; DISK_BYTES])
         .timeout(90)
-}
-
-/// Wraps `body` so it runs in a new network namespace holding tap0 (10.0.2.1/24, up). The body
-/// goes through a quoted heredoc, so `{pvm}`'s quoting survives untouched.
-fn in_network_namespace(body: &str) -> String {
-    format!(
-        "cat > in-netns.sh <<'NETNS'\n\
-         ip link set lo up\n\
-         tunctl -t tap0 >/dev/null\n\
-         ip link set tap0 up\n\
-         ip addr add 10.0.2.1/24 dev tap0\n\
-         {body}\n\
-         NETNS\n\
-         unshare -n sh ./in-netns.sh"
-    )
 }
 
 /// Runs pvm with stdin on a fifo; once the guest prints `ready`, types `input` into it.

@@ -129,6 +129,18 @@ const IOCTL_TTY_TUN: u64 = b'T' as u64;
 /// The system calls a thread of `kind` may make, with their argument rules (an empty rule list
 /// allows the call unconditionally).
 pub fn rules(kind: ThreadKind, stats: bool) -> BTreeMap<i64, Vec<SeccompRule>> {
+    rules_with(kind, stats, &[])
+}
+
+/// [`rules`] for a VM with vhost-user devices connected on `vhost_user_sockets`: their
+/// frontends run on the vCPU threads (device activation and reset), which may then send
+/// (`sendmsg` with MSG_NOSIGNAL, as vmm-sys-util sends) and receive (`recvmsg` without flags)
+/// messages on exactly those descriptors. Connecting happened before any filter went in.
+pub fn rules_with(
+    kind: ThreadKind,
+    stats: bool,
+    vhost_user_sockets: &[i32],
+) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let extra: &[&[i64]] = match kind {
         ThreadKind::Main if stats => &[MAIN, MAIN_STATS],
@@ -158,7 +170,28 @@ pub fn rules(kind: ThreadKind, stats: bool) -> BTreeMap<i64, Vec<SeccompRule>> {
         fcntl.push(rule(1, SeccompCmpOp::Eq, libc::F_DUPFD_CLOEXEC as u64));
     }
     rules.insert(libc::SYS_fcntl, fcntl);
+    if kind == ThreadKind::Vcpu && !vhost_user_sockets.is_empty() {
+        let on_socket = |flags: i32| -> Vec<SeccompRule> {
+            vhost_user_sockets
+                .iter()
+                .map(|&fd| {
+                    let conditions = vec![
+                        condition(0, SeccompCmpOp::Eq, fd as u64),
+                        condition(2, SeccompCmpOp::Eq, flags as u64),
+                    ];
+                    SeccompRule::new(conditions).expect("two conditions")
+                })
+                .collect()
+        };
+        rules.insert(libc::SYS_sendmsg, on_socket(libc::MSG_NOSIGNAL));
+        rules.insert(libc::SYS_recvmsg, on_socket(0));
+    }
     rules
+}
+
+fn condition(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompCondition {
+    // The descriptor and flags arguments are ints: compare the low 32 bits only.
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).expect("argument index below 6")
 }
 
 fn rule(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompRule {
@@ -169,8 +202,17 @@ fn rule(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompRule {
 
 /// The compiled filter for `kind`: allowed calls pass, anything else traps (SIGSYS).
 pub fn filter(kind: ThreadKind, stats: bool) -> Result<BpfProgram, String> {
+    filter_with(kind, stats, &[])
+}
+
+/// [`filter`] with the vhost-user sockets of [`rules_with`].
+pub fn filter_with(
+    kind: ThreadKind,
+    stats: bool,
+    vhost_user_sockets: &[i32],
+) -> Result<BpfProgram, String> {
     let filter = SeccompFilter::new(
-        rules(kind, stats),
+        rules_with(kind, stats, vhost_user_sockets),
         SeccompAction::Trap,
         SeccompAction::Allow,
         TargetArch::x86_64,
@@ -191,6 +233,15 @@ static HANDLER_INSTALLED: AtomicBool = AtomicBool::new(false);
 /// Installs the filter for `kind` on the calling thread (and, once per process, the SIGSYS
 /// handler that reports violations).
 pub fn install(kind: ThreadKind, stats: bool) -> Result<(), String> {
+    install_with(kind, stats, &[])
+}
+
+/// [`install`] with the vhost-user sockets of [`rules_with`].
+pub fn install_with(
+    kind: ThreadKind,
+    stats: bool,
+    vhost_user_sockets: &[i32],
+) -> Result<(), String> {
     install_sigsys_handler()?;
     let name = std::thread::current()
         .name()
@@ -201,7 +252,7 @@ pub fn install(kind: ThreadKind, stats: bool) -> Result<(), String> {
     let len = text.len().min(label.len());
     label[..len].copy_from_slice(&text.as_bytes()[..len]);
     THREAD_LABEL.with(|cell| cell.set(label));
-    let program = filter(kind, stats)?;
+    let program = filter_with(kind, stats, vhost_user_sockets)?;
     // Read before the filter is in place (it is only memory, but keep it obviously so).
     let probe = std::env::var_os(PROBE_ENV).is_some_and(|v| v == kind.name());
     seccompiler::apply_filter(&program).map_err(|e| {
@@ -365,6 +416,18 @@ mod tests {
                 );
             }
         }
+        // Only vCPU threads of a VM with vhost-user devices send and receive messages, and
+        // only on those devices' sockets.
+        for kind in [ThreadKind::Main, ThreadKind::Device] {
+            let rules = rules_with(kind, false, &[7]);
+            assert!(!rules.contains_key(&libc::SYS_sendmsg));
+            assert!(!rules.contains_key(&libc::SYS_recvmsg));
+        }
+        assert!(!rules(ThreadKind::Vcpu, false).contains_key(&libc::SYS_sendmsg));
+        let vcpu = rules_with(ThreadKind::Vcpu, false, &[7, 9]);
+        assert_eq!(vcpu[&libc::SYS_sendmsg].len(), 2);
+        assert_eq!(vcpu[&libc::SYS_recvmsg].len(), 2);
+        assert!(filter_with(ThreadKind::Vcpu, false, &[7, 9]).is_ok());
         // Only --stats lets the main thread open /proc/self/task.
         assert!(rules(ThreadKind::Main, true).contains_key(&libc::SYS_openat));
     }

@@ -77,6 +77,37 @@ pub fn assets() -> PathBuf {
     try_assets().unwrap_or_else(|e| panic!("cannot prepare the guest assets: {e}"))
 }
 
+/// Static release builds of the workspace binaries `programs` (besides pvm), by
+/// `scripts/build-static`; returns their paths in order.
+fn try_static_programs(programs: &[String]) -> Result<Vec<PathBuf>, String> {
+    let args: Vec<&str> = programs.iter().map(String::as_str).collect();
+    let output = Command::new(repo_root().join("scripts/build-static"))
+        .args(&args)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run scripts/build-static: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("scripts/build-static failed ({})", output.status));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let paths: Vec<PathBuf> = stdout.lines().skip(1).map(PathBuf::from).collect();
+    if paths.len() != programs.len() {
+        return Err(format!("scripts/build-static printed {stdout:?}"));
+    }
+    Ok(paths)
+}
+
+/// The extra programs all of `scenarios` need, each once.
+fn batch_programs(scenarios: &[&Scenario]) -> Vec<String> {
+    let mut programs: Vec<String> = scenarios
+        .iter()
+        .flat_map(|s| s.programs.iter().cloned())
+        .collect();
+    programs.sort();
+    programs.dedup();
+    programs
+}
+
 /// A statically linked release pvm, built once per process by `scripts/build-static`.
 pub fn pvm_static() -> PathBuf {
     try_pvm_static().unwrap_or_else(|e| panic!("cannot build a static pvm: {e}"))
@@ -271,6 +302,37 @@ pub fn boot_signal_program() -> Vec<u8> {
     elf
 }
 
+/// The bytes the guest writes: `lines` numbered 17-byte lines (whole 4 KiB blocks for 4096).
+pub fn pattern(tag: &str, lines: usize) -> Vec<u8> {
+    (1..=lines)
+        .flat_map(|i| format!("{tag}-PATTERN{i:05}\n").into_bytes())
+        .collect()
+}
+
+/// Guest commands writing `pattern(tag, 4096)` to `dev` with a flush, reporting the outcome.
+pub fn write_pattern(tag: &str, dev: &str) -> String {
+    format!(
+        "for i in $(seq 1 4096); do printf '{tag}-PATTERN%05d\\n' $i; done > /tmp/p\n\
+         if dd if=/tmp/p of={dev} bs=4096 conv=fsync 2>/tmp/dd.err; then echo {tag}-write-ok; \
+         else echo {tag}-write-refused: $(cat /tmp/dd.err | head -n 1); fi\n"
+    )
+}
+
+/// Wraps `body` so it runs in a new network namespace holding tap0 (10.0.2.1/24, up). The body
+/// goes through a quoted heredoc, so `{pvm}`'s quoting survives untouched.
+pub fn in_network_namespace(body: &str) -> String {
+    format!(
+        "cat > in-netns.sh <<'NETNS'\n\
+         ip link set lo up\n\
+         tunctl -t tap0 >/dev/null\n\
+         ip link set tap0 up\n\
+         ip addr add 10.0.2.1/24 dev tap0\n\
+         {body}\n\
+         NETNS\n\
+         unshare -n sh ./in-netns.sh"
+    )
+}
+
 /// Quotes `word` for sh.
 fn shell_quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', r"'\''"))
@@ -295,6 +357,9 @@ pub struct Scenario {
     pub shared: Vec<(String, PathBuf)>,
     /// After this, the scenario's whole process group is killed and `rc` is [`TIMED_OUT`].
     pub timeout_secs: u32,
+    /// Further workspace binaries the script runs (e.g. `pvm-vhost-user-blk`), put on its
+    /// `PATH` (static builds, in /bin of the emulated host).
+    pub programs: Vec<String>,
 }
 
 impl Scenario {
@@ -308,6 +373,7 @@ impl Scenario {
             files: Vec::new(),
             shared: Vec::new(),
             timeout_secs: DEFAULT_TIMEOUT_SECS,
+            programs: Vec::new(),
         }
     }
 
@@ -358,6 +424,12 @@ impl Scenario {
     /// share one copy (large files used by many scenarios, such as a QEMU binary).
     pub fn shared_file(mut self, path: &str, from: &Path) -> Self {
         self.shared.push((path.to_string(), from.to_path_buf()));
+        self
+    }
+
+    /// Carries the workspace binary `name` along, on the script's `PATH`.
+    pub fn program(mut self, name: &str) -> Self {
+        self.programs.push(name.to_string());
         self
     }
 
@@ -585,6 +657,12 @@ fn link_or_copy(from: &Path, to: &Path) -> Result<(), String> {
 fn run_emulated(scenarios: &[&Scenario], dir: &Path) -> Result<HashMap<String, Outcome>, String> {
     let assets = try_assets()?;
     link_or_copy(&try_pvm_static()?, &dir.join("pvm"))?;
+    let programs = batch_programs(scenarios);
+    if !programs.is_empty() {
+        for (name, path) in programs.iter().zip(try_static_programs(&programs)?) {
+            link_or_copy(&path, &dir.join("bin").join(name))?;
+        }
+    }
     for s in scenarios {
         if let Some(kernel) = s.kernel {
             let shared = dir.join("shared").join(kernel.relative_path());
@@ -645,11 +723,19 @@ fn run_emulated(scenarios: &[&Scenario], dir: &Path) -> Result<HashMap<String, O
 
 fn run_direct(scenarios: &[&Scenario], dir: &Path) -> Result<HashMap<String, Outcome>, String> {
     let pvm = pvm_dynamic();
-    let path = format!(
+    let mut path = format!(
         "{}:{}",
         pvm.parent().unwrap().display(),
         std::env::var("PATH").unwrap_or_default()
     );
+    let programs = batch_programs(scenarios);
+    if !programs.is_empty() {
+        let bin = dir.join("bin");
+        for (name, built) in programs.iter().zip(try_static_programs(&programs)?) {
+            link_or_copy(&built, &bin.join(name))?;
+        }
+        path = format!("{}:{path}", bin.display());
+    }
     let mut outcomes = HashMap::new();
     for s in scenarios {
         let cwd = dir.join("scenarios").join(&s.name);

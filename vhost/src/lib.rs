@@ -5,3 +5,5 @@
 //! imports from the VMM crate.
 
 pub mod net;
+mod relay;
+pub mod user;

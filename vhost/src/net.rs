@@ -10,13 +10,14 @@ use std::sync::Arc;
 use pvm_virtio::data_plane::DataPlane;
 use pvm_virtio::thread::DeviceThread;
 use pvm_virtio::{ActivateError, ActiveQueue, Interrupt};
+
+use crate::relay::Relay;
 use vhost::net::VhostNet as _;
 use vhost::vhost_kern::net::Net as KernelNet;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 use virtio_queue::QueueT;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Where the kernel's vhost-net device lives.
@@ -240,11 +241,16 @@ impl VhostNetPlane {
         let relay = if relayed.is_empty() {
             None
         } else {
-            Some(Relay::start(&mut self.relay_thread, relayed, interrupt)?)
+            Some(Relay::start(
+                &mut self.relay_thread,
+                "vhost-net",
+                relayed,
+                interrupt,
+            )?)
         };
         log::info!(
             "vhost-net serves {count} queues ({} relayed)",
-            relay.as_ref().map_or(0, |r| r.queues)
+            relay.as_ref().map_or(0, Relay::queues)
         );
         Ok(relay)
     }
@@ -253,77 +259,5 @@ impl VhostNetPlane {
 impl Drop for VhostNetPlane {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// Turns vhost's call eventfds into `Interrupt::notify_queue` (virtio-mmio), on the plane's
-/// relay thread.
-struct Relay {
-    kill: EventFd,
-    queues: usize,
-}
-
-impl Relay {
-    fn start(
-        thread: &mut DeviceThread,
-        calls: Vec<(u16, EventFd)>,
-        interrupt: Arc<dyn Interrupt>,
-    ) -> Result<Relay, ActivateError> {
-        let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let epoll = Epoll::new().map_err(ActivateError::Worker)?;
-        let kill_token = calls.len() as u64;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                kill.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, kill_token),
-            )
-            .map_err(ActivateError::Worker)?;
-        for (slot, (_, call)) in calls.iter().enumerate() {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    call.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, slot as u64),
-                )
-                .map_err(ActivateError::Worker)?;
-        }
-        let queues = calls.len();
-        let thread_kill = kill.try_clone().map_err(ActivateError::Worker)?;
-        thread
-            .run(move || {
-                let _keep_kill_open = thread_kill;
-                let mut events = vec![EpollEvent::default(); calls.len() + 1];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            log::error!("vhost-net relay: epoll: {e}");
-                            return;
-                        }
-                    };
-                    for event in &events[..n] {
-                        let token = event.data();
-                        if token == kill_token {
-                            return;
-                        }
-                        let (queue, call) = &calls[token as usize];
-                        if call.read().is_ok() {
-                            if let Err(e) = interrupt.notify_queue(*queue) {
-                                log::warn!("vhost-net relay: interrupt for queue {queue}: {e}");
-                            }
-                        }
-                    }
-                }
-            })
-            .map_err(|e| ActivateError::Backend(e.to_string()))?;
-        Ok(Relay { kill, queues })
-    }
-
-    fn stop(self, thread: &mut DeviceThread) {
-        if self.kill.write(1).is_ok() {
-            thread.wait();
-        }
     }
 }

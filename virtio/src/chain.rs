@@ -19,7 +19,7 @@ use vm_memory::{
 };
 
 /// A descriptor chain over the VMM's guest memory.
-pub(crate) type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
+pub type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
 
 /// The most iovecs one `preadv`/`pwritev`/`writev` call accepts.
 const MAX_IOVECS: usize = libc::UIO_MAXIOV as usize;

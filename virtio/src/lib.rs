@@ -22,9 +22,11 @@ mod transport;
 mod worker;
 
 pub use block::{Block, BlockError, DiskErrors};
+pub use chain::Chain;
 pub use console::{Console, ConsoleError, ConsoleInput};
 pub use device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 pub use mmio::MmioTransport;
 pub use net::{Net, NetBackend, NetCounters, NetError, Tap, TapError};
 pub use pci::{MsiMessage, MsiSink, PciTransport};
 pub use rng::Rng;
+pub use worker::{CHAINS_PER_PASS, DeviceQueue, read_config_bytes};

@@ -27,7 +27,7 @@ mod activation;
 /// The epoll token of the kill eventfd; handlers use small tokens of their own.
 const KILL_TOKEN: u64 = u64::MAX;
 /// How many chains [`DeviceQueue::process`] serves before yielding to the event loop.
-pub(crate) const CHAINS_PER_PASS: usize = 256;
+pub const CHAINS_PER_PASS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -54,7 +54,7 @@ pub(crate) const fn feature(bit: u32) -> u64 {
 
 /// Copies `offset..offset + data.len()` of a device's config space into `data`; bytes past the
 /// end of the config read as zero.
-pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
     let Ok(start) = usize::try_from(offset) else {
         return;
@@ -164,11 +164,14 @@ fn run<H: EventHandler>(events: EventLoop, mut handler: H) {
 }
 
 /// A virtqueue owned by a worker: the queue, its kick eventfd and the used-buffer bookkeeping.
+///
+/// Public for pvm's vhost-user backends, which serve the same rings from another process.
 #[derive(Debug)]
-pub(crate) struct DeviceQueue {
-    pub(crate) index: u16,
-    pub(crate) queue: Queue,
-    pub(crate) kick: EventFd,
+pub struct DeviceQueue {
+    pub index: u16,
+    pub queue: Queue,
+    /// The queue's kick; also what [`Self::process`] signals to come back after a long pass.
+    pub kick: EventFd,
     /// Used entries added since the driver was last considered for an interrupt.
     unsignalled: u32,
     /// Set when the driver corrupted the queue; the worker then ignores it until reset.
@@ -188,7 +191,25 @@ impl DeviceQueue {
         }
     }
 
-    pub(crate) fn is_stopped(&self) -> bool {
+    /// A queue over `queue` as it is (its event_idx setting included), for a data plane that
+    /// configures the queue itself (vhost-user backends); `kick` is what a long pass signals.
+    pub fn from_queue(index: u16, queue: Queue, kick: EventFd) -> Self {
+        DeviceQueue {
+            index,
+            queue,
+            kick,
+            unsignalled: 0,
+            stopped: false,
+        }
+    }
+
+    /// Forgets that the driver broke the queue: for a fresh start of the ring (device reset).
+    pub fn restart(&mut self) {
+        self.stopped = false;
+        self.unsignalled = 0;
+    }
+
+    pub fn is_stopped(&self) -> bool {
         self.stopped
     }
 
@@ -199,7 +220,7 @@ impl DeviceQueue {
     }
 
     /// Stops the queue because the driver broke it; logged once.
-    pub(crate) fn fail(&mut self, reason: &dyn std::fmt::Display) {
+    pub fn fail(&mut self, reason: &dyn std::fmt::Display) {
         if !self.stopped {
             error!(
                 "queue {}: {reason}; the queue is stopped until the device is reset",
@@ -211,7 +232,7 @@ impl DeviceQueue {
 
     /// The next available chain, or `None` when there is none or the queue is stopped. An avail
     /// index further ahead than the queue size stops the queue.
-    pub(crate) fn pop<'m>(&mut self, mem: &'m GuestMemoryMmap) -> Option<Chain<'m>> {
+    pub fn pop<'m>(&mut self, mem: &'m GuestMemoryMmap) -> Option<Chain<'m>> {
         if self.stopped {
             return None;
         }
@@ -225,13 +246,13 @@ impl DeviceQueue {
     }
 
     /// Puts the last `count` popped chains back so they are popped again later.
-    pub(crate) fn unpop(&mut self, count: u16) {
+    pub fn unpop(&mut self, count: u16) {
         let next = self.queue.next_avail().wrapping_sub(count);
         self.queue.set_next_avail(next);
     }
 
     /// Whether the driver has made chains available that were not popped yet.
-    pub(crate) fn has_available(&mut self, mem: &GuestMemoryMmap) -> bool {
+    pub fn has_available(&mut self, mem: &GuestMemoryMmap) -> bool {
         if self.stopped {
             return false;
         }
@@ -245,7 +266,7 @@ impl DeviceQueue {
     }
 
     /// Returns a chain to the driver with `len` bytes written into it.
-    pub(crate) fn add_used(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32) {
+    pub fn add_used(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32) {
         if self.stopped {
             return;
         }
@@ -256,7 +277,7 @@ impl DeviceQueue {
     }
 
     /// Interrupts the driver if it has new used entries and (with EVENT_IDX) asked to be told.
-    pub(crate) fn signal_used(&mut self, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt) {
+    pub fn signal_used(&mut self, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt) {
         if self.unsignalled == 0 {
             return;
         }
@@ -274,7 +295,7 @@ impl DeviceQueue {
 
     /// Asks the driver to kick on new buffers. Returns true if buffers arrived meanwhile, in
     /// which case the caller must process them as no kick may come.
-    pub(crate) fn enable_notification(&mut self, mem: &GuestMemoryMmap) -> bool {
+    pub fn enable_notification(&mut self, mem: &GuestMemoryMmap) -> bool {
         if self.stopped {
             return false;
         }
@@ -290,7 +311,7 @@ impl DeviceQueue {
     /// Asks the driver to kick when it makes buffers available beyond those already there (which
     /// the device cannot use yet, e.g. too few for a frame). Returns true if some arrived
     /// meanwhile, in which case the caller must look again as no kick may come.
-    pub(crate) fn notify_on_more(&mut self, mem: &GuestMemoryMmap) -> bool {
+    pub fn notify_on_more(&mut self, mem: &GuestMemoryMmap) -> bool {
         if self.stopped {
             return false;
         }
@@ -320,7 +341,7 @@ impl DeviceQueue {
         }
     }
 
-    pub(crate) fn disable_notification(&mut self, mem: &GuestMemoryMmap) {
+    pub fn disable_notification(&mut self, mem: &GuestMemoryMmap) {
         if self.stopped {
             return;
         }
@@ -336,12 +357,8 @@ impl DeviceQueue {
     /// At most [`CHAINS_PER_PASS`] chains are served per call; if more are waiting the queue kicks
     /// itself and returns, so a driver that never stops submitting cannot starve the device's
     /// other queues or delay a reset.
-    pub(crate) fn process<F>(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        interrupt: &dyn Interrupt,
-        mut handle: F,
-    ) where
+    pub fn process<F>(&mut self, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt, mut handle: F)
+    where
         F: FnMut(Chain<'_>) -> u32,
     {
         let mut served = 0;

@@ -74,50 +74,8 @@ impl Block {
     /// writable disk, shared for a read-only one. `serial` (at most 20 bytes) is what the guest
     /// reads as the disk ID (/sys/block/vdX/serial).
     pub fn new(path: &Path, read_only: bool, serial: Option<&str>) -> Result<Self, BlockError> {
-        let id = disk_id(path, serial)?;
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| BlockError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        lock(&file, path, read_only)?;
-        // Seeking works for block devices too, where metadata reports a length of 0.
-        let bytes = file
-            .seek(SeekFrom::End(0))
-            .map_err(|source| BlockError::Size {
-                path: path.to_owned(),
-                source,
-            })?;
-        if bytes % SECTOR_SIZE != 0 {
-            log::warn!(
-                "disk {}: size {bytes} is not a multiple of 512; the tail is not visible to the guest",
-                path.display()
-            );
-        }
-        let disk = DiskImage {
-            file,
-            sectors: bytes / SECTOR_SIZE,
-            read_only,
-            id,
-            name: path.display().to_string(),
-            errors: Arc::default(),
-            flush_failed: AtomicBool::new(false),
-        };
-        let mut offered_features = feature(VIRTIO_F_VERSION_1)
-            | feature(VIRTIO_RING_F_EVENT_IDX)
-            | feature(VIRTIO_RING_F_INDIRECT_DESC)
-            | feature(VIRTIO_BLK_F_BLK_SIZE)
-            | feature(VIRTIO_BLK_F_SEG_MAX)
-            | feature(VIRTIO_BLK_F_SIZE_MAX)
-            | feature(VIRTIO_BLK_F_FLUSH);
-        if read_only {
-            offered_features |= feature(VIRTIO_BLK_F_RO);
-        } else {
-            offered_features |= feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES);
-        }
+        let disk = DiskImage::open(path, read_only, serial)?;
+        let offered_features = offered_features(read_only);
         let index = NEXT_BLOCK_INDEX.fetch_add(1, Ordering::Relaxed);
         Ok(Block {
             config: config_space(disk.sectors),
@@ -152,6 +110,88 @@ impl Block {
     pub fn errors(&self) -> Arc<DiskErrors> {
         Arc::clone(&self.disk.errors)
     }
+}
+
+impl DiskImage {
+    /// Opens `path` (read-write, or read-only with `read_only`) and locks it: exclusively for a
+    /// writable disk, shared for a read-only one. `serial` (at most 20 bytes) is the GET_ID
+    /// answer.
+    pub fn open(path: &Path, read_only: bool, serial: Option<&str>) -> Result<Self, BlockError> {
+        let id = disk_id(path, serial)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| BlockError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        lock(&file, path, read_only)?;
+        // Seeking works for block devices too, where metadata reports a length of 0.
+        let bytes = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BlockError::Size {
+                path: path.to_owned(),
+                source,
+            })?;
+        if bytes % SECTOR_SIZE != 0 {
+            log::warn!(
+                "disk {}: size {bytes} is not a multiple of 512; the tail is not visible to the guest",
+                path.display()
+            );
+        }
+        Ok(DiskImage {
+            file,
+            sectors: bytes / SECTOR_SIZE,
+            read_only,
+            id,
+            name: path.display().to_string(),
+            errors: Arc::default(),
+            flush_failed: AtomicBool::new(false),
+        })
+    }
+
+    /// Names the disk in messages (its path).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The disk size in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The disk's host I/O failure counts.
+    pub fn errors(&self) -> Arc<DiskErrors> {
+        Arc::clone(&self.errors)
+    }
+}
+
+/// Serves one virtio-blk request chain against `disk` (parse and validate it, do the I/O, write
+/// the status byte) and returns the used length. Shared with pvm's vhost-user block backend.
+pub fn serve_request(disk: &DiskImage, mem: &GuestMemoryMmap, chain: crate::Chain<'_>) -> u32 {
+    request::handle_request(disk, mem, chain)
+}
+
+/// The feature bits a virtio-blk device on a raw image offers.
+pub fn offered_features(read_only: bool) -> u64 {
+    let mut offered_features = feature(VIRTIO_F_VERSION_1)
+        | feature(VIRTIO_RING_F_EVENT_IDX)
+        | feature(VIRTIO_RING_F_INDIRECT_DESC)
+        | feature(VIRTIO_BLK_F_BLK_SIZE)
+        | feature(VIRTIO_BLK_F_SEG_MAX)
+        | feature(VIRTIO_BLK_F_SIZE_MAX)
+        | feature(VIRTIO_BLK_F_FLUSH);
+    if read_only {
+        offered_features |= feature(VIRTIO_BLK_F_RO);
+    } else {
+        offered_features |= feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES);
+    }
+    offered_features
 }
 
 fn disk_id(
@@ -197,8 +237,8 @@ fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError> {
     }
 }
 
-/// The little-endian `struct virtio_blk_config` image.
-fn config_space(sectors: u64) -> Vec<u8> {
+/// The little-endian `struct virtio_blk_config` image of a disk of `sectors`.
+pub fn config_space(sectors: u64) -> Vec<u8> {
     let mut config = vec![0u8; std::mem::size_of::<virtio_blk_config>()];
     let mut put = |offset: usize, bytes: &[u8]| {
         config[offset..offset + bytes.len()].copy_from_slice(bytes);

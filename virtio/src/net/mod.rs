@@ -29,8 +29,8 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use vm_memory::GuestMemoryMmap;
 
-use self::rxtx::{Delivery, deliver_frame, transmit};
-pub use self::tap::{NetBackend, Tap, TapError};
+pub use self::rxtx::{Delivery, deliver_frame, transmit};
+pub use self::tap::{NetBackend, Tap, TapError, read_frame};
 use crate::data_plane::{DEVICE_FEATURE_MASK, DataPlane};
 use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::worker::{
@@ -125,23 +125,7 @@ impl Net {
 
     /// A device on any backend.
     pub fn new(backend: Arc<dyn NetBackend>, mac: Option<[u8; 6]>) -> Self {
-        let guest_offloads = backend.supported_offloads();
-        let mut offered_features = feature(VIRTIO_F_VERSION_1)
-            | feature(VIRTIO_RING_F_EVENT_IDX)
-            | feature(VIRTIO_RING_F_INDIRECT_DESC)
-            | feature(VIRTIO_NET_F_MAC)
-            | feature(VIRTIO_NET_F_STATUS)
-            | feature(VIRTIO_NET_F_MRG_RXBUF)
-            // The tap takes partially checksummed and GSO frames from us as they are.
-            | feature(VIRTIO_NET_F_CSUM)
-            | feature(VIRTIO_NET_F_HOST_TSO4)
-            | feature(VIRTIO_NET_F_HOST_TSO6)
-            | feature(VIRTIO_NET_F_HOST_ECN);
-        for (tun_flag, guest_feature) in GUEST_OFFLOAD_FEATURES {
-            if guest_offloads & tun_flag != 0 {
-                offered_features |= feature(guest_feature);
-            }
-        }
+        let offered_features = offered_features(backend.supported_offloads());
         let index = NEXT_NET_INDEX.fetch_add(1, Ordering::Relaxed);
         Net {
             backend,
@@ -175,13 +159,41 @@ impl Net {
     }
 
     fn config_space(&self) -> [u8; 8] {
-        let mut config = [0u8; 8];
-        let mac = offset_of!(virtio_net_config, mac);
-        config[mac..mac + 6].copy_from_slice(&self.mac);
-        let status = offset_of!(virtio_net_config, status);
-        config[status..status + 2].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        config
+        config_space(self.mac)
     }
+}
+
+/// The feature bits a virtio-net device on a backend with `guest_offloads` (TUN_F_* flags it
+/// can deliver to the guest) offers: shared with pvm's vhost-user net backend.
+pub fn offered_features(guest_offloads: u32) -> u64 {
+    let mut offered_features = feature(VIRTIO_F_VERSION_1)
+        | feature(VIRTIO_RING_F_EVENT_IDX)
+        | feature(VIRTIO_RING_F_INDIRECT_DESC)
+        | feature(VIRTIO_NET_F_MAC)
+        | feature(VIRTIO_NET_F_STATUS)
+        | feature(VIRTIO_NET_F_MRG_RXBUF)
+        // The tap takes partially checksummed and GSO frames from us as they are.
+        | feature(VIRTIO_NET_F_CSUM)
+        | feature(VIRTIO_NET_F_HOST_TSO4)
+        | feature(VIRTIO_NET_F_HOST_TSO6)
+        | feature(VIRTIO_NET_F_HOST_ECN);
+    for (tun_flag, guest_feature) in GUEST_OFFLOAD_FEATURES {
+        if guest_offloads & tun_flag != 0 {
+            offered_features |= feature(guest_feature);
+        }
+    }
+    offered_features
+}
+
+/// The little-endian `struct virtio_net_config` prefix pvm fills in: the MAC and a link that
+/// is up.
+pub fn config_space(mac: [u8; 6]) -> [u8; 8] {
+    let mut config = [0u8; 8];
+    let at = offset_of!(virtio_net_config, mac);
+    config[at..at + 6].copy_from_slice(&mac);
+    let status = offset_of!(virtio_net_config, status);
+    config[status..status + 2].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    config
 }
 
 /// Which TUN_F_* offload each guest-side feature corresponds to.
@@ -194,7 +206,7 @@ const GUEST_OFFLOAD_FEATURES: [(u32, u32); 4] = [
 
 /// The TUN_F_* offloads to enable for the guest-side features in `acked`. Segmentation offloads
 /// need checksum offload (the kernel refuses them alone), so without GUEST_CSUM none is enabled.
-pub(crate) fn tun_offloads(acked: u64) -> u32 {
+pub fn tun_offloads(acked: u64) -> u32 {
     if acked & feature(VIRTIO_NET_F_GUEST_CSUM) == 0 {
         return 0;
     }
@@ -205,7 +217,7 @@ pub(crate) fn tun_offloads(acked: u64) -> u32 {
 }
 
 /// A random unicast, locally administered MAC.
-fn generated_mac() -> [u8; 6] {
+pub fn generated_mac() -> [u8; 6] {
     let mut mac = [0u8; 6];
     if crate::rng::fill_random(&mut mac).is_err() {
         // Still unique enough per host without entropy: derive from the pid and time.

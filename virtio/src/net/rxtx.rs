@@ -17,7 +17,7 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 /// Sends the device-readable part of one transmitq chain (vnet header + frame) to the backend
 /// as one frame. Malformed chains and backend errors are counted and the frame dropped. Returns
 /// the used length, always 0 as the device writes nothing into transmit buffers.
-pub(crate) fn transmit(
+pub fn transmit(
     backend: &(impl AsRawFd + ?Sized),
     mem: &GuestMemoryMmap,
     chain: Chain<'_>,
@@ -67,7 +67,7 @@ fn count_malformed(counters: &NetCounters, what: &dyn std::fmt::Display) {
 
 /// What became of a received frame.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Delivery {
+pub enum Delivery {
     /// In the guest's buffers.
     Delivered,
     /// Not enough receive buffers right now; nothing was consumed, try again after a kick.
@@ -79,7 +79,7 @@ pub(crate) enum Delivery {
 /// Copies one frame (`frame` starts with the 12-byte vnet header) into receiveq buffers. With
 /// mergeable buffers the frame may span several chains and `num_buffers` says how many;
 /// otherwise the next chain must hold the whole frame. A malformed receive chain stops the queue.
-pub(crate) fn deliver_frame(
+pub fn deliver_frame(
     rx: &mut DeviceQueue,
     mem: &GuestMemoryMmap,
     frame: &mut [u8],

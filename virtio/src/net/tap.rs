@@ -155,7 +155,7 @@ impl NetBackend for Tap {
 }
 
 /// Reads one frame (header included) from a nonblocking backend fd.
-pub(crate) fn read_frame(fd: &(impl AsRawFd + ?Sized), buf: &mut [u8]) -> io::Result<usize> {
+pub fn read_frame(fd: &(impl AsRawFd + ?Sized), buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: read writes at most `buf.len()` bytes into the valid, owned buffer.
     let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {

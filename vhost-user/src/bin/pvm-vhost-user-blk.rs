@@ -1,0 +1,67 @@
+//! pvm-vhost-user-blk: a raw image file as a vhost-user block device.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use log::LevelFilter;
+use pvm_vhost_user::block::BlockBackend;
+use pvm_vhost_user::cli;
+
+const NAME: &str = "pvm-vhost-user-blk";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = NAME,
+    version,
+    about = "pvm-vhost-user-blk: a raw disk image as a vhost-user block device",
+    long_about = "Serves FILE as a virtio-blk device to one vhost-user frontend (pvm's \
+                  --disk vhost-user=SOCKET, or any VMM that speaks vhost-user): IN, OUT, FLUSH \
+                  (fdatasync), GET_ID, DISCARD and WRITE_ZEROES; `ro` refuses writes. The image is \
+                  locked while served. Exits 0 when the frontend disconnects, 1 on a failure \
+                  while serving, 2 on a bad command line."
+)]
+struct Args {
+    /// The vhost-user socket to listen on (a stale socket file is replaced).
+    #[arg(long, value_name = "PATH", value_parser = cli::parse_socket)]
+    socket: PathBuf,
+
+    /// The raw image to serve; `ro` makes the device read-only.
+    #[arg(long, value_name = "FILE[,ro]", value_parser = cli::parse_disk)]
+    disk: cli::DiskArg,
+
+    /// The seccomp sandbox: on (once the frontend is connected every thread may only serve
+    /// it; a forbidden system call ends the backend naming it, exit 6) or off, for debugging.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = cli::parse_on_off,
+          action = clap::ArgAction::Set)]
+    seccomp: bool,
+
+    /// How much to log on stderr: off, error, warn, info, debug, trace.
+    #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = cli::parse_log_level)]
+    log_level: LevelFilter,
+}
+
+fn main() {
+    let args = match cli::parse::<Args>(NAME, std::env::args_os()) {
+        Ok(args) => args,
+        Err(code) => std::process::exit(code),
+    };
+    cli::init_logger(NAME, args.log_level);
+    let backend = match BlockBackend::open(&args.disk.path, args.disk.read_only, None) {
+        Ok(backend) => backend,
+        Err(e) => {
+            eprintln!("{NAME}: --{e}");
+            std::process::exit(cli::USAGE_ERROR);
+        }
+    };
+    let what = format!(
+        "{} ({} sectors{})",
+        args.disk.path.display(),
+        backend.disk().sectors(),
+        if args.disk.read_only {
+            ", read-only"
+        } else {
+            ""
+        }
+    );
+    std::process::exit(cli::run(NAME, backend, &args.socket, args.seccomp, &what));
+}

@@ -1,0 +1,321 @@
+//! The tap net backend: pvm-virtio's tap (IFF_VNET_HDR, TUN offloads set from the features the
+//! driver accepted) and its frame transmit and receive logic (mergeable receive buffers,
+//! malformed chains dropped and counted) behind vhost-user.
+//!
+//! The tap is watched edge-triggered: the worker reads it until it is empty or the guest runs
+//! out of receive buffers; in the latter case the frame read last waits for the next receive
+//! kick. A pass that hits the frame budget signals a wake-up eventfd to come back after the
+//! other events, as pvm's in-process device does.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+
+use log::warn;
+use pvm_virtio::net::{
+    self, Delivery, MAX_FRAME_LEN, NetCounters, VNET_HDR_LEN, deliver_frame, read_frame, transmit,
+    tun_offloads,
+};
+use pvm_virtio::{DeviceQueue, NetBackend as _, Tap, read_config_bytes};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::VhostUserBackendMut;
+use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::ring::{device_queue, with_ring};
+use crate::{Memory, Vring, Watched, feature};
+
+const QUEUE_SIZE: u16 = net::QUEUE_SIZE;
+const RX: u16 = 0;
+const TX: u16 = 1;
+// Token 2 is the library's (vring enabled / exit).
+const TAP: u16 = 3;
+const RX_WAKE: u16 = 4;
+const TX_WAKE: u16 = 5;
+/// Frames received per pass before the worker looks at its other events.
+const FRAMES_PER_PASS: usize = 256;
+
+/// A tap served over vhost-user.
+pub struct NetBackend {
+    tap: Tap,
+    mac: [u8; 6],
+    config: [u8; 8],
+    memory: Option<Memory>,
+    rx: DeviceQueue,
+    tx: DeviceQueue,
+    mergeable: bool,
+    /// One frame read from the tap; `pending_len` bytes of it wait for guest buffers.
+    frame: Vec<u8>,
+    pending_len: Option<usize>,
+    counters: NetCounters,
+}
+
+impl NetBackend {
+    /// Attaches to the tap `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, nonblocking); the guest
+    /// gets `mac`, or a random locally administered one.
+    pub fn open(name: &str, mac: Option<[u8; 6]>) -> Result<Self, String> {
+        let tap = Tap::open(name).map_err(|e| e.to_string())?;
+        let wake = || EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"));
+        let rx = device_queue(RX, QUEUE_SIZE, wake()?).map_err(|e| e.to_string())?;
+        let tx = device_queue(TX, QUEUE_SIZE, wake()?).map_err(|e| e.to_string())?;
+        let mac = mac.unwrap_or_else(net::generated_mac);
+        Ok(NetBackend {
+            tap,
+            mac,
+            config: net::config_space(mac),
+            memory: None,
+            rx,
+            tx,
+            mergeable: false,
+            frame: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
+            pending_len: None,
+            counters: NetCounters::default(),
+        })
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    pub fn counters(&self) -> &NetCounters {
+        &self.counters
+    }
+
+    fn transmit_all(&mut self, vring: &Vring) {
+        let Some(memory) = self.memory.as_ref() else {
+            return;
+        };
+        let memory = memory.memory();
+        let (tap, counters) = (&self.tap, &self.counters);
+        with_ring(vring, &mut self.tx, |queue, call| {
+            queue.process(&memory, call, |chain| {
+                transmit(tap, &memory, chain, counters)
+            });
+        });
+    }
+
+    fn receive(&mut self, vring: &Vring) {
+        let Some(memory) = self.memory.as_ref() else {
+            return;
+        };
+        let memory = memory.memory();
+        let Self {
+            tap,
+            rx,
+            frame,
+            pending_len,
+            counters,
+            mergeable,
+            ..
+        } = self;
+        with_ring(vring, rx, |rx, call| {
+            receive_frames(tap, rx, &memory, frame, pending_len, *mergeable, counters);
+            rx.signal_used(&memory, call);
+        });
+    }
+}
+
+/// Moves frames from the tap into the receive ring until the tap is empty, the guest is out of
+/// buffers (the frame then stays pending) or the pass budget is spent (then the queue's wake-up
+/// eventfd brings the worker back).
+fn receive_frames(
+    tap: &Tap,
+    rx: &mut DeviceQueue,
+    memory: &GuestMemoryMmap,
+    frame: &mut [u8],
+    pending_len: &mut Option<usize>,
+    mergeable: bool,
+    counters: &NetCounters,
+) {
+    let mut frames = 0;
+    loop {
+        if frames == FRAMES_PER_PASS {
+            let _ = rx.kick.write(1);
+            return;
+        }
+        if rx.is_stopped() {
+            return;
+        }
+        let len = match *pending_len {
+            Some(len) => len,
+            None if !rx.has_available(memory) => {
+                if rx.notify_on_more(memory) {
+                    // Counted: a driver rewriting avail.idx must not hold the worker.
+                    frames += 1;
+                    continue;
+                }
+                // Frames left in the tap wait for the receive kick, which resumes reading.
+                return;
+            }
+            None => match read_frame(tap, frame) {
+                Ok(len) if len >= VNET_HDR_LEN => len,
+                Ok(_) => {
+                    counters.rx_errors.fetch_add(1, Ordering::Relaxed);
+                    frames += 1;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Retried on the next kick or tap event rather than spinning on it.
+                    if counters.rx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                        warn!("tap {}: read failed: {e}", tap.name());
+                    }
+                    return;
+                }
+            },
+        };
+        match deliver_frame(rx, memory, &mut frame[..len], mergeable, counters) {
+            Delivery::Delivered | Delivery::Dropped => {
+                *pending_len = None;
+                frames += 1;
+            }
+            Delivery::NoBuffers => {
+                *pending_len = Some(len);
+                if rx.notify_on_more(memory) {
+                    frames += 1;
+                    continue;
+                }
+                return;
+            }
+        }
+    }
+}
+
+impl Watched for NetBackend {
+    fn watched(&self) -> Vec<(RawFd, EventSet, u64)> {
+        vec![
+            (
+                self.tap.as_raw_fd(),
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                u64::from(TAP),
+            ),
+            (self.rx.kick.as_raw_fd(), EventSet::IN, u64::from(RX_WAKE)),
+            (self.tx.kick.as_raw_fd(), EventSet::IN, u64::from(TX_WAKE)),
+        ]
+    }
+
+    fn report(&self) -> Option<String> {
+        Some(format!(
+            "tap {}: {}",
+            self.tap.name(),
+            self.counters.summary()
+        ))
+    }
+}
+
+impl VhostUserBackendMut for NetBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        2
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(QUEUE_SIZE)
+    }
+
+    fn features(&self) -> u64 {
+        net::offered_features(self.tap.supported_offloads())
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&mut self, features: u64) {
+        self.mergeable = features & feature(VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let offloads = tun_offloads(features);
+        if let Err(e) = self.tap.set_offloads(offloads) {
+            // The tap then sends only plain frames, which every guest handles.
+            warn!(
+                "tap {}: cannot enable offloads {offloads:#x}: {e}",
+                self.tap.name()
+            );
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // CONFIG: the frontend reads the MAC and link status with GET_CONFIG.
+        VhostUserProtocolFeatures::CONFIG
+    }
+
+    fn exit_event(&self, _thread: usize) -> Option<(EventConsumer, EventNotifier)> {
+        crate::exit_event()
+    }
+
+    fn set_event_idx(&mut self, _enabled: bool) {
+        // The library sets it on the rings themselves.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut data = vec![0u8; size as usize];
+        read_config_bytes(&self.config, u64::from(offset), &mut data);
+        data
+    }
+
+    fn set_config(&mut self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // The MAC is read-only (no CTRL_MAC_ADDR); writes are ignored as virtio asks.
+        Ok(())
+    }
+
+    fn update_memory(&mut self, memory: Memory) -> io::Result<()> {
+        self.memory = Some(memory);
+        Ok(())
+    }
+
+    fn stop_vring(&mut self, index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the ring stops; its next start (driver reload) is a fresh ring.
+        match index {
+            0 => {
+                self.rx.restart();
+                self.pending_len = None;
+                let _ = self.rx.kick.read();
+            }
+            1 => {
+                self.tx.restart();
+                let _ = self.tx.kick.read();
+                // The driver that comes next says again which offloads it takes.
+                if let Err(e) = self.tap.set_offloads(0) {
+                    warn!("tap {}: cannot clear offloads: {e}", self.tap.name());
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn reset_device(&mut self) {
+        let _ = self.stop_vring(0);
+        let _ = self.stop_vring(1);
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        _events: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // Errors here would end the library's worker thread: malformed chains are dropped and
+        // counted, a broken ring is stopped, nothing is returned as an error.
+        let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
+            return Ok(());
+        };
+        match device_event {
+            RX | TAP => self.receive(rx),
+            RX_WAKE => {
+                let _ = self.rx.kick.read();
+                self.receive(rx);
+            }
+            TX => self.transmit_all(tx),
+            TX_WAKE => {
+                let _ = self.tx.kick.read();
+                self.transmit_all(tx);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
