@@ -20,7 +20,7 @@ const BOOT_RUNS: u32 = 5;
 /// Block transfer: MiB written then read back with O_DIRECT, 1 MiB per request.
 const BLOCK_MIB: u32 = 256;
 /// TCP transfer per direction, MiB.
-const NET_MIB: u32 = 64;
+const NET_MIB: u32 = 16;
 
 /// NET_MIB unless PVM_BENCH_NET_MIB says otherwise (a quick run while tuning).
 fn net_mib() -> u32 {
@@ -56,6 +56,11 @@ fn memory_scenario() -> Scenario {
               /^Rss:/{total += $2; if (big) guest += $2}\n\
               /^Private_Dirty:/{if (!big) dirty += $2}\n\
               END {printf \"BENCH mem total_kib=%d guest_kib=%d vmm_private_dirty_kib=%d\\n\", total, guest, dirty}' /proc/$pid/smaps\n\
+         # Where the VMM's own memory is: mappings outside guest RAM with 128 KiB or more dirty.\n\
+         awk '/^[0-9a-f]+-[0-9a-f]+ /{map = $0; anon = NF < 6}\n\
+              /^Size:/{size = $2}\n\
+              /^Private_Dirty:/{if (!(anon && size >= 65536) && $2 >= 128) print \"mem-map\", $2, \"KiB dirty:\", map}' /proc/$pid/smaps\n\
+         grep -h THP /proc/$pid/status; cat /sys/kernel/mm/transparent_hugepage/enabled\n\
          wait\n\
          cat out.log\n\
          exit $(cat rc.txt)";
@@ -86,16 +91,18 @@ fn block_scenario(mib: u32) -> Scenario {
 }
 
 /// The data planes the TCP benchmark compares: pvm's in-process worker, pvm with vhost-net,
-/// and QEMU q35 with virtio-net-pci on vhost-net.
-const NET_PLANES: [(&str, &str); 3] = [
+/// pvm with vhost-user and pvm-vhost-user-net, and QEMU q35 with virtio-net-pci on vhost-net.
+const NET_PLANES: [(&str, &str); 4] = [
     ("off", "pvm, in-process"),
     ("on", "pvm, vhost-net"),
+    ("vu", "pvm, vhost-user (pvm-vhost-user-net)"),
     ("qemu", "QEMU q35, vhost=on"),
 ];
 
-/// Shell function for the host side: `cpu_ms PID` prints the CPU time (user + system, ms) of
-/// the VMM's threads other than its vCPUs (pvm's `vcpuN`, QEMU's `CPU N/KVM`), and of the vhost
-/// kernel workers serving it (`vhost-PID`).
+/// Shell function for the host side: `cpu_ms PID [BACKEND]` prints the CPU time (user +
+/// system, ms) of the VMM's threads other than its vCPUs (pvm's `vcpuN`, QEMU's `CPU N/KVM`),
+/// and of the data plane outside it: the vhost kernel workers serving it (`vhost-PID`) and the
+/// vhost-user backend process BACKEND.
 const CPU_MS: &str = r#"cpu_ms() {
     vmm=0
     threads=""
@@ -106,8 +113,15 @@ const CPU_MS: &str = r#"cpu_ms() {
         threads="$threads $(tr ' ' _ < $t/comm):$((ticks * 10))"
     done
     vhost=0
+    for t in ${2:+/proc/$2/task/*}; do
+        vhost=$((vhost + $(sed 's/.*) //' $t/stat | awk '{print $12 + $13}')))
+    done
+    # A vhost worker is named after the thread that made it owner (pvm: a vCPU thread, whose
+    # write of DRIVER_OK activates the device).
+    workers=""
+    for t in /proc/$1/task/*; do workers="$workers vhost-${t##*/} "; done
     for p in /proc/[0-9]*; do
-        [ "$(cat $p/comm 2>/dev/null)" = "vhost-$1" ] || continue
+        case "$workers" in *" $(cat $p/comm 2>/dev/null) "*) ;; *) continue ;; esac
         vhost=$((vhost + $(sed 's/.*) //' $p/stat | awk '{print $12 + $13}')))
     done
     echo "vmm_ms=$((vmm * 10)) vhost_ms=$((vhost * 10)) threads_ms=$threads"
@@ -140,6 +154,14 @@ fn net_scenario(plane: &str, mib: u32) -> Result<Scenario, String> {
          echo \"BENCH net tx_cs=$((t1 - t0)) rx_cs=$((t2 - t1))\"\n\
          sleep 3\n"
     );
+    // The vhost-user backend starts first and serves the tap; pvm connects to its socket.
+    let backend = match plane {
+        "vu" => "pvm-vhost-user-net --socket net.sock --tap tap0 --mac 52:54:00:12:34:56 2> backend.log &\n\
+                 backend=$!\n\
+                 for i in $(seq 1 30); do [ -S net.sock ] && break; sleep 1; done\n"
+            .to_string(),
+        _ => "backend=\n".to_string(),
+    };
     let vmm = match plane {
         "qemu" => format!(
             "{QEMU} -M q35 -kernel {{kernel}} -initrd initrd.cpio -append 'console=ttyS0 quiet' \\\n    \
@@ -165,10 +187,11 @@ fn net_scenario(plane: &str, mib: u32) -> Result<Scenario, String> {
          printf '#!/bin/sh\\nexec cat > /dev/null\\n' > sink; chmod +x sink\n\
          nc -l -p 5000 -e ./sink &\n\
          listener=$!\n\
+         {backend}\
          {vmm} > out.log 2>&1 &\n\
          vmmpid=$!\n\
          wait_for net-ready\n\
-         before=$(cpu_ms $vmmpid)\n\
+         before=$(cpu_ms $vmmpid $backend)\n\
          wait_for rx-ready\n\
          # The guest says rx-ready as its listener starts; retry until it listens.\n\
          r0={NOW_CS}\n\
@@ -180,10 +203,11 @@ fn net_scenario(plane: &str, mib: u32) -> Result<Scenario, String> {
          done\n\
          r1={NOW_CS}\n\
          wait_for 'BENCH net'\n\
-         after=$(cpu_ms $vmmpid)\n\
+         after=$(cpu_ms $vmmpid $backend)\n\
          wait $vmmpid\n\
          rc=$?\n\
          cat out.log\n\
+         [ -n \"$backend\" ] && {{ sleep 1; kill $backend 2>/dev/null; cat backend.log; }}\n\
          echo \"BENCH hostrx rx_cs=$((r1 - r0))\"\n\
          echo \"BENCH cpu0 $before\"\n\
          echo \"BENCH cpu1 $after\"\n\
@@ -198,6 +222,9 @@ fn net_scenario(plane: &str, mib: u32) -> Result<Scenario, String> {
         .timeout(600);
     match plane {
         "qemu" => with_qemu(scenario),
+        "vu" => Ok(scenario
+            .args(["--net", "vhost-user=net.sock", "--stats"])
+            .program("pvm-vhost-user-net")),
         vhost => Ok(scenario.args([
             "--tap",
             &format!("tap0,mac=52:54:00:12:34:56,vhost={vhost}"),
@@ -246,15 +273,16 @@ fn with_qemu(mut scenario: Scenario) -> Result<Scenario, String> {
 }
 
 /// QEMU's command line up to the machine-specific options.
+/// `debug-threads=on` names QEMU's threads (`CPU 0/KVM`), so its vCPUs can be told apart.
 const QEMU: &str = "{shared}/qemu/lib/ld-linux-x86-64.so.2 --library-path {shared}/qemu/lib \
     {shared}/qemu/qemu-system-x86_64 -L {shared}/qemu/share -enable-kvm -cpu host -m 256 -smp 1 \
-    -nodefaults -no-user-config -nographic -serial stdio -no-reboot";
+    -nodefaults -no-user-config -nographic -serial stdio -no-reboot -name bench,debug-threads=on";
 
 /// The VMMs the boot comparison runs: pvm, and QEMU's microvm (minimal kernel: microvm has no
 /// firmware path for a bzImage) and q35.
 fn comparison_vmms(kernel: Kernel) -> &'static [&'static str] {
     match kernel {
-        Kernel::MinimalElf => &["pvm", "microvm", "q35"],
+        Kernel::MinimalElf => &["pvm", "pvm-mmio", "microvm", "q35"],
         _ => &["pvm", "q35"],
     }
 }
@@ -270,7 +298,7 @@ fn comparison_scenario(kernel: Kernel, run: u32, vmm: &str) -> Result<Scenario, 
         _ => "debian",
     };
     let command = match vmm {
-        "pvm" => "{pvm}".to_string(),
+        "pvm" | "pvm-mmio" => "{pvm}".to_string(),
         machine => format!(
             "{QEMU} -M {machine} -kernel {{kernel}} -initrd initrd.cpio \\
     -append 'console=ttyS0 quiet'"
@@ -280,7 +308,9 @@ fn comparison_scenario(kernel: Kernel, run: u32, vmm: &str) -> Result<Scenario, 
         "t0={NOW_CS}\n\
          {command} > run.log 2>&1 &\n\
          pid=$!\n\
-         while ! grep -q guest-init-reached run.log && kill -0 $pid 2>/dev/null; do usleep 10000; done\n\
+         # Polled with shell builtins only: a grep per poll would take the CPU the guest needs.\n\
+         seen() {{ while IFS= read -r l; do case $l in *guest-init-reached*) return 0 ;; esac; done < run.log; return 1; }}\n\
+         while ! seen && kill -0 $pid 2>/dev/null; do usleep 10000; done\n\
          t1={NOW_CS}\n\
          init=no; grep -q guest-init-reached run.log && init=yes\n\
          for i in $(seq 1 100); do kill -0 $pid 2>/dev/null || break; usleep 100000; done\n\
@@ -299,10 +329,11 @@ fn comparison_scenario(kernel: Kernel, run: u32, vmm: &str) -> Result<Scenario, 
     )
     .script(&script)
     .timeout(60);
-    if vmm == "pvm" {
-        Ok(scenario)
-    } else {
-        with_qemu(scenario)
+    match vmm {
+        "pvm" => Ok(scenario),
+        // Like-for-like with microvm: virtio-mmio and no PCI bus for the kernel to probe.
+        "pvm-mmio" => Ok(scenario.args(["--transport", "mmio"])),
+        _ => with_qemu(scenario),
     }
 }
 
@@ -423,7 +454,21 @@ fn main() {
         .into_iter()
         .filter(|s| s.name.starts_with(&only))
         .collect();
-    let outcomes = run_batch(&chosen);
+    // PVM_BENCH_RESULTS=DIR prints the table of a batch that already ran (its results/ dir,
+    // e.g. target/kvm-host/guest-PID/results) instead of running one; missing scenarios are
+    // reported as failed.
+    let outcomes = match std::env::var_os("PVM_BENCH_RESULTS") {
+        Some(dir) => {
+            let refs: Vec<&Scenario> = chosen.iter().collect();
+            common::read_results(
+                std::path::Path::new(&dir),
+                &refs,
+                Some("no result in PVM_BENCH_RESULTS"),
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+        }
+        None => run_batch(&chosen),
+    };
     let ok = |name: &str| {
         let outcome = outcomes.get(name)?;
         if outcome.rc != 0 {
@@ -488,6 +533,9 @@ fn main() {
                 continue;
             };
             let exit = match (to_exit.get(vmm).cloned().and_then(median), pvm_exit) {
+                (Some(ms), _) if *vmm == "pvm" => {
+                    format!("; to exit {ms:.0} ms (median of {})", to_exit[vmm].len())
+                }
                 (Some(ms), Some(pvm)) => format!(
                     "; to exit {ms:.0} ms (median of {}), pvm/{vmm} = {:.2}",
                     to_exit[vmm].len(),
@@ -499,10 +547,14 @@ fn main() {
                 .get(vmm)
                 .map(|n| format!(", {n} run(s) failed"))
                 .unwrap_or_default();
+            let ratio = if *vmm == "pvm" {
+                String::new()
+            } else {
+                format!(", pvm/{vmm} = {:.2}", pvm_init / init_ms)
+            };
             println!(
-                "| launch to /init, {text}: {vmm} | {init_ms:.0} ms (median of {}{lost}), pvm/{vmm} = {:.2}{exit} | same guest, 1 vCPU, 256 MiB, same emulated host, alternating runs, serial marker polled every 10 ms |",
+                "| launch to /init, {text}: {vmm} | {init_ms:.0} ms (median of {}{lost}){ratio}{exit} | same guest, 1 vCPU, 256 MiB, same emulated host, alternating runs, serial marker polled every 10 ms |",
                 times.len(),
-                pvm_init / init_ms
             );
         }
     }
@@ -572,7 +624,7 @@ fn main() {
             let gib = 2.0 * f64::from(net_mib) / 1024.0;
             let per_gib = |key: &str| (after[key] - before[key]) / gib / 1000.0;
             println!(
-                "| host CPU per GiB moved, {label} | VMM threads except vCPUs {:.1} s/GiB, vhost kernel workers {:.1} s/GiB | /proc/PID/task/*/stat and the vhost-PID kernel threads, sampled before and after the transfers |",
+                "| host CPU per GiB moved, {label} | VMM threads except vCPUs {:.1} s/GiB, data plane outside the VMM {:.1} s/GiB | /proc/PID/task/*/stat of the VMM, the vhost-PID kernel workers and the vhost-user backend, sampled before and after the transfers |",
                 per_gib("vmm_ms"),
                 per_gib("vhost_ms")
             );
