@@ -37,8 +37,13 @@ use pvm_virtio::{ConsoleInput, DiskErrors, NetCounters};
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// What pvm puts on the kernel command line before the user's part: reboot through the i8042
-/// (which ends the VM), and i8042 probing kept short.
-const BASE_CMDLINE: &str = "reboot=k i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+/// reset line (which ends the VM; the kernel's reboot code writes the port itself, no driver
+/// needed), and i8042 probing kept short. The i8042 driver is left to ask ACPI (PNP) whether a
+/// PS/2 controller exists: pvm's FADT does not claim one (IAPC_BOOT_ARCH bit 1 clear), so a
+/// kernel with PNPACPI skips the driver at once. With `i8042.nopnp` it probed the ports
+/// directly and, the controller answering no commands, busy-waited 500 ms for the CTR read:
+/// 10,000 status-port exits on every boot ("i8042: Can't read CTR while initializing i8042").
+const BASE_CMDLINE: &str = "reboot=k i8042.noaux i8042.nomux i8042.dumbkbd";
 /// The UART is the console, or only the early console before hvc0 takes over.
 const SERIAL_CONSOLE: &str = "console=ttyS0";
 const VIRTIO_CONSOLE: &str = "earlycon=uart8250,io,0x3f8 console=hvc0";
