@@ -74,19 +74,37 @@ fn memory_scenario() -> Scenario {
 /// only boots, so the difference is what the transfer cost.
 fn block_scenario(mib: u32) -> Scenario {
     let init = format!(
-        "t0={NOW_CS}\n\
+        "echo blk-ready\n\
+         sleep 3\n\
+         t0={NOW_CS}\n\
          [ {mib} -gt 0 ] && dd if=/dev/zero of=/dev/vda bs=1M count={mib} oflag=direct 2>/dev/null\n\
          t1={NOW_CS}\n\
          [ {mib} -gt 0 ] && dd if=/dev/vda of=/dev/null bs=1M count={mib} iflag=direct 2>/dev/null\n\
          t2={NOW_CS}\n\
-         echo \"BENCH blk write_cs=$((t1 - t0)) read_cs=$((t2 - t1))\"\n"
+         echo \"BENCH blk write_cs=$((t1 - t0)) read_cs=$((t2 - t1))\"\n\
+         sleep 3\n"
+    );
+    // The image is made by the script (on the host's tmpfs), not carried in the batch. The
+    // VMM's CPU is sampled around the transfers, as for TCP.
+    let script = format!(
+        "{CPU_MS}\
+         dd if=/dev/zero of=disk.img bs=1M count=0 seek={BLOCK_MIB} 2>/dev/null\n\
+         {{pvm}} > out.log 2>&1 &\n\
+         vmmpid=$!\n\
+         for i in $(seq 1 300); do grep -q blk-ready out.log && break; sleep 1; done\n\
+         before=$(cpu_ms $vmmpid)\n\
+         for i in $(seq 1 600); do grep -q 'BENCH blk' out.log && break; sleep 1; done\n\
+         after=$(cpu_ms $vmmpid)\n\
+         wait $vmmpid\n\
+         rc=$?\n\
+         cat out.log\n\
+         echo \"BENCH cpu0 $before\"\n\
+         echo \"BENCH cpu1 $after\"\n\
+         exit $rc"
     );
     Scenario::boot(&format!("blk-{mib}"), Kernel::MinimalElf, 1, &init)
         .args(["--disk", "disk.img", "--stats"])
-        // The image is made by the script (on the host's tmpfs), not carried in the batch.
-        .script(&format!(
-            "dd if=/dev/zero of=disk.img bs=1M count=0 seek={BLOCK_MIB} 2>/dev/null\n{{pvm}}"
-        ))
+        .script(&script)
         .timeout(600)
 }
 
@@ -414,21 +432,6 @@ fn exits(outcome: &Outcome) -> Option<u64> {
     )
 }
 
-/// CPU ms of pvm's own threads (everything but the vCPUs) from `--stats`.
-fn vmm_cpu_ms(outcome: &Outcome) -> Option<u64> {
-    let line = outcome
-        .console
-        .lines()
-        .find_map(|l| l.find("cpu ms by thread: ").map(|at| &l[at + 18..]))?;
-    Some(
-        line.split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .filter(|(name, _)| !name.starts_with("vcpu") && !name.starts_with("kvm-"))
-            .filter_map(|(_, ms)| ms.parse::<u64>().ok())
-            .sum(),
-    )
-}
-
 fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -580,13 +583,14 @@ fn main() {
         let requests = 2.0 * f64::from(BLOCK_MIB);
         if let Some(base) = ok("blk-0") {
             print_exits("block", outcome, base, requests, "requests");
-            if let (Some(run), Some(idle)) = (vmm_cpu_ms(outcome), vmm_cpu_ms(base)) {
-                let gib = 2.0 * f64::from(BLOCK_MIB) / 1024.0;
-                println!(
-                    "| block: VMM CPU (threads except vCPUs) per GiB | {:.1} s/GiB | --stats cpu by thread, minus a baseline boot without the transfer |",
-                    (run as f64 - idle as f64) / gib / 1000.0
-                );
-            }
+        }
+        let cpu = |tag: &str| bench_values(outcome, tag);
+        if let (Some(before), Some(after)) = (cpu("cpu0"), cpu("cpu1")) {
+            let gib = 2.0 * f64::from(BLOCK_MIB) / 1024.0;
+            println!(
+                "| block: VMM CPU (threads except vCPUs) per GiB | {:.1} s/GiB | /proc/PID/task/*/stat, sampled before and after the transfers |",
+                (after["vmm_ms"] - before["vmm_ms"]) / gib / 1000.0
+            );
         }
     }
     let net_mib = net_mib();

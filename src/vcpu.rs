@@ -324,6 +324,12 @@ impl Vcpu {
                 break;
             }
         }
+        // The guest does not run again, but the thread stays until the main thread stops every
+        // vCPU: its devices (the buses hold them) and its CPU time in --stats must outlive the
+        // main loop's last look. The main thread's kick ends the wait early.
+        while !self.stop.load(Ordering::Acquire) {
+            std::thread::park_timeout(std::time::Duration::from_millis(20));
+        }
     }
 }
 

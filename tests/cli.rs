@@ -61,8 +61,16 @@ fn the_guest_does_not_run_past_its_own_power_off() {
     code.extend(spin());
     let kernel = micro_kernel("run-past-power-off", &code);
     for _ in 0..5 {
-        let (out, _) = run(&["--kernel", kernel.to_str().unwrap(), "--mem", "64M"]);
+        let (out, _) = run(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--mem",
+            "64M",
+            "--stats",
+        ]);
         assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+        // The stopped vCPU thread lives on until the main thread has read every thread's CPU.
+        assert!(stderr(&out).contains(" vcpu0="), "stderr: {}", stderr(&out));
         let console = String::from_utf8_lossy(&out.stdout);
         let tail = console.split_once("before;").map(|(_, tail)| tail);
         assert_eq!(tail, Some(""), "console: {console:?}");
