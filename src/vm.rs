@@ -247,6 +247,7 @@ pub struct Vm {
 impl Vm {
     pub fn build(kvm: &Kvm, config: &VmConfig, mut boot_files: BootFiles) -> Result<Vm, Error> {
         if config.seccomp {
+            seccomp::prepare_allocator();
             // Device threads are spawned with their devices below; each confines itself first.
             pvm_virtio::thread::set_thread_init(seccomp::install_device_filter);
         }

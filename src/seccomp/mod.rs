@@ -218,6 +218,36 @@ pub fn install(kind: ThreadKind, stats: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// Largest heap of a glibc thread arena (HEAP_MAX_SIZE on 64-bit): a trim threshold this high
+/// means a thread arena's heap is never shrunk in place.
+const THREAD_HEAP_MAX: libc::c_int = 64 << 20;
+
+/// Keeps glibc's malloc from opening files once the filters are in place. Two paths do, each
+/// the first time it is taken, in whichever thread happens to allocate or free:
+///
+/// - a thread needing a 9th arena: malloc works out its arena limit (8 per CPU) from
+///   /sys/devices/system/cpu/online. Setting that same limit here skips the look-up;
+/// - a free that shrinks a thread arena's heap in place: malloc reads
+///   /proc/sys/vm/overcommit_memory to decide how. A trim threshold of a whole thread heap means
+///   thread heaps are only ever unmapped whole, never shrunk (the main arena is trimmed above
+///   64 MiB instead of 128 KiB; pvm's own allocations are far smaller).
+///
+/// Both are openat calls no filter allows: the VM would end with a seccomp violation on a
+/// driver reset or at power-off, depending on how many threads the VM has.
+pub fn prepare_allocator() {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+    for (param, value, what) in [
+        (libc::M_ARENA_MAX, arenas, "arena limit"),
+        (libc::M_TRIM_THRESHOLD, THREAD_HEAP_MAX, "trim threshold"),
+    ] {
+        // SAFETY: mallopt only sets an allocator tunable; this runs before the VM's threads.
+        if unsafe { libc::mallopt(param, value) } != 1 {
+            log::warn!("cannot set malloc's {what}; an allocation may trip the sandbox");
+        }
+    }
+}
+
 /// Test hook: `PVM_SECCOMP_PROBE=main|vcpu|device` makes every thread of that kind call
 /// getppid(2), which no filter allows, as soon as its filter is installed; tests use it to check
 /// the report, the exit code and the terminal on a violation in each kind of thread.
