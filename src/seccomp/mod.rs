@@ -123,8 +123,13 @@ const MAIN_STATS: &[i64] = &[
 /// ioctl "type" bytes (bits 8..16 of the request) pvm uses.
 const IOCTL_KVM: u64 = 0xae;
 const IOCTL_VHOST: u64 = 0xaf;
-/// 'T': the terminal (TCGETS/TCSETS, restoring the host terminal) and tun (TUNSETOFFLOAD).
+/// 'T': the terminal (TCGETS/TCSETS, restoring the host terminal) and tun (TUNSETOFFLOAD,
+/// TUNSETQUEUE).
 const IOCTL_TTY_TUN: u64 = b'T' as u64;
+/// VHOST_NET_SET_BACKEND, _IOW(0xaf, 0x30, struct vhost_vring_file): the one vhost request a
+/// device thread makes, when a multiqueue guest turns a queue pair served by vhost-net on or
+/// off through the control queue.
+const VHOST_NET_SET_BACKEND: u64 = 0x4008_af30;
 
 /// The system calls a thread of `kind` may make, with their argument rules (an empty rule list
 /// allows the call unconditionally).
@@ -140,17 +145,19 @@ pub fn rules(kind: ThreadKind, stats: bool) -> BTreeMap<i64, Vec<SeccompRule>> {
         rules.insert(nr, Vec::new());
     }
     let ioctl_types: &[u64] = match kind {
-        // Device threads only ever restore the terminal (in the SIGSYS handler).
+        // Device threads restore the terminal (in the SIGSYS handler) and attach or detach tap
+        // queues (a multiqueue control queue); one vhost request is added below.
         ThreadKind::Device => &[IOCTL_TTY_TUN],
         ThreadKind::Main | ThreadKind::Vcpu => &[IOCTL_KVM, IOCTL_VHOST, IOCTL_TTY_TUN],
     };
-    rules.insert(
-        libc::SYS_ioctl,
-        ioctl_types
-            .iter()
-            .map(|&kind| rule(1, SeccompCmpOp::MaskedEq(0xff00), kind << 8))
-            .collect(),
-    );
+    let mut ioctl: Vec<SeccompRule> = ioctl_types
+        .iter()
+        .map(|&kind| rule(1, SeccompCmpOp::MaskedEq(0xff00), kind << 8))
+        .collect();
+    if kind == ThreadKind::Device {
+        ioctl.push(rule(1, SeccompCmpOp::Eq, VHOST_NET_SET_BACKEND));
+    }
+    rules.insert(libc::SYS_ioctl, ioctl);
     // File::try_clone (eventfds, the tap) is fcntl(F_DUPFD_CLOEXEC); closing a descriptor
     // checks it with F_GETFD in debug builds.
     let mut fcntl = vec![rule(1, SeccompCmpOp::Eq, libc::F_GETFD as u64)];
