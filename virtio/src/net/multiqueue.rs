@@ -85,7 +85,7 @@ struct PairState {
 
 impl Pairs {
     /// Pairs over `taps` (all attached, as just opened); pairs beyond the first are turned off
-    /// at once, as after a reset.
+    /// at once, as after a reset. Fails if a tap queue cannot be detached.
     pub(crate) fn new(taps: Vec<Arc<dyn NetBackend>>) -> io::Result<Self> {
         let links = (0..taps.len())
             .map(|pair| PairLink::new(pair == 0).map(Arc::new))
@@ -100,7 +100,10 @@ impl Pairs {
             taps,
             links,
         };
-        pairs.reset();
+        {
+            let mut state = pairs.lock();
+            pairs.apply(&mut state, 1).map_err(io::Error::other)?;
+        }
         Ok(pairs)
     }
 

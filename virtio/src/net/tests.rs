@@ -505,6 +505,37 @@ fn a_pair_whose_tap_queue_cannot_attach_is_refused_and_the_count_stays() {
 }
 
 #[test]
+fn a_backend_whose_queues_cannot_be_detached_cannot_have_pairs() {
+    #[derive(Debug)]
+    struct NoQueues(UnixDatagram);
+    impl AsRawFd for NoQueues {
+        fn as_raw_fd(&self) -> RawFd {
+            self.0.as_raw_fd()
+        }
+    }
+    impl NetBackend for NoQueues {
+        fn name(&self) -> &str {
+            "noqueues"
+        }
+        fn supported_offloads(&self) -> u32 {
+            0
+        }
+        fn set_offloads(&self, _: u32) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let backends: Vec<Arc<dyn NetBackend>> = (0..2)
+        .map(|_| Arc::new(NoQueues(UnixDatagram::pair().unwrap().0)) as Arc<dyn NetBackend>)
+        .collect();
+    let err = Net::with_pairs(backends, None).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot detach queue 1 of tap noqueues"),
+        "{err}"
+    );
+}
+
+#[test]
 fn malformed_control_chains_are_refused_or_left_unanswered_never_a_panic() {
     let mem = test_memory();
     let (sockets, _peers) = queue_backends(2);
