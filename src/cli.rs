@@ -55,8 +55,9 @@ struct Args {
     disk: Vec<DiskArg>,
 
     /// A host tap device as a virtio-net device; repeatable. `mac=` sets the guest's MAC;
-    /// `vhost=` moves its queues into the kernel's vhost-net (auto: when /dev/vhost-net works).
-    #[arg(long, value_name = "NAME[,mac=MAC][,vhost=on|off|auto]", value_parser = config::parse_tap)]
+    /// `vhost=` moves its queues into the kernel's vhost-net (auto: when /dev/vhost-net works);
+    /// `queues=N` (1..=16, pci only) gives it N receive/transmit queue pairs (multi-queue tap).
+    #[arg(long, value_name = "NAME[,mac=MAC][,vhost=on|off|auto][,queues=N]", value_parser = config::parse_tap)]
     tap: Vec<TapSpec>,
 
     /// A virtio-net device served by a vhost-user backend listening on SOCKET (e.g.
@@ -182,6 +183,17 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<VmConfig, CliE
             DiskArg::VhostUser(socket) => vhost_user_disks.push(socket),
         }
     }
+    if let Some(tap) = args.tap.iter().find(|t| t.queues > 1) {
+        if args.transport == Transport::Mmio {
+            // Supporting it would work but give nothing: the pairs' interrupts could not reach
+            // separate vCPUs.
+            return Err(usage_error(format!(
+                "--tap {},queues={} needs --transport pci: a virtio-mmio device has a single \
+                 interrupt, so its queue pairs cannot interrupt separate vCPUs",
+                tap.name, tap.queues
+            )));
+        }
+    }
     if args.cmdline.contains('\0') || args.cmdline.contains('\n') {
         return Err(usage_error(
             "--cmdline must be a single line of text".to_string(),
@@ -286,6 +298,12 @@ mod tests {
         assert!(error_of(&["--console", "vga"]).contains("--console"));
         assert!(error_of(&["--transport", "isa"]).contains("--transport"));
         assert!(error_of(&["--tap", "tap0,mac=zz"]).contains("--tap"));
+        assert!(error_of(&["--tap", "tap0,queues=17"]).contains("--tap"));
+        let e = error_of(&["--tap", "tap0,queues=2", "--transport", "mmio"]);
+        assert!(
+            e.starts_with("pvm: --tap tap0,queues=2 needs --transport pci"),
+            "{e}"
+        );
         assert!(error_of(&["--disk", "x,rw"]).contains("--disk"));
         assert!(error_of(&["--disk", "vhost-user="]).contains("--disk"));
         assert!(error_of(&["--net", "tap0"]).contains("--net"));

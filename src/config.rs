@@ -15,6 +15,9 @@ pub const MAX_MEM_BYTES: u64 = 1 << 40;
 pub const DEFAULT_MEM_BYTES: u64 = 512 << 20;
 /// Most vCPUs a guest may have (APIC IDs are 8-bit in the MADT entries pvm writes).
 pub const MAX_CPUS: u8 = 255;
+/// Most queue pairs one `--tap` may have (`queues=N`): each pair is a tap queue, a device
+/// thread or a vhost-net instance, and two MSI-X vectors.
+pub const MAX_TAP_QUEUES: u16 = 16;
 
 /// Where the guest console lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +63,9 @@ pub struct TapSpec {
     pub name: String,
     pub mac: Option<[u8; 6]>,
     pub vhost: VhostMode,
+    /// Receive/transmit queue pairs (1..=[`MAX_TAP_QUEUES`]); more than one makes the tap a
+    /// multi-queue tap and the device offer VIRTIO_NET_F_MQ.
+    pub queues: u16,
 }
 
 /// A complete, validated VM description.
@@ -229,7 +235,7 @@ pub fn parse_disk(text: &str) -> Result<DiskSpec, String> {
     Ok(spec)
 }
 
-/// Parses `NAME[,mac=MAC][,vhost=on|off|auto]`.
+/// Parses `NAME[,mac=MAC][,vhost=on|off|auto][,queues=N]`.
 pub fn parse_tap(text: &str) -> Result<TapSpec, String> {
     let mut parts = text.split(',');
     let name = parts.next().unwrap_or_default();
@@ -247,6 +253,7 @@ pub fn parse_tap(text: &str) -> Result<TapSpec, String> {
         name: name.to_string(),
         mac: None,
         vhost: VhostMode::Auto,
+        queues: 1,
     };
     for option in parts {
         match option.split_once('=') {
@@ -259,9 +266,18 @@ pub fn parse_tap(text: &str) -> Result<TapSpec, String> {
                     _ => return Err(format!("vhost={mode}: use on, off or auto")),
                 }
             }
+            Some(("queues", count)) => {
+                spec.queues = count
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_TAP_QUEUES).contains(n))
+                    .ok_or_else(|| {
+                        format!("queues={count}: use 1 to {MAX_TAP_QUEUES} queue pairs")
+                    })?;
+            }
             _ => {
                 return Err(format!(
-                    "unknown tap option '{option}' (known: mac=MAC, vhost=on|off|auto)"
+                    "unknown tap option '{option}' (known: mac=MAC, vhost=on|off|auto, queues=N)"
                 ));
             }
         }
@@ -377,9 +393,21 @@ mod tests {
         );
         assert!(parse_tap("tap0,mac=52:54").is_err());
         assert!(
-            parse_tap("tap0,queues=2")
+            parse_tap("tap0,rings=2")
                 .unwrap_err()
                 .contains("unknown tap option")
         );
+    }
+
+    #[test]
+    fn tap_queue_pairs() {
+        assert_eq!(parse_tap("tap0").unwrap().queues, 1);
+        assert_eq!(parse_tap("tap0,queues=2").unwrap().queues, 2);
+        let t = parse_tap("tap0,queues=16,vhost=off").unwrap();
+        assert_eq!((t.queues, t.vhost), (16, VhostMode::Off));
+        for bad in ["0", "17", "-1", "", "two", "65537"] {
+            let err = parse_tap(&format!("tap0,queues={bad}")).unwrap_err();
+            assert_eq!(err, format!("queues={bad}: use 1 to 16 queue pairs"));
+        }
     }
 }

@@ -58,8 +58,8 @@ pub struct Attached {
     pub cmdline: Vec<String>,
     /// Where host keyboard input goes with `--console virtio`.
     pub console_input: Option<ConsoleInput>,
-    /// Per-tap frame counters (errors and drops included), for --stats.
-    pub net_counters: Vec<(String, Arc<NetCounters>)>,
+    /// Per-tap frame counters (errors and drops included), one per queue pair, for --stats.
+    pub net_counters: Vec<(String, Vec<Arc<NetCounters>>)>,
     /// Per-disk host I/O failure counts, for --stats.
     pub disk_errors: Vec<(String, Arc<DiskErrors>)>,
     /// The connected sockets of vhost-user devices: the vCPU threads' seccomp filter allows
@@ -102,7 +102,7 @@ fn create_devices(
         let net = create_net(spec, memory)?;
         attached
             .net_counters
-            .push((spec.name.clone(), net.counters()));
+            .push((spec.name.clone(), net.pair_counters()));
         devices.push((format!("net{i}"), Box::new(net)));
     }
     for socket in &config.vhost_user_nets {
@@ -136,26 +136,47 @@ fn connect_vhost_user(
     Ok(Box::new(device))
 }
 
-/// A net device on the tap `spec` names, its queues served by vhost-net or by pvm's worker.
+/// A net device on the tap `spec` names, its queues served by vhost-net or by pvm's worker;
+/// with `queues=N`, N queues of a multi-queue tap and, with vhost-net, one instance per pair.
+/// Everything is opened here, before the sandbox forbids open().
 fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<Net, Error> {
-    let tap = Arc::new(Tap::open(&spec.name).map_err(|e| Error::Device(format!("--tap {e}")))?);
-    let mut net = Net::new(tap.clone(), spec.mac);
+    let taps = Tap::open_queues(&spec.name, spec.queues)
+        .map_err(|e| Error::Device(format!("--tap {e}")))?;
+    let taps: Vec<Arc<Tap>> = taps.into_iter().map(Arc::new).collect();
+    let backends = taps
+        .iter()
+        .map(|tap| Arc::clone(tap) as Arc<dyn pvm_virtio::NetBackend>)
+        .collect();
+    let mut net = Net::with_pairs(backends, spec.mac)
+        .map_err(|e| Error::Device(format!("--tap {}: {e}", spec.name)))?;
     let vhost = match spec.vhost {
         VhostMode::On => true,
         VhostMode::Off => false,
         VhostMode::Auto => pvm_vhost::net::available(),
     };
     if vhost {
-        let plane = tap
-            .try_clone_file()
-            .map_err(pvm_vhost::net::Error::Open)
-            .and_then(|tap| VhostNetPlane::new(tap, memory))
-            .map_err(|e| Error::Device(format!("--tap {},vhost=on: {e}", spec.name)))?;
-        net.set_data_plane(Box::new(plane));
+        let vhost_error =
+            |e: &dyn std::fmt::Display| Error::Device(format!("--tap {},vhost=on: {e}", spec.name));
+        let planes = taps
+            .iter()
+            .map(|tap| {
+                tap.try_clone_file()
+                    .map_err(pvm_vhost::net::Error::Open)
+                    .and_then(|tap| VhostNetPlane::new(tap, memory))
+                    .map(|plane| Box::new(plane) as Box<dyn pvm_virtio::data_plane::DataPlane>)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| vhost_error(&e))?;
+        net.set_pair_data_planes(planes)
+            .map_err(|e| vhost_error(&e))?;
     }
     // Which one serves the queues matters for what to expect of throughput and CPU.
+    let pairs = match net.pair_count() {
+        1 => String::new(),
+        n => format!(", {n} queue pairs"),
+    };
     crate::logger::to_stderr(&format!(
-        "pvm: tap {}: {} data plane\n",
+        "pvm: tap {}: {} data plane{pairs}\n",
         spec.name,
         net.data_plane_name()
     ));

@@ -240,7 +240,7 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     serial: Arc<Mutex<SerialDevice>>,
     console_input: Option<ConsoleInput>,
-    net_counters: Vec<(String, Arc<NetCounters>)>,
+    net_counters: Vec<(String, Vec<Arc<NetCounters>>)>,
     disk_errors: Vec<(String, Arc<DiskErrors>)>,
     print_stats: bool,
     seccomp: bool,
@@ -254,6 +254,7 @@ pub struct Vm {
 impl Vm {
     pub fn build(kvm: &Kvm, config: &VmConfig, mut boot_files: BootFiles) -> Result<Vm, Error> {
         if config.seccomp {
+            seccomp::prepare_allocator();
             // Device threads are spawned with their devices below; each confines itself first.
             pvm_virtio::thread::set_thread_init(seccomp::install_device_filter);
         }
@@ -461,8 +462,17 @@ impl Vm {
         if self.print_stats {
             // Not eprintln!, which panics when stderr is a pipe whose reader has gone.
             let mut stats = format!("pvm: exits: {}\n", self.stats.summary());
-            for (tap, counters) in &self.net_counters {
-                stats.push_str(&format!("pvm: tap {tap}: {}\n", counters.summary()));
+            for (tap, pairs) in &self.net_counters {
+                let total = NetCounters::total(pairs);
+                stats.push_str(&format!("pvm: tap {tap}: {}\n", total.summary()));
+                if pairs.len() > 1 {
+                    for (pair, counters) in pairs.iter().enumerate() {
+                        stats.push_str(&format!(
+                            "pvm: tap {tap} pair {pair}: {}\n",
+                            counters.summary()
+                        ));
+                    }
+                }
             }
             for (disk, errors) in &self.disk_errors {
                 stats.push_str(&format!("pvm: disk {disk}: io_errors={}\n", errors.count()));

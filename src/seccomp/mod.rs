@@ -123,8 +123,13 @@ const MAIN_STATS: &[i64] = &[
 /// ioctl "type" bytes (bits 8..16 of the request) pvm uses.
 const IOCTL_KVM: u64 = 0xae;
 const IOCTL_VHOST: u64 = 0xaf;
-/// 'T': the terminal (TCGETS/TCSETS, restoring the host terminal) and tun (TUNSETOFFLOAD).
+/// 'T': the terminal (TCGETS/TCSETS, restoring the host terminal) and tun (TUNSETOFFLOAD,
+/// TUNSETQUEUE).
 const IOCTL_TTY_TUN: u64 = b'T' as u64;
+/// VHOST_NET_SET_BACKEND, _IOW(0xaf, 0x30, struct vhost_vring_file): the one vhost request a
+/// device thread makes, when a multiqueue guest turns a queue pair served by vhost-net on or
+/// off through the control queue.
+const VHOST_NET_SET_BACKEND: u64 = 0x4008_af30;
 
 /// The system calls a thread of `kind` may make, with their argument rules (an empty rule list
 /// allows the call unconditionally).
@@ -152,17 +157,19 @@ pub fn rules_with(
         rules.insert(nr, Vec::new());
     }
     let ioctl_types: &[u64] = match kind {
-        // Device threads only ever restore the terminal (in the SIGSYS handler).
+        // Device threads restore the terminal (in the SIGSYS handler) and attach or detach tap
+        // queues (a multiqueue control queue); one vhost request is added below.
         ThreadKind::Device => &[IOCTL_TTY_TUN],
         ThreadKind::Main | ThreadKind::Vcpu => &[IOCTL_KVM, IOCTL_VHOST, IOCTL_TTY_TUN],
     };
-    rules.insert(
-        libc::SYS_ioctl,
-        ioctl_types
-            .iter()
-            .map(|&kind| rule(1, SeccompCmpOp::MaskedEq(0xff00), kind << 8))
-            .collect(),
-    );
+    let mut ioctl: Vec<SeccompRule> = ioctl_types
+        .iter()
+        .map(|&kind| rule(1, SeccompCmpOp::MaskedEq(0xff00), kind << 8))
+        .collect();
+    if kind == ThreadKind::Device {
+        ioctl.push(rule(1, SeccompCmpOp::Eq, VHOST_NET_SET_BACKEND));
+    }
+    rules.insert(libc::SYS_ioctl, ioctl);
     // File::try_clone (eventfds, the tap) is fcntl(F_DUPFD_CLOEXEC); closing a descriptor
     // checks it with F_GETFD in debug builds.
     let mut fcntl = vec![rule(1, SeccompCmpOp::Eq, libc::F_GETFD as u64)];
@@ -267,6 +274,36 @@ pub fn install_with(
         unsafe { libc::syscall(libc::SYS_getppid) };
     }
     Ok(())
+}
+
+/// Largest heap of a glibc thread arena (HEAP_MAX_SIZE on 64-bit): a trim threshold this high
+/// means a thread arena's heap is never shrunk in place.
+const THREAD_HEAP_MAX: libc::c_int = 64 << 20;
+
+/// Keeps glibc's malloc from opening files once the filters are in place. Two paths do, each
+/// the first time it is taken, in whichever thread happens to allocate or free:
+///
+/// - a thread needing a 9th arena: malloc works out its arena limit (8 per CPU) from
+///   /sys/devices/system/cpu/online. Setting that same limit here skips the look-up;
+/// - a free that shrinks a thread arena's heap in place: malloc reads
+///   /proc/sys/vm/overcommit_memory to decide how. A trim threshold of a whole thread heap means
+///   thread heaps are only ever unmapped whole, never shrunk (the main arena is trimmed above
+///   64 MiB instead of 128 KiB; pvm's own allocations are far smaller).
+///
+/// Both are openat calls no filter allows: the VM would end with a seccomp violation on a
+/// driver reset or at power-off, depending on how many threads the VM has.
+pub fn prepare_allocator() {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+    for (param, value, what) in [
+        (libc::M_ARENA_MAX, arenas, "arena limit"),
+        (libc::M_TRIM_THRESHOLD, THREAD_HEAP_MAX, "trim threshold"),
+    ] {
+        // SAFETY: mallopt only sets an allocator tunable; this runs before the VM's threads.
+        if unsafe { libc::mallopt(param, value) } != 1 {
+            log::warn!("cannot set malloc's {what}; an allocation may trip the sandbox");
+        }
+    }
 }
 
 /// Test hook: `PVM_SECCOMP_PROBE=main|vcpu|device` makes every thread of that kind call

@@ -42,7 +42,7 @@ const FRAMES_PER_PASS: usize = 256;
 pub struct NetBackend {
     tap: Tap,
     mac: [u8; 6],
-    config: [u8; 8],
+    config: [u8; 10],
     memory: Option<Memory>,
     rx: DeviceQueue,
     tx: DeviceQueue,
@@ -65,7 +65,7 @@ impl NetBackend {
         Ok(NetBackend {
             tap,
             mac,
-            config: net::config_space(mac),
+            config: net::config_space(mac, 1),
             memory: None,
             rx,
             tx,

@@ -49,6 +49,9 @@ pub struct VhostNetPlane {
     net: KernelNet<Arc<GuestMemoryMmap>>,
     relay_thread: DeviceThread,
     running: Option<Running>,
+    /// Whether the tap is attached to the rings (multiqueue pairs the guest has not enabled
+    /// are set up without it; see `DataPlane::set_enabled`).
+    enabled: bool,
 }
 
 /// One activation: how many queues vhost serves and the call relay, if any.
@@ -63,6 +66,7 @@ impl std::fmt::Debug for VhostNetPlane {
             .field("tap", &self.tap.as_raw_fd())
             .field("features", &format_args!("{:#x}", self.features))
             .field("running", &self.running.is_some())
+            .field("enabled", &self.enabled)
             .finish()
     }
 }
@@ -83,6 +87,7 @@ impl VhostNetPlane {
             net,
             relay_thread: DeviceThread::spawn("vhost-relay".to_string()),
             running: None,
+            enabled: true,
         })
     }
 }
@@ -152,6 +157,23 @@ impl DataPlane for VhostNetPlane {
     fn name(&self) -> &'static str {
         "vhost-net"
     }
+
+    fn set_enabled(&mut self, enabled: bool) -> Result<(), ActivateError> {
+        if let Some(running) = &self.running {
+            if enabled != self.enabled {
+                // Detaching keeps the rings, kicks and calls programmed, and the kernel keeps
+                // its ring position; attaching resumes from there.
+                let tap = enabled.then_some(&self.tap);
+                for index in 0..running.queues {
+                    self.net
+                        .set_backend(index, tap)
+                        .map_err(backend_err("SET_BACKEND"))?;
+                }
+            }
+        }
+        self.enabled = enabled;
+        Ok(())
+    }
 }
 
 impl VhostNetPlane {
@@ -202,8 +224,9 @@ impl VhostNetPlane {
             .map_err(backend_err("SET_MEM_TABLE"))?;
         let mut relayed = Vec::new();
         let count = queues.len();
-        for active in &queues {
-            let index = usize::from(active.index);
+        // vhost-net's vrings are 0 (receive) and 1 (transmit) whichever queue pair of the
+        // device they serve: the queues come in index order, rx first.
+        for (index, active) in queues.iter().enumerate() {
             let queue = &active.queue;
             net.set_vring_num(index, queue.size())
                 .map_err(backend_err("SET_VRING_NUM"))?;
@@ -235,8 +258,10 @@ impl VhostNetPlane {
             };
             net.set_vring_call(index, &call)
                 .map_err(backend_err("SET_VRING_CALL"))?;
-            net.set_backend(index, Some(&self.tap))
-                .map_err(backend_err("SET_BACKEND"))?;
+            if self.enabled {
+                net.set_backend(index, Some(&self.tap))
+                    .map_err(backend_err("SET_BACKEND"))?;
+            }
         }
         let relay = if relayed.is_empty() {
             None

@@ -31,6 +31,17 @@ pub trait DataPlane: Send + Debug {
     /// Stops serving (device reset or driver unload); `start` may follow again.
     fn stop(&mut self);
 
+    /// Multiqueue: whether the plane moves frames, for a queue pair the guest turns on or off
+    /// (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET). While started it pauses or resumes the queues and
+    /// keeps the rings as they are; while stopped it says how the next `start` begins. Planes
+    /// that cannot refuse, and serve a single queue pair.
+    fn set_enabled(&mut self, _enabled: bool) -> Result<(), ActivateError> {
+        Err(ActivateError::Backend(format!(
+            "{} cannot pause a queue pair",
+            self.name()
+        )))
+    }
+
     /// A short description for pvm's messages, e.g. "vhost-net".
     fn name(&self) -> &'static str;
 }

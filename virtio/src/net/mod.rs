@@ -1,4 +1,6 @@
-//! virtio-net over a tap (or any [`NetBackend`]): one receive and one transmit queue.
+//! virtio-net over a tap (or any [`NetBackend`]): one receive and one transmit queue, or with
+//! multiqueue N pairs of them and a control queue (see [`multiqueue`]), each pair on its own tap
+//! queue and its own worker thread.
 //!
 //! Frames keep the `virtio_net_hdr_v1` layout end to end: the tap is configured for the same
 //! 12-byte header the guest uses, so checksum and segmentation offloads pass through. Guest-side
@@ -10,6 +12,7 @@
 //! until the guest kicks the receive queue, so the worker neither spins nor drops frames while
 //! the guest is merely slow.
 
+mod multiqueue;
 mod rxtx;
 pub mod tap;
 #[cfg(test)]
@@ -29,6 +32,7 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use vm_memory::GuestMemoryMmap;
 
+use self::multiqueue::{CTRL_KICK, CtrlCounters, CtrlQueue, CtrlWorker, PairLink, Pairs};
 pub use self::rxtx::{Delivery, deliver_frame, transmit};
 pub use self::tap::{NetBackend, Tap, TapError, read_frame};
 use crate::data_plane::{DEVICE_FEATURE_MASK, DataPlane};
@@ -48,6 +52,8 @@ const FRAMES_PER_PASS: usize = 256;
 const RX_KICK: u64 = 0;
 const TX_KICK: u64 = 1;
 const BACKEND_READY: u64 = 2;
+/// The pair was turned on or off (multiqueue).
+const PAIR_CHANGED: u64 = 3;
 static NEXT_NET_INDEX: AtomicUsize = AtomicUsize::new(0);
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +80,25 @@ pub struct NetCounters {
 }
 
 impl NetCounters {
+    /// The sum of `parts` (a multiqueue device's per-pair counters).
+    pub fn total(parts: &[Arc<NetCounters>]) -> NetCounters {
+        let total = NetCounters::default();
+        let add = |to: &AtomicU64, from: &AtomicU64| {
+            to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        };
+        for part in parts {
+            add(&total.tx_frames, &part.tx_frames);
+            add(&total.tx_bytes, &part.tx_bytes);
+            add(&total.tx_errors, &part.tx_errors);
+            add(&total.tx_malformed, &part.tx_malformed);
+            add(&total.rx_frames, &part.rx_frames);
+            add(&total.rx_bytes, &part.rx_bytes);
+            add(&total.rx_dropped, &part.rx_dropped);
+            add(&total.rx_errors, &part.rx_errors);
+        }
+        total
+    }
+
     /// "name=value" pairs, for pvm's --stats.
     pub fn summary(&self) -> String {
         let get = |c: &AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -102,6 +127,20 @@ pub struct Net {
     worker: WorkerSlot,
     /// Serves the queues instead of `worker` when set (kernel vhost-net).
     data_plane: Option<Box<dyn DataPlane>>,
+    /// Queue pairs beyond the first; None with one pair.
+    multi: Option<MultiQueue>,
+    queue_sizes: Vec<u16>,
+}
+
+/// The parts of a multiqueue device beyond pair 0 (which uses the single-pair fields).
+#[derive(Debug)]
+struct MultiQueue {
+    pairs: Arc<Pairs>,
+    /// The workers of pairs 1.. (pvm's own data plane; empty with vhost-net).
+    workers: Vec<WorkerSlot>,
+    /// The counters of pairs 1...
+    counters: Vec<Arc<NetCounters>>,
+    ctrl_counters: Arc<CtrlCounters>,
 }
 
 impl Net {
@@ -116,6 +155,89 @@ impl Net {
     pub fn set_data_plane(&mut self, plane: Box<dyn DataPlane>) {
         self.offered_features &= DEVICE_FEATURE_MASK | plane.supported_features();
         self.data_plane = Some(plane);
+    }
+
+    /// A multiqueue device on `taps`, one queue of the same tap per pair (see
+    /// [`Tap::open_queues`]); with one tap it is the same as [`Self::new`].
+    pub fn with_pairs(taps: Vec<Arc<dyn NetBackend>>, mac: Option<[u8; 6]>) -> io::Result<Self> {
+        let Some(first) = taps.first() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a net device needs a backend",
+            ));
+        };
+        let mut net = Self::new(Arc::clone(first), mac);
+        if taps.len() == 1 {
+            return Ok(net);
+        }
+        if taps.len() > usize::from(u16::MAX / 2) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} queue pairs", taps.len()),
+            ));
+        }
+        let pairs = Arc::new(Pairs::new(taps)?);
+        let name = net.worker.name().to_string();
+        let count = pairs.count();
+        net.offered_features |= feature(VIRTIO_NET_F_MQ) | feature(VIRTIO_NET_F_CTRL_VQ);
+        net.queue_sizes = vec![QUEUE_SIZE; 2 * count + 1];
+        net.multi = Some(MultiQueue {
+            workers: (1..count)
+                .map(|pair| WorkerSlot::new(format!("{name}q{pair}")))
+                .collect(),
+            counters: (1..count)
+                .map(|_| Arc::new(NetCounters::default()))
+                .collect(),
+            ctrl_counters: Arc::new(CtrlCounters::default()),
+            pairs,
+        });
+        Ok(net)
+    }
+
+    /// Hands each queue pair to its own plane (kernel vhost-net), in pair order, instead of
+    /// pvm's workers; pvm keeps serving the control queue. As [`Self::set_data_plane`] with
+    /// one pair.
+    pub fn set_pair_data_planes(
+        &mut self,
+        mut planes: Vec<Box<dyn DataPlane>>,
+    ) -> Result<(), String> {
+        if planes.len() != self.pair_count() {
+            return Err(format!(
+                "{} data planes for {} queue pairs",
+                planes.len(),
+                self.pair_count()
+            ));
+        }
+        let first = planes.remove(0);
+        if let Some(multi) = self.multi.as_mut() {
+            for plane in &planes {
+                self.offered_features &= DEVICE_FEATURE_MASK | plane.supported_features();
+            }
+            multi.pairs.set_planes(planes)?;
+            // Their threads would stay idle.
+            multi.workers.clear();
+        }
+        self.set_data_plane(first);
+        Ok(())
+    }
+
+    /// The number of receive/transmit queue pairs.
+    pub fn pair_count(&self) -> usize {
+        self.multi.as_ref().map_or(1, |m| m.pairs.count())
+    }
+
+    /// The queue pairs the guest uses right now (VQ_PAIRS_SET; 1 after a reset).
+    pub fn active_pairs(&self) -> usize {
+        self.multi.as_ref().map_or(1, |m| m.pairs.active())
+    }
+
+    /// Each queue pair's counters, in pair order (what pvm's own workers moved).
+    pub fn pair_counters(&self) -> Vec<Arc<NetCounters>> {
+        let mut all = vec![Arc::clone(&self.counters)];
+        if let Some(multi) = &self.multi {
+            all.extend(multi.counters.iter().cloned());
+        }
+        all
     }
 
     /// What serves the queues: "vhost-net" or "in-process".
@@ -135,6 +257,8 @@ impl Net {
             counters: Arc::new(NetCounters::default()),
             worker: WorkerSlot::new(format!("virtio-net{index}")),
             data_plane: None,
+            multi: None,
+            queue_sizes: vec![QUEUE_SIZE, QUEUE_SIZE],
         }
     }
 
@@ -142,7 +266,8 @@ impl Net {
         self.mac
     }
 
-    /// The device's counters; they stay valid across resets.
+    /// The device's counters (the first queue pair's with multiqueue, see
+    /// [`Self::pair_counters`]); they stay valid across resets.
     pub fn counters(&self) -> Arc<NetCounters> {
         Arc::clone(&self.counters)
     }
@@ -158,8 +283,9 @@ impl Net {
         transmit(self.backend.as_ref(), memory, chain, &self.counters)
     }
 
-    fn config_space(&self) -> [u8; 8] {
-        config_space(self.mac)
+    fn config_space(&self) -> [u8; 10] {
+        // At most u16::MAX / 2, checked in with_pairs.
+        config_space(self.mac, self.pair_count() as u16)
     }
 }
 
@@ -187,12 +313,14 @@ pub fn offered_features(guest_offloads: u32) -> u64 {
 
 /// The little-endian `struct virtio_net_config` prefix pvm fills in: the MAC and a link that
 /// is up.
-pub fn config_space(mac: [u8; 6]) -> [u8; 8] {
-    let mut config = [0u8; 8];
+pub fn config_space(mac: [u8; 6], pairs: u16) -> [u8; 10] {
+    let mut config = [0u8; 10];
     let at = offset_of!(virtio_net_config, mac);
     config[at..at + 6].copy_from_slice(&mac);
     let status = offset_of!(virtio_net_config, status);
     config[status..status + 2].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    let at = offset_of!(virtio_net_config, max_virtqueue_pairs);
+    config[at..at + 2].copy_from_slice(&pairs.to_le_bytes());
     config
 }
 
@@ -237,7 +365,7 @@ impl VirtioDevice for Net {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
@@ -270,6 +398,18 @@ impl VirtioDevice for Net {
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
+        if self.multi.is_some() {
+            if self.worker.is_active() {
+                // Also with vhost-net: the control queue's worker runs from activation to reset.
+                return Err(ActivateError::AlreadyActive);
+            }
+            let result = self.activate_pairs(memory, interrupt, queues);
+            if result.is_err() {
+                // Whatever started goes, so the driver's reset finds a stopped device.
+                self.stop_data_planes();
+            }
+            return result;
+        }
         if let Some(plane) = self.data_plane.as_mut() {
             if queues.len() != 2 {
                 return Err(ActivateError::QueueCount {
@@ -279,32 +419,179 @@ impl VirtioDevice for Net {
             }
             return plane.start(&memory, interrupt, queues, self.acked_features);
         }
-        self.worker.start(|| {
-            let [rx, tx] = device_queues(queues, self.acked_features)?;
-            Ok(NetWorker {
-                memory,
-                interrupt,
-                rx,
-                tx,
-                backend: Arc::clone(&self.backend),
-                counters: Arc::clone(&self.counters),
-                mergeable: self.acked_features & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
-                frame: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
-                pending_len: None,
-                backend_watched: false,
-            })
-        })
+        if self.worker.is_active() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let [rx, tx] = device_queues(queues, self.acked_features)?;
+        let worker = self.net_worker(memory, interrupt, rx, tx);
+        self.worker.start(|| Ok(worker))
     }
 
     fn reset(&mut self) {
-        match self.data_plane.as_mut() {
-            Some(plane) => plane.stop(),
-            None => self.worker.stop(),
-        }
+        self.stop_data_planes();
         self.acked_features = 0;
         if let Err(e) = self.backend.set_offloads(0) {
             warn!("tap {}: cannot clear offloads: {e}", self.backend.name());
         }
+    }
+}
+
+impl Net {
+    /// Stops every worker and data plane; with multiqueue, back to one active pair.
+    fn stop_data_planes(&mut self) {
+        // First `worker`: pair 0's (with the control queue), or with vhost-net and multiqueue
+        // the control queue's, which must not switch pairs while they stop.
+        self.worker.stop();
+        if let Some(plane) = self.data_plane.as_mut() {
+            plane.stop();
+        }
+        if let Some(multi) = self.multi.as_mut() {
+            for worker in &mut multi.workers {
+                worker.stop();
+            }
+            multi.pairs.with_planes(|planes| {
+                for plane in planes {
+                    plane.stop();
+                }
+            });
+            multi.pairs.reset();
+        }
+    }
+
+    /// Pair 0's worker, for one pair or as the start of a multiqueue activation.
+    fn net_worker(
+        &self,
+        memory: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        rx: DeviceQueue,
+        tx: DeviceQueue,
+    ) -> NetWorker {
+        NetWorker {
+            memory,
+            interrupt,
+            rx,
+            tx,
+            backend: Arc::clone(&self.backend),
+            counters: Arc::clone(&self.counters),
+            mergeable: self.acked_features & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
+            frame: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
+            pending_len: None,
+            backend_watched: false,
+            link: None,
+            fallback: None,
+            ctrl: None,
+        }
+    }
+
+    /// Multiqueue activation: the pairs the driver set up (all their queues ready, counted from
+    /// pair 0; only pair 0 without VIRTIO_NET_F_MQ) each get their worker or vhost-net plane,
+    /// pair 0 only active; the control queue (2N with MQ, else 2) goes to pair 0's worker, or
+    /// with vhost-net to a worker of its own on the device thread.
+    fn activate_pairs(
+        &mut self,
+        memory: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        let Some(multi) = self.multi.as_mut() else {
+            return Err(ActivateError::Backend(
+                "not a multiqueue device".to_string(),
+            ));
+        };
+        let count = multi.pairs.count();
+        let acked = self.acked_features;
+        let mq =
+            acked & feature(VIRTIO_NET_F_MQ) != 0 && acked & feature(VIRTIO_NET_F_CTRL_VQ) != 0;
+        let ctrl_index = if mq {
+            2 * count
+        } else if acked & feature(VIRTIO_NET_F_CTRL_VQ) != 0 {
+            2
+        } else {
+            usize::MAX
+        };
+        let event_idx = acked & feature(VIRTIO_RING_F_EVENT_IDX) != 0;
+        let got = queues.len();
+        let mut slots: Vec<Option<ActiveQueue>> = (0..2 * count + 1).map(|_| None).collect();
+        for queue in queues {
+            match slots.get_mut(usize::from(queue.index)) {
+                Some(slot) => *slot = Some(queue),
+                None => warn!("virtio-net: queue {} does not exist, ignored", queue.index),
+            }
+        }
+        let ctrl = slots
+            .get_mut(ctrl_index)
+            .and_then(Option::take)
+            .map(|queue| CtrlQueue {
+                queue: DeviceQueue::new(queue, event_idx),
+                pairs: Arc::clone(&multi.pairs),
+                mq,
+                counters: Arc::clone(&multi.ctrl_counters),
+            });
+        let max_pairs = if mq { count } else { 1 };
+        let mut pair_queues = Vec::new();
+        for pair in 0..max_pairs {
+            match (slots[2 * pair].take(), slots[2 * pair + 1].take()) {
+                (Some(rx), Some(tx)) => pair_queues.push(vec![rx, tx]),
+                _ => break,
+            }
+        }
+        let unused = slots.iter().filter(|s| s.is_some()).count();
+        if unused > 0 {
+            warn!(
+                "virtio-net: {unused} ready queues beyond the {} complete queue pairs are not served",
+                pair_queues.len()
+            );
+        }
+        if pair_queues.is_empty() {
+            return Err(ActivateError::QueueCount { got, want: 2 });
+        }
+        let usable = pair_queues.len();
+        multi.pairs.activate(usable);
+        let pairs = Arc::clone(&multi.pairs);
+        let pair_counters = multi.counters.clone();
+        let mut pair_queues = pair_queues.into_iter();
+        let first = pair_queues.next().unwrap_or_default();
+
+        if let Some(plane) = self.data_plane.as_mut() {
+            plane.start(&memory, Arc::clone(&interrupt), first, acked)?;
+            pairs.with_planes(|planes| {
+                for (plane, queues) in planes.iter_mut().zip(pair_queues) {
+                    plane.start(&memory, Arc::clone(&interrupt), queues, acked)?;
+                }
+                Ok::<(), ActivateError>(())
+            })?;
+            if let Some(ctrl) = ctrl {
+                self.worker.start(|| {
+                    Ok(CtrlWorker {
+                        memory,
+                        interrupt,
+                        ctrl,
+                    })
+                })?;
+            }
+            return Ok(());
+        }
+
+        for ((pair, queues), counters) in (1..).zip(pair_queues).zip(pair_counters) {
+            let [rx, tx] = device_queues(queues, acked)?;
+            let mut worker = self.net_worker(memory.clone(), Arc::clone(&interrupt), rx, tx);
+            worker.backend = Arc::clone(pairs.tap(pair));
+            worker.counters = counters;
+            worker.link = Some(Arc::clone(pairs.link(pair)));
+            worker.fallback = Some(Arc::clone(pairs.tap(0)));
+            let slot = self
+                .multi
+                .as_mut()
+                .and_then(|multi| multi.workers.get_mut(pair - 1))
+                .ok_or_else(|| {
+                    ActivateError::Backend(format!("queue pair {pair} has no worker"))
+                })?;
+            slot.start(|| Ok(worker))?;
+        }
+        let [rx, tx] = device_queues(first, acked)?;
+        let mut worker = self.net_worker(memory, interrupt, rx, tx);
+        worker.ctrl = ctrl;
+        self.worker.start(|| Ok(worker))
     }
 }
 
@@ -320,14 +607,36 @@ struct NetWorker {
     frame: Vec<u8>,
     pending_len: Option<usize>,
     backend_watched: bool,
+    /// Multiqueue pairs 1..: whether the pair is on.
+    link: Option<Arc<PairLink>>,
+    /// Multiqueue pairs 1..: pair 0's tap queue, which sends what the guest still queues on
+    /// this pair while it is off (its own tap queue is detached then).
+    fallback: Option<Arc<dyn NetBackend>>,
+    /// The control queue (multiqueue, pair 0).
+    ctrl: Option<CtrlQueue>,
 }
 
 impl NetWorker {
+    fn enabled(&self) -> bool {
+        self.link.as_ref().is_none_or(|link| link.enabled())
+    }
+
     fn transmit_all(&mut self) {
-        let (memory, backend, counters) = (&self.memory, &self.backend, &self.counters);
+        let backend = match &self.fallback {
+            Some(fallback) if !self.enabled() => fallback,
+            _ => &self.backend,
+        };
+        let (memory, counters) = (&self.memory, &self.counters);
         self.tx.process(memory, self.interrupt.as_ref(), |chain| {
             transmit(backend.as_ref(), memory, chain, counters)
         });
+    }
+
+    fn serve_ctrl(&mut self) {
+        if let Some(ctrl) = self.ctrl.as_mut() {
+            ctrl.queue.clear_kick();
+            ctrl.serve(&self.memory, self.interrupt.as_ref());
+        }
     }
 
     fn watch_backend(&mut self, events: &EventLoop, watch: bool) {
@@ -351,6 +660,12 @@ impl NetWorker {
     /// Moves frames from the backend to the guest until the backend is empty (then waits for it)
     /// or the guest is out of buffers (then waits for a receive-queue kick instead).
     fn receive(&mut self, events: &EventLoop) {
+        if !self.enabled() {
+            // The pair is off and its tap queue detached: nothing to read until it is on again
+            // (PAIR_CHANGED).
+            self.watch_backend(events, false);
+            return;
+        }
         let mut frames = 0;
         loop {
             if frames == FRAMES_PER_PASS {
@@ -389,6 +704,12 @@ impl NetWorker {
                         break;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) if !self.enabled() => {
+                        // The pair went off and its queue was detached under this read; not a
+                        // tap failure.
+                        self.watch_backend(events, false);
+                        break;
+                    }
                     Err(e) => {
                         // Retried on the next receive-queue kick rather than spinning on it.
                         if self.counters.rx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -432,12 +753,21 @@ impl EventHandler for NetWorker {
     fn register(&mut self, events: &EventLoop) -> io::Result<()> {
         events.watch(&self.rx.kick, RX_KICK)?;
         events.watch(&self.tx.kick, TX_KICK)?;
-        events.watch(self.backend.as_ref(), BACKEND_READY)?;
-        self.backend_watched = true;
+        if let Some(link) = &self.link {
+            events.watch(&link.wake, PAIR_CHANGED)?;
+        }
+        if let Some(ctrl) = &self.ctrl {
+            events.watch(&ctrl.queue.kick, CTRL_KICK)?;
+        }
+        if self.enabled() {
+            events.watch(self.backend.as_ref(), BACKEND_READY)?;
+            self.backend_watched = true;
+        }
         Ok(())
     }
 
     fn start(&mut self, events: &EventLoop) {
+        self.serve_ctrl();
         self.transmit_all();
         self.receive(events);
     }
@@ -453,6 +783,14 @@ impl EventHandler for NetWorker {
                 self.transmit_all();
             }
             BACKEND_READY => self.receive(events),
+            PAIR_CHANGED => {
+                if let Some(link) = &self.link {
+                    link.clear_wake();
+                }
+                // Turned on: the tap queue is attached again and watched; off: unwatched.
+                self.receive(events);
+            }
+            CTRL_KICK => self.serve_ctrl(),
             _ => {}
         }
     }

@@ -19,6 +19,10 @@ struct SocketBackend {
     socket: UnixDatagram,
     supported: u32,
     offloads: Mutex<Vec<u32>>,
+    /// set_queue_attached calls, in order.
+    attached: Mutex<Vec<bool>>,
+    /// Whether set_queue_attached(true) fails.
+    refuse_attach: bool,
 }
 
 impl AsRawFd for SocketBackend {
@@ -38,6 +42,13 @@ impl NetBackend for SocketBackend {
         self.offloads.lock().unwrap().push(offloads);
         Ok(())
     }
+    fn set_queue_attached(&self, attached: bool) -> io::Result<()> {
+        if attached && self.refuse_attach {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        self.attached.lock().unwrap().push(attached);
+        Ok(())
+    }
 }
 
 /// The backend and the "host network" end of it.
@@ -48,6 +59,8 @@ fn backend(supported: u32) -> (Arc<SocketBackend>, UnixDatagram) {
         socket: ours,
         supported,
         offloads: Mutex::new(Vec::new()),
+        attached: Mutex::new(Vec::new()),
+        refuse_attach: false,
     };
     (Arc::new(backend), peer)
 }
@@ -308,4 +321,406 @@ fn worker_moves_frames_both_ways_and_reactivates() {
     ));
     assert_eq!(counters.tx_frames.load(Ordering::Relaxed), 2);
     assert_eq!(counters.rx_dropped.load(Ordering::Relaxed), 0);
+}
+
+// ---- multiqueue ----
+
+use super::multiqueue::{CtrlCounters, Pairs, ctrl_command};
+use vmm_sys_util::eventfd::EventFd;
+
+const OK: u8 = VIRTIO_NET_OK as u8;
+const ERR: u8 = VIRTIO_NET_ERR as u8;
+
+/// `count` socket backends (and their peers) as one multi-queue tap's queues.
+fn queue_backends(count: usize) -> (Vec<Arc<SocketBackend>>, Vec<UnixDatagram>) {
+    (0..count).map(|_| backend(0)).unzip()
+}
+
+fn as_backends(sockets: &[Arc<SocketBackend>]) -> Vec<Arc<dyn NetBackend>> {
+    sockets
+        .iter()
+        .map(|s| Arc::clone(s) as Arc<dyn NetBackend>)
+        .collect()
+}
+
+fn attach_calls(backend: &SocketBackend) -> Vec<bool> {
+    backend.attached.lock().unwrap().clone()
+}
+
+/// A VQ_PAIRS_SET command for `pairs`: header, data, ack (as Linux lays it out).
+fn pairs_set(mem: &GuestMemoryMmap, pairs: u16) -> Vec<RawDescriptor> {
+    mem.write_slice(
+        &[
+            VIRTIO_NET_CTRL_MQ as u8,
+            VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8,
+        ],
+        GuestAddress(0x10_000),
+    )
+    .unwrap();
+    mem.write_slice(&pairs.to_le_bytes(), GuestAddress(0x10_100))
+        .unwrap();
+    vec![
+        readable(0x10_000, 2),
+        readable(0x10_100, 2),
+        writable(0x10_200, 1),
+    ]
+}
+
+/// Runs one control chain; returns the used length and the byte at the ack address (0xee if
+/// the device did not write it).
+fn ctrl(
+    mem: &GuestMemoryMmap,
+    pairs: &Pairs,
+    mq: bool,
+    descs: &[RawDescriptor],
+    counters: &CtrlCounters,
+) -> (u32, u8) {
+    mem.write_obj(0xeeu8, GuestAddress(0x10_200)).unwrap();
+    let tq = TestQueue::new(mem, 16);
+    tq.add_chain(descs);
+    let chain = tq.queue().pop_descriptor_chain(mem).unwrap();
+    let used = ctrl_command(mem, chain, pairs, mq, counters);
+    (used, mem.read_obj(GuestAddress(0x10_200)).unwrap())
+}
+
+#[test]
+fn only_a_multiqueue_device_offers_mq_and_the_control_queue() {
+    let mq = feature(VIRTIO_NET_F_MQ) | feature(VIRTIO_NET_F_CTRL_VQ);
+    let single = Net::new(backend(0).0, Some([0x52, 0x54, 0, 1, 2, 3]));
+    assert_eq!(single.features() & mq, 0);
+    assert_eq!(single.queue_max_sizes(), &[QUEUE_SIZE; 2]);
+    let (sockets, _peers) = queue_backends(1);
+    let one = Net::with_pairs(as_backends(&sockets), None).unwrap();
+    assert_eq!(one.features() & mq, 0);
+    assert_eq!(one.queue_max_sizes().len(), 2);
+    assert!(attach_calls(&sockets[0]).is_empty());
+
+    let (sockets, _peers) = queue_backends(3);
+    let net = Net::with_pairs(as_backends(&sockets), Some([0x52, 0x54, 0, 1, 2, 3])).unwrap();
+    assert_eq!(net.features() & mq, mq);
+    assert_eq!(net.features() & single.features(), single.features());
+    // rx0 tx0 rx1 tx1 rx2 tx2 ctrl.
+    assert_eq!(net.queue_max_sizes(), &[QUEUE_SIZE; 7]);
+    assert_eq!((net.pair_count(), net.active_pairs()), (3, 1));
+    // Only pair 0's tap queue stays attached until the guest asks for more.
+    assert!(attach_calls(&sockets[0]).is_empty());
+    assert_eq!(attach_calls(&sockets[1]), vec![false]);
+    assert_eq!(attach_calls(&sockets[2]), vec![false]);
+
+    let mut config = [0u8; 10];
+    net.read_config(0, &mut config);
+    assert_eq!(
+        config,
+        [0x52, 0x54, 0, 1, 2, 3, 1, 0, 3, 0],
+        "max_virtqueue_pairs 3"
+    );
+    let mut pairs = [0u8; 2];
+    single.read_config(8, &mut pairs);
+    assert_eq!(pairs, [1, 0]);
+}
+
+#[test]
+fn vq_pairs_set_accepts_only_pairs_the_driver_set_up() {
+    let mem = test_memory();
+    let (sockets, _peers) = queue_backends(3);
+    let pairs = Pairs::new(as_backends(&sockets)).unwrap();
+    let counters = CtrlCounters::default();
+    // Before activation nothing is usable.
+    assert_eq!(
+        ctrl(&mem, &pairs, true, &pairs_set(&mem, 2), &counters),
+        (1, ERR)
+    );
+    pairs.activate(3);
+    assert_eq!(
+        ctrl(&mem, &pairs, true, &pairs_set(&mem, 2), &counters),
+        (1, OK)
+    );
+    assert_eq!(pairs.active(), 2);
+    assert_eq!(attach_calls(&sockets[1]), vec![false, true]);
+    assert_eq!(attach_calls(&sockets[2]), vec![false]);
+    assert!(pairs.link(1).enabled() && !pairs.link(2).enabled());
+    for bad in [0, 4, 0x8000, u16::MAX] {
+        assert_eq!(
+            ctrl(&mem, &pairs, true, &pairs_set(&mem, bad), &counters),
+            (1, ERR)
+        );
+        assert_eq!(pairs.active(), 2, "{bad} pairs");
+    }
+    assert_eq!(
+        ctrl(&mem, &pairs, true, &pairs_set(&mem, 3), &counters),
+        (1, OK)
+    );
+    assert_eq!(
+        ctrl(&mem, &pairs, true, &pairs_set(&mem, 1), &counters),
+        (1, OK)
+    );
+    assert_eq!(pairs.active(), 1);
+    assert_eq!(attach_calls(&sockets[1]), vec![false, true, false]);
+    assert_eq!(attach_calls(&sockets[2]), vec![false, true, false]);
+    assert!(!pairs.link(1).enabled() && !pairs.link(2).enabled());
+    // Without VIRTIO_NET_F_MQ negotiated the command is refused.
+    assert_eq!(
+        ctrl(&mem, &pairs, false, &pairs_set(&mem, 2), &counters),
+        (1, ERR)
+    );
+    assert_eq!(pairs.active(), 1);
+    assert_eq!(counters.refused.load(Ordering::Relaxed), 6);
+    assert_eq!(counters.malformed.load(Ordering::Relaxed), 0);
+    // A reset goes back to one pair and nothing usable.
+    pairs.reset();
+    assert_eq!(
+        ctrl(&mem, &pairs, true, &pairs_set(&mem, 2), &counters),
+        (1, ERR)
+    );
+}
+
+#[test]
+fn a_pair_whose_tap_queue_cannot_attach_is_refused_and_the_count_stays() {
+    let mem = test_memory();
+    let (ours, _peer) = UnixDatagram::pair().unwrap();
+    let refusing = Arc::new(SocketBackend {
+        socket: ours,
+        supported: 0,
+        offloads: Mutex::new(Vec::new()),
+        attached: Mutex::new(Vec::new()),
+        refuse_attach: true,
+    });
+    let (mut sockets, _peers) = queue_backends(2);
+    sockets.push(refusing);
+    let pairs = Pairs::new(as_backends(&sockets)).unwrap();
+    pairs.activate(3);
+    let counters = CtrlCounters::default();
+    assert_eq!(
+        ctrl(&mem, &pairs, true, &pairs_set(&mem, 3), &counters),
+        (1, ERR)
+    );
+    // Pair 1 was turned on on the way and off again.
+    assert_eq!(pairs.active(), 1);
+    assert_eq!(attach_calls(&sockets[1]), vec![false, true, false]);
+    assert!(!pairs.link(1).enabled() && !pairs.link(2).enabled());
+    assert_eq!(
+        ctrl(&mem, &pairs, true, &pairs_set(&mem, 2), &counters),
+        (1, OK)
+    );
+}
+
+#[test]
+fn a_backend_whose_queues_cannot_be_detached_cannot_have_pairs() {
+    #[derive(Debug)]
+    struct NoQueues(UnixDatagram);
+    impl AsRawFd for NoQueues {
+        fn as_raw_fd(&self) -> RawFd {
+            self.0.as_raw_fd()
+        }
+    }
+    impl NetBackend for NoQueues {
+        fn name(&self) -> &str {
+            "noqueues"
+        }
+        fn supported_offloads(&self) -> u32 {
+            0
+        }
+        fn set_offloads(&self, _: u32) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let backends: Vec<Arc<dyn NetBackend>> = (0..2)
+        .map(|_| Arc::new(NoQueues(UnixDatagram::pair().unwrap().0)) as Arc<dyn NetBackend>)
+        .collect();
+    let err = Net::with_pairs(backends, None).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot detach queue 1 of tap noqueues"),
+        "{err}"
+    );
+}
+
+#[test]
+fn malformed_control_chains_are_refused_or_left_unanswered_never_a_panic() {
+    let mem = test_memory();
+    let (sockets, _peers) = queue_backends(2);
+    let pairs = Pairs::new(as_backends(&sockets)).unwrap();
+    pairs.activate(2);
+    let counters = CtrlCounters::default();
+    let header = |class: u8, command: u8| {
+        mem.write_slice(&[class, command], GuestAddress(0x10_000))
+            .unwrap();
+    };
+    // Refused with VIRTIO_NET_ERR: other classes and commands, wrong data lengths, no header.
+    header(0, 0); // VIRTIO_NET_CTRL_RX / PROMISC
+    let rx_promisc = [
+        readable(0x10_000, 2),
+        readable(0x10_100, 1),
+        writable(0x10_200, 1),
+    ];
+    assert_eq!(ctrl(&mem, &pairs, true, &rx_promisc, &counters), (1, ERR));
+    header(VIRTIO_NET_CTRL_MQ as u8, 1); // RSS_CONFIG, not offered
+    let rss = [
+        readable(0x10_000, 2),
+        readable(0x10_100, 2),
+        writable(0x10_200, 1),
+    ];
+    assert_eq!(ctrl(&mem, &pairs, true, &rss, &counters), (1, ERR));
+    header(
+        VIRTIO_NET_CTRL_MQ as u8,
+        VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8,
+    );
+    for data in [0u32, 1, 3, 64] {
+        let descs = [
+            readable(0x10_000, 2),
+            readable(0x10_100, data),
+            writable(0x10_200, 1),
+        ];
+        assert_eq!(
+            ctrl(&mem, &pairs, true, &descs, &counters),
+            (1, ERR),
+            "{data}"
+        );
+    }
+    let short = [readable(0x10_000, 1), writable(0x10_200, 1)];
+    assert_eq!(ctrl(&mem, &pairs, true, &short, &counters), (1, ERR));
+    let no_command = [writable(0x10_200, 1)];
+    assert_eq!(ctrl(&mem, &pairs, true, &no_command, &counters), (1, ERR));
+    // A huge ack buffer still gets one byte.
+    let mut big_ack = pairs_set(&mem, 2);
+    big_ack[2] = writable(0x10_200, 4096);
+    assert_eq!(ctrl(&mem, &pairs, true, &big_ack, &counters), (1, OK));
+    assert_eq!(counters.malformed.load(Ordering::Relaxed), 0);
+    assert_eq!(pairs.active(), 2);
+
+    // A command outside guest memory cannot be read: refused.
+    let outside = [readable(0x4000_0000, 4), writable(0x10_200, 1)];
+    assert_eq!(ctrl(&mem, &pairs, true, &outside, &counters), (1, ERR));
+
+    // Not answerable: no ack byte, the ack outside guest memory.
+    let mut no_ack = pairs_set(&mem, 1);
+    no_ack.pop();
+    assert_eq!(ctrl(&mem, &pairs, true, &no_ack, &counters), (0, 0xee));
+    let ack_outside = [
+        readable(0x10_000, 2),
+        readable(0x10_100, 2),
+        writable(0x4000_0000, 1),
+    ];
+    assert_eq!(ctrl(&mem, &pairs, true, &ack_outside, &counters).0, 0);
+    // The ack before the command (device-readable after device-writable).
+    let reversed = [writable(0x10_200, 1), readable(0x10_000, 4)];
+    assert_eq!(ctrl(&mem, &pairs, true, &reversed, &counters), (0, 0xee));
+    assert_eq!(counters.malformed.load(Ordering::Relaxed), 3);
+    // None of them changed the pair count.
+    assert_eq!(pairs.active(), 2);
+}
+
+#[test]
+fn multiqueue_workers_serve_each_pair_and_the_control_queue_and_reset_to_one_pair() {
+    let mem = test_memory();
+    let (sockets, peers) = queue_backends(2);
+    for peer in &peers {
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+    }
+    let mut net = Net::with_pairs(as_backends(&sockets), None).unwrap();
+    let counters = net.pair_counters();
+    for round in 0..2u64 {
+        let base = round * 0x10_000;
+        let queues: Vec<TestQueue> = (0..5)
+            .map(|q| TestQueue::at(&mem, GuestAddress(base + q * 0x2000), 16))
+            .collect();
+        let active: Vec<ActiveQueue> = (0u16..)
+            .zip(&queues)
+            .map(|(i, q)| q.active_queue(i))
+            .collect();
+        let kicks: Vec<EventFd> = active.iter().map(|a| a.kick.try_clone().unwrap()).collect();
+        let interrupt = Arc::new(RecordingInterrupt::default());
+        net.ack_features(net.features());
+        net.activate(mem.clone(), interrupt.clone(), active)
+            .unwrap();
+        assert_eq!(net.active_pairs(), 1);
+
+        // Pair 1 is off: what the guest still sends on it leaves through pair 0's tap queue,
+        // and nothing is read from its own.
+        let f = frame(60 + round as usize);
+        mem.write_slice(&f, GuestAddress(0x50_000)).unwrap();
+        queues[3].add_chain(&[readable(0x50_000, f.len() as u32)]);
+        kicks[3].write(1).unwrap();
+        assert!(interrupt.wait_for(3, 1));
+        let mut got = vec![0u8; 1024];
+        let n = peers[0].recv(&mut got).unwrap();
+        assert_eq!(&got[..n], &f[..]);
+        let incoming = frame(100 + round as usize);
+        peers[1].send(&incoming).unwrap();
+        queues[2].add_chain(&[writable(0x60_000, 2048)]);
+        kicks[2].write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(queues[2].used(&mem).is_empty(), "pair 1 is off");
+
+        // The driver turns pair 1 on through the control queue (index 4).
+        let mut command = pairs_set(&mem, 2);
+        command[0] = readable(0x10_000, 2);
+        queues[4].add_chain(&command);
+        kicks[4].write(1).unwrap();
+        assert!(eventually(|| queues[4].used(&mem) == vec![(0, 1)]));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10_200)).unwrap(), OK);
+        assert_eq!(net.active_pairs(), 2);
+
+        // Now the waiting frame reaches rx1, and tx1 goes out of pair 1's own tap queue.
+        assert!(eventually(|| queues[2].used(&mem).len() == 1));
+        let mut want = incoming.clone();
+        want[10] = 1;
+        assert_eq!(guest_bytes(&mem, 0x60_000, incoming.len()), want);
+        queues[3].add_chain(&[readable(0x50_000, f.len() as u32)]);
+        kicks[3].write(1).unwrap();
+        assert!(eventually(|| queues[3].used(&mem).len() == 2));
+        let n = peers[1].recv(&mut got).unwrap();
+        assert_eq!(&got[..n], &f[..]);
+
+        net.reset();
+        assert_eq!(net.active_pairs(), 1);
+        assert_eq!(attach_calls(&sockets[1]).last(), Some(&false));
+    }
+    // Pair 1's counters hold what its worker moved: two frames each way, one of them sent
+    // while the pair was off (through pair 0's tap queue, but served by pair 1's worker).
+    assert_eq!(counters[1].rx_frames.load(Ordering::Relaxed), 2);
+    assert_eq!(counters[1].tx_frames.load(Ordering::Relaxed), 4);
+    assert_eq!(counters[0].tx_frames.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        attach_calls(&sockets[1]),
+        vec![false, true, false, true, false]
+    );
+}
+
+#[test]
+fn a_multiqueue_driver_without_mq_gets_one_pair_and_its_control_queue_at_2() {
+    let mem = test_memory();
+    let (sockets, _peers) = queue_backends(2);
+    let mut net = Net::with_pairs(as_backends(&sockets), None).unwrap();
+    let queues: Vec<TestQueue> = (0..3)
+        .map(|q| TestQueue::at(&mem, GuestAddress(q * 0x2000), 16))
+        .collect();
+    let active: Vec<ActiveQueue> = (0u16..)
+        .zip(&queues)
+        .map(|(i, q)| q.active_queue(i))
+        .collect();
+    let ctrl_kick = active[2].kick.try_clone().unwrap();
+    net.ack_features(net.features() & !feature(VIRTIO_NET_F_MQ));
+    net.activate(mem.clone(), Arc::new(RecordingInterrupt::default()), active)
+        .unwrap();
+    queues[2].add_chain(&pairs_set(&mem, 2));
+    ctrl_kick.write(1).unwrap();
+    assert!(eventually(|| queues[2].used(&mem) == vec![(0, 1)]));
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10_200)).unwrap(), ERR);
+    assert_eq!(net.active_pairs(), 1);
+    net.reset();
+
+    // Too few queues for even one pair: refused, nothing left running.
+    let only_rx = vec![queues[0].active_queue(0)];
+    net.ack_features(net.features());
+    assert!(matches!(
+        net.activate(
+            mem.clone(),
+            Arc::new(RecordingInterrupt::default()),
+            only_rx
+        ),
+        Err(ActivateError::QueueCount { got: 1, want: 2 })
+    ));
+    net.reset();
 }

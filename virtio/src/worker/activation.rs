@@ -31,6 +31,16 @@ impl WorkerSlot {
         }
     }
 
+    /// Whether a data plane runs (between `start` and `stop`).
+    pub(crate) fn is_active(&self) -> bool {
+        self.worker.is_some()
+    }
+
+    /// The device thread's name (virtio-net0, ...).
+    pub(crate) fn name(&self) -> &str {
+        self.thread.name()
+    }
+
     /// Runs the handler `build` makes on the device thread; `build` is the device-specific
     /// part of `activate`. An active device refuses before `build` runs, so a repeated
     /// activation neither looks at the new queues nor disturbs the running worker.
