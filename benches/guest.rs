@@ -73,6 +73,13 @@ fn memory_scenario() -> Scenario {
 /// `mib` MiB written then read back with dd (1 MiB O_DIRECT requests); 0 is the baseline that
 /// only boots, so the difference is what the transfer cost.
 fn block_scenario(mib: u32) -> Scenario {
+    block_scenario_on("pvm", mib).expect("pvm needs nothing QEMU does")
+}
+
+/// The block transfer under `vmm`: "pvm" (in-process worker, `blk-MIB`) or "qemu" (q35 with
+/// virtio-blk-pci on the same kind of image, QEMU's default writeback cache like pvm's
+/// buffered I/O, `blk-qemu-MIB`).
+fn block_scenario_on(vmm: &str, mib: u32) -> Result<Scenario, String> {
     let init = format!(
         "echo blk-ready\n\
          sleep 3\n\
@@ -84,12 +91,19 @@ fn block_scenario(mib: u32) -> Scenario {
          echo \"BENCH blk write_cs=$((t1 - t0)) read_cs=$((t2 - t1))\"\n\
          sleep 3\n"
     );
+    let command = match vmm {
+        "qemu" => format!(
+            "{QEMU} -M q35 -kernel {{kernel}} -initrd initrd.cpio -append 'console=ttyS0 quiet' \\\n    \
+             -drive file=disk.img,format=raw,if=none,id=d0 -device virtio-blk-pci,drive=d0"
+        ),
+        _ => "{pvm}".to_string(),
+    };
     // The image is made by the script (on the host's tmpfs), not carried in the batch. The
     // VMM's CPU is sampled around the transfers, as for TCP.
     let script = format!(
         "{CPU_MS}\
          dd if=/dev/zero of=disk.img bs=1M count=0 seek={BLOCK_MIB} 2>/dev/null\n\
-         {{pvm}} > out.log 2>&1 &\n\
+         {command} > out.log 2>&1 &\n\
          vmmpid=$!\n\
          for i in $(seq 1 300); do grep -q blk-ready out.log && break; sleep 1; done\n\
          before=$(cpu_ms $vmmpid)\n\
@@ -102,10 +116,19 @@ fn block_scenario(mib: u32) -> Scenario {
          echo \"BENCH cpu1 $after\"\n\
          exit $rc"
     );
-    Scenario::boot(&format!("blk-{mib}"), Kernel::MinimalElf, 1, &init)
-        .args(["--disk", "disk.img", "--stats"])
-        .script(&script)
-        .timeout(600)
+    match vmm {
+        "qemu" => with_qemu(
+            Scenario::boot(&format!("blk-qemu-{mib}"), Kernel::MinimalElf, 1, &init)
+                .script(&script)
+                .timeout(600),
+        ),
+        _ => Ok(
+            Scenario::boot(&format!("blk-{mib}"), Kernel::MinimalElf, 1, &init)
+                .args(["--disk", "disk.img", "--stats"])
+                .script(&script)
+                .timeout(600),
+        ),
+    }
 }
 
 /// The data planes the TCP benchmark compares: pvm's in-process worker, pvm with vhost-net,
@@ -383,6 +406,10 @@ fn scenarios() -> Vec<Scenario> {
     all.push(memory_scenario());
     all.push(block_scenario(0));
     all.push(block_scenario(BLOCK_MIB));
+    match block_scenario_on("qemu", BLOCK_MIB) {
+        Ok(scenario) => all.push(scenario),
+        Err(e) => println!("blk-qemu: left out: {e}"),
+    }
     for (plane, _) in NET_PLANES {
         for mib in [0, net_mib()] {
             match net_scenario(plane, mib) {
@@ -573,22 +600,49 @@ fn main() {
     }
     let blk_name = format!("blk-{BLOCK_MIB}");
     if let Some(outcome) = ok(&blk_name) {
+        let qemu = ok(&format!("blk-qemu-{BLOCK_MIB}")).and_then(|q| bench_values(q, "blk"));
         if let Some(blk) = bench_values(outcome, "blk") {
+            // Throughput ratio = inverse time ratio.
+            let ratio = qemu
+                .as_ref()
+                .map(|q| {
+                    format!(
+                        "; pvm/QEMU = {:.2} write, {:.2} read",
+                        q["write_cs"] / blk["write_cs"].max(1.0),
+                        q["read_cs"] / blk["read_cs"].max(1.0)
+                    )
+                })
+                .unwrap_or_default();
             println!(
-                "| block, dd 1 MiB O_DIRECT, {BLOCK_MIB} MiB | write {}, read {} | minimal guest, virtio-pci, in-process worker |",
+                "| block, dd 1 MiB O_DIRECT, {BLOCK_MIB} MiB, pvm | write {}, read {}{ratio} | minimal guest, virtio-pci, in-process worker |",
                 mib_per_s(BLOCK_MIB, blk["write_cs"]),
                 mib_per_s(BLOCK_MIB, blk["read_cs"])
+            );
+        }
+        if let Some(q) = &qemu {
+            println!(
+                "| block, same, QEMU q35 virtio-blk-pci | write {}, read {} | same guest and image size, QEMU's default cache |",
+                mib_per_s(BLOCK_MIB, q["write_cs"]),
+                mib_per_s(BLOCK_MIB, q["read_cs"])
             );
         }
         let requests = 2.0 * f64::from(BLOCK_MIB);
         if let Some(base) = ok("blk-0") {
             print_exits("block", outcome, base, requests, "requests");
         }
+    }
+    for (name, label) in [
+        (format!("blk-{BLOCK_MIB}"), "pvm"),
+        (format!("blk-qemu-{BLOCK_MIB}"), "QEMU q35"),
+    ] {
+        let Some(outcome) = ok(&name) else {
+            continue;
+        };
         let cpu = |tag: &str| bench_values(outcome, tag);
         if let (Some(before), Some(after)) = (cpu("cpu0"), cpu("cpu1")) {
             let gib = 2.0 * f64::from(BLOCK_MIB) / 1024.0;
             println!(
-                "| block: VMM CPU (threads except vCPUs) per GiB | {:.1} s/GiB | /proc/PID/task/*/stat, sampled before and after the transfers |",
+                "| block, {label}: VMM CPU (threads except vCPUs) per GiB | {:.1} s/GiB | /proc/PID/task/*/stat, sampled before and after the transfers |",
                 (after["vmm_ms"] - before["vmm_ms"]) / gib / 1000.0
             );
         }

@@ -427,7 +427,10 @@ impl Scenario {
     /// Puts host file `from` at `{shared}/path` for the batch; scenarios naming the same `path`
     /// share one copy (large files used by many scenarios, such as a QEMU binary).
     pub fn shared_file(mut self, path: &str, from: &Path) -> Self {
-        self.shared.push((path.to_string(), from.to_path_buf()));
+        // The file itself, not a symlink to it: a hard link to a relative symlink (a library's
+        // soname link) would dangle in the batch.
+        let from = from.canonicalize().unwrap_or_else(|_| from.to_path_buf());
+        self.shared.push((path.to_string(), from));
         self
     }
 
