@@ -76,37 +76,25 @@ impl Kind {
     /// from pvm beyond the configuration space (no control queue, no multiqueue, no writable
     /// configuration).
     fn device_features(self, config: bool) -> u64 {
+        // Offloads and buffers: nothing to read from a configuration space.
+        const NET: &[u32] = &[
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_GUEST_ECN,
+            VIRTIO_NET_F_GUEST_UFO,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
+            VIRTIO_NET_F_HOST_ECN,
+            VIRTIO_NET_F_HOST_UFO,
+            VIRTIO_NET_F_MRG_RXBUF,
+        ];
+        // Only with a configuration space: the MAC, MTU and status live there.
+        const NET_CONFIG: &[u32] = &[VIRTIO_NET_F_MTU, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS];
         let bits: &[u32] = match self {
-            Kind::Net if config => &[
-                VIRTIO_NET_F_CSUM,
-                VIRTIO_NET_F_GUEST_CSUM,
-                VIRTIO_NET_F_MTU,
-                VIRTIO_NET_F_MAC,
-                VIRTIO_NET_F_GUEST_TSO4,
-                VIRTIO_NET_F_GUEST_TSO6,
-                VIRTIO_NET_F_GUEST_ECN,
-                VIRTIO_NET_F_GUEST_UFO,
-                VIRTIO_NET_F_HOST_TSO4,
-                VIRTIO_NET_F_HOST_TSO6,
-                VIRTIO_NET_F_HOST_ECN,
-                VIRTIO_NET_F_HOST_UFO,
-                VIRTIO_NET_F_MRG_RXBUF,
-                VIRTIO_NET_F_STATUS,
-            ],
-            // Without a configuration space: no MAC, MTU or status to read.
-            Kind::Net => &[
-                VIRTIO_NET_F_CSUM,
-                VIRTIO_NET_F_GUEST_CSUM,
-                VIRTIO_NET_F_GUEST_TSO4,
-                VIRTIO_NET_F_GUEST_TSO6,
-                VIRTIO_NET_F_GUEST_ECN,
-                VIRTIO_NET_F_GUEST_UFO,
-                VIRTIO_NET_F_HOST_TSO4,
-                VIRTIO_NET_F_HOST_TSO6,
-                VIRTIO_NET_F_HOST_ECN,
-                VIRTIO_NET_F_HOST_UFO,
-                VIRTIO_NET_F_MRG_RXBUF,
-            ],
+            Kind::Net if config => return mask(NET) | mask(NET_CONFIG),
+            Kind::Net => NET,
             Kind::Block => &[
                 VIRTIO_BLK_F_SIZE_MAX,
                 VIRTIO_BLK_F_SEG_MAX,
@@ -119,8 +107,13 @@ impl Kind {
                 VIRTIO_BLK_F_WRITE_ZEROES,
             ],
         };
-        bits.iter().fold(0, |mask, bit| mask | 1 << bit)
+        mask(bits)
     }
+}
+
+/// The feature mask with `bits` set.
+fn mask(bits: &[u32]) -> u64 {
+    bits.iter().fold(0, |mask, bit| mask | 1 << bit)
 }
 
 /// Transport and ring features this frontend passes through (split rings only: pvm's
