@@ -71,15 +71,10 @@ fn memory_scenario() -> Scenario {
 }
 
 /// `mib` MiB written then read back with dd (1 MiB O_DIRECT requests); 0 is the baseline that
-/// only boots, so the difference is what the transfer cost.
-fn block_scenario(mib: u32) -> Scenario {
-    block_scenario_on("pvm", mib).expect("pvm needs nothing QEMU does")
-}
-
-/// The block transfer under `vmm`: "pvm" (in-process worker, `blk-MIB`) or "qemu" (q35 with
-/// virtio-blk-pci on the same kind of image, QEMU's default writeback cache like pvm's
-/// buffered I/O, `blk-qemu-MIB`).
-fn block_scenario_on(vmm: &str, mib: u32) -> Result<Scenario, String> {
+/// only boots, so the difference is what the transfer cost. Under `vmm`: "pvm" (in-process
+/// worker, `blk-MIB`) or "qemu" (q35 with virtio-blk-pci on the same kind of image, QEMU's
+/// default writeback cache like pvm's buffered I/O, `blk-qemu-MIB`).
+fn block_scenario(vmm: &str, mib: u32) -> Result<Scenario, String> {
     let init = format!(
         "echo blk-ready\n\
          sleep 3\n\
@@ -404,11 +399,11 @@ fn scenarios() -> Vec<Scenario> {
         ));
     }
     all.push(memory_scenario());
-    all.push(block_scenario(0));
-    all.push(block_scenario(BLOCK_MIB));
-    match block_scenario_on("qemu", BLOCK_MIB) {
-        Ok(scenario) => all.push(scenario),
-        Err(e) => println!("blk-qemu: left out: {e}"),
+    for (vmm, mib) in [("pvm", 0), ("pvm", BLOCK_MIB), ("qemu", BLOCK_MIB)] {
+        match block_scenario(vmm, mib) {
+            Ok(scenario) => all.push(scenario),
+            Err(e) => println!("blk-{vmm}-{mib}: left out: {e}"),
+        }
     }
     for (plane, _) in NET_PLANES {
         for mib in [0, net_mib()] {
