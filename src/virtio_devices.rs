@@ -167,8 +167,7 @@ fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<Net, Error> {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| vhost_error(&e))?;
-        net.set_pair_data_planes(planes)
-            .map_err(|e| vhost_error(&e))?;
+        net.set_data_planes(planes).map_err(|e| vhost_error(&e))?;
     }
     // Which one serves the queues matters for what to expect of throughput and CPU.
     let pairs = match net.pair_count() {

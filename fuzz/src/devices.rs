@@ -23,7 +23,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use pvm_virtio::{Block, Console, Net, NetBackend, Rng, VirtioDevice};
+use pvm_virtio::{Activation, Block, Console, Net, NetBackend, Rng, VirtioDevice};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_bindings::bindings::virtio_ring::{
@@ -56,6 +56,8 @@ struct Common<'a> {
     features: u8,
     size_selector: u8,
     start: u16,
+    /// What the driver accepted (see [`negotiate`]), handed over at activation.
+    acked: u64,
 }
 
 fn common(data: &[u8]) -> Common<'_> {
@@ -68,6 +70,7 @@ fn common(data: &[u8]) -> Common<'_> {
         features,
         size_selector,
         start,
+        acked: 0,
     }
 }
 
@@ -77,7 +80,7 @@ fn feature(bit: u32) -> u64 {
 
 /// What the driver accepts: VERSION_1 and the ring features the input asks for, plus `extra`,
 /// limited to what the device offers (as the transport enforces).
-fn negotiate(device: &mut dyn VirtioDevice, features: u8, extra: u64) {
+fn negotiate(device: &dyn VirtioDevice, features: u8, extra: u64) -> u64 {
     let mut acked = feature(VIRTIO_F_VERSION_1) | extra;
     if features & F_EVENT_IDX != 0 {
         acked |= feature(VIRTIO_RING_F_EVENT_IDX);
@@ -85,7 +88,7 @@ fn negotiate(device: &mut dyn VirtioDevice, features: u8, extra: u64) {
     if features & F_INDIRECT != 0 {
         acked |= feature(VIRTIO_RING_F_INDIRECT_DESC);
     }
-    device.ack_features(acked & device.features());
+    acked & device.features()
 }
 
 /// Lays out the device's queues, activates it, lets its worker serve them and resets it.
@@ -111,7 +114,12 @@ fn run(
         .collect();
     let interrupt = Arc::new(CountingInterrupt::default());
     device
-        .activate(mem.clone(), interrupt.clone(), active)
+        .activate(Activation {
+            memory: mem.clone(),
+            interrupt: interrupt.clone(),
+            queues: active,
+            features: c.acked,
+        })
         .expect("activation with the queues the device asked for");
     // Joins the worker; its first pass has served every chain that was available.
     device.reset();
@@ -167,7 +175,7 @@ pub fn block(data: &[u8]) {
         serial.len()
     );
     assert_eq!(device.capacity_sectors(), (DISK_BYTES / 512) as u64);
-    negotiate(&mut device, c.features, 0);
+    c.acked = negotiate(&device, c.features, 0);
     let mem = guest_memory();
     let (queues, interrupt) = run(&mut device, &mem, &mut c);
     if rings_intact(&queues) {
@@ -222,7 +230,8 @@ pub fn test_backend(socket: UnixDatagram) -> SocketBackend {
     }
 }
 
-fn net_device(features: u8) -> (Net, Arc<SocketBackend>, UnixDatagram) {
+/// The device, its backend, the backend's peer and the features the driver accepts.
+fn net_device(features: u8) -> (Net, Arc<SocketBackend>, UnixDatagram, u64) {
     let (ours, peer) = UnixDatagram::pair().expect("socketpair");
     ours.set_nonblocking(true).unwrap();
     peer.set_nonblocking(true).unwrap();
@@ -236,7 +245,7 @@ fn net_device(features: u8) -> (Net, Arc<SocketBackend>, UnixDatagram) {
         supported,
         offloads: Mutex::new(0),
     });
-    let mut net = Net::new(backend.clone(), Some([0x02, 0, 0, 0, 0, 1]));
+    let net = Net::new(backend.clone(), Some([0x02, 0, 0, 0, 0, 1])).expect("net device");
     let mut extra = 0;
     if features & F_DEVICE_A != 0 {
         extra |= feature(VIRTIO_NET_F_MRG_RXBUF);
@@ -245,8 +254,8 @@ fn net_device(features: u8) -> (Net, Arc<SocketBackend>, UnixDatagram) {
         // Every guest offload the device offers for this backend.
         extra |= net.features() & !feature(VIRTIO_NET_F_MRG_RXBUF);
     }
-    negotiate(&mut net, features, extra);
-    (net, backend, peer)
+    let acked = negotiate(&net, features, extra);
+    (net, backend, peer, acked)
 }
 
 /// Frames on the host side of the net backend, before the device starts: u8 count (at most
@@ -268,7 +277,8 @@ fn send_frames(peer: &UnixDatagram, input: &mut Input<'_>) -> Vec<usize> {
 /// empty here unless the input fills it), queue 1 transmitq.
 pub fn net_tx(data: &[u8]) {
     let mut c = common(data);
-    let (mut net, backend, peer) = net_device(c.features);
+    let (mut net, backend, peer, acked) = net_device(c.features);
+    c.acked = acked;
     let counters = net.counters();
     let mem = guest_memory();
     let (queues, interrupt) = run(&mut net, &mem, &mut c);
@@ -319,7 +329,8 @@ pub fn net_tx(data: &[u8]) {
 /// Like [`net_tx`], with frames waiting on the backend (see [`send_frames`]) before the queues.
 pub fn net_rx(data: &[u8]) {
     let mut c = common(data);
-    let (mut net, _backend, peer) = net_device(c.features);
+    let (mut net, _backend, peer, acked) = net_device(c.features);
+    c.acked = acked;
     let sent = send_frames(&peer, &mut c.input);
     let counters = net.counters();
     let mem = guest_memory();
@@ -381,7 +392,7 @@ pub fn console(data: &[u8]) {
         fail: c.features & F_DEVICE_A != 0,
     };
     let mut console = Console::new(Box::new(output)).expect("console");
-    negotiate(&mut console, c.features, 0);
+    c.acked = negotiate(&console, c.features, 0);
     let input_len = usize::from(c.input.u16());
     let host_input = c.input.bytes(input_len);
     let handle = console.input();
@@ -409,7 +420,7 @@ pub fn console(data: &[u8]) {
 pub fn rng(data: &[u8]) {
     let mut c = common(data);
     let mut rng = Rng::new();
-    negotiate(&mut rng, c.features, 0);
+    c.acked = negotiate(&rng, c.features, 0);
     let mem = guest_memory();
     let (queues, interrupt) = run(&mut rng, &mem, &mut c);
     if rings_intact(&queues) {

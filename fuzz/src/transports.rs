@@ -67,7 +67,7 @@ pub fn make_device(kind: u8) -> (Box<dyn VirtioDevice>, Keep) {
             ours.set_nonblocking(true).unwrap();
             peer.set_nonblocking(true).unwrap();
             let backend = Arc::new(crate::devices::test_backend(ours));
-            let net = Net::new(backend, Some([0x02, 0, 0, 0, 0, 2]));
+            let net = Net::new(backend, Some([0x02, 0, 0, 0, 0, 2])).expect("net device");
             (Box::new(net), Keep::Peer(peer))
         }
     }

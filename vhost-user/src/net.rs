@@ -9,18 +9,14 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
 
 use log::warn;
-use pvm_virtio::net::{
-    self, Delivery, MAX_FRAME_LEN, NetCounters, VNET_HDR_LEN, deliver_frame, read_frame, transmit,
-    tun_offloads,
-};
+use pvm_virtio::net::{self, NetCounters, PendingFrame, TapSource, transmit, tun_offloads};
 use pvm_virtio::{DeviceQueue, NetBackend as _, Tap, read_config_bytes};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::VhostUserBackendMut;
 use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -35,11 +31,9 @@ const TX: u16 = 1;
 const TAP: u16 = 3;
 const RX_WAKE: u16 = 4;
 const TX_WAKE: u16 = 5;
-/// Frames received per pass before the worker looks at its other events.
-const FRAMES_PER_PASS: usize = 256;
 
 /// A tap served over vhost-user.
-pub struct NetBackend {
+pub struct TapBackend {
     tap: Tap,
     mac: [u8; 6],
     config: [u8; 10],
@@ -47,13 +41,13 @@ pub struct NetBackend {
     rx: DeviceQueue,
     tx: DeviceQueue,
     mergeable: bool,
-    /// One frame read from the tap; `pending_len` bytes of it wait for guest buffers.
-    frame: Vec<u8>,
-    pending_len: Option<usize>,
+    /// The frame read last, while it waits for guest buffers; kept when a ring stops (a
+    /// pause), delivered to whichever driver posts buffers next.
+    pending: PendingFrame,
     counters: NetCounters,
 }
 
-impl NetBackend {
+impl TapBackend {
     /// Attaches to the tap `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, nonblocking); the guest
     /// gets `mac`, or a random locally administered one.
     pub fn open(name: &str, mac: Option<[u8; 6]>) -> Result<Self, String> {
@@ -62,7 +56,7 @@ impl NetBackend {
         let rx = device_queue(RX, QUEUE_SIZE, wake()?).map_err(|e| e.to_string())?;
         let tx = device_queue(TX, QUEUE_SIZE, wake()?).map_err(|e| e.to_string())?;
         let mac = mac.unwrap_or_else(net::generated_mac);
-        Ok(NetBackend {
+        Ok(TapBackend {
             tap,
             mac,
             config: net::config_space(mac, 1),
@@ -70,8 +64,7 @@ impl NetBackend {
             rx,
             tx,
             mergeable: false,
-            frame: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
-            pending_len: None,
+            pending: PendingFrame::default(),
             counters: NetCounters::default(),
         })
     }
@@ -105,87 +98,24 @@ impl NetBackend {
         let Self {
             tap,
             rx,
-            frame,
-            pending_len,
+            pending,
             counters,
             mergeable,
             ..
         } = self;
         with_ring(vring, rx, |rx, call| {
-            receive_frames(tap, rx, &memory, frame, pending_len, *mergeable, counters);
-            rx.signal_used(&memory, call);
+            // The tap is edge-triggered: whatever the end, the next tap event, receive kick or
+            // (after a full pass) the queue's wake-up brings the worker back.
+            let _ = rx.fill(
+                &memory,
+                call,
+                &mut TapSource::new(tap, pending, *mergeable, counters),
+            );
         });
     }
 }
 
-/// Moves frames from the tap into the receive ring until the tap is empty, the guest is out of
-/// buffers (the frame then stays pending) or the pass budget is spent (then the queue's wake-up
-/// eventfd brings the worker back).
-fn receive_frames(
-    tap: &Tap,
-    rx: &mut DeviceQueue,
-    memory: &GuestMemoryMmap,
-    frame: &mut [u8],
-    pending_len: &mut Option<usize>,
-    mergeable: bool,
-    counters: &NetCounters,
-) {
-    let mut frames = 0;
-    loop {
-        if frames == FRAMES_PER_PASS {
-            let _ = rx.kick.write(1);
-            return;
-        }
-        if rx.is_stopped() {
-            return;
-        }
-        let len = match *pending_len {
-            Some(len) => len,
-            None if !rx.has_available(memory) => {
-                if rx.notify_on_more(memory) {
-                    // Counted: a driver rewriting avail.idx must not hold the worker.
-                    frames += 1;
-                    continue;
-                }
-                // Frames left in the tap wait for the receive kick, which resumes reading.
-                return;
-            }
-            None => match read_frame(tap, frame) {
-                Ok(len) if len >= VNET_HDR_LEN => len,
-                Ok(_) => {
-                    counters.rx_errors.fetch_add(1, Ordering::Relaxed);
-                    frames += 1;
-                    continue;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // Retried on the next kick or tap event rather than spinning on it.
-                    if counters.rx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                        warn!("tap {}: read failed: {e}", tap.name());
-                    }
-                    return;
-                }
-            },
-        };
-        match deliver_frame(rx, memory, &mut frame[..len], mergeable, counters) {
-            Delivery::Delivered | Delivery::Dropped => {
-                *pending_len = None;
-                frames += 1;
-            }
-            Delivery::NoBuffers => {
-                *pending_len = Some(len);
-                if rx.notify_on_more(memory) {
-                    frames += 1;
-                    continue;
-                }
-                return;
-            }
-        }
-    }
-}
-
-impl Watched for NetBackend {
+impl Watched for TapBackend {
     fn watched(&self) -> Vec<(RawFd, EventSet, u64)> {
         vec![
             (
@@ -207,7 +137,7 @@ impl Watched for NetBackend {
     }
 }
 
-impl VhostUserBackendMut for NetBackend {
+impl VhostUserBackendMut for TapBackend {
     type Bitmap = ();
     type Vring = Vring;
 
@@ -266,29 +196,26 @@ impl VhostUserBackendMut for NetBackend {
     }
 
     fn stop_vring(&mut self, index: u32) -> io::Result<()> {
-        // GET_VRING_BASE: the ring stops; its next start (driver reload) is a fresh ring.
-        match index {
-            0 => {
-                self.rx.restart();
-                self.pending_len = None;
-                let _ = self.rx.kick.read();
-            }
-            1 => {
-                self.tx.restart();
-                let _ = self.tx.kick.read();
-                // The driver that comes next says again which offloads it takes.
-                if let Err(e) = self.tap.set_offloads(0) {
-                    warn!("tap {}: cannot clear offloads: {e}", self.tap.name());
-                }
-            }
-            _ => {}
-        }
+        // GET_VRING_BASE: the ring stops (a pause, or a driver reset); when it starts again
+        // it is served afresh from the position the frontend gives. A frame waiting for
+        // receive buffers stays for whichever driver posts buffers next.
+        let queue = match index {
+            0 => &mut self.rx,
+            1 => &mut self.tx,
+            _ => return Ok(()),
+        };
+        queue.restart();
+        let _ = queue.kick.read();
         Ok(())
     }
 
     fn reset_device(&mut self) {
         let _ = self.stop_vring(0);
         let _ = self.stop_vring(1);
+        // The driver that comes next says again which offloads it takes.
+        if let Err(e) = self.tap.set_offloads(0) {
+            warn!("tap {}: cannot clear offloads: {e}", self.tap.name());
+        }
     }
 
     fn handle_event(

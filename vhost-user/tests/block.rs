@@ -7,7 +7,7 @@ mod support;
 use std::os::unix::fs::FileExt;
 
 use pvm_vhost::user::{Kind, VhostUserDevice};
-use pvm_virtio::VirtioDevice;
+use pvm_virtio::{Activation, VirtioDevice};
 use support::{Backend, Irqfds, Ring, readable, scratch, shared_memory, writable};
 use virtio_bindings::bindings::virtio_blk::*;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
@@ -130,11 +130,15 @@ fn reads_writes_flushes_and_survives_a_driver_reload() {
     let mem = shared_memory();
     for round in 0..2u8 {
         // Round 1 is a driver reload: reset, fresh rings, DRIVER_OK again.
-        device.ack_features(features);
         let mut ring = Ring::new(&mem, 0x1000 * (1 + u64::from(round)) * 16, 256);
         let irq = Irqfds::new(1);
         device
-            .activate(mem.clone(), irq.clone(), vec![ring.active(0)])
+            .activate(Activation {
+                memory: mem.clone(),
+                interrupt: irq.clone(),
+                queues: vec![ring.active(0)],
+                features,
+            })
             .unwrap();
 
         // Reads of several sizes and layouts, compared with the image.
@@ -236,12 +240,16 @@ fn a_read_only_disk_refuses_writes() {
     let mut device = connect(&socket);
     let features = device.features();
     assert_ne!(features & (1 << VIRTIO_BLK_F_RO), 0);
-    device.ack_features(features);
     let mem = shared_memory();
     let mut ring = Ring::new(&mem, 0x1000, 256);
     let irq = Irqfds::new(1);
     device
-        .activate(mem.clone(), irq.clone(), vec![ring.active(0)])
+        .activate(Activation {
+            memory: mem.clone(),
+            interrupt: irq.clone(),
+            queues: vec![ring.active(0)],
+            features,
+        })
         .unwrap();
     fill_buffers(&mem, &[4096], 9);
     let head = request(&mut ring, &mem, VIRTIO_BLK_T_OUT, 0, &[4096]);
@@ -311,11 +319,15 @@ fn a_broken_ring_is_stopped_until_the_driver_resets() {
     let mut device = connect(&socket);
     let features = device.features();
     let mem = shared_memory();
-    device.ack_features(features);
     let mut ring = Ring::new(&mem, 0x1000, 256);
     let irq = Irqfds::new(1);
     device
-        .activate(mem.clone(), irq.clone(), vec![ring.active(0)])
+        .activate(Activation {
+            memory: mem.clone(),
+            interrupt: irq.clone(),
+            queues: vec![ring.active(0)],
+            features,
+        })
         .unwrap();
     // A driver claiming 1000 buffers on a 256-entry ring: the backend stops the ring rather
     // than reading garbage, and answers nothing, not even later valid requests.
@@ -334,11 +346,15 @@ fn a_broken_ring_is_stopped_until_the_driver_resets() {
     );
     // The driver resets the device and starts again: the backend serves the fresh ring.
     device.reset();
-    device.ack_features(features);
     let mut ring = Ring::new(&mem, 0x2_0000, 256);
     let irq = Irqfds::new(1);
     device
-        .activate(mem.clone(), irq.clone(), vec![ring.active(0)])
+        .activate(Activation {
+            memory: mem.clone(),
+            interrupt: irq.clone(),
+            queues: vec![ring.active(0)],
+            features,
+        })
         .unwrap();
     let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, 0, &[512]);
     assert_eq!(complete(&mut ring, &irq, &mem, head), (513, 0));
@@ -457,4 +473,75 @@ fn the_backend_confines_every_thread_once_connected_and_a_forbidden_call_ends_it
         text.contains("pvm-vhost-user-blk: seccomp: forbidden system call 110"),
         "{text}"
     );
+}
+
+#[test]
+fn a_paused_frontend_stops_the_backend_ring_and_resumes_where_it_stopped() {
+    let dir = scratch("blk-pause");
+    let image = dir.join("disk.img");
+    let expected = image_bytes();
+    std::fs::write(&image, &expected).unwrap();
+    let socket = dir.join("blk.sock");
+    let backend = Backend::start(
+        &[],
+        BLK,
+        &[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--disk",
+            image.to_str().unwrap(),
+        ],
+    );
+    let mut device = connect(&socket);
+    let features = device.features();
+    let mem = shared_memory();
+    let mut ring = Ring::new(&mem, 0x1000, 256);
+    let irq = Irqfds::new(1);
+    device
+        .activate(Activation {
+            memory: mem.clone(),
+            interrupt: irq.clone(),
+            queues: vec![ring.active(0)],
+            features,
+        })
+        .unwrap();
+    let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, 0, &[512]);
+    assert_eq!(complete(&mut ring, &irq, &mem, head), (513, 0));
+
+    // Paused: the backend gave the ring back at the position after the one request, and a
+    // request made now is not served, kick or not.
+    device.pause().unwrap();
+    device.pause().unwrap();
+    assert_eq!(device.ring_bases(), vec![(0, 1)]);
+    let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, 8, &[1024]);
+    ring.kick();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(ring.take_used().is_empty(), "a paused ring was served");
+
+    // Resumed from there: the kick that waited brings the request in, served once, with the
+    // right sectors.
+    device.resume().unwrap();
+    irq.wait(0);
+    assert_eq!(ring.take_used(), vec![(head, 1025)]);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+    assert!(buffers(&mem, &[1024]) == expected[8 * 512..8 * 512 + 1024]);
+    assert!(ring.take_used().is_empty());
+
+    // A reset while paused, then a fresh activation, still works.
+    device.pause().unwrap();
+    device.reset();
+    let mut ring = Ring::new(&mem, 0x2_0000, 256);
+    let irq = Irqfds::new(1);
+    device
+        .activate(Activation {
+            memory: mem.clone(),
+            interrupt: irq.clone(),
+            queues: vec![ring.active(0)],
+            features,
+        })
+        .unwrap();
+    let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, 0, &[512]);
+    assert_eq!(complete(&mut ring, &irq, &mem, head), (513, 0));
+    drop(device);
+    assert_eq!(backend.wait(), 0);
 }

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pvm_vhost::user::{Kind, VhostUserDevice};
-use pvm_virtio::VirtioDevice;
+use pvm_virtio::{Activation, VirtioDevice};
 use support::{Backend, Irqfds, Ring, readable, scratch, shared_memory, writable};
 use virtio_bindings::bindings::virtio_net::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -246,7 +246,6 @@ fn frames_go_both_ways_through_a_tap_in_a_network_namespace() {
     let mem = shared_memory();
     for round in 0..2u64 {
         // Round 1 follows a driver reload.
-        device.ack_features(features);
         let base = 0x1_0000 * (1 + round);
         let mut rx = Receiver {
             ring: Ring::new(&mem, base, 256),
@@ -255,11 +254,12 @@ fn frames_go_both_ways_through_a_tap_in_a_network_namespace() {
         let mut tx = Ring::new(&mem, base + 0x8000, 256);
         let irq = Irqfds::new(2);
         device
-            .activate(
-                mem.clone(),
-                irq.clone(),
-                vec![rx.ring.active(0), tx.active(1)],
-            )
+            .activate(Activation {
+                memory: mem.clone(),
+                interrupt: irq.clone(),
+                queues: vec![rx.ring.active(0), tx.active(1)],
+                features,
+            })
             .unwrap();
         rx.post(32);
 

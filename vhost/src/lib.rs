@@ -6,4 +6,5 @@
 
 pub mod net;
 mod relay;
+mod rings;
 pub mod user;

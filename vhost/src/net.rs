@@ -1,24 +1,24 @@
 //! Kernel vhost-net as the data plane of pvm's virtio-net device: the kernel moves frames
 //! between the guest's rings and the tap; pvm only sets the rings up. Kicks are the queues'
 //! ioeventfds; calls are the MSI-X irqfds on virtio-pci, or, on virtio-mmio (whose interrupt
-//! status the kernel cannot set), eventfds that a relay thread turns into interrupts.
+//! status the kernel cannot set), eventfds that a relay thread turns into interrupts. A pause
+//! detaches the tap from every ring (the kernel's worker stops with it) and takes the rings'
+//! positions back; the resume programs them from there and attaches the tap again.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use pvm_virtio::data_plane::DataPlane;
+use pvm_virtio::data_plane::{DataPlane, DataPlaneError};
 use pvm_virtio::thread::DeviceThread;
-use pvm_virtio::{ActivateError, ActiveQueue, Interrupt};
-
-use crate::relay::Relay;
+use pvm_virtio::{ActiveQueue, Interrupt};
+use vhost::VhostBackend;
 use vhost::net::VhostNet as _;
 use vhost::vhost_kern::net::Net as KernelNet;
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
-use virtio_queue::QueueT;
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::GuestMemoryMmap;
+
+use crate::rings::{RingAddresses, Rings, memory_table};
 
 /// Where the kernel's vhost-net device lives.
 pub const VHOST_NET_PATH: &str = "/dev/vhost-net";
@@ -38,7 +38,7 @@ pub fn available() -> bool {
         .is_ok()
 }
 
-/// The kernel vhost-net data plane for one tap.
+/// The kernel vhost-net data plane for one tap (one queue pair).
 ///
 /// Everything it needs is made when the VM is built, before the guest runs: the vhost-net
 /// instance (kept for the VM's life: a driver reset hands it back with VHOST_RESET_OWNER rather
@@ -54,11 +54,13 @@ pub struct VhostNetPlane {
     enabled: bool,
 }
 
-/// One activation: how many queues vhost serves and the call relay, if any.
+/// One activation: the rings vhost serves, and whether they are paused.
 struct Running {
-    queues: usize,
-    relay: Option<Relay>,
+    rings: Rings,
+    paused: bool,
 }
+
+const PLANE: &str = "vhost-net";
 
 impl std::fmt::Debug for VhostNetPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -66,6 +68,7 @@ impl std::fmt::Debug for VhostNetPlane {
             .field("tap", &self.tap.as_raw_fd())
             .field("features", &format_args!("{:#x}", self.features))
             .field("running", &self.running.is_some())
+            .field("paused", &self.running.as_ref().is_some_and(|r| r.paused))
             .field("enabled", &self.enabled)
             .finish()
     }
@@ -77,7 +80,7 @@ impl VhostNetPlane {
     pub fn new(tap: File, memory: &GuestMemoryMmap) -> Result<Self, Error> {
         let net = KernelNet::new(Arc::new(memory.clone())).map_err(|e| match e {
             vhost::Error::VhostOpen(e) => Error::Open(e),
-            other => Error::Open(std::io::Error::other(other.to_string())),
+            other => Error::Open(std::io::Error::other(other)),
         })?;
         // Owner-less instances answer VHOST_GET_FEATURES.
         let features = kernel_features(&net).map_err(Error::Open)?;
@@ -89,6 +92,14 @@ impl VhostNetPlane {
             running: None,
             enabled: true,
         })
+    }
+
+    /// Each ring's device queue index and position as the last pause took it back (the
+    /// driver's at activation before any pause).
+    pub fn ring_bases(&self) -> Vec<(u16, u16)> {
+        self.running
+            .as_ref()
+            .map_or_else(Vec::new, |r| r.rings.bases())
     }
 }
 
@@ -105,8 +116,8 @@ fn kernel_features(fd: &impl AsRawFd) -> std::io::Result<u64> {
     Ok(features)
 }
 
-fn backend_err(what: &'static str) -> impl Fn(vhost::Error) -> ActivateError {
-    move |e| ActivateError::Backend(format!("vhost-net {what}: {e}"))
+fn refused(request: &'static str) -> impl Fn(vhost::Error) -> DataPlaneError {
+    move |e| DataPlaneError::request(PLANE, request, e)
 }
 
 impl DataPlane for VhostNetPlane {
@@ -120,17 +131,22 @@ impl DataPlane for VhostNetPlane {
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<ActiveQueue>,
         features: u64,
-    ) -> Result<(), ActivateError> {
+    ) -> Result<(), DataPlaneError> {
         if self.running.is_some() {
-            return Err(ActivateError::AlreadyActive);
+            return Err(DataPlaneError::AlreadyStarted(PLANE));
         }
-        self.net.set_owner().map_err(backend_err("SET_OWNER"))?;
-        let count = queues.len();
-        match self.program(memory, interrupt, queues, features) {
-            Ok(relay) => {
+        self.net.set_owner().map_err(refused("SET_OWNER"))?;
+        let mut started = Vec::new();
+        match self.program(memory, interrupt, queues, features, &mut started) {
+            Ok(rings) => {
+                log::info!(
+                    "vhost-net serves {} queues ({} relayed)",
+                    started.len(),
+                    rings.relayed()
+                );
                 self.running = Some(Running {
-                    queues: count,
-                    relay,
+                    rings,
+                    paused: false,
                 });
                 Ok(())
             }
@@ -139,49 +155,85 @@ impl DataPlane for VhostNetPlane {
                 // the driver is about to reset, and the owner would refuse the next SET_OWNER.
                 // (The vhost crate refuses rings the transport accepted, e.g. one ending at the
                 // top of a RAM region, so a guest can take this path.)
-                self.release(count);
+                self.release(&started);
                 Err(e)
             }
         }
     }
 
     fn stop(&mut self) {
-        if let Some(running) = self.running.take() {
-            if let Some(relay) = running.relay {
-                relay.stop(&mut self.relay_thread);
-            }
-            self.release(running.queues);
+        if let Some(mut running) = self.running.take() {
+            running.rings.stop_relay(&mut self.relay_thread);
+            let vrings: Vec<usize> = running.rings.vrings().collect();
+            self.release(&vrings);
         }
+    }
+
+    fn pause(&mut self) -> Result<(), DataPlaneError> {
+        let Some(running) = self.running.as_mut().filter(|r| !r.paused) else {
+            return Ok(());
+        };
+        // Detaching the tap stops the kernel's work on the ring (and waits for it); only then
+        // is the position final.
+        for vring in running.rings.vrings() {
+            self.net
+                .set_backend(vring, None)
+                .map_err(refused("SET_BACKEND"))?;
+        }
+        running.rings.take_bases(&self.net)?;
+        running.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), DataPlaneError> {
+        let Some(running) = self.running.as_mut().filter(|r| r.paused) else {
+            return Ok(());
+        };
+        running.rings.program(&self.net, &mut Vec::new())?;
+        if self.enabled {
+            attach(&self.net, &running.rings, Some(&self.tap))?;
+        }
+        running.paused = false;
+        Ok(())
     }
 
     fn name(&self) -> &'static str {
-        "vhost-net"
+        PLANE
     }
 
-    fn set_enabled(&mut self, enabled: bool) -> Result<(), ActivateError> {
-        if let Some(running) = &self.running {
+    fn set_enabled(&mut self, enabled: bool) -> Result<(), DataPlaneError> {
+        if let Some(running) = self.running.as_ref().filter(|r| !r.paused) {
             if enabled != self.enabled {
                 // Detaching keeps the rings, kicks and calls programmed, and the kernel keeps
                 // its ring position; attaching resumes from there.
-                let tap = enabled.then_some(&self.tap);
-                for index in 0..running.queues {
-                    self.net
-                        .set_backend(index, tap)
-                        .map_err(backend_err("SET_BACKEND"))?;
-                }
+                attach(&self.net, &running.rings, enabled.then_some(&self.tap))?;
             }
         }
+        // While paused, the resume attaches the tap as this says.
         self.enabled = enabled;
         Ok(())
     }
 }
 
+/// Attaches `tap` to every ring (None detaches it).
+fn attach(
+    net: &KernelNet<Arc<GuestMemoryMmap>>,
+    rings: &Rings,
+    tap: Option<&File>,
+) -> Result<(), DataPlaneError> {
+    for vring in rings.vrings() {
+        net.set_backend(vring, tap)
+            .map_err(refused("SET_BACKEND"))?;
+    }
+    Ok(())
+}
+
 impl VhostNetPlane {
-    /// Detaches the tap from the first `queues` queues and hands the instance back: it stops the
-    /// kernel's worker and forgets the rings, memory table and owner, so the next activation
-    /// starts from a clean instance.
-    fn release(&mut self, queues: usize) {
-        for index in 0..queues {
+    /// Detaches the tap from `vrings` and hands the instance back: it stops the kernel's
+    /// worker and forgets the rings, memory table and owner, so the next activation starts
+    /// from a clean instance.
+    fn release(&mut self, vrings: &[usize]) {
+        for &index in vrings {
             if let Err(e) = self.net.set_backend(index, None) {
                 log::debug!("vhost-net: detaching queue {index}: {e}");
             }
@@ -191,15 +243,15 @@ impl VhostNetPlane {
         }
     }
 
-    /// Programs an owned instance for `queues`; returns the call relay (virtio-mmio) if any.
+    /// Programs an owned instance for `queues` and attaches the tap if the pair is on.
     fn program(
         &mut self,
         memory: &GuestMemoryMmap,
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<ActiveQueue>,
         features: u64,
-    ) -> Result<Option<Relay>, ActivateError> {
-        let net = &self.net;
+        started: &mut Vec<usize>,
+    ) -> Result<Rings, DataPlaneError> {
         // vhost takes the transport/ring features and the header-shaping MRG_RXBUF; the tap
         // handles the header and offloads. ACCESS_PLATFORM is never passed: it would make vhost
         // translate addresses through an IOTLB pvm does not run.
@@ -208,76 +260,35 @@ impl VhostNetPlane {
             "vhost-net: negotiated {features:#x}, vhost offers {:#x}, set {vhost_features:#x}",
             self.features
         );
-        net.set_features(vhost_features)
-            .map_err(backend_err("SET_FEATURES"))?;
-        let regions: Vec<VhostUserMemoryRegionInfo> = memory
-            .iter()
-            .map(|region| VhostUserMemoryRegionInfo {
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-                mmap_offset: 0,
-                mmap_handle: -1,
-            })
-            .collect();
-        net.set_mem_table(&regions)
-            .map_err(backend_err("SET_MEM_TABLE"))?;
-        let mut relayed = Vec::new();
-        let count = queues.len();
+        self.net
+            .set_features(vhost_features)
+            .map_err(refused("SET_FEATURES"))?;
+        self.net
+            .set_mem_table(&memory_table(PLANE, memory, false)?)
+            .map_err(refused("SET_MEM_TABLE"))?;
         // vhost-net's vrings are 0 (receive) and 1 (transmit) whichever queue pair of the
         // device they serve: the queues come in index order, rx first.
-        for (index, active) in queues.iter().enumerate() {
-            let queue = &active.queue;
-            net.set_vring_num(index, queue.size())
-                .map_err(backend_err("SET_VRING_NUM"))?;
-            let config = VringConfigData {
-                queue_max_size: queue.max_size(),
-                queue_size: queue.size(),
-                flags: 0,
-                desc_table_addr: queue.desc_table(),
-                used_ring_addr: queue.used_ring(),
-                avail_ring_addr: queue.avail_ring(),
-                log_addr: None,
-            };
-            net.set_vring_addr(index, &config)
-                .map_err(backend_err("SET_VRING_ADDR"))?;
-            net.set_vring_base(index, queue.next_avail())
-                .map_err(backend_err("SET_VRING_BASE"))?;
-            net.set_vring_kick(index, &active.kick)
-                .map_err(backend_err("SET_VRING_KICK"))?;
-            let call = match interrupt.queue_irqfd(active.index) {
-                Some(irqfd) => irqfd,
-                None => {
-                    let call = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-                    relayed.push((
-                        active.index,
-                        call.try_clone().map_err(ActivateError::Worker)?,
-                    ));
-                    call
-                }
-            };
-            net.set_vring_call(index, &call)
-                .map_err(backend_err("SET_VRING_CALL"))?;
-            if self.enabled {
-                net.set_backend(index, Some(&self.tap))
-                    .map_err(backend_err("SET_BACKEND"))?;
-            }
+        let queues = queues.into_iter().enumerate().collect();
+        let rings = Rings::new(
+            PLANE,
+            memory,
+            queues,
+            RingAddresses::Guest,
+            interrupt,
+            &mut self.relay_thread,
+        )?;
+        let programmed = rings
+            .program(&self.net, started)
+            .and_then(|()| match self.enabled {
+                true => attach(&self.net, &rings, Some(&self.tap)),
+                false => Ok(()),
+            });
+        if let Err(e) = programmed {
+            let mut rings = rings;
+            rings.stop_relay(&mut self.relay_thread);
+            return Err(e);
         }
-        let relay = if relayed.is_empty() {
-            None
-        } else {
-            Some(Relay::start(
-                &mut self.relay_thread,
-                "vhost-net",
-                relayed,
-                interrupt,
-            )?)
-        };
-        log::info!(
-            "vhost-net serves {count} queues ({} relayed)",
-            relay.as_ref().map_or(0, Relay::queues)
-        );
-        Ok(relay)
+        Ok(rings)
     }
 }
 

@@ -7,8 +7,9 @@
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use pvm_virtio::Interrupt;
+use pvm_virtio::data_plane::DataPlaneError;
 use pvm_virtio::thread::DeviceThread;
-use pvm_virtio::{ActivateError, Interrupt};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -25,9 +26,16 @@ impl Relay {
         label: &'static str,
         calls: Vec<(u16, EventFd)>,
         interrupt: Arc<dyn Interrupt>,
-    ) -> Result<Relay, ActivateError> {
-        let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let epoll = Epoll::new().map_err(ActivateError::Worker)?;
+    ) -> Result<Relay, DataPlaneError> {
+        let host = |what| {
+            move |source| DataPlaneError::Host {
+                plane: label,
+                what,
+                source,
+            }
+        };
+        let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(host("relay's kill eventfd"))?;
+        let epoll = Epoll::new().map_err(host("relay's epoll"))?;
         let kill_token = calls.len() as u64;
         epoll
             .ctl(
@@ -35,7 +43,7 @@ impl Relay {
                 kill.as_raw_fd(),
                 EpollEvent::new(EventSet::IN, kill_token),
             )
-            .map_err(ActivateError::Worker)?;
+            .map_err(host("relay's epoll"))?;
         for (slot, (_, call)) in calls.iter().enumerate() {
             epoll
                 .ctl(
@@ -43,10 +51,10 @@ impl Relay {
                     call.as_raw_fd(),
                     EpollEvent::new(EventSet::IN, slot as u64),
                 )
-                .map_err(ActivateError::Worker)?;
+                .map_err(host("relay's epoll"))?;
         }
         let queues = calls.len();
-        let thread_kill = kill.try_clone().map_err(ActivateError::Worker)?;
+        let thread_kill = kill.try_clone().map_err(host("relay's kill eventfd"))?;
         thread
             .run(move || {
                 let _keep_kill_open = thread_kill;
@@ -74,7 +82,10 @@ impl Relay {
                     }
                 }
             })
-            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+            .map_err(|source| DataPlaneError::Thread {
+                plane: label,
+                source,
+            })?;
         Ok(Relay { kill, queues })
     }
 

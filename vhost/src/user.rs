@@ -18,13 +18,16 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use pvm_virtio::data_plane::DataPlaneError;
 use pvm_virtio::thread::DeviceThread;
-use pvm_virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice, read_config_bytes};
+use pvm_virtio::{
+    ActivateError, Activation, ActiveQueue, Interrupt, PauseError, VirtioDevice, read_config_bytes,
+};
+use vhost::VhostBackend;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::*;
@@ -32,11 +35,9 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
-use virtio_queue::QueueT;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::GuestMemoryMmap;
 
-use crate::relay::Relay;
+use crate::rings::{RingAddresses, Rings, memory_table};
 
 /// Descriptors per queue pvm offers the driver (the backend must accept it in SET_VRING_NUM).
 pub const QUEUE_SIZE: u16 = 256;
@@ -146,8 +147,10 @@ fn protocol(what: &'static str) -> impl Fn(vhost::Error) -> Error {
     move |source| Error::Protocol { what, source }
 }
 
-fn activate_err(what: &'static str) -> impl Fn(vhost::Error) -> ActivateError {
-    move |e| ActivateError::Backend(format!("vhost-user {what}: {e}"))
+const PLANE: &str = "vhost-user";
+
+fn refused(request: &'static str) -> impl Fn(vhost::Error) -> DataPlaneError {
+    move |e| DataPlaneError::request(PLANE, request, e)
 }
 
 /// A virtio device served by a vhost-user backend.
@@ -159,17 +162,17 @@ pub struct VhostUserDevice {
     /// are enabled with SET_VRING_ENABLE).
     protocol_features: bool,
     offered_features: u64,
-    acked_features: u64,
     config: Vec<u8>,
     queue_sizes: Vec<u16>,
     relay_thread: DeviceThread,
     running: Option<Running>,
 }
 
-/// One activation: the rings the backend serves and the call relay, if any.
+/// One activation: the rings the backend serves (with the call relay, if any), and whether
+/// they are paused.
 struct Running {
-    queues: Vec<usize>,
-    relay: Option<Relay>,
+    rings: Rings,
+    paused: bool,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -182,6 +185,7 @@ impl std::fmt::Debug for VhostUserDevice {
                 &format_args!("{:#x}", self.offered_features),
             )
             .field("running", &self.running.is_some())
+            .field("paused", &self.running.as_ref().is_some_and(|r| r.paused))
             .finish()
     }
 }
@@ -247,7 +251,6 @@ impl VhostUserDevice {
             frontend,
             protocol_features,
             offered_features,
-            acked_features: 0,
             config,
             queue_sizes: vec![QUEUE_SIZE; kind.queues()],
             relay_thread: DeviceThread::spawn(format!("vhost-user-relay{index}")),
@@ -268,91 +271,77 @@ impl VhostUserDevice {
         (self.kind == Kind::Block).then(|| u64::from_le_bytes(bytes.try_into().unwrap_or([0; 8])))
     }
 
-    /// Programs the backend for `queues`; returns the call relay (virtio-mmio) if any.
+    /// Each ring's device queue index and position as the last pause took it back (the
+    /// driver's at activation before any pause).
+    pub fn ring_bases(&self) -> Vec<(u16, u16)> {
+        self.running
+            .as_ref()
+            .map_or_else(Vec::new, |r| r.rings.bases())
+    }
+
+    /// Programs the backend for `queues` with the negotiated `features` and starts the rings;
+    /// `started` gets every ring the backend was told of.
     fn program(
         &mut self,
         memory: &GuestMemoryMmap,
         interrupt: Arc<dyn Interrupt>,
-        queues: &[ActiveQueue],
+        queues: Vec<ActiveQueue>,
+        features: u64,
         started: &mut Vec<usize>,
-    ) -> Result<Option<Relay>, ActivateError> {
-        let mut features = self.acked_features;
+    ) -> Result<Rings, DataPlaneError> {
+        let mut features = features;
         if self.protocol_features {
             features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         }
         self.frontend
             .set_features(features)
-            .map_err(activate_err("SET_FEATURES"))?;
+            .map_err(refused("SET_FEATURES"))?;
         self.frontend
-            .set_mem_table(&memory_regions(memory)?)
-            .map_err(activate_err("SET_MEM_TABLE"))?;
-        let mut relayed = Vec::new();
-        for active in queues {
-            let index = usize::from(active.index);
-            let queue = &active.queue;
-            let size = queue.size();
-            self.frontend
-                .set_vring_num(index, size)
-                .map_err(activate_err("SET_VRING_NUM"))?;
-            let ring = |addr: u64, len: u64| host_address(memory, addr, len);
-            let config = VringConfigData {
-                queue_max_size: queue.max_size(),
-                queue_size: size,
-                flags: 0,
-                desc_table_addr: ring(queue.desc_table(), 16 * u64::from(size))?,
-                used_ring_addr: ring(queue.used_ring(), 6 + 8 * u64::from(size))?,
-                avail_ring_addr: ring(queue.avail_ring(), 6 + 2 * u64::from(size))?,
-                log_addr: None,
-            };
-            self.frontend
-                .set_vring_addr(index, &config)
-                .map_err(activate_err("SET_VRING_ADDR"))?;
-            self.frontend
-                .set_vring_base(index, queue.next_avail())
-                .map_err(activate_err("SET_VRING_BASE"))?;
-            started.push(index);
-            // The call before the kick: once it has a kick the backend may use the ring, and a
-            // call it made without a call fd would be lost.
-            let call = match interrupt.queue_irqfd(active.index) {
-                Some(irqfd) => irqfd,
-                None => {
-                    let call = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-                    relayed.push((
-                        active.index,
-                        call.try_clone().map_err(ActivateError::Worker)?,
-                    ));
-                    call
-                }
-            };
-            self.frontend
-                .set_vring_call(index, &call)
-                .map_err(activate_err("SET_VRING_CALL"))?;
-            self.frontend
-                .set_vring_kick(index, &active.kick)
-                .map_err(activate_err("SET_VRING_KICK"))?;
-            if self.protocol_features {
+            .set_mem_table(&memory_table(PLANE, memory, true)?)
+            .map_err(refused("SET_MEM_TABLE"))?;
+        let queues = queues
+            .into_iter()
+            .map(|active| (usize::from(active.index), active))
+            .collect();
+        let mut rings = Rings::new(
+            PLANE,
+            memory,
+            queues,
+            RingAddresses::Host,
+            interrupt,
+            &mut self.relay_thread,
+        )?;
+        if let Err(e) = self.start_rings(&rings, started) {
+            rings.stop_relay(&mut self.relay_thread);
+            return Err(e);
+        }
+        Ok(rings)
+    }
+
+    /// Programs `rings` from their bases and enables them.
+    fn start_rings(
+        &mut self,
+        rings: &Rings,
+        started: &mut Vec<usize>,
+    ) -> Result<(), DataPlaneError> {
+        rings.program(&self.frontend, started)?;
+        if self.protocol_features {
+            for vring in rings.vrings() {
                 self.frontend
-                    .set_vring_enable(index, true)
-                    .map_err(activate_err("SET_VRING_ENABLE"))?;
+                    .set_vring_enable(vring, true)
+                    .map_err(refused("SET_VRING_ENABLE"))?;
             }
         }
-        if relayed.is_empty() {
-            return Ok(None);
-        }
-        Relay::start(&mut self.relay_thread, "vhost-user", relayed, interrupt).map(Some)
+        Ok(())
     }
 
     /// Stops the backend's rings: disabled first (with protocol features), then
-    /// GET_VRING_BASE, after which the backend must not touch them.
-    fn stop_rings(&mut self, queues: &[usize]) {
-        for &index in queues {
-            if self.protocol_features {
-                if let Err(e) = self.frontend.set_vring_enable(index, false) {
-                    log::debug!(
-                        "vhost-user {}: disabling ring {index}: {e}",
-                        self.socket.display()
-                    );
-                }
+    /// GET_VRING_BASE, after which the backend must not touch them. Errors are logged: a
+    /// reset must go on.
+    fn stop_rings(&mut self, vrings: &[usize]) {
+        for &index in vrings {
+            if let Err(e) = self.disable_ring(index) {
+                log::debug!("vhost-user {}: {e}", self.socket.display());
             }
             if let Err(e) = self.frontend.get_vring_base(index) {
                 log::warn!(
@@ -362,52 +351,23 @@ impl VhostUserDevice {
             }
         }
     }
-}
 
-/// The guest memory table for SET_MEM_TABLE: every region must be a shared file mapping.
-fn memory_regions(
-    memory: &GuestMemoryMmap,
-) -> Result<Vec<VhostUserMemoryRegionInfo>, ActivateError> {
-    memory
-        .iter()
-        .map(|region| {
-            let file = region.file_offset().ok_or_else(|| {
-                ActivateError::Backend(format!(
-                    "vhost-user: guest memory at {:#x} is not shareable (no file descriptor)",
-                    region.start_addr().raw_value()
-                ))
-            })?;
-            Ok(VhostUserMemoryRegionInfo {
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-                mmap_offset: file.start(),
-                mmap_handle: file.file().as_raw_fd(),
-            })
-        })
-        .collect()
-}
-
-/// pvm's address of the `len` guest bytes at `addr`, which must lie in one region: vhost-user
-/// names rings by the frontend's addresses.
-fn host_address(memory: &GuestMemoryMmap, addr: u64, len: u64) -> Result<u64, ActivateError> {
-    let bad = || {
-        ActivateError::Backend(format!(
-            "vhost-user: ring at {addr:#x}+{len} is not in one RAM region"
-        ))
-    };
-    let len = usize::try_from(len).map_err(|_| bad())?;
-    let slice =
-        GuestMemoryBackend::get_slice(memory, GuestAddress(addr), len).map_err(|_| bad())?;
-    Ok(slice.ptr_guard().as_ptr() as u64)
+    fn disable_ring(&mut self, index: usize) -> Result<(), DataPlaneError> {
+        if self.protocol_features {
+            self.frontend
+                .set_vring_enable(index, false)
+                .map_err(refused("SET_VRING_ENABLE"))?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for VhostUserDevice {
     fn drop(&mut self) {
         // The relay's job must end before its thread can; the backend learns that the VM is
         // gone when the socket closes (no messages here: the VM may be ending on any thread).
-        if let Some(relay) = self.running.take().and_then(|r| r.relay) {
-            relay.stop(&mut self.relay_thread);
+        if let Some(mut running) = self.running.take() {
+            running.rings.stop_relay(&mut self.relay_thread);
         }
     }
 }
@@ -425,10 +385,6 @@ impl VirtioDevice for VhostUserDevice {
         self.offered_features
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.offered_features;
-    }
-
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
     }
@@ -438,33 +394,34 @@ impl VirtioDevice for VhostUserDevice {
         // asks.
     }
 
-    fn activate(
-        &mut self,
-        memory: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         if self.running.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        if queues.len() != self.queue_sizes.len() {
+        let Activation {
+            memory,
+            interrupt,
+            queues,
+            features,
+        } = activation;
+        let count = queues.len();
+        if count != self.queue_sizes.len() {
             return Err(ActivateError::QueueCount {
-                got: queues.len(),
+                got: count,
                 want: self.queue_sizes.len(),
             });
         }
         let mut started = Vec::new();
-        match self.program(&memory, interrupt, &queues, &mut started) {
-            Ok(relay) => {
+        match self.program(&memory, interrupt, queues, features, &mut started) {
+            Ok(rings) => {
                 log::info!(
-                    "vhost-user {}: serving {} queues ({} relayed)",
+                    "vhost-user {}: serving {count} queues ({} relayed)",
                     self.socket.display(),
-                    queues.len(),
-                    relay.as_ref().map_or(0, Relay::queues)
+                    rings.relayed()
                 );
                 self.running = Some(Running {
-                    queues: started,
-                    relay,
+                    rings,
+                    paused: false,
                 });
                 Ok(())
             }
@@ -472,18 +429,52 @@ impl VirtioDevice for VhostUserDevice {
                 // Rings already handed over must not keep being served while the driver
                 // resets them.
                 self.stop_rings(&started);
-                Err(e)
+                Err(e.into())
             }
         }
     }
 
     fn reset(&mut self) {
-        if let Some(running) = self.running.take() {
-            self.stop_rings(&running.queues);
-            if let Some(relay) = running.relay {
-                relay.stop(&mut self.relay_thread);
+        if let Some(mut running) = self.running.take() {
+            let vrings: Vec<usize> = running.rings.vrings().collect();
+            // Paused rings are stopped already; GET_VRING_BASE again would find no ring.
+            if !running.paused {
+                self.stop_rings(&vrings);
             }
+            running.rings.stop_relay(&mut self.relay_thread);
         }
-        self.acked_features = 0;
+    }
+
+    fn pause(&mut self) -> Result<(), PauseError> {
+        let Some(mut running) = self.running.take() else {
+            return Ok(());
+        };
+        let result = if running.paused {
+            Ok(())
+        } else {
+            let vrings: Vec<usize> = running.rings.vrings().collect();
+            vrings
+                .iter()
+                .try_for_each(|&vring| self.disable_ring(vring))
+                // GET_VRING_BASE stops each ring and tells where the backend stopped.
+                .and_then(|()| running.rings.take_bases(&self.frontend))
+                .map(|()| running.paused = true)
+        };
+        self.running = Some(running);
+        Ok(result?)
+    }
+
+    fn resume(&mut self) -> Result<(), PauseError> {
+        let Some(mut running) = self.running.take() else {
+            return Ok(());
+        };
+        let result = if running.paused {
+            self.start_rings(&running.rings, &mut Vec::new())
+                .map(|()| running.paused = false)
+        } else {
+            Ok(())
+        };
+        self.running = Some(running);
+        Ok(result?)
     }
 }

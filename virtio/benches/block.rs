@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use criterion::Throughput;
 use pvm_virtio::block::QUEUE_SIZE;
-use pvm_virtio::{Block, VirtioDevice};
+use pvm_virtio::{Activation, Block, VirtioDevice};
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -108,12 +108,17 @@ fn main() {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_BYTES)]).expect("guest memory");
     let mut block = Block::new(&path, false, None).expect("open the image as a virtio-blk disk");
     // Everything offered, as Linux accepts it (EVENT_IDX included).
-    block.ack_features(block.features());
+    let features = block.features();
     let interrupt = EventInterrupt::new(1);
     let mut worker_driver = Driver::new(&mem, GuestAddress(WORKER_RING), QUEUE_SIZE);
     let (active, kick) = worker_driver.active_queue(0);
     block
-        .activate(mem.clone(), interrupt.clone(), vec![active])
+        .activate(Activation {
+            memory: mem.clone(),
+            interrupt: interrupt.clone(),
+            queues: vec![active],
+            features,
+        })
         .expect("activate the block device");
     let mut sync_driver = Driver::new(&mem, GuestAddress(SYNC_RING), QUEUE_SIZE);
     let mut sync_queue = sync_driver.queue();

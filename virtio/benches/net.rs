@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use criterion::Throughput;
 use pvm_virtio::net::{QUEUE_SIZE, VNET_HDR_LEN};
-use pvm_virtio::{Net, NetBackend, Tap, VirtioDevice};
+use pvm_virtio::{Activation, Net, NetBackend, Tap, VirtioDevice};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -196,9 +196,9 @@ fn main() {
 
     let mem =
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_BYTES)]).expect("guest memory");
-    let mut net = Net::new(Arc::new(tap), Some(SRC_MAC));
+    let mut net = Net::new(Arc::new(tap), Some(SRC_MAC)).expect("the net device");
     // Everything offered, as Linux accepts it (EVENT_IDX, HOST_TSO4, MRG_RXBUF included).
-    net.ack_features(net.features());
+    let features = net.features();
     let counters = net.counters();
     let interrupt = EventInterrupt::new(2);
     // The receive queue gets no buffers: nothing is received here.
@@ -206,8 +206,13 @@ fn main() {
     let mut tx_driver = Driver::new(&mem, GuestAddress(TX_RING), QUEUE_SIZE);
     let (rx_active, _rx_kick) = rx_driver.active_queue(0);
     let (tx_active, tx_kick) = tx_driver.active_queue(TX_QUEUE);
-    net.activate(mem.clone(), interrupt.clone(), vec![rx_active, tx_active])
-        .expect("activate the net device");
+    net.activate(Activation {
+        memory: mem.clone(),
+        interrupt: interrupt.clone(),
+        queues: vec![rx_active, tx_active],
+        features,
+    })
+    .expect("activate the net device");
     let mut sync_driver = Driver::new(&mem, GuestAddress(SYNC_RING), QUEUE_SIZE);
     let mut sync_queue = sync_driver.queue();
 

@@ -21,10 +21,10 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::chain::{Chain, split_chain};
-use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::device::{ActivateError, Activation, Interrupt, PauseError, VirtioDevice};
 use crate::worker::{
-    CHAINS_PER_PASS, DeviceQueue, EventHandler, EventLoop, WorkerSlot, device_queues, feature,
-    read_config_bytes,
+    DeviceQueue, EventHandler, EventLoop, FillEnd, FillSource, FillStep, WorkerSlot, device_queues,
+    feature, read_config_bytes,
 };
 
 pub const QUEUE_SIZE: u16 = 64;
@@ -98,15 +98,13 @@ type SharedOutput = Arc<Mutex<Box<dyn Write + Send>>>;
 pub struct Console {
     output: SharedOutput,
     input: ConsoleInput,
-    acked_features: u64,
-    worker: WorkerSlot,
+    worker: WorkerSlot<ConsoleWorker>,
 }
 
 impl fmt::Debug for Console {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Console")
             .field("input", &self.input)
-            .field("acked_features", &self.acked_features)
             .field("worker", &self.worker)
             .finish_non_exhaustive()
     }
@@ -125,7 +123,6 @@ impl Console {
                     ready,
                 }),
             },
-            acked_features: 0,
             worker: WorkerSlot::new(format!("virtio-con{index}")),
         })
     }
@@ -172,58 +169,49 @@ pub(crate) fn transmit(
     output.flush()
 }
 
-/// Moves pending host input into receiveq buffers until either runs out. Bytes that do not fit
-/// stay pending; when the guest has no buffers, notifications are enabled so its next buffer
-/// brings a kick.
-pub(crate) fn deliver_input(
-    rx: &mut DeviceQueue,
-    mem: &GuestMemoryMmap,
-    interrupt: &dyn Interrupt,
-    pending: &Mutex<VecDeque<u8>>,
-) {
-    let mut pending = lock(pending);
-    // Bounds the retries after enable_notification found more: a driver rewriting avail.idx
-    // could otherwise keep the worker here. Input left over waits for the next kick.
-    let mut retries = 0;
-    let mut served = 0;
-    while !pending.is_empty() {
-        if served == CHAINS_PER_PASS {
-            // Chains that take no bytes (no writable buffer) could otherwise hold the worker
-            // here for as long as the guest publishes them; come back through epoll.
-            let _ = rx.kick.write(1);
-            break;
+/// Host input waiting for the guest, as a source for the receive queue's fill loop: each
+/// receive chain takes as many pending bytes as fit.
+struct PendingInput<'a>(MutexGuard<'a, VecDeque<u8>>);
+
+impl FillSource for PendingInput<'_> {
+    fn fill_one(&mut self, rx: &mut DeviceQueue, mem: &GuestMemoryMmap) -> FillStep {
+        if self.0.is_empty() {
+            return FillStep::SourceEmpty;
         }
         let Some(chain) = rx.pop(mem) else {
-            retries += 1;
-            if retries <= 16 && rx.enable_notification(mem) {
-                continue;
-            }
-            break;
+            return FillStep::NoBuffers;
         };
         let head = chain.head_index();
         let written = match split_chain(chain) {
-            Ok(buffers) => {
-                let bytes = pending.make_contiguous();
-                match buffers.writable.write_from(mem, bytes) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        debug!("virtio-console: receive buffer unusable: {e}");
-                        0
-                    }
+            Ok(buffers) => match buffers.writable.write_from(mem, self.0.make_contiguous()) {
+                Ok(n) => n,
+                Err(e) => {
+                    debug!("virtio-console: receive buffer unusable: {e}");
+                    0
                 }
-            }
+            },
             Err(e) => {
                 debug!("virtio-console: malformed receive chain: {e}");
                 0
             }
         };
-        served += 1;
-        pending.drain(..written);
+        self.0.drain(..written);
         // At most the chain's length, which virtio-queue bounds to u32.
         rx.add_used(mem, head, u32::try_from(written).unwrap_or(u32::MAX));
+        FillStep::Moved
     }
-    drop(pending);
-    rx.signal_used(mem, interrupt);
+}
+
+/// Moves pending host input into receiveq buffers until either runs out (see
+/// [`DeviceQueue::fill`]). Bytes that do not fit stay pending; when the guest has no buffers,
+/// notifications are enabled so its next buffer brings a kick.
+pub(crate) fn deliver_input(
+    rx: &mut DeviceQueue,
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn Interrupt,
+    pending: &Mutex<VecDeque<u8>>,
+) -> FillEnd {
+    rx.fill(mem, interrupt, &mut PendingInput(lock(pending)))
 }
 
 impl VirtioDevice for Console {
@@ -239,10 +227,6 @@ impl VirtioDevice for Console {
         OFFERED_FEATURES
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & OFFERED_FEATURES;
-    }
-
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&config_space(), offset, data);
     }
@@ -251,14 +235,15 @@ impl VirtioDevice for Console {
         // emerg_wr is only writable with F_EMERG_WRITE, which is not offered.
     }
 
-    fn activate(
-        &mut self,
-        memory: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let Activation {
+            memory,
+            interrupt,
+            queues,
+            features,
+        } = activation;
         self.worker.start(|| {
-            let [rx, tx] = device_queues(queues, self.acked_features)?;
+            let [rx, tx] = device_queues(queues, features)?;
             if (usize::from(rx.index), usize::from(tx.index)) != (RECEIVE_QUEUE, TRANSMIT_QUEUE) {
                 warn!(
                     "virtio-console: unexpected queue indices {} and {}",
@@ -279,7 +264,14 @@ impl VirtioDevice for Console {
 
     fn reset(&mut self) {
         self.worker.stop();
-        self.acked_features = 0;
+    }
+
+    fn pause(&mut self) -> Result<(), PauseError> {
+        Ok(self.worker.pause()?)
+    }
+
+    fn resume(&mut self) -> Result<(), PauseError> {
+        Ok(self.worker.resume()?)
     }
 }
 
@@ -314,7 +306,8 @@ impl ConsoleWorker {
     }
 
     fn receive_all(&mut self) {
-        deliver_input(
+        // Whatever the end, the next kick or input event brings the worker back.
+        let _ = deliver_input(
             &mut self.rx,
             &self.memory,
             self.interrupt.as_ref(),

@@ -2,9 +2,11 @@
 //!
 //! The transport owns the guest-visible register state: feature negotiation, device status,
 //! queue configuration. When the driver sets DRIVER_OK it hands the device everything the data
-//! plane needs in one call ([`VirtioDevice::activate`]): guest memory, the configured queues with
-//! their kick eventfds (KVM ioeventfds in the VMM, plain eventfds in tests) and an [`Interrupt`].
-//! The device then runs on its own worker thread; [`VirtioDevice::reset`] stops it and makes the
+//! plane needs in one [`Activation`]: guest memory, the configured queues with their kick
+//! eventfds (KVM ioeventfds in the VMM, plain eventfds in tests), an [`Interrupt`] and the
+//! negotiated features. The device then runs on its own worker thread (or hands its rings to a
+//! [`crate::data_plane::DataPlane`]); [`VirtioDevice::pause`] and [`VirtioDevice::resume`]
+//! stop and restart it keeping its queues, and [`VirtioDevice::reset`] stops it and makes the
 //! device ready for a new activation (driver reload).
 
 use std::fmt::Debug;
@@ -13,6 +15,9 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::data_plane::DataPlaneError;
+use crate::worker::WorkerError;
 
 /// How a device tells the driver that something happened. Implementations: the mmio transport's
 /// interrupt status + irqfd, the pci transport's MSI-X vectors (one irqfd each).
@@ -42,6 +47,27 @@ pub struct ActiveQueue {
     pub kick: EventFd,
 }
 
+/// Everything a device needs to start its data plane, handed over in one call at DRIVER_OK.
+#[derive(Debug)]
+pub struct Activation {
+    /// Guest memory, shared with the transport.
+    pub memory: GuestMemoryMmap,
+    /// How the device interrupts the driver.
+    pub interrupt: Arc<dyn Interrupt>,
+    /// The queues the driver made ready, in index order.
+    pub queues: Vec<ActiveQueue>,
+    /// The features the driver accepted: a subset of [`VirtioDevice::features`], checked by the
+    /// transport when the driver set FEATURES_OK. Devices keep no copy of their own.
+    pub features: u64,
+}
+
+impl Activation {
+    /// Whether the driver accepted feature bit `bit`.
+    pub fn has_feature(&self, bit: u32) -> bool {
+        bit < 64 && self.features & (1 << bit) != 0
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     #[error("the driver configured {got} queues, the device needs {want}")]
@@ -49,9 +75,18 @@ pub enum ActivateError {
     #[error("the device is already active")]
     AlreadyActive,
     #[error("cannot start the device worker: {0}")]
-    Worker(std::io::Error),
-    #[error("{0}")]
-    Backend(String),
+    Worker(#[from] WorkerError),
+    #[error(transparent)]
+    DataPlane(#[from] DataPlaneError),
+}
+
+/// Why a device could not pause or resume its data plane.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error("cannot pause or resume the device worker: {0}")]
+    Worker(#[from] WorkerError),
+    #[error(transparent)]
+    DataPlane(#[from] DataPlaneError),
 }
 
 /// A virtio device as a transport sees it.
@@ -65,25 +100,26 @@ pub trait VirtioDevice: Send + Debug {
     /// Feature bits the device offers (including VIRTIO_F_VERSION_1).
     fn features(&self) -> u64;
 
-    /// The driver accepted `features` (a subset of [`Self::features`], checked by the transport)
-    /// and set FEATURES_OK.
-    fn ack_features(&mut self, features: u64);
-
     /// Reads the device-specific configuration space; bytes past its end read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
 
     /// Writes the device-specific configuration space; writes to read-only fields are ignored.
     fn write_config(&mut self, offset: u64, data: &[u8]);
 
-    /// Starts the data plane (DRIVER_OK).
-    fn activate(
-        &mut self,
-        memory: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError>;
+    /// Starts the data plane (DRIVER_OK) with the queues and features the driver set up.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
 
     /// Stops the data plane and returns to the state before activation (status written 0, or a
-    /// device error). Must be callable in any state, repeatedly.
+    /// device error). Must be callable in any state, repeatedly, paused included.
     fn reset(&mut self);
+
+    /// Stops moving data without losing any: the data plane finishes the request or frame in
+    /// hand, then keeps its queues (ring positions), pending host data and counters until
+    /// [`Self::resume`]. Kicks that arrive meanwhile wait in their eventfds. Nothing happens
+    /// when the device is not active or already paused.
+    fn pause(&mut self) -> Result<(), PauseError>;
+
+    /// Serves the queues again from where [`Self::pause`] left them, starting with whatever
+    /// arrived meanwhile. Nothing happens when the device is not paused.
+    fn resume(&mut self) -> Result<(), PauseError>;
 }

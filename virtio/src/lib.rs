@@ -24,7 +24,7 @@ mod worker;
 pub use block::{Block, BlockError, DiskErrors};
 pub use chain::Chain;
 pub use console::{Console, ConsoleError, ConsoleInput};
-pub use device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+pub use device::{ActivateError, Activation, ActiveQueue, Interrupt, PauseError, VirtioDevice};
 pub use mmio::MmioTransport;
 pub use net::{Net, NetBackend, NetCounters, NetError, Tap, TapError};
 pub use pci::{MsiMessage, MsiSink, PciTransport};

@@ -26,7 +26,7 @@ use virtio_bindings::virtio_mmio::{
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{Interrupt, VirtioDevice};
+use crate::device::{Interrupt, PauseError, VirtioDevice};
 use crate::transport::{QueueRegisters, VirtioCore, set_high_half, set_low_half};
 
 /// The size of one device's register window.
@@ -128,6 +128,16 @@ impl MmioTransport {
     /// The device status register.
     pub fn device_status(&self) -> u8 {
         self.core.status()
+    }
+
+    /// Pauses the device's data plane, keeping its queues; see [`VirtioDevice::pause`].
+    pub fn pause(&mut self) -> Result<(), PauseError> {
+        self.core.pause()
+    }
+
+    /// Resumes what [`Self::pause`] paused.
+    pub fn resume(&mut self) -> Result<(), PauseError> {
+        self.core.resume()
     }
 
     /// A guest read at `offset` in the window. Control registers answer only aligned 32-bit

@@ -1,7 +1,6 @@
 //! virtio-rng (entropy device): fills the guest's buffers from the host's getrandom(2).
 
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use log::warn;
@@ -13,8 +12,8 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use crate::chain::Chain;
-use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
-use crate::worker::{SingleQueueHandler, WorkerSlot, device_queues, feature};
+use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
+use crate::worker::{ChainServer, SingleQueueHandler, WorkerSlot, feature};
 
 pub const QUEUE_SIZE: u16 = 64;
 /// The most entropy one chain receives, so a guest offering huge buffers cannot keep the worker
@@ -31,8 +30,16 @@ pub enum RngError {
 /// A virtio-rng device.
 #[derive(Debug)]
 pub struct Rng {
-    acked_features: u64,
-    worker: WorkerSlot,
+    worker: WorkerSlot<SingleQueueHandler<RandomServer>>,
+}
+
+/// Fills request buffers with random bytes, for the device's worker.
+struct RandomServer;
+
+impl ChainServer for RandomServer {
+    fn serve(&mut self, memory: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
+        handle_request(memory, chain)
+    }
 }
 
 impl Default for Rng {
@@ -45,7 +52,6 @@ impl Rng {
     pub fn new() -> Self {
         let index = NEXT_RNG_INDEX.fetch_add(1, Ordering::Relaxed);
         Rng {
-            acked_features: 0,
             worker: WorkerSlot::new(format!("virtio-rng{index}")),
         }
     }
@@ -120,10 +126,6 @@ impl VirtioDevice for Rng {
         OFFERED_FEATURES
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & OFFERED_FEATURES;
-    }
-
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         // virtio-rng has no configuration space.
         data.fill(0);
@@ -131,26 +133,21 @@ impl VirtioDevice for Rng {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(
-        &mut self,
-        memory: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.worker.start(|| {
-            let [queue] = device_queues(queues, self.acked_features)?;
-            Ok(SingleQueueHandler::new(
-                memory,
-                interrupt,
-                queue,
-                handle_request,
-            ))
-        })
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.worker
+            .start(|| SingleQueueHandler::new(activation, RandomServer))
     }
 
     fn reset(&mut self) {
         self.worker.stop();
-        self.acked_features = 0;
+    }
+
+    fn pause(&mut self) -> Result<(), PauseError> {
+        Ok(self.worker.pause()?)
+    }
+
+    fn resume(&mut self) -> Result<(), PauseError> {
+        Ok(self.worker.resume()?)
     }
 }
 
@@ -159,7 +156,11 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
-    use crate::test_utils::{RecordingInterrupt, TestQueue, readable, test_memory, writable};
+    use std::sync::Arc;
+
+    use crate::test_utils::{
+        RecordingInterrupt, TestQueue, activation, readable, test_memory, writable,
+    };
 
     fn run(mem: &GuestMemoryMmap, descs: &[virtio_queue::desc::RawDescriptor]) -> u32 {
         use virtio_queue::QueueT;
@@ -229,8 +230,8 @@ mod tests {
             let active = tq.active_queue(0);
             let kick = active.kick.try_clone().unwrap();
             let interrupt = Arc::new(RecordingInterrupt::default());
-            rng.ack_features(rng.features());
-            rng.activate(mem.clone(), interrupt.clone(), vec![active])
+            let features = rng.features();
+            rng.activate(activation(&mem, &interrupt, vec![active], features))
                 .unwrap();
             tq.add_chain(&[writable(0x50_000, 32)]);
             kick.write(1).unwrap();

@@ -47,6 +47,15 @@ pub(crate) fn looped(desc: RawDescriptor, next: u16) -> RawDescriptor {
     ))
 }
 
+/// Where a driver put one queue, as it tells the transport.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueLayout {
+    pub(crate) size: u16,
+    pub(crate) desc: u64,
+    pub(crate) avail: u64,
+    pub(crate) used: u64,
+}
+
 /// The driver's side of one split queue.
 pub(crate) struct TestQueue<'m> {
     mock: MockSplitQueue<'m, GuestMemoryMmap>,
@@ -224,4 +233,19 @@ pub(crate) fn eventually(mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(2));
     }
     cond()
+}
+
+/// What a transport hands a device at DRIVER_OK, for tests that activate devices directly.
+pub(crate) fn activation(
+    mem: &GuestMemoryMmap,
+    interrupt: &Arc<RecordingInterrupt>,
+    queues: Vec<ActiveQueue>,
+    features: u64,
+) -> crate::device::Activation {
+    crate::device::Activation {
+        memory: mem.clone(),
+        interrupt: interrupt.clone(),
+        queues,
+        features,
+    }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use log::LevelFilter;
 use pvm_vhost_user::cli;
-use pvm_vhost_user::net::NetBackend;
+use pvm_vhost_user::net::TapBackend;
 
 const NAME: &str = "pvm-vhost-user-net";
 
@@ -50,7 +50,7 @@ fn main() {
         Err(code) => std::process::exit(code),
     };
     cli::init_logger(NAME, args.log_level);
-    let backend = match NetBackend::open(&args.tap, args.mac) {
+    let backend = match TapBackend::open(&args.tap, args.mac) {
         Ok(backend) => backend,
         Err(e) => {
             eprintln!("{NAME}: --{e}");

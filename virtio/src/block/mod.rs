@@ -30,8 +30,8 @@ use vm_memory::GuestMemoryMmap;
 
 pub use request::{DiskErrors, DiskImage, MAX_RANGE_SECTORS, SECTOR_SIZE};
 
-use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
-use crate::worker::{SingleQueueHandler, WorkerSlot, device_queues, feature, read_config_bytes};
+use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
+use crate::worker::{ChainServer, SingleQueueHandler, WorkerSlot, feature, read_config_bytes};
 
 /// Descriptors per queue; also bounds the segments of one request.
 pub const QUEUE_SIZE: u16 = 256;
@@ -65,8 +65,16 @@ pub struct Block {
     disk: Arc<DiskImage>,
     config: Vec<u8>,
     offered_features: u64,
-    acked_features: u64,
-    worker: WorkerSlot,
+    worker: WorkerSlot<SingleQueueHandler<DiskServer>>,
+}
+
+/// Serves block requests on the disk, for the device's worker.
+struct DiskServer(Arc<DiskImage>);
+
+impl ChainServer for DiskServer {
+    fn serve(&mut self, memory: &GuestMemoryMmap, chain: crate::Chain<'_>) -> u32 {
+        request::handle_request(&self.0, memory, chain)
+    }
 }
 
 impl Block {
@@ -81,7 +89,6 @@ impl Block {
             config: config_space(disk.sectors),
             disk: Arc::new(disk),
             offered_features,
-            acked_features: 0,
             worker: WorkerSlot::new(format!("virtio-blk{index}")),
         })
     }
@@ -296,10 +303,6 @@ impl VirtioDevice for Block {
         self.offered_features
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.offered_features;
-    }
-
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
     }
@@ -308,26 +311,21 @@ impl VirtioDevice for Block {
         // Every field is read-only (no CONFIG_WCE).
     }
 
-    fn activate(
-        &mut self,
-        memory: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.worker.start(|| {
-            let [queue] = device_queues(queues, self.acked_features)?;
-            let disk = Arc::clone(&self.disk);
-            Ok(SingleQueueHandler::new(
-                memory,
-                interrupt,
-                queue,
-                move |memory, chain| request::handle_request(&disk, memory, chain),
-            ))
-        })
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let disk = Arc::clone(&self.disk);
+        self.worker
+            .start(|| SingleQueueHandler::new(activation, DiskServer(disk)))
     }
 
     fn reset(&mut self) {
         self.worker.stop();
-        self.acked_features = 0;
+    }
+
+    fn pause(&mut self) -> Result<(), PauseError> {
+        Ok(self.worker.pause()?)
+    }
+
+    fn resume(&mut self) -> Result<(), PauseError> {
+        Ok(self.worker.resume()?)
     }
 }

@@ -9,7 +9,9 @@ use vmm_sys_util::tempfile::TempFile;
 
 use super::request::{DiskImage, handle_request};
 use super::*;
-use crate::test_utils::{RecordingInterrupt, TestQueue, readable, test_memory, writable};
+use crate::test_utils::{
+    RecordingInterrupt, TestQueue, activation, readable, test_memory, writable,
+};
 
 const HEADER: u64 = 0x10_000;
 const DATA: u64 = 0x20_000;
@@ -436,12 +438,17 @@ fn read_via_worker(block: &mut Block, mem: &GuestMemoryMmap, ring: GuestAddress)
     let active = tq.active_queue(0);
     let kick = active.kick.try_clone().unwrap();
     let interrupt = Arc::new(RecordingInterrupt::default());
-    block.ack_features(block.features());
+    let features = block.features();
     block
-        .activate(mem.clone(), interrupt.clone(), vec![active])
+        .activate(activation(mem, &interrupt, vec![active], features))
         .unwrap();
     assert!(matches!(
-        block.activate(mem.clone(), interrupt.clone(), vec![tq.active_queue(0)]),
+        block.activate(activation(
+            mem,
+            &interrupt,
+            vec![tq.active_queue(0)],
+            features
+        )),
         Err(ActivateError::AlreadyActive)
     ));
 
@@ -467,7 +474,7 @@ fn worker_serves_kicks_and_survives_reset() {
     block.reset();
     block.reset();
     assert!(matches!(
-        block.activate(mem.clone(), Arc::new(RecordingInterrupt::default()), vec![]),
+        block.activate(activation(&mem, &Arc::default(), vec![], 0)),
         Err(ActivateError::QueueCount { got: 0, want: 1 })
     ));
 }

@@ -7,8 +7,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
 use crate::test_utils::{
-    RecordingInterrupt, TestQueue, eventually, readable, test_memory, writable,
+    RecordingInterrupt, TestQueue, activation, eventually, readable, test_memory, writable,
 };
+use crate::worker::CHAINS_PER_PASS;
 
 /// A writer the test keeps a handle to.
 #[derive(Clone, Default)]
@@ -186,9 +187,14 @@ fn worker_moves_output_and_input_and_reactivates() {
             tx_active.kick.try_clone().unwrap(),
         );
         let interrupt = Arc::new(RecordingInterrupt::default());
-        console.ack_features(console.features());
+        let features = console.features();
         console
-            .activate(mem.clone(), interrupt.clone(), vec![rx_active, tx_active])
+            .activate(activation(
+                &mem,
+                &interrupt,
+                vec![rx_active, tx_active],
+                features,
+            ))
             .unwrap();
 
         mem.write_slice(b"from guest", GuestAddress(0x50_000))

@@ -3,6 +3,10 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::*;
+use crate::test_utils::QueueLayout;
+use crate::transport::pause_scenarios::{
+    DriverPort, block_pauses_mid_traffic, net_pauses_mid_traffic,
+};
 use crate::transport::testing::{
     FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SharedLog, expected_queue, guest_memory,
     ring_addresses,
@@ -55,6 +59,22 @@ fn negotiate(transport: &mut MmioTransport, features: u64) -> bool {
 
 fn configure_queue(transport: &mut MmioTransport, index: u16, size: u16) {
     let (desc, avail, used) = ring_addresses(index);
+    let layout = QueueLayout {
+        size,
+        desc,
+        avail,
+        used,
+    };
+    configure_queue_at(transport, index, layout);
+}
+
+fn configure_queue_at(transport: &mut MmioTransport, index: u16, layout: QueueLayout) {
+    let QueueLayout {
+        size,
+        desc,
+        avail,
+        used,
+    } = layout;
     write32(transport, VIRTIO_MMIO_QUEUE_SEL, index.into());
     write32(transport, VIRTIO_MMIO_QUEUE_NUM, size.into());
     for (low, address) in [
@@ -75,6 +95,69 @@ fn bring_up(transport: &mut MmioTransport, sizes: &[u16]) {
         configure_queue(transport, index, size);
     }
     set_status(transport, STATUS_DRIVER_OK);
+}
+
+impl DriverPort for MmioTransport {
+    fn bring_up(&mut self, features: u64, queues: &[QueueLayout]) {
+        assert!(negotiate(self, features));
+        for (index, &layout) in (0u16..).zip(queues) {
+            configure_queue_at(self, index, layout);
+        }
+        set_status(self, STATUS_DRIVER_OK);
+        assert_eq!(self.device_status() & STATUS_NEEDS_RESET, 0);
+    }
+
+    fn notify(&mut self, queue: u16) {
+        write32(self, VIRTIO_MMIO_QUEUE_NOTIFY, queue.into());
+    }
+
+    fn status(&mut self) -> u8 {
+        self.device_status()
+    }
+
+    fn pause(&mut self) -> Result<(), PauseError> {
+        MmioTransport::pause(self)
+    }
+
+    fn resume(&mut self) -> Result<(), PauseError> {
+        MmioTransport::resume(self)
+    }
+}
+
+fn mmio_port(device: Box<dyn VirtioDevice>, memory: GuestMemoryMmap) -> Box<dyn DriverPort> {
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    Box::new(MmioTransport::new(device, memory, irq).unwrap())
+}
+
+#[test]
+fn a_block_device_pauses_mid_traffic_behind_mmio() {
+    block_pauses_mid_traffic(mmio_port);
+}
+
+#[test]
+fn a_net_device_pauses_mid_traffic_behind_mmio() {
+    net_pauses_mid_traffic(mmio_port);
+}
+
+#[test]
+fn pause_and_resume_reach_only_a_live_device() {
+    let (mut transport, log) = transport(&[16]);
+    // Before DRIVER_OK there is nothing to pause.
+    transport.pause().unwrap();
+    transport.resume().unwrap();
+    let counts = |log: &SharedLog| {
+        let log = log.get();
+        (log.pauses, log.resumes)
+    };
+    assert_eq!(counts(&log), (0, 0));
+    bring_up(&mut transport, &[16]);
+    transport.pause().unwrap();
+    transport.resume().unwrap();
+    assert_eq!(counts(&log), (1, 1));
+    // After a reset, again nothing.
+    write32(&mut transport, VIRTIO_MMIO_STATUS, 0);
+    transport.pause().unwrap();
+    assert_eq!(log.get().pauses, 1);
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! queue, and the control queue through which the driver says how many it uses
 //! (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, virtio 1.2 section 5.1.6.5.5).
 //!
-//! Pair 0 is always on. A pair beyond the active count has its tap queue detached
+//! Every pair is served the same way (see [`super::pair`], or a vhost-net plane per pair); the
+//! control queue has a worker of its own. Pair 0 is always on. A pair beyond the active count
+//! has its tap queue detached
 //! (TUNSETQUEUE with IFF_DETACH_QUEUE), so the kernel steers no flow to a queue the guest does not
 //! serve, and its data plane paused: the in-process worker stops reading the tap (and sends what
 //! the guest still queues through pair 0's tap queue), vhost-net has its backend removed. After
@@ -20,14 +22,50 @@ use virtio_bindings::bindings::virtio_net::{
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::NetBackend;
-use crate::chain::{Chain, split_chain};
-use crate::data_plane::DataPlane;
+use super::{NetBackend, NetCounters};
+use crate::chain::{Chain, ChainError, split_chain};
+use crate::data_plane::{DataPlane, DataPlaneError};
 use crate::device::Interrupt;
 use crate::worker::{DeviceQueue, EventHandler, EventLoop};
 
-/// Epoll token of the control queue's kick, in whichever worker serves it.
-pub(crate) const CTRL_KICK: u64 = 4;
+/// Why the queue pairs in use could not be switched.
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    #[error("the driver asked for {asked} queue pairs, it set up {usable}")]
+    NotSetUp { asked: usize, usable: usize },
+    #[error("cannot {action} queue {pair} of tap {tap}: {source}")]
+    TapQueue {
+        action: &'static str,
+        pair: usize,
+        tap: String,
+        source: io::Error,
+    },
+    #[error("queue pair {pair}: {source}")]
+    Plane { pair: usize, source: DataPlaneError },
+    #[error("{planes} data planes for {pairs} queue pairs")]
+    PlaneCount { planes: usize, pairs: usize },
+}
+
+/// Why a control command was refused (the driver gets VIRTIO_NET_ERR).
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    #[error("cannot read the command: {0}")]
+    Read(ChainError),
+    #[error("VQ_PAIRS_SET with {0} bytes, 4 expected")]
+    PairsSetLength(u64),
+    #[error("class {class} command {command} is not supported{}", if *.without_mq {
+        " (VIRTIO_NET_F_MQ was not negotiated)"
+    } else {
+        ""
+    })]
+    Unsupported {
+        class: u32,
+        command: u32,
+        without_mq: bool,
+    },
+    #[error(transparent)]
+    Pairs(#[from] PairError),
+}
 
 /// Tells a pair's in-process worker whether its pair is on; the wake eventfd makes it look.
 #[derive(Debug)]
@@ -60,13 +98,16 @@ impl PairLink {
     }
 }
 
-/// What a pair switch needs, shared by the device and the worker serving the control queue.
+/// A device's queue pairs: what each pair is served with, and the switch that turns them on and
+/// off, shared by the device and the worker serving the control queue.
 #[derive(Debug)]
 pub(crate) struct Pairs {
     /// One tap queue per pair.
     taps: Vec<Arc<dyn NetBackend>>,
     /// One per pair; pair 0's is always on.
     links: Vec<Arc<PairLink>>,
+    /// One per pair, valid across resets: what pvm's own workers moved.
+    counters: Vec<Arc<NetCounters>>,
     state: Mutex<PairState>,
 }
 
@@ -78,19 +119,28 @@ struct PairState {
     usable: usize,
     /// Whether each pair's tap queue is attached.
     attached: Vec<bool>,
-    /// vhost-net: the data planes of pairs 1.. (pair 0's stays with the device). Empty when
-    /// pvm's own workers serve the pairs.
+    /// vhost-net: the data plane of each pair. Empty when pvm's own workers serve the pairs.
     planes: Vec<Box<dyn DataPlane>>,
 }
 
 impl Pairs {
     /// Pairs over `taps` (all attached, as just opened); pairs beyond the first are turned off
     /// at once, as after a reset. Fails if a tap queue cannot be detached.
-    pub(crate) fn new(taps: Vec<Arc<dyn NetBackend>>) -> io::Result<Self> {
+    pub(crate) fn new(taps: Vec<Arc<dyn NetBackend>>) -> Result<Self, PairError> {
         let links = (0..taps.len())
             .map(|pair| PairLink::new(pair == 0).map(Arc::new))
-            .collect::<io::Result<_>>()?;
+            .collect::<io::Result<_>>()
+            .map_err(|source| PairError::TapQueue {
+                action: "watch",
+                pair: 0,
+                tap: taps
+                    .first()
+                    .map_or_else(String::new, |t| t.name().to_string()),
+                source,
+            })?;
+        let counters = taps.iter().map(|_| Arc::default()).collect();
         let pairs = Pairs {
+            counters,
             state: Mutex::new(PairState {
                 active: taps.len(),
                 usable: 0,
@@ -102,7 +152,7 @@ impl Pairs {
         };
         {
             let mut state = pairs.lock();
-            pairs.apply(&mut state, 1).map_err(io::Error::other)?;
+            pairs.apply(&mut state, 1)?;
         }
         Ok(pairs)
     }
@@ -119,6 +169,10 @@ impl Pairs {
         &self.links[pair]
     }
 
+    pub(crate) fn counters(&self) -> &[Arc<NetCounters>] {
+        &self.counters
+    }
+
     fn lock(&self) -> MutexGuard<'_, PairState> {
         // A panic while holding it left valid (if possibly stale) flags; carry on.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -129,18 +183,31 @@ impl Pairs {
         self.lock().active
     }
 
-    /// Hands the vhost-net planes of pairs 1.. over; they start turned off.
-    pub(crate) fn set_planes(&self, mut planes: Vec<Box<dyn DataPlane>>) -> Result<(), String> {
-        for plane in &mut planes {
-            plane.set_enabled(false).map_err(|e| e.to_string())?;
+    /// Hands over one data plane per pair, in pair order; all but pair 0's start turned off.
+    pub(crate) fn set_planes(&self, mut planes: Vec<Box<dyn DataPlane>>) -> Result<(), PairError> {
+        if planes.len() != self.taps.len() {
+            return Err(PairError::PlaneCount {
+                planes: planes.len(),
+                pairs: self.taps.len(),
+            });
+        }
+        for (pair, plane) in planes.iter_mut().enumerate().skip(1) {
+            plane
+                .set_enabled(false)
+                .map_err(|source| PairError::Plane { pair, source })?;
         }
         self.lock().planes = planes;
         Ok(())
     }
 
-    /// Runs `f` on the vhost-net planes of pairs 1.. (activation and reset).
+    /// Runs `f` on the data planes, in pair order (activation, pause, reset).
     pub(crate) fn with_planes<R>(&self, f: impl FnOnce(&mut [Box<dyn DataPlane>]) -> R) -> R {
         f(&mut self.lock().planes)
+    }
+
+    /// Whether the device was activated (and not reset since): some pairs are usable.
+    pub(crate) fn is_usable(&self) -> bool {
+        self.lock().usable > 0
     }
 
     /// The driver set up `usable` pairs and the device starts with one active.
@@ -160,13 +227,13 @@ impl Pairs {
 
     /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET: uses `pairs` queue pairs from now on, if the driver set
     /// up that many. On failure the previous count stays in force.
-    pub(crate) fn set_active(&self, pairs: usize) -> Result<(), String> {
+    pub(crate) fn set_active(&self, pairs: usize) -> Result<(), PairError> {
         let mut state = self.lock();
         if pairs == 0 || pairs > state.usable {
-            return Err(format!(
-                "the driver asked for {pairs} queue pairs, it set up {}",
-                state.usable
-            ));
+            return Err(PairError::NotSetUp {
+                asked: pairs,
+                usable: state.usable,
+            });
         }
         let previous = state.active;
         self.apply(&mut state, pairs).inspect_err(|_| {
@@ -180,7 +247,7 @@ impl Pairs {
     }
 
     /// Turns pairs `1..pairs` on and the rest off.
-    fn apply(&self, state: &mut PairState, pairs: usize) -> Result<(), String> {
+    fn apply(&self, state: &mut PairState, pairs: usize) -> Result<(), PairError> {
         let mut result = Ok(());
         for pair in 1..self.taps.len() {
             let step = if pair < pairs {
@@ -198,18 +265,18 @@ impl Pairs {
         result
     }
 
-    fn enable(&self, state: &mut PairState, pair: usize) -> Result<(), String> {
+    fn enable(&self, state: &mut PairState, pair: usize) -> Result<(), PairError> {
         let tap = &self.taps[pair];
         if !state.attached[pair] {
             // Attach first, so frames can arrive once the pair is served.
             tap.set_queue_attached(true)
-                .map_err(|e| format!("cannot attach queue {pair} of tap {}: {e}", tap.name()))?;
+                .map_err(|source| tap_queue_error("attach", pair, tap.as_ref(), source))?;
             state.attached[pair] = true;
         }
-        if let Some(plane) = state.planes.get_mut(pair - 1) {
+        if let Some(plane) = state.planes.get_mut(pair) {
             plane
                 .set_enabled(true)
-                .map_err(|e| format!("queue pair {pair}: {e}"))?;
+                .map_err(|source| PairError::Plane { pair, source })?;
         }
         if !self.links[pair].enabled() {
             self.links[pair].set(true);
@@ -217,7 +284,7 @@ impl Pairs {
         Ok(())
     }
 
-    fn disable(&self, state: &mut PairState, pair: usize) -> Result<(), String> {
+    fn disable(&self, state: &mut PairState, pair: usize) -> Result<(), PairError> {
         let tap = &self.taps[pair];
         let mut result = Ok(());
         // Stop serving first, then detach (which drops what the queue held): a read racing
@@ -226,24 +293,35 @@ impl Pairs {
         if self.links[pair].enabled() {
             self.links[pair].set(false);
         }
-        if let Some(plane) = state.planes.get_mut(pair - 1) {
-            if let Err(e) = plane.set_enabled(false) {
-                result = Err(format!("queue pair {pair}: {e}"));
+        if let Some(plane) = state.planes.get_mut(pair) {
+            if let Err(source) = plane.set_enabled(false) {
+                result = Err(PairError::Plane { pair, source });
             }
         }
         if state.attached[pair] {
             match tap.set_queue_attached(false) {
                 Ok(()) => state.attached[pair] = false,
-                Err(e) if result.is_ok() => {
-                    result = Err(format!(
-                        "cannot detach queue {pair} of tap {}: {e}",
-                        tap.name()
-                    ));
+                Err(source) if result.is_ok() => {
+                    result = Err(tap_queue_error("detach", pair, tap.as_ref(), source));
                 }
                 Err(_) => {}
             }
         }
         result
+    }
+}
+
+fn tap_queue_error(
+    action: &'static str,
+    pair: usize,
+    tap: &dyn NetBackend,
+    source: io::Error,
+) -> PairError {
+    PairError::TapQueue {
+        action,
+        pair,
+        tap: tap.name().to_string(),
+        source,
     }
 }
 
@@ -320,39 +398,37 @@ fn execute(
     command: &crate::chain::Segments,
     pairs: &Pairs,
     mq: bool,
-) -> Result<(), String> {
+) -> Result<(), CommandError> {
     let mut header = [0u8; 2];
     command
         .read_into(memory, &mut header)
-        .map_err(|e| format!("command header: {e}"))?;
+        .map_err(CommandError::Read)?;
     match (u32::from(header[0]), u32::from(header[1])) {
         (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) if mq => {
             // class, command, le16 virtqueue_pairs.
             if command.len() != 4 {
-                return Err(format!(
-                    "VQ_PAIRS_SET with {} bytes, 4 expected",
-                    command.len()
-                ));
+                return Err(CommandError::PairsSetLength(command.len()));
             }
             let mut bytes = [0u8; 4];
             command
                 .read_into(memory, &mut bytes)
-                .map_err(|e| e.to_string())?;
+                .map_err(CommandError::Read)?;
             let count = u16::from_le_bytes([bytes[2], bytes[3]]);
-            pairs.set_active(usize::from(count))
+            Ok(pairs.set_active(usize::from(count))?)
         }
-        (class, command) => Err(format!(
-            "class {class} command {command} is not supported{}",
-            if class == VIRTIO_NET_CTRL_MQ && !mq {
-                " (VIRTIO_NET_F_MQ was not negotiated)"
-            } else {
-                ""
-            }
-        )),
+        (class, command) => Err(CommandError::Unsupported {
+            class,
+            command,
+            without_mq: class == VIRTIO_NET_CTRL_MQ && !mq,
+        }),
     }
 }
 
-/// Serves only the control queue (when vhost-net serves the queue pairs).
+/// The epoll token of the control queue's kick.
+const CTRL_KICK: u64 = 0;
+
+/// Serves the control queue, on a worker of its own (the device's pairs are all alike, served
+/// in-process or by vhost-net).
 pub(crate) struct CtrlWorker {
     pub(crate) memory: GuestMemoryMmap,
     pub(crate) interrupt: Arc<dyn Interrupt>,

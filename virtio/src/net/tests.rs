@@ -9,8 +9,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::rxtx::{Delivery, deliver_frame, transmit};
 use super::*;
+use crate::device::ActiveQueue;
 use crate::test_utils::{
-    RecordingInterrupt, TestQueue, eventually, readable, test_memory, writable,
+    RecordingInterrupt, TestQueue, activation, eventually, readable, test_memory, writable,
 };
 
 /// A datagram socket standing in for the tap: one frame per message, like a tap fd.
@@ -248,16 +249,24 @@ fn offloads_follow_what_the_guest_accepted() {
     );
 
     let (limited, _peer) = backend(libc::TUN_F_CSUM);
-    let net = Net::new(limited, None);
+    let net = Net::new(limited, None).unwrap();
     assert_ne!(net.features() & feature(VIRTIO_NET_F_GUEST_CSUM), 0);
     assert_eq!(net.features() & feature(VIRTIO_NET_F_GUEST_TSO4), 0);
 
     let (full, _peer) = backend(tap::GUEST_OFFLOADS);
-    let mut net = Net::new(full.clone(), Some([0x52, 0x54, 0, 1, 2, 3]));
+    let mut net = Net::new(full.clone(), Some([0x52, 0x54, 0, 1, 2, 3])).unwrap();
     let offered = net.features();
     assert_ne!(offered & feature(VIRTIO_NET_F_GUEST_ECN), 0);
-    // A guest taking everything but GUEST_TSO6.
-    net.ack_features(offered & !feature(VIRTIO_NET_F_GUEST_TSO6));
+    // A guest taking everything but GUEST_TSO6: the tap gets the offloads at activation.
+    let mem = test_memory();
+    let (rxq, txq) = (
+        TestQueue::at(&mem, GuestAddress(0), 16),
+        TestQueue::at(&mem, GuestAddress(0x2000), 16),
+    );
+    let queues = vec![rxq.active_queue(0), txq.active_queue(1)];
+    let features = offered & !feature(VIRTIO_NET_F_GUEST_TSO6);
+    net.activate(activation(&mem, &Arc::default(), queues, features))
+        .unwrap();
     net.reset();
     assert_eq!(
         *full.offloads.lock().unwrap(),
@@ -271,7 +280,7 @@ fn offloads_follow_what_the_guest_accepted() {
         [0x52, 0x54, 0, 1, 2, 3, 1, 0],
         "MAC then status LINK_UP"
     );
-    let generated = Net::new(backend(0).0, None).mac();
+    let generated = Net::new(backend(0).0, None).unwrap().mac();
     assert_eq!(generated[0] & 0x03, 0x02, "locally administered unicast");
 }
 
@@ -279,7 +288,7 @@ fn offloads_follow_what_the_guest_accepted() {
 fn worker_moves_frames_both_ways_and_reactivates() {
     let mem = test_memory();
     let (backend, peer) = backend(0);
-    let mut net = Net::new(backend, None);
+    let mut net = Net::new(backend, None).unwrap();
     let counters = net.counters();
     for (round, base) in [0u64, 0x8000].into_iter().enumerate() {
         let rxq = TestQueue::at(&mem, GuestAddress(base), 16);
@@ -288,9 +297,14 @@ fn worker_moves_frames_both_ways_and_reactivates() {
         let rx_kick = rx_active.kick.try_clone().unwrap();
         let tx_kick = tx_active.kick.try_clone().unwrap();
         let interrupt = Arc::new(RecordingInterrupt::default());
-        net.ack_features(net.features());
-        net.activate(mem.clone(), interrupt.clone(), vec![rx_active, tx_active])
-            .unwrap();
+        let features = net.features();
+        net.activate(activation(
+            &mem,
+            &interrupt,
+            vec![rx_active, tx_active],
+            features,
+        ))
+        .unwrap();
 
         // Guest to host.
         let f = frame(200);
@@ -386,7 +400,7 @@ fn ctrl(
 #[test]
 fn only_a_multiqueue_device_offers_mq_and_the_control_queue() {
     let mq = feature(VIRTIO_NET_F_MQ) | feature(VIRTIO_NET_F_CTRL_VQ);
-    let single = Net::new(backend(0).0, Some([0x52, 0x54, 0, 1, 2, 3]));
+    let single = Net::new(backend(0).0, Some([0x52, 0x54, 0, 1, 2, 3])).unwrap();
     assert_eq!(single.features() & mq, 0);
     assert_eq!(single.queue_max_sizes(), &[QUEUE_SIZE; 2]);
     let (sockets, _peers) = queue_backends(1);
@@ -631,8 +645,8 @@ fn multiqueue_workers_serve_each_pair_and_the_control_queue_and_reset_to_one_pai
             .collect();
         let kicks: Vec<EventFd> = active.iter().map(|a| a.kick.try_clone().unwrap()).collect();
         let interrupt = Arc::new(RecordingInterrupt::default());
-        net.ack_features(net.features());
-        net.activate(mem.clone(), interrupt.clone(), active)
+        let features = net.features();
+        net.activate(activation(&mem, &interrupt, active, features))
             .unwrap();
         assert_eq!(net.active_pairs(), 1);
 
@@ -701,8 +715,8 @@ fn a_multiqueue_driver_without_mq_gets_one_pair_and_its_control_queue_at_2() {
         .map(|(i, q)| q.active_queue(i))
         .collect();
     let ctrl_kick = active[2].kick.try_clone().unwrap();
-    net.ack_features(net.features() & !feature(VIRTIO_NET_F_MQ));
-    net.activate(mem.clone(), Arc::new(RecordingInterrupt::default()), active)
+    let features = net.features() & !feature(VIRTIO_NET_F_MQ);
+    net.activate(activation(&mem, &Arc::default(), active, features))
         .unwrap();
     queues[2].add_chain(&pairs_set(&mem, 2));
     ctrl_kick.write(1).unwrap();
@@ -713,14 +727,68 @@ fn a_multiqueue_driver_without_mq_gets_one_pair_and_its_control_queue_at_2() {
 
     // Too few queues for even one pair: refused, nothing left running.
     let only_rx = vec![queues[0].active_queue(0)];
-    net.ack_features(net.features());
+    let features = net.features();
     assert!(matches!(
-        net.activate(
-            mem.clone(),
-            Arc::new(RecordingInterrupt::default()),
-            only_rx
-        ),
+        net.activate(activation(&mem, &Arc::default(), only_rx, features)),
         Err(ActivateError::QueueCount { got: 1, want: 2 })
     ));
+    net.reset();
+}
+
+#[test]
+fn a_frame_waiting_for_buffers_stays_with_the_paused_pair_and_arrives_once() {
+    let mem = test_memory();
+    let (backend, peer) = backend(0);
+    let mut net = Net::new(backend, None).unwrap();
+    let rxq = TestQueue::at(&mem, GuestAddress(0), 16);
+    let txq = TestQueue::at(&mem, GuestAddress(0x2000), 16);
+    let (rx_active, tx_active) = (rxq.active_queue(0), txq.active_queue(1));
+    let rx_kick = rx_active.kick.try_clone().unwrap();
+    let interrupt = Arc::new(RecordingInterrupt::default());
+    let features = net.features();
+    assert_ne!(features & feature(VIRTIO_NET_F_MRG_RXBUF), 0);
+    net.activate(activation(
+        &mem,
+        &interrupt,
+        vec![rx_active, tx_active],
+        features,
+    ))
+    .unwrap();
+    // One 64-byte buffer for a 300-byte frame: with mergeable buffers the frame waits.
+    let incoming = frame(300);
+    rxq.add_chain(&[writable(0x60_000, 64)]);
+    rx_kick.write(1).unwrap();
+    peer.send(&incoming).unwrap();
+    assert!(eventually(|| {
+        net.pause().unwrap();
+        let waiting = net.workers[0]
+            .paused()
+            .and_then(|pair| pair.pending().waiting());
+        if waiting.is_none() {
+            net.resume().unwrap();
+        }
+        waiting == Some(incoming.len())
+    }));
+    let (rx, _) = net.workers[0].paused().unwrap().queues();
+    assert_eq!(rx.queue.next_avail(), 0, "the short buffer was put back");
+    // More buffers while paused: nothing moves until the resume, then the frame arrives once.
+    for chunk in 0..4u64 {
+        rxq.add_chain(&[writable(0x61_000 + 0x100 * chunk, 0x100)]);
+    }
+    rx_kick.write(1).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert!(rxq.used(&mem).is_empty());
+    net.resume().unwrap();
+    assert!(eventually(|| rxq.used(&mem).len() == 2));
+    assert_eq!(
+        rxq.used(&mem),
+        vec![(0, 64), (1, incoming.len() as u32 - 64)]
+    );
+    let mut got = guest_bytes(&mem, 0x60_000, 64);
+    got.extend(guest_bytes(&mem, 0x61_000, incoming.len() - 64));
+    let mut want = incoming.clone();
+    want[10] = 2;
+    assert_eq!(got, want);
+    assert_eq!(net.counters().rx_frames.load(Ordering::Relaxed), 1);
     net.reset();
 }

@@ -35,7 +35,7 @@ use self::layout::{
 };
 pub use self::msix::{MsiMessage, MsiSink, VIRTIO_MSI_NO_VECTOR};
 use self::msix::{Msix, PciInterrupt};
-use crate::device::{Interrupt, VirtioDevice};
+use crate::device::{Interrupt, PauseError, VirtioDevice};
 use crate::transport::VirtioCore;
 
 /// The 4 KiB page each of common config, ISR and device config occupies in BAR0.
@@ -166,6 +166,16 @@ impl PciTransport {
     /// The device status register.
     pub fn device_status(&self) -> u8 {
         self.core.status()
+    }
+
+    /// Pauses the device's data plane, keeping its queues; see [`VirtioDevice::pause`].
+    pub fn pause(&mut self) -> Result<(), PauseError> {
+        self.core.pause()
+    }
+
+    /// Resumes what [`Self::pause`] paused.
+    pub fn resume(&mut self) -> Result<(), PauseError> {
+        self.core.resume()
     }
 
     /// A configuration space read. `offset` is the register offset in the function's 4 KiB

@@ -17,8 +17,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::device::{ActivateError, Activation, ActiveQueue, Interrupt, PauseError, VirtioDevice};
 
+#[cfg(test)]
+pub(crate) mod pause_scenarios;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -404,7 +406,6 @@ impl VirtioCore {
             warn!("virtio: driver did not accept VIRTIO_F_VERSION_1 (legacy drivers unsupported)");
             return false;
         }
-        self.device.ack_features(self.driver_features & offered);
         true
     }
 
@@ -437,9 +438,42 @@ impl VirtioCore {
                 .map_err(|source| ActivationError::Kick { index, source })?;
             active.push(ActiveQueue { index, queue, kick });
         }
-        self.device
-            .activate(self.memory.clone(), self.interrupt.clone(), active)?;
+        self.device.activate(Activation {
+            memory: self.memory.clone(),
+            interrupt: self.interrupt.clone(),
+            queues: active,
+            features: self.driver_features & self.device.features(),
+        })?;
         Ok(())
+    }
+
+    /// Whether the device runs a data plane the driver started (DRIVER_OK, and no failed
+    /// activation since).
+    fn is_live(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_NEEDS_RESET == 0
+    }
+
+    /// Pauses the device's data plane, keeping its queues (see [`VirtioDevice::pause`]); the
+    /// registers stay as the driver wrote them. Nothing to do before DRIVER_OK.
+    pub fn pause(&mut self) -> Result<(), PauseError> {
+        if !self.is_live() {
+            return Ok(());
+        }
+        self.device.pause()
+    }
+
+    /// Resumes what [`Self::pause`] paused. A device that cannot resume is marked as needing a
+    /// reset (the driver is told through a config interrupt), as a failed activation is.
+    pub fn resume(&mut self) -> Result<(), PauseError> {
+        if !self.is_live() {
+            return Ok(());
+        }
+        self.device.resume().inspect_err(|_| {
+            self.status |= STATUS_NEEDS_RESET;
+            if let Err(error) = self.interrupt.notify_config() {
+                warn!("virtio: cannot signal the config change interrupt: {error}");
+            }
+        })
     }
 
     /// Status 0: back to the state after construction, ready for a new driver.

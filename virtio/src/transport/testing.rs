@@ -8,7 +8,8 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::data_plane::DataPlaneError;
+use crate::device::{ActivateError, Activation, ActiveQueue, Interrupt, PauseError, VirtioDevice};
 
 /// The fake device's type: an entropy source, so nothing real matches it by accident.
 pub const FAKE_DEVICE_TYPE: u32 = 4;
@@ -32,6 +33,9 @@ pub struct SeenQueue {
 pub struct DeviceLog {
     pub activations: Vec<Vec<SeenQueue>>,
     pub resets: usize,
+    pub pauses: usize,
+    pub resumes: usize,
+    /// The features of the latest activation.
     pub acked_features: Option<u64>,
     /// The queues of the latest activation, kept so tests can check their kick eventfds.
     pub active_queues: Vec<ActiveQueue>,
@@ -93,10 +97,6 @@ impl VirtioDevice for FakeDevice {
         FAKE_FEATURES
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.log.lock().unwrap().acked_features = Some(features);
-    }
-
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         for (i, byte) in data.iter_mut().enumerate() {
             let index = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
@@ -113,16 +113,20 @@ impl VirtioDevice for FakeDevice {
         }
     }
 
-    fn activate(
-        &mut self,
-        _memory: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         if self.refuse_activation {
-            return Err(ActivateError::Backend("refused by the test".into()));
+            return Err(ActivateError::DataPlane(DataPlaneError::CannotToggle(
+                "refused by the test",
+            )));
         }
+        let Activation {
+            interrupt,
+            queues,
+            features,
+            ..
+        } = activation;
         let mut log = self.log.lock().unwrap();
+        log.acked_features = Some(features);
         let seen = queues
             .iter()
             .map(|q| SeenQueue {
@@ -137,6 +141,16 @@ impl VirtioDevice for FakeDevice {
         log.activations.push(seen);
         log.active_queues = queues;
         log.interrupt = Some(interrupt);
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<(), PauseError> {
+        self.log.lock().unwrap().pauses += 1;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), PauseError> {
+        self.log.lock().unwrap().resumes += 1;
         Ok(())
     }
 

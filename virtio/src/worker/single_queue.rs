@@ -1,0 +1,111 @@
+//! The data plane of a device with a single request queue served synchronously (block, rng),
+//! and [`device_queues`], which turns what the transport hands over into a device's queues.
+
+use std::io;
+use std::sync::Arc;
+
+use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::GuestMemoryMmap;
+
+use super::{DeviceQueue, EventHandler, EventLoop};
+use crate::chain::Chain;
+use crate::device::{ActivateError, Activation, ActiveQueue, Interrupt};
+
+/// Turns the queues of `activation` into a device's `N` worker queues, in index order, with
+/// EVENT_IDX as the driver accepted it; any other number of queues is refused.
+pub(crate) fn device_queues<const N: usize>(
+    queues: Vec<ActiveQueue>,
+    features: u64,
+) -> Result<[DeviceQueue; N], ActivateError> {
+    let got = queues.len();
+    let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+    let mut queues: Vec<DeviceQueue> = queues
+        .into_iter()
+        .map(|q| DeviceQueue::new(q, event_idx))
+        .collect();
+    // Transports hand queues over in index order; sort anyway rather than trust it.
+    queues.sort_by_key(|q| q.index);
+    queues
+        .try_into()
+        .map_err(|_| ActivateError::QueueCount { got, want: N })
+}
+
+/// Serves one request chain of a [`SingleQueueHandler`]'s queue.
+pub(crate) trait ChainServer: Send + 'static {
+    /// Serves `chain` and returns the number of bytes written into it.
+    fn serve(&mut self, memory: &GuestMemoryMmap, chain: Chain<'_>) -> u32;
+}
+
+/// The epoll token of a [`SingleQueueHandler`]'s queue kick.
+const QUEUE_KICK: u64 = 0;
+
+/// The data plane of a device with a single queue whose requests are served synchronously, one
+/// chain at a time, by a [`ChainServer`]. Every kick drains the queue; a request is complete
+/// when its chain is used, so a paused handler has nothing in flight.
+pub(crate) struct SingleQueueHandler<S> {
+    memory: GuestMemoryMmap,
+    interrupt: Arc<dyn Interrupt>,
+    queue: DeviceQueue,
+    server: S,
+}
+
+impl<S: ChainServer> SingleQueueHandler<S> {
+    /// The handler for `activation`, which must hold exactly one queue.
+    pub(crate) fn new(activation: Activation, server: S) -> Result<Self, ActivateError> {
+        let [queue] = device_queues(activation.queues, activation.features)?;
+        Ok(SingleQueueHandler {
+            memory: activation.memory,
+            interrupt: activation.interrupt,
+            queue,
+            server,
+        })
+    }
+
+    fn serve(&mut self) {
+        let (memory, server) = (&self.memory, &mut self.server);
+        self.queue
+            .process(memory, self.interrupt.as_ref(), |chain| {
+                server.serve(memory, chain)
+            });
+    }
+}
+
+impl<S: ChainServer> EventHandler for SingleQueueHandler<S> {
+    fn register(&mut self, events: &EventLoop) -> io::Result<()> {
+        events.watch(&self.queue.kick, QUEUE_KICK)
+    }
+
+    fn start(&mut self, _events: &EventLoop) {
+        self.serve();
+    }
+
+    fn handle_event(&mut self, _events: &EventLoop, _token: u64) {
+        self.queue.clear_kick();
+        self.serve();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_queue::QueueT;
+
+    use super::*;
+    use crate::test_utils::{TestQueue, test_memory};
+    use crate::worker::feature;
+
+    #[test]
+    fn device_queues_come_in_index_order_with_acked_event_idx() {
+        let mem = test_memory();
+        let (q0, q1) = (TestQueue::new(&mem, 16), TestQueue::new(&mem, 16));
+        let reversed = vec![q1.active_queue(1), q0.active_queue(0)];
+        let [rx, tx] = device_queues(reversed, feature(VIRTIO_RING_F_EVENT_IDX)).unwrap();
+        assert_eq!((rx.index, tx.index), (0, 1));
+        assert!(rx.queue.event_idx_enabled() && tx.queue.event_idx_enabled());
+        let [only] = device_queues::<1>(vec![q0.active_queue(0)], 0).unwrap();
+        assert!(!only.queue.event_idx_enabled());
+        assert!(matches!(
+            device_queues::<2>(vec![q0.active_queue(0)], 0),
+            Err(ActivateError::QueueCount { got: 1, want: 2 })
+        ));
+    }
+}
