@@ -11,7 +11,7 @@ use log::LevelFilter;
 use crate::config::{self, ConsoleKind, DiskArg, TapSpec, Transport, VmConfig};
 
 /// Exit code for a bad command line or an unreadable file named on it.
-pub const USAGE_ERROR: i32 = 2;
+pub use pvm_common::exit::USAGE_ERROR;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const GUEST_POWER_OFF: i32 = 0;
-pub const VMM_FAILURE: i32 = 1;
+/// pvm itself failed (the code the backends use for a failure while serving).
+pub const VMM_FAILURE: i32 = pvm_common::exit::FAILURE;
 pub const GUEST_PANIC: i32 = 3;
 pub const GUEST_TRIPLE_FAULT: i32 = 4;
 pub const KVM_RUN_FAILURE: i32 = 5;
 /// A pvm thread made a system call its seccomp filter does not allow (see crate::seccomp).
-pub const SECCOMP_VIOLATION: i32 = 6;
+pub use pvm_common::exit::SECCOMP_VIOLATION;
 
 /// How the guest (or the run) ended.
 #[derive(Clone, Debug, PartialEq, Eq)]

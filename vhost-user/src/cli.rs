@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use log::LevelFilter;
 
-/// Exit code for a bad command line (or a file or tap named on it that cannot be used).
-pub const USAGE_ERROR: i32 = 2;
-/// Exit code when serving failed after start-up.
-pub const FAILURE: i32 = 1;
+/// Exit code for a bad command line (or a file or tap named on it that cannot be used), and
+/// exit code when serving failed after start-up.
+pub use pvm_common::exit::{FAILURE, USAGE_ERROR};
 
 /// Parses `args` for program `name`; on a bad command line prints one line naming the flag
 /// and returns Err(exit code); --help and --version print and return Err(0).
@@ -110,35 +109,9 @@ pub fn parse_socket(text: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-struct StderrLogger {
-    name: &'static str,
-}
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) {
-            eprintln!(
-                "{}: {}: {}",
-                self.name,
-                record.level().as_str().to_lowercase(),
-                record.args()
-            );
-        }
-    }
-
-    fn flush(&self) {}
-}
-
 /// Sends `log` output to stderr as "NAME: level: message".
 pub fn init_logger(name: &'static str, level: LevelFilter) {
-    let logger = Box::leak(Box::new(StderrLogger { name }));
-    if log::set_logger(logger).is_ok() {
-        log::set_max_level(level);
-    }
+    pvm_common::logger::init(name, pvm_common::logger::LineEnd::Newline, level);
 }
 
 /// Parses `--seccomp`.

@@ -14,7 +14,7 @@ use seccompiler::{
 };
 
 /// Exit code after a forbidden system call (as pvm's).
-pub const SECCOMP_VIOLATION: i32 = 6;
+pub use pvm_common::exit::SECCOMP_VIOLATION;
 
 /// Calls every backend makes once serving: messages, ring and backend I/O, memory, locks,
 /// signals, logging, the end of threads and of the process. Thread start-up calls (rseq,
