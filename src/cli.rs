@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use log::LevelFilter;
+use pvm_common::cli::{Stop, parse_log_level, parse_on_off};
 
 use crate::config::{self, ConsoleKind, DiskArg, TapSpec, Transport, VmConfig};
 
@@ -95,19 +96,6 @@ struct Args {
     log_level: LevelFilter,
 }
 
-fn parse_log_level(text: &str) -> Result<LevelFilter, String> {
-    text.parse()
-        .map_err(|_| format!("'{text}' is not a log level (off, error, warn, info, debug, trace)"))
-}
-
-fn parse_on_off(text: &str) -> Result<bool, String> {
-    match text {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(format!("'{text}' is neither on nor off")),
-    }
-}
-
 fn parse_transport(text: &str) -> Result<Transport, String> {
     match text {
         "pci" => Ok(Transport::Pci),
@@ -152,19 +140,9 @@ fn check_file(flag: &str, path: &Path, write: bool) -> Result<(), CliExit> {
 
 /// Parses and validates the process arguments (the first one is the program name).
 pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<VmConfig, CliExit> {
-    let args = Args::try_parse_from(args).map_err(|err| {
-        use clap::error::ErrorKind;
-        match err.kind() {
-            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-                CliExit::Message(0, err.render().to_string())
-            }
-            _ => {
-                // clap's message is several lines; the first names the flag and the reason.
-                let rendered = err.render().to_string();
-                let first = rendered.lines().next().unwrap_or("invalid command line");
-                usage_error(first.trim_start_matches("error: ").to_string())
-            }
-        }
+    let args = pvm_common::cli::parse::<Args>(args).map_err(|stop| match stop {
+        Stop::Info(text) => CliExit::Message(0, text),
+        Stop::Usage(line) => usage_error(line),
     })?;
     if let Some(kernel) = &args.kernel {
         check_file("--kernel", kernel, false)?;
