@@ -44,6 +44,8 @@ pub enum ServeError {
     Listen { path: String, source: ProtocolError },
     #[error("{0}")]
     Daemon(String),
+    #[error(transparent)]
+    Sandbox(#[from] pvm_common::seccomp::Error),
 }
 
 /// The eventfd pair that ends a vring worker (the backends' `exit_event`).
@@ -113,7 +115,7 @@ where
     // One frontend only: the socket file goes now (the sandbox forbids unlink later).
     drop(listener);
     if sandbox {
-        crate::sandbox::confine(name).map_err(ServeError::Daemon)?;
+        crate::sandbox::confine(name)?;
     }
     let result = daemon.wait();
     if let Some(report) = backend.read().ok().and_then(|b| b.report()) {
