@@ -19,11 +19,7 @@ pub use pvm_common::exit::USAGE_ERROR;
     name = "pvm",
     version,
     about = "pvm: a virtio-first KVM virtual machine monitor",
-    long_about = "pvm boots a Linux guest on KVM. The guest sees virtio devices plus an 8250 UART \
-                  for early boot; the UART (ttyS0) is wired to this terminal in raw mode.\n\n\
-                  Exit status: 0 guest powered off or rebooted, 1 VMM failure, 2 bad command line, \
-                  3 guest panic, 4 guest triple fault, 5 KVM could not run the guest, \
-                  128+N stopped by signal N."
+    long_about = long_about()
 )]
 struct Args {
     /// Guest kernel: an ELF vmlinux (PVH or 64-bit entry) or a bzImage.
@@ -94,6 +90,15 @@ struct Args {
     /// How much pvm itself logs to stderr: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
     log_level: LevelFilter,
+}
+
+/// `--help`'s description, its exit-status list made from the codes pvm exits with.
+fn long_about() -> String {
+    format!(
+        "pvm boots a Linux guest on KVM. The guest sees virtio devices plus an 8250 UART for \
+         early boot; the UART (ttyS0) is wired to this terminal in raw mode.\n\n{}",
+        crate::exit::exit_status_help()
+    )
 }
 
 fn parse_transport(text: &str) -> Result<Transport, String> {
@@ -320,6 +325,16 @@ mod tests {
                 ] {
                     assert!(text.contains(flag), "{flag} missing from help");
                 }
+                for (code, meaning) in crate::exit::EXIT_CODES {
+                    assert!(
+                        text.contains(&format!("{code} {meaning}")),
+                        "exit code {code} missing from help"
+                    );
+                }
+                assert!(
+                    text.contains("6 seccomp violation, 128+N stopped by signal N."),
+                    "{text}"
+                );
             }
             other => panic!("{other:?}"),
         }
