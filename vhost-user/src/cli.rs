@@ -105,19 +105,19 @@ where
 {
     let ready = || {
         // Scripts and tests wait for this line before starting the VMM.
-        eprintln!("{name}: serving {what} on {}", socket.display());
+        to_stderr(&format!("{name}: serving {what} on {}\n", socket.display()));
     };
     match crate::serve(name, backend, socket, sandbox, ready) {
         Ok(()) => {
-            eprintln!("{name}: the frontend disconnected; exiting");
+            to_stderr(&format!("{name}: the frontend disconnected; exiting\n"));
             0
         }
         Err(e @ crate::ServeError::Listen { .. }) => {
-            eprintln!("{name}: --socket {e}");
+            to_stderr(&format!("{name}: --socket {e}\n"));
             USAGE_ERROR
         }
         Err(e) => {
-            eprintln!("{name}: {e}");
+            to_stderr(&format!("{name}: {e}\n"));
             FAILURE
         }
     }

@@ -20,6 +20,7 @@ pub mod sandbox;
 use std::os::fd::RawFd;
 use std::path::Path;
 
+use pvm_common::logger::to_stderr;
 use vhost::vhost_user::{Error as ProtocolError, Listener};
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -119,7 +120,7 @@ where
     }
     let result = daemon.wait();
     if let Some(report) = backend.read().ok().and_then(|b| b.report()) {
-        eprintln!("{name}: {report}");
+        to_stderr(&format!("{name}: {report}\n"));
     }
     // The vring worker ends on its exit event; the daemon joins it when dropped.
     for handler in daemon.get_epoll_handlers() {

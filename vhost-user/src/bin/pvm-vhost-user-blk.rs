@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use pvm_common::logger::to_stderr;
 use pvm_vhost_user::block::BlockBackend;
 use pvm_vhost_user::cli;
 
@@ -41,7 +42,7 @@ fn main() {
     let backend = match BlockBackend::open(&args.disk.path, args.disk.read_only, None) {
         Ok(backend) => backend,
         Err(e) => {
-            eprintln!("{NAME}: --{e}");
+            to_stderr(&format!("{NAME}: --{e}\n"));
             std::process::exit(cli::USAGE_ERROR);
         }
     };

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use pvm_common::logger::to_stderr;
 use pvm_vhost_user::cli;
 use pvm_vhost_user::net::NetBackend;
 
@@ -45,7 +46,7 @@ fn main() {
     let backend = match NetBackend::open(&args.tap, args.mac) {
         Ok(backend) => backend,
         Err(e) => {
-            eprintln!("{NAME}: --{e}");
+            to_stderr(&format!("{NAME}: --{e}\n"));
             std::process::exit(cli::USAGE_ERROR);
         }
     };
