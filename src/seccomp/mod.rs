@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use pvm_common::seccomp::{self as common, CallFormat, EVERY_THREAD, Reporter};
+use pvm_common::seccomp::{self as common, CallFormat, DATA_PLANE, EVERY_THREAD, Reporter};
 use seccompiler::{BpfProgram, SeccompCmpArgLen, SeccompCmpOp, SeccompRule};
 
 /// The kinds of thread pvm runs, each with its own filter.
@@ -49,20 +49,8 @@ const VCPU: &[i64] = &[
     libc::SYS_eventfd2,
 ];
 
-/// A device thread's event loop and I/O.
-const DEVICE: &[i64] = &[
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_epoll_ctl,
-    libc::SYS_readv,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_fdatasync,
-    libc::SYS_fsync,
-    libc::SYS_fallocate,
-];
+/// A device thread's event loop and I/O: the data plane's calls, nothing more.
+const DEVICE: &[i64] = DATA_PLANE;
 
 /// The main loop, and the teardown of the VM when it ends.
 const MAIN: &[i64] = &[

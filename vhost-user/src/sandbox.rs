@@ -8,30 +8,20 @@
 
 use std::collections::BTreeMap;
 
-use pvm_common::seccomp::{self as common, CallFormat, EVERY_THREAD, Reporter};
+use pvm_common::seccomp::{self as common, CallFormat, DATA_PLANE, EVERY_THREAD, Reporter};
 use seccompiler::{BpfProgram, SeccompCmpArgLen, SeccompCmpOp, SeccompRule};
 
 /// Exit code after a forbidden system call (as pvm's).
 pub use pvm_common::exit::SECCOMP_VIOLATION;
 
-/// What a serving backend calls beyond what every thread does: messages, ring and backend
-/// I/O. Thread start-up calls (rseq, set_robust_list, sched_getaffinity) are there because the
-/// library's connection thread may still be starting when the filter goes in.
+/// What a serving backend calls beyond every thread's calls and the data plane's (its ring and
+/// backend I/O): the frontend's messages. Thread start-up calls (rseq, set_robust_list,
+/// sched_getaffinity) are there because the library's connection thread may still be starting
+/// when the filter goes in.
 const BACKEND: &[i64] = &[
-    libc::SYS_readv,
     libc::SYS_recvmsg,
     libc::SYS_sendmsg,
     libc::SYS_shutdown,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_epoll_ctl,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_fdatasync,
-    libc::SYS_fsync,
-    libc::SYS_fallocate,
     libc::SYS_rseq,
     libc::SYS_set_robust_list,
     libc::SYS_sched_getaffinity,
@@ -44,7 +34,7 @@ fn rule(arg: u8, value: u64) -> SeccompRule {
 
 /// The system calls a serving backend may make, with their argument rules.
 pub fn rules() -> BTreeMap<i64, Vec<SeccompRule>> {
-    let mut rules = common::allow(&[EVERY_THREAD, BACKEND]);
+    let mut rules = common::allow(&[EVERY_THREAD, DATA_PLANE, BACKEND]);
     // TUNSETOFFLOAD only: the net backend follows the offloads the driver accepted.
     rules.insert(libc::SYS_ioctl, vec![rule(1, libc::TUNSETOFFLOAD)]);
     // Duplicating descriptors received in messages; closing checks them in debug builds.

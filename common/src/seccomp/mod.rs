@@ -1,8 +1,8 @@
 //! The seccomp pieces pvm and its backends share: the system calls every thread of either needs
-//! ([`EVERY_THREAD`]), building and compiling a filter from lists of calls and argument rules,
-//! and the report of a forbidden call ([`Reporter`], the SIGSYS handler). Each binary adds the
-//! calls of its own threads and installs the filters its own way (pvm per thread kind, the
-//! backends on all threads at once).
+//! ([`EVERY_THREAD`]) and those of a virtio data plane ([`DATA_PLANE`]), building and compiling
+//! a filter from lists of calls and argument rules, and the report of a forbidden call
+//! ([`Reporter`], the SIGSYS handler). Each binary adds the calls of its own threads and
+//! installs the filters its own way (pvm per thread kind, the backends on all threads at once).
 
 mod report;
 mod syscall_names;
@@ -49,6 +49,22 @@ pub const EVERY_THREAD: &[i64] = &[
     libc::SYS_tgkill,
     libc::SYS_exit,
     libc::SYS_exit_group,
+];
+
+/// What a virtio data plane calls (pvm-virtio's request code, in pvm's device threads and in the
+/// backends alike): its event loop, and reading, writing and syncing its disk image or tap.
+pub const DATA_PLANE: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_readv,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_fallocate,
 ];
 
 /// Why a filter could not be built, compiled or installed; `what` names the filter.
@@ -115,9 +131,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_base_list_compiles_and_allows_nothing_that_opens_or_spawns() {
-        let mut rules = allow(&[EVERY_THREAD, &[libc::SYS_readv]]);
-        assert_eq!(rules.len(), EVERY_THREAD.len() + 1);
+    fn the_shared_lists_compile_and_allow_nothing_that_opens_or_spawns() {
+        let mut rules = allow(&[EVERY_THREAD, DATA_PLANE]);
+        assert_eq!(rules.len(), EVERY_THREAD.len() + DATA_PLANE.len());
         rules.insert(
             libc::SYS_fcntl,
             vec![rule(
@@ -127,7 +143,6 @@ mod tests {
                 libc::F_GETFD as u64,
             )],
         );
-        assert!(!compile(rules, "test").unwrap().is_empty());
         for nr in [
             libc::SYS_open,
             libc::SYS_openat,
@@ -141,7 +156,8 @@ mod tests {
             libc::SYS_ptrace,
             libc::SYS_getppid,
         ] {
-            assert!(!EVERY_THREAD.contains(&nr), "{}", syscall_name(nr));
+            assert!(!rules.contains_key(&nr), "{}", syscall_name(nr));
         }
+        assert!(!compile(rules, "test").unwrap().is_empty());
     }
 }
