@@ -7,22 +7,19 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use log::LevelFilter;
+use pvm_common::cli::{Stop, parse_log_level, parse_on_off};
 
 use crate::config::{self, ConsoleKind, DiskArg, TapSpec, Transport, VmConfig};
 
 /// Exit code for a bad command line or an unreadable file named on it.
-pub const USAGE_ERROR: i32 = 2;
+pub use pvm_common::exit::USAGE_ERROR;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "pvm",
     version,
     about = "pvm: a virtio-first KVM virtual machine monitor",
-    long_about = "pvm boots a Linux guest on KVM. The guest sees virtio devices plus an 8250 UART \
-                  for early boot; the UART (ttyS0) is wired to this terminal in raw mode.\n\n\
-                  Exit status: 0 guest powered off or rebooted, 1 VMM failure, 2 bad command line, \
-                  3 guest panic, 4 guest triple fault, 5 KVM could not run the guest, \
-                  128+N stopped by signal N."
+    long_about = long_about()
 )]
 struct Args {
     /// Guest kernel: an ELF vmlinux (PVH or 64-bit entry) or a bzImage.
@@ -95,17 +92,13 @@ struct Args {
     log_level: LevelFilter,
 }
 
-fn parse_log_level(text: &str) -> Result<LevelFilter, String> {
-    text.parse()
-        .map_err(|_| format!("'{text}' is not a log level (off, error, warn, info, debug, trace)"))
-}
-
-fn parse_on_off(text: &str) -> Result<bool, String> {
-    match text {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(format!("'{text}' is neither on nor off")),
-    }
+/// `--help`'s description, its exit-status list made from the codes pvm exits with.
+fn long_about() -> String {
+    format!(
+        "pvm boots a Linux guest on KVM. The guest sees virtio devices plus an 8250 UART for \
+         early boot; the UART (ttyS0) is wired to this terminal in raw mode.\n\n{}",
+        crate::exit::exit_status_help()
+    )
 }
 
 fn parse_transport(text: &str) -> Result<Transport, String> {
@@ -152,19 +145,9 @@ fn check_file(flag: &str, path: &Path, write: bool) -> Result<(), CliExit> {
 
 /// Parses and validates the process arguments (the first one is the program name).
 pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<VmConfig, CliExit> {
-    let args = Args::try_parse_from(args).map_err(|err| {
-        use clap::error::ErrorKind;
-        match err.kind() {
-            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-                CliExit::Message(0, err.render().to_string())
-            }
-            _ => {
-                // clap's message is several lines; the first names the flag and the reason.
-                let rendered = err.render().to_string();
-                let first = rendered.lines().next().unwrap_or("invalid command line");
-                usage_error(first.trim_start_matches("error: ").to_string())
-            }
-        }
+    let args = pvm_common::cli::parse::<Args>(args).map_err(|stop| match stop {
+        Stop::Info(text) => CliExit::Message(0, text),
+        Stop::Usage(line) => usage_error(line),
     })?;
     if let Some(kernel) = &args.kernel {
         check_file("--kernel", kernel, false)?;
@@ -342,6 +325,16 @@ mod tests {
                 ] {
                     assert!(text.contains(flag), "{flag} missing from help");
                 }
+                for (code, meaning) in crate::exit::EXIT_CODES {
+                    assert!(
+                        text.contains(&format!("{code} {meaning}")),
+                        "exit code {code} missing from help"
+                    );
+                }
+                assert!(
+                    text.contains("6 seccomp violation, 128+N stopped by signal N."),
+                    "{text}"
+                );
             }
             other => panic!("{other:?}"),
         }

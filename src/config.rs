@@ -142,28 +142,9 @@ pub fn parse_mem_size(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
-/// Parses a MAC address written as six colon-separated hex bytes.
+/// Parses a MAC address written as six colon-separated hex bytes (the `mac=` of `--tap`).
 pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = text.split(':').collect();
-    if parts.len() != 6 {
-        return Err(format!(
-            "mac '{text}' must be six hex bytes like 52:54:00:12:34:56"
-        ));
-    }
-    let mut mac = [0u8; 6];
-    for (byte, part) in mac.iter_mut().zip(parts) {
-        if part.len() != 2 {
-            return Err(format!(
-                "mac '{text}' must be six hex bytes like 52:54:00:12:34:56"
-            ));
-        }
-        *byte = u8::from_str_radix(part, 16)
-            .map_err(|_| format!("mac '{text}' has a non-hex byte '{part}'"))?;
-    }
-    if mac[0] & 1 != 0 {
-        return Err(format!("mac '{text}' is a multicast address"));
-    }
-    Ok(mac)
+    pvm_common::cli::parse_mac(text).map_err(|e| format!("mac {e}"))
 }
 
 /// One `--disk` flag: a raw image pvm serves itself, or a vhost-user backend's socket.

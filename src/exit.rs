@@ -7,12 +7,41 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const GUEST_POWER_OFF: i32 = 0;
-pub const VMM_FAILURE: i32 = 1;
+/// pvm itself failed (the code the backends use for a failure while serving).
+pub const VMM_FAILURE: i32 = pvm_common::exit::FAILURE;
 pub const GUEST_PANIC: i32 = 3;
 pub const GUEST_TRIPLE_FAULT: i32 = 4;
 pub const KVM_RUN_FAILURE: i32 = 5;
 /// A pvm thread made a system call its seccomp filter does not allow (see crate::seccomp).
-pub const SECCOMP_VIOLATION: i32 = 6;
+pub use pvm_common::exit::SECCOMP_VIOLATION;
+// A bad command line or an unreadable file named on it (see crate::cli).
+use pvm_common::exit::USAGE_ERROR;
+/// Added to the number of the signal that stopped pvm.
+pub const SIGNAL_BASE: i32 = 128;
+
+/// Every exit code pvm ends with and what it means; `pvm --help` lists them from here. A signal
+/// N that stops pvm gives [`SIGNAL_BASE`] + N.
+pub const EXIT_CODES: &[(i32, &str)] = &[
+    (GUEST_POWER_OFF, "guest powered off or rebooted"),
+    (VMM_FAILURE, "VMM failure"),
+    (USAGE_ERROR, "bad command line"),
+    (GUEST_PANIC, "guest panic"),
+    (GUEST_TRIPLE_FAULT, "guest triple fault"),
+    (KVM_RUN_FAILURE, "KVM could not run the guest"),
+    (SECCOMP_VIOLATION, "seccomp violation"),
+];
+
+/// The exit-status paragraph of `pvm --help`, from [`EXIT_CODES`].
+pub fn exit_status_help() -> String {
+    let codes: Vec<String> = EXIT_CODES
+        .iter()
+        .map(|(code, meaning)| format!("{code} {meaning}"))
+        .collect();
+    format!(
+        "Exit status: {}, {SIGNAL_BASE}+N stopped by signal N.",
+        codes.join(", ")
+    )
+}
 
 /// How the guest (or the run) ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,8 +71,8 @@ impl Outcome {
             Outcome::Panic => GUEST_PANIC,
             Outcome::TripleFault => GUEST_TRIPLE_FAULT,
             Outcome::KvmFailure(_) => KVM_RUN_FAILURE,
-            Outcome::Signal(signo) => 128 + signo,
-            Outcome::ConsoleQuit => 128 + libc::SIGINT,
+            Outcome::Signal(signo) => SIGNAL_BASE + signo,
+            Outcome::ConsoleQuit => SIGNAL_BASE + libc::SIGINT,
             Outcome::VmmFailure(_) => VMM_FAILURE,
         }
     }
@@ -140,6 +169,30 @@ mod tests {
         assert_eq!(Outcome::Signal(15).exit_code(), 143);
         assert!(Outcome::PowerOff.message().is_none());
         assert!(Outcome::Panic.message().unwrap().contains("panic"));
+    }
+
+    #[test]
+    fn every_ending_has_a_listed_code() {
+        let listed: Vec<i32> = EXIT_CODES.iter().map(|&(code, _)| code).collect();
+        for outcome in [
+            Outcome::PowerOff,
+            Outcome::Reboot,
+            Outcome::Panic,
+            Outcome::TripleFault,
+            Outcome::KvmFailure(String::new()),
+            Outcome::VmmFailure(String::new()),
+        ] {
+            assert!(listed.contains(&outcome.exit_code()), "{outcome:?}");
+        }
+        for code in [USAGE_ERROR, SECCOMP_VIOLATION] {
+            assert!(listed.contains(&code), "{code}");
+        }
+        let mut distinct = listed.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), listed.len(), "{listed:?}");
+        assert!(listed.iter().all(|&code| code < SIGNAL_BASE));
+        assert_eq!(Outcome::ConsoleQuit.exit_code(), SIGNAL_BASE + libc::SIGINT);
     }
 
     #[test]

@@ -278,9 +278,10 @@ impl Vcpu {
     /// Runs until the guest ends the VM or the main thread asks to stop (then kicks this thread
     /// with a signal so KVM_RUN returns EINTR).
     pub fn run(mut self) {
-        if let Some(first) = crate::devices::boot_timer::record_first_run() {
+        use crate::devices::boot_timer;
+        if let Some(first) = boot_timer::record_first_run() {
             if self.boot_timer {
-                eprintln!("{}", crate::devices::boot_timer::first_run_line(&first));
+                boot_timer::print(&boot_timer::first_run_line(&first));
             }
         }
         while !self.stop.load(Ordering::Acquire) {

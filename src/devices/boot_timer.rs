@@ -55,6 +55,12 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Prints a boot-timer line on stderr. These run on vCPU threads: through the logger's writer,
+/// not `eprintln!`, which panics when stderr is a pipe whose reader has gone.
+pub fn print(line: &str) {
+    crate::logger::to_stderr(&format!("{line}\n"));
+}
+
 /// The line pvm prints when the first vCPU enters the guest.
 pub fn first_run_line(run: &FirstRun) -> String {
     let since_start = PROCESS_START
@@ -96,7 +102,7 @@ impl BusDevice for BootTimer {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == 0 && data == [BOOT_TIMER_MAGIC] {
             self.signals += 1;
-            eprintln!("{}", Self::line(self.signals, Instant::now()));
+            print(&Self::line(self.signals, Instant::now()));
         }
     }
 }

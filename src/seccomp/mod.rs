@@ -8,23 +8,16 @@
 //! - The main thread (stdin, signals, the end of the VM) installs its own once every other thread
 //!   runs.
 //!
-//! A call outside the filter raises SIGSYS; the handler names the thread and the system call on
-//! stderr, puts the terminal back and ends pvm with [`crate::exit::SECCOMP_VIOLATION`]. Every
+//! A call outside the filter raises SIGSYS; the handler (`pvm_common::seccomp`, shared with the
+//! vhost-user backends like the calls every thread makes) names the thread and the system call
+//! on stderr, puts the terminal back and ends pvm with [`crate::exit::SECCOMP_VIOLATION`]. Every
 //! `ioctl` is limited to the families pvm uses (KVM, vhost, and the tty/tun 'T' family), and
 //! `fcntl` to F_DUPFD_CLOEXEC and F_GETFD. `--seccomp off` turns it all off, for debugging.
 
-mod syscall_names;
-
-use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
-
-pub use syscall_names::SYSCALL_NAMES;
+use pvm_common::seccomp::{self as common, CallFormat, DATA_PLANE, EVERY_THREAD, Reporter};
+use seccompiler::{BpfProgram, SeccompCmpArgLen, SeccompCmpOp, SeccompRule};
 
 /// The kinds of thread pvm runs, each with its own filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,37 +41,6 @@ impl ThreadKind {
     }
 }
 
-/// Calls every thread makes: memory management (the allocator, thread stacks), locks, logging
-/// to stderr, clocks, signal returns, and ending the thread or the process.
-const COMMON: &[i64] = &[
-    libc::SYS_read,
-    libc::SYS_write,
-    libc::SYS_writev,
-    libc::SYS_close,
-    libc::SYS_futex,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mprotect,
-    libc::SYS_mremap,
-    libc::SYS_madvise,
-    libc::SYS_brk,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_sigaltstack,
-    libc::SYS_restart_syscall,
-    libc::SYS_sched_yield,
-    libc::SYS_clock_gettime,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_nanosleep,
-    libc::SYS_getrandom,
-    libc::SYS_gettid,
-    libc::SYS_getpid,
-    // abort() on a failed assertion raises SIGABRT with tgkill.
-    libc::SYS_tgkill,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
-];
-
 /// Device activation and reset run on the vCPU that wrote DRIVER_OK or 0 to the status: new
 /// event loops, eventfds and duplicated descriptors.
 const VCPU: &[i64] = &[
@@ -87,20 +49,8 @@ const VCPU: &[i64] = &[
     libc::SYS_eventfd2,
 ];
 
-/// A device thread's event loop and I/O.
-const DEVICE: &[i64] = &[
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_epoll_ctl,
-    libc::SYS_readv,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_fdatasync,
-    libc::SYS_fsync,
-    libc::SYS_fallocate,
-];
+/// A device thread's event loop and I/O: the data plane's calls, nothing more.
+const DEVICE: &[i64] = DATA_PLANE;
 
 /// The main loop, and the teardown of the VM when it ends.
 const MAIN: &[i64] = &[
@@ -146,16 +96,12 @@ pub fn rules_with(
     stats: bool,
     vhost_user_sockets: &[i32],
 ) -> BTreeMap<i64, Vec<SeccompRule>> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    let extra: &[&[i64]] = match kind {
-        ThreadKind::Main if stats => &[MAIN, MAIN_STATS],
-        ThreadKind::Main => &[MAIN],
-        ThreadKind::Vcpu => &[VCPU],
-        ThreadKind::Device => &[DEVICE],
-    };
-    for &nr in COMMON.iter().chain(extra.iter().flat_map(|s| s.iter())) {
-        rules.insert(nr, Vec::new());
-    }
+    let mut rules = common::allow(match kind {
+        ThreadKind::Main if stats => &[EVERY_THREAD, MAIN, MAIN_STATS],
+        ThreadKind::Main => &[EVERY_THREAD, MAIN],
+        ThreadKind::Vcpu => &[EVERY_THREAD, VCPU],
+        ThreadKind::Device => &[EVERY_THREAD, DEVICE],
+    });
     let ioctl_types: &[u64] = match kind {
         // Device threads restore the terminal (in the SIGSYS handler) and attach or detach tap
         // queues (a multiqueue control queue); one vhost request is added below.
@@ -182,10 +128,16 @@ pub fn rules_with(
             vhost_user_sockets
                 .iter()
                 .map(|&fd| {
-                    let conditions = vec![
-                        condition(0, SeccompCmpOp::Eq, fd as u64),
-                        condition(2, SeccompCmpOp::Eq, flags as u64),
-                    ];
+                    // The descriptor and flags arguments are ints: compare the low 32 bits.
+                    let int_is = |arg, value: i32| {
+                        common::condition(
+                            arg,
+                            SeccompCmpArgLen::Dword,
+                            SeccompCmpOp::Eq,
+                            value as u64,
+                        )
+                    };
+                    let conditions = vec![int_is(0, fd), int_is(2, flags)];
                     SeccompRule::new(conditions).expect("two conditions")
                 })
                 .collect()
@@ -196,15 +148,9 @@ pub fn rules_with(
     rules
 }
 
-fn condition(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompCondition {
-    // The descriptor and flags arguments are ints: compare the low 32 bits only.
-    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).expect("argument index below 6")
-}
-
+/// A rule on the whole 64 bits of argument `arg`.
 fn rule(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompRule {
-    let condition = SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value)
-        .expect("argument index below 6");
-    SeccompRule::new(vec![condition]).expect("one condition")
+    common::rule(arg, SeccompCmpArgLen::Qword, op, value)
 }
 
 /// The compiled filter for `kind`: allowed calls pass, anything else traps (SIGSYS).
@@ -218,24 +164,18 @@ pub fn filter_with(
     stats: bool,
     vhost_user_sockets: &[i32],
 ) -> Result<BpfProgram, String> {
-    let filter = SeccompFilter::new(
-        rules_with(kind, stats, vhost_user_sockets),
-        SeccompAction::Trap,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| format!("building the {} filter: {e}", kind.name()))?;
-    filter.try_into().map_err(|e: seccompiler::BackendError| {
-        format!("compiling the {} filter: {e}", kind.name())
-    })
+    common::compile(rules_with(kind, stats, vhost_user_sockets), kind.name())
+        .map_err(|e| e.to_string())
 }
 
-thread_local! {
-    /// The calling thread's name and kind, for the SIGSYS message (no allocation there).
-    static THREAD_LABEL: Cell<[u8; 32]> = const { Cell::new([0; 32]) };
-}
-
-static HANDLER_INSTALLED: AtomicBool = AtomicBool::new(false);
+/// How pvm reports a forbidden call: the call by name, and the terminal put back before the
+/// exit (the guest may have left it in raw mode).
+const REPORTER: Reporter = Reporter {
+    program: "pvm",
+    call: CallFormat::NameAndNumber,
+    consequence: "; stopping the VM",
+    before_exit: crate::terminal::restore_from_signal_handler,
+};
 
 /// Installs the filter for `kind` on the calling thread (and, once per process, the SIGSYS
 /// handler that reports violations).
@@ -249,29 +189,25 @@ pub fn install_with(
     stats: bool,
     vhost_user_sockets: &[i32],
 ) -> Result<(), String> {
-    install_sigsys_handler()?;
+    common::install_reporter(REPORTER).map_err(|e| e.to_string())?;
     let name = std::thread::current()
         .name()
         .unwrap_or(kind.name())
         .to_string();
-    let mut label = [0u8; 32];
-    let text = format!("{name} ({})", kind.name());
-    let len = text.len().min(label.len());
-    label[..len].copy_from_slice(&text.as_bytes()[..len]);
-    THREAD_LABEL.with(|cell| cell.set(label));
+    common::set_thread_label(&format!("{name} ({})", kind.name()));
     let program = filter_with(kind, stats, vhost_user_sockets)?;
     // Read before the filter is in place (it is only memory, but keep it obviously so).
     let probe = std::env::var_os(PROBE_ENV).is_some_and(|v| v == kind.name());
-    seccompiler::apply_filter(&program).map_err(|e| {
-        format!(
-            "installing the {} seccomp filter on {name}: {e}",
-            kind.name()
-        )
+    seccompiler::apply_filter(&program).map_err(|source| {
+        common::Error::Install {
+            what: format!("{} seccomp filter on {name}", kind.name()),
+            source,
+        }
+        .to_string()
     })?;
     if probe {
         // The test hook: a call no filter allows, made right after the filter went in.
-        // SAFETY: getppid has no arguments and no effect; here it only raises SIGSYS.
-        unsafe { libc::syscall(libc::SYS_getppid) };
+        common::forbidden_call();
     }
     Ok(())
 }
@@ -316,112 +252,17 @@ pub fn install_device_filter(_name: &str) -> Result<(), String> {
     install(ThreadKind::Device, false)
 }
 
-fn install_sigsys_handler() -> Result<(), String> {
-    if HANDLER_INSTALLED.swap(true, Ordering::SeqCst) {
-        return Ok(());
-    }
-    vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys).map_err(|e| {
-        HANDLER_INSTALLED.store(false, Ordering::SeqCst);
-        format!("installing the SIGSYS handler: {e}")
-    })
-}
-
-/// The system call number a SIGSYS from seccomp carries (siginfo's `_sigsys._syscall`: after
-/// signo, errno, code and padding (16 bytes), then the call address (8 bytes)).
-///
-/// # Safety
-/// `info` must point to the siginfo_t of a SIGSYS.
-unsafe fn sigsys_syscall(info: *const libc::siginfo_t) -> i32 {
-    // SAFETY: the caller passes a valid siginfo_t; the field lies within its 128 bytes.
-    unsafe { std::ptr::read_unaligned(info.cast::<u8>().add(24).cast::<i32>()) }
-}
-
-/// The name of system call `nr`, or "" when unknown.
-pub fn syscall_name(nr: i64) -> &'static str {
-    usize::try_from(nr)
-        .ok()
-        .and_then(|i| SYSCALL_NAMES.get(i))
-        .copied()
-        .unwrap_or("")
-}
-
-/// The SIGSYS message, written into `out` without allocating; returns its length.
-pub fn violation_message(out: &mut [u8], thread: &[u8], nr: i64) -> usize {
-    let mut number = [0u8; 24];
-    let digits = format_decimal(&mut number, nr);
-    let name = syscall_name(nr);
-    let parts: [&[u8]; 7] = [
-        b"pvm: seccomp: thread ",
-        thread,
-        b" made the forbidden system call ",
-        if name.is_empty() {
-            b"?"
-        } else {
-            name.as_bytes()
-        },
-        b" (",
-        digits,
-        b"); stopping the VM (--seccomp off disables the sandbox)\n",
-    ];
-    let mut len = 0;
-    for part in parts {
-        let n = part.len().min(out.len() - len);
-        out[len..len + n].copy_from_slice(&part[..n]);
-        len += n;
-    }
-    len
-}
-
-fn format_decimal(buf: &mut [u8; 24], value: i64) -> &[u8] {
-    let negative = value < 0;
-    let mut v = value.unsigned_abs();
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    if negative {
-        at -= 1;
-        buf[at] = b'-';
-    }
-    &buf[at..]
-}
-
-extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // SAFETY: the kernel passes the SIGSYS's siginfo (SA_SIGINFO).
-    let nr = i64::from(unsafe { sigsys_syscall(info) });
-    let label = THREAD_LABEL.with(Cell::get);
-    let thread_len = label.iter().position(|&b| b == 0).unwrap_or(label.len());
-    let mut message = [0u8; 256];
-    let len = violation_message(&mut message, &label[..thread_len], nr);
-    // SAFETY: write, tcsetattr and _exit are async-signal-safe and allowed by every filter.
-    unsafe {
-        libc::write(libc::STDERR_FILENO, message.as_ptr().cast(), len);
-        crate::terminal::restore_from_signal_handler();
-        libc::_exit(crate::exit::SECCOMP_VIOLATION);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn every_kind_compiles_and_the_names_match_libc() {
+    fn every_kind_compiles() {
         for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Device] {
             for stats in [false, true] {
                 assert!(!filter(kind, stats).unwrap().is_empty());
             }
         }
-        assert_eq!(syscall_name(libc::SYS_read), "read");
-        assert_eq!(syscall_name(libc::SYS_openat), "openat");
-        assert_eq!(syscall_name(libc::SYS_clone3), "clone3");
-        assert_eq!(syscall_name(-1), "");
-        assert_eq!(syscall_name(100_000), "");
     }
 
     #[test]
@@ -449,7 +290,7 @@ mod tests {
                     !rules.contains_key(&nr),
                     "{} may call {}",
                     kind.name(),
-                    syscall_name(nr)
+                    common::syscall_name(nr)
                 );
             }
         }
@@ -467,23 +308,5 @@ mod tests {
         assert!(filter_with(ThreadKind::Vcpu, false, &[7, 9]).is_ok());
         // Only --stats lets the main thread open /proc/self/task.
         assert!(rules(ThreadKind::Main, true).contains_key(&libc::SYS_openat));
-    }
-
-    #[test]
-    fn the_violation_message_names_thread_and_call() {
-        let mut out = [0u8; 256];
-        let len = violation_message(&mut out, b"virtio-blk0 (device)", libc::SYS_openat);
-        let text = std::str::from_utf8(&out[..len]).unwrap();
-        assert_eq!(
-            text,
-            "pvm: seccomp: thread virtio-blk0 (device) made the forbidden system call openat \
-             (257); stopping the VM (--seccomp off disables the sandbox)\n"
-        );
-        let len = violation_message(&mut out, b"t", 9999);
-        assert!(
-            std::str::from_utf8(&out[..len])
-                .unwrap()
-                .contains(" ? (9999)")
-        );
     }
 }

@@ -1,75 +1,55 @@
-//! What both backend binaries share: parsing flags into one-line errors (exit 2), a stderr
-//! logger, and running a backend to the end of its connection.
+//! What both backend binaries share: parsing flags into one-line errors (exit 2), the flags
+//! both take, a stderr logger, and running a backend to the end of its connection.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use log::LevelFilter;
+use pvm_common::cli::{MacError, Stop, parse_log_level, parse_on_off};
+use pvm_common::logger::to_stderr;
 
-/// Exit code for a bad command line (or a file or tap named on it that cannot be used).
-pub const USAGE_ERROR: i32 = 2;
-/// Exit code when serving failed after start-up.
-pub const FAILURE: i32 = 1;
+/// Exit code for a bad command line (or a file or tap named on it that cannot be used), and
+/// exit code when serving failed after start-up.
+pub use pvm_common::exit::{FAILURE, USAGE_ERROR};
 
 /// Parses `args` for program `name`; on a bad command line prints one line naming the flag
 /// and returns Err(exit code); --help and --version print and return Err(0).
 pub fn parse<A: Parser>(name: &str, args: impl IntoIterator<Item = OsString>) -> Result<A, i32> {
-    A::try_parse_from(args).map_err(|err| {
-        use clap::error::ErrorKind;
-        match err.kind() {
-            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-                let _ = std::io::Write::write_all(
-                    &mut std::io::stdout(),
-                    err.render().to_string().as_bytes(),
-                );
-                0
-            }
-            _ => {
-                let rendered = err.render().to_string();
-                let mut lines = rendered.lines().filter(|l| !l.trim().is_empty());
-                let mut first = lines
-                    .next()
-                    .unwrap_or("invalid command line")
-                    .trim_start_matches("error: ")
-                    .to_string();
-                // "the following required arguments were not provided:" names them below.
-                if first.ends_with(':') {
-                    if let Some(next) = lines.next() {
-                        first = format!("{first} {}", next.trim());
-                    }
-                }
-                eprintln!("{name}: {first}");
-                USAGE_ERROR
-            }
+    pvm_common::cli::parse(args).map_err(|stop| match stop {
+        Stop::Info(text) => {
+            // Not print!, which panics on a closed pipe.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+            0
+        }
+        Stop::Usage(line) => {
+            to_stderr(&format!("{name}: {line}\n"));
+            USAGE_ERROR
         }
     })
 }
 
-/// Parses `--log-level`.
-pub fn parse_log_level(text: &str) -> Result<LevelFilter, String> {
-    text.parse()
-        .map_err(|_| format!("'{text}' is not a log level (off, error, warn, info, debug, trace)"))
+/// The flags both backends take, after their own.
+#[derive(clap::Args, Debug)]
+pub struct CommonArgs {
+    /// The seccomp sandbox: on (once the frontend is connected every thread may only serve
+    /// it; a forbidden system call ends the backend naming it, exit 6) or off, for debugging.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off,
+          action = clap::ArgAction::Set)]
+    pub seccomp: bool,
+
+    /// How much to log on stderr: off, error, warn, info, debug, trace.
+    #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
+    pub log_level: LevelFilter,
 }
 
 /// Parses `--mac`: six colon-separated hex bytes, unicast.
-pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("'{text}' must be six hex bytes like 52:54:00:12:34:56");
-    let parts: Vec<&str> = text.split(':').collect();
-    if parts.len() != 6 {
-        return Err(bad());
-    }
-    let mut mac = [0u8; 6];
-    for (byte, part) in mac.iter_mut().zip(parts) {
-        if part.len() != 2 {
-            return Err(bad());
-        }
-        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
-    }
-    if mac[0] & 1 != 0 {
-        return Err(format!("'{text}' is a multicast address"));
-    }
-    Ok(mac)
+pub fn parse_mac(text: &str) -> Result<[u8; 6], MacError> {
+    pvm_common::cli::parse_mac(text).map_err(|e| match e {
+        // The backend answers a non-hex byte with the expected form, as it always has.
+        MacError::NonHex { text, .. } => MacError::Shape(text),
+        e => e,
+    })
 }
 
 /// `FILE[,ro]` of `--disk`.
@@ -110,44 +90,9 @@ pub fn parse_socket(text: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-struct StderrLogger {
-    name: &'static str,
-}
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) {
-            eprintln!(
-                "{}: {}: {}",
-                self.name,
-                record.level().as_str().to_lowercase(),
-                record.args()
-            );
-        }
-    }
-
-    fn flush(&self) {}
-}
-
 /// Sends `log` output to stderr as "NAME: level: message".
 pub fn init_logger(name: &'static str, level: LevelFilter) {
-    let logger = Box::leak(Box::new(StderrLogger { name }));
-    if log::set_logger(logger).is_ok() {
-        log::set_max_level(level);
-    }
-}
-
-/// Parses `--seccomp`.
-pub fn parse_on_off(text: &str) -> Result<bool, String> {
-    match text {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(format!("'{text}' is neither on nor off")),
-    }
+    pvm_common::logger::init(name, pvm_common::logger::LineEnd::Newline, level);
 }
 
 /// Serves `backend` on `socket` until the frontend disconnects (confined by seccomp with
@@ -160,19 +105,19 @@ where
 {
     let ready = || {
         // Scripts and tests wait for this line before starting the VMM.
-        eprintln!("{name}: serving {what} on {}", socket.display());
+        to_stderr(&format!("{name}: serving {what} on {}\n", socket.display()));
     };
     match crate::serve(name, backend, socket, sandbox, ready) {
         Ok(()) => {
-            eprintln!("{name}: the frontend disconnected; exiting");
+            to_stderr(&format!("{name}: the frontend disconnected; exiting\n"));
             0
         }
         Err(e @ crate::ServeError::Listen { .. }) => {
-            eprintln!("{name}: --socket {e}");
+            to_stderr(&format!("{name}: --socket {e}\n"));
             USAGE_ERROR
         }
         Err(e) => {
-            eprintln!("{name}: {e}");
+            to_stderr(&format!("{name}: {e}\n"));
             FAILURE
         }
     }
@@ -205,10 +150,16 @@ mod tests {
         assert!(
             parse_mac("01:00:00:00:00:00")
                 .unwrap_err()
+                .to_string()
                 .contains("multicast")
         );
         assert!(parse_mac("52:54").is_err());
-        assert!(parse_mac("zz:54:00:ab:cd:ef").is_err());
+        assert!(
+            parse_mac("zz:54:00:ab:cd:ef")
+                .unwrap_err()
+                .to_string()
+                .contains("must be six hex bytes")
+        );
         assert!(parse_socket("").is_err());
         assert!(parse_socket("/").unwrap_err().contains("directory"));
     }

@@ -20,6 +20,7 @@ pub mod sandbox;
 use std::os::fd::RawFd;
 use std::path::Path;
 
+use pvm_common::logger::to_stderr;
 use vhost::vhost_user::{Error as ProtocolError, Listener};
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -44,6 +45,8 @@ pub enum ServeError {
     Listen { path: String, source: ProtocolError },
     #[error("{0}")]
     Daemon(String),
+    #[error(transparent)]
+    Sandbox(#[from] pvm_common::seccomp::Error),
 }
 
 /// The eventfd pair that ends a vring worker (the backends' `exit_event`).
@@ -113,11 +116,11 @@ where
     // One frontend only: the socket file goes now (the sandbox forbids unlink later).
     drop(listener);
     if sandbox {
-        crate::sandbox::confine(name).map_err(ServeError::Daemon)?;
+        crate::sandbox::confine(name)?;
     }
     let result = daemon.wait();
     if let Some(report) = backend.read().ok().and_then(|b| b.report()) {
-        eprintln!("{name}: {report}");
+        to_stderr(&format!("{name}: {report}\n"));
     }
     // The vring worker ends on its exit event; the daemon joins it when dropped.
     for handler in daemon.get_epoll_handlers() {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use log::LevelFilter;
+use pvm_common::logger::to_stderr;
 use pvm_vhost_user::block::BlockBackend;
 use pvm_vhost_user::cli;
 
@@ -29,15 +29,8 @@ struct Args {
     #[arg(long, value_name = "FILE[,ro]", value_parser = cli::parse_disk)]
     disk: cli::DiskArg,
 
-    /// The seccomp sandbox: on (once the frontend is connected every thread may only serve
-    /// it; a forbidden system call ends the backend naming it, exit 6) or off, for debugging.
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = cli::parse_on_off,
-          action = clap::ArgAction::Set)]
-    seccomp: bool,
-
-    /// How much to log on stderr: off, error, warn, info, debug, trace.
-    #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = cli::parse_log_level)]
-    log_level: LevelFilter,
+    #[command(flatten)]
+    common: cli::CommonArgs,
 }
 
 fn main() {
@@ -45,11 +38,11 @@ fn main() {
         Ok(args) => args,
         Err(code) => std::process::exit(code),
     };
-    cli::init_logger(NAME, args.log_level);
+    cli::init_logger(NAME, args.common.log_level);
     let backend = match BlockBackend::open(&args.disk.path, args.disk.read_only, None) {
         Ok(backend) => backend,
         Err(e) => {
-            eprintln!("{NAME}: --{e}");
+            to_stderr(&format!("{NAME}: --{e}\n"));
             std::process::exit(cli::USAGE_ERROR);
         }
     };
@@ -63,5 +56,11 @@ fn main() {
             ""
         }
     );
-    std::process::exit(cli::run(NAME, backend, &args.socket, args.seccomp, &what));
+    std::process::exit(cli::run(
+        NAME,
+        backend,
+        &args.socket,
+        args.common.seccomp,
+        &what,
+    ));
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use log::LevelFilter;
+use pvm_common::logger::to_stderr;
 use pvm_vhost_user::cli;
 use pvm_vhost_user::net::TapBackend;
 
@@ -33,15 +33,8 @@ struct Args {
     #[arg(long, value_name = "MAC", value_parser = cli::parse_mac)]
     mac: Option<[u8; 6]>,
 
-    /// The seccomp sandbox: on (once the frontend is connected every thread may only serve
-    /// it; a forbidden system call ends the backend naming it, exit 6) or off, for debugging.
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = cli::parse_on_off,
-          action = clap::ArgAction::Set)]
-    seccomp: bool,
-
-    /// How much to log on stderr: off, error, warn, info, debug, trace.
-    #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = cli::parse_log_level)]
-    log_level: LevelFilter,
+    #[command(flatten)]
+    common: cli::CommonArgs,
 }
 
 fn main() {
@@ -49,11 +42,11 @@ fn main() {
         Ok(args) => args,
         Err(code) => std::process::exit(code),
     };
-    cli::init_logger(NAME, args.log_level);
+    cli::init_logger(NAME, args.common.log_level);
     let backend = match TapBackend::open(&args.tap, args.mac) {
         Ok(backend) => backend,
         Err(e) => {
-            eprintln!("{NAME}: --{e}");
+            to_stderr(&format!("{NAME}: --{e}\n"));
             std::process::exit(cli::USAGE_ERROR);
         }
     };
@@ -62,5 +55,11 @@ fn main() {
         "tap {} (mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x})",
         args.tap, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
     );
-    std::process::exit(cli::run(NAME, backend, &args.socket, args.seccomp, &what));
+    std::process::exit(cli::run(
+        NAME,
+        backend,
+        &args.socket,
+        args.common.seccomp,
+        &what,
+    ));
 }
