@@ -18,14 +18,12 @@ use crate::bus::{self, Bus, BusDevice};
 use crate::config::{ConsoleKind, TapSpec, Transport, VhostMode, VmConfig};
 use crate::irq_routing::{DeviceMsi, GsiRouter};
 use crate::layout;
-use crate::pci::PciRoot;
+use crate::pci::{self, PciAllocator, PciRoot};
 use pvm_vhost::net::VhostNetPlane;
 use pvm_vhost::user::{Kind, VhostUserDevice};
 
 /// PCI I/O ports of configuration mechanism #1.
 const PCI_CONFIG_PORT: u64 = 0xcf8;
-/// GSIs for MSI-X vectors start above the IOAPIC pins.
-const MSI_GSI_START: u32 = layout::IOAPIC_PINS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -44,6 +42,11 @@ pub enum Error {
         what: &'static str,
         name: String,
         source: kvm_ioctls::Error,
+    },
+    #[error("cannot place virtio device {name} on PCI bus 0: {source}")]
+    PciResources {
+        name: String,
+        source: pci::AllocError,
     },
     #[error(transparent)]
     Bus(#[from] bus::Error),
@@ -228,27 +231,25 @@ pub fn attach(
             }
         }
         Transport::Pci => {
-            let router = Arc::new(GsiRouter::new(vm.clone()));
-            let mut root = PciRoot::new();
-            let mut next_gsi = MSI_GSI_START;
-            for (index, (name, device)) in devices.into_iter().enumerate() {
-                let transport = attach_pci(
-                    index,
-                    &name,
-                    device,
-                    vm,
-                    memory,
-                    mmio,
-                    &router,
-                    &mut next_gsi,
-                )?;
-                root.add(transport).ok_or(Error::TooMany("pci"))?;
+            let mut pci = PciAttacher::new(vm, memory);
+            for (name, device) in devices {
+                pci.attach(&name, device, mmio)?;
             }
-            pio.insert(PCI_CONFIG_PORT, 8, Arc::new(Mutex::new(root)))?;
+            pci.finish(pio)?;
             attached.aml.extend(acpi::pci_host_bridge_aml());
         }
     }
     Ok(attached)
+}
+
+fn io_error(what: &'static str, name: &str) -> impl FnOnce(std::io::Error) -> Error {
+    let name = name.to_string();
+    move |source| Error::Io { what, name, source }
+}
+
+fn kvm_error(what: &'static str, name: &str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    let name = name.to_string();
+    move |source| Error::Kvm { what, name, source }
 }
 
 fn attach_mmio(
@@ -265,20 +266,14 @@ fn attach_mmio(
         return Err(Error::TooMany("mmio"));
     }
     let base = layout::VIRTIO_MMIO_START + index as u64 * layout::VIRTIO_MMIO_SIZE;
-    let io = |what| {
-        let name = name.clone();
-        move |source| Error::Io { what, name, source }
-    };
-    let kvm = |what| {
-        let name = name.clone();
-        move |source| Error::Kvm { what, name, source }
-    };
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io("interrupt eventfd"))?;
-    vm.register_irqfd(&irq, gsi).map_err(kvm("irqfd"))?;
-    let transport = MmioTransport::new(device, memory.clone(), irq).map_err(io("transport"))?;
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_error("interrupt eventfd", &name))?;
+    vm.register_irqfd(&irq, gsi)
+        .map_err(kvm_error("irqfd", &name))?;
+    let transport =
+        MmioTransport::new(device, memory.clone(), irq).map_err(io_error("transport", &name))?;
     for (offset, queue, kick) in transport.queue_kicks() {
         vm.register_ioevent(kick, &IoEventAddress::Mmio(base + offset), queue)
-            .map_err(kvm("ioeventfd"))?;
+            .map_err(kvm_error("ioeventfd", &name))?;
     }
     bus.insert(
         base,
@@ -298,58 +293,97 @@ fn attach_mmio(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn attach_pci(
-    index: usize,
-    name: &str,
-    device: Box<dyn VirtioDevice>,
-    vm: &VmFd,
-    memory: &GuestMemoryMmap,
-    bus: &mut Bus,
-    router: &Arc<GsiRouter>,
-    next_gsi: &mut u32,
-) -> Result<Arc<Mutex<PciTransport>>, Error> {
-    let bar = layout::PCI_MMIO_START + index as u64 * BAR_SIZE;
-    if bar + BAR_SIZE > layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE {
-        return Err(Error::TooMany("pci"));
-    }
-    let io = |what| {
-        move |source| Error::Io {
-            what,
-            name: name.to_string(),
-            source,
+/// Bus 0 while the virtio-pci functions are attached: the resources handed out so far, the
+/// root they plug into and the MSI routes they share.
+struct PciAttacher<'a> {
+    vm: &'a Arc<VmFd>,
+    memory: &'a GuestMemoryMmap,
+    router: Arc<GsiRouter>,
+    resources: PciAllocator,
+    root: PciRoot,
+}
+
+impl<'a> PciAttacher<'a> {
+    fn new(vm: &'a Arc<VmFd>, memory: &'a GuestMemoryMmap) -> Self {
+        PciAttacher {
+            vm,
+            memory,
+            router: Arc::new(GsiRouter::new(vm.clone())),
+            resources: PciAllocator::new(),
+            root: PciRoot::new(),
         }
-    };
-    let kvm = |what| {
-        move |source| Error::Kvm {
-            what,
-            name: name.to_string(),
-            source,
+    }
+
+    /// Gives `device` a device number, a BAR on `mmio` and a GSI per MSI-X vector, wires its
+    /// vectors to irqfds and its queue notifications to ioeventfds, and plugs it in.
+    fn attach(
+        &mut self,
+        name: &str,
+        device: Box<dyn VirtioDevice>,
+        mmio: &mut Bus,
+    ) -> Result<(), Error> {
+        // One vector per queue plus one for configuration changes. A count past u16 is
+        // refused by the transport, which takes at most MAX_MSIX_VECTORS.
+        let vectors = u16::try_from(device.queue_max_sizes().len() + 1).unwrap_or(u16::MAX);
+        let resources = self
+            .resources
+            .allocate(vectors)
+            .map_err(|source| Error::PciResources {
+                name: name.to_string(),
+                source,
+            })?;
+        let msi = Arc::new(DeviceMsi {
+            router: self.router.clone(),
+            first_gsi: resources.first_gsi,
+        });
+        let transport = PciTransport::new(device, self.memory.clone(), resources.bar, vectors, msi)
+            .map_err(io_error("transport", name))?;
+        self.connect_vectors(name, &transport, resources.first_gsi)?;
+        self.connect_kicks(name, &transport, resources.bar)?;
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(
+            resources.bar,
+            BAR_SIZE,
+            Arc::new(Mutex::new(PciBar(transport.clone()))),
+        )?;
+        log::info!(
+            "virtio-pci {name} at 00:{:02x}.0, BAR0 at {:#x}, {vectors} MSI-X vectors from GSI {}",
+            resources.slot.number(),
+            resources.bar,
+            resources.first_gsi
+        );
+        self.root.plug(resources.slot, transport);
+        Ok(())
+    }
+
+    /// Vector `v` raises GSI `first_gsi + v` through its irqfd.
+    fn connect_vectors(
+        &self,
+        name: &str,
+        transport: &PciTransport,
+        first_gsi: u32,
+    ) -> Result<(), Error> {
+        for (gsi, irqfd) in (first_gsi..).zip(transport.vector_irqfds()) {
+            self.vm
+                .register_irqfd(irqfd, gsi)
+                .map_err(kvm_error("irqfd", name))?;
         }
-    };
-    // One vector per queue plus one for configuration changes.
-    let vectors = device.queue_max_sizes().len() as u16 + 1;
-    let msi = Arc::new(DeviceMsi {
-        router: router.clone(),
-        first_gsi: *next_gsi,
-    });
-    let transport =
-        PciTransport::new(device, memory.clone(), bar, vectors, msi).map_err(io("transport"))?;
-    for (vector, irqfd) in transport.vector_irqfds().into_iter().enumerate() {
-        vm.register_irqfd(irqfd, *next_gsi + vector as u32)
-            .map_err(kvm("irqfd"))?;
+        Ok(())
     }
-    *next_gsi += u32::from(vectors);
-    for (offset, kick) in transport.queue_kicks() {
-        vm.register_ioevent(kick, &IoEventAddress::Mmio(bar + offset), NoDatamatch)
-            .map_err(kvm("ioeventfd"))?;
+
+    /// A write to a queue's notify address in the BAR signals its kick eventfd in KVM.
+    fn connect_kicks(&self, name: &str, transport: &PciTransport, bar: u64) -> Result<(), Error> {
+        for (offset, kick) in transport.queue_kicks() {
+            self.vm
+                .register_ioevent(kick, &IoEventAddress::Mmio(bar + offset), NoDatamatch)
+                .map_err(kvm_error("ioeventfd", name))?;
+        }
+        Ok(())
     }
-    let transport = Arc::new(Mutex::new(transport));
-    bus.insert(
-        bar,
-        BAR_SIZE,
-        Arc::new(Mutex::new(PciBar(transport.clone()))),
-    )?;
-    log::info!("virtio-pci {name} BAR0 at {bar:#x}, {vectors} MSI-X vectors");
-    Ok(transport)
+
+    /// Puts the root, with every function plugged in, on the configuration ports.
+    fn finish(self, pio: &mut Bus) -> Result<(), Error> {
+        pio.insert(PCI_CONFIG_PORT, 8, Arc::new(Mutex::new(self.root)))?;
+        Ok(())
+    }
 }
