@@ -28,11 +28,12 @@ use crate::devices::boot_timer::{BOOT_TIMER_PORT, BootTimer};
 use crate::devices::legacy::{I8042, ResetLine, SerialDevice};
 use crate::devices::power::{AcpiPower, PvPanic};
 use crate::exit::{EndSignal, Outcome};
+use crate::memory::{self, VmMemory};
 use crate::seccomp::{self, ThreadKind};
 use crate::terminal::RawMode;
 use crate::vcpu::{self, Buses, ExitStats, Vcpu};
 use crate::virtio_devices::{self, Attached};
-use crate::{kvm_host, layout, logger, memory};
+use crate::{kvm_host, layout, logger};
 use pvm_virtio::{ConsoleInput, DiskErrors, NetCounters};
 
 pub use self::boot_files::{BootFiles, boot_files};
@@ -128,7 +129,6 @@ pub fn run(config: VmConfig) -> Result<Outcome, Error> {
 
 /// A built VM, ready to run.
 pub struct Vm {
-    _vm_fd: Arc<VmFd>,
     vcpus: Vec<Vcpu>,
     serial: Arc<Mutex<SerialDevice>>,
     console_input: Option<ConsoleInput>,
@@ -141,6 +141,9 @@ pub struct Vm {
     end: Arc<EndSignal>,
     stop: Arc<AtomicBool>,
     stats: Arc<ExitStats>,
+    /// The VM fd and guest RAM, last so that it drops last; `run` drops it only after the
+    /// vCPU threads are joined. Dropping it deletes the RAM's slots.
+    memory: VmMemory,
 }
 
 /// The platform devices on the port I/O bus, and the UART, which also takes host input.
@@ -152,7 +155,6 @@ struct LegacyDevices {
 /// What every vCPU shares with the rest of the VM.
 struct VcpuShared {
     buses: Arc<Buses>,
-    memory: GuestMemoryMmap,
     end: Arc<EndSignal>,
     stop: Arc<AtomicBool>,
     stats: Arc<ExitStats>,
@@ -161,24 +163,22 @@ struct VcpuShared {
 impl Vm {
     pub fn build(kvm: &Kvm, config: &VmConfig, boot_files: BootFiles) -> Result<Vm, Error> {
         prepare_sandbox(config);
-        let vm_fd = Arc::new(create_vm(kvm)?);
-        let guest_memory = create_memory(&vm_fd, config)?;
-        create_irqchip(&vm_fd)?;
+        let memory = create_memory(create_vm(kvm)?, config)?;
+        let (vm_fd, guest_memory) = (memory.vm_fd(), memory.guest_memory());
+        create_irqchip(vm_fd)?;
         let end = Arc::new(EndSignal::new().map_err(io_err("eventfd"))?);
-        let LegacyDevices { mut pio, serial } = legacy_devices(&vm_fd, config, &end)?;
+        let LegacyDevices { mut pio, serial } = legacy_devices(vm_fd, config, &end)?;
         let mut mmio = Bus::new();
-        let attached = virtio_devices::attach(config, &vm_fd, &guest_memory, &mut pio, &mut mmio)?;
-        let entry = load_guest(&guest_memory, config, &attached, boot_files)?;
+        let attached = virtio_devices::attach(config, vm_fd, guest_memory, &mut pio, &mut mmio)?;
+        let entry = load_guest(guest_memory, config, &attached, boot_files)?;
         let shared = VcpuShared {
             buses: Arc::new(Buses { pio, mmio }),
-            memory: guest_memory,
             end,
             stop: Arc::new(AtomicBool::new(false)),
             stats: Arc::new(ExitStats::default()),
         };
-        let vcpus = create_vcpus(kvm, &vm_fd, config, entry, &shared)?;
+        let vcpus = create_vcpus(kvm, &memory, config, entry, &shared)?;
         Ok(Vm {
-            _vm_fd: vm_fd,
             vcpus,
             serial,
             console_input: attached.console_input,
@@ -190,6 +190,7 @@ impl Vm {
             end: shared.end,
             stop: shared.stop,
             stats: shared.stats,
+            memory,
         })
     }
 
@@ -216,6 +217,8 @@ impl Vm {
         };
         // Whatever happened, stop and join every vCPU before the terminal is restored.
         stop_vcpus(&self.stop, threads);
+        // No vCPU runs any more: the RAM's slots can go (the devices keep their own mappings).
+        drop(self.memory);
         let signo = signals.received();
         drop(signals);
         let _ = std::io::stdout().flush();
@@ -257,13 +260,11 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, Error> {
     Ok(vm_fd)
 }
 
-/// Guest RAM, registered with KVM.
-fn create_memory(vm_fd: &VmFd, config: &VmConfig) -> Result<GuestMemoryMmap, Error> {
+/// Guest RAM, registered with KVM, owned together with the VM fd.
+fn create_memory(vm_fd: VmFd, config: &VmConfig) -> Result<VmMemory, Error> {
     // vhost-user backends map guest RAM themselves: it must be shareable.
     let shared = !config.vhost_user_disks.is_empty() || !config.vhost_user_nets.is_empty();
-    let guest_memory = memory::create(config.mem_bytes, shared)?;
-    memory::register(vm_fd, &guest_memory)?;
-    Ok(guest_memory)
+    Ok(VmMemory::new(Arc::new(vm_fd), config.mem_bytes, shared)?)
 }
 
 /// KVM's in-kernel PIC/IOAPIC/LAPICs and PIT (whose speaker port stays a dummy).
@@ -359,7 +360,7 @@ fn load_guest(
 /// The vCPUs, configured (CPUID, MSRs, LAPIC); vCPU 0 starts at `entry`.
 fn create_vcpus(
     kvm: &Kvm,
-    vm_fd: &VmFd,
+    memory: &VmMemory,
     config: &VmConfig,
     entry: BootEntry,
     shared: &VcpuShared,
@@ -369,7 +370,8 @@ fn create_vcpus(
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for index in 0..config.cpus {
-        let fd = vm_fd
+        let fd = memory
+            .vm_fd()
             .create_vcpu(u64::from(index))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
         vcpu::configure(
@@ -383,7 +385,7 @@ fn create_vcpus(
             index,
             fd,
             buses: shared.buses.clone(),
-            memory: shared.memory.clone(),
+            memory: memory.guest_memory().clone(),
             end: shared.end.clone(),
             stop: shared.stop.clone(),
             stats: shared.stats.clone(),
