@@ -10,8 +10,7 @@ use log::LevelFilter;
 
 use crate::config::{self, ConsoleKind, DiskArg, TapSpec, Transport, VmConfig};
 
-/// Exit code for a bad command line or an unreadable file named on it.
-pub const USAGE_ERROR: i32 = 2;
+pub use crate::exit::USAGE_ERROR;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -95,32 +94,45 @@ struct Args {
     log_level: LevelFilter,
 }
 
-fn parse_log_level(text: &str) -> Result<LevelFilter, String> {
-    text.parse()
-        .map_err(|_| format!("'{text}' is not a log level (off, error, warn, info, debug, trace)"))
+/// A value one of the keyword flags does not take; clap names the flag.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum KeywordError {
+    #[error("'{0}' is not a log level (off, error, warn, info, debug, trace)")]
+    LogLevel(String),
+    #[error("'{0}' is neither on nor off")]
+    OnOff(String),
+    #[error("'{0}' is not a transport (pci or mmio)")]
+    Transport(String),
+    #[error("'{0}' is not a console kind (serial or virtio)")]
+    Console(String),
 }
 
-fn parse_on_off(text: &str) -> Result<bool, String> {
+fn parse_log_level(text: &str) -> Result<LevelFilter, KeywordError> {
+    text.parse()
+        .map_err(|_| KeywordError::LogLevel(text.to_string()))
+}
+
+fn parse_on_off(text: &str) -> Result<bool, KeywordError> {
     match text {
         "on" => Ok(true),
         "off" => Ok(false),
-        _ => Err(format!("'{text}' is neither on nor off")),
+        _ => Err(KeywordError::OnOff(text.to_string())),
     }
 }
 
-fn parse_transport(text: &str) -> Result<Transport, String> {
+fn parse_transport(text: &str) -> Result<Transport, KeywordError> {
     match text {
         "pci" => Ok(Transport::Pci),
         "mmio" => Ok(Transport::Mmio),
-        _ => Err(format!("'{text}' is not a transport (pci or mmio)")),
+        _ => Err(KeywordError::Transport(text.to_string())),
     }
 }
 
-fn parse_console(text: &str) -> Result<ConsoleKind, String> {
+fn parse_console(text: &str) -> Result<ConsoleKind, KeywordError> {
     match text {
         "serial" => Ok(ConsoleKind::Serial),
         "virtio" => Ok(ConsoleKind::Virtio),
-        _ => Err(format!("'{text}' is not a console kind (serial or virtio)")),
+        _ => Err(KeywordError::Console(text.to_string())),
     }
 }
 

@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const GUEST_POWER_OFF: i32 = 0;
+/// pvm itself, KVM or the host failed (an ioctl, an eventfd, a thread, memory).
 pub const VMM_FAILURE: i32 = 1;
+/// The user's mistake: a bad command line, an unreadable file named on it, a missing tap.
+pub const USAGE_ERROR: i32 = 2;
 pub const GUEST_PANIC: i32 = 3;
 pub const GUEST_TRIPLE_FAULT: i32 = 4;
 pub const KVM_RUN_FAILURE: i32 = 5;

@@ -2,13 +2,14 @@
 //! or virtio-pci), every queue notification becomes a KVM ioeventfd and every interrupt an
 //! irqfd, so the vCPU threads never do device I/O; the devices run on their own workers.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pvm_virtio::pci::BAR_SIZE;
 use pvm_virtio::{
-    Block, Console, ConsoleInput, DiskErrors, MmioTransport, Net, NetCounters, PciTransport, Rng,
-    Tap, VirtioDevice,
+    Block, BlockError, Console, ConsoleInput, DiskErrors, MmioTransport, Net, NetCounters,
+    PciTransport, Rng, Tap, TapError, VirtioDevice,
 };
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -27,8 +28,30 @@ const PCI_CONFIG_PORT: u64 = 0xcf8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
-    Device(String),
+    #[error(transparent)]
+    Console(pvm_virtio::ConsoleError),
+    #[error("--disk {0}")]
+    Disk(#[source] BlockError),
+    #[error("{flag} vhost-user={}: {source}", .socket.display())]
+    VhostUser {
+        flag: &'static str,
+        socket: PathBuf,
+        source: pvm_vhost::user::Error,
+    },
+    #[error("--tap {0}")]
+    Tap(#[source] TapError),
+    #[error("--tap {tap}: {source}")]
+    Net { tap: String, source: std::io::Error },
+    #[error("--tap {tap},vhost=on: {source}")]
+    VhostNet {
+        tap: String,
+        source: pvm_vhost::net::Error,
+    },
+    #[error("--tap {tap},vhost=on: cannot duplicate the tap's descriptor: {source}")]
+    TapClone { tap: String, source: std::io::Error },
+    /// pvm-virtio reports this one as text only.
+    #[error("--tap {tap},vhost=on: {detail}")]
+    DataPlanes { tap: String, detail: String },
     #[error("too many virtio devices for the {0} transport")]
     TooMany(&'static str),
     #[error("cannot set up the {what} of virtio device {name}: {source}")]
@@ -50,6 +73,48 @@ pub enum Error {
     },
     #[error(transparent)]
     Bus(#[from] bus::Error),
+}
+
+impl Error {
+    /// True when the user's input is at fault: a disk image named on the command line that
+    /// cannot be opened or is in use, a bad serial, a tap that does not exist (or cannot be
+    /// attached as asked), a vhost-user socket nobody listens on. Everything else is the host
+    /// or pvm failing (eventfds, ioctls, /dev/net/tun, /dev/vhost-net, a backend's replies).
+    pub fn is_usage(&self) -> bool {
+        use pvm_vhost::user::Error as VhostUser;
+        match self {
+            Error::Disk(e) => match e {
+                BlockError::Open { .. }
+                | BlockError::Locked { .. }
+                | BlockError::SerialTooLong { .. } => true,
+                BlockError::Lock { .. } | BlockError::Size { .. } => false,
+            },
+            Error::Tap(e) => match e {
+                TapError::InvalidName { .. }
+                | TapError::Attach { .. }
+                | TapError::AttachQueue { .. } => true,
+                TapError::OpenTun { .. }
+                | TapError::VnetHeaderSize { .. }
+                | TapError::Offloads { .. } => false,
+            },
+            Error::VhostUser { source, .. } => match source {
+                VhostUser::Connect(_) => true,
+                VhostUser::Protocol { .. }
+                | VhostUser::NoVersion1(_)
+                | VhostUser::NoBlockConfig => false,
+            },
+            Error::Console(_)
+            | Error::Net { .. }
+            | Error::VhostNet { .. }
+            | Error::TapClone { .. }
+            | Error::DataPlanes { .. }
+            | Error::TooMany(_)
+            | Error::Io { .. }
+            | Error::Kvm { .. }
+            | Error::PciResources { .. }
+            | Error::Bus(_) => false,
+        }
+    }
 }
 
 /// What the rest of the VM needs to know about the attached devices.
@@ -82,14 +147,13 @@ fn create_devices(
 ) -> Result<Vec<NamedDevice>, Error> {
     let mut devices: Vec<NamedDevice> = Vec::new();
     if config.console == ConsoleKind::Virtio {
-        let console =
-            Console::new(Box::new(std::io::stdout())).map_err(|e| Error::Device(e.to_string()))?;
+        let console = Console::new(Box::new(std::io::stdout())).map_err(Error::Console)?;
         attached.console_input = Some(console.input());
         devices.push(("console".to_string(), Box::new(console)));
     }
     for (i, disk) in config.disks.iter().enumerate() {
-        let block = Block::new(&disk.path, disk.read_only, disk.serial.as_deref())
-            .map_err(|e| Error::Device(format!("--disk {e}")))?;
+        let block =
+            Block::new(&disk.path, disk.read_only, disk.serial.as_deref()).map_err(Error::Disk)?;
         attached
             .disk_errors
             .push((disk.path.display().to_string(), block.errors()));
@@ -121,13 +185,17 @@ fn create_devices(
 /// the sandbox), its socket recorded for the vCPU filter.
 fn connect_vhost_user(
     kind: Kind,
-    flag: &str,
-    socket: &std::path::Path,
+    flag: &'static str,
+    socket: &Path,
     index: usize,
     attached: &mut Attached,
 ) -> Result<Box<dyn VirtioDevice>, Error> {
-    let device = VhostUserDevice::connect(kind, socket, index)
-        .map_err(|e| Error::Device(format!("{flag} vhost-user={}: {e}", socket.display())))?;
+    let device =
+        VhostUserDevice::connect(kind, socket, index).map_err(|source| Error::VhostUser {
+            flag,
+            socket: socket.to_path_buf(),
+            source,
+        })?;
     attached.vhost_user_sockets.push(device.socket_fd());
     if let Some(sectors) = device.capacity_sectors() {
         log::info!("vhost-user disk {}: {sectors} sectors", socket.display());
@@ -143,35 +211,36 @@ fn connect_vhost_user(
 /// with `queues=N`, N queues of a multi-queue tap and, with vhost-net, one instance per pair.
 /// Everything is opened here, before the sandbox forbids open().
 fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<Net, Error> {
-    let taps = Tap::open_queues(&spec.name, spec.queues)
-        .map_err(|e| Error::Device(format!("--tap {e}")))?;
+    let taps = Tap::open_queues(&spec.name, spec.queues).map_err(Error::Tap)?;
     let taps: Vec<Arc<Tap>> = taps.into_iter().map(Arc::new).collect();
     let backends = taps
         .iter()
         .map(|tap| Arc::clone(tap) as Arc<dyn pvm_virtio::NetBackend>)
         .collect();
-    let mut net = Net::with_pairs(backends, spec.mac)
-        .map_err(|e| Error::Device(format!("--tap {}: {e}", spec.name)))?;
+    let mut net = Net::with_pairs(backends, spec.mac).map_err(|source| Error::Net {
+        tap: spec.name.clone(),
+        source,
+    })?;
     let vhost = match spec.vhost {
         VhostMode::On => true,
         VhostMode::Off => false,
         VhostMode::Auto => pvm_vhost::net::available(),
     };
     if vhost {
-        let vhost_error =
-            |e: &dyn std::fmt::Display| Error::Device(format!("--tap {},vhost=on: {e}", spec.name));
+        let tap = || spec.name.clone();
         let planes = taps
             .iter()
-            .map(|tap| {
-                tap.try_clone_file()
-                    .map_err(pvm_vhost::net::Error::Open)
-                    .and_then(|tap| VhostNetPlane::new(tap, memory))
-                    .map(|plane| Box::new(plane) as Box<dyn pvm_virtio::data_plane::DataPlane>)
+            .map(|queue| {
+                let file = queue
+                    .try_clone_file()
+                    .map_err(|source| Error::TapClone { tap: tap(), source })?;
+                let plane = VhostNetPlane::new(file, memory)
+                    .map_err(|source| Error::VhostNet { tap: tap(), source })?;
+                Ok(Box::new(plane) as Box<dyn pvm_virtio::data_plane::DataPlane>)
             })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| vhost_error(&e))?;
+            .collect::<Result<Vec<_>, Error>>()?;
         net.set_pair_data_planes(planes)
-            .map_err(|e| vhost_error(&e))?;
+            .map_err(|detail| Error::DataPlanes { tap: tap(), detail })?;
     }
     // Which one serves the queues matters for what to expect of throughput and CPU.
     let pairs = match net.pair_count() {

@@ -4,6 +4,7 @@
 //! everything down again.
 
 mod boot_files;
+mod error;
 mod main_loop;
 
 use std::io::Write;
@@ -21,14 +22,14 @@ use vmm_sys_util::signal::Killable;
 
 use self::main_loop::{InputSink, StopSignals, kick_signal, main_loop};
 use crate::boot::{self, BootEntry, acpi};
-use crate::bus::{self, Bus};
+use crate::bus::Bus;
 use crate::config::{ConsoleKind, VmConfig};
 use crate::devices::IrqTrigger;
 use crate::devices::boot_timer::{BOOT_TIMER_PORT, BootTimer};
 use crate::devices::legacy::{I8042, ResetLine, SerialDevice};
 use crate::devices::power::{AcpiPower, PvPanic};
-use crate::exit::{EndSignal, Outcome};
-use crate::memory::{self, VmMemory};
+use crate::exit::{EndSignal, Outcome, error_chain};
+use crate::memory::VmMemory;
 use crate::seccomp::{self, ThreadKind};
 use crate::terminal::RawMode;
 use crate::vcpu::{self, Buses, ExitStats, Vcpu};
@@ -37,6 +38,8 @@ use crate::{kvm_host, layout, logger};
 use pvm_virtio::{ConsoleInput, DiskErrors, NetCounters};
 
 pub use self::boot_files::{BootFiles, boot_files};
+pub use self::error::Error;
+use self::error::{io_err, kvm_err};
 
 /// KVM needs three pages for the TSS and one for the identity map (Intel); both in the MMIO gap.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -52,72 +55,6 @@ const BASE_CMDLINE: &str = "reboot=k i8042.noaux i8042.nomux i8042.dumbkbd";
 /// The UART is the console, or only the early console before hvc0 takes over.
 const SERIAL_CONSOLE: &str = "console=ttyS0";
 const VIRTIO_CONSOLE: &str = "earlycon=uart8250,io,0x3f8 console=hvc0";
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Host(#[from] kvm_host::Error),
-    #[error("KVM: {what}: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
-    #[error(transparent)]
-    Memory(#[from] memory::Error),
-    #[error(transparent)]
-    Bus(#[from] bus::Error),
-    #[error(transparent)]
-    Acpi(#[from] acpi::Error),
-    #[error(transparent)]
-    Boot(#[from] boot::Error),
-    #[error(transparent)]
-    Vcpu(#[from] vcpu::Error),
-    #[error("no --kernel given and no --disk to boot a kernel from")]
-    NoKernel,
-    #[error(transparent)]
-    DiskBoot(#[from] boot::disk::Error),
-    #[error(transparent)]
-    Virtio(#[from] virtio_devices::Error),
-    #[error("{what}: {source}")]
-    Io {
-        what: &'static str,
-        source: std::io::Error,
-    },
-    #[error("seccomp: {0}")]
-    Sandbox(String),
-    #[error("cannot start the thread for vCPU {index}: {source}")]
-    Spawn { index: u8, source: std::io::Error },
-}
-
-impl Error {
-    /// True when the user's input (a flag or a file it names) is at fault, not pvm or KVM.
-    pub fn is_usage(&self) -> bool {
-        use boot::Error as B;
-        match self {
-            Error::NoKernel
-            | Error::DiskBoot(_)
-            | Error::Virtio(virtio_devices::Error::Device(_)) => true,
-            Error::Boot(e) => matches!(
-                e,
-                B::OpenKernel { .. }
-                    | B::UnknownKernelFormat(_)
-                    | B::LoadKernel { .. }
-                    | B::OpenInitrd { .. }
-                    | B::InitrdTooLarge { .. }
-                    | B::Cmdline { .. }
-            ),
-            _ => false,
-        }
-    }
-}
-
-fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
-    move |source| Error::Kvm { what, source }
-}
-
-fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
-    move |source| Error::Io { what, source }
-}
 
 /// Builds the VM described by `config` and runs it until the guest ends.
 pub fn run(config: VmConfig) -> Result<Outcome, Error> {
@@ -410,7 +347,7 @@ fn spawn_vcpus(
             .spawn(move || {
                 if let Some(sockets) = sockets {
                     if let Err(e) = seccomp::install_with(ThreadKind::Vcpu, false, &sockets) {
-                        vcpu.end.end(Outcome::VmmFailure(e));
+                        vcpu.end.end(Outcome::VmmFailure(error_chain(&e)));
                         return;
                     }
                 }
@@ -427,7 +364,7 @@ fn spawn_vcpus(
 /// Confines the main thread, once every other thread runs.
 fn sandbox_main_thread(seccomp: bool, print_stats: bool) -> Result<(), Error> {
     if seccomp {
-        seccomp::install(ThreadKind::Main, print_stats).map_err(Error::Sandbox)?;
+        seccomp::install(ThreadKind::Main, print_stats)?;
     }
     Ok(())
 }

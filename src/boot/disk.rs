@@ -45,10 +45,60 @@ pub enum Error {
         "--disk {path}: no ext4 root filesystem (looked at the whole disk and the first Linux partition of an MBR or GPT table)"
     )]
     NoFilesystem { path: PathBuf },
-    #[error("--disk {path}: cannot read its ext4 filesystem: {detail}")]
-    Ext4 { path: PathBuf, detail: String },
+    #[error("--disk {path}: cannot read its ext4 filesystem: {source}")]
+    Ext4 {
+        path: PathBuf,
+        source: ext4_view::Ext4Error,
+    },
+    #[error("--disk {path}: cannot read its ext4 filesystem: {source}")]
+    Superblock {
+        path: PathBuf,
+        source: SuperblockError,
+    },
+    #[error("--disk {path}: cannot read its ext4 filesystem: {source}")]
+    Resolve { path: PathBuf, source: ResolveError },
+    #[error(
+        "--disk {path}: cannot read its ext4 filesystem: {file} claims {len} bytes, more than the {limit} pvm reads"
+    )]
+    TooLarge {
+        path: PathBuf,
+        file: String,
+        len: u64,
+        limit: u64,
+    },
     #[error("--disk {path}: no kernel found on {location} (looked for {})", KERNEL_PATTERNS.join(", "))]
     NoKernel { path: PathBuf, location: String },
+}
+
+/// Why a superblock's size fields are refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SuperblockError {
+    #[error("block size 2^{0} KiB is out of range")]
+    BlockSize(u32),
+    #[error("{0} blocks per group is out of range")]
+    BlocksPerGroup(u64),
+    #[error("it claims {blocks} blocks of {block_size} bytes, more than the {room} bytes it has")]
+    TooManyBlocks {
+        blocks: u64,
+        block_size: u64,
+        room: u64,
+    },
+}
+
+/// Why a path in the filesystem could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{path}: {source}")]
+    Lookup {
+        path: String,
+        source: ext4_view::Ext4Error,
+    },
+    #[error("{0}: more than {MAX_SYMLINK_HOPS} symlinks to follow")]
+    TooManyLinks(String),
+    #[error("{path}: symlink claims a {len} byte target, more than {MAX_SYMLINK_TARGET}")]
+    TargetTooLong { path: String, len: u64 },
+    #[error("{0}: symlink target is not UTF-8")]
+    NotUtf8(String),
 }
 
 /// Where the root filesystem sits on the disk.
@@ -121,32 +171,32 @@ fn has_ext4_at(file: &mut File, offset: u64) -> std::io::Result<bool> {
 /// Checks the superblock's size fields against the space the filesystem can occupy, before
 /// ext4-view sizes its tables and caches from them: a hostile image could otherwise make pvm
 /// allocate gigabytes (billions of block groups, or 1 GiB blocks). Returns why it is refused.
-pub fn check_superblock(file: &mut File, offset: u64) -> std::io::Result<Result<(), String>> {
+pub fn check_superblock(
+    file: &mut File,
+    offset: u64,
+) -> std::io::Result<Result<(), SuperblockError>> {
     let sb = read_at(file, offset.saturating_add(1024), 1024)?;
     let log_block_size = u32_at(&sb, 24);
     // ext4 blocks are 1 KiB to 64 KiB.
     if log_block_size > 6 {
-        return Ok(Err(format!(
-            "block size 2^{} KiB is out of range",
-            log_block_size
-        )));
+        return Ok(Err(SuperblockError::BlockSize(log_block_size)));
     }
     let block_size = 1024u64 << log_block_size;
     let blocks_per_group = u64::from(u32_at(&sb, 32));
     // mkfs.ext4 never makes groups smaller than 256 blocks; a group bitmap is one block.
     if blocks_per_group < 256 || blocks_per_group > block_size * 8 {
-        return Ok(Err(format!(
-            "{blocks_per_group} blocks per group is out of range"
-        )));
+        return Ok(Err(SuperblockError::BlocksPerGroup(blocks_per_group)));
     }
     // The high half counts even without INCOMPAT_64BIT: ext4-view adds it regardless, so a
     // stray value there would otherwise size its group-descriptor table.
     let blocks = u64::from(u32_at(&sb, 4)) | u64::from(u32_at(&sb, 0x150)) << 32;
     let room = file.metadata()?.len().saturating_sub(offset);
     if blocks.saturating_mul(block_size) > room {
-        return Ok(Err(format!(
-            "it claims {blocks} blocks of {block_size} bytes, more than the {room} bytes it has"
-        )));
+        return Ok(Err(SuperblockError::TooManyBlocks {
+            blocks,
+            block_size,
+            room,
+        }));
     }
     Ok(Ok(()))
 }
@@ -245,7 +295,7 @@ impl Ext4Read for Partition {
 /// Resolves `path` (absolute) to a path with no symlink in it, reading each link only after
 /// checking the length its inode claims. ext4-view's own resolution allocates whatever length a
 /// link claims, so nothing else in this file hands it a path that still holds a symlink.
-fn resolve(fs: &Ext4, path: &str) -> Result<String, String> {
+fn resolve(fs: &Ext4, path: &str) -> Result<String, ResolveError> {
     let mut resolved: Vec<String> = Vec::new();
     let mut pending: Vec<String> = path.rsplit('/').map(str::to_string).collect();
     let mut hops = 0;
@@ -261,30 +311,28 @@ fn resolve(fs: &Ext4, path: &str) -> Result<String, String> {
         }
         resolved.push(part);
         let here = joined(&resolved);
-        let meta = fs
-            .symlink_metadata(here.as_str())
-            .map_err(|e| format!("{here}: {e}"))?;
+        let lookup = |source| ResolveError::Lookup {
+            path: here.clone(),
+            source,
+        };
+        let meta = fs.symlink_metadata(here.as_str()).map_err(lookup)?;
         if !meta.is_symlink() {
             continue;
         }
         hops += 1;
         if hops > MAX_SYMLINK_HOPS {
-            return Err(format!(
-                "{path}: more than {MAX_SYMLINK_HOPS} symlinks to follow"
-            ));
+            return Err(ResolveError::TooManyLinks(path.to_string()));
         }
         if meta.len() > MAX_SYMLINK_TARGET {
-            return Err(format!(
-                "{here}: symlink claims a {} byte target, more than {MAX_SYMLINK_TARGET}",
-                meta.len()
-            ));
+            return Err(ResolveError::TargetTooLong {
+                path: here,
+                len: meta.len(),
+            });
         }
-        let target = fs
-            .read_link(here.as_str())
-            .map_err(|e| format!("{here}: {e}"))?;
+        let target = fs.read_link(here.as_str()).map_err(lookup)?;
         let target = target
             .to_str()
-            .map_err(|_| format!("{here}: symlink target is not UTF-8"))?
+            .map_err(|_| ResolveError::NotUtf8(here.clone()))?
             .to_string();
         resolved.pop();
         if target.starts_with('/') {
@@ -352,10 +400,10 @@ impl<'a> BootFs<'a> {
     /// Checks the superblock's size fields, then lets ext4-view load the filesystem.
     fn load(image: &'a Path, mut file: File, root: RootLocation) -> Result<Self, Error> {
         let io = io_error(image);
-        if let Err(detail) = check_superblock(&mut file, root.offset).map_err(&io)? {
-            return Err(Error::Ext4 {
+        if let Err(source) = check_superblock(&mut file, root.offset).map_err(&io)? {
+            return Err(Error::Superblock {
                 path: image.to_path_buf(),
-                detail,
+                source,
             });
         }
         let room = file
@@ -426,27 +474,29 @@ impl<'a> BootFs<'a> {
     /// byte of it, so the claim is checked first: no larger than the filesystem's room in the
     /// image, nor [`MAX_BOOT_FILE`].
     fn read(&self, path: &str) -> Result<Vec<u8>, Error> {
-        let real = resolve(&self.fs, path).map_err(|detail| Error::Ext4 {
+        let real = resolve(&self.fs, path).map_err(|source| Error::Resolve {
             path: self.image.to_path_buf(),
-            detail,
+            source,
         })?;
         let ext4 = |e| ext4_error(self.image, e);
         let len = self.fs.symlink_metadata(real.as_str()).map_err(ext4)?.len();
         let limit = self.room.min(MAX_BOOT_FILE);
         if len > limit {
-            return Err(Error::Ext4 {
+            return Err(Error::TooLarge {
                 path: self.image.to_path_buf(),
-                detail: format!("{path} claims {len} bytes, more than the {limit} pvm reads"),
+                file: path.to_string(),
+                len,
+                limit,
             });
         }
         self.fs.read(real.as_str()).map_err(ext4)
     }
 }
 
-fn ext4_error(image: &Path, e: ext4_view::Ext4Error) -> Error {
+fn ext4_error(image: &Path, source: ext4_view::Ext4Error) -> Error {
     Error::Ext4 {
         path: image.to_path_buf(),
-        detail: e.to_string(),
+        source,
     }
 }
 

@@ -26,6 +26,28 @@ use seccompiler::{
 
 pub use syscall_names::SYSCALL_NAMES;
 
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("installing the SIGSYS handler: {0}")]
+    SigsysHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("building the {kind} filter: {source}")]
+    Build {
+        kind: &'static str,
+        source: seccompiler::BackendError,
+    },
+    #[error("compiling the {kind} filter: {source}")]
+    Compile {
+        kind: &'static str,
+        source: seccompiler::BackendError,
+    },
+    #[error("installing the {kind} seccomp filter on {thread}: {source}")]
+    Apply {
+        kind: &'static str,
+        thread: String,
+        source: seccompiler::Error,
+    },
+}
+
 /// The kinds of thread pvm runs, each with its own filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadKind {
@@ -208,7 +230,7 @@ fn rule(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompRule {
 }
 
 /// The compiled filter for `kind`: allowed calls pass, anything else traps (SIGSYS).
-pub fn filter(kind: ThreadKind, stats: bool) -> Result<BpfProgram, String> {
+pub fn filter(kind: ThreadKind, stats: bool) -> Result<BpfProgram, Error> {
     filter_with(kind, stats, &[])
 }
 
@@ -217,16 +239,20 @@ pub fn filter_with(
     kind: ThreadKind,
     stats: bool,
     vhost_user_sockets: &[i32],
-) -> Result<BpfProgram, String> {
+) -> Result<BpfProgram, Error> {
     let filter = SeccompFilter::new(
         rules_with(kind, stats, vhost_user_sockets),
         SeccompAction::Trap,
         SeccompAction::Allow,
         TargetArch::x86_64,
     )
-    .map_err(|e| format!("building the {} filter: {e}", kind.name()))?;
-    filter.try_into().map_err(|e: seccompiler::BackendError| {
-        format!("compiling the {} filter: {e}", kind.name())
+    .map_err(|source| Error::Build {
+        kind: kind.name(),
+        source,
+    })?;
+    filter.try_into().map_err(|source| Error::Compile {
+        kind: kind.name(),
+        source,
     })
 }
 
@@ -239,7 +265,7 @@ static HANDLER_INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Installs the filter for `kind` on the calling thread (and, once per process, the SIGSYS
 /// handler that reports violations).
-pub fn install(kind: ThreadKind, stats: bool) -> Result<(), String> {
+pub fn install(kind: ThreadKind, stats: bool) -> Result<(), Error> {
     install_with(kind, stats, &[])
 }
 
@@ -248,7 +274,7 @@ pub fn install_with(
     kind: ThreadKind,
     stats: bool,
     vhost_user_sockets: &[i32],
-) -> Result<(), String> {
+) -> Result<(), Error> {
     install_sigsys_handler()?;
     let name = std::thread::current()
         .name()
@@ -262,11 +288,10 @@ pub fn install_with(
     let program = filter_with(kind, stats, vhost_user_sockets)?;
     // Read before the filter is in place (it is only memory, but keep it obviously so).
     let probe = std::env::var_os(PROBE_ENV).is_some_and(|v| v == kind.name());
-    seccompiler::apply_filter(&program).map_err(|e| {
-        format!(
-            "installing the {} seccomp filter on {name}: {e}",
-            kind.name()
-        )
+    seccompiler::apply_filter(&program).map_err(|source| Error::Apply {
+        kind: kind.name(),
+        thread: name,
+        source,
     })?;
     if probe {
         // The test hook: a call no filter allows, made right after the filter went in.
@@ -313,16 +338,16 @@ pub const PROBE_ENV: &str = "PVM_SECCOMP_PROBE";
 
 /// The same, for device threads spawned by pvm-virtio (`pvm_virtio::thread::set_thread_init`).
 pub fn install_device_filter(_name: &str) -> Result<(), String> {
-    install(ThreadKind::Device, false)
+    install(ThreadKind::Device, false).map_err(|e| crate::exit::error_chain(&e))
 }
 
-fn install_sigsys_handler() -> Result<(), String> {
+fn install_sigsys_handler() -> Result<(), Error> {
     if HANDLER_INSTALLED.swap(true, Ordering::SeqCst) {
         return Ok(());
     }
     vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys).map_err(|e| {
         HANDLER_INSTALLED.store(false, Ordering::SeqCst);
-        format!("installing the SIGSYS handler: {e}")
+        Error::SigsysHandler(e)
     })
 }
 
