@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pvm_virtio::pci::BAR_SIZE;
+use pvm_virtio::thread::ThreadError;
 use pvm_virtio::{
     Block, BlockError, Console, ConsoleInput, DiskErrors, MmioTransport, Net, NetCounters,
     PciTransport, Rng, Tap, TapError, VirtioDevice,
@@ -52,6 +53,8 @@ pub enum Error {
     /// pvm-virtio reports this one as text only.
     #[error("--tap {tap},vhost=on: {detail}")]
     DataPlanes { tap: String, detail: String },
+    #[error(transparent)]
+    DeviceThread(ThreadError),
     #[error("too many virtio devices for the {0} transport")]
     TooMany(&'static str),
     #[error("cannot set up the {what} of virtio device {name}: {source}")]
@@ -108,6 +111,7 @@ impl Error {
             | Error::VhostNet { .. }
             | Error::TapClone { .. }
             | Error::DataPlanes { .. }
+            | Error::DeviceThread(_)
             | Error::TooMany(_)
             | Error::Io { .. }
             | Error::Kvm { .. }
@@ -293,6 +297,10 @@ pub fn attach(
 ) -> Result<Attached, Error> {
     let mut attached = Attached::default();
     let devices = create_devices(config, memory, &mut attached)?;
+    // Each device spawned its threads (workers, relays) and each ran pvm's ThreadInit (the
+    // device seccomp filter) before the constructor returned. One that failed would take no
+    // job: the VM is not built rather than the guest finding the device dead at DRIVER_OK.
+    pvm_virtio::thread::spawned_ready().map_err(Error::DeviceThread)?;
     match config.transport {
         Transport::Mmio => {
             for (index, (name, device)) in devices.into_iter().enumerate() {

@@ -337,8 +337,8 @@ pub fn prepare_allocator() {
 pub const PROBE_ENV: &str = "PVM_SECCOMP_PROBE";
 
 /// The same, for device threads spawned by pvm-virtio (`pvm_virtio::thread::set_thread_init`).
-pub fn install_device_filter(_name: &str) -> Result<(), String> {
-    install(ThreadKind::Device, false).map_err(|e| crate::exit::error_chain(&e))
+pub fn install_device_filter(_name: &str) -> Result<(), pvm_virtio::thread::InitError> {
+    Ok(install(ThreadKind::Device, false)?)
 }
 
 fn install_sigsys_handler() -> Result<(), Error> {

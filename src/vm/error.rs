@@ -86,6 +86,7 @@ mod tests {
     use std::io;
     use std::path::PathBuf;
 
+    use pvm_virtio::thread::ThreadError;
     use pvm_virtio::{BlockError, ConsoleError, TapError};
 
     use super::*;
@@ -215,6 +216,11 @@ mod tests {
                 socket: PathBuf::from("/run/blk.sock"),
                 source: pvm_vhost::user::Error::NoBlockConfig,
             }),
+            // A device thread whose sandbox could not be set up.
+            virtio(virtio_devices::Error::DeviceThread(ThreadError::Init {
+                name: "virtio-blk0".to_string(),
+                source: std::sync::Arc::new(io_error()),
+            })),
             virtio(virtio_devices::Error::PciResources {
                 name: "rng".to_string(),
                 source: AllocError::NoSlot,
