@@ -101,19 +101,28 @@ fn long_about() -> String {
     )
 }
 
-fn parse_transport(text: &str) -> Result<Transport, String> {
+/// A value one of pvm's own keyword flags does not take; clap names the flag.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum KeywordError {
+    #[error("'{0}' is not a transport (pci or mmio)")]
+    Transport(String),
+    #[error("'{0}' is not a console kind (serial or virtio)")]
+    Console(String),
+}
+
+fn parse_transport(text: &str) -> Result<Transport, KeywordError> {
     match text {
         "pci" => Ok(Transport::Pci),
         "mmio" => Ok(Transport::Mmio),
-        _ => Err(format!("'{text}' is not a transport (pci or mmio)")),
+        _ => Err(KeywordError::Transport(text.to_string())),
     }
 }
 
-fn parse_console(text: &str) -> Result<ConsoleKind, String> {
+fn parse_console(text: &str) -> Result<ConsoleKind, KeywordError> {
     match text {
         "serial" => Ok(ConsoleKind::Serial),
         "virtio" => Ok(ConsoleKind::Virtio),
-        _ => Err(format!("'{text}' is not a console kind (serial or virtio)")),
+        _ => Err(KeywordError::Console(text.to_string())),
     }
 }
 

@@ -95,17 +95,54 @@ pub struct VmConfig {
     pub log_level: LevelFilter,
 }
 
+/// Why a flag's value was refused; clap puts the flag in front of the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("'{0}' is not a size (use 256M, 2G or a number of MiB)")]
+    NotASize(String),
+    #[error("'{text}' has an unknown unit '{unit}' (use K, M, G or T)")]
+    UnknownUnit { text: String, unit: String },
+    #[error("'{0}' is too large")]
+    SizeTooLarge(String),
+    #[error("{0} is below the minimum of {min}M", min = MIN_MEM_BYTES >> 20)]
+    BelowMinimum(String),
+    #[error("{0} is above the maximum of {max}G", max = MAX_MEM_BYTES >> 30)]
+    AboveMaximum(String),
+    #[error("{0} is not a whole number of 4 KiB pages")]
+    NotWholePages(String),
+    #[error("mac {0}")]
+    Mac(pvm_common::cli::MacError),
+    #[error("vhost-user= needs the backend's socket path")]
+    NoSocket,
+    #[error("vhost-user={0}: no options are taken; the backend decides (e.g. read-only)")]
+    SocketOptions(String),
+    #[error("'{0}': use vhost-user=SOCKET (a tap pvm serves itself is --tap NAME)")]
+    NotVhostUser(String),
+    #[error("a disk needs a path: --disk PATH[,ro][,serial=ID]")]
+    NoDiskPath,
+    #[error("serial '{0}' must be 1 to 20 ASCII characters")]
+    Serial(String),
+    #[error("unknown disk option '{0}' (known: ro, serial=ID)")]
+    DiskOption(String),
+    #[error("tap name '{0}' must be 1 to 15 characters without '/' or spaces")]
+    TapName(String),
+    #[error("vhost={0}: use on, off or auto")]
+    VhostMode(String),
+    #[error("queues={0}: use 1 to {MAX_TAP_QUEUES} queue pairs")]
+    Queues(String),
+    #[error("unknown tap option '{0}' (known: mac=MAC, vhost=on|off|auto, queues=N)")]
+    TapOption(String),
+}
+
 /// Parses a memory size: `256M`, `2G`, `1T`, `4096K`, or a plain number of MiB.
-pub fn parse_mem_size(text: &str) -> Result<u64, String> {
+pub fn parse_mem_size(text: &str) -> Result<u64, ValueError> {
     let text = text.trim();
     let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         Some((i, _)) => text.split_at(i),
         None => (text, "M"),
     };
     if digits.is_empty() {
-        return Err(format!(
-            "'{text}' is not a size (use 256M, 2G or a number of MiB)"
-        ));
+        return Err(ValueError::NotASize(text.to_string()));
     }
     let shift = match unit.to_ascii_uppercase().as_str() {
         "K" | "KIB" => 10,
@@ -113,38 +150,31 @@ pub fn parse_mem_size(text: &str) -> Result<u64, String> {
         "G" | "GIB" => 30,
         "T" | "TIB" => 40,
         _ => {
-            return Err(format!(
-                "'{text}' has an unknown unit '{unit}' (use K, M, G or T)"
-            ));
+            return Err(ValueError::UnknownUnit {
+                text: text.to_string(),
+                unit: unit.to_string(),
+            });
         }
     };
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{text}' is too large"))?;
-    let bytes = value
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("'{text}' is too large"))?;
+    // Only digits: parsing fails on overflow alone.
+    let too_large = || ValueError::SizeTooLarge(text.to_string());
+    let value: u64 = digits.parse().map_err(|_| too_large())?;
+    let bytes = value.checked_mul(1 << shift).ok_or_else(too_large)?;
     if bytes < MIN_MEM_BYTES {
-        return Err(format!(
-            "{text} is below the minimum of {}M",
-            MIN_MEM_BYTES >> 20
-        ));
+        return Err(ValueError::BelowMinimum(text.to_string()));
     }
     if bytes > MAX_MEM_BYTES {
-        return Err(format!(
-            "{text} is above the maximum of {}G",
-            MAX_MEM_BYTES >> 30
-        ));
+        return Err(ValueError::AboveMaximum(text.to_string()));
     }
     if bytes % 4096 != 0 {
-        return Err(format!("{text} is not a whole number of 4 KiB pages"));
+        return Err(ValueError::NotWholePages(text.to_string()));
     }
     Ok(bytes)
 }
 
 /// Parses a MAC address written as six colon-separated hex bytes (the `mac=` of `--tap`).
-pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
-    pvm_common::cli::parse_mac(text).map_err(|e| format!("mac {e}"))
+pub fn parse_mac(text: &str) -> Result<[u8; 6], ValueError> {
+    pvm_common::cli::parse_mac(text).map_err(ValueError::Mac)
 }
 
 /// One `--disk` flag: a raw image pvm serves itself, or a vhost-user backend's socket.
@@ -155,21 +185,19 @@ pub enum DiskArg {
 }
 
 /// The `vhost-user=SOCKET` form shared by --disk and --net; None when `text` is not of it.
-fn parse_vhost_user(text: &str) -> Option<Result<PathBuf, String>> {
+fn parse_vhost_user(text: &str) -> Option<Result<PathBuf, ValueError>> {
     let socket = text.strip_prefix("vhost-user=")?;
     Some(if socket.is_empty() {
-        Err("vhost-user= needs the backend's socket path".to_string())
+        Err(ValueError::NoSocket)
     } else if socket.contains(',') {
-        Err(format!(
-            "vhost-user={socket}: no options are taken; the backend decides (e.g. read-only)"
-        ))
+        Err(ValueError::SocketOptions(socket.to_string()))
     } else {
         Ok(PathBuf::from(socket))
     })
 }
 
 /// Parses `PATH[,ro][,serial=ID]` or `vhost-user=SOCKET`.
-pub fn parse_disk_arg(text: &str) -> Result<DiskArg, String> {
+pub fn parse_disk_arg(text: &str) -> Result<DiskArg, ValueError> {
     match parse_vhost_user(text) {
         Some(socket) => socket.map(DiskArg::VhostUser),
         None => parse_disk(text).map(DiskArg::File),
@@ -177,20 +205,16 @@ pub fn parse_disk_arg(text: &str) -> Result<DiskArg, String> {
 }
 
 /// Parses `--net`: `vhost-user=SOCKET` (taps pvm serves itself are `--tap`).
-pub fn parse_net(text: &str) -> Result<PathBuf, String> {
-    parse_vhost_user(text).unwrap_or_else(|| {
-        Err(format!(
-            "'{text}': use vhost-user=SOCKET (a tap pvm serves itself is --tap NAME)"
-        ))
-    })
+pub fn parse_net(text: &str) -> Result<PathBuf, ValueError> {
+    parse_vhost_user(text).unwrap_or_else(|| Err(ValueError::NotVhostUser(text.to_string())))
 }
 
 /// Parses `PATH[,ro][,serial=ID]`.
-pub fn parse_disk(text: &str) -> Result<DiskSpec, String> {
+pub fn parse_disk(text: &str) -> Result<DiskSpec, ValueError> {
     let mut parts = text.split(',');
     let path = parts.next().unwrap_or_default();
     if path.is_empty() {
-        return Err("a disk needs a path: --disk PATH[,ro][,serial=ID]".to_string());
+        return Err(ValueError::NoDiskPath);
     }
     let mut spec = DiskSpec {
         path: PathBuf::from(path),
@@ -202,22 +226,18 @@ pub fn parse_disk(text: &str) -> Result<DiskSpec, String> {
             None if option == "ro" => spec.read_only = true,
             Some(("serial", id)) => {
                 if id.is_empty() || id.len() > 20 || !id.is_ascii() {
-                    return Err(format!("serial '{id}' must be 1 to 20 ASCII characters"));
+                    return Err(ValueError::Serial(id.to_string()));
                 }
                 spec.serial = Some(id.to_string());
             }
-            _ => {
-                return Err(format!(
-                    "unknown disk option '{option}' (known: ro, serial=ID)"
-                ));
-            }
+            _ => return Err(ValueError::DiskOption(option.to_string())),
         }
     }
     Ok(spec)
 }
 
 /// Parses `NAME[,mac=MAC][,vhost=on|off|auto][,queues=N]`.
-pub fn parse_tap(text: &str) -> Result<TapSpec, String> {
+pub fn parse_tap(text: &str) -> Result<TapSpec, ValueError> {
     let mut parts = text.split(',');
     let name = parts.next().unwrap_or_default();
     // IFNAMSIZ is 16 including the terminating NUL.
@@ -226,9 +246,7 @@ pub fn parse_tap(text: &str) -> Result<TapSpec, String> {
         || name.contains('/')
         || name.contains(char::is_whitespace)
     {
-        return Err(format!(
-            "tap name '{name}' must be 1 to 15 characters without '/' or spaces"
-        ));
+        return Err(ValueError::TapName(name.to_string()));
     }
     let mut spec = TapSpec {
         name: name.to_string(),
@@ -244,7 +262,7 @@ pub fn parse_tap(text: &str) -> Result<TapSpec, String> {
                     "on" => VhostMode::On,
                     "off" => VhostMode::Off,
                     "auto" => VhostMode::Auto,
-                    _ => return Err(format!("vhost={mode}: use on, off or auto")),
+                    _ => return Err(ValueError::VhostMode(mode.to_string())),
                 }
             }
             Some(("queues", count)) => {
@@ -252,15 +270,9 @@ pub fn parse_tap(text: &str) -> Result<TapSpec, String> {
                     .parse()
                     .ok()
                     .filter(|n| (1..=MAX_TAP_QUEUES).contains(n))
-                    .ok_or_else(|| {
-                        format!("queues={count}: use 1 to {MAX_TAP_QUEUES} queue pairs")
-                    })?;
+                    .ok_or_else(|| ValueError::Queues(count.to_string()))?;
             }
-            _ => {
-                return Err(format!(
-                    "unknown tap option '{option}' (known: mac=MAC, vhost=on|off|auto, queues=N)"
-                ));
-            }
+            _ => return Err(ValueError::TapOption(option.to_string())),
         }
     }
     Ok(spec)
@@ -286,17 +298,48 @@ mod tests {
         assert_eq!(parse_mem_size("2g"), Ok(2 << 30));
         assert_eq!(parse_mem_size("512"), Ok(512 << 20));
         assert_eq!(parse_mem_size("65536K"), Ok(64 << 20));
-        assert!(parse_mem_size("").unwrap_err().contains("not a size"));
-        assert!(parse_mem_size("M").unwrap_err().contains("not a size"));
-        assert!(parse_mem_size("12X").unwrap_err().contains("unknown unit"));
-        assert!(parse_mem_size("1M").unwrap_err().contains("minimum"));
-        assert!(parse_mem_size("2T").unwrap_err().contains("maximum"));
+        assert!(
+            parse_mem_size("")
+                .unwrap_err()
+                .to_string()
+                .contains("not a size")
+        );
+        assert!(
+            parse_mem_size("M")
+                .unwrap_err()
+                .to_string()
+                .contains("not a size")
+        );
+        assert!(
+            parse_mem_size("12X")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown unit")
+        );
+        assert!(
+            parse_mem_size("1M")
+                .unwrap_err()
+                .to_string()
+                .contains("minimum")
+        );
+        assert!(
+            parse_mem_size("2T")
+                .unwrap_err()
+                .to_string()
+                .contains("maximum")
+        );
         assert!(
             parse_mem_size("99999999999999999999G")
                 .unwrap_err()
+                .to_string()
                 .contains("too large")
         );
-        assert!(parse_mem_size("40000001K").unwrap_err().contains("4 KiB"));
+        assert!(
+            parse_mem_size("40000001K")
+                .unwrap_err()
+                .to_string()
+                .contains("4 KiB")
+        );
     }
 
     #[test]
@@ -310,6 +353,7 @@ mod tests {
         assert!(
             parse_disk("x.img,rw")
                 .unwrap_err()
+                .to_string()
                 .contains("unknown disk option 'rw'")
         );
         assert!(parse_disk("x.img,serial=123456789012345678901").is_err());
@@ -331,18 +375,25 @@ mod tests {
         assert!(
             parse_disk_arg("vhost-user=")
                 .unwrap_err()
+                .to_string()
                 .contains("socket path")
         );
         assert!(
             parse_disk_arg("vhost-user=s,ro")
                 .unwrap_err()
+                .to_string()
                 .contains("no options")
         );
         assert_eq!(
             parse_net("vhost-user=n.sock").unwrap(),
             PathBuf::from("n.sock")
         );
-        assert!(parse_net("tap0").unwrap_err().contains("--tap NAME"));
+        assert!(
+            parse_net("tap0")
+                .unwrap_err()
+                .to_string()
+                .contains("--tap NAME")
+        );
         assert!(parse_net("vhost-user=").is_err());
     }
 
@@ -355,6 +406,7 @@ mod tests {
         assert!(
             parse_tap("tap0,vhost=maybe")
                 .unwrap_err()
+                .to_string()
                 .contains("vhost=maybe")
         );
         let t = parse_tap("tap0,mac=52:54:00:ab:cd:ef").unwrap();
@@ -365,17 +417,20 @@ mod tests {
         assert!(
             parse_tap("tap0,mac=01:00:00:00:00:00")
                 .unwrap_err()
+                .to_string()
                 .contains("multicast")
         );
         assert!(
             parse_tap("tap0,mac=zz:00:00:00:00:00")
                 .unwrap_err()
+                .to_string()
                 .contains("non-hex")
         );
         assert!(parse_tap("tap0,mac=52:54").is_err());
         assert!(
             parse_tap("tap0,rings=2")
                 .unwrap_err()
+                .to_string()
                 .contains("unknown tap option")
         );
     }
@@ -388,7 +443,11 @@ mod tests {
         assert_eq!((t.queues, t.vhost), (16, VhostMode::Off));
         for bad in ["0", "17", "-1", "", "two", "65537"] {
             let err = parse_tap(&format!("tap0,queues={bad}")).unwrap_err();
-            assert_eq!(err, format!("queues={bad}: use 1 to 16 queue pairs"));
+            assert_eq!(err, ValueError::Queues(bad.to_string()));
+            assert_eq!(
+                err.to_string(),
+                format!("queues={bad}: use 1 to 16 queue pairs")
+            );
         }
     }
 }

@@ -7,15 +7,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const GUEST_POWER_OFF: i32 = 0;
-/// pvm itself failed (the code the backends use for a failure while serving).
+/// pvm itself, KVM or the host failed (an ioctl, an eventfd, a thread, memory); the code the
+/// backends use for a failure while serving.
 pub const VMM_FAILURE: i32 = pvm_common::exit::FAILURE;
+/// The user's mistake: a bad command line, an unreadable file named on it, a missing tap.
+pub const USAGE_ERROR: i32 = pvm_common::exit::USAGE_ERROR;
 pub const GUEST_PANIC: i32 = 3;
 pub const GUEST_TRIPLE_FAULT: i32 = 4;
 pub const KVM_RUN_FAILURE: i32 = 5;
 /// A pvm thread made a system call its seccomp filter does not allow (see crate::seccomp).
 pub use pvm_common::exit::SECCOMP_VIOLATION;
 // A bad command line or an unreadable file named on it (see crate::cli).
-use pvm_common::exit::USAGE_ERROR;
 /// Added to the number of the signal that stopped pvm.
 pub const SIGNAL_BASE: i32 = 128;
 

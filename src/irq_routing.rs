@@ -37,6 +37,9 @@ fn msi_entry(gsi: u32, message: MsiMessage) -> kvm_irq_routing_entry {
     entry
 }
 
+/// How many entries [`default_routes`] has: one per IOAPIC pin plus one per PIC pin.
+pub const DEFAULT_ROUTE_COUNT: u32 = layout::IOAPIC_PINS + 16;
+
 /// KVM's default table: GSIs 0-15 to both PICs and the IOAPIC, 16-23 to the IOAPIC.
 pub fn default_routes() -> Vec<kvm_irq_routing_entry> {
     let mut routes = Vec::new();
@@ -106,6 +109,7 @@ mod tests {
         let routes = default_routes();
         // 16 PIC + 24 IOAPIC entries.
         assert_eq!(routes.len(), 40);
+        assert_eq!(routes.len(), DEFAULT_ROUTE_COUNT as usize);
         let ioapic: Vec<_> = routes
             .iter()
             // SAFETY: every entry here is an irqchip route, so `irqchip` is the union's member.

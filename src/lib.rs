@@ -51,11 +51,7 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
         }
         Err(err) => {
             logger::to_stderr(&format!("pvm: {}\n", exit::error_chain(&err)));
-            if err.is_usage() {
-                cli::USAGE_ERROR
-            } else {
-                exit::VMM_FAILURE
-            }
+            err.exit_code()
         }
     }
 }

@@ -2,9 +2,13 @@
 //! registered with KVM one slot per range. With a vhost-user device the RAM must be shared with
 //! the backend process: each range is then a memfd mapped MAP_SHARED, whose descriptor pvm hands
 //! over in SET_MEM_TABLE.
+//!
+//! [`VmMemory`] owns the VM fd and the RAM together, so that the one thing KVM requires of the
+//! RAM, that it stays mapped while a slot points at it, is kept by one type's drop.
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -28,9 +32,90 @@ pub enum Error {
     },
 }
 
+/// The KVM VM and the guest RAM registered with it.
+///
+/// KVM reads and writes a slot's host range until the slot is deleted, and a VM's slots outlive
+/// any one fd of it: the vCPU fds, irqfds and the GSI router's fd clone keep the VM alive. So
+/// rather than rely on which fd closes last, dropping a `VmMemory` deletes every slot it
+/// registered first and only then releases its reference to the RAM.
+#[derive(Debug)]
+pub struct VmMemory {
+    vm: Arc<VmFd>,
+    /// The regions are reference-counted mappings (device workers and vCPUs hold clones); this
+    /// reference keeps them mapped at least until the slots below are deleted.
+    memory: GuestMemoryMmap,
+    /// The slots registered so far, deleted on drop.
+    slots: Vec<kvm_userspace_memory_region>,
+}
+
+impl VmMemory {
+    /// Maps `mem_bytes` of guest RAM and makes it guest-physical memory of `vm`; `shared` backs
+    /// it with memfds another process can map (vhost-user).
+    pub fn new(vm: Arc<VmFd>, mem_bytes: u64, shared: bool) -> Result<Self, Error> {
+        let mut owned = VmMemory {
+            vm,
+            memory: create(mem_bytes, shared)?,
+            slots: Vec::new(),
+        };
+        // On an error the slots registered so far are deleted when `owned` drops.
+        owned.register()?;
+        Ok(owned)
+    }
+
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Makes every region of the RAM a slot of the VM.
+    fn register(&mut self) -> Result<(), Error> {
+        for (slot, region) in self.memory.iter().enumerate() {
+            let slot = slot as u32;
+            let entry = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: KVM may access the host range until the slot is deleted. The range is a
+            // mapping of `self.memory`, and `Drop` deletes every slot recorded in `self.slots`
+            // before `self.memory` is released (or, if deleting fails, never releases it). A
+            // slot KVM refused is not recorded and was never visible to it.
+            unsafe { self.vm.set_user_memory_region(entry) }
+                .map_err(|source| Error::RegisterSlot { slot, source })?;
+            self.slots.push(entry);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for VmMemory {
+    fn drop(&mut self) {
+        for mut entry in self.slots.drain(..).rev() {
+            entry.memory_size = 0;
+            // SAFETY: a zero size deletes the slot; when the ioctl returns KVM no longer uses
+            // its host range. No memory is handed to KVM.
+            if let Err(e) = unsafe { self.vm.set_user_memory_region(entry) } {
+                // KVM may still use the range: it must never be unmapped (and reused) while
+                // the VM exists, so this reference to the RAM is leaked. pvm is ending anyway.
+                log::error!(
+                    "cannot delete guest memory slot {}: {e}; the guest RAM stays mapped",
+                    entry.slot
+                );
+                std::mem::forget(self.memory.clone());
+                return;
+            }
+        }
+    }
+}
+
 /// Maps the guest's RAM (not yet visible to KVM); `shared` backs it with memfds another process
 /// can map (vhost-user).
-pub fn create(mem_bytes: u64, shared: bool) -> Result<GuestMemoryMmap, Error> {
+fn create(mem_bytes: u64, shared: bool) -> Result<GuestMemoryMmap, Error> {
     let mut ranges = Vec::new();
     for (start, size) in layout::ram_ranges(mem_bytes) {
         let file = if shared {
@@ -73,21 +158,40 @@ fn memfd(size: u64) -> Result<File, Error> {
     Ok(file)
 }
 
-/// Makes every region of `memory` guest-physical memory of `vm`.
-pub fn register(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Error> {
-    for (slot, region) in memory.iter().enumerate() {
-        let slot = slot as u32;
-        let entry = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn dropping_vm_memory_deletes_its_slots_though_the_vm_lives_on() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("no usable /dev/kvm: test skipped");
+            return;
         };
-        // SAFETY: the host range stays mapped for as long as the VM exists: `memory` is kept by
-        // the Vm that owns `vm` and is dropped after it.
-        unsafe { vm.set_user_memory_region(entry) }
-            .map_err(|source| Error::RegisterSlot { slot, source })?;
+        // Another mapping for a slot over the same guest range; it outlives the VM (locals
+        // drop in reverse order), as a registered range must.
+        let other = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let ram = VmMemory::new(vm.clone(), 64 << 20, false).unwrap();
+        assert_eq!(ram.guest_memory().iter().count(), 1);
+        let overlapping = kvm_userspace_memory_region {
+            slot: 7,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 0x1000,
+            userspace_addr: other.iter().next().unwrap().as_ptr() as u64,
+        };
+        // SAFETY: `other` is mapped until after `vm` is gone.
+        let refused = unsafe { vm.set_user_memory_region(overlapping) };
+        assert_eq!(
+            refused.map_err(|e| e.errno()),
+            Err(libc::EEXIST),
+            "guest RAM's slot is in the way"
+        );
+        drop(ram);
+        // SAFETY: as above.
+        unsafe { vm.set_user_memory_region(overlapping) }
+            .expect("the RAM's slot was deleted when VmMemory dropped");
     }
-    Ok(())
 }

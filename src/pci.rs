@@ -1,12 +1,17 @@
 //! The PCI root: configuration mechanism #1 (ports 0xcf8-0xcff) on bus 0, a host bridge at
-//! 00:00.0 and the virtio-pci transports at 00:01.0 onwards. BARs are assigned by pvm (there
-//! is no firmware) and live on the MMIO bus; see `virtio_devices`.
+//! 00:00.0 and the virtio-pci transports at 00:01.0 onwards. There is no firmware, so pvm
+//! assigns each function its resources itself ([`PciAllocator`]: device number, BAR address,
+//! MSI GSIs); the BARs live on the MMIO bus, see `virtio_devices`.
 
 use std::sync::{Arc, Mutex};
 
+use kvm_bindings::KVM_MAX_IRQ_ROUTES;
 use pvm_virtio::PciTransport;
+use pvm_virtio::pci::BAR_SIZE;
 
 use crate::bus::BusDevice;
+use crate::irq_routing::DEFAULT_ROUTE_COUNT;
+use crate::layout;
 
 /// CONFIG_ADDRESS: enable bit, bus [23:16], device [15:11], function [10:8], register [7:2].
 const CONFIG_ENABLE: u32 = 1 << 31;
@@ -34,11 +39,129 @@ fn decode(address: u32) -> Option<(usize, u64)> {
     Some((device, u64::from(address & 0xfc)))
 }
 
+/// GSIs for MSI-X vectors start above the IOAPIC pins and end where KVM's routing table is
+/// full: it holds at most KVM_MAX_IRQ_ROUTES entries, the default irqchip routes included.
+const MSI_GSI_START: u32 = layout::IOAPIC_PINS;
+const MSI_GSI_END: u32 = KVM_MAX_IRQ_ROUTES as u32 - DEFAULT_ROUTE_COUNT;
+
+/// A device number on bus 0 that a [`PciAllocator`] handed out: 1 to 31 (0 is the host
+/// bridge). Neither Clone nor constructible elsewhere, so no two functions get the same one.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PciSlot(u8);
+
+impl PciSlot {
+    pub fn number(&self) -> u8 {
+        self.0
+    }
+}
+
+/// What one virtio-pci function gets.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PciResources {
+    pub slot: PciSlot,
+    /// Guest-physical address of its BAR0 ([`BAR_SIZE`] bytes).
+    pub bar: u64,
+    /// GSI of MSI-X vector 0; vector `v` is `first_gsi + v`.
+    pub first_gsi: u32,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AllocError {
+    #[error("PCI bus 0 is full: it has {} device numbers for virtio devices", MAX_DEVICES - 1)]
+    NoSlot,
+    #[error("the PCI BAR window ({window:#x} bytes) has no room for another {size:#x}-byte BAR")]
+    NoBarSpace { window: u64, size: u64 },
+    #[error("no GSIs left for {wanted} MSI-X vectors: {left} of the {total} MSI GSIs are free")]
+    NoGsi { wanted: u16, left: u32, total: u32 },
+}
+
+/// Hands out bus-0 device numbers, BAR addresses and MSI GSIs, in order, each once. A request
+/// that cannot be met takes nothing.
+#[derive(Debug)]
+pub struct PciAllocator {
+    next_slot: u8,
+    bar_window: (u64, u64),
+    bar_size: u64,
+    next_bar: u64,
+    gsis: (u32, u32),
+    next_gsi: u32,
+}
+
+impl Default for PciAllocator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciAllocator {
+    /// pvm's layout: BARs in the 32-bit PCI window of the MMIO gap, GSIs above the IOAPIC pins.
+    pub fn new() -> Self {
+        Self::with_limits(
+            (layout::PCI_MMIO_START, layout::PCI_MMIO_SIZE),
+            BAR_SIZE,
+            (MSI_GSI_START, MSI_GSI_END),
+        )
+    }
+
+    /// BARs of `bar_size` bytes in the window `(start, size)`, GSIs in `[gsis.0, gsis.1)`.
+    fn with_limits(bar_window: (u64, u64), bar_size: u64, gsis: (u32, u32)) -> Self {
+        PciAllocator {
+            next_slot: 1,
+            bar_window,
+            bar_size,
+            next_bar: bar_window.0,
+            gsis,
+            next_gsi: gsis.0,
+        }
+    }
+
+    /// A device number, a BAR and `vectors` consecutive GSIs for the next function.
+    pub fn allocate(&mut self, vectors: u16) -> Result<PciResources, AllocError> {
+        if usize::from(self.next_slot) >= MAX_DEVICES {
+            return Err(AllocError::NoSlot);
+        }
+        let (window_start, window_size) = self.bar_window;
+        let bar_end = self.next_bar.checked_add(self.bar_size);
+        if bar_end.is_none_or(|end| end > window_start.saturating_add(window_size)) {
+            return Err(AllocError::NoBarSpace {
+                window: window_size,
+                size: self.bar_size,
+            });
+        }
+        let left = self.gsis.1 - self.next_gsi;
+        if u32::from(vectors) > left {
+            return Err(AllocError::NoGsi {
+                wanted: vectors,
+                left,
+                total: self.gsis.1 - self.gsis.0,
+            });
+        }
+        let resources = PciResources {
+            slot: PciSlot(self.next_slot),
+            bar: self.next_bar,
+            first_gsi: self.next_gsi,
+        };
+        self.next_slot += 1;
+        self.next_bar += self.bar_size;
+        self.next_gsi += u32::from(vectors);
+        Ok(resources)
+    }
+}
+
 /// Bus 0: the host bridge and the virtio-pci functions.
-#[derive(Default)]
 pub struct PciRoot {
     address: u32,
-    devices: Vec<Arc<Mutex<PciTransport>>>,
+    /// Indexed by device number; 0 (the host bridge) stays empty.
+    devices: Vec<Option<Arc<Mutex<PciTransport>>>>,
+}
+
+impl Default for PciRoot {
+    fn default() -> Self {
+        PciRoot {
+            address: 0,
+            devices: vec![None; MAX_DEVICES],
+        }
+    }
 }
 
 impl PciRoot {
@@ -46,13 +169,12 @@ impl PciRoot {
         Self::default()
     }
 
-    /// Plugs `transport` in at the next free device number; returns it.
-    pub fn add(&mut self, transport: Arc<Mutex<PciTransport>>) -> Option<usize> {
-        if self.devices.len() + 1 >= MAX_DEVICES {
-            return None;
+    /// Plugs `transport` in at device number `slot`.
+    pub fn plug(&mut self, slot: PciSlot, transport: Arc<Mutex<PciTransport>>) {
+        // A PciSlot is always below MAX_DEVICES, and handed out once.
+        if let Some(entry) = self.devices.get_mut(usize::from(slot.0)) {
+            *entry = Some(transport);
         }
-        self.devices.push(transport);
-        Some(self.devices.len())
     }
 
     fn config_read(&self, device: usize, register: u64, data: &mut [u8]) {
@@ -63,7 +185,7 @@ impl PciRoot {
                     *byte = header.get(register as usize + i).copied().unwrap_or(0);
                 }
             }
-            n => match self.devices.get(n - 1) {
+            n => match self.devices.get(n).and_then(Option::as_ref) {
                 Some(transport) => transport
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -75,7 +197,7 @@ impl PciRoot {
     }
 
     fn config_write(&self, device: usize, register: u64, data: &[u8]) {
-        if let Some(transport) = device.checked_sub(1).and_then(|n| self.devices.get(n)) {
+        if let Some(transport) = self.devices.get(device).and_then(Option::as_ref) {
             transport
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -153,5 +275,132 @@ mod tests {
         // Odd sizes and offsets are ignored, not a panic.
         root.read(6, &mut [0u8; 4]);
         root.write(2, &[1, 2, 3]);
+    }
+
+    #[test]
+    fn resources_are_handed_out_in_order_and_once() {
+        let mut pci = PciAllocator::new();
+        let first = pci.allocate(3).unwrap();
+        let second = pci.allocate(2).unwrap();
+        assert_eq!(
+            (first.slot.number(), first.bar, first.first_gsi),
+            (1, layout::PCI_MMIO_START, layout::IOAPIC_PINS)
+        );
+        assert_eq!(
+            (second.slot.number(), second.bar, second.first_gsi),
+            (
+                2,
+                layout::PCI_MMIO_START + BAR_SIZE,
+                layout::IOAPIC_PINS + 3
+            )
+        );
+        // The last MSI GSI still fits KVM's routing table with the default routes.
+        assert_eq!(
+            MSI_GSI_END + DEFAULT_ROUTE_COUNT,
+            KVM_MAX_IRQ_ROUTES as u32,
+            "routing table size"
+        );
+    }
+
+    #[test]
+    fn slots_run_out_with_a_clear_error() {
+        let mut pci = PciAllocator::new();
+        for slot in 1..MAX_DEVICES {
+            assert_eq!(usize::from(pci.allocate(1).unwrap().slot.number()), slot);
+        }
+        let err = pci.allocate(1).unwrap_err();
+        assert_eq!(err, AllocError::NoSlot);
+        assert!(err.to_string().contains("31 device numbers"), "{err}");
+    }
+
+    #[test]
+    fn bar_space_runs_out_with_a_clear_error() {
+        let mut pci = PciAllocator::with_limits((0x1000, 0x3000), 0x1000, (24, 100));
+        for bar in [0x1000, 0x2000, 0x3000] {
+            assert_eq!(pci.allocate(1).unwrap().bar, bar);
+        }
+        let err = pci.allocate(1).unwrap_err();
+        assert_eq!(
+            err,
+            AllocError::NoBarSpace {
+                window: 0x3000,
+                size: 0x1000
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "the PCI BAR window (0x3000 bytes) has no room for another 0x1000-byte BAR"
+        );
+        // A window at the very top of the address space is full, not an overflow.
+        let mut top = PciAllocator::with_limits((u64::MAX - 0xfff, 0x1000), 0x2000, (24, 100));
+        assert!(matches!(
+            top.allocate(1),
+            Err(AllocError::NoBarSpace { .. })
+        ));
+    }
+
+    #[test]
+    fn gsis_run_out_with_a_clear_error_and_a_refusal_takes_nothing() {
+        let mut pci = PciAllocator::with_limits((0, 1 << 20), 0x1000, (24, 30));
+        assert_eq!(pci.allocate(4).unwrap().first_gsi, 24);
+        let err = pci.allocate(3).unwrap_err();
+        assert_eq!(
+            err,
+            AllocError::NoGsi {
+                wanted: 3,
+                left: 2,
+                total: 6
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "no GSIs left for 3 MSI-X vectors: 2 of the 6 MSI GSIs are free"
+        );
+        // The refused request took no slot, BAR or GSI: the next one gets what it would have.
+        let next = pci.allocate(2).unwrap();
+        assert_eq!(
+            (next.slot.number(), next.bar, next.first_gsi),
+            (2, 0x1000, 28)
+        );
+    }
+
+    #[test]
+    fn plugged_functions_answer_at_their_device_number() {
+        #[derive(Debug)]
+        struct NoMsi;
+        impl pvm_virtio::MsiSink for NoMsi {
+            fn update_vector(
+                &self,
+                _: u16,
+                _: Option<pvm_virtio::MsiMessage>,
+            ) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let memory =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 16)])
+                .unwrap();
+        let mut pci = PciAllocator::new();
+        let mut root = PciRoot::new();
+        let (first, second) = (pci.allocate(2).unwrap(), pci.allocate(2).unwrap());
+        let transport = PciTransport::new(
+            Box::new(pvm_virtio::Rng::new()),
+            memory,
+            second.bar,
+            2,
+            Arc::new(NoMsi),
+        )
+        .unwrap();
+        root.plug(second.slot, Arc::new(Mutex::new(transport)));
+        let mut id = [0u8; 4];
+        // Device 1 was allocated but nothing plugged in: all-ones, as an empty slot.
+        assert_eq!(first.slot.number(), 1);
+        select(&mut root, 1, 0);
+        root.read(4, &mut id);
+        assert_eq!(id, [0xff; 4]);
+        // Device 2 is the rng: Red Hat's virtio vendor ID, modern device ID 0x1040 + 4.
+        select(&mut root, 2, 0);
+        root.read(4, &mut id);
+        assert_eq!(u32::from_le_bytes(id), 0x1044_1af4);
     }
 }

@@ -2,13 +2,15 @@
 //! or virtio-pci), every queue notification becomes a KVM ioeventfd and every interrupt an
 //! irqfd, so the vCPU threads never do device I/O; the devices run on their own workers.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pvm_virtio::pci::BAR_SIZE;
+use pvm_virtio::thread::ThreadError;
 use pvm_virtio::{
-    Block, Console, ConsoleInput, DiskErrors, MmioTransport, Net, NetCounters, PciTransport, Rng,
-    Tap, VirtioDevice,
+    Block, BlockError, Console, ConsoleInput, DiskErrors, MmioTransport, Net, NetCounters,
+    PciTransport, Rng, Tap, TapError, VirtioDevice,
 };
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -18,19 +20,46 @@ use crate::bus::{self, Bus, BusDevice};
 use crate::config::{ConsoleKind, TapSpec, Transport, VhostMode, VmConfig};
 use crate::irq_routing::{DeviceMsi, GsiRouter};
 use crate::layout;
-use crate::pci::PciRoot;
+use crate::pci::{self, PciAllocator, PciRoot};
 use pvm_vhost::net::VhostNetPlane;
 use pvm_vhost::user::{Kind, VhostUserDevice};
 
 /// PCI I/O ports of configuration mechanism #1.
 const PCI_CONFIG_PORT: u64 = 0xcf8;
-/// GSIs for MSI-X vectors start above the IOAPIC pins.
-const MSI_GSI_START: u32 = layout::IOAPIC_PINS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
-    Device(String),
+    #[error(transparent)]
+    Console(pvm_virtio::ConsoleError),
+    #[error("--disk {0}")]
+    Disk(#[source] BlockError),
+    #[error("{flag} vhost-user={}: {source}", .socket.display())]
+    VhostUser {
+        flag: &'static str,
+        socket: PathBuf,
+        source: pvm_vhost::user::Error,
+    },
+    #[error("--tap {0}")]
+    Tap(#[source] TapError),
+    #[error("--tap {tap}: {source}")]
+    Net {
+        tap: String,
+        source: pvm_virtio::NetError,
+    },
+    #[error("--tap {tap},vhost=on: {source}")]
+    VhostNet {
+        tap: String,
+        source: pvm_vhost::net::Error,
+    },
+    #[error("--tap {tap},vhost=on: cannot duplicate the tap's descriptor: {source}")]
+    TapClone { tap: String, source: std::io::Error },
+    #[error("--tap {tap},vhost=on: {source}")]
+    DataPlanes {
+        tap: String,
+        source: pvm_virtio::NetError,
+    },
+    #[error(transparent)]
+    DeviceThread(ThreadError),
     #[error("too many virtio devices for the {0} transport")]
     TooMany(&'static str),
     #[error("cannot set up the {what} of virtio device {name}: {source}")]
@@ -45,8 +74,56 @@ pub enum Error {
         name: String,
         source: kvm_ioctls::Error,
     },
+    #[error("cannot place virtio device {name} on PCI bus 0: {source}")]
+    PciResources {
+        name: String,
+        source: pci::AllocError,
+    },
     #[error(transparent)]
     Bus(#[from] bus::Error),
+}
+
+impl Error {
+    /// True when the user's input is at fault: a disk image named on the command line that
+    /// cannot be opened or is in use, a bad serial, a tap that does not exist (or cannot be
+    /// attached as asked), a vhost-user socket nobody listens on. Everything else is the host
+    /// or pvm failing (eventfds, ioctls, /dev/net/tun, /dev/vhost-net, a backend's replies).
+    pub fn is_usage(&self) -> bool {
+        use pvm_vhost::user::Error as VhostUser;
+        match self {
+            Error::Disk(e) => match e {
+                BlockError::Open { .. }
+                | BlockError::Locked { .. }
+                | BlockError::SerialTooLong { .. } => true,
+                BlockError::Lock { .. } | BlockError::Size { .. } => false,
+            },
+            Error::Tap(e) => match e {
+                TapError::InvalidName { .. }
+                | TapError::Attach { .. }
+                | TapError::AttachQueue { .. } => true,
+                TapError::OpenTun { .. }
+                | TapError::VnetHeaderSize { .. }
+                | TapError::Offloads { .. } => false,
+            },
+            Error::VhostUser { source, .. } => match source {
+                VhostUser::Connect(_) => true,
+                VhostUser::Protocol { .. }
+                | VhostUser::NoVersion1(_)
+                | VhostUser::NoBlockConfig => false,
+            },
+            Error::Console(_)
+            | Error::Net { .. }
+            | Error::VhostNet { .. }
+            | Error::TapClone { .. }
+            | Error::DataPlanes { .. }
+            | Error::DeviceThread(_)
+            | Error::TooMany(_)
+            | Error::Io { .. }
+            | Error::Kvm { .. }
+            | Error::PciResources { .. }
+            | Error::Bus(_) => false,
+        }
+    }
 }
 
 /// What the rest of the VM needs to know about the attached devices.
@@ -79,14 +156,13 @@ fn create_devices(
 ) -> Result<Vec<NamedDevice>, Error> {
     let mut devices: Vec<NamedDevice> = Vec::new();
     if config.console == ConsoleKind::Virtio {
-        let console =
-            Console::new(Box::new(std::io::stdout())).map_err(|e| Error::Device(e.to_string()))?;
+        let console = Console::new(Box::new(std::io::stdout())).map_err(Error::Console)?;
         attached.console_input = Some(console.input());
         devices.push(("console".to_string(), Box::new(console)));
     }
     for (i, disk) in config.disks.iter().enumerate() {
-        let block = Block::new(&disk.path, disk.read_only, disk.serial.as_deref())
-            .map_err(|e| Error::Device(format!("--disk {e}")))?;
+        let block =
+            Block::new(&disk.path, disk.read_only, disk.serial.as_deref()).map_err(Error::Disk)?;
         attached
             .disk_errors
             .push((disk.path.display().to_string(), block.errors()));
@@ -118,13 +194,17 @@ fn create_devices(
 /// the sandbox), its socket recorded for the vCPU filter.
 fn connect_vhost_user(
     kind: Kind,
-    flag: &str,
-    socket: &std::path::Path,
+    flag: &'static str,
+    socket: &Path,
     index: usize,
     attached: &mut Attached,
 ) -> Result<Box<dyn VirtioDevice>, Error> {
-    let device = VhostUserDevice::connect(kind, socket, index)
-        .map_err(|e| Error::Device(format!("{flag} vhost-user={}: {e}", socket.display())))?;
+    let device =
+        VhostUserDevice::connect(kind, socket, index).map_err(|source| Error::VhostUser {
+            flag,
+            socket: socket.to_path_buf(),
+            source,
+        })?;
     attached.vhost_user_sockets.push(device.socket_fd());
     if let Some(sectors) = device.capacity_sectors() {
         log::info!("vhost-user disk {}: {sectors} sectors", socket.display());
@@ -140,34 +220,36 @@ fn connect_vhost_user(
 /// with `queues=N`, N queues of a multi-queue tap and, with vhost-net, one instance per pair.
 /// Everything is opened here, before the sandbox forbids open().
 fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<Net, Error> {
-    let taps = Tap::open_queues(&spec.name, spec.queues)
-        .map_err(|e| Error::Device(format!("--tap {e}")))?;
+    let taps = Tap::open_queues(&spec.name, spec.queues).map_err(Error::Tap)?;
     let taps: Vec<Arc<Tap>> = taps.into_iter().map(Arc::new).collect();
     let backends = taps
         .iter()
         .map(|tap| Arc::clone(tap) as Arc<dyn pvm_virtio::NetBackend>)
         .collect();
-    let mut net = Net::with_pairs(backends, spec.mac)
-        .map_err(|e| Error::Device(format!("--tap {}: {e}", spec.name)))?;
+    let mut net = Net::with_pairs(backends, spec.mac).map_err(|source| Error::Net {
+        tap: spec.name.clone(),
+        source,
+    })?;
     let vhost = match spec.vhost {
         VhostMode::On => true,
         VhostMode::Off => false,
         VhostMode::Auto => pvm_vhost::net::available(),
     };
     if vhost {
-        let vhost_error =
-            |e: &dyn std::fmt::Display| Error::Device(format!("--tap {},vhost=on: {e}", spec.name));
+        let tap = || spec.name.clone();
         let planes = taps
             .iter()
-            .map(|tap| {
-                tap.try_clone_file()
-                    .map_err(pvm_vhost::net::Error::Open)
-                    .and_then(|tap| VhostNetPlane::new(tap, memory))
-                    .map(|plane| Box::new(plane) as Box<dyn pvm_virtio::data_plane::DataPlane>)
+            .map(|queue| {
+                let file = queue
+                    .try_clone_file()
+                    .map_err(|source| Error::TapClone { tap: tap(), source })?;
+                let plane = VhostNetPlane::new(file, memory)
+                    .map_err(|source| Error::VhostNet { tap: tap(), source })?;
+                Ok(Box::new(plane) as Box<dyn pvm_virtio::data_plane::DataPlane>)
             })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| vhost_error(&e))?;
-        net.set_data_planes(planes).map_err(|e| vhost_error(&e))?;
+            .collect::<Result<Vec<_>, Error>>()?;
+        net.set_data_planes(planes)
+            .map_err(|source| Error::DataPlanes { tap: tap(), source })?;
     }
     // Which one serves the queues matters for what to expect of throughput and CPU.
     let pairs = match net.pair_count() {
@@ -220,6 +302,10 @@ pub fn attach(
 ) -> Result<Attached, Error> {
     let mut attached = Attached::default();
     let devices = create_devices(config, memory, &mut attached)?;
+    // Each device spawned its threads (workers, relays) and each ran pvm's ThreadInit (the
+    // device seccomp filter) before the constructor returned. One that failed would take no
+    // job: the VM is not built rather than the guest finding the device dead at DRIVER_OK.
+    pvm_virtio::thread::spawned_ready().map_err(Error::DeviceThread)?;
     match config.transport {
         Transport::Mmio => {
             for (index, (name, device)) in devices.into_iter().enumerate() {
@@ -227,27 +313,25 @@ pub fn attach(
             }
         }
         Transport::Pci => {
-            let router = Arc::new(GsiRouter::new(vm.clone()));
-            let mut root = PciRoot::new();
-            let mut next_gsi = MSI_GSI_START;
-            for (index, (name, device)) in devices.into_iter().enumerate() {
-                let transport = attach_pci(
-                    index,
-                    &name,
-                    device,
-                    vm,
-                    memory,
-                    mmio,
-                    &router,
-                    &mut next_gsi,
-                )?;
-                root.add(transport).ok_or(Error::TooMany("pci"))?;
+            let mut pci = PciAttacher::new(vm, memory);
+            for (name, device) in devices {
+                pci.attach(&name, device, mmio)?;
             }
-            pio.insert(PCI_CONFIG_PORT, 8, Arc::new(Mutex::new(root)))?;
+            pci.finish(pio)?;
             attached.aml.extend(acpi::pci_host_bridge_aml());
         }
     }
     Ok(attached)
+}
+
+fn io_error(what: &'static str, name: &str) -> impl FnOnce(std::io::Error) -> Error {
+    let name = name.to_string();
+    move |source| Error::Io { what, name, source }
+}
+
+fn kvm_error(what: &'static str, name: &str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    let name = name.to_string();
+    move |source| Error::Kvm { what, name, source }
 }
 
 fn attach_mmio(
@@ -264,20 +348,14 @@ fn attach_mmio(
         return Err(Error::TooMany("mmio"));
     }
     let base = layout::VIRTIO_MMIO_START + index as u64 * layout::VIRTIO_MMIO_SIZE;
-    let io = |what| {
-        let name = name.clone();
-        move |source| Error::Io { what, name, source }
-    };
-    let kvm = |what| {
-        let name = name.clone();
-        move |source| Error::Kvm { what, name, source }
-    };
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io("interrupt eventfd"))?;
-    vm.register_irqfd(&irq, gsi).map_err(kvm("irqfd"))?;
-    let transport = MmioTransport::new(device, memory.clone(), irq).map_err(io("transport"))?;
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_error("interrupt eventfd", &name))?;
+    vm.register_irqfd(&irq, gsi)
+        .map_err(kvm_error("irqfd", &name))?;
+    let transport =
+        MmioTransport::new(device, memory.clone(), irq).map_err(io_error("transport", &name))?;
     for (offset, queue, kick) in transport.queue_kicks() {
         vm.register_ioevent(kick, &IoEventAddress::Mmio(base + offset), queue)
-            .map_err(kvm("ioeventfd"))?;
+            .map_err(kvm_error("ioeventfd", &name))?;
     }
     bus.insert(
         base,
@@ -297,58 +375,97 @@ fn attach_mmio(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn attach_pci(
-    index: usize,
-    name: &str,
-    device: Box<dyn VirtioDevice>,
-    vm: &VmFd,
-    memory: &GuestMemoryMmap,
-    bus: &mut Bus,
-    router: &Arc<GsiRouter>,
-    next_gsi: &mut u32,
-) -> Result<Arc<Mutex<PciTransport>>, Error> {
-    let bar = layout::PCI_MMIO_START + index as u64 * BAR_SIZE;
-    if bar + BAR_SIZE > layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE {
-        return Err(Error::TooMany("pci"));
-    }
-    let io = |what| {
-        move |source| Error::Io {
-            what,
-            name: name.to_string(),
-            source,
+/// Bus 0 while the virtio-pci functions are attached: the resources handed out so far, the
+/// root they plug into and the MSI routes they share.
+struct PciAttacher<'a> {
+    vm: &'a Arc<VmFd>,
+    memory: &'a GuestMemoryMmap,
+    router: Arc<GsiRouter>,
+    resources: PciAllocator,
+    root: PciRoot,
+}
+
+impl<'a> PciAttacher<'a> {
+    fn new(vm: &'a Arc<VmFd>, memory: &'a GuestMemoryMmap) -> Self {
+        PciAttacher {
+            vm,
+            memory,
+            router: Arc::new(GsiRouter::new(vm.clone())),
+            resources: PciAllocator::new(),
+            root: PciRoot::new(),
         }
-    };
-    let kvm = |what| {
-        move |source| Error::Kvm {
-            what,
-            name: name.to_string(),
-            source,
+    }
+
+    /// Gives `device` a device number, a BAR on `mmio` and a GSI per MSI-X vector, wires its
+    /// vectors to irqfds and its queue notifications to ioeventfds, and plugs it in.
+    fn attach(
+        &mut self,
+        name: &str,
+        device: Box<dyn VirtioDevice>,
+        mmio: &mut Bus,
+    ) -> Result<(), Error> {
+        // One vector per queue plus one for configuration changes. A count past u16 is
+        // refused by the transport, which takes at most MAX_MSIX_VECTORS.
+        let vectors = u16::try_from(device.queue_max_sizes().len() + 1).unwrap_or(u16::MAX);
+        let resources = self
+            .resources
+            .allocate(vectors)
+            .map_err(|source| Error::PciResources {
+                name: name.to_string(),
+                source,
+            })?;
+        let msi = Arc::new(DeviceMsi {
+            router: self.router.clone(),
+            first_gsi: resources.first_gsi,
+        });
+        let transport = PciTransport::new(device, self.memory.clone(), resources.bar, vectors, msi)
+            .map_err(io_error("transport", name))?;
+        self.connect_vectors(name, &transport, resources.first_gsi)?;
+        self.connect_kicks(name, &transport, resources.bar)?;
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(
+            resources.bar,
+            BAR_SIZE,
+            Arc::new(Mutex::new(PciBar(transport.clone()))),
+        )?;
+        log::info!(
+            "virtio-pci {name} at 00:{:02x}.0, BAR0 at {:#x}, {vectors} MSI-X vectors from GSI {}",
+            resources.slot.number(),
+            resources.bar,
+            resources.first_gsi
+        );
+        self.root.plug(resources.slot, transport);
+        Ok(())
+    }
+
+    /// Vector `v` raises GSI `first_gsi + v` through its irqfd.
+    fn connect_vectors(
+        &self,
+        name: &str,
+        transport: &PciTransport,
+        first_gsi: u32,
+    ) -> Result<(), Error> {
+        for (gsi, irqfd) in (first_gsi..).zip(transport.vector_irqfds()) {
+            self.vm
+                .register_irqfd(irqfd, gsi)
+                .map_err(kvm_error("irqfd", name))?;
         }
-    };
-    // One vector per queue plus one for configuration changes.
-    let vectors = device.queue_max_sizes().len() as u16 + 1;
-    let msi = Arc::new(DeviceMsi {
-        router: router.clone(),
-        first_gsi: *next_gsi,
-    });
-    let transport =
-        PciTransport::new(device, memory.clone(), bar, vectors, msi).map_err(io("transport"))?;
-    for (vector, irqfd) in transport.vector_irqfds().into_iter().enumerate() {
-        vm.register_irqfd(irqfd, *next_gsi + vector as u32)
-            .map_err(kvm("irqfd"))?;
+        Ok(())
     }
-    *next_gsi += u32::from(vectors);
-    for (offset, kick) in transport.queue_kicks() {
-        vm.register_ioevent(kick, &IoEventAddress::Mmio(bar + offset), NoDatamatch)
-            .map_err(kvm("ioeventfd"))?;
+
+    /// A write to a queue's notify address in the BAR signals its kick eventfd in KVM.
+    fn connect_kicks(&self, name: &str, transport: &PciTransport, bar: u64) -> Result<(), Error> {
+        for (offset, kick) in transport.queue_kicks() {
+            self.vm
+                .register_ioevent(kick, &IoEventAddress::Mmio(bar + offset), NoDatamatch)
+                .map_err(kvm_error("ioeventfd", name))?;
+        }
+        Ok(())
     }
-    let transport = Arc::new(Mutex::new(transport));
-    bus.insert(
-        bar,
-        BAR_SIZE,
-        Arc::new(Mutex::new(PciBar(transport.clone()))),
-    )?;
-    log::info!("virtio-pci {name} BAR0 at {bar:#x}, {vectors} MSI-X vectors");
-    Ok(transport)
+
+    /// Puts the root, with every function plugged in, on the configuration ports.
+    fn finish(self, pio: &mut Bus) -> Result<(), Error> {
+        pio.insert(PCI_CONFIG_PORT, 8, Arc::new(Mutex::new(self.root)))?;
+        Ok(())
+    }
 }

@@ -71,7 +71,7 @@ pub fn parse_on_off(text: &str) -> Result<bool, NotOnOff> {
 }
 
 /// What is wrong with a MAC address; each names the text it was given.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum MacError {
     #[error("'{0}' must be six hex bytes like 52:54:00:12:34:56")]
     Shape(String),

@@ -75,6 +75,25 @@ pub enum Error {
     Regs(#[from] regs::Error),
 }
 
+impl Error {
+    /// True when a file the user named (--kernel, --initrd) or the user's --cmdline is at fault;
+    /// false when writing the guest's boot state failed.
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Error::OpenKernel { .. }
+            | Error::UnknownKernelFormat(_)
+            | Error::LoadKernel { .. }
+            | Error::OpenInitrd { .. }
+            | Error::InitrdTooLarge { .. }
+            | Error::Cmdline { .. } => true,
+            Error::LoadInitrd { .. }
+            | Error::WriteCmdline(_)
+            | Error::BootParams(_)
+            | Error::Regs(_) => false,
+        }
+    }
+}
+
 /// What the boot vCPU needs to start the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BootEntry {

@@ -19,6 +19,9 @@ use std::collections::BTreeMap;
 use pvm_common::seccomp::{self as common, CallFormat, DATA_PLANE, EVERY_THREAD, Reporter};
 use seccompiler::{BpfProgram, SeccompCmpArgLen, SeccompCmpOp, SeccompRule};
 
+/// Why a thread's filter could not be built or installed.
+pub type Error = common::Error;
+
 /// The kinds of thread pvm runs, each with its own filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadKind {
@@ -154,7 +157,7 @@ fn rule(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompRule {
 }
 
 /// The compiled filter for `kind`: allowed calls pass, anything else traps (SIGSYS).
-pub fn filter(kind: ThreadKind, stats: bool) -> Result<BpfProgram, String> {
+pub fn filter(kind: ThreadKind, stats: bool) -> Result<BpfProgram, Error> {
     filter_with(kind, stats, &[])
 }
 
@@ -163,9 +166,8 @@ pub fn filter_with(
     kind: ThreadKind,
     stats: bool,
     vhost_user_sockets: &[i32],
-) -> Result<BpfProgram, String> {
+) -> Result<BpfProgram, Error> {
     common::compile(rules_with(kind, stats, vhost_user_sockets), kind.name())
-        .map_err(|e| e.to_string())
 }
 
 /// How pvm reports a forbidden call: the call by name, and the terminal put back before the
@@ -179,7 +181,7 @@ const REPORTER: Reporter = Reporter {
 
 /// Installs the filter for `kind` on the calling thread (and, once per process, the SIGSYS
 /// handler that reports violations).
-pub fn install(kind: ThreadKind, stats: bool) -> Result<(), String> {
+pub fn install(kind: ThreadKind, stats: bool) -> Result<(), Error> {
     install_with(kind, stats, &[])
 }
 
@@ -188,8 +190,8 @@ pub fn install_with(
     kind: ThreadKind,
     stats: bool,
     vhost_user_sockets: &[i32],
-) -> Result<(), String> {
-    common::install_reporter(REPORTER).map_err(|e| e.to_string())?;
+) -> Result<(), Error> {
+    common::install_reporter(REPORTER)?;
     let name = std::thread::current()
         .name()
         .unwrap_or(kind.name())
@@ -198,12 +200,9 @@ pub fn install_with(
     let program = filter_with(kind, stats, vhost_user_sockets)?;
     // Read before the filter is in place (it is only memory, but keep it obviously so).
     let probe = std::env::var_os(PROBE_ENV).is_some_and(|v| v == kind.name());
-    seccompiler::apply_filter(&program).map_err(|source| {
-        common::Error::Install {
-            what: format!("{} seccomp filter on {name}", kind.name()),
-            source,
-        }
-        .to_string()
+    seccompiler::apply_filter(&program).map_err(|source| common::Error::Install {
+        what: format!("{} seccomp filter on {name}", kind.name()),
+        source,
     })?;
     if probe {
         // The test hook: a call no filter allows, made right after the filter went in.
@@ -248,8 +247,8 @@ pub fn prepare_allocator() {
 pub const PROBE_ENV: &str = "PVM_SECCOMP_PROBE";
 
 /// The same, for device threads spawned by pvm-virtio (`pvm_virtio::thread::set_thread_init`).
-pub fn install_device_filter(_name: &str) -> Result<(), String> {
-    install(ThreadKind::Device, false)
+pub fn install_device_filter(_name: &str) -> Result<(), pvm_virtio::thread::InitError> {
+    Ok(install(ThreadKind::Device, false)?)
 }
 
 #[cfg(test)]

@@ -1,0 +1,219 @@
+//! The main thread while the guest runs: host keyboard input to the guest console (with the
+//! Ctrl-A escape), the stop signals (SIGINT, SIGTERM, SIGHUP) and the end of the VM.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::register_signal_handler;
+
+use super::{Error, io_err};
+use crate::devices::legacy::SerialDevice;
+use crate::exit::{EndSignal, Outcome};
+use pvm_virtio::ConsoleInput;
+
+/// Ctrl-A starts a console escape; Ctrl-A x quits, Ctrl-A Ctrl-A sends one Ctrl-A.
+const ESCAPE: u8 = 0x01;
+
+/// The signal that ended the run (SIGINT/SIGTERM/SIGHUP), and the eventfd its handler pokes.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+static STOP_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_stop_signal(signo: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_SIGNAL.store(signo, Ordering::SeqCst);
+    let fd = STOP_EVENT_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) on an eventfd is async-signal-safe; the buffer is a live u64.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// Kicks a vCPU out of KVM_RUN; the handler itself has nothing to do.
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub(super) fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+/// Where the stop signals are reported while the VM runs; dropping it stops reporting.
+pub(super) struct StopSignals {
+    event: EventFd,
+}
+
+impl StopSignals {
+    /// Installs the handlers of the stop signals and of the vCPU kick.
+    pub(super) fn install() -> Result<Self, Error> {
+        let event = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        STOP_EVENT_FD.store(event.as_raw_fd(), Ordering::SeqCst);
+        let signals = StopSignals { event };
+        for signo in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            register_signal_handler(signo, on_stop_signal).map_err(|e| Error::Io {
+                what: "installing signal handlers",
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            })?;
+        }
+        register_signal_handler(kick_signal(), on_kick).map_err(|e| Error::Io {
+            what: "installing the vCPU kick handler",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        Ok(signals)
+    }
+
+    /// The stop signal that arrived, if any (0 when none).
+    pub(super) fn received(&self) -> i32 {
+        STOP_SIGNAL.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for StopSignals {
+    fn drop(&mut self) {
+        STOP_EVENT_FD.store(-1, Ordering::SeqCst);
+    }
+}
+
+/// Where host keyboard input goes: the UART, or virtio-console.
+pub(super) enum InputSink {
+    Serial(Arc<Mutex<SerialDevice>>),
+    Virtio(ConsoleInput),
+}
+
+impl InputSink {
+    /// Offers `bytes` to the guest; returns how many it took (the rest waits).
+    fn offer(&self, bytes: &[u8]) -> usize {
+        match self {
+            InputSink::Serial(serial) => serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_input(bytes),
+            InputSink::Virtio(input) => input.push(bytes),
+        }
+    }
+}
+
+/// Tokens for the main loop's epoll.
+const TOKEN_STDIN: u64 = 0;
+const TOKEN_END: u64 = 1;
+const TOKEN_STOP: u64 = 2;
+
+/// Waits for the end of the VM or a stop signal, passing host input to `sink` meanwhile.
+pub(super) fn main_loop(
+    sink: &InputSink,
+    end: &EndSignal,
+    stop: &StopSignals,
+) -> Result<(), Error> {
+    let stop_event = &stop.event;
+    let epoll = Epoll::new().map_err(io_err("epoll"))?;
+    let add = |fd: i32, token: u64| {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(io_err("epoll_ctl"))
+    };
+    add(end.event().as_raw_fd(), TOKEN_END)?;
+    add(stop_event.as_raw_fd(), TOKEN_STOP)?;
+    // stdin may be /dev/null or a regular file, which epoll refuses; then there is no input.
+    let mut stdin_open = add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
+    let mut input = KeyboardInput::default();
+    let mut events = vec![EpollEvent::default(); 4];
+    loop {
+        // Input the UART could not take yet is retried on a short timer.
+        let timeout = if input.pending.is_empty() { -1 } else { 10 };
+        let n = match epoll.wait(timeout, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(Error::Io {
+                    what: "epoll_wait",
+                    source: e,
+                });
+            }
+        };
+        for event in &events[..n] {
+            match event.data() {
+                TOKEN_END => return Ok(()),
+                TOKEN_STOP => {
+                    end.end(Outcome::Signal(stop.received()));
+                    return Ok(());
+                }
+                TOKEN_STDIN if input.pending.is_empty() => {
+                    let mut buf = [0u8; 64];
+                    // SAFETY: reading into a live stack buffer of the given length.
+                    let got = unsafe {
+                        libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len())
+                    };
+                    if got <= 0 {
+                        // EOF or error: no more input, but the guest runs on.
+                        let _ = epoll.ctl(
+                            ControlOperation::Delete,
+                            libc::STDIN_FILENO,
+                            EpollEvent::default(),
+                        );
+                        stdin_open = false;
+                    } else if input.feed(&buf[..got as usize]) {
+                        end.end(Outcome::ConsoleQuit);
+                        return Ok(());
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !input.pending.is_empty() {
+            let taken = sink.offer(&input.pending);
+            input.pending.drain(..taken);
+            // While input waits, stdin is not read (events stay level-triggered).
+            if stdin_open && input.pending.is_empty() {
+                continue;
+            }
+        }
+    }
+}
+
+/// Host keyboard input on its way to the guest, with the Ctrl-A escape handled.
+#[derive(Debug, Default)]
+struct KeyboardInput {
+    pending: Vec<u8>,
+    escaped: bool,
+}
+
+impl KeyboardInput {
+    /// Queues `bytes`; returns true when the user asked to quit (Ctrl-A x).
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &byte in bytes {
+            if self.escaped {
+                self.escaped = false;
+                match byte {
+                    b'x' | b'X' => return true,
+                    ESCAPE => self.pending.push(ESCAPE),
+                    _ => {}
+                }
+            } else if byte == ESCAPE {
+                self.escaped = true;
+            } else {
+                self.pending.push(byte);
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_escape() {
+        let mut input = KeyboardInput::default();
+        assert!(!input.feed(b"ls\r"));
+        assert!(!input.feed(&[ESCAPE, ESCAPE, b'a']));
+        assert_eq!(input.pending, b"ls\r\x01a");
+        assert!(!input.feed(&[ESCAPE]));
+        assert!(input.feed(b"x"));
+    }
+}
