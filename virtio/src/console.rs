@@ -201,7 +201,9 @@ pub(crate) fn deliver_input(
             break;
         };
         let head = chain.head_index();
-        let written = match split_chain(chain) {
+        // Console input is rare and small: a list per chain is cheap enough here.
+        let mut segments = Vec::new();
+        let written = match split_chain(chain, &mut segments) {
             Ok(buffers) => {
                 let bytes = pending.make_contiguous();
                 match buffers.writable.write_from(mem, bytes) {
