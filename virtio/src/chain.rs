@@ -6,7 +6,12 @@
 //! and status by length, never by descriptor boundaries. Everything here validates what the guest
 //! wrote: direction order, address overflow and that every byte lies in guest RAM, so a hostile
 //! chain becomes an error value and never a panic.
+//!
+//! Nothing here allocates per request: a chain's segments go into a list its caller reuses,
+//! header, data and status are views cut from it, and iovecs go into reusable storage as well.
+//! The request entry points take these from their thread's [`ChainScratch`] ([`with_scratch`]).
 
+use std::cell::Cell;
 use std::io;
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -45,20 +50,55 @@ pub(crate) struct Segment {
     pub(crate) len: u64,
 }
 
-/// An ordered list of guest memory segments read or written as one byte stream.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Segments {
-    list: Vec<Segment>,
+/// Appends a segment to `list`; empty segments are dropped as they carry no bytes.
+fn push_segment(list: &mut Vec<Segment>, addr: GuestAddress, len: u64) {
+    if len > 0 {
+        list.push(Segment { addr, len });
+    }
+}
+
+/// An ordered list of guest memory segments read or written as one byte stream: a view into a
+/// segment list that [`split_chain`] filled, so cutting it into header, data and status copies
+/// and allocates nothing.
+///
+/// Every segment of the view, after trimming `skip` bytes off the first and `cut` bytes off the
+/// last, holds at least one byte; an empty view has no segments.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Segments<'s> {
+    list: &'s [Segment],
+    /// Bytes at the start of `list[0]` that are not part of the stream (taken off the front).
+    skip: u64,
+    /// Bytes at the end of the last segment that are not part of the stream (taken off the back).
+    cut: u64,
     total: u64,
 }
 
-impl Segments {
-    /// Appends a segment; empty segments are dropped as they carry no bytes.
-    pub(crate) fn push(&mut self, addr: GuestAddress, len: u64) {
-        if len > 0 {
-            self.list.push(Segment { addr, len });
-            self.total += len;
+impl<'s> Segments<'s> {
+    /// The whole of `list`, whose `total` bytes are all in non-empty segments.
+    fn whole(list: &'s [Segment], total: u64) -> Self {
+        Segments {
+            list,
+            skip: 0,
+            cut: 0,
+            total,
         }
+    }
+
+    /// The segments of the stream, trimmed to the bytes that belong to it.
+    fn iter(&self) -> impl Iterator<Item = Segment> + '_ {
+        let last = self.list.len().wrapping_sub(1);
+        self.list.iter().enumerate().map(move |(i, seg)| {
+            let mut seg = *seg;
+            if i == 0 {
+                // `split_chain` checked that no segment wraps and `skip` < the segment's length.
+                seg.addr = seg.addr.unchecked_add(self.skip);
+                seg.len -= self.skip;
+            }
+            if i == last {
+                seg.len -= self.cut;
+            }
+            seg
+        })
     }
 
     /// The number of bytes in all segments.
@@ -68,7 +108,7 @@ impl Segments {
 
     /// The length of the largest buffer (0 when there is none).
     pub(crate) fn largest(&self) -> u64 {
-        self.list.iter().map(|s| s.len).max().unwrap_or(0)
+        self.iter().map(|s| s.len).max().unwrap_or(0)
     }
 
     /// The number of (non-empty) buffers.
@@ -80,35 +120,67 @@ impl Segments {
         self.total == 0
     }
 
+    /// The first `n` bytes and the rest; `n` must be at most `self.total`.
+    fn split_at(&self, n: u64) -> (Segments<'s>, Segments<'s>) {
+        if n == 0 {
+            return (Segments::default(), *self);
+        }
+        if n >= self.total {
+            return (*self, Segments::default());
+        }
+        // The front ends inside (or at the end of) segment `i`, after `within` of its bytes.
+        let mut before = 0u64;
+        for (i, piece) in self.iter().enumerate() {
+            if before + piece.len < n {
+                before += piece.len;
+                continue;
+            }
+            let within = n - before;
+            let start = if i == 0 { self.skip } else { 0 };
+            let front = Segments {
+                list: &self.list[..=i],
+                skip: self.skip,
+                cut: self.list[i].len - start - within,
+                total: n,
+            };
+            // n < total, so bytes remain after the front, and the last segment is among them.
+            let rest = if within == piece.len {
+                Segments {
+                    list: &self.list[i + 1..],
+                    skip: 0,
+                    cut: self.cut,
+                    total: self.total - n,
+                }
+            } else {
+                Segments {
+                    list: &self.list[i..],
+                    skip: start + within,
+                    cut: self.cut,
+                    total: self.total - n,
+                }
+            };
+            return (front, rest);
+        }
+        (*self, Segments::default())
+    }
+
     /// Removes the first `n` bytes and returns them, or `None` (and changes nothing) if there are
     /// fewer than `n`.
-    pub(crate) fn take_front(&mut self, n: u64) -> Option<Segments> {
+    pub(crate) fn take_front(&mut self, n: u64) -> Option<Segments<'s>> {
         if n > self.total {
             return None;
         }
-        let mut front = Segments::default();
-        let mut rest = Segments::default();
-        let mut need = n;
-        for seg in self.list.drain(..) {
-            if need >= seg.len {
-                need -= seg.len;
-                front.push(seg.addr, seg.len);
-            } else {
-                // `split_chain` checked that no segment wraps, so the split point is in range.
-                front.push(seg.addr, need);
-                rest.push(seg.addr.unchecked_add(need), seg.len - need);
-                need = 0;
-            }
-        }
+        let (front, rest) = self.split_at(n);
         *self = rest;
         Some(front)
     }
 
     /// Removes the last `n` bytes and returns them, or `None` if there are fewer than `n`.
-    pub(crate) fn take_back(&mut self, n: u64) -> Option<Segments> {
+    pub(crate) fn take_back(&mut self, n: u64) -> Option<Segments<'s>> {
         let keep = self.total.checked_sub(n)?;
-        let front = self.take_front(keep)?;
-        Some(std::mem::replace(self, front))
+        let (front, back) = self.split_at(keep);
+        *self = front;
+        Some(back)
     }
 
     /// Copies the first `buf.len()` bytes of the stream out of guest memory.
@@ -150,7 +222,7 @@ impl Segments {
         mut copy: impl FnMut(GuestAddress, Range<usize>) -> Result<(), GuestMemoryError>,
     ) -> Result<usize, ChainError> {
         let mut done = 0usize;
-        for seg in &self.list {
+        for seg in self.iter() {
             if done == len {
                 break;
             }
@@ -163,16 +235,17 @@ impl Segments {
         Ok(done)
     }
 
-    /// Resolves the segments to host iovecs for vectored I/O. `access` is what the I/O does to
-    /// guest memory (`Write` for a read from a file into the guest).
-    pub(crate) fn iovecs<'m>(
+    /// Resolves the segments to host iovecs for vectored I/O, in `scratch`. `access` is what the
+    /// I/O does to guest memory (`Write` for a read from a file into the guest).
+    pub(crate) fn iovecs<'a>(
         &self,
-        mem: &'m GuestMemoryMmap,
+        mem: &'a GuestMemoryMmap,
         access: Permissions,
-    ) -> Result<GuestIovecs<'m>, ChainError> {
-        let mut iovecs = Vec::with_capacity(self.list.len());
-        let mut guards = Vec::with_capacity(self.list.len());
-        for seg in &self.list {
+        scratch: &'a mut IovecScratch,
+    ) -> Result<GuestIovecs<'a>, ChainError> {
+        // Cleared again when `iovecs` is dropped, also on the error returns below.
+        let iovecs = GuestIovecs::new(scratch);
+        for seg in self.iter() {
             let len = usize::try_from(seg.len).map_err(|_| ChainError::TooShort {
                 have: self.total,
                 need: seg.len,
@@ -181,61 +254,212 @@ impl Segments {
             for slice in GuestMemory::get_slices(mem, seg.addr, len, access)? {
                 let slice = slice?;
                 let guard = slice.ptr_guard_mut();
-                iovecs.push(libc::iovec {
+                iovecs.scratch.iovecs.push(libc::iovec {
                     iov_base: guard.as_ptr().cast(),
                     iov_len: slice.len(),
                 });
-                guards.push(guard);
+                iovecs.scratch.guards.push(guard);
             }
         }
-        Ok(GuestIovecs {
-            iovecs,
-            _guards: guards,
-            _memory: PhantomData,
-        })
+        Ok(iovecs)
+    }
+}
+
+impl PartialEq for Segments<'_> {
+    /// The same bytes in the same segments, however each view was cut.
+    fn eq(&self, other: &Self) -> bool {
+        self.total == other.total && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Segments<'_> {}
+
+/// Where one chain's descriptors lie in a segment list (see [`append_chain`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ChainLayout {
+    start: usize,
+    /// The first device-writable segment.
+    split: usize,
+    end: usize,
+    readable_len: u64,
+    writable_len: u64,
+    ends_writable: bool,
+}
+
+impl ChainLayout {
+    /// The chain's halves in `list`, the list [`append_chain`] appended it to.
+    pub(crate) fn buffers<'s>(&self, list: &'s [Segment]) -> ChainBuffers<'s> {
+        ChainBuffers {
+            readable: Segments::whole(&list[self.start..self.split], self.readable_len),
+            writable: Segments::whole(&list[self.split..self.end], self.writable_len),
+            ends_writable: self.ends_writable,
+        }
     }
 }
 
 /// The device-readable and device-writable halves of a chain.
 #[derive(Debug, Default)]
-pub(crate) struct ChainBuffers {
-    pub(crate) readable: Segments,
-    pub(crate) writable: Segments,
+pub(crate) struct ChainBuffers<'s> {
+    pub(crate) readable: Segments<'s>,
+    pub(crate) writable: Segments<'s>,
     /// Whether the chain's last descriptor is device-writable and at least one byte long: the
     /// place a status byte goes.
     pub(crate) ends_writable: bool,
 }
 
 /// Walks a chain (virtio-queue bounds its length and catches loops) and sorts its descriptors
-/// into the readable and writable halves, insisting that readable ones come first.
-pub(crate) fn split_chain(chain: Chain<'_>) -> Result<ChainBuffers, ChainError> {
-    let mut buffers = ChainBuffers::default();
+/// into the readable and writable halves, insisting that readable ones come first. `list` is
+/// the caller's to reuse: it is cleared and refilled, so a warm list costs no allocation.
+pub(crate) fn split_chain<'s>(
+    chain: Chain<'_>,
+    list: &'s mut Vec<Segment>,
+) -> Result<ChainBuffers<'s>, ChainError> {
+    list.clear();
+    let layout = append_chain(chain, list)?;
+    Ok(layout.buffers(list))
+}
+
+/// [`split_chain`] for a caller that holds several chains at once: appends this chain's
+/// segments to `list` after those already there and says where they are.
+pub(crate) fn append_chain(
+    chain: Chain<'_>,
+    list: &mut Vec<Segment>,
+) -> Result<ChainLayout, ChainError> {
+    let start = list.len();
+    let mut layout = ChainLayout {
+        start,
+        split: start,
+        end: start,
+        readable_len: 0,
+        writable_len: 0,
+        ends_writable: false,
+    };
     for desc in chain {
         let addr = desc.addr();
-        if addr.checked_add(u64::from(desc.len())).is_none() {
+        let len = u64::from(desc.len());
+        if addr.checked_add(len).is_none() {
             return Err(ChainError::AddressOverflow {
                 addr: addr.raw_value(),
                 len: desc.len(),
             });
         }
         if desc.is_write_only() {
-            buffers.writable.push(addr, u64::from(desc.len()));
-        } else if !buffers.writable.is_empty() {
+            push_segment(list, addr, len);
+            layout.writable_len += len;
+        } else if layout.writable_len > 0 {
             return Err(ChainError::ReadableAfterWritable);
         } else {
-            buffers.readable.push(addr, u64::from(desc.len()));
+            // Empty writable descriptors before this one left no segment behind.
+            push_segment(list, addr, len);
+            layout.readable_len += len;
+            layout.split = list.len();
         }
-        buffers.ends_writable = desc.is_write_only() && desc.len() > 0;
+        layout.ends_writable = desc.is_write_only() && len > 0;
     }
-    Ok(buffers)
+    layout.end = list.len();
+    Ok(layout)
 }
 
-/// Host iovecs pointing into guest memory, valid while the memory borrow `'m` lives.
-pub(crate) struct GuestIovecs<'m> {
+/// Entries a scratch list keeps between requests; a list grown beyond it (by a chain of
+/// thousands of descriptors, which only a hostile or broken driver sends) is shrunk back, so
+/// one such chain does not pin its memory in the worker for good.
+const SCRATCH_KEEP: usize = 1024;
+
+/// The buffers one request's parsing and I/O fill, kept from one request to the next so that a
+/// request does not allocate (one per thread, see [`with_scratch`]).
+#[derive(Debug, Default)]
+pub(crate) struct ChainScratch {
+    /// What [`split_chain`] and [`append_chain`] fill.
+    pub(crate) segments: Vec<Segment>,
+    /// What [`Segments::iovecs`] fills.
+    pub(crate) io: IovecScratch,
+    /// The chains a receive holds before it knows the frame fits (head index, where it lies in
+    /// `segments`).
+    pub(crate) chains: Vec<(u16, ChainLayout)>,
+}
+
+impl ChainScratch {
+    const fn new() -> Self {
+        ChainScratch {
+            segments: Vec::new(),
+            io: IovecScratch::new(),
+            chains: Vec::new(),
+        }
+    }
+
+    /// Empties the lists and gives back what a huge chain made them grow to.
+    fn release(&mut self) {
+        self.segments.clear();
+        self.segments.shrink_to(SCRATCH_KEEP);
+        self.chains.clear();
+        self.chains.shrink_to(SCRATCH_KEEP);
+        self.io.clear();
+        self.io.iovecs.shrink_to(SCRATCH_KEEP);
+        self.io.guards.shrink_to(SCRATCH_KEEP);
+    }
+}
+
+/// Runs `f` with this thread's [`ChainScratch`]. A device's requests are served on its worker
+/// thread (a vhost-user backend's on its vring threads), so the scratch is in effect the
+/// worker's, without a parameter through the device entry points. A nested call (none exists
+/// today) gets a fresh scratch rather than a panic.
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut ChainScratch) -> R) -> R {
+    thread_local! {
+        static SCRATCH: Cell<ChainScratch> = const { Cell::new(ChainScratch::new()) };
+    }
+    // Taken out for the call (leaving an empty one, which costs nothing) and put back after.
+    let mut scratch = SCRATCH.try_with(Cell::take).unwrap_or_default();
+    let result = f(&mut scratch);
+    scratch.release();
+    // Fails only while the thread exits; the scratch is then simply dropped.
+    let _ = SCRATCH.try_with(|cell| cell.set(scratch));
+    result
+}
+
+/// Reusable storage for the host iovecs of one vectored I/O.
+#[derive(Debug, Default)]
+pub(crate) struct IovecScratch {
     iovecs: Vec<libc::iovec>,
     /// Keeps the host mappings pinned for backends that map on demand (a no-op for plain mmap).
-    _guards: Vec<PtrGuardMut>,
-    _memory: PhantomData<&'m GuestMemoryMmap>,
+    guards: Vec<PtrGuardMut>,
+}
+
+impl IovecScratch {
+    const fn new() -> Self {
+        IovecScratch {
+            iovecs: Vec::new(),
+            guards: Vec::new(),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.iovecs.clear();
+        self.guards.clear();
+    }
+}
+
+/// Host iovecs pointing into guest memory, valid while the memory borrow `'a` lives; they are
+/// cleared from the scratch they live in when this is dropped.
+pub(crate) struct GuestIovecs<'a> {
+    scratch: &'a mut IovecScratch,
+    _memory: PhantomData<&'a GuestMemoryMmap>,
+}
+
+impl<'a> GuestIovecs<'a> {
+    fn new(scratch: &'a mut IovecScratch) -> Self {
+        scratch.clear();
+        GuestIovecs {
+            scratch,
+            _memory: PhantomData,
+        }
+    }
+}
+
+impl Drop for GuestIovecs<'_> {
+    fn drop(&mut self) {
+        // No pointer into guest memory outlives the borrow of it, and the guards are released.
+        self.scratch.clear();
+    }
 }
 
 impl GuestIovecs<'_> {
@@ -259,20 +483,15 @@ impl GuestIovecs<'_> {
 
     /// Writes all buffers with a single `writev`: one frame for a tap or a datagram socket.
     pub(crate) fn write_once(&self, fd: &(impl AsRawFd + ?Sized)) -> io::Result<usize> {
-        if self.iovecs.len() > MAX_IOVECS {
-            return Err(io::Error::other(ChainError::TooManySegments(
-                self.iovecs.len(),
-            )));
+        let iovecs = &self.scratch.iovecs;
+        if iovecs.len() > MAX_IOVECS {
+            return Err(io::Error::other(ChainError::TooManySegments(iovecs.len())));
         }
         loop {
-            // SAFETY: the iovecs point into guest memory that stays mapped while `'m` lives and
+            // SAFETY: the iovecs point into guest memory that stays mapped while `'a` lives and
             // were bounds-checked by get_slices; writev only reads from them.
             let n = unsafe {
-                libc::writev(
-                    fd.as_raw_fd(),
-                    self.iovecs.as_ptr(),
-                    self.iovecs.len() as libc::c_int,
-                )
+                libc::writev(fd.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as libc::c_int)
             };
             if n >= 0 {
                 return Ok(n as usize);
@@ -287,10 +506,11 @@ impl GuestIovecs<'_> {
     fn transfer_at(&mut self, fd: RawFd, offset: u64, direction: Direction) -> io::Result<()> {
         let mut offset = offset;
         let mut first = 0;
+        let iovecs = &mut self.scratch.iovecs;
         // Skip past completed iovecs, splitting the first partial one, until all are done; short
         // transfers are normal for large requests.
-        while first < self.iovecs.len() {
-            let batch = &self.iovecs[first..self.iovecs.len().min(first + MAX_IOVECS)];
+        while first < iovecs.len() {
+            let batch = &iovecs[first..iovecs.len().min(first + MAX_IOVECS)];
             let file_offset = libc::off_t::try_from(offset)
                 .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
             let n = match direction {
@@ -319,8 +539,8 @@ impl GuestIovecs<'_> {
             }
             let mut done = n as usize;
             offset += done as u64;
-            while done > 0 && first < self.iovecs.len() {
-                let iov = &mut self.iovecs[first];
+            while done > 0 && first < iovecs.len() {
+                let iov = &mut iovecs[first];
                 if done >= iov.iov_len {
                     done -= iov.iov_len;
                     first += 1;
@@ -343,47 +563,4 @@ enum Direction {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn segments(parts: &[(u64, u64)]) -> Segments {
-        let mut s = Segments::default();
-        for &(addr, len) in parts {
-            s.push(GuestAddress(addr), len);
-        }
-        s
-    }
-
-    #[test]
-    fn take_front_and_back_split_segments() {
-        let mut s = segments(&[(0x1000, 10), (0x2000, 0), (0x3000, 6)]);
-        assert_eq!(s.len(), 16);
-        let front = s.take_front(12).unwrap();
-        assert_eq!(front, segments(&[(0x1000, 10), (0x3000, 2)]));
-        assert_eq!(s, segments(&[(0x3002, 4)]));
-        let back = s.take_back(1).unwrap();
-        assert_eq!(back, segments(&[(0x3005, 1)]));
-        assert_eq!(s, segments(&[(0x3002, 3)]));
-        assert!(s.take_front(4).is_none());
-        assert!(s.take_back(4).is_none());
-        assert_eq!(s.len(), 3);
-    }
-
-    #[test]
-    fn copies_across_segments() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let s = segments(&[(0x100, 3), (0x200, 5)]);
-        assert_eq!(s.write_from(&mem, b"abcdefghij").unwrap(), 8);
-        let mut buf = [0u8; 8];
-        s.read_into(&mem, &mut buf).unwrap();
-        assert_eq!(&buf, b"abcdefgh");
-        let mut too_big = [0u8; 9];
-        assert!(matches!(
-            s.read_into(&mem, &mut too_big),
-            Err(ChainError::TooShort { have: 8, need: 9 })
-        ));
-        // Outside guest memory.
-        let bad = segments(&[(0xfff0, 0x20)]);
-        assert!(bad.iovecs(&mem, Permissions::Read).is_err());
-    }
-}
+mod tests;

@@ -182,7 +182,9 @@ impl FillSource for PendingInput<'_> {
             return FillStep::NoBuffers;
         };
         let head = chain.head_index();
-        let written = match split_chain(chain) {
+        // Console input is rare and small: a list per chain is cheap enough here.
+        let mut segments = Vec::new();
+        let written = match split_chain(chain, &mut segments) {
             Ok(buffers) => match buffers.writable.write_from(mem, self.0.make_contiguous()) {
                 Ok(n) => n,
                 Err(e) => {

@@ -6,6 +6,8 @@
 //! be unit-tested and fuzzed without /dev/kvm. The VMM (the `pvm` crate) wires transports to KVM
 //! ioeventfds and irqfds in one place.
 
+#[cfg(test)]
+mod alloc_count;
 pub mod block;
 mod chain;
 pub mod console;

@@ -18,7 +18,9 @@ use virtio_bindings::bindings::virtio_blk::{
 use vm_memory::{GuestMemoryMmap, Permissions};
 
 use super::{SEG_MAX, SEGMENT_MAX_BYTES};
-use crate::chain::{Chain, ChainError, Segments, split_chain};
+use crate::chain::{
+    Chain, ChainError, ChainScratch, IovecScratch, Segments, split_chain, with_scratch,
+};
 
 /// virtio-blk addresses the disk in 512-byte sectors, whatever the block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -129,7 +131,18 @@ impl RequestError {
 /// Serves one chain and returns the used length: bytes written into device-writable buffers,
 /// including the status byte, or 0 when the chain has no usable status byte.
 pub(crate) fn handle_request(disk: &DiskImage, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
-    let buffers = match split_chain(chain) {
+    with_scratch(|scratch| serve(disk, mem, chain, scratch))
+}
+
+/// [`handle_request`] with the buffers it fills (the worker thread's, reused between requests).
+fn serve(
+    disk: &DiskImage,
+    mem: &GuestMemoryMmap,
+    chain: Chain<'_>,
+    scratch: &mut ChainScratch,
+) -> u32 {
+    let ChainScratch { segments, io, .. } = scratch;
+    let buffers = match split_chain(chain, segments) {
         Ok(buffers) => buffers,
         Err(e) => {
             debug!("virtio-blk: dropping request: {e}");
@@ -144,7 +157,7 @@ pub(crate) fn handle_request(disk: &DiskImage, mem: &GuestMemoryMmap, chain: Cha
     let Some(status) = writable.take_back(1) else {
         return 0;
     };
-    let (code, data_len) = match execute(disk, mem, readable, writable) {
+    let (code, data_len) = match execute(disk, mem, readable, writable, io) {
         Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
         Err(e) => {
             // Host-side failures (EIO, ENOSPC) matter to the operator, once per cause; the rest
@@ -175,8 +188,9 @@ pub(crate) fn handle_request(disk: &DiskImage, mem: &GuestMemoryMmap, chain: Cha
 fn execute(
     disk: &DiskImage,
     mem: &GuestMemoryMmap,
-    mut readable: Segments,
-    writable: Segments,
+    mut readable: Segments<'_>,
+    writable: Segments<'_>,
+    io: &mut IovecScratch,
 ) -> Result<u64, RequestError> {
     let header = readable
         .take_front(HEADER_LEN)
@@ -206,7 +220,7 @@ fn execute(
             }
             let offset = disk.byte_range(sector, writable.len(), true)?;
             writable
-                .iovecs(mem, Permissions::Write)?
+                .iovecs(mem, Permissions::Write, io)?
                 .read_exact_at(&disk.file, offset)?;
             Ok(writable.len())
         }
@@ -216,7 +230,7 @@ fn execute(
             }
             disk.check_writable()?;
             let offset = disk.byte_range(sector, data.len(), true)?;
-            data.iovecs(mem, Permissions::Read)?
+            data.iovecs(mem, Permissions::Read, io)?
                 .write_all_at(&disk.file, offset)?;
             Ok(0)
         }

@@ -365,7 +365,8 @@ pub(crate) fn ctrl_command(
         }
         0
     };
-    let buffers = match split_chain(chain) {
+    let mut segments = Vec::new();
+    let buffers = match split_chain(chain, &mut segments) {
         Ok(buffers) => buffers,
         Err(e) => return malformed(&e),
     };

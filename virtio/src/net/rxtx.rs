@@ -8,7 +8,7 @@ use log::warn;
 use vm_memory::{GuestMemoryMmap, Permissions};
 
 use super::{MAX_FRAME_LEN, NetCounters, VNET_HDR_LEN};
-use crate::chain::{Chain, Segments, split_chain};
+use crate::chain::{Chain, ChainScratch, append_chain, split_chain, with_scratch};
 use crate::worker::DeviceQueue;
 
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
@@ -23,7 +23,19 @@ pub fn transmit(
     chain: Chain<'_>,
     counters: &NetCounters,
 ) -> u32 {
-    let frame = match split_chain(chain) {
+    with_scratch(|scratch| transmit_with(backend, mem, chain, counters, scratch))
+}
+
+/// [`transmit`] with the buffers it fills (the worker thread's, reused between frames).
+fn transmit_with(
+    backend: &(impl AsRawFd + ?Sized),
+    mem: &GuestMemoryMmap,
+    chain: Chain<'_>,
+    counters: &NetCounters,
+    scratch: &mut ChainScratch,
+) -> u32 {
+    let ChainScratch { segments, io, .. } = scratch;
+    let frame = match split_chain(chain, segments) {
         Ok(buffers) => buffers.readable,
         Err(e) => {
             count_malformed(counters, &e);
@@ -35,7 +47,7 @@ pub fn transmit(
         count_malformed(counters, &format_args!("transmit frame of {len} bytes"));
         return 0;
     }
-    let iovecs = match frame.iovecs(mem, Permissions::Read) {
+    let iovecs = match frame.iovecs(mem, Permissions::Read, io) {
         Ok(iovecs) => iovecs,
         Err(e) => {
             count_malformed(counters, &e);
@@ -86,7 +98,24 @@ pub fn deliver_frame(
     mergeable: bool,
     counters: &NetCounters,
 ) -> Delivery {
-    let mut chains: Vec<(u16, Segments)> = Vec::new();
+    with_scratch(|scratch| deliver_with(rx, mem, frame, mergeable, counters, scratch))
+}
+
+/// [`deliver_frame`] with the buffers it fills (the worker thread's, reused between frames).
+fn deliver_with(
+    rx: &mut DeviceQueue,
+    mem: &GuestMemoryMmap,
+    frame: &mut [u8],
+    mergeable: bool,
+    counters: &NetCounters,
+    scratch: &mut ChainScratch,
+) -> Delivery {
+    // Every chain popped for this frame is appended to one segment list; `chains` says where.
+    let ChainScratch {
+        segments, chains, ..
+    } = scratch;
+    segments.clear();
+    chains.clear();
     let mut capacity = 0u64;
     while capacity < frame.len() as u64 {
         let Some(chain) = rx.pop(mem) else {
@@ -94,23 +123,20 @@ pub fn deliver_frame(
             return Delivery::NoBuffers;
         };
         let head = chain.head_index();
-        let writable = match split_chain(chain) {
-            Ok(buffers)
-                if buffers.readable.is_empty() && buffers.writable.len() >= VNET_HDR_LEN as u64 =>
-            {
-                buffers.writable
-            }
-            Ok(_) => {
-                rx.fail(&"receive chain too short for the header or with device-readable buffers");
-                return Delivery::NoBuffers;
-            }
+        let layout = match append_chain(chain, segments) {
+            Ok(layout) => layout,
             Err(e) => {
                 rx.fail(&format_args!("malformed receive chain: {e}"));
                 return Delivery::NoBuffers;
             }
         };
-        capacity += writable.len();
-        chains.push((head, writable));
+        let buffers = layout.buffers(segments);
+        if !buffers.readable.is_empty() || buffers.writable.len() < VNET_HDR_LEN as u64 {
+            rx.fail(&"receive chain too short for the header or with device-readable buffers");
+            return Delivery::NoBuffers;
+        }
+        capacity += buffers.writable.len();
+        chains.push((head, layout));
         if !mergeable && capacity < frame.len() as u64 {
             // Leave the chain for a smaller frame.
             rx.unpop(1);
@@ -123,10 +149,11 @@ pub fn deliver_frame(
     let num_buffers = chains.len() as u16;
     frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
     let mut offset = 0usize;
-    for (head, segments) in chains {
+    for &(head, layout) in chains.iter() {
+        let writable = layout.buffers(segments).writable;
         let take =
-            (frame.len() - offset).min(usize::try_from(segments.len()).unwrap_or(usize::MAX));
-        if let Err(e) = segments.write_from(mem, &frame[offset..offset + take]) {
+            (frame.len() - offset).min(usize::try_from(writable.len()).unwrap_or(usize::MAX));
+        if let Err(e) = writable.write_from(mem, &frame[offset..offset + take]) {
             rx.fail(&format_args!("receive buffer outside guest memory: {e}"));
             counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
             return Delivery::Dropped;
