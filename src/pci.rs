@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::KVM_MAX_IRQ_ROUTES;
 use pvm_virtio::PciTransport;
-use pvm_virtio::pci::BAR_SIZE;
+use pvm_virtio::transport::pci::BAR_SIZE;
 
 use crate::bus::BusDevice;
 use crate::irq_routing::DEFAULT_ROUTE_COUNT;

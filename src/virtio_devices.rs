@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use pvm_virtio::pci::BAR_SIZE;
 use pvm_virtio::thread::ThreadError;
+use pvm_virtio::transport::pci::BAR_SIZE;
 use pvm_virtio::{
     Block, BlockError, Console, ConsoleInput, DiskErrors, MmioTransport, Net, NetCounters,
     PciTransport, Rng, Tap, TapError, VirtioDevice,

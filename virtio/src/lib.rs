@@ -13,22 +13,20 @@ mod chain;
 pub mod console;
 pub mod data_plane;
 pub mod device;
-pub mod mmio;
 pub mod net;
-pub mod pci;
 pub mod rng;
 #[cfg(test)]
 mod test_utils;
 pub mod thread;
-mod transport;
+pub mod transport;
 mod worker;
 
 pub use block::{Block, BlockError, DiskErrors};
 pub use chain::Chain;
 pub use console::{Console, ConsoleError, ConsoleInput};
 pub use device::{ActivateError, Activation, ActiveQueue, Interrupt, PauseError, VirtioDevice};
-pub use mmio::MmioTransport;
 pub use net::{Net, NetBackend, NetCounters, NetError, Tap, TapError};
-pub use pci::{MsiMessage, MsiSink, PciTransport};
 pub use rng::Rng;
+pub use transport::mmio::MmioTransport;
+pub use transport::pci::{MsiMessage, MsiSink, PciTransport};
 pub use worker::{CHAINS_PER_PASS, DeviceQueue, read_config_bytes};

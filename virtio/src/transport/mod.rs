@@ -19,8 +19,10 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::device::{ActivateError, Activation, ActiveQueue, Interrupt, PauseError, VirtioDevice};
 
+pub mod mmio;
 #[cfg(test)]
 pub(crate) mod pause_scenarios;
+pub mod pci;
 #[cfg(test)]
 pub(crate) mod testing;
 

@@ -583,5 +583,5 @@ fn garbage_config_and_bar_traffic_never_panics() {
 fn transports_can_live_behind_the_vmm_bus_mutex() {
     fn assert_send<T: Send>() {}
     assert_send::<PciTransport>();
-    assert_send::<crate::mmio::MmioTransport>();
+    assert_send::<crate::MmioTransport>();
 }
