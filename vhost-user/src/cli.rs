@@ -59,11 +59,24 @@ pub struct DiskArg {
     pub read_only: bool,
 }
 
-pub fn parse_disk(text: &str) -> Result<DiskArg, String> {
+/// A flag value the backends refuse; clap names the flag.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ArgError {
+    #[error("a disk needs a file: --disk FILE[,ro]")]
+    NoDiskFile,
+    #[error("unknown disk option '{0}' (known: ro)")]
+    DiskOption(String),
+    #[error("the socket needs a path")]
+    NoSocketPath,
+    #[error("{0} is a directory")]
+    SocketIsDirectory(String),
+}
+
+pub fn parse_disk(text: &str) -> Result<DiskArg, ArgError> {
     let mut parts = text.split(',');
     let path = parts.next().unwrap_or_default();
     if path.is_empty() {
-        return Err("a disk needs a file: --disk FILE[,ro]".to_string());
+        return Err(ArgError::NoDiskFile);
     }
     let mut disk = DiskArg {
         path: PathBuf::from(path),
@@ -72,20 +85,20 @@ pub fn parse_disk(text: &str) -> Result<DiskArg, String> {
     for option in parts {
         match option {
             "ro" => disk.read_only = true,
-            _ => return Err(format!("unknown disk option '{option}' (known: ro)")),
+            _ => return Err(ArgError::DiskOption(option.to_string())),
         }
     }
     Ok(disk)
 }
 
 /// Parses `--socket`: a path that names no directory.
-pub fn parse_socket(text: &str) -> Result<PathBuf, String> {
+pub fn parse_socket(text: &str) -> Result<PathBuf, ArgError> {
     if text.is_empty() {
-        return Err("the socket needs a path".to_string());
+        return Err(ArgError::NoSocketPath);
     }
     let path = PathBuf::from(text);
     if path.is_dir() {
-        return Err(format!("{text} is a directory"));
+        return Err(ArgError::SocketIsDirectory(text.to_string()));
     }
     Ok(path)
 }
@@ -141,6 +154,7 @@ mod tests {
         assert!(
             parse_disk("a.img,rw")
                 .unwrap_err()
+                .to_string()
                 .contains("unknown disk option 'rw'")
         );
         assert_eq!(
@@ -161,6 +175,11 @@ mod tests {
                 .contains("must be six hex bytes")
         );
         assert!(parse_socket("").is_err());
-        assert!(parse_socket("/").unwrap_err().contains("directory"));
+        assert!(
+            parse_socket("/")
+                .unwrap_err()
+                .to_string()
+                .contains("directory")
+        );
     }
 }

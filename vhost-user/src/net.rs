@@ -32,6 +32,17 @@ const TAP: u16 = 3;
 const RX_WAKE: u16 = 4;
 const TX_WAKE: u16 = 5;
 
+/// Why the backend could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Tap(#[from] pvm_virtio::TapError),
+    #[error("tap: cannot create an eventfd: {0}")]
+    Eventfd(io::Error),
+    #[error("tap: cannot set up a queue: {0}")]
+    Queue(io::Error),
+}
+
 /// A tap served over vhost-user.
 pub struct TapBackend {
     tap: Tap,
@@ -50,11 +61,11 @@ pub struct TapBackend {
 impl TapBackend {
     /// Attaches to the tap `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, nonblocking); the guest
     /// gets `mac`, or a random locally administered one.
-    pub fn open(name: &str, mac: Option<[u8; 6]>) -> Result<Self, String> {
-        let tap = Tap::open(name).map_err(|e| e.to_string())?;
-        let wake = || EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"));
-        let rx = device_queue(RX, QUEUE_SIZE, wake()?).map_err(|e| e.to_string())?;
-        let tx = device_queue(TX, QUEUE_SIZE, wake()?).map_err(|e| e.to_string())?;
+    pub fn open(name: &str, mac: Option<[u8; 6]>) -> Result<Self, OpenError> {
+        let tap = Tap::open(name)?;
+        let wake = || EventFd::new(EFD_NONBLOCK).map_err(OpenError::Eventfd);
+        let rx = device_queue(RX, QUEUE_SIZE, wake()?).map_err(OpenError::Queue)?;
+        let tx = device_queue(TX, QUEUE_SIZE, wake()?).map_err(OpenError::Queue)?;
         let mac = mac.unwrap_or_else(net::generated_mac);
         Ok(TapBackend {
             tap,
