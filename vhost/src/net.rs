@@ -18,7 +18,7 @@ use vhost::vhost_kern::net::Net as KernelNet;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 use vm_memory::GuestMemoryMmap;
 
-use crate::rings::{RingAddresses, Rings, memory_table};
+use crate::rings::{RingAddresses, Rings, Served, memory_table};
 
 /// Where the kernel's vhost-net device lives.
 pub const VHOST_NET_PATH: &str = "/dev/vhost-net";
@@ -48,16 +48,10 @@ pub struct VhostNetPlane {
     features: u64,
     net: KernelNet<Arc<GuestMemoryMmap>>,
     relay_thread: DeviceThread,
-    running: Option<Running>,
+    running: Option<Served>,
     /// Whether the tap is attached to the rings (multiqueue pairs the guest has not enabled
     /// are set up without it; see `DataPlane::set_enabled`).
     enabled: bool,
-}
-
-/// One activation: the rings vhost serves, and whether they are paused.
-struct Running {
-    rings: Rings,
-    paused: bool,
 }
 
 const PLANE: &str = "vhost-net";
@@ -144,10 +138,7 @@ impl DataPlane for VhostNetPlane {
                     started.len(),
                     rings.relayed()
                 );
-                self.running = Some(Running {
-                    rings,
-                    paused: false,
-                });
+                self.running = Some(Served::new(rings));
                 Ok(())
             }
             Err(e) => {

@@ -37,6 +37,21 @@ pub(crate) struct Rings {
     relay: Option<Relay>,
 }
 
+/// The rings of a started device, and whether a pause took them back.
+pub(crate) struct Served {
+    pub(crate) rings: Rings,
+    pub(crate) paused: bool,
+}
+
+impl Served {
+    pub(crate) fn new(rings: Rings) -> Self {
+        Served {
+            rings,
+            paused: false,
+        }
+    }
+}
+
 /// How a frontend names ring addresses: vhost-net takes guest addresses (the kernel
 /// translates them through the memory table), vhost-user takes the frontend's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -37,7 +37,7 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
 use vm_memory::GuestMemoryMmap;
 
-use crate::rings::{RingAddresses, Rings, memory_table};
+use crate::rings::{RingAddresses, Rings, Served, memory_table};
 
 /// Descriptors per queue pvm offers the driver (the backend must accept it in SET_VRING_NUM).
 pub const QUEUE_SIZE: u16 = 256;
@@ -165,14 +165,7 @@ pub struct VhostUserDevice {
     config: Vec<u8>,
     queue_sizes: Vec<u16>,
     relay_thread: DeviceThread,
-    running: Option<Running>,
-}
-
-/// One activation: the rings the backend serves (with the call relay, if any), and whether
-/// they are paused.
-struct Running {
-    rings: Rings,
-    paused: bool,
+    running: Option<Served>,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -419,10 +412,7 @@ impl VirtioDevice for VhostUserDevice {
                     self.socket.display(),
                     rings.relayed()
                 );
-                self.running = Some(Running {
-                    rings,
-                    paused: false,
-                });
+                self.running = Some(Served::new(rings));
                 Ok(())
             }
             Err(e) => {
