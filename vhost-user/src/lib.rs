@@ -43,8 +43,15 @@ pub(crate) const fn feature(bit: u32) -> u64 {
 pub enum ServeError {
     #[error("cannot listen on {path}: {source}")]
     Listen { path: String, source: ProtocolError },
+    /// The library's error (it implements Display but not std::error::Error).
     #[error("{0}")]
-    Daemon(String),
+    Daemon(vhost_user_backend::Error),
+    #[error("the backend's lock was poisoned by a panic")]
+    Poisoned,
+    #[error("the library started no vring worker")]
+    NoWorker,
+    #[error("cannot watch the backend's fds: {0}")]
+    Watch(std::io::Error),
     #[error(transparent)]
     Sandbox(#[from] pvm_common::seccomp::Error),
 }
@@ -90,29 +97,22 @@ where
         backend.clone(),
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
-    .map_err(|e| ServeError::Daemon(e.to_string()))?;
-    let watched = backend
-        .read()
-        .map_err(|_| ServeError::Daemon("backend lock poisoned".to_string()))?
-        .watched();
+    .map_err(ServeError::Daemon)?;
+    let watched = backend.read().map_err(|_| ServeError::Poisoned)?.watched();
     // One worker thread serves all queues (queues_per_thread's default).
     let handlers = daemon.get_epoll_handlers();
-    let handler = handlers
-        .first()
-        .ok_or_else(|| ServeError::Daemon("the library started no vring worker".to_string()))?;
+    let handler = handlers.first().ok_or(ServeError::NoWorker)?;
     for (fd, events, token) in watched {
         handler
             .register_listener(fd, events, token)
-            .map_err(|e| ServeError::Daemon(format!("cannot watch the backend's fds: {e}")))?;
+            .map_err(ServeError::Watch)?;
     }
     let mut listener = Listener::new(socket, true).map_err(|source| ServeError::Listen {
         path: socket.display().to_string(),
         source,
     })?;
     ready();
-    daemon
-        .start(&mut listener)
-        .map_err(|e| ServeError::Daemon(e.to_string()))?;
+    daemon.start(&mut listener).map_err(ServeError::Daemon)?;
     // One frontend only: the socket file goes now (the sandbox forbids unlink later).
     drop(listener);
     if sandbox {
@@ -134,6 +134,6 @@ where
             | ProtocolError::PartialMessage
             | ProtocolError::SocketBroken(_),
         )) => Ok(()),
-        Err(e) => Err(ServeError::Daemon(e.to_string())),
+        Err(e) => Err(ServeError::Daemon(e)),
     }
 }
