@@ -44,6 +44,9 @@ pub struct DiskSpec {
     pub read_only: bool,
     /// The serial number the guest reads with VIRTIO_BLK_T_GET_ID (at most 20 bytes).
     pub serial: Option<String>,
+    /// Offer the guest a flush command (served with fdatasync); false leaves the host's page
+    /// cache in charge and the guest never flushes (Firecracker's `cache_type: Unsafe`).
+    pub flush: bool,
 }
 
 /// Whether a tap's queues go to the kernel's vhost-net.
@@ -220,6 +223,7 @@ pub fn parse_disk(text: &str) -> Result<DiskSpec, ValueError> {
         path: PathBuf::from(path),
         read_only: false,
         serial: None,
+        flush: true,
     };
     for option in parts {
         match option.split_once('=') {

@@ -4,6 +4,7 @@
 //! [`vm::Vm::build`] turns it into memory, irqchip, devices, boot state and vCPUs in an explicit
 //! order; [`vm::Vm::run`] runs until the guest ends and reports how it ended as an [`exit::Outcome`].
 
+pub mod api;
 pub mod boot;
 pub mod bus;
 pub mod cli;

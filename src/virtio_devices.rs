@@ -161,8 +161,11 @@ fn create_devices(
         devices.push(("console".to_string(), Box::new(console)));
     }
     for (i, disk) in config.disks.iter().enumerate() {
-        let block =
+        let mut block =
             Block::new(&disk.path, disk.read_only, disk.serial.as_deref()).map_err(Error::Disk)?;
+        if !disk.flush {
+            block = block.without_flush();
+        }
         attached
             .disk_errors
             .push((disk.path.display().to_string(), block.errors()));

@@ -93,6 +93,14 @@ impl Block {
         })
     }
 
+    /// Stops offering VIRTIO_BLK_F_FLUSH: the guest then treats the disk as write-through and
+    /// never asks for a flush, so nothing is ever synced to the host's disk (Firecracker's
+    /// `cache_type: Unsafe`). A flush a guest sends anyway is still served.
+    pub fn without_flush(mut self) -> Self {
+        self.offered_features &= !feature(VIRTIO_BLK_F_FLUSH);
+        self
+    }
+
     /// The disk size in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.disk.sectors

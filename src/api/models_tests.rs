@@ -1,0 +1,250 @@
+use super::*;
+use crate::config::ConsoleKind;
+use log::LevelFilter;
+
+/// What `pvm --api-sock` starts from: no devices, Firecracker's default machine, mmio.
+pub(crate) fn base() -> VmConfig {
+    VmConfig {
+        kernel: None,
+        initrd: None,
+        cmdline: String::new(),
+        mem_bytes: 128 << 20,
+        cpus: 1,
+        disks: Vec::new(),
+        taps: Vec::new(),
+        vhost_user_disks: Vec::new(),
+        vhost_user_nets: Vec::new(),
+        console: ConsoleKind::Serial,
+        transport: Transport::Mmio,
+        stats: false,
+        boot_timer: false,
+        seccomp: false,
+        log_level: LevelFilter::Warn,
+    }
+}
+
+/// A file that exists and opens read-write.
+fn scratch(name: &str) -> String {
+    let path = std::env::temp_dir().join(format!("pvm-api-{}-{name}", std::process::id()));
+    std::fs::write(&path, [0u8; 4096]).unwrap();
+    path.display().to_string()
+}
+
+fn config(json: &str) -> FcConfig {
+    serde_json::from_str(json).unwrap()
+}
+
+fn error_of(fc: &FcConfig) -> String {
+    fc.to_vm_config(&base()).unwrap_err().to_string()
+}
+
+#[test]
+fn a_full_config_maps_onto_vm_config() {
+    let kernel = scratch("kernel");
+    let disk = scratch("disk");
+    let fc = config(&format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{kernel}", "boot_args": "console=ttyS0 pci=off"}},
+            "drives": [{{"drive_id": "rootfs", "path_on_host": "{disk}", "is_root_device": true,
+                         "is_read_only": false, "cache_type": "Writeback"}}],
+            "machine-config": {{"vcpu_count": 2, "mem_size_mib": 256}},
+            "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap0",
+                                     "guest_mac": "06:00:AC:10:00:02"}}],
+            "entropy": {{}},
+            "some-future-key": 1}}"#
+    ));
+    let vm = fc.to_vm_config(&base()).unwrap();
+    assert_eq!(vm.cpus, 2);
+    assert_eq!(vm.mem_bytes, 256 << 20);
+    assert_eq!(vm.kernel.as_deref(), Some(Path::new(&kernel)));
+    assert_eq!(vm.disks.len(), 1);
+    assert!(vm.disks[0].flush && !vm.disks[0].read_only);
+    assert_eq!(vm.disks[0].serial.as_deref(), Some("rootfs"));
+    assert_eq!(vm.taps[0].name, "tap0");
+    assert_eq!(vm.taps[0].mac, Some([6, 0, 0xac, 0x10, 0, 2]));
+    // mmio: pci=off stays.
+    assert_eq!(vm.cmdline, "console=ttyS0 pci=off root=/dev/vda rw");
+    let mut on_pci = base();
+    on_pci.transport = Transport::Pci;
+    let vm = fc.to_vm_config(&on_pci).unwrap();
+    assert_eq!(vm.cmdline, "console=ttyS0 root=/dev/vda rw");
+}
+
+#[test]
+fn root_device_names_and_defaults() {
+    let kernel = scratch("kernel2");
+    let a = scratch("a");
+    let b = scratch("b");
+    let fc = config(&format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{kernel}"}},
+            "drives": [{{"drive_id": "data", "path_on_host": "{a}", "is_root_device": false}},
+                       {{"drive_id": "root", "path_on_host": "{b}", "is_root_device": true,
+                         "is_read_only": true, "partuuid": "1234-01"}}]}}"#
+    ));
+    let vm = fc.to_vm_config(&base()).unwrap();
+    assert_eq!(
+        vm.cmdline,
+        format!("{DEFAULT_BOOT_ARGS} root=PARTUUID=1234-01 ro")
+    );
+    // cache_type defaults to Unsafe: no flush offered.
+    assert!(!vm.disks[0].flush);
+    let mut fc = fc;
+    fc.drives[1].partuuid = None;
+    assert!(
+        fc.to_vm_config(&base())
+            .unwrap()
+            .cmdline
+            .ends_with("root=/dev/vdb ro")
+    );
+    assert_eq!(disk_name(0), "vda");
+    assert_eq!(disk_name(27), "vdab");
+}
+
+#[test]
+fn refused_fields_are_named() {
+    let disk = scratch("refused");
+    let drive = |extra: &str| {
+        config(&format!(
+            r#"{{"drives": [{{"drive_id": "d", "path_on_host": "{disk}", "is_root_device": false{extra}}}]}}"#
+        ))
+    };
+    let e = error_of(&drive(r#", "io_engine": "Async""#));
+    assert!(
+        e.contains("io_engine Async") && e.contains("io_uring"),
+        "{e}"
+    );
+    let e = error_of(&drive(
+        r#", "rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}"#,
+    ));
+    assert!(e.starts_with("Drive config error: rate_limiter"), "{e}");
+    // A limiter that limits nothing is what pvm does anyway.
+    drive(r#", "rate_limiter": {"bandwidth": {"size": 0, "refill_time": 100}}"#)
+        .to_vm_config(&base())
+        .unwrap();
+    let e = error_of(&drive(r#", "socket": "/tmp/x.sock""#));
+    assert!(e.contains("path_on_host or socket"), "{e}");
+    let machine = |body: &str| config(&format!(r#"{{"machine-config": {body}}}"#));
+    for (body, field) in [
+        (
+            r#"{"vcpu_count": 1, "mem_size_mib": 128, "smt": true}"#,
+            "smt",
+        ),
+        (
+            r#"{"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}"#,
+            "track_dirty_pages",
+        ),
+        (
+            r#"{"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}"#,
+            "huge_pages",
+        ),
+        (
+            r#"{"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"}"#,
+            "cpu_template",
+        ),
+        (r#"{"vcpu_count": 0, "mem_size_mib": 128}"#, "vcpu_count"),
+        (r#"{"vcpu_count": 33, "mem_size_mib": 128}"#, "vcpu_count"),
+        (r#"{"vcpu_count": 1, "mem_size_mib": 0}"#, "mem_size_mib"),
+    ] {
+        let e = error_of(&machine(body));
+        assert!(
+            e.starts_with("Machine config error: ") && e.contains(field),
+            "{body}: {e}"
+        );
+    }
+    let iface = |extra: &str| {
+        config(&format!(
+            r#"{{"network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap0"{extra}}}]}}"#
+        ))
+    };
+    assert!(error_of(&iface(r#", "mtu": 1400"#)).contains("mtu"));
+    assert!(
+        error_of(&iface(
+            r#", "tx_rate_limiter": {"ops": {"size": 10, "refill_time": 1000}}"#
+        ))
+        .contains("tx_rate_limiter")
+    );
+    assert!(error_of(&iface(r#", "guest_mac": "zz:00:00:00:00:00""#)).contains("guest_mac"));
+    let e = error_of(&config(r#"{"vsock": {"guest_cid": 3, "uds_path": "/v"}}"#));
+    assert!(e.contains("vsock"), "{e}");
+    let e = error_of(&config(
+        r#"{"entropy": {"rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}}"#,
+    ));
+    assert!(e.contains("rate_limiter"), "{e}");
+}
+
+#[test]
+fn conflicts_between_devices() {
+    let a = scratch("ca");
+    let b = scratch("cb");
+    let two_roots = config(&format!(
+        r#"{{"drives": [{{"drive_id": "a", "path_on_host": "{a}", "is_root_device": true}},
+                        {{"drive_id": "b", "path_on_host": "{b}", "is_root_device": true}}]}}"#
+    ));
+    assert!(error_of(&two_roots).contains("root block device already exists"));
+    let same_mac = config(
+        r#"{"network-interfaces": [
+            {"iface_id": "a", "host_dev_name": "tap0", "guest_mac": "06:00:00:00:00:01"},
+            {"iface_id": "b", "host_dev_name": "tap1", "guest_mac": "06:00:00:00:00:01"}]}"#,
+    );
+    assert!(error_of(&same_mac).contains("already used"));
+    let missing = config(r#"{"boot-source": {"kernel_image_path": "/nonexistent/vmlinux"}}"#);
+    assert!(error_of(&missing).contains("/nonexistent/vmlinux"));
+}
+
+#[test]
+fn bodies_refuse_unknown_fields_and_wrong_types() {
+    for (json, what) in [
+        (
+            r#"{"kernel_image_path": "k", "bogus": 1}"#,
+            "unknown field `bogus`",
+        ),
+        (r#"{"kernel_image_path": 5}"#, "invalid type"),
+        (r#"{"boot_args": "x"}"#, "missing field `kernel_image_path`"),
+    ] {
+        let e = serde_json::from_str::<BootSource>(json)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(what), "{json}: {e}");
+    }
+    let e = serde_json::from_str::<MachineConfig>(r#"{"vcpu_count": 300, "mem_size_mib": 1}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("300"), "{e}");
+    let e = serde_json::from_str::<Drive>(
+        r#"{"drive_id": "a", "is_root_device": false, "cache_type": "Fast"}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("unknown variant `Fast`"), "{e}");
+}
+
+#[test]
+fn machine_patch_and_put_replace() {
+    let patch: MachineConfigUpdate = serde_json::from_str(r#"{"mem_size_mib": 512}"#).unwrap();
+    let machine = patch.apply(&MachineConfig::from_vm_config(&base()));
+    assert_eq!((machine.vcpu_count, machine.mem_size_mib), (1, 512));
+    assert!(
+        serde_json::from_str::<MachineConfigUpdate>("{}")
+            .unwrap()
+            .is_empty()
+    );
+    let mut fc = FcConfig::default();
+    let drive = |path: &str| Drive {
+        drive_id: "d".into(),
+        is_root_device: false,
+        partuuid: None,
+        cache_type: CacheType::Unsafe,
+        is_read_only: None,
+        path_on_host: Some(path.into()),
+        rate_limiter: None,
+        io_engine: None,
+        socket: None,
+    };
+    fc.put_drive(drive("/a"));
+    fc.put_drive(drive("/b"));
+    assert_eq!(fc.drives.len(), 1);
+    assert_eq!(fc.drives[0].path_on_host.as_deref(), Some("/b"));
+    let json = fc.to_json(&base());
+    assert_eq!(json["machine-config"]["mem_size_mib"], 128);
+    assert_eq!(json["drives"][0]["path_on_host"], "/b");
+    assert!(json["vsock"].is_null());
+}
