@@ -34,9 +34,10 @@ struct Args {
     #[arg(long, value_name = "STRING", default_value = "")]
     cmdline: String,
 
-    /// Guest memory: 256M, 2G, or a plain number of MiB.
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = config::parse_mem_size)]
-    mem: u64,
+    /// Guest memory: 256M, 2G, or a plain number of MiB [default: 512M; 128M in Firecracker
+    /// mode, where machine-config sets it].
+    #[arg(long, value_name = "SIZE", value_parser = config::parse_mem_size)]
+    mem: Option<u64>,
 
     /// Number of vCPUs (1 to 255).
     #[arg(long, value_name = "N", default_value_t = 1,
@@ -68,9 +69,10 @@ struct Args {
     console: ConsoleKind,
 
     /// How virtio devices reach the guest: pci (modern virtio-pci with MSI-X; every distribution
-    /// kernel has the driver) or mmio (virtio-mmio, described in ACPI).
-    #[arg(long, value_name = "pci|mmio", default_value = "pci", value_parser = parse_transport)]
-    transport: Transport,
+    /// kernel has the driver) or mmio (virtio-mmio, described in ACPI) [default: pci; mmio in
+    /// Firecracker mode unless --enable-pci].
+    #[arg(long, value_name = "pci|mmio", value_parser = parse_transport)]
+    transport: Option<Transport>,
 
     /// Debug: time the boot. pvm prints when the first vCPU enters the guest, and each time the
     /// guest writes 123 to I/O port 0x3f0 (e.g. from /init), both relative to pvm's start.
@@ -90,6 +92,94 @@ struct Args {
     /// How much pvm itself logs to stderr: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
     log_level: LevelFilter,
+
+    #[command(flatten)]
+    firecracker: FirecrackerArgs,
+}
+
+/// Firecracker's process flags, so tools that start Firecracker can start pvm instead.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Firecracker mode (--api-sock or --config-file)")]
+struct FirecrackerArgs {
+    /// Serve Firecracker's HTTP API on this Unix socket (which must not exist yet); the VM
+    /// boots on PUT /actions InstanceStart, or at once with --config-file.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+
+    /// A Firecracker JSON configuration: the VM is configured from it and boots at once.
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+
+    /// Serve no API (needs --config-file).
+    #[arg(long, requires = "config_file", conflicts_with = "api_sock")]
+    no_api: bool,
+
+    /// The instance id GET / reports: 1 to 64 letters, digits and '-'.
+    #[arg(long, value_name = "ID", default_value = DEFAULT_ID, value_parser = parse_id)]
+    id: String,
+
+    /// Put the virtio devices on PCI (virtio-pci) instead of virtio-mmio.
+    #[arg(long)]
+    enable_pci: bool,
+
+    /// Same as --seccomp off.
+    #[arg(long)]
+    no_seccomp: bool,
+
+    /// Largest request body the API accepts, in bytes.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PAYLOAD)]
+    http_api_max_payload_size: usize,
+
+    /// Accepted for compatibility; pvm has no MMDS.
+    #[arg(long, value_name = "N")]
+    mmds_size_limit: Option<usize>,
+
+    /// The jailer's start time (accepted; pvm reports no startup metrics yet).
+    #[arg(long, value_name = "US")]
+    start_time_us: Option<u64>,
+
+    /// The jailer's start CPU time (accepted; pvm reports no startup metrics yet).
+    #[arg(long, value_name = "US")]
+    start_time_cpu_us: Option<u64>,
+
+    /// The jailer's parent CPU time (accepted; pvm reports no startup metrics yet).
+    #[arg(long, value_name = "US")]
+    parent_cpu_time_us: Option<u64>,
+}
+
+/// Firecracker's default instance id.
+pub const DEFAULT_ID: &str = "anonymous-instance";
+/// Firecracker's default limit on an API request body (bytes).
+pub const DEFAULT_MAX_PAYLOAD: usize = 51200;
+/// Firecracker's default guest memory (MiB), when machine-config does not say.
+const FIRECRACKER_MEM_BYTES: u64 = 128 << 20;
+
+/// How pvm was asked to run in Firecracker mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirecrackerMode {
+    /// Where to serve the API; None with --no-api (or a config file alone).
+    pub api_sock: Option<PathBuf>,
+    pub config_file: Option<PathBuf>,
+    pub id: String,
+    pub max_payload: usize,
+}
+
+/// The whole command line: the VM pvm's own flags describe, and Firecracker mode if asked for.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub config: VmConfig,
+    pub firecracker: Option<FirecrackerMode>,
+}
+
+/// Firecracker's instance id rule.
+fn parse_id(text: &str) -> Result<String, KeywordError> {
+    let ok = (1..=64).contains(&text.len())
+        && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if ok {
+        Ok(text.to_string())
+    } else {
+        Err(KeywordError::Id(text.to_string()))
+    }
 }
 
 /// `--help`'s description, its exit-status list made from the codes pvm exits with.
@@ -108,6 +198,8 @@ enum KeywordError {
     Transport(String),
     #[error("'{0}' is not a console kind (serial or virtio)")]
     Console(String),
+    #[error("'{0}' must be 1 to 64 letters, digits and '-'")]
+    Id(String),
 }
 
 fn parse_transport(text: &str) -> Result<Transport, KeywordError> {
@@ -154,10 +246,40 @@ fn check_file(flag: &str, path: &Path, write: bool) -> Result<(), CliExit> {
 
 /// Parses and validates the process arguments (the first one is the program name).
 pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<VmConfig, CliExit> {
+    parse_launch(args).map(|launch| launch.config)
+}
+
+/// [`parse`], with Firecracker mode's flags.
+pub fn parse_launch<I: IntoIterator<Item = OsString>>(args: I) -> Result<Launch, CliExit> {
     let args = pvm_common::cli::parse::<Args>(args).map_err(|stop| match stop {
         Stop::Info(text) => CliExit::Message(0, text),
         Stop::Usage(line) => usage_error(line),
     })?;
+    let fc = &args.firecracker;
+    let firecracker =
+        (fc.api_sock.is_some() || fc.config_file.is_some()).then(|| FirecrackerMode {
+            api_sock: fc.api_sock.clone(),
+            config_file: fc.config_file.clone(),
+            id: fc.id.clone(),
+            max_payload: fc.http_api_max_payload_size,
+        });
+    let transport = match (args.transport, fc.enable_pci) {
+        (Some(Transport::Mmio), true) => {
+            return Err(usage_error(
+                "--enable-pci contradicts --transport mmio".to_string(),
+            ));
+        }
+        (_, true) => Transport::Pci,
+        (Some(transport), false) => transport,
+        // Firecracker's devices are on virtio-mmio unless PCI is asked for.
+        (None, false) if firecracker.is_some() => Transport::Mmio,
+        (None, false) => Transport::Pci,
+    };
+    let mem = args.mem.unwrap_or(if firecracker.is_some() {
+        FIRECRACKER_MEM_BYTES
+    } else {
+        config::DEFAULT_MEM_BYTES
+    });
     if let Some(kernel) = &args.kernel {
         check_file("--kernel", kernel, false)?;
     }
@@ -176,7 +298,7 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<VmConfig, CliE
         }
     }
     if let Some(tap) = args.tap.iter().find(|t| t.queues > 1) {
-        if args.transport == Transport::Mmio {
+        if transport == Transport::Mmio {
             // Supporting it would work but give nothing: the pairs' interrupts could not reach
             // separate vCPUs.
             return Err(usage_error(format!(
@@ -191,22 +313,26 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<VmConfig, CliE
             "--cmdline must be a single line of text".to_string(),
         ));
     }
-    Ok(VmConfig {
+    let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,
-        mem_bytes: args.mem,
+        mem_bytes: mem,
         cpus: args.cpus,
         disks,
         taps: args.tap,
         vhost_user_disks,
         vhost_user_nets: args.net,
         console: args.console,
-        transport: args.transport,
+        transport,
         stats: args.stats,
         boot_timer: args.boot_timer,
-        seccomp: args.seccomp,
+        seccomp: args.seccomp && !args.firecracker.no_seccomp,
         log_level: args.log_level,
+    };
+    Ok(Launch {
+        config,
+        firecracker,
     })
 }
 
@@ -301,6 +427,69 @@ mod tests {
         assert!(error_of(&["--net", "tap0"]).contains("--net"));
         assert!(error_of(&["--bogus"]).contains("--bogus"));
         assert!(error_of(&["--cmdline", "a\nb"]).contains("--cmdline"));
+    }
+
+    fn launch(args: &[&str]) -> Launch {
+        parse_launch(
+            std::iter::once("pvm")
+                .chain(args.iter().copied())
+                .map(OsString::from),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn firecracker_mode_defaults_to_mmio_and_128m() {
+        let l = launch(&["--api-sock", "/tmp/fc.sock", "--id", "vm-1"]);
+        let fc = l.firecracker.unwrap();
+        assert_eq!(fc.api_sock, Some(PathBuf::from("/tmp/fc.sock")));
+        assert_eq!(
+            (fc.id.as_str(), fc.max_payload),
+            ("vm-1", DEFAULT_MAX_PAYLOAD)
+        );
+        assert_eq!(l.config.transport, Transport::Mmio);
+        assert_eq!(l.config.mem_bytes, 128 << 20);
+        assert!(l.config.seccomp);
+        let l = launch(&[
+            "--config-file",
+            "/tmp/c.json",
+            "--no-api",
+            "--enable-pci",
+            "--no-seccomp",
+            "--http-api-max-payload-size",
+            "100",
+            "--mmds-size-limit",
+            "10",
+            "--start-time-us",
+            "1",
+            "--start-time-cpu-us",
+            "2",
+            "--parent-cpu-time-us",
+            "3",
+            "--mem",
+            "256M",
+        ]);
+        let fc = l.firecracker.unwrap();
+        assert_eq!(fc.api_sock, None);
+        assert_eq!(fc.id, DEFAULT_ID);
+        assert_eq!(fc.max_payload, 100);
+        assert_eq!(l.config.transport, Transport::Pci);
+        assert_eq!(l.config.mem_bytes, 256 << 20);
+        assert!(!l.config.seccomp);
+        // pvm's own mode is unchanged.
+        let l = launch(&[]);
+        assert!(l.firecracker.is_none());
+        assert_eq!(l.config.transport, Transport::Pci);
+    }
+
+    #[test]
+    fn firecracker_flag_errors() {
+        assert!(error_of(&["--no-api"]).contains("--config-file"));
+        assert!(error_of(&["--id", "bad id"]).contains("--id"));
+        assert!(error_of(&["--id", ""]).contains("--id"));
+        let e = error_of(&["--enable-pci", "--transport", "mmio"]);
+        assert!(e.contains("--enable-pci"), "{e}");
+        assert!(error_of(&["--http-api-max-payload-size", "x"]).contains("payload"));
     }
 
     #[test]

@@ -29,8 +29,8 @@ use std::ffi::OsString;
 /// Runs pvm with the given process arguments and returns the process exit code.
 pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
     let _ = devices::boot_timer::PROCESS_START.set(std::time::Instant::now());
-    let config = match cli::parse(args) {
-        Ok(config) => config,
+    let launch = match cli::parse_launch(args) {
+        Ok(launch) => launch,
         Err(cli::CliExit::Message(code, text)) => {
             // --help and --version go to stdout with code 0; usage errors to stderr with 2.
             if code == 0 {
@@ -42,8 +42,12 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
             return code;
         }
     };
-    logger::init(config.log_level);
-    match vm::run(config) {
+    logger::init(launch.config.log_level);
+    let result = match launch.firecracker {
+        Some(mode) => api::run(launch.config, &mode),
+        None => vm::run(launch.config).map_err(api::RunError::Vm),
+    };
+    match result {
         Ok(outcome) => {
             if let Some(message) = outcome.message() {
                 logger::to_stderr(&format!("pvm: {message}\n"));

@@ -58,10 +58,14 @@ const VIRTIO_CONSOLE: &str = "earlycon=uart8250,io,0x3f8 console=hvc0";
 
 /// Builds the VM described by `config` and runs it until the guest ends.
 pub fn run(config: VmConfig) -> Result<Outcome, Error> {
-    let boot_files = boot_files(&config)?;
+    build(&config)?.run()
+}
+
+/// Opens the boot files and KVM, and builds the VM described by `config`.
+pub fn build(config: &VmConfig) -> Result<Vm, Error> {
+    let boot_files = boot_files(config)?;
     let (kvm, _flavour) = kvm_host::open()?;
-    let vm = Vm::build(&kvm, &config, boot_files)?;
-    vm.run()
+    Vm::build(&kvm, config, boot_files)
 }
 
 /// A built VM, ready to run.
