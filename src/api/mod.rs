@@ -1,8 +1,18 @@
-//! Firecracker's control plane for pvm: its JSON models ([`models`]) mapped onto
-//! [`crate::config::VmConfig`], for the config file and for the HTTP API on a Unix socket.
+//! Firecracker's control plane for pvm, so tools that drive Firecracker drive pvm: its JSON
+//! models ([`models`]) mapped onto the one [`VmConfig`], the config file, and the HTTP API on a
+//! Unix socket ([`http`] framing, [`routes`], the API thread in [`server`], the main thread's
+//! side in [`controller`]).
 
+pub mod controller;
+pub mod http;
 pub mod models;
+pub mod routes;
+pub mod server;
 
+use std::path::PathBuf;
+
+use self::controller::{Controller, Runtime};
+use self::models::ConfigFileError;
 use crate::cli::FirecrackerMode;
 use crate::config::VmConfig;
 use crate::exit::{Outcome, USAGE_ERROR};
@@ -14,37 +24,59 @@ pub enum RunError {
     #[error(transparent)]
     Vm(#[from] vm::Error),
     #[error(transparent)]
-    ConfigFile(#[from] models::ConfigFileError),
+    ConfigFile(#[from] ConfigFileError),
     #[error("--config-file {0}: boot-source is missing (or give --kernel)")]
-    NoKernel(std::path::PathBuf),
-    #[error("--api-sock {0}: the API is not served yet")]
-    NoApiYet(std::path::PathBuf),
+    NoKernel(PathBuf),
+    #[error(transparent)]
+    Server(#[from] server::ServerError),
+    #[error("the API thread ended before InstanceStart")]
+    ApiEnded,
 }
 
 impl RunError {
     pub fn exit_code(&self) -> i32 {
         match self {
             RunError::Vm(e) => e.exit_code(),
-            RunError::ConfigFile(_) | RunError::NoKernel(_) | RunError::NoApiYet(_) => USAGE_ERROR,
+            RunError::ConfigFile(_) | RunError::NoKernel(_) => USAGE_ERROR,
+            RunError::Server(server::ServerError::Bind { .. }) => USAGE_ERROR,
+            RunError::Server(_) | RunError::ApiEnded => crate::exit::VMM_FAILURE,
         }
     }
 }
 
-/// Runs pvm in Firecracker mode: configured from `mode`'s config file (booting at once) or,
-/// with `--api-sock`, through the API.
+/// Runs pvm in Firecracker mode: a config file boots at once; otherwise the API configures the
+/// VM and InstanceStart boots it. With `--api-sock` the API serves the running VM too.
 pub fn run(base: VmConfig, mode: &FirecrackerMode) -> Result<Outcome, RunError> {
-    if let Some(sock) = &mode.api_sock {
-        return Err(RunError::NoApiYet(sock.clone()));
-    }
-    let Some(path) = &mode.config_file else {
-        return Err(RunError::NoKernel(std::path::PathBuf::new()));
+    let file = match &mode.config_file {
+        Some(path) => Some((path, models::read_config_file(path)?)),
+        None => None,
     };
-    let file = models::read_config_file(path)?;
-    let config = file
-        .to_vm_config(&base)
-        .map_err(models::ConfigFileError::from)?;
-    if config.kernel.is_none() {
-        return Err(RunError::NoKernel(path.clone()));
+    let inbox = match &mode.api_sock {
+        Some(path) => Some(server::start(path, mode.max_payload, base.seccomp)?),
+        None => None,
+    };
+    let fc = file.as_ref().map(|(_, fc)| fc.clone()).unwrap_or_default();
+    let mut controller = Controller::new(mode.id.clone(), base, fc);
+    let vm = match (&file, &inbox) {
+        (Some((path, _)), _) => {
+            let config = controller.vm_config().map_err(ConfigFileError::from)?;
+            if config.kernel.is_none() {
+                return Err(RunError::NoKernel(path.to_path_buf()));
+            }
+            controller.set_started();
+            vm::build(&config)?
+        }
+        (None, Some(inbox)) => {
+            controller::serve_until_start(inbox, &mut controller).ok_or(RunError::ApiEnded)?
+        }
+        // The command line makes Firecracker mode out of one of the two.
+        (None, None) => return Err(RunError::ApiEnded),
+    };
+    match inbox {
+        Some(inbox) => {
+            let mut runtime = Runtime { inbox, controller };
+            Ok(vm.run_with(Some(&mut runtime))?)
+        }
+        None => Ok(vm.run()?),
     }
-    Ok(vm::build(&config)?.run()?)
 }

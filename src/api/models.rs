@@ -664,4 +664,4 @@ pub enum ConfigFileError {
 
 #[cfg(test)]
 #[path = "models_tests.rs"]
-mod tests;
+pub(crate) mod tests;

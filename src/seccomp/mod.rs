@@ -32,6 +32,8 @@ pub enum ThreadKind {
     Vcpu,
     /// A device's data plane: guest queues, the disk image, the tap, entropy, the relay.
     Device,
+    /// The Firecracker API's thread: clients on the Unix socket, requests to the main thread.
+    Api,
 }
 
 impl ThreadKind {
@@ -40,6 +42,7 @@ impl ThreadKind {
             ThreadKind::Main => "main",
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Device => "device",
+            ThreadKind::Api => "api",
         }
     }
 }
@@ -61,6 +64,19 @@ const MAIN: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
+];
+
+/// The API thread: its epoll, accepting clients (non-blocking, close-on-exec, so no fcntl or
+/// ioctl follows), and reading and writing them (the standard library reads a socket with
+/// recvfrom); the channel to the main thread is futexes and its eventfd a write, both allowed
+/// to every thread. It holds no socket but the listener and its clients, and may create none.
+const API: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
 ];
 
 /// What `--stats` adds to the main thread: reading /proc/self/task for per-thread CPU time.
@@ -104,11 +120,14 @@ pub fn rules_with(
         ThreadKind::Main => &[EVERY_THREAD, MAIN],
         ThreadKind::Vcpu => &[EVERY_THREAD, VCPU],
         ThreadKind::Device => &[EVERY_THREAD, DEVICE],
+        ThreadKind::Api => &[EVERY_THREAD, API],
     });
     let ioctl_types: &[u64] = match kind {
         // Device threads restore the terminal (in the SIGSYS handler) and attach or detach tap
         // queues (a multiqueue control queue); one vhost request is added below.
         ThreadKind::Device => &[IOCTL_TTY_TUN],
+        // Only the SIGSYS handler's terminal restore.
+        ThreadKind::Api => &[IOCTL_TTY_TUN],
         ThreadKind::Main | ThreadKind::Vcpu => &[IOCTL_KVM, IOCTL_VHOST, IOCTL_TTY_TUN],
     };
     let mut ioctl: Vec<SeccompRule> = ioctl_types
@@ -122,7 +141,7 @@ pub fn rules_with(
     // File::try_clone (eventfds, the tap) is fcntl(F_DUPFD_CLOEXEC); closing a descriptor
     // checks it with F_GETFD in debug builds.
     let mut fcntl = vec![rule(1, SeccompCmpOp::Eq, libc::F_GETFD as u64)];
-    if kind != ThreadKind::Device {
+    if matches!(kind, ThreadKind::Main | ThreadKind::Vcpu) {
         fcntl.push(rule(1, SeccompCmpOp::Eq, libc::F_DUPFD_CLOEXEC as u64));
     }
     rules.insert(libc::SYS_fcntl, fcntl);
@@ -255,9 +274,35 @@ pub fn install_device_filter(_name: &str) -> Result<(), pvm_virtio::thread::Init
 mod tests {
     use super::*;
 
+    const ALL_KINDS: [ThreadKind; 4] = [
+        ThreadKind::Main,
+        ThreadKind::Vcpu,
+        ThreadKind::Device,
+        ThreadKind::Api,
+    ];
+
+    #[test]
+    fn only_the_api_thread_accepts_clients() {
+        for kind in ALL_KINDS {
+            let rules = rules(kind, false);
+            assert_eq!(
+                rules.contains_key(&libc::SYS_accept4),
+                kind == ThreadKind::Api,
+                "{}",
+                kind.name()
+            );
+            if kind == ThreadKind::Api {
+                for nr in [libc::SYS_ioctl, libc::SYS_fcntl] {
+                    assert_eq!(rules[&nr].len(), 1, "{}", common::syscall_name(nr));
+                }
+                assert!(!rules.contains_key(&libc::SYS_sendmsg));
+            }
+        }
+    }
+
     #[test]
     fn every_kind_compiles() {
-        for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Device] {
+        for kind in ALL_KINDS {
             for stats in [false, true] {
                 assert!(!filter(kind, stats).unwrap().is_empty());
             }
@@ -266,7 +311,7 @@ mod tests {
 
     #[test]
     fn no_thread_may_create_threads_processes_or_open_files() {
-        for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Device] {
+        for kind in ALL_KINDS {
             let rules = rules(kind, false);
             for nr in [
                 libc::SYS_clone,

@@ -9,6 +9,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
 
+use super::control::{ControlPlane, RunningVm};
 use super::{Error, io_err};
 use crate::devices::legacy::SerialDevice;
 use crate::exit::{EndSignal, Outcome};
@@ -98,12 +99,14 @@ impl InputSink {
 const TOKEN_STDIN: u64 = 0;
 const TOKEN_END: u64 = 1;
 const TOKEN_STOP: u64 = 2;
+const TOKEN_CONTROL: u64 = 4;
 
 /// Waits for the end of the VM or a stop signal, passing host input to `sink` meanwhile.
 pub(super) fn main_loop(
     sink: &InputSink,
     end: &EndSignal,
     stop: &StopSignals,
+    mut control: Option<&mut dyn ControlPlane>,
 ) -> Result<(), Error> {
     let stop_event = &stop.event;
     let epoll = Epoll::new().map_err(io_err("epoll"))?;
@@ -118,6 +121,9 @@ pub(super) fn main_loop(
     };
     add(end.event().as_raw_fd(), TOKEN_END)?;
     add(stop_event.as_raw_fd(), TOKEN_STOP)?;
+    if let Some(control) = &control {
+        add(control.event().as_raw_fd(), TOKEN_CONTROL)?;
+    }
     // stdin may be /dev/null or a regular file, which epoll refuses; then there is no input.
     let mut stdin_open = add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
     let mut input = KeyboardInput::default();
@@ -141,6 +147,11 @@ pub(super) fn main_loop(
                 TOKEN_STOP => {
                     end.end(Outcome::Signal(stop.received()));
                     return Ok(());
+                }
+                TOKEN_CONTROL => {
+                    if let Some(control) = control.as_deref_mut() {
+                        control.serve(&mut RunningVm { end });
+                    }
                 }
                 TOKEN_STDIN if input.pending.is_empty() => {
                     let mut buf = [0u8; 64];

@@ -4,6 +4,7 @@
 //! everything down again.
 
 mod boot_files;
+mod control;
 mod error;
 mod main_loop;
 
@@ -38,6 +39,7 @@ use crate::{kvm_host, layout, logger};
 use pvm_virtio::{ConsoleInput, DiskErrors, NetCounters};
 
 pub use self::boot_files::{BootFiles, boot_files};
+pub use self::control::{ControlError, ControlPlane, RunningVm};
 pub use self::error::Error;
 use self::error::{io_err, kvm_err};
 
@@ -137,6 +139,11 @@ impl Vm {
 
     /// Runs the vCPUs and the main loop (stdin to the UART, stop signals) until the VM ends.
     pub fn run(self) -> Result<Outcome, Error> {
+        self.run_with(None)
+    }
+
+    /// [`Vm::run`], serving `control` from the main loop as well.
+    pub fn run_with(self, control: Option<&mut dyn ControlPlane>) -> Result<Outcome, Error> {
         let signals = StopSignals::install()?;
         let raw = RawMode::enter().map_err(io_err("putting the terminal in raw mode"))?;
         let sandbox = self.seccomp.then_some(self.vhost_user_sockets.as_slice());
@@ -148,7 +155,7 @@ impl Vm {
                     Some(input) => InputSink::Virtio(input),
                     None => InputSink::Serial(self.serial),
                 };
-                main_loop(&sink, &self.end, &signals)
+                main_loop(&sink, &self.end, &signals, control)
             });
         // Read while every thread still lives: after the join the vCPUs' share is gone.
         let thread_cpu = if self.print_stats {

@@ -1,0 +1,211 @@
+//! From a parsed HTTP request to an [`Action`] for the VMM, on the API thread: the path is
+//! routed, ids are checked, the JSON body is decoded into its model. Everything that can be
+//! refused without the VM's state is refused here.
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::http::{Method, Request};
+use super::models::{
+    BootSource, Drive, Entropy, MachineConfig, MachineConfigUpdate, NetworkInterface,
+};
+
+/// What the API asks the VMM (main) thread to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    GetInstanceInfo,
+    GetVersion,
+    GetMachineConfig,
+    GetVmConfig,
+    PutBootSource(BootSource),
+    PutDrive(Drive),
+    PutNetworkInterface(NetworkInterface),
+    PutMachineConfig(MachineConfig),
+    PatchMachineConfig(MachineConfigUpdate),
+    PutEntropy(Entropy),
+    InstanceStart,
+    SendCtrlAltDel,
+    FlushMetrics,
+    Pause,
+    Resume,
+}
+
+/// Why a request was refused before reaching the VMM: the fault_message text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("Empty {0} request.")]
+    EmptyBody(&'static str),
+    #[error("GET request cannot have a body.")]
+    GetBody,
+    #[error("Invalid request method and/or path: {method} {path}.")]
+    UnknownPath { method: &'static str, path: String },
+    #[error("The ID cannot be empty.")]
+    EmptyId,
+    #[error("API Resource IDs can only contain alphanumeric characters and underscores.")]
+    BadId,
+    #[error("The id from the path [{path}] does not match the id from the body [{body}]!")]
+    IdMismatch { path: String, body: String },
+    #[error("An error occurred when deserializing the json body of a request: {0}.")]
+    Json(String),
+    #[error("{method} /{path}: {why}")]
+    Unsupported {
+        method: &'static str,
+        path: String,
+        why: &'static str,
+    },
+}
+
+/// `PUT /actions`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    action_type: ActionType,
+}
+
+#[derive(Deserialize)]
+enum ActionType {
+    InstanceStart,
+    SendCtrlAltDel,
+    FlushMetrics,
+}
+
+/// `PATCH /vm`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmStateBody {
+    state: VmState,
+}
+
+#[derive(Deserialize)]
+enum VmState {
+    Paused,
+    Resumed,
+}
+
+/// Endpoints Firecracker has and pvm does not (yet), and why.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("snapshot", "pvm does not support snapshots yet"),
+    ("vsock", "pvm does not support vsock yet"),
+    ("balloon", "pvm does not support the balloon device yet"),
+    ("mmds", "pvm does not support MMDS"),
+    ("cpu-config", "pvm does not support CPU templates"),
+    ("hotplug", "pvm does not support memory hotplug"),
+    ("pmem", "pvm does not support virtio-pmem"),
+    (
+        "logger",
+        "pvm does not support configuring the logger through the API yet",
+    ),
+    (
+        "metrics",
+        "pvm does not support configuring metrics through the API yet",
+    ),
+    (
+        "serial",
+        "pvm does not support redirecting the serial console yet",
+    ),
+];
+
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, RouteError> {
+    serde_json::from_slice(body).map_err(|e| RouteError::Json(e.to_string()))
+}
+
+/// Firecracker's id rule: non-empty, letters, digits and '_'.
+fn checked_id(id: Option<&str>) -> Result<&str, RouteError> {
+    match id {
+        None | Some("") => Err(RouteError::EmptyId),
+        Some(id) if id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => Ok(id),
+        Some(_) => Err(RouteError::BadId),
+    }
+}
+
+fn same_id(path: &str, body: &str) -> Result<(), RouteError> {
+    if path == body {
+        Ok(())
+    } else {
+        Err(RouteError::IdMismatch {
+            path: path.to_string(),
+            body: body.to_string(),
+        })
+    }
+}
+
+/// Routes `request` to an action.
+pub fn route(request: &Request) -> Result<Action, RouteError> {
+    let method = request.method;
+    let body = request.body.as_slice();
+    // Body presence is checked before the path, as Firecracker does.
+    match method {
+        Method::Get if !body.is_empty() => return Err(RouteError::GetBody),
+        Method::Put | Method::Patch if body.is_empty() => {
+            return Err(RouteError::EmptyBody(method.name()));
+        }
+        _ => {}
+    }
+    let path = request.path.strip_prefix('/').unwrap_or(&request.path);
+    let mut segments = path.split('/');
+    let first = segments.next().unwrap_or_default();
+    let id = segments.next();
+    let unknown = || RouteError::UnknownPath {
+        method: method.name(),
+        path: first.to_string(),
+    };
+    let action = match (method, first) {
+        (Method::Get, "") => Action::GetInstanceInfo,
+        (Method::Get, "version") => Action::GetVersion,
+        (Method::Get, "machine-config") => Action::GetMachineConfig,
+        (Method::Get, "vm") if id == Some("config") => Action::GetVmConfig,
+        (Method::Put, "boot-source") => Action::PutBootSource(decode(body)?),
+        (Method::Put, "machine-config") => Action::PutMachineConfig(decode(body)?),
+        (Method::Patch, "machine-config") => {
+            let update: MachineConfigUpdate = decode(body)?;
+            if update.is_empty() {
+                return Err(RouteError::EmptyBody("PATCH"));
+            }
+            Action::PatchMachineConfig(update)
+        }
+        (Method::Put, "entropy") => Action::PutEntropy(decode(body)?),
+        (Method::Put, "drives") => {
+            let id = checked_id(id)?;
+            let drive: Drive = decode(body)?;
+            same_id(id, &drive.drive_id)?;
+            Action::PutDrive(drive)
+        }
+        (Method::Put, "network-interfaces") => {
+            let id = checked_id(id)?;
+            let iface: NetworkInterface = decode(body)?;
+            same_id(id, &iface.iface_id)?;
+            Action::PutNetworkInterface(iface)
+        }
+        (Method::Put, "actions") => match decode::<ActionBody>(body)?.action_type {
+            ActionType::InstanceStart => Action::InstanceStart,
+            ActionType::SendCtrlAltDel => Action::SendCtrlAltDel,
+            ActionType::FlushMetrics => Action::FlushMetrics,
+        },
+        (Method::Patch, "vm") => match decode::<VmStateBody>(body)?.state {
+            VmState::Paused => Action::Pause,
+            VmState::Resumed => Action::Resume,
+        },
+        (Method::Patch | Method::Delete, "drives" | "network-interfaces") => {
+            return Err(RouteError::Unsupported {
+                method: method.name(),
+                path: first.to_string(),
+                why: "pvm does not support changing or removing devices of a running VM yet",
+            });
+        }
+        _ => {
+            return Err(match UNSUPPORTED.iter().find(|(name, _)| *name == first) {
+                Some((_, why)) => RouteError::Unsupported {
+                    method: method.name(),
+                    path: first.to_string(),
+                    why,
+                },
+                None => unknown(),
+            });
+        }
+    };
+    Ok(action)
+}
+
+#[cfg(test)]
+#[path = "routes_tests.rs"]
+mod tests;
