@@ -2,6 +2,7 @@
 //! same name through [`run`]; the decoding and the invariants live here so they are shared,
 //! unit-tested and documented in one place. See scripts/fuzz for how to run them.
 
+pub mod api;
 pub mod boot;
 pub mod devices;
 pub mod input;
@@ -13,7 +14,7 @@ pub mod transports;
 pub type Target = fn(&[u8]);
 
 /// Every fuzz target, by the name of its `fuzz_targets/` file and corpus directory.
-pub const TARGETS: [(&str, Target); 9] = [
+pub const TARGETS: [(&str, Target); 10] = [
     ("block", devices::block),
     ("net_tx", devices::net_tx),
     ("net_rx", devices::net_rx),
@@ -23,6 +24,7 @@ pub const TARGETS: [(&str, Target); 9] = [
     ("pci", transports::pci),
     ("boot_load", boot::load),
     ("disk_kernel", boot::disk),
+    ("api_request", api::request),
 ];
 
 /// Runs the target called `name` on `data`.

@@ -729,6 +729,28 @@ pub fn disk() -> Seeds {
 }
 
 /// Named seed inputs of one target.
+/// Raw client bytes: requests a client sends, and a config file (tried as every body).
+pub fn api_request() -> Seeds {
+    vec![
+        (
+            "configure-and-start",
+            b"PUT /machine-config HTTP/1.1\r\nContent-Length: 38\r\n\r\n{\"vcpu_count\": 2, \"mem_size_mib\": 256}PUT /drives/rootfs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 99\r\n\r\n{\"drive_id\": \"rootfs\", \"path_on_host\": \"/x\", \"is_root_device\": true, \"cache_type\": \"Writeback\"}    PUT /actions HTTP/1.1\r\nContent-Length: 33\r\n\r\n{\"action_type\": \"InstanceStart\"}\n".to_vec(),
+        ),
+        (
+            "gets-and-close",
+            b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\nGET /vm/config HTTP/1.1\r\n\r\nGET /machine-config HTTP/1.0\r\nConnection: close\r\n\r\n".to_vec(),
+        ),
+        (
+            "config-file",
+            b"{\"boot-source\": {\"kernel_image_path\": \"/k\", \"boot_args\": \"console=ttyS0 pci=off\"}, \"drives\": [], \"machine-config\": {\"vcpu_count\": 1, \"mem_size_mib\": 128, \"smt\": false}, \"network-interfaces\": [{\"iface_id\": \"eth0\", \"host_dev_name\": \"tap0\", \"guest_mac\": \"06:00:00:00:00:01\"}], \"vsock\": null}".to_vec(),
+        ),
+        (
+            "expect-continue-patch",
+            b"PATCH /vm HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 19\r\n\r\n{\"state\": \"Paused\"}PUT /network-interfaces/eth0 HTTP/1.1\r\nContent-Length: 42\r\n\r\n{\"iface_id\": \"eth1\", \"host_dev_name\": \"t\"}".to_vec(),
+        ),
+    ]
+}
+
 pub type Seeds = Vec<(&'static str, Vec<u8>)>;
 
 /// Every target's seeds, by target name.
@@ -743,6 +765,7 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("pci", pci()),
         ("boot_load", boot_load()),
         ("disk_kernel", disk()),
+        ("api_request", api_request()),
     ]
 }
 
