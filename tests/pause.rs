@@ -2,7 +2,9 @@
 //! the guest sends 2.5 MiB through a tap, paced so that it lasts several seconds, while the
 //! host side pauses pvm three times for a second each. Every byte must arrive intact (md5 on
 //! both sides), pvm must count three pauses, and the guest must report no RCU stall or soft
-//! lockup afterwards. On pci and mmio, with pvm's net worker and with kernel vhost-net.
+//! lockup afterwards. On pci and mmio, with pvm's net worker and with kernel vhost-net, and on
+//! pci with pvm-vhost-user-net (GET_VRING_BASE and ring restarts from the sandboxed main
+//! thread).
 
 mod common;
 
@@ -11,7 +13,16 @@ use common::{Batch, Kernel, Scenario, in_network_namespace};
 /// Blocks of 64 KiB the guest sends, one every 0.2 s.
 const BLOCKS: usize = 40;
 
-fn pause_scenario(name: &str, transport: &str, vhost: &str) -> Scenario {
+/// What serves the guest's net device.
+#[derive(Clone, Copy)]
+enum DataPlane {
+    /// `--tap tap0,vhost=off|on`: pvm's worker or kernel vhost-net.
+    Tap(&'static str),
+    /// `--net vhost-user=`, served by pvm-vhost-user-net on tap0.
+    VhostUser,
+}
+
+fn pause_scenario(name: &str, transport: &str, plane: DataPlane) -> Scenario {
     let init = format!(
         "ip link set eth0 up\n\
          ip addr add 10.0.2.2/24 dev eth0\n\
@@ -28,11 +39,33 @@ fn pause_scenario(name: &str, transport: &str, vhost: &str) -> Scenario {
     // pvm runs in the background; once the first bytes have arrived, the host pauses it three
     // times for a second, a second apart, noting how much has arrived half a second into each
     // pause and at its end.
-    let script = in_network_namespace(
-        "cat > receiver <<'EOF'\n#!/bin/sh\nexec cat > received\nEOF\n\
-         chmod +x receiver\n\
-         nc -l -p 5000 -e ./receiver &\n\
-         {pvm} > pvm.log 2>&1 &\n\
+    let mut body = "cat > receiver <<'EOF'\n#!/bin/sh\nexec cat > received\nEOF\n\
+                    chmod +x receiver\n\
+                    nc -l -p 5000 -e ./receiver &\n"
+        .to_string();
+    let mut scenario = Scenario::boot(name, Kernel::MinimalElf, 1, &init)
+        .args(["--transport", transport, "--stats"])
+        .timeout(300);
+    match plane {
+        DataPlane::Tap(vhost) => {
+            scenario = scenario.args([
+                "--tap".to_string(),
+                format!("tap0,mac=52:54:00:12:34:56,vhost={vhost}"),
+            ]);
+        }
+        DataPlane::VhostUser => {
+            body.push_str(
+                "pvm-vhost-user-net --tap tap0 --mac 52:54:00:12:34:56 --socket net.sock \
+                 2> backend.log &\n\
+                 for i in $(seq 1 30); do [ -S net.sock ] && break; sleep 1; done\n",
+            );
+            scenario = scenario
+                .args(["--net", "vhost-user=net.sock"])
+                .program("pvm-vhost-user-net");
+        }
+    }
+    body.push_str(
+        "{pvm} > pvm.log 2>&1 &\n\
          pvm=$!\n\
          for i in $(seq 1 1000); do [ -s received ] && break; sleep 0.2; done\n\
          size() { wc -c < received 2>/dev/null || echo 0; }\n\
@@ -46,24 +79,16 @@ fn pause_scenario(name: &str, transport: &str, vhost: &str) -> Scenario {
          echo \"host-md5 $(md5sum < received)\"\n\
          exit $rc",
     );
-    Scenario::boot(name, Kernel::MinimalElf, 1, &init)
-        .args([
-            "--transport",
-            transport,
-            "--tap",
-            &format!("tap0,mac=52:54:00:12:34:56,vhost={vhost}"),
-            "--stats",
-        ])
-        .script(&script)
-        .timeout(300)
+    scenario.script(&in_network_namespace(&body))
 }
 
 fn scenarios() -> Vec<Scenario> {
     vec![
-        pause_scenario("pause-net-pci", "pci", "off"),
-        pause_scenario("pause-net-mmio", "mmio", "off"),
-        pause_scenario("pause-vhost-pci", "pci", "on"),
-        pause_scenario("pause-vhost-mmio", "mmio", "on"),
+        pause_scenario("pause-net-pci", "pci", DataPlane::Tap("off")),
+        pause_scenario("pause-net-mmio", "mmio", DataPlane::Tap("off")),
+        pause_scenario("pause-vhost-pci", "pci", DataPlane::Tap("on")),
+        pause_scenario("pause-vhost-mmio", "mmio", DataPlane::Tap("on")),
+        pause_scenario("pause-vhost-user-pci", "pci", DataPlane::VhostUser),
     ]
 }
 
@@ -137,4 +162,9 @@ fn pause_resume_during_a_transfer_vhost_pci() {
 #[test]
 fn pause_resume_during_a_transfer_vhost_mmio() {
     check_pauses("pause-vhost-mmio");
+}
+
+#[test]
+fn pause_resume_during_a_transfer_vhost_user_pci() {
+    check_pauses("pause-vhost-user-pci");
 }
