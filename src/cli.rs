@@ -96,7 +96,8 @@ struct Args {
 fn long_about() -> String {
     format!(
         "pvm boots a Linux guest on KVM. The guest sees virtio devices plus an 8250 UART for \
-         early boot; the UART (ttyS0) is wired to this terminal in raw mode.\n\n{}",
+         early boot; the UART (ttyS0) is wired to this terminal in raw mode.\n\n\
+         SIGUSR1 pauses the VM (every vCPU and virtio device), SIGUSR2 resumes it.\n\n{}",
         crate::exit::exit_status_help()
     )
 }
@@ -344,6 +345,7 @@ mod tests {
                     text.contains("6 seccomp violation, 128+N stopped by signal N."),
                     "{text}"
                 );
+                assert!(text.contains("SIGUSR1 pauses the VM"), "{text}");
             }
             other => panic!("{other:?}"),
         }

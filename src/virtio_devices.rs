@@ -10,7 +10,7 @@ use pvm_virtio::thread::ThreadError;
 use pvm_virtio::transport::pci::BAR_SIZE;
 use pvm_virtio::{
     Block, BlockError, Console, ConsoleInput, DiskErrors, MmioTransport, Net, NetCounters,
-    PciTransport, Rng, Tap, TapError, VirtioDevice,
+    PauseError, PciTransport, Rng, Tap, TapError, VirtioDevice,
 };
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -142,6 +142,49 @@ pub struct Attached {
     /// The connected sockets of vhost-user devices: the vCPU threads' seccomp filter allows
     /// messages on these only.
     pub vhost_user_sockets: Vec<std::os::fd::RawFd>,
+    /// Every transport, for pausing and resuming the VM.
+    pub pausable: Vec<PausableDevice>,
+}
+
+/// A transport the VM can pause and resume, with the name pvm's messages use for its device.
+#[derive(Debug)]
+pub struct PausableDevice {
+    name: String,
+    transport: TransportHandle,
+}
+
+#[derive(Debug)]
+enum TransportHandle {
+    Mmio(Arc<Mutex<MmioDevice>>),
+    Pci(Arc<Mutex<PciTransport>>),
+}
+
+impl PausableDevice {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Pauses the device's data plane; see [`MmioTransport::pause`].
+    pub fn pause(&self) -> Result<(), PauseError> {
+        match &self.transport {
+            TransportHandle::Mmio(device) => lock(device).0.pause(),
+            TransportHandle::Pci(transport) => lock(transport).pause(),
+        }
+    }
+
+    /// Resumes what [`Self::pause`] paused.
+    pub fn resume(&self) -> Result<(), PauseError> {
+        match &self.transport {
+            TransportHandle::Mmio(device) => lock(device).0.resume(),
+            TransportHandle::Pci(transport) => lock(transport).resume(),
+        }
+    }
+}
+
+/// A transport's lock; a poisoned one still holds a usable transport (its registers are plain
+/// data), as the bus accesses assume too.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A device with the name pvm's messages use for it.
@@ -264,6 +307,7 @@ fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<Net, Error> {
     Ok(net)
 }
 
+#[derive(Debug)]
 struct MmioDevice(MmioTransport);
 
 impl BusDevice for MmioDevice {
@@ -279,16 +323,10 @@ struct PciBar(Arc<Mutex<PciTransport>>);
 
 impl BusDevice for PciBar {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .bar_read(offset, data);
+        lock(&self.0).bar_read(offset, data);
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .bar_write(offset, data);
+        lock(&self.0).bar_write(offset, data);
     }
 }
 
@@ -315,7 +353,11 @@ pub fn attach(
         Transport::Pci => {
             let mut pci = PciAttacher::new(vm, memory);
             for (name, device) in devices {
-                pci.attach(&name, device, mmio)?;
+                let transport = pci.attach(&name, device, mmio)?;
+                attached.pausable.push(PausableDevice {
+                    name,
+                    transport: TransportHandle::Pci(transport),
+                });
             }
             pci.finish(pio)?;
             attached.aml.extend(acpi::pci_host_bridge_aml());
@@ -357,11 +399,8 @@ fn attach_mmio(
         vm.register_ioevent(kick, &IoEventAddress::Mmio(base + offset), queue)
             .map_err(kvm_error("ioeventfd", &name))?;
     }
-    bus.insert(
-        base,
-        layout::VIRTIO_MMIO_SIZE,
-        Arc::new(Mutex::new(MmioDevice(transport))),
-    )?;
+    let device = Arc::new(Mutex::new(MmioDevice(transport)));
+    bus.insert(base, layout::VIRTIO_MMIO_SIZE, device.clone())?;
     attached.aml.extend(acpi::virtio_mmio_aml(
         index,
         base,
@@ -372,6 +411,10 @@ fn attach_mmio(
         .cmdline
         .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
     log::info!("virtio-mmio {name} at {base:#x}, GSI {gsi}");
+    attached.pausable.push(PausableDevice {
+        name,
+        transport: TransportHandle::Mmio(device),
+    });
     Ok(())
 }
 
@@ -397,13 +440,14 @@ impl<'a> PciAttacher<'a> {
     }
 
     /// Gives `device` a device number, a BAR on `mmio` and a GSI per MSI-X vector, wires its
-    /// vectors to irqfds and its queue notifications to ioeventfds, and plugs it in.
+    /// vectors to irqfds and its queue notifications to ioeventfds, and plugs it in. Returns
+    /// the transport, shared with the bus and the root.
     fn attach(
         &mut self,
         name: &str,
         device: Box<dyn VirtioDevice>,
         mmio: &mut Bus,
-    ) -> Result<(), Error> {
+    ) -> Result<Arc<Mutex<PciTransport>>, Error> {
         // One vector per queue plus one for configuration changes. A count past u16 is
         // refused by the transport, which takes at most MAX_MSIX_VECTORS.
         let vectors = u16::try_from(device.queue_max_sizes().len() + 1).unwrap_or(u16::MAX);
@@ -434,8 +478,8 @@ impl<'a> PciAttacher<'a> {
             resources.bar,
             resources.first_gsi
         );
-        self.root.plug(resources.slot, transport);
-        Ok(())
+        self.root.plug(resources.slot, transport.clone());
+        Ok(transport)
     }
 
     /// Vector `v` raises GSI `first_gsi + v` through its irqfd.

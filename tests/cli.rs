@@ -206,6 +206,29 @@ fn termios_of(fd: &OwnedFd) -> Vec<u8> {
     .into_bytes()
 }
 
+/// pvm running `kernel` (64 MiB, plus `extra` flags) with the terminal `replica` as stdin, once
+/// the guest has printed `first`; its stdout is returned for further reading.
+fn pvm_on_terminal(
+    replica: &OwnedFd,
+    kernel: &std::path::Path,
+    extra: &[&str],
+    first: &str,
+) -> (std::process::Child, std::process::ChildStdout) {
+    let mut child = Command::new(PVM)
+        .args(["--kernel", kernel.to_str().unwrap(), "--mem", "64M"])
+        .args(extra)
+        .stdin(Stdio::from(replica.try_clone().unwrap()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    if let Err(seen) = read_until(&mut stdout, first) {
+        panic!("pvm ended before the guest printed: {seen:?}");
+    }
+    (child, stdout)
+}
+
 #[test]
 fn sigterm_stops_a_running_guest_and_restores_the_terminal() {
     require_kvm();
@@ -215,17 +238,7 @@ fn sigterm_stops_a_running_guest_and_restores_the_terminal() {
     let kernel = micro_kernel("spin", &code);
     let (_primary, replica) = openpty();
     let before = termios_of(&replica);
-    let mut child = Command::new(PVM)
-        .args(["--kernel", kernel.to_str().unwrap(), "--mem", "64M"])
-        .stdin(Stdio::from(replica.try_clone().unwrap()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    if let Err(seen) = read_until(&mut stdout, "spinning") {
-        panic!("pvm ended before the guest printed: {seen:?}");
-    }
+    let (mut child, _stdout) = pvm_on_terminal(&replica, &kernel, &[], "spinning");
     assert_ne!(
         termios_of(&replica),
         before,
@@ -575,4 +588,100 @@ fn vhost_user_backends_connect_before_the_sandbox_and_bad_sockets_are_usage_erro
             "{lines:?}"
         );
     }
+}
+
+/// A guest that prints a dot to the UART, waits a little (a `loop` of 0x40000), and again,
+/// forever: its progress is the length of its output.
+fn ticking_guest() -> PathBuf {
+    let mut code = print("ticking\r\n");
+    code.extend_from_slice(&[
+        0xb9, 0x00, 0x00, 0x04, 0x00, // top: mov ecx, 0x40000
+        0xe2, 0xfe, // loop $
+        0xb0, b'.', // mov al, '.'
+        0xee, // out dx, al (dx is still the UART)
+        0xeb, 0xf4, // jmp top
+    ]);
+    micro_kernel("ticking", &code)
+}
+
+/// How much output `count` has seen after `wait`.
+fn output_after(count: &std::sync::atomic::AtomicUsize, wait: Duration) -> usize {
+    std::thread::sleep(wait);
+    count.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[test]
+fn sigusr1_pauses_the_guest_sigusr2_resumes_it_and_sigterm_still_ends_it_paused() {
+    use std::io::Read;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    require_kvm();
+    let kernel = ticking_guest();
+    let (_primary, replica) = openpty();
+    let before = termios_of(&replica);
+    let (mut child, mut stdout) =
+        pvm_on_terminal(&replica, &kernel, &["--cpus", "2", "--stats"], "ticking");
+    let count = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let count = count.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                count.fetch_add(n, Ordering::SeqCst);
+            }
+        })
+    };
+    let signal = |signo| {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, signo) };
+    };
+    let grows = |what: &str| {
+        let start = count.load(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while count.load(Ordering::SeqCst) == start {
+            assert!(
+                Instant::now() < deadline,
+                "the guest made no progress {what}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    grows("before the pause");
+    for round in 0..2 {
+        signal(libc::SIGUSR1);
+        // A second pause is a no-op; what was printed before the pause drains meanwhile.
+        signal(libc::SIGUSR1);
+        let paused_at = output_after(&count, Duration::from_millis(300));
+        let later = output_after(&count, Duration::from_millis(1000));
+        assert_eq!(
+            paused_at, later,
+            "round {round}: the paused guest kept printing"
+        );
+        signal(libc::SIGUSR2);
+        grows("after the resume");
+    }
+    // Paused once more, SIGTERM ends the VM as usual.
+    signal(libc::SIGUSR1);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(libc::SIGTERM);
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    assert_eq!(termios_of(&replica), before, "terminal not restored");
+    let ms: u64 = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("pvm: vm: pauses=3 paused_ms="))
+        .and_then(|ms| ms.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pause count of 3 in --stats: {stderr}"));
+    assert!(ms >= 2600, "{ms} ms paused: {stderr}");
 }

@@ -6,6 +6,7 @@
 mod boot_files;
 mod error;
 mod main_loop;
+mod pause;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +22,8 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use self::main_loop::{InputSink, StopSignals, kick_signal, main_loop};
+use self::pause::Pauser;
+pub use self::pause::RunControl;
 use crate::boot::{self, BootEntry, acpi};
 use crate::bus::Bus;
 use crate::config::{ConsoleKind, VmConfig};
@@ -33,7 +36,7 @@ use crate::memory::VmMemory;
 use crate::seccomp::{self, ThreadKind};
 use crate::terminal::RawMode;
 use crate::vcpu::{self, Buses, ExitStats, Vcpu};
-use crate::virtio_devices::{self, Attached};
+use crate::virtio_devices::{self, Attached, PausableDevice};
 use crate::{kvm_host, layout, logger};
 use pvm_virtio::{ConsoleInput, DiskErrors, NetCounters};
 
@@ -73,10 +76,14 @@ pub struct Vm {
     disk_errors: Vec<(String, Arc<DiskErrors>)>,
     print_stats: bool,
     seccomp: bool,
-    /// vhost-user sockets the vCPU threads may send and receive messages on.
+    /// vhost-user sockets the vCPU threads (activation, reset) and the main thread (pause,
+    /// resume) may send and receive messages on.
     vhost_user_sockets: Vec<i32>,
+    /// Every virtio transport, for pausing the VM.
+    pausable: Vec<PausableDevice>,
     end: Arc<EndSignal>,
     stop: Arc<AtomicBool>,
+    control: Arc<RunControl>,
     stats: Arc<ExitStats>,
     /// The VM fd and guest RAM, last so that it drops last; `run` drops it only after the
     /// vCPU threads are joined. Dropping it deletes the RAM's slots.
@@ -94,6 +101,7 @@ struct VcpuShared {
     buses: Arc<Buses>,
     end: Arc<EndSignal>,
     stop: Arc<AtomicBool>,
+    control: Arc<RunControl>,
     stats: Arc<ExitStats>,
 }
 
@@ -112,6 +120,7 @@ impl Vm {
             buses: Arc::new(Buses { pio, mmio }),
             end,
             stop: Arc::new(AtomicBool::new(false)),
+            control: Arc::new(RunControl::default()),
             stats: Arc::new(ExitStats::default()),
         };
         let vcpus = create_vcpus(kvm, &memory, config, entry, &shared)?;
@@ -124,8 +133,10 @@ impl Vm {
             print_stats: config.stats,
             seccomp: config.seccomp,
             vhost_user_sockets: attached.vhost_user_sockets,
+            pausable: attached.pausable,
             end: shared.end,
             stop: shared.stop,
+            control: shared.control,
             stats: shared.stats,
             memory,
         })
@@ -137,15 +148,17 @@ impl Vm {
         let raw = RawMode::enter().map_err(io_err("putting the terminal in raw mode"))?;
         let sandbox = self.seccomp.then_some(self.vhost_user_sockets.as_slice());
         let (threads, spawned) = spawn_vcpus(self.vcpus, sandbox);
+        let mut pauser = Pauser::new(self.control.clone(), &threads, &self.pausable);
         let loop_result = spawned
-            .and_then(|()| sandbox_main_thread(self.seccomp, self.print_stats))
+            .and_then(|()| sandbox_main_thread(sandbox, self.print_stats))
             .and_then(|()| {
                 let sink = match self.console_input {
                     Some(input) => InputSink::Virtio(input),
                     None => InputSink::Serial(self.serial),
                 };
-                main_loop(&sink, &self.end, &signals)
+                main_loop(&sink, &self.end, &signals, &mut pauser)
             });
+        let pauses = pauser.summary();
         // Read while every thread still lives: after the join the vCPUs' share is gone.
         let thread_cpu = if self.print_stats {
             thread_cpu_ms()
@@ -153,7 +166,7 @@ impl Vm {
             Vec::new()
         };
         // Whatever happened, stop and join every vCPU before the terminal is restored.
-        stop_vcpus(&self.stop, threads);
+        stop_vcpus(&self.stop, &self.control, threads);
         // No vCPU runs any more: the RAM's slots can go (the devices keep their own mappings).
         drop(self.memory);
         let signo = signals.received();
@@ -168,8 +181,10 @@ impl Vm {
                 &self.disk_errors,
                 &thread_cpu,
             ));
+            logger::to_stderr(&format!("pvm: vm: {pauses}\n"));
         } else {
             log::info!("exits: {}", self.stats.summary());
+            log::info!("vm: {pauses}");
         }
         loop_result?;
         Ok(self.end.outcome().unwrap_or(Outcome::Signal(signo)))
@@ -325,6 +340,7 @@ fn create_vcpus(
             memory: memory.guest_memory().clone(),
             end: shared.end.clone(),
             stop: shared.stop.clone(),
+            control: shared.control.clone(),
             stats: shared.stats.clone(),
             boot_timer: config.boot_timer,
         });
@@ -348,6 +364,7 @@ fn spawn_vcpus(
                 if let Some(sockets) = sockets {
                     if let Err(e) = seccomp::install_with(ThreadKind::Vcpu, false, &sockets) {
                         vcpu.end.end(Outcome::VmmFailure(error_chain(&e)));
+                        vcpu.control.leave();
                         return;
                     }
                 }
@@ -361,17 +378,20 @@ fn spawn_vcpus(
     (threads, Ok(()))
 }
 
-/// Confines the main thread, once every other thread runs.
-fn sandbox_main_thread(seccomp: bool, print_stats: bool) -> Result<(), Error> {
-    if seccomp {
-        seccomp::install(ThreadKind::Main, print_stats)?;
+/// Confines the main thread, once every other thread runs; `sandbox` holds the vhost-user
+/// sockets it may message (pausing and resuming those devices).
+fn sandbox_main_thread(sandbox: Option<&[i32]>, print_stats: bool) -> Result<(), Error> {
+    if let Some(sockets) = sandbox {
+        seccomp::install_with(ThreadKind::Main, print_stats, sockets)?;
     }
     Ok(())
 }
 
-/// Tells every vCPU to stop, kicks each out of KVM_RUN until its thread ends, and joins it.
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+/// Tells every vCPU to stop (waking the parked ones of a paused VM), kicks each out of KVM_RUN
+/// until its thread ends, and joins it.
+fn stop_vcpus(stop: &AtomicBool, control: &RunControl, threads: Vec<JoinHandle<()>>) {
     stop.store(true, Ordering::Release);
+    control.release();
     for handle in threads {
         while !handle.is_finished() {
             let _ = handle.kill(kick_signal());
