@@ -42,6 +42,10 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
         }
     };
     logger::init(config.log_level);
+    if let Err(err) = logger::configure(&config.logger, logger::DEFAULT_INSTANCE_ID) {
+        logger::to_stderr(&format!("pvm: --log-path: {}\n", exit::error_chain(&err)));
+        return exit::USAGE_ERROR;
+    }
     match vm::run(config) {
         Ok(outcome) => {
             if let Some(message) = outcome.message() {
