@@ -227,4 +227,34 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn a_vhost_net_tap_reports_kernel_counts_and_the_aggregate_only_shared_fields() {
+        let sources = Sources {
+            exits: Arc::new(ExitStats::default()),
+            disks: Vec::new(),
+            nets: vec![
+                ("lo".to_string(), NetSource::Kernel(TapStats::open("lo"))),
+                (
+                    "tap1".to_string(),
+                    NetSource::InProcess(vec![Arc::new(NetCounters::default())]),
+                ),
+            ],
+            seccomp: false,
+        };
+        let groups = sources.groups();
+        let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, ["vcpu", "net", "net_lo", "net_tap1"]);
+        let fields = |i: usize| -> Vec<&str> { groups[i].fields.iter().map(|f| f.0).collect() };
+        let kernel = [
+            "rx_packets_count",
+            "rx_bytes_count",
+            "tx_packets_count",
+            "tx_bytes_count",
+        ];
+        assert_eq!(fields(2), kernel);
+        assert_eq!(fields(3).len(), 8);
+        // The aggregate keeps the four counts both have, in the first device's order.
+        assert_eq!(fields(1), kernel);
+    }
 }
