@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use pvm_common::seccomp::format_decimal;
 use serde_json::{Map, Value};
 
 pub use self::sources::{Field, Group, NetSource, Sources, TapStats, net_fields};
@@ -228,20 +229,11 @@ pub fn write_seccomp_fault_from_signal_handler() {
 
 /// `{"utc_timestamp_ms":MS,"seccomp":{"num_faults":1}}\n` into `buf`; returns its length.
 fn seccomp_fault_line(buf: &mut [u8; 96], ms: u64) -> usize {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut v = ms;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
+    let mut digits = [0u8; 24];
+    let digits = format_decimal(&mut digits, i64::try_from(ms).unwrap_or(i64::MAX));
     let parts: [&[u8]; 3] = [
         b"{\"utc_timestamp_ms\":",
-        &digits[at..],
+        digits,
         b",\"seccomp\":{\"num_faults\":1}}\n",
     ];
     let mut len = 0;
@@ -311,6 +303,7 @@ mod tests {
         assert_eq!(json["utc_timestamp_ms"], 1_733_500_000_123u64);
         assert_eq!(json["seccomp"]["num_faults"], 1);
         let len = seccomp_fault_line(&mut buf, u64::MAX);
-        assert!(serde_json::from_slice::<Value>(&buf[..len]).is_ok());
+        let json: Value = serde_json::from_slice(&buf[..len]).unwrap();
+        assert_eq!(json["utc_timestamp_ms"], i64::MAX);
     }
 }
