@@ -22,11 +22,20 @@ pub struct Group {
 }
 
 /// A tap's kernel statistics (/sys/class/net/TAP/statistics), opened before the sandbox and
-/// re-read in place. A file that could not be opened leaves its fields missing.
+/// re-read in place, counted from when they were opened (the tap may be older than the VM). A
+/// file that could not be opened or read leaves its field missing.
 #[derive(Debug)]
 pub struct TapStats {
-    /// In the guest's direction: the tap's rx (frames the guest sent) is the guest's tx.
-    files: Vec<(&'static str, Option<File>)>,
+    /// In the guest's direction (the tap's rx, frames the guest sent, is the guest's tx), each
+    /// with its value at opening.
+    files: Vec<(&'static str, Option<(File, u64)>)>,
+}
+
+/// The number in a statistics file, read from its start.
+fn read_count(file: &File) -> Option<u64> {
+    let mut buf = [0u8; 32];
+    let n = file.read_at(&mut buf, 0).ok()?;
+    std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
 }
 
 impl TapStats {
@@ -44,7 +53,9 @@ impl TapStats {
                 let path = format!("/sys/class/net/{name}/statistics/{file}");
                 let opened = File::open(&path)
                     .inspect_err(|e| log::warn!("metrics: {path}: {e}; {field} left out"))
-                    .ok();
+                    .ok()
+                    .and_then(|file| Some((read_count(&file)?, file)))
+                    .map(|(start, file)| (file, start));
                 (field, opened)
             })
             .collect();
@@ -55,11 +66,9 @@ impl TapStats {
     pub fn fields(&self) -> Vec<Field> {
         self.files
             .iter()
-            .filter_map(|(field, file)| {
-                let mut buf = [0u8; 32];
-                let n = file.as_ref()?.read_at(&mut buf, 0).ok()?;
-                let value = std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()?;
-                Some((*field, value))
+            .filter_map(|(field, opened)| {
+                let (file, start) = opened.as_ref()?;
+                Some((*field, read_count(file)?.saturating_sub(*start)))
             })
             .collect()
     }

@@ -394,14 +394,9 @@ fn stats_report(counters: &Sources, thread_cpu: &[(String, u64)]) -> String {
         let pairs = match source {
             NetSource::InProcess(pairs) => pairs,
             NetSource::Kernel(kernel) => {
-                let fields: Vec<String> = kernel
-                    .fields()
-                    .iter()
-                    .map(|(name, value)| format!("{name}={value}"))
-                    .collect();
                 stats.push_str(&format!(
-                    "pvm: tap {tap} (vhost-net, kernel counters): {}\n",
-                    fields.join(" ")
+                    "pvm: tap {tap}: {} (the tap's kernel counters: vhost-net moves its frames)\n",
+                    kernel_summary(&kernel.fields())
                 ));
                 continue;
             }
@@ -426,6 +421,25 @@ fn stats_report(counters: &Sources, thread_cpu: &[(String, u64)]) -> String {
         .collect();
     stats.push_str(&format!("pvm: cpu ms by thread: {}\n", cpu.join(" ")));
     stats
+}
+
+/// A vhost-net tap's kernel counts under the names of the in-process summary; a count that
+/// could not be read is left out.
+fn kernel_summary(fields: &[metrics::Field]) -> String {
+    const NAMES: [(&str, &str); 4] = [
+        ("tx_packets_count", "tx_frames"),
+        ("tx_bytes_count", "tx_bytes"),
+        ("rx_packets_count", "rx_frames"),
+        ("rx_bytes_count", "rx_bytes"),
+    ];
+    let parts: Vec<String> = NAMES
+        .iter()
+        .filter_map(|&(field, name)| {
+            let value = fields.iter().find(|f| f.0 == field)?.1;
+            Some(format!("{name}={value}"))
+        })
+        .collect();
+    parts.join(" ")
 }
 
 /// CPU time (user + system, ms) of each of this process's threads, by thread name; threads
@@ -522,5 +536,9 @@ mod tests {
         assert!(lines[3].starts_with("pvm: tap tap1 pair 0: "), "{report}");
         assert!(lines[4].starts_with("pvm: tap tap1 pair 1: "), "{report}");
         assert_eq!(lines[5], "pvm: cpu ms by thread: vcpu0=12 pvm=3");
+        assert_eq!(
+            kernel_summary(&[("rx_bytes_count", 9), ("tx_packets_count", 2)]),
+            "tx_frames=2 rx_bytes=9"
+        );
     }
 }
