@@ -90,6 +90,25 @@ struct Args {
     /// How much pvm itself logs to stderr: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
     log_level: LevelFilter,
+
+    // Logging and metrics as microVM tooling passes them (Firecracker's flags).
+    /// Write pvm's log lines to this file or FIFO (appended; created if missing) instead of
+    /// stderr, as "TIME [ID:THREAD] message".
+    #[arg(long, value_name = "PATH")]
+    log_path: Option<PathBuf>,
+    /// The log level (off, error, warn, warning, info, debug, trace; any case); overrides
+    /// --log-level.
+    #[arg(long, value_name = "LEVEL", value_parser = crate::logger::parse_level)]
+    level: Option<LevelFilter>,
+    /// Add each line's level after the thread name in --log-path lines.
+    #[arg(long)]
+    show_level: bool,
+    /// Add each line's source file and line in --log-path lines.
+    #[arg(long)]
+    show_log_origin: bool,
+    /// Write metrics as JSON lines to this file or FIFO: every 60 s and when the VM ends.
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<PathBuf>,
 }
 
 /// `--help`'s description, its exit-status list made from the codes pvm exits with.
@@ -208,6 +227,13 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<VmConfig, CliE
         boot_timer: args.boot_timer,
         seccomp: args.seccomp,
         log_level: args.log_level,
+        logger: crate::logger::LoggerConfig {
+            log_path: args.log_path,
+            level: args.level,
+            show_level: args.show_level,
+            show_log_origin: args.show_log_origin,
+        },
+        metrics_path: args.metrics_path,
     })
 }
 
@@ -281,6 +307,29 @@ mod tests {
         assert_eq!(c.vhost_user_nets.len(), 2);
         assert_eq!(c.vhost_user_disks, vec![PathBuf::from("/tmp/b.sock")]);
         assert!(c.disks.is_empty());
+    }
+
+    #[test]
+    fn logging_and_metrics_flags() {
+        let c = parse_strs(&[]).unwrap();
+        assert_eq!(c.logger, crate::logger::LoggerConfig::default());
+        assert_eq!(c.metrics_path, None);
+        let c = parse_strs(&[
+            "--log-path",
+            "/tmp/pvm.log",
+            "--level",
+            "Debug",
+            "--show-level",
+            "--show-log-origin",
+            "--metrics-path",
+            "/tmp/pvm.metrics",
+        ])
+        .unwrap();
+        assert_eq!(c.logger.log_path, Some(PathBuf::from("/tmp/pvm.log")));
+        assert_eq!(c.logger.level, Some(LevelFilter::Debug));
+        assert!(c.logger.show_level && c.logger.show_log_origin);
+        assert_eq!(c.metrics_path, Some(PathBuf::from("/tmp/pvm.metrics")));
+        assert!(error_of(&["--level", "loud"]).contains("--level"));
     }
 
     #[test]

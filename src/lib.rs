@@ -16,6 +16,7 @@ pub mod kvm_host;
 pub mod layout;
 pub mod logger;
 pub mod memory;
+pub mod metrics;
 pub mod pci;
 pub mod seccomp;
 pub mod terminal;
@@ -42,6 +43,19 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
         }
     };
     logger::init(config.log_level);
+    if let Err(err) = logger::configure(&config.logger, logger::DEFAULT_INSTANCE_ID) {
+        logger::to_stderr(&format!("pvm: --log-path: {}\n", exit::error_chain(&err)));
+        return exit::USAGE_ERROR;
+    }
+    if let Some(path) = &config.metrics_path {
+        if let Err(err) = metrics::init(path) {
+            logger::to_stderr(&format!(
+                "pvm: --metrics-path: {}\n",
+                exit::error_chain(&err)
+            ));
+            return exit::USAGE_ERROR;
+        }
+    }
     match vm::run(config) {
         Ok(outcome) => {
             if let Some(message) = outcome.message() {

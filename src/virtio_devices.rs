@@ -9,8 +9,8 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pvm_virtio::thread::ThreadError;
 use pvm_virtio::transport::pci::BAR_SIZE;
 use pvm_virtio::{
-    Block, BlockError, Console, ConsoleInput, DiskErrors, MmioTransport, Net, NetCounters,
-    PauseError, PciTransport, Rng, Tap, TapError, VirtioDevice,
+    Block, BlockError, Console, ConsoleInput, DiskErrors, MmioTransport, Net, PauseError,
+    PciTransport, Rng, Tap, TapError, VirtioDevice,
 };
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -20,6 +20,7 @@ use crate::bus::{self, Bus, BusDevice};
 use crate::config::{ConsoleKind, TapSpec, Transport, VhostMode, VmConfig};
 use crate::irq_routing::{DeviceMsi, GsiRouter};
 use crate::layout;
+use crate::metrics::{NetSource, TapStats};
 use crate::pci::{self, PciAllocator, PciRoot};
 use pvm_vhost::net::VhostNetPlane;
 use pvm_vhost::user::{Kind, VhostUserDevice};
@@ -135,10 +136,11 @@ pub struct Attached {
     pub cmdline: Vec<String>,
     /// Where host keyboard input goes with `--console virtio`.
     pub console_input: Option<ConsoleInput>,
-    /// Per-tap frame counters (errors and drops included), one per queue pair, for --stats.
-    pub net_counters: Vec<(String, Vec<Arc<NetCounters>>)>,
-    /// Per-disk host I/O failure counts, for --stats.
-    pub disk_errors: Vec<(String, Arc<DiskErrors>)>,
+    /// Per-tap counters for metrics and --stats: pvm's own frame counters (errors and drops
+    /// included), one per queue pair, or the tap's kernel statistics when vhost-net carries it.
+    pub nets: Vec<(String, NetSource)>,
+    /// Per-disk id ("disk0", ...), path and host I/O failure count, for metrics and --stats.
+    pub disk_errors: Vec<(String, String, Arc<DiskErrors>)>,
     /// The connected sockets of vhost-user devices: the vCPU threads' seccomp filter allows
     /// messages on these only.
     pub vhost_user_sockets: Vec<std::os::fd::RawFd>,
@@ -206,9 +208,11 @@ fn create_devices(
     for (i, disk) in config.disks.iter().enumerate() {
         let block =
             Block::new(&disk.path, disk.read_only, disk.serial.as_deref()).map_err(Error::Disk)?;
-        attached
-            .disk_errors
-            .push((disk.path.display().to_string(), block.errors()));
+        attached.disk_errors.push((
+            format!("disk{i}"),
+            disk.path.display().to_string(),
+            block.errors(),
+        ));
         devices.push((format!("block{i}"), Box::new(block)));
     }
     let mut vhost_user_index = 0;
@@ -218,10 +222,15 @@ fn create_devices(
         vhost_user_index += 1;
     }
     for (i, spec) in config.taps.iter().enumerate() {
-        let net = create_net(spec, memory)?;
-        attached
-            .net_counters
-            .push((spec.name.clone(), net.pair_counters()));
+        let (net, vhost) = create_net(spec, memory)?;
+        // With vhost-net the kernel moves the frames and pvm's counters stay still: the
+        // tap's own statistics count them (opened now, before the sandbox forbids open()).
+        let source = if vhost {
+            NetSource::Kernel(TapStats::open(&spec.name))
+        } else {
+            NetSource::InProcess(net.pair_counters())
+        };
+        attached.nets.push((spec.name.clone(), source));
         devices.push((format!("net{i}"), Box::new(net)));
     }
     for socket in &config.vhost_user_nets {
@@ -261,8 +270,9 @@ fn connect_vhost_user(
 
 /// A net device on the tap `spec` names, its queues served by vhost-net or by pvm's worker;
 /// with `queues=N`, N queues of a multi-queue tap and, with vhost-net, one instance per pair.
-/// Everything is opened here, before the sandbox forbids open().
-fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<Net, Error> {
+/// Everything is opened here, before the sandbox forbids open(). Says whether vhost-net
+/// serves it.
+fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<(Net, bool), Error> {
     let taps = Tap::open_queues(&spec.name, spec.queues).map_err(Error::Tap)?;
     let taps: Vec<Arc<Tap>> = taps.into_iter().map(Arc::new).collect();
     let backends = taps
@@ -304,7 +314,7 @@ fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<Net, Error> {
         spec.name,
         net.data_plane_name()
     ));
-    Ok(net)
+    Ok((net, vhost))
 }
 
 #[derive(Debug)]

@@ -685,3 +685,157 @@ fn sigusr1_pauses_the_guest_sigusr2_resumes_it_and_sigterm_still_ends_it_paused(
         .unwrap_or_else(|| panic!("no pause count of 3 in --stats: {stderr}"));
     assert!(ms >= 2600, "{ms} ms paused: {stderr}");
 }
+
+/// "YYYY-MM-DDTHH:MM:SS.nnnnnnnnn" with digits where the digits go.
+fn is_log_time(time: &str) -> bool {
+    let shape: String = time
+        .chars()
+        .map(|c| if c.is_ascii_digit() { '9' } else { c })
+        .collect();
+    shape == "9999-99-99T99:99:99.999999999"
+}
+
+#[test]
+fn log_path_and_metrics_path_get_firecracker_shaped_lines() {
+    require_kvm();
+    let mut code = print("hello\r\n");
+    code.extend(out_then_halt(0x3c0, (5 << 2) | (1 << 5))); // ACPI S5 + SLP_EN
+    let kernel = micro_kernel("log-metrics", &code);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("log-metrics");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (log, metrics) = (dir.join("pvm.log"), dir.join("pvm.metrics"));
+    // A line already there stays: the log is appended to, never truncated.
+    std::fs::write(&log, "earlier line\n").unwrap();
+    let _ = std::fs::remove_file(&metrics);
+    let (out, _) = run(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--mem",
+        "64M",
+        "--log-path",
+        log.to_str().unwrap(),
+        "--level",
+        "Info",
+        "--show-level",
+        "--show-log-origin",
+        "--metrics-path",
+        metrics.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    // The log lines went to the file, not to stderr.
+    assert!(!stderr(&out).contains("pvm: info:"), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("earlier line"), "{text}");
+    let entered = lines
+        .find(|l| l.contains("] kernel "))
+        .unwrap_or_else(|| panic!("no kernel line in {text}"));
+    let (time, rest) = entered.split_once(' ').unwrap();
+    assert!(is_log_time(time), "{entered}");
+    let tag = rest
+        .strip_prefix("[anonymous-instance:main:INFO:src/vm/mod.rs:")
+        .unwrap_or_else(|| panic!("{entered}"));
+    let (line_number, message) = tag.split_once("] ").unwrap();
+    assert!(line_number.parse::<u32>().is_ok(), "{entered}");
+    assert!(message.starts_with("kernel "), "{entered}");
+
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    // One when the guest starts, one when it has ended.
+    assert!(lines.len() >= 2, "{text}");
+    let exits = |field: &str| -> u64 {
+        lines
+            .iter()
+            .map(|l| {
+                l["vcpu"][field]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{text}"))
+            })
+            .sum()
+    };
+    // The guest printed "hello\r\n" on the UART and wrote the power-off port.
+    assert!(exits("exit_io_out") >= 8, "{text}");
+    let last = lines.last().unwrap();
+    assert!(last["utc_timestamp_ms"].as_u64().unwrap() > 1_700_000_000_000);
+    assert_eq!(last["seccomp"]["num_faults"], 0, "{text}");
+    assert_eq!(last["signals"]["sigterm"], 0, "{text}");
+    assert!(last["logger"]["missed_log_count"].is_u64(), "{text}");
+    // pvm has no UART counters: the group is left out rather than written as zeros.
+    assert!(last.get("uart").is_none(), "{text}");
+}
+
+#[test]
+fn unusable_log_and_metrics_paths_are_usage_errors() {
+    let kernel = micro_kernel("never-run", &spin());
+    for flag in ["--log-path", "--metrics-path"] {
+        let (out, _) = run(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            flag,
+            "/nonexistent/dir/file",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        let lines = error_lines(&out);
+        assert!(
+            lines.len() == 1
+                && lines[0].starts_with(&format!("pvm: {flag}: "))
+                && lines[0].contains("/nonexistent/dir/file"),
+            "{lines:?}"
+        );
+    }
+}
+
+/// The JSON lines of the metrics file at `path`.
+fn metrics_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn metrics_count_stop_signals_disks_and_seccomp_faults() {
+    require_kvm();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("log-metrics");
+    std::fs::create_dir_all(&dir).unwrap();
+    let metrics = dir.join("signal.metrics");
+    let _ = std::fs::remove_file(&metrics);
+    let child = spinning_pvm(
+        "spin-metrics",
+        &["--metrics-path", metrics.to_str().unwrap()],
+        &[],
+    );
+    // SAFETY: kill(2) on the child we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(128 + 15), "{}", stderr(&out));
+    let lines = metrics_lines(&metrics);
+    let last = lines.last().unwrap();
+    assert_eq!(last["signals"]["sigterm"], 1, "{lines:?}");
+    assert_eq!(last["block_disk0"]["execute_fails"], 0, "{lines:?}");
+    assert_eq!(last["block"]["execute_fails"], 0, "{lines:?}");
+
+    // A seccomp violation ends pvm at once; its handler still writes the count.
+    let metrics = dir.join("seccomp.metrics");
+    let _ = std::fs::remove_file(&metrics);
+    let mut code = print("spinning\r\n");
+    code.extend(spin());
+    let kernel = micro_kernel("spin-probe-metrics", &code);
+    let out = Command::new(PVM)
+        .args(["--kernel", kernel.to_str().unwrap(), "--mem", "64M"])
+        .args(["--metrics-path", metrics.to_str().unwrap()])
+        .env("PVM_SECCOMP_PROBE", "vcpu")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let lines = metrics_lines(&metrics);
+    assert_eq!(
+        lines.last().unwrap()["seccomp"]["num_faults"],
+        1,
+        "{lines:?}"
+    );
+}

@@ -57,12 +57,15 @@ const DEVICE: &[i64] = DATA_PLANE;
 
 /// The main loop, and the teardown of the VM when it ends. Resuming a paused VM restarts
 /// in-process device workers from the main thread: a new event loop and kill eventfd each.
+/// Metrics re-read a vhost-net tap's kernel statistics files (opened before the filter) in
+/// place.
 const MAIN: &[i64] = &[
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_eventfd2,
+    libc::SYS_pread64,
 ];
 
 /// What `--stats` adds to the main thread: reading /proc/self/task for per-thread CPU time.
@@ -179,8 +182,14 @@ const REPORTER: Reporter = Reporter {
     program: "pvm",
     call: CallFormat::NameAndNumber,
     consequence: "; stopping the VM",
-    before_exit: crate::terminal::restore_from_signal_handler,
+    before_exit,
 };
+
+/// The SIGSYS handler's last step: the terminal put back, the violation counted in metrics.
+fn before_exit() {
+    crate::terminal::restore_from_signal_handler();
+    crate::metrics::write_seccomp_fault_from_signal_handler();
+}
 
 /// Installs the filter for `kind` on the calling thread (and, once per process, the SIGSYS
 /// handler that reports violations).

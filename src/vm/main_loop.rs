@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::pause::{Pauser, VmRequest};
 use super::{Error, io_err};
@@ -25,6 +26,7 @@ static STOP_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_stop_signal(signo: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     STOP_SIGNAL.store(signo, Ordering::SeqCst);
+    crate::metrics::count_signal(signo);
     poke(&STOP_EVENT_FD);
 }
 
@@ -145,14 +147,32 @@ const TOKEN_STDIN: u64 = 0;
 const TOKEN_END: u64 = 1;
 const TOKEN_STOP: u64 = 2;
 const TOKEN_REQUEST: u64 = 3;
+const TOKEN_METRICS: u64 = 4;
+
+/// The periodic metrics line's timer, armed when metrics are configured. Created before the
+/// main thread's sandbox, which has no timerfd_create.
+pub(super) fn metrics_timer() -> Result<Option<TimerFd>, Error> {
+    if !crate::metrics::is_configured() {
+        return Ok(None);
+    }
+    // vmm-sys-util reports these as its errno type.
+    let os_err = |what| move |e: vmm_sys_util::errno::Error| io_err(what)(e.into());
+    let mut timer = TimerFd::new().map_err(os_err("timerfd_create"))?;
+    let every = crate::metrics::FLUSH_INTERVAL;
+    timer
+        .reset(every, Some(every))
+        .map_err(os_err("timerfd_settime"))?;
+    Ok(Some(timer))
+}
 
 /// Waits for the end of the VM or a stop signal, passing host input to `sink` and pause/resume
-/// requests to `pauser` meanwhile.
+/// requests to `pauser` meanwhile, and writing a metrics line on each tick of `metrics_timer`.
 pub(super) fn main_loop(
     sink: &InputSink,
     end: &EndSignal,
     stop: &StopSignals,
     pauser: &mut Pauser<'_>,
+    mut metrics_timer: Option<TimerFd>,
 ) -> Result<(), Error> {
     let stop_event = &stop.event;
     let epoll = Epoll::new().map_err(io_err("epoll"))?;
@@ -168,6 +188,9 @@ pub(super) fn main_loop(
     add(end.event().as_raw_fd(), TOKEN_END)?;
     add(stop_event.as_raw_fd(), TOKEN_STOP)?;
     add(stop.requests.as_raw_fd(), TOKEN_REQUEST)?;
+    if let Some(timer) = &metrics_timer {
+        add(timer.as_raw_fd(), TOKEN_METRICS)?;
+    }
     // stdin may be /dev/null or a regular file, which epoll refuses; then there is no input.
     let mut stdin_open = add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
     let mut input = KeyboardInput::default();
@@ -196,6 +219,13 @@ pub(super) fn main_loop(
                     if let Some(request) = stop.take_request() {
                         pauser.handle(request);
                     }
+                }
+                TOKEN_METRICS => {
+                    if let Some(timer) = &mut metrics_timer {
+                        // Readable: the read returns the expirations at once.
+                        let _ = timer.wait();
+                    }
+                    crate::metrics::flush_or_log();
                 }
                 TOKEN_STDIN if input.pending.is_empty() => {
                     let mut buf = [0u8; 64];
