@@ -21,55 +21,91 @@ pub struct Group {
     pub fields: Vec<Field>,
 }
 
-/// A tap's kernel statistics (/sys/class/net/TAP/statistics), opened before the sandbox and
-/// re-read in place, counted from when they were opened (the tap may be older than the VM). A
-/// file that could not be opened or read leaves its field missing.
+/// A tap's kernel statistics, from `/proc/self/net/dev` (opened before the sandbox and re-read
+/// in place), counted from when it was opened (the tap may be older than the VM). procfs shows
+/// the reading thread's network namespace, where pvm's taps live; /sys/class/net shows the
+/// namespace that mounted /sys, which is not pvm's when pvm runs in a namespace of its own. A
+/// tap that is not listed leaves its fields missing, never zero.
 #[derive(Debug)]
 pub struct TapStats {
-    /// In the guest's direction (the tap's rx, frames the guest sent, is the guest's tx), each
-    /// with its value at opening.
-    files: Vec<(&'static str, Option<(File, u64)>)>,
+    name: String,
+    file: Option<File>,
+    /// The counts at opening, in the order of [`FIELDS`]; None when the tap was not listed.
+    start: Option<[u64; 4]>,
 }
 
-/// The number in a statistics file, read from its start.
-fn read_count(file: &File) -> Option<u64> {
-    let mut buf = [0u8; 32];
-    let n = file.read_at(&mut buf, 0).ok()?;
-    std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
+/// The metrics fields, in the guest's direction, and the column of /proc/net/dev each comes
+/// from: the tap's transmit counts are what the guest received, and the other way round.
+const FIELDS: [(&str, usize); 4] = [
+    ("rx_packets_count", TX_PACKETS),
+    ("rx_bytes_count", TX_BYTES),
+    ("tx_packets_count", RX_PACKETS),
+    ("tx_bytes_count", RX_BYTES),
+];
+/// Columns after "name:" in /proc/net/dev: receive bytes, packets, errs, drop, fifo, frame,
+/// compressed, multicast, then transmit bytes, packets, ...
+const RX_BYTES: usize = 0;
+const RX_PACKETS: usize = 1;
+const TX_BYTES: usize = 8;
+const TX_PACKETS: usize = 9;
+
+/// The /proc/net/dev line of interface `name`, as its numbers.
+fn parse_net_dev(text: &str, name: &str) -> Option<Vec<u64>> {
+    text.lines().find_map(|line| {
+        let (iface, counts) = line.split_once(':')?;
+        (iface.trim() == name).then(|| {
+            counts
+                .split_whitespace()
+                .map_while(|n| n.parse().ok())
+                .collect()
+        })
+    })
 }
 
 impl TapStats {
-    /// Opens the statistics of tap `name`; a file that cannot be opened is logged and missing.
+    /// Opens the statistics of tap `name`; logged when the tap is not there.
     pub fn open(name: &str) -> TapStats {
-        const FILES: [(&str, &str); 4] = [
-            ("rx_packets_count", "tx_packets"),
-            ("rx_bytes_count", "tx_bytes"),
-            ("tx_packets_count", "rx_packets"),
-            ("tx_bytes_count", "rx_bytes"),
-        ];
-        let files = FILES
-            .iter()
-            .map(|&(field, file)| {
-                let path = format!("/sys/class/net/{name}/statistics/{file}");
-                let opened = File::open(&path)
-                    .inspect_err(|e| log::warn!("metrics: {path}: {e}; {field} left out"))
-                    .ok()
-                    .and_then(|file| Some((read_count(&file)?, file)))
-                    .map(|(start, file)| (file, start));
-                (field, opened)
+        let file = File::open("/proc/self/net/dev")
+            .inspect_err(|e| {
+                log::warn!("metrics: /proc/self/net/dev: {e}; tap {name}'s counts left out")
             })
-            .collect();
-        TapStats { files }
+            .ok();
+        let mut stats = TapStats {
+            name: name.to_string(),
+            file,
+            start: None,
+        };
+        stats.start = stats.counts();
+        if stats.file.is_some() && stats.start.is_none() {
+            log::warn!("metrics: tap {name} is not in /proc/net/dev; its counts are left out");
+        }
+        stats
     }
 
-    /// The fields whose files could be read now.
+    /// The tap's counts now, in the order of [`FIELDS`].
+    fn counts(&self) -> Option<[u64; 4]> {
+        let file = self.file.as_ref()?;
+        // Many interfaces fit; a longer file is cut, and a tap past the cut is left out.
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = file.read_at(&mut buf, 0).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        let row = parse_net_dev(text, &self.name)?;
+        let mut counts = [0u64; 4];
+        for (count, &(_, column)) in counts.iter_mut().zip(&FIELDS) {
+            *count = *row.get(column)?;
+        }
+        Some(counts)
+    }
+
+    /// The fields, counted since opening; none when the counts cannot be read.
     pub fn fields(&self) -> Vec<Field> {
-        self.files
+        let (Some(start), Some(now)) = (self.start, self.counts()) else {
+            return Vec::new();
+        };
+        FIELDS
             .iter()
-            .filter_map(|(field, opened)| {
-                let (file, start) = opened.as_ref()?;
-                Some((*field, read_count(file)?.saturating_sub(*start)))
-            })
+            .zip(start.iter().zip(now))
+            .map(|(&(field, _), (start, now))| (field, now.saturating_sub(*start)))
             .collect()
     }
 }
@@ -217,6 +253,19 @@ mod tests {
         let mut none = Vec::new();
         push_devices(&mut none, "block", Vec::new());
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn net_dev_lines_are_found_by_interface_name() {
+        let text = "Inter-|   Receive                            |  Transmit\n \
+                    face |bytes    packets errs drop fifo frame compressed multicast|bytes ...\n    \
+                    lo:     100       2    0    0    0     0          0         0      100       2    0    0    0     0       0          0\n  \
+                    tap10: 5000 40 0 0 0 0 0 0 7000 50 0 0 0 0 0 0\n";
+        let tap = parse_net_dev(text, "tap10").unwrap();
+        assert_eq!((tap[RX_BYTES], tap[RX_PACKETS]), (5000, 40));
+        assert_eq!((tap[TX_BYTES], tap[TX_PACKETS]), (7000, 50));
+        // "tap1" is not "tap10".
+        assert!(parse_net_dev(text, "tap1").is_none());
     }
 
     #[test]

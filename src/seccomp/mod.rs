@@ -57,7 +57,7 @@ const DEVICE: &[i64] = DATA_PLANE;
 
 /// The main loop, and the teardown of the VM when it ends. Resuming a paused VM restarts
 /// in-process device workers from the main thread: a new event loop and kill eventfd each.
-/// Metrics re-read a vhost-net tap's kernel statistics files (opened before the filter) in
+/// Metrics re-read /proc/self/net/dev (opened before the filter) for vhost-net taps, in
 /// place.
 const MAIN: &[i64] = &[
     libc::SYS_epoll_create1,
