@@ -93,6 +93,25 @@ struct Args {
     #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
     log_level: LevelFilter,
 
+    // Logging and metrics as microVM tooling passes them (Firecracker's flags).
+    /// Write pvm's log lines to this file or FIFO (appended; created if missing) instead of
+    /// stderr, as "TIME [ID:THREAD] message".
+    #[arg(long, value_name = "PATH")]
+    log_path: Option<PathBuf>,
+    /// The log level (off, error, warn, warning, info, debug, trace; any case); overrides
+    /// --log-level.
+    #[arg(long, value_name = "LEVEL", value_parser = crate::logger::parse_level)]
+    level: Option<LevelFilter>,
+    /// Add each line's level after the thread name in --log-path lines.
+    #[arg(long)]
+    show_level: bool,
+    /// Add each line's source file and line in --log-path lines.
+    #[arg(long)]
+    show_log_origin: bool,
+    /// Write metrics as JSON lines to this file or FIFO: every 60 s and when the VM ends.
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<PathBuf>,
+
     #[command(flatten)]
     firecracker: FirecrackerArgs,
 }
@@ -186,7 +205,8 @@ fn parse_id(text: &str) -> Result<String, KeywordError> {
 fn long_about() -> String {
     format!(
         "pvm boots a Linux guest on KVM. The guest sees virtio devices plus an 8250 UART for \
-         early boot; the UART (ttyS0) is wired to this terminal in raw mode.\n\n{}",
+         early boot; the UART (ttyS0) is wired to this terminal in raw mode.\n\n\
+         SIGUSR1 pauses the VM (every vCPU and virtio device), SIGUSR2 resumes it.\n\n{}",
         crate::exit::exit_status_help()
     )
 }
@@ -329,6 +349,13 @@ pub fn parse_launch<I: IntoIterator<Item = OsString>>(args: I) -> Result<Launch,
         boot_timer: args.boot_timer,
         seccomp: args.seccomp && !args.firecracker.no_seccomp,
         log_level: args.log_level,
+        logger: crate::logger::LoggerConfig {
+            log_path: args.log_path,
+            level: args.level,
+            show_level: args.show_level,
+            show_log_origin: args.show_log_origin,
+        },
+        metrics_path: args.metrics_path,
     };
     Ok(Launch {
         config,
@@ -406,6 +433,29 @@ mod tests {
         assert_eq!(c.vhost_user_nets.len(), 2);
         assert_eq!(c.vhost_user_disks, vec![PathBuf::from("/tmp/b.sock")]);
         assert!(c.disks.is_empty());
+    }
+
+    #[test]
+    fn logging_and_metrics_flags() {
+        let c = parse_strs(&[]).unwrap();
+        assert_eq!(c.logger, crate::logger::LoggerConfig::default());
+        assert_eq!(c.metrics_path, None);
+        let c = parse_strs(&[
+            "--log-path",
+            "/tmp/pvm.log",
+            "--level",
+            "Debug",
+            "--show-level",
+            "--show-log-origin",
+            "--metrics-path",
+            "/tmp/pvm.metrics",
+        ])
+        .unwrap();
+        assert_eq!(c.logger.log_path, Some(PathBuf::from("/tmp/pvm.log")));
+        assert_eq!(c.logger.level, Some(LevelFilter::Debug));
+        assert!(c.logger.show_level && c.logger.show_log_origin);
+        assert_eq!(c.metrics_path, Some(PathBuf::from("/tmp/pvm.metrics")));
+        assert!(error_of(&["--level", "loud"]).contains("--level"));
     }
 
     #[test]
@@ -533,6 +583,7 @@ mod tests {
                     text.contains("6 seccomp violation, 128+N stopped by signal N."),
                     "{text}"
                 );
+                assert!(text.contains("SIGUSR1 pauses the VM"), "{text}");
             }
             other => panic!("{other:?}"),
         }

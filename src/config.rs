@@ -96,6 +96,10 @@ pub struct VmConfig {
     /// Install the per-thread seccomp filters (crate::seccomp).
     pub seccomp: bool,
     pub log_level: LevelFilter,
+    /// `--log-path`, `--level`, `--show-level`, `--show-log-origin`.
+    pub logger: crate::logger::LoggerConfig,
+    /// `--metrics-path`: JSON lines of counters (crate::metrics).
+    pub metrics_path: Option<PathBuf>,
 }
 
 /// Why a flag's value was refused; clap puts the flag in front of the message.

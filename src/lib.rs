@@ -17,6 +17,7 @@ pub mod kvm_host;
 pub mod layout;
 pub mod logger;
 pub mod memory;
+pub mod metrics;
 pub mod pci;
 pub mod seccomp;
 pub mod terminal;
@@ -42,7 +43,31 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
             return code;
         }
     };
-    logger::init(launch.config.log_level);
+    let config = &launch.config;
+    logger::init(config.log_level);
+    // In Firecracker mode the log lines carry the instance's --id, as Firecracker's do.
+    let instance_id = launch
+        .firecracker
+        .as_ref()
+        .map_or(logger::DEFAULT_INSTANCE_ID, |mode| mode.id.as_str());
+    if let Err(err) = logger::configure(&config.logger, instance_id) {
+        logger::to_stderr(&format!(
+            "pvm: --log-path: {}
+",
+            exit::error_chain(&err)
+        ));
+        return exit::USAGE_ERROR;
+    }
+    if let Some(path) = &config.metrics_path {
+        if let Err(err) = metrics::init(path) {
+            logger::to_stderr(&format!(
+                "pvm: --metrics-path: {}
+",
+                exit::error_chain(&err)
+            ));
+            return exit::USAGE_ERROR;
+        }
+    }
     let result = match launch.firecracker {
         Some(mode) => api::run(launch.config, &mode),
         None => vm::run(launch.config).map_err(api::RunError::Vm),

@@ -2,10 +2,11 @@
 //! is a plain function over the buses, unit-tested with synthetic exits; each vCPU thread holds
 //! its own handles, and only the one device an exit touches is locked.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use kvm_bindings::{CpuId, Msrs, kvm_msr_entry};
+use kvm_bindings::{CpuId, Msrs, kvm_msr_entry, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -13,6 +14,7 @@ use crate::boot::{BootEntry, regs};
 use crate::bus::Bus;
 use crate::cpuid;
 use crate::exit::{EndSignal, Outcome};
+use crate::vm::RunControl;
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
@@ -261,6 +263,55 @@ fn describe_position(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> String {
     text
 }
 
+thread_local! {
+    /// This thread's kvm_run page while its vCPU runs, for the kick signal's handler; null on
+    /// every other thread. A `const` initializer: the handler must not run lazy initialization.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// What the kick signal's handler does: on a vCPU thread, set `immediate_exit`, so that a kick
+/// landing after the thread looked at its flags and before it entered KVM_RUN still makes
+/// KVM_RUN return at once (EINTR) instead of running the guest until its next exit.
+/// Async-signal-safe: one thread-local read and one volatile store.
+pub fn on_kick_signal() {
+    let _ = KVM_RUN.try_with(|run| {
+        let run = run.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's kvm_run mapping, set by `Vcpu::run` while it
+            // owns the VcpuFd and cleared before the fd can drop; only this thread writes it.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        }
+    });
+}
+
+/// Clears `immediate_exit` after KVM_RUN returned, through the same pointer the handler uses.
+fn clear_immediate_exit() {
+    let _ = KVM_RUN.try_with(|run| {
+        let run = run.get();
+        if !run.is_null() {
+            // SAFETY: as in `on_kick_signal`.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(0) };
+        }
+    });
+}
+
+/// Tells KVM the guest was stopped (KVM_KVMCLOCK_CTRL), so that the guest's watchdogs do not
+/// count the paused time as a lockup. A guest without kvmclock gets EINVAL: nothing to tell.
+fn tell_guest_stopped(vcpu: &VcpuFd, index: u8) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    match vcpu.kvmclock_ctrl() {
+        Ok(()) => {}
+        Err(e) if e.errno() == libc::EINVAL => {}
+        Err(e) => {
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "vCPU {index}: KVM_KVMCLOCK_CTRL failed: {e}; the guest may report soft lockups after a pause"
+                );
+            }
+        }
+    }
+}
+
 /// Everything a vCPU thread owns.
 pub struct Vcpu {
     pub index: u8,
@@ -269,6 +320,7 @@ pub struct Vcpu {
     pub memory: GuestMemoryMmap,
     pub end: Arc<EndSignal>,
     pub stop: Arc<AtomicBool>,
+    pub control: Arc<RunControl>,
     pub stats: Arc<ExitStats>,
     /// Print when the first vCPU enters the guest (--boot-timer).
     pub boot_timer: bool,
@@ -276,7 +328,7 @@ pub struct Vcpu {
 
 impl Vcpu {
     /// Runs until the guest ends the VM or the main thread asks to stop (then kicks this thread
-    /// with a signal so KVM_RUN returns EINTR).
+    /// with a signal so KVM_RUN returns EINTR); parks while the main thread pauses the VM.
     pub fn run(mut self) {
         use crate::devices::boot_timer;
         if let Some(first) = boot_timer::record_first_run() {
@@ -284,8 +336,32 @@ impl Vcpu {
                 boot_timer::print(&boot_timer::first_run_line(&first));
             }
         }
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN.with(|cell| cell.set(run));
+        self.run_guest();
+        KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
+        self.control.leave();
+        // The guest does not run again, but the thread stays until the main thread stops every
+        // vCPU: its devices (the buses hold them) and its CPU time in --stats must outlive the
+        // main loop's last look. The main thread's kick ends the wait early.
         while !self.stop.load(Ordering::Acquire) {
-            let action = match self.fd.run() {
+            std::thread::park_timeout(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// The KVM_RUN loop, until the VM ends or the main thread stops it.
+    fn run_guest(&mut self) {
+        while !self.stop.load(Ordering::Acquire) {
+            // Looked at before every entry, not only after exits: a pause asked for before
+            // this thread published its kvm_run page got a kick that could not stop it.
+            if self.control.pause_requested() {
+                tell_guest_stopped(&self.fd, self.index);
+                self.control.park(&self.stop);
+                continue;
+            }
+            let result = self.fd.run();
+            clear_immediate_exit();
+            let action = match result {
                 Ok(VcpuExit::InternalError) => {
                     let suberror = {
                         let run = self.fd.get_kvm_run();
@@ -324,12 +400,6 @@ impl Vcpu {
             if self.end.has_ended() {
                 break;
             }
-        }
-        // The guest does not run again, but the thread stays until the main thread stops every
-        // vCPU: its devices (the buses hold them) and its CPU time in --stats must outlive the
-        // main loop's last look. The main thread's kick ends the wait early.
-        while !self.stop.load(Ordering::Acquire) {
-            std::thread::park_timeout(std::time::Duration::from_millis(20));
         }
     }
 }

@@ -9,7 +9,7 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pvm_virtio::thread::ThreadError;
 use pvm_virtio::transport::pci::BAR_SIZE;
 use pvm_virtio::{
-    Block, BlockError, Console, ConsoleInput, DiskErrors, MmioTransport, Net, NetCounters,
+    Block, BlockError, Console, ConsoleInput, DiskErrors, MmioTransport, Net, PauseError,
     PciTransport, Rng, Tap, TapError, VirtioDevice,
 };
 use vm_memory::GuestMemoryMmap;
@@ -20,6 +20,7 @@ use crate::bus::{self, Bus, BusDevice};
 use crate::config::{ConsoleKind, TapSpec, Transport, VhostMode, VmConfig};
 use crate::irq_routing::{DeviceMsi, GsiRouter};
 use crate::layout;
+use crate::metrics::{NetSource, TapStats};
 use crate::pci::{self, PciAllocator, PciRoot};
 use pvm_vhost::net::VhostNetPlane;
 use pvm_vhost::user::{Kind, VhostUserDevice};
@@ -135,13 +136,57 @@ pub struct Attached {
     pub cmdline: Vec<String>,
     /// Where host keyboard input goes with `--console virtio`.
     pub console_input: Option<ConsoleInput>,
-    /// Per-tap frame counters (errors and drops included), one per queue pair, for --stats.
-    pub net_counters: Vec<(String, Vec<Arc<NetCounters>>)>,
-    /// Per-disk host I/O failure counts, for --stats.
-    pub disk_errors: Vec<(String, Arc<DiskErrors>)>,
+    /// Per-tap counters for metrics and --stats: pvm's own frame counters (errors and drops
+    /// included), one per queue pair, or the tap's kernel statistics when vhost-net carries it.
+    pub nets: Vec<(String, NetSource)>,
+    /// Per-disk id ("disk0", ...), path and host I/O failure count, for metrics and --stats.
+    pub disk_errors: Vec<(String, String, Arc<DiskErrors>)>,
     /// The connected sockets of vhost-user devices: the vCPU threads' seccomp filter allows
     /// messages on these only.
     pub vhost_user_sockets: Vec<std::os::fd::RawFd>,
+    /// Every transport, for pausing and resuming the VM.
+    pub pausable: Vec<PausableDevice>,
+}
+
+/// A transport the VM can pause and resume, with the name pvm's messages use for its device.
+#[derive(Debug)]
+pub struct PausableDevice {
+    name: String,
+    transport: TransportHandle,
+}
+
+#[derive(Debug)]
+enum TransportHandle {
+    Mmio(Arc<Mutex<MmioDevice>>),
+    Pci(Arc<Mutex<PciTransport>>),
+}
+
+impl PausableDevice {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Pauses the device's data plane; see [`MmioTransport::pause`].
+    pub fn pause(&self) -> Result<(), PauseError> {
+        match &self.transport {
+            TransportHandle::Mmio(device) => lock(device).0.pause(),
+            TransportHandle::Pci(transport) => lock(transport).pause(),
+        }
+    }
+
+    /// Resumes what [`Self::pause`] paused.
+    pub fn resume(&self) -> Result<(), PauseError> {
+        match &self.transport {
+            TransportHandle::Mmio(device) => lock(device).0.resume(),
+            TransportHandle::Pci(transport) => lock(transport).resume(),
+        }
+    }
+}
+
+/// A transport's lock; a poisoned one still holds a usable transport (its registers are plain
+/// data), as the bus accesses assume too.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A device with the name pvm's messages use for it.
@@ -166,9 +211,11 @@ fn create_devices(
         if !disk.flush {
             block = block.without_flush();
         }
-        attached
-            .disk_errors
-            .push((disk.path.display().to_string(), block.errors()));
+        attached.disk_errors.push((
+            format!("disk{i}"),
+            disk.path.display().to_string(),
+            block.errors(),
+        ));
         devices.push((format!("block{i}"), Box::new(block)));
     }
     let mut vhost_user_index = 0;
@@ -178,10 +225,15 @@ fn create_devices(
         vhost_user_index += 1;
     }
     for (i, spec) in config.taps.iter().enumerate() {
-        let net = create_net(spec, memory)?;
-        attached
-            .net_counters
-            .push((spec.name.clone(), net.pair_counters()));
+        let (net, vhost) = create_net(spec, memory)?;
+        // With vhost-net the kernel moves the frames and pvm's counters stay still: the
+        // tap's own statistics count them (opened now, before the sandbox forbids open()).
+        let source = if vhost {
+            NetSource::Kernel(TapStats::open(&spec.name))
+        } else {
+            NetSource::InProcess(net.pair_counters())
+        };
+        attached.nets.push((spec.name.clone(), source));
         devices.push((format!("net{i}"), Box::new(net)));
     }
     for socket in &config.vhost_user_nets {
@@ -221,8 +273,9 @@ fn connect_vhost_user(
 
 /// A net device on the tap `spec` names, its queues served by vhost-net or by pvm's worker;
 /// with `queues=N`, N queues of a multi-queue tap and, with vhost-net, one instance per pair.
-/// Everything is opened here, before the sandbox forbids open().
-fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<Net, Error> {
+/// Everything is opened here, before the sandbox forbids open(). Says whether vhost-net
+/// serves it.
+fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<(Net, bool), Error> {
     let taps = Tap::open_queues(&spec.name, spec.queues).map_err(Error::Tap)?;
     let taps: Vec<Arc<Tap>> = taps.into_iter().map(Arc::new).collect();
     let backends = taps
@@ -264,9 +317,10 @@ fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<Net, Error> {
         spec.name,
         net.data_plane_name()
     ));
-    Ok(net)
+    Ok((net, vhost))
 }
 
+#[derive(Debug)]
 struct MmioDevice(MmioTransport);
 
 impl BusDevice for MmioDevice {
@@ -282,16 +336,10 @@ struct PciBar(Arc<Mutex<PciTransport>>);
 
 impl BusDevice for PciBar {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .bar_read(offset, data);
+        lock(&self.0).bar_read(offset, data);
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .bar_write(offset, data);
+        lock(&self.0).bar_write(offset, data);
     }
 }
 
@@ -318,7 +366,11 @@ pub fn attach(
         Transport::Pci => {
             let mut pci = PciAttacher::new(vm, memory);
             for (name, device) in devices {
-                pci.attach(&name, device, mmio)?;
+                let transport = pci.attach(&name, device, mmio)?;
+                attached.pausable.push(PausableDevice {
+                    name,
+                    transport: TransportHandle::Pci(transport),
+                });
             }
             pci.finish(pio)?;
             attached.aml.extend(acpi::pci_host_bridge_aml());
@@ -360,11 +412,8 @@ fn attach_mmio(
         vm.register_ioevent(kick, &IoEventAddress::Mmio(base + offset), queue)
             .map_err(kvm_error("ioeventfd", &name))?;
     }
-    bus.insert(
-        base,
-        layout::VIRTIO_MMIO_SIZE,
-        Arc::new(Mutex::new(MmioDevice(transport))),
-    )?;
+    let device = Arc::new(Mutex::new(MmioDevice(transport)));
+    bus.insert(base, layout::VIRTIO_MMIO_SIZE, device.clone())?;
     attached.aml.extend(acpi::virtio_mmio_aml(
         index,
         base,
@@ -375,6 +424,10 @@ fn attach_mmio(
         .cmdline
         .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
     log::info!("virtio-mmio {name} at {base:#x}, GSI {gsi}");
+    attached.pausable.push(PausableDevice {
+        name,
+        transport: TransportHandle::Mmio(device),
+    });
     Ok(())
 }
 
@@ -400,13 +453,14 @@ impl<'a> PciAttacher<'a> {
     }
 
     /// Gives `device` a device number, a BAR on `mmio` and a GSI per MSI-X vector, wires its
-    /// vectors to irqfds and its queue notifications to ioeventfds, and plugs it in.
+    /// vectors to irqfds and its queue notifications to ioeventfds, and plugs it in. Returns
+    /// the transport, shared with the bus and the root.
     fn attach(
         &mut self,
         name: &str,
         device: Box<dyn VirtioDevice>,
         mmio: &mut Bus,
-    ) -> Result<(), Error> {
+    ) -> Result<Arc<Mutex<PciTransport>>, Error> {
         // One vector per queue plus one for configuration changes. A count past u16 is
         // refused by the transport, which takes at most MAX_MSIX_VECTORS.
         let vectors = u16::try_from(device.queue_max_sizes().len() + 1).unwrap_or(u16::MAX);
@@ -437,8 +491,8 @@ impl<'a> PciAttacher<'a> {
             resources.bar,
             resources.first_gsi
         );
-        self.root.plug(resources.slot, transport);
-        Ok(())
+        self.root.plug(resources.slot, transport.clone());
+        Ok(transport)
     }
 
     /// Vector `v` raises GSI `first_gsi + v` through its irqfd.

@@ -188,6 +188,30 @@ fn configure_start_and_end_a_guest_through_the_api() {
     );
     drop(other);
 
+    // Pause and resume: the state follows, and asking twice changes nothing.
+    let paused = r#"{"state": "Paused"}"#;
+    assert_eq!(call(&mut api, "PATCH", "/vm", Some(paused)).0, 204);
+    assert_eq!(call(&mut api, "PATCH", "/vm", Some(paused)).0, 204);
+    let (_, body) = call(&mut api, "GET", "/", None);
+    assert!(body.contains(r#""state":"Paused""#), "{body}");
+    let (status, body) = call(&mut api, "PATCH", "/vm", Some(r#"{"state": "Stopped"}"#));
+    assert_eq!(status, 400);
+    assert!(body.contains("unknown variant `Stopped`"), "{body}");
+    assert_eq!(
+        call(&mut api, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0,
+        204
+    );
+    let (_, body) = call(&mut api, "GET", "/", None);
+    assert!(body.contains(r#""state":"Running""#), "{body}");
+    let (status, body) = call(
+        &mut api,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
+    assert_eq!(status, 400);
+    assert!(body.contains("metrics are not configured"), "{body}");
+
     let ctrl_alt_del = r#"{"action_type": "SendCtrlAltDel"}"#;
     assert_eq!(call(&mut api, "PUT", "/actions", Some(ctrl_alt_del)).0, 204);
     assert_eq!(wait_exit(&mut child), 0);

@@ -206,6 +206,29 @@ fn termios_of(fd: &OwnedFd) -> Vec<u8> {
     .into_bytes()
 }
 
+/// pvm running `kernel` (64 MiB, plus `extra` flags) with the terminal `replica` as stdin, once
+/// the guest has printed `first`; its stdout is returned for further reading.
+fn pvm_on_terminal(
+    replica: &OwnedFd,
+    kernel: &std::path::Path,
+    extra: &[&str],
+    first: &str,
+) -> (std::process::Child, std::process::ChildStdout) {
+    let mut child = Command::new(PVM)
+        .args(["--kernel", kernel.to_str().unwrap(), "--mem", "64M"])
+        .args(extra)
+        .stdin(Stdio::from(replica.try_clone().unwrap()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    if let Err(seen) = read_until(&mut stdout, first) {
+        panic!("pvm ended before the guest printed: {seen:?}");
+    }
+    (child, stdout)
+}
+
 #[test]
 fn sigterm_stops_a_running_guest_and_restores_the_terminal() {
     require_kvm();
@@ -215,17 +238,7 @@ fn sigterm_stops_a_running_guest_and_restores_the_terminal() {
     let kernel = micro_kernel("spin", &code);
     let (_primary, replica) = openpty();
     let before = termios_of(&replica);
-    let mut child = Command::new(PVM)
-        .args(["--kernel", kernel.to_str().unwrap(), "--mem", "64M"])
-        .stdin(Stdio::from(replica.try_clone().unwrap()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    if let Err(seen) = read_until(&mut stdout, "spinning") {
-        panic!("pvm ended before the guest printed: {seen:?}");
-    }
+    let (mut child, _stdout) = pvm_on_terminal(&replica, &kernel, &[], "spinning");
     assert_ne!(
         termios_of(&replica),
         before,
@@ -575,4 +588,254 @@ fn vhost_user_backends_connect_before_the_sandbox_and_bad_sockets_are_usage_erro
             "{lines:?}"
         );
     }
+}
+
+/// A guest that prints a dot to the UART, waits a little (a `loop` of 0x40000), and again,
+/// forever: its progress is the length of its output.
+fn ticking_guest() -> PathBuf {
+    let mut code = print("ticking\r\n");
+    code.extend_from_slice(&[
+        0xb9, 0x00, 0x00, 0x04, 0x00, // top: mov ecx, 0x40000
+        0xe2, 0xfe, // loop $
+        0xb0, b'.', // mov al, '.'
+        0xee, // out dx, al (dx is still the UART)
+        0xeb, 0xf4, // jmp top
+    ]);
+    micro_kernel("ticking", &code)
+}
+
+/// How much output `count` has seen after `wait`.
+fn output_after(count: &std::sync::atomic::AtomicUsize, wait: Duration) -> usize {
+    std::thread::sleep(wait);
+    count.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[test]
+fn sigusr1_pauses_the_guest_sigusr2_resumes_it_and_sigterm_still_ends_it_paused() {
+    use std::io::Read;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    require_kvm();
+    let kernel = ticking_guest();
+    let (_primary, replica) = openpty();
+    let before = termios_of(&replica);
+    let (mut child, mut stdout) =
+        pvm_on_terminal(&replica, &kernel, &["--cpus", "2", "--stats"], "ticking");
+    let count = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let count = count.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                count.fetch_add(n, Ordering::SeqCst);
+            }
+        })
+    };
+    let signal = |signo| {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, signo) };
+    };
+    let grows = |what: &str| {
+        let start = count.load(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while count.load(Ordering::SeqCst) == start {
+            assert!(
+                Instant::now() < deadline,
+                "the guest made no progress {what}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    grows("before the pause");
+    for round in 0..2 {
+        signal(libc::SIGUSR1);
+        // A second pause is a no-op; what was printed before the pause drains meanwhile.
+        signal(libc::SIGUSR1);
+        let paused_at = output_after(&count, Duration::from_millis(300));
+        let later = output_after(&count, Duration::from_millis(1000));
+        assert_eq!(
+            paused_at, later,
+            "round {round}: the paused guest kept printing"
+        );
+        signal(libc::SIGUSR2);
+        grows("after the resume");
+    }
+    // Paused once more, SIGTERM ends the VM as usual.
+    signal(libc::SIGUSR1);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(libc::SIGTERM);
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    assert_eq!(termios_of(&replica), before, "terminal not restored");
+    let ms: u64 = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("pvm: vm: pauses=3 paused_ms="))
+        .and_then(|ms| ms.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pause count of 3 in --stats: {stderr}"));
+    assert!(ms >= 2600, "{ms} ms paused: {stderr}");
+}
+
+/// "YYYY-MM-DDTHH:MM:SS.nnnnnnnnn" with digits where the digits go.
+fn is_log_time(time: &str) -> bool {
+    let shape: String = time
+        .chars()
+        .map(|c| if c.is_ascii_digit() { '9' } else { c })
+        .collect();
+    shape == "9999-99-99T99:99:99.999999999"
+}
+
+#[test]
+fn log_path_and_metrics_path_get_firecracker_shaped_lines() {
+    require_kvm();
+    let mut code = print("hello\r\n");
+    code.extend(out_then_halt(0x3c0, (5 << 2) | (1 << 5))); // ACPI S5 + SLP_EN
+    let kernel = micro_kernel("log-metrics", &code);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("log-metrics");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (log, metrics) = (dir.join("pvm.log"), dir.join("pvm.metrics"));
+    // A line already there stays: the log is appended to, never truncated.
+    std::fs::write(&log, "earlier line\n").unwrap();
+    let _ = std::fs::remove_file(&metrics);
+    let (out, _) = run(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--mem",
+        "64M",
+        "--log-path",
+        log.to_str().unwrap(),
+        "--level",
+        "Info",
+        "--show-level",
+        "--show-log-origin",
+        "--metrics-path",
+        metrics.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    // The log lines went to the file, not to stderr.
+    assert!(!stderr(&out).contains("pvm: info:"), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("earlier line"), "{text}");
+    let entered = lines
+        .find(|l| l.contains("] kernel "))
+        .unwrap_or_else(|| panic!("no kernel line in {text}"));
+    let (time, rest) = entered.split_once(' ').unwrap();
+    assert!(is_log_time(time), "{entered}");
+    let tag = rest
+        .strip_prefix("[anonymous-instance:main:INFO:src/vm/mod.rs:")
+        .unwrap_or_else(|| panic!("{entered}"));
+    let (line_number, message) = tag.split_once("] ").unwrap();
+    assert!(line_number.parse::<u32>().is_ok(), "{entered}");
+    assert!(message.starts_with("kernel "), "{entered}");
+
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    // One when the guest starts, one when it has ended.
+    assert!(lines.len() >= 2, "{text}");
+    let exits = |field: &str| -> u64 {
+        lines
+            .iter()
+            .map(|l| {
+                l["vcpu"][field]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{text}"))
+            })
+            .sum()
+    };
+    // The guest printed "hello\r\n" on the UART and wrote the power-off port.
+    assert!(exits("exit_io_out") >= 8, "{text}");
+    let last = lines.last().unwrap();
+    assert!(last["utc_timestamp_ms"].as_u64().unwrap() > 1_700_000_000_000);
+    assert_eq!(last["seccomp"]["num_faults"], 0, "{text}");
+    assert_eq!(last["signals"]["sigterm"], 0, "{text}");
+    assert!(last["logger"]["missed_log_count"].is_u64(), "{text}");
+    // pvm has no UART counters: the group is left out rather than written as zeros.
+    assert!(last.get("uart").is_none(), "{text}");
+}
+
+#[test]
+fn unusable_log_and_metrics_paths_are_usage_errors() {
+    let kernel = micro_kernel("never-run", &spin());
+    for flag in ["--log-path", "--metrics-path"] {
+        let (out, _) = run(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            flag,
+            "/nonexistent/dir/file",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        let lines = error_lines(&out);
+        assert!(
+            lines.len() == 1
+                && lines[0].starts_with(&format!("pvm: {flag}: "))
+                && lines[0].contains("/nonexistent/dir/file"),
+            "{lines:?}"
+        );
+    }
+}
+
+/// The JSON lines of the metrics file at `path`.
+fn metrics_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn metrics_count_stop_signals_disks_and_seccomp_faults() {
+    require_kvm();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("log-metrics");
+    std::fs::create_dir_all(&dir).unwrap();
+    let metrics = dir.join("signal.metrics");
+    let _ = std::fs::remove_file(&metrics);
+    let child = spinning_pvm(
+        "spin-metrics",
+        &["--metrics-path", metrics.to_str().unwrap()],
+        &[],
+    );
+    // SAFETY: kill(2) on the child we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(128 + 15), "{}", stderr(&out));
+    let lines = metrics_lines(&metrics);
+    let last = lines.last().unwrap();
+    assert_eq!(last["signals"]["sigterm"], 1, "{lines:?}");
+    assert_eq!(last["block_disk0"]["execute_fails"], 0, "{lines:?}");
+    assert_eq!(last["block"]["execute_fails"], 0, "{lines:?}");
+
+    // A seccomp violation ends pvm at once; its handler still writes the count.
+    let metrics = dir.join("seccomp.metrics");
+    let _ = std::fs::remove_file(&metrics);
+    let mut code = print("spinning\r\n");
+    code.extend(spin());
+    let kernel = micro_kernel("spin-probe-metrics", &code);
+    let out = Command::new(PVM)
+        .args(["--kernel", kernel.to_str().unwrap(), "--mem", "64M"])
+        .args(["--metrics-path", metrics.to_str().unwrap()])
+        .env("PVM_SECCOMP_PROBE", "vcpu")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let lines = metrics_lines(&metrics);
+    assert_eq!(
+        lines.last().unwrap()["seccomp"]["num_faults"],
+        1,
+        "{lines:?}"
+    );
 }

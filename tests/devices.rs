@@ -414,16 +414,12 @@ fn check_net(name: &str, vhost: bool) {
             .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
             .unwrap()
     };
+    // With vhost-net the kernel moved every frame and the counts are the tap's own.
+    assert!(value("tx_bytes") >= 3 << 20, "{name}: {counters}");
+    assert!(value("rx_frames") > 0, "{name}: {counters}");
     if vhost {
-        // The kernel moved every frame: pvm's own net worker never saw one.
-        assert_eq!(
-            value("tx_frames") + value("rx_frames"),
-            0,
-            "{name}: {counters}"
-        );
+        assert!(counters.contains("kernel counters"), "{name}: {counters}");
     } else {
-        assert!(value("tx_bytes") >= 3 << 20, "{name}: {counters}");
-        assert!(value("rx_frames") > 0, "{name}: {counters}");
         assert_eq!(
             value("tx_errors") + value("tx_malformed"),
             0,
@@ -579,10 +575,9 @@ fn check_net_mq(name: &str, vhost: bool) {
     };
     let total = counters("");
     if vhost {
-        // The kernel moved every frame of both pairs.
-        assert_eq!(
-            value(&total, "tx_frames") + value(&total, "rx_frames"),
-            0,
+        // The kernel moved every frame of both pairs: the tap's own counts, not per pair.
+        assert!(
+            value(&total, "tx_frames") > 0 && value(&total, "rx_frames") > 0,
             "{name}: {total:?}"
         );
     } else {

@@ -138,7 +138,7 @@ impl Controller {
     }
 
     /// An action while the VM runs.
-    pub fn runtime(&mut self, action: Action, vm: &mut RunningVm<'_>) -> Response {
+    pub fn runtime(&mut self, action: Action, vm: &mut RunningVm<'_, '_>) -> Response {
         let state = if vm.is_paused() { "Paused" } else { "Running" };
         if let Some(response) = self.get(&action, state) {
             return response;
@@ -151,7 +151,13 @@ impl Controller {
                 vm.end.end(Outcome::Reboot);
                 Response::no_content()
             }
-            Action::FlushMetrics => Response::fault("Metrics error: metrics are not configured."),
+            Action::FlushMetrics if !crate::metrics::is_configured() => {
+                Response::fault("Metrics error: metrics are not configured.")
+            }
+            Action::FlushMetrics => match crate::metrics::flush() {
+                Ok(()) => Response::no_content(),
+                Err(e) => Response::fault(&format!("Metrics error: {}", error_chain(&e))),
+            },
             Action::Pause | Action::Resume => match vm.set_paused(action == Action::Pause) {
                 Ok(()) => Response::no_content(),
                 Err(why) => Response::fault(&why.to_string()),
@@ -189,7 +195,7 @@ impl ControlPlane for Runtime {
         &self.inbox.event
     }
 
-    fn serve(&mut self, vm: &mut RunningVm<'_>) {
+    fn serve(&mut self, vm: &mut RunningVm<'_, '_>) {
         // Non-blocking: the count only says that actions may be waiting.
         let _ = self.inbox.event.read();
         while let Ok(action) = self.inbox.requests.try_recv() {

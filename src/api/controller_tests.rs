@@ -2,6 +2,8 @@ use super::*;
 use crate::api::models::tests::base;
 use crate::api::models::{BootSource, MachineConfigUpdate};
 use crate::exit::EndSignal;
+use crate::vm::{Pauser, RunControl};
+use std::sync::Arc;
 
 fn controller() -> Controller {
     Controller::new("vm1".to_string(), base(), FcConfig::default())
@@ -60,7 +62,11 @@ fn runtime_refuses_preboot_calls_and_ends_on_ctrl_alt_del() {
     let mut c = controller();
     c.set_started();
     let end = EndSignal::new().unwrap();
-    let mut vm = RunningVm { end: &end };
+    let mut pauser = Pauser::new(Arc::new(RunControl::default()), &[], &[]);
+    let mut vm = RunningVm {
+        end: &end,
+        pauser: &mut pauser,
+    };
     let info = c.runtime(Action::GetInstanceInfo, &mut vm);
     assert!(info.body.unwrap().contains(r#""state":"Running""#));
     for action in [
@@ -74,6 +80,13 @@ fn runtime_refuses_preboot_calls_and_ends_on_ctrl_alt_del() {
         assert!(fault_of(&c.runtime(action, &mut vm)).contains(AFTER_START));
     }
     assert!(fault_of(&c.runtime(Action::FlushMetrics, &mut vm)).contains("not configured"));
+    // PATCH /vm: paused, reported, idempotent, resumed.
+    assert_eq!(c.runtime(Action::Pause, &mut vm).status, 204);
+    assert_eq!(c.runtime(Action::Pause, &mut vm).status, 204);
+    let info = c.runtime(Action::GetInstanceInfo, &mut vm);
+    assert!(info.body.unwrap().contains(r#""state":"Paused""#));
+    assert_eq!(c.runtime(Action::Resume, &mut vm).status, 204);
+    assert!(!vm.is_paused());
     assert_eq!(end.outcome(), None);
     assert_eq!(c.runtime(Action::SendCtrlAltDel, &mut vm).status, 204);
     assert_eq!(end.outcome(), Some(Outcome::Reboot));

@@ -20,6 +20,8 @@ pub(crate) fn base() -> VmConfig {
         boot_timer: false,
         seccomp: false,
         log_level: LevelFilter::Warn,
+        logger: Default::default(),
+        metrics_path: None,
     }
 }
 

@@ -58,12 +58,17 @@ const VCPU: &[i64] = &[
 /// A device thread's event loop and I/O: the data plane's calls, nothing more.
 const DEVICE: &[i64] = DATA_PLANE;
 
-/// The main loop, and the teardown of the VM when it ends.
+/// The main loop, and the teardown of the VM when it ends. Resuming a paused VM restarts
+/// in-process device workers from the main thread: a new event loop and kill eventfd each.
+/// Metrics re-read /proc/self/net/dev (opened before the filter) for vhost-net taps, in
+/// place.
 const MAIN: &[i64] = &[
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
+    libc::SYS_eventfd2,
+    libc::SYS_pread64,
 ];
 
 /// The API thread: its epoll, accepting clients (non-blocking, close-on-exec, so no fcntl or
@@ -107,9 +112,10 @@ pub fn rules(kind: ThreadKind, stats: bool) -> BTreeMap<i64, Vec<SeccompRule>> {
 }
 
 /// [`rules`] for a VM with vhost-user devices connected on `vhost_user_sockets`: their
-/// frontends run on the vCPU threads (device activation and reset), which may then send
-/// (`sendmsg` with MSG_NOSIGNAL, as vmm-sys-util sends) and receive (`recvmsg` without flags)
-/// messages on exactly those descriptors. Connecting happened before any filter went in.
+/// frontends run on the vCPU threads (device activation and reset) and on the main thread
+/// (pausing and resuming the VM), which may then send (`sendmsg` with MSG_NOSIGNAL, as
+/// vmm-sys-util sends) and receive (`recvmsg` without flags) messages on exactly those
+/// descriptors. Connecting happened before any filter went in.
 pub fn rules_with(
     kind: ThreadKind,
     stats: bool,
@@ -145,7 +151,7 @@ pub fn rules_with(
         fcntl.push(rule(1, SeccompCmpOp::Eq, libc::F_DUPFD_CLOEXEC as u64));
     }
     rules.insert(libc::SYS_fcntl, fcntl);
-    if kind == ThreadKind::Vcpu && !vhost_user_sockets.is_empty() {
+    if matches!(kind, ThreadKind::Main | ThreadKind::Vcpu) && !vhost_user_sockets.is_empty() {
         let on_socket = |flags: i32| -> Vec<SeccompRule> {
             vhost_user_sockets
                 .iter()
@@ -195,8 +201,14 @@ const REPORTER: Reporter = Reporter {
     program: "pvm",
     call: CallFormat::NameAndNumber,
     consequence: "; stopping the VM",
-    before_exit: crate::terminal::restore_from_signal_handler,
+    before_exit,
 };
+
+/// The SIGSYS handler's last step: the terminal put back, the violation counted in metrics.
+fn before_exit() {
+    crate::terminal::restore_from_signal_handler();
+    crate::metrics::write_seccomp_fault_from_signal_handler();
+}
 
 /// Installs the filter for `kind` on the calling thread (and, once per process, the SIGSYS
 /// handler that reports violations).
@@ -338,18 +350,18 @@ mod tests {
                 );
             }
         }
-        // Only vCPU threads of a VM with vhost-user devices send and receive messages, and
-        // only on those devices' sockets.
-        for kind in [ThreadKind::Main, ThreadKind::Device] {
-            let rules = rules_with(kind, false, &[7]);
-            assert!(!rules.contains_key(&libc::SYS_sendmsg));
-            assert!(!rules.contains_key(&libc::SYS_recvmsg));
+        // Only the vCPU threads (activation, reset) and the main thread (pause, resume) of a VM
+        // with vhost-user devices send and receive messages, and only on those devices' sockets.
+        let device = rules_with(ThreadKind::Device, false, &[7]);
+        assert!(!device.contains_key(&libc::SYS_sendmsg));
+        assert!(!device.contains_key(&libc::SYS_recvmsg));
+        for kind in [ThreadKind::Main, ThreadKind::Vcpu] {
+            assert!(!rules(kind, false).contains_key(&libc::SYS_sendmsg));
+            let with = rules_with(kind, false, &[7, 9]);
+            assert_eq!(with[&libc::SYS_sendmsg].len(), 2);
+            assert_eq!(with[&libc::SYS_recvmsg].len(), 2);
+            assert!(filter_with(kind, false, &[7, 9]).is_ok());
         }
-        assert!(!rules(ThreadKind::Vcpu, false).contains_key(&libc::SYS_sendmsg));
-        let vcpu = rules_with(ThreadKind::Vcpu, false, &[7, 9]);
-        assert_eq!(vcpu[&libc::SYS_sendmsg].len(), 2);
-        assert_eq!(vcpu[&libc::SYS_recvmsg].len(), 2);
-        assert!(filter_with(ThreadKind::Vcpu, false, &[7, 9]).is_ok());
         // Only --stats lets the main thread open /proc/self/task.
         assert!(rules(ThreadKind::Main, true).contains_key(&libc::SYS_openat));
     }

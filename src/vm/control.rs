@@ -3,6 +3,7 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::pause::{Pauser, VmRequest};
 use crate::exit::EndSignal;
 
 /// A control plane the main loop serves while the VM runs.
@@ -10,29 +11,44 @@ pub trait ControlPlane {
     /// Readable when the plane has work for the main thread.
     fn event(&self) -> &EventFd;
     /// Does that work, on the main thread.
-    fn serve(&mut self, vm: &mut RunningVm<'_>);
+    fn serve(&mut self, vm: &mut RunningVm<'_, '_>);
 }
 
 /// What a control plane may do to the running VM.
-pub struct RunningVm<'a> {
+pub struct RunningVm<'a, 'p> {
     /// Ending the VM (the main loop sees it next).
     pub end: &'a EndSignal,
+    /// Pausing and resuming it, as SIGUSR1/SIGUSR2 do.
+    pub pauser: &'a mut Pauser<'p>,
 }
 
-/// Why a run-state change was refused.
+/// Why a run-state change did not happen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ControlError {
-    #[error("Internal VMM error: this pvm cannot pause or resume a VM yet")]
-    NoPause,
+    #[error(
+        "Internal VMM error: the VM could not be paused (a vCPU or device did not stop; see the \
+         log); it keeps running"
+    )]
+    PauseFailed,
 }
 
-impl RunningVm<'_> {
+impl RunningVm<'_, '_> {
     pub fn is_paused(&self) -> bool {
-        false
+        self.pauser.is_paused()
     }
 
-    /// Pauses (true) or resumes (false) the VM.
-    pub fn set_paused(&mut self, _pause: bool) -> Result<(), ControlError> {
-        Err(ControlError::NoPause)
+    /// Pauses (true) or resumes (false) the VM; asking for the state it is in changes nothing.
+    pub fn set_paused(&mut self, pause: bool) -> Result<(), ControlError> {
+        let request = if pause {
+            VmRequest::Pause
+        } else {
+            VmRequest::Resume
+        };
+        self.pauser.handle(request);
+        if self.pauser.is_paused() == pause {
+            Ok(())
+        } else {
+            Err(ControlError::PauseFailed)
+        }
     }
 }

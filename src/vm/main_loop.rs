@@ -1,5 +1,6 @@
 //! The main thread while the guest runs: host keyboard input to the guest console (with the
-//! Ctrl-A escape), the stop signals (SIGINT, SIGTERM, SIGHUP) and the end of the VM.
+//! Ctrl-A escape), the stop signals (SIGINT, SIGTERM, SIGHUP), the pause and resume requests
+//! (SIGUSR1, SIGUSR2) and the end of the VM.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -8,8 +9,10 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::control::{ControlPlane, RunningVm};
+use super::pause::{Pauser, VmRequest};
 use super::{Error, io_err};
 use crate::devices::legacy::SerialDevice;
 use crate::exit::{EndSignal, Outcome};
@@ -24,7 +27,18 @@ static STOP_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_stop_signal(signo: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     STOP_SIGNAL.store(signo, Ordering::SeqCst);
-    let fd = STOP_EVENT_FD.load(Ordering::SeqCst);
+    crate::metrics::count_signal(signo);
+    poke(&STOP_EVENT_FD);
+}
+
+/// The last pause/resume signal (SIGUSR1/SIGUSR2), and the eventfd its handler pokes. Only the
+/// last one counts: a pause and a resume that arrive before the main loop looks cancel out.
+static REQUEST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+static REQUEST_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// Writes 1 to the eventfd in `fd`, if any; async-signal-safe.
+fn poke(fd: &AtomicI32) {
+    let fd = fd.load(Ordering::SeqCst);
     if fd >= 0 {
         let one: u64 = 1;
         // SAFETY: write(2) on an eventfd is async-signal-safe; the buffer is a live u64.
@@ -32,28 +46,54 @@ extern "C" fn on_stop_signal(signo: libc::c_int, _: *mut libc::siginfo_t, _: *mu
     }
 }
 
-/// Kicks a vCPU out of KVM_RUN; the handler itself has nothing to do.
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+extern "C" fn on_request_signal(signo: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    REQUEST_SIGNAL.store(signo, Ordering::SeqCst);
+    poke(&REQUEST_EVENT_FD);
+}
+
+/// Kicks a vCPU out of KVM_RUN, or keeps it from entering (see `vcpu::on_kick_signal`).
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    crate::vcpu::on_kick_signal();
+}
+
+/// The operator's signal for a request: SIGUSR1 pauses, SIGUSR2 resumes.
+fn request_of(signo: i32) -> Option<VmRequest> {
+    match signo {
+        libc::SIGUSR1 => Some(VmRequest::Pause),
+        libc::SIGUSR2 => Some(VmRequest::Resume),
+        _ => None,
+    }
+}
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
 pub(super) fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 
-/// Where the stop signals are reported while the VM runs; dropping it stops reporting.
+/// Where the stop and request signals are reported while the VM runs; dropping it stops
+/// reporting.
 pub(super) struct StopSignals {
     event: EventFd,
+    requests: EventFd,
 }
 
 impl StopSignals {
-    /// Installs the handlers of the stop signals and of the vCPU kick.
+    /// Installs the handlers of the stop signals, the pause/resume signals and the vCPU kick.
     pub(super) fn install() -> Result<Self, Error> {
         let event = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        let requests = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         STOP_EVENT_FD.store(event.as_raw_fd(), Ordering::SeqCst);
-        let signals = StopSignals { event };
+        REQUEST_EVENT_FD.store(requests.as_raw_fd(), Ordering::SeqCst);
+        let signals = StopSignals { event, requests };
         for signo in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             register_signal_handler(signo, on_stop_signal).map_err(|e| Error::Io {
                 what: "installing signal handlers",
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            })?;
+        }
+        for signo in [libc::SIGUSR1, libc::SIGUSR2] {
+            register_signal_handler(signo, on_request_signal).map_err(|e| Error::Io {
+                what: "installing the pause/resume signal handlers",
                 source: std::io::Error::from_raw_os_error(e.errno()),
             })?;
         }
@@ -68,11 +108,19 @@ impl StopSignals {
     pub(super) fn received(&self) -> i32 {
         STOP_SIGNAL.load(Ordering::SeqCst)
     }
+
+    /// The request the last pause/resume signal made, consuming the eventfd's count.
+    fn take_request(&self) -> Option<VmRequest> {
+        // Non-blocking: EAGAIN only means another wake-up already consumed it.
+        let _ = self.requests.read();
+        request_of(REQUEST_SIGNAL.load(Ordering::SeqCst))
+    }
 }
 
 impl Drop for StopSignals {
     fn drop(&mut self) {
         STOP_EVENT_FD.store(-1, Ordering::SeqCst);
+        REQUEST_EVENT_FD.store(-1, Ordering::SeqCst);
     }
 }
 
@@ -99,13 +147,34 @@ impl InputSink {
 const TOKEN_STDIN: u64 = 0;
 const TOKEN_END: u64 = 1;
 const TOKEN_STOP: u64 = 2;
-const TOKEN_CONTROL: u64 = 4;
+const TOKEN_REQUEST: u64 = 3;
+const TOKEN_METRICS: u64 = 4;
+const TOKEN_CONTROL: u64 = 5;
 
-/// Waits for the end of the VM or a stop signal, passing host input to `sink` meanwhile.
+/// The periodic metrics line's timer, armed when metrics are configured. Created before the
+/// main thread's sandbox, which has no timerfd_create.
+pub(super) fn metrics_timer() -> Result<Option<TimerFd>, Error> {
+    if !crate::metrics::is_configured() {
+        return Ok(None);
+    }
+    // vmm-sys-util reports these as its errno type.
+    let os_err = |what| move |e: vmm_sys_util::errno::Error| io_err(what)(e.into());
+    let mut timer = TimerFd::new().map_err(os_err("timerfd_create"))?;
+    let every = crate::metrics::FLUSH_INTERVAL;
+    timer
+        .reset(every, Some(every))
+        .map_err(os_err("timerfd_settime"))?;
+    Ok(Some(timer))
+}
+
+/// Waits for the end of the VM or a stop signal, passing host input to `sink` and pause/resume
+/// requests to `pauser` meanwhile, and writing a metrics line on each tick of `metrics_timer`.
 pub(super) fn main_loop(
     sink: &InputSink,
     end: &EndSignal,
     stop: &StopSignals,
+    pauser: &mut Pauser<'_>,
+    mut metrics_timer: Option<TimerFd>,
     mut control: Option<&mut dyn ControlPlane>,
 ) -> Result<(), Error> {
     let stop_event = &stop.event;
@@ -121,6 +190,10 @@ pub(super) fn main_loop(
     };
     add(end.event().as_raw_fd(), TOKEN_END)?;
     add(stop_event.as_raw_fd(), TOKEN_STOP)?;
+    add(stop.requests.as_raw_fd(), TOKEN_REQUEST)?;
+    if let Some(timer) = &metrics_timer {
+        add(timer.as_raw_fd(), TOKEN_METRICS)?;
+    }
     if let Some(control) = &control {
         add(control.event().as_raw_fd(), TOKEN_CONTROL)?;
     }
@@ -148,9 +221,21 @@ pub(super) fn main_loop(
                     end.end(Outcome::Signal(stop.received()));
                     return Ok(());
                 }
+                TOKEN_REQUEST => {
+                    if let Some(request) = stop.take_request() {
+                        pauser.handle(request);
+                    }
+                }
+                TOKEN_METRICS => {
+                    if let Some(timer) = &mut metrics_timer {
+                        // Readable: the read returns the expirations at once.
+                        let _ = timer.wait();
+                    }
+                    crate::metrics::flush_or_log();
+                }
                 TOKEN_CONTROL => {
                     if let Some(control) = control.as_deref_mut() {
-                        control.serve(&mut RunningVm { end });
+                        control.serve(&mut RunningVm { end, pauser });
                     }
                 }
                 TOKEN_STDIN if input.pending.is_empty() => {
@@ -217,6 +302,13 @@ impl KeyboardInput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sigusr1_pauses_and_sigusr2_resumes() {
+        assert_eq!(request_of(libc::SIGUSR1), Some(VmRequest::Pause));
+        assert_eq!(request_of(libc::SIGUSR2), Some(VmRequest::Resume));
+        assert_eq!(request_of(0), None);
+    }
 
     #[test]
     fn console_escape() {

@@ -7,6 +7,7 @@ mod boot_files;
 mod control;
 mod error;
 mod main_loop;
+mod pause;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +22,8 @@ use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use self::main_loop::{InputSink, StopSignals, kick_signal, main_loop};
+use self::main_loop::{InputSink, StopSignals, kick_signal, main_loop, metrics_timer};
+pub use self::pause::{Pauser, RunControl};
 use crate::boot::{self, BootEntry, acpi};
 use crate::bus::Bus;
 use crate::config::{ConsoleKind, VmConfig};
@@ -31,12 +33,13 @@ use crate::devices::legacy::{I8042, ResetLine, SerialDevice};
 use crate::devices::power::{AcpiPower, PvPanic};
 use crate::exit::{EndSignal, Outcome, error_chain};
 use crate::memory::VmMemory;
+use crate::metrics::{self, NetSource, Sources};
 use crate::seccomp::{self, ThreadKind};
 use crate::terminal::RawMode;
 use crate::vcpu::{self, Buses, ExitStats, Vcpu};
-use crate::virtio_devices::{self, Attached};
+use crate::virtio_devices::{self, Attached, PausableDevice};
 use crate::{kvm_host, layout, logger};
-use pvm_virtio::{ConsoleInput, DiskErrors, NetCounters};
+use pvm_virtio::{ConsoleInput, NetCounters};
 
 pub use self::boot_files::{BootFiles, boot_files};
 pub use self::control::{ControlError, ControlPlane, RunningVm};
@@ -75,15 +78,18 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     serial: Arc<Mutex<SerialDevice>>,
     console_input: Option<ConsoleInput>,
-    net_counters: Vec<(String, Vec<Arc<NetCounters>>)>,
-    disk_errors: Vec<(String, Arc<DiskErrors>)>,
+    /// The counters metrics and --stats read (exits, disks, taps).
+    counters: Arc<Sources>,
     print_stats: bool,
     seccomp: bool,
-    /// vhost-user sockets the vCPU threads may send and receive messages on.
+    /// vhost-user sockets the vCPU threads (activation, reset) and the main thread (pause,
+    /// resume) may send and receive messages on.
     vhost_user_sockets: Vec<i32>,
+    /// Every virtio transport, for pausing the VM.
+    pausable: Vec<PausableDevice>,
     end: Arc<EndSignal>,
     stop: Arc<AtomicBool>,
-    stats: Arc<ExitStats>,
+    control: Arc<RunControl>,
     /// The VM fd and guest RAM, last so that it drops last; `run` drops it only after the
     /// vCPU threads are joined. Dropping it deletes the RAM's slots.
     memory: VmMemory,
@@ -100,6 +106,7 @@ struct VcpuShared {
     buses: Arc<Buses>,
     end: Arc<EndSignal>,
     stop: Arc<AtomicBool>,
+    control: Arc<RunControl>,
     stats: Arc<ExitStats>,
 }
 
@@ -118,6 +125,7 @@ impl Vm {
             buses: Arc::new(Buses { pio, mmio }),
             end,
             stop: Arc::new(AtomicBool::new(false)),
+            control: Arc::new(RunControl::default()),
             stats: Arc::new(ExitStats::default()),
         };
         let vcpus = create_vcpus(kvm, &memory, config, entry, &shared)?;
@@ -125,14 +133,19 @@ impl Vm {
             vcpus,
             serial,
             console_input: attached.console_input,
-            net_counters: attached.net_counters,
-            disk_errors: attached.disk_errors,
+            counters: Arc::new(Sources {
+                exits: shared.stats,
+                disks: attached.disk_errors,
+                nets: attached.nets,
+                seccomp: config.seccomp,
+            }),
             print_stats: config.stats,
             seccomp: config.seccomp,
             vhost_user_sockets: attached.vhost_user_sockets,
+            pausable: attached.pausable,
             end: shared.end,
             stop: shared.stop,
-            stats: shared.stats,
+            control: shared.control,
             memory,
         })
     }
@@ -145,18 +158,24 @@ impl Vm {
     /// [`Vm::run`], serving `control` from the main loop as well.
     pub fn run_with(self, control: Option<&mut dyn ControlPlane>) -> Result<Outcome, Error> {
         let signals = StopSignals::install()?;
+        metrics::register(self.counters.clone());
+        let timer = metrics_timer()?;
         let raw = RawMode::enter().map_err(io_err("putting the terminal in raw mode"))?;
         let sandbox = self.seccomp.then_some(self.vhost_user_sockets.as_slice());
         let (threads, spawned) = spawn_vcpus(self.vcpus, sandbox);
+        let mut pauser = Pauser::new(self.control.clone(), &threads, &self.pausable);
         let loop_result = spawned
-            .and_then(|()| sandbox_main_thread(self.seccomp, self.print_stats))
+            .and_then(|()| sandbox_main_thread(sandbox, self.print_stats))
             .and_then(|()| {
+                // The first line marks the start, as Firecracker's does.
+                metrics::flush_or_log();
                 let sink = match self.console_input {
                     Some(input) => InputSink::Virtio(input),
                     None => InputSink::Serial(self.serial),
                 };
-                main_loop(&sink, &self.end, &signals, control)
+                main_loop(&sink, &self.end, &signals, &mut pauser, timer, control)
             });
+        let pauses = pauser.summary();
         // Read while every thread still lives: after the join the vCPUs' share is gone.
         let thread_cpu = if self.print_stats {
             thread_cpu_ms()
@@ -164,7 +183,9 @@ impl Vm {
             Vec::new()
         };
         // Whatever happened, stop and join every vCPU before the terminal is restored.
-        stop_vcpus(&self.stop, threads);
+        stop_vcpus(&self.stop, &self.control, threads);
+        // Every exit is counted now: the last line has the run's end.
+        metrics::flush_or_log();
         // No vCPU runs any more: the RAM's slots can go (the devices keep their own mappings).
         drop(self.memory);
         let signo = signals.received();
@@ -173,14 +194,11 @@ impl Vm {
         drop(raw);
         if self.print_stats {
             // Not eprintln!, which panics when stderr is a pipe whose reader has gone.
-            logger::to_stderr(&stats_report(
-                &self.stats,
-                &self.net_counters,
-                &self.disk_errors,
-                &thread_cpu,
-            ));
+            logger::to_stderr(&stats_report(&self.counters, &thread_cpu));
+            logger::to_stderr(&format!("pvm: vm: {pauses}\n"));
         } else {
-            log::info!("exits: {}", self.stats.summary());
+            log::info!("exits: {}", self.counters.exits.summary());
+            log::info!("vm: {pauses}");
         }
         loop_result?;
         Ok(self.end.outcome().unwrap_or(Outcome::Signal(signo)))
@@ -336,6 +354,7 @@ fn create_vcpus(
             memory: memory.guest_memory().clone(),
             end: shared.end.clone(),
             stop: shared.stop.clone(),
+            control: shared.control.clone(),
             stats: shared.stats.clone(),
             boot_timer: config.boot_timer,
         });
@@ -359,6 +378,7 @@ fn spawn_vcpus(
                 if let Some(sockets) = sockets {
                     if let Err(e) = seccomp::install_with(ThreadKind::Vcpu, false, &sockets) {
                         vcpu.end.end(Outcome::VmmFailure(error_chain(&e)));
+                        vcpu.control.leave();
                         return;
                     }
                 }
@@ -372,17 +392,20 @@ fn spawn_vcpus(
     (threads, Ok(()))
 }
 
-/// Confines the main thread, once every other thread runs.
-fn sandbox_main_thread(seccomp: bool, print_stats: bool) -> Result<(), Error> {
-    if seccomp {
-        seccomp::install(ThreadKind::Main, print_stats)?;
+/// Confines the main thread, once every other thread runs; `sandbox` holds the vhost-user
+/// sockets it may message (pausing and resuming those devices).
+fn sandbox_main_thread(sandbox: Option<&[i32]>, print_stats: bool) -> Result<(), Error> {
+    if let Some(sockets) = sandbox {
+        seccomp::install_with(ThreadKind::Main, print_stats, sockets)?;
     }
     Ok(())
 }
 
-/// Tells every vCPU to stop, kicks each out of KVM_RUN until its thread ends, and joins it.
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+/// Tells every vCPU to stop (waking the parked ones of a paused VM), kicks each out of KVM_RUN
+/// until its thread ends, and joins it.
+fn stop_vcpus(stop: &AtomicBool, control: &RunControl, threads: Vec<JoinHandle<()>>) {
     stop.store(true, Ordering::Release);
+    control.release();
     for handle in threads {
         while !handle.is_finished() {
             let _ = handle.kill(kick_signal());
@@ -392,16 +415,22 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
     }
 }
 
-/// The --stats report: exits by reason, each tap's counters (and each pair's, with several),
-/// each disk's host I/O errors and the CPU time of each thread.
-fn stats_report(
-    exits: &ExitStats,
-    net_counters: &[(String, Vec<Arc<NetCounters>>)],
-    disk_errors: &[(String, Arc<DiskErrors>)],
-    thread_cpu: &[(String, u64)],
-) -> String {
-    let mut stats = format!("pvm: exits: {}\n", exits.summary());
-    for (tap, pairs) in net_counters {
+/// The --stats report, from the counters metrics read too: exits by reason, each tap's
+/// counters (and each pair's, with several; the kernel's for a vhost-net tap), each disk's
+/// host I/O errors and the CPU time of each thread.
+fn stats_report(counters: &Sources, thread_cpu: &[(String, u64)]) -> String {
+    let mut stats = format!("pvm: exits: {}\n", counters.exits.summary());
+    for (tap, source) in &counters.nets {
+        let pairs = match source {
+            NetSource::InProcess(pairs) => pairs,
+            NetSource::Kernel(kernel) => {
+                stats.push_str(&format!(
+                    "pvm: tap {tap}: {} (the tap's kernel counters: vhost-net moves its frames)\n",
+                    kernel_summary(&kernel.fields())
+                ));
+                continue;
+            }
+        };
         let total = NetCounters::total(pairs);
         stats.push_str(&format!("pvm: tap {tap}: {}\n", total.summary()));
         if pairs.len() > 1 {
@@ -413,7 +442,7 @@ fn stats_report(
             }
         }
     }
-    for (disk, errors) in disk_errors {
+    for (_, disk, errors) in &counters.disks {
         stats.push_str(&format!("pvm: disk {disk}: io_errors={}\n", errors.count()));
     }
     let cpu: Vec<String> = thread_cpu
@@ -422,6 +451,25 @@ fn stats_report(
         .collect();
     stats.push_str(&format!("pvm: cpu ms by thread: {}\n", cpu.join(" ")));
     stats
+}
+
+/// A vhost-net tap's kernel counts under the names of the in-process summary; a count that
+/// could not be read is left out.
+fn kernel_summary(fields: &[metrics::Field]) -> String {
+    const NAMES: [(&str, &str); 4] = [
+        ("tx_packets_count", "tx_frames"),
+        ("tx_bytes_count", "tx_bytes"),
+        ("rx_packets_count", "rx_frames"),
+        ("rx_bytes_count", "rx_bytes"),
+    ];
+    let parts: Vec<String> = NAMES
+        .iter()
+        .filter_map(|&(field, name)| {
+            let value = fields.iter().find(|f| f.0 == field)?.1;
+            Some(format!("{name}={value}"))
+        })
+        .collect();
+    parts.join(" ")
 }
 
 /// CPU time (user + system, ms) of each of this process's threads, by thread name; threads
@@ -494,10 +542,17 @@ mod tests {
             Arc::new(NetCounters::default()),
             Arc::new(NetCounters::default()),
         ];
+        let counters = Sources {
+            exits: Arc::new(exits),
+            disks: Vec::new(),
+            nets: vec![
+                ("tap0".to_string(), NetSource::InProcess(one)),
+                ("tap1".to_string(), NetSource::InProcess(two)),
+            ],
+            seccomp: true,
+        };
         let report = stats_report(
-            &exits,
-            &[("tap0".to_string(), one), ("tap1".to_string(), two)],
-            &[],
+            &counters,
             &[("vcpu0".to_string(), 12), ("pvm".to_string(), 3)],
         );
         let lines: Vec<&str> = report.lines().collect();
@@ -511,5 +566,9 @@ mod tests {
         assert!(lines[3].starts_with("pvm: tap tap1 pair 0: "), "{report}");
         assert!(lines[4].starts_with("pvm: tap tap1 pair 1: "), "{report}");
         assert_eq!(lines[5], "pvm: cpu ms by thread: vcpu0=12 pvm=3");
+        assert_eq!(
+            kernel_summary(&[("rx_bytes_count", 9), ("tx_packets_count", 2)]),
+            "tx_frames=2 rx_bytes=9"
+        );
     }
 }

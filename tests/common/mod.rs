@@ -574,6 +574,19 @@ impl Outcome {
         }
     }
 
+    /// The first word after `prefix` on the first console line starting with it (a checksum,
+    /// a count); fails the test, showing the console, when there is no such line.
+    pub fn word_after(&self, prefix: &str) -> String {
+        let word = self.console.lines().find_map(|l| {
+            l.strip_prefix(prefix)
+                .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
+        });
+        word.unwrap_or_else(|| {
+            self.dump();
+            panic!("scenario {}: no '{prefix}' line", self.name)
+        })
+    }
+
     pub fn assert_lacks(&self, needle: &str) {
         if self.console.contains(needle) {
             self.dump();

@@ -15,8 +15,8 @@ use seccompiler::{
 };
 
 pub use report::{
-    CallFormat, Reporter, forbidden_call, install_reporter, set_thread_label, syscall_name,
-    violation_message,
+    CallFormat, Reporter, forbidden_call, format_decimal, install_reporter, set_thread_label,
+    syscall_name, violation_message,
 };
 pub use syscall_names::SYSCALL_NAMES;
 

@@ -115,7 +115,9 @@ pub fn violation_message(out: &mut [u8], reporter: &Reporter, thread: &[u8], nr:
     len
 }
 
-fn format_decimal(buf: &mut [u8; 24], value: i64) -> &[u8] {
+/// `value` in decimal, written into the end of `buf` without allocating (for signal
+/// handlers); returns the digits.
+pub fn format_decimal(buf: &mut [u8; 24], value: i64) -> &[u8] {
     let negative = value < 0;
     let mut v = value.unsigned_abs();
     let mut at = buf.len();
