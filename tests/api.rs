@@ -60,6 +60,16 @@ fn read_response(stream: &mut UnixStream) -> (u16, String) {
     (status, String::from_utf8(body).unwrap())
 }
 
+/// A call that must be refused: 400 with a fault_message containing `want`.
+fn expect_fault(api: &mut UnixStream, method: &str, path: &str, body: Option<&str>, want: &str) {
+    let (status, answer) = call(api, method, path, body);
+    assert_eq!(status, 400, "{method} {path}: {answer}");
+    assert!(
+        answer.starts_with(r#"{"fault_message":"#) && answer.contains(want),
+        "{method} {path}: {answer}"
+    );
+}
+
 fn connect(socket: &Path, child: &mut Child) -> UnixStream {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -112,41 +122,34 @@ fn configure_start_and_end_a_guest_through_the_api() {
     assert!(body.contains(r#""id":"test-vm""#), "{body}");
     assert!(body.contains(r#""state":"Not started""#), "{body}");
     // Errors before boot leave the VM configurable.
-    let (status, body) = call(
+    expect_fault(
         &mut api,
         "PUT",
         "/actions",
         Some(r#"{"action_type": "InstanceStart"}"#),
+        "boot-source",
     );
-    assert_eq!(status, 400);
-    assert!(
-        body.contains("fault_message") && body.contains("boot-source"),
-        "{body}"
-    );
-    let (status, body) = call(
+    expect_fault(
         &mut api,
         "PUT",
         "/machine-config",
         Some(r#"{"vcpu_count": 1, "mem_size_mib": 64, "bogus": 1}"#),
+        "unknown field `bogus`",
     );
-    assert_eq!(status, 400);
-    assert!(body.contains("unknown field `bogus`"), "{body}");
-    let (status, body) = call(
+    expect_fault(
         &mut api,
         "PUT",
         "/drives/a",
         Some(r#"{"drive_id": "b", "is_root_device": false}"#),
+        "does not match",
     );
-    assert_eq!(status, 400);
-    assert!(body.contains("does not match"), "{body}");
-    let (status, body) = call(
+    expect_fault(
         &mut api,
         "PUT",
         "/vsock",
         Some(r#"{"guest_cid": 3, "uds_path": "/x"}"#),
+        "vsock",
     );
-    assert_eq!(status, 400);
-    assert!(body.contains("vsock"), "{body}");
     let (status, _) = call(
         &mut api,
         "PUT",
@@ -174,12 +177,20 @@ fn configure_start_and_end_a_guest_through_the_api() {
     let (status, body) = call(&mut api, "GET", "/", None);
     assert_eq!(status, 200);
     assert!(body.contains(r#""state":"Running""#), "{body}");
-    let (status, body) = call(&mut api, "PUT", "/actions", Some(start));
-    assert_eq!(status, 400);
-    assert!(body.contains("not supported after starting"), "{body}");
-    let (status, body) = call(&mut api, "PUT", "/boot-source", Some(&boot));
-    assert_eq!(status, 400);
-    assert!(body.contains("not supported after starting"), "{body}");
+    expect_fault(
+        &mut api,
+        "PUT",
+        "/actions",
+        Some(start),
+        "not supported after starting",
+    );
+    expect_fault(
+        &mut api,
+        "PUT",
+        "/boot-source",
+        Some(&boot),
+        "not supported after starting",
+    );
     let (status, body) = call(&mut api, "GET", "/vm/config", None);
     assert_eq!(status, 200);
     assert!(
@@ -194,23 +205,26 @@ fn configure_start_and_end_a_guest_through_the_api() {
     assert_eq!(call(&mut api, "PATCH", "/vm", Some(paused)).0, 204);
     let (_, body) = call(&mut api, "GET", "/", None);
     assert!(body.contains(r#""state":"Paused""#), "{body}");
-    let (status, body) = call(&mut api, "PATCH", "/vm", Some(r#"{"state": "Stopped"}"#));
-    assert_eq!(status, 400);
-    assert!(body.contains("unknown variant `Stopped`"), "{body}");
+    expect_fault(
+        &mut api,
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Stopped"}"#),
+        "unknown variant `Stopped`",
+    );
     assert_eq!(
         call(&mut api, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0,
         204
     );
     let (_, body) = call(&mut api, "GET", "/", None);
     assert!(body.contains(r#""state":"Running""#), "{body}");
-    let (status, body) = call(
+    expect_fault(
         &mut api,
         "PUT",
         "/actions",
         Some(r#"{"action_type": "FlushMetrics"}"#),
+        "metrics are not configured",
     );
-    assert_eq!(status, 400);
-    assert!(body.contains("metrics are not configured"), "{body}");
 
     let ctrl_alt_del = r#"{"action_type": "SendCtrlAltDel"}"#;
     assert_eq!(call(&mut api, "PUT", "/actions", Some(ctrl_alt_del)).0, 204);
@@ -270,4 +284,76 @@ fn a_config_file_boots_at_once() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("track_dirty_pages"), "{stderr}");
+}
+
+#[test]
+fn hostile_clients_get_400_and_cannot_stall_others() {
+    let socket = scratch("hostile.sock");
+    let mut child = Command::new(PVM)
+        .args([
+            "--api-sock",
+            socket.to_str().unwrap(),
+            "--http-api-max-payload-size",
+            "100",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // One client stalls halfway through a request head, another halfway through a body.
+    let mut stalled_head = connect(&socket, &mut child);
+    stalled_head
+        .write_all(b"PUT /boot-source HTTP/1.1\r\nContent-Le")
+        .unwrap();
+    let mut stalled_body = connect(&socket, &mut child);
+    stalled_body
+        .write_all(b"PUT /boot-source HTTP/1.1\r\nContent-Length: 50\r\n\r\n{\"kernel")
+        .unwrap();
+    let mut api = connect(&socket, &mut child);
+    assert_eq!(call(&mut api, "GET", "/version", None).0, 200);
+
+    // Garbage and an oversized body: one 400 with an error body, then the connection closes.
+    for (bytes, want) in [
+        (&b"GARBAGE\r\n\r\n"[..], "malformed request"),
+        (b"POST / HTTP/1.1\r\n\r\n", "unsupported HTTP method POST"),
+        (
+            b"PUT /boot-source HTTP/1.1\r\nContent-Length: 101\r\n\r\n",
+            "larger than the limit of 100",
+        ),
+    ] {
+        let mut bad = connect(&socket, &mut child);
+        bad.write_all(bytes).unwrap();
+        let (status, body) = read_response(&mut bad);
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body.starts_with(r#"{"error":"#) && body.contains(want),
+            "{body}"
+        );
+        let mut rest = Vec::new();
+        assert_eq!(
+            bad.read_to_end(&mut rest).unwrap(),
+            0,
+            "connection left open"
+        );
+    }
+    // A huge head is cut off, not buffered.
+    let mut huge = connect(&socket, &mut child);
+    let mut head = b"GET / HTTP/1.1\r\nX: ".to_vec();
+    head.resize(20_000, b'a');
+    let _ = huge.write_all(&head);
+    assert_eq!(read_response(&mut huge).0, 400);
+
+    // Everyone else is still served, and the stalled clients can still finish.
+    assert_eq!(call(&mut api, "GET", "/", None).0, 200);
+    stalled_body
+        .write_all(b"_image_path\": \"/nonexistent/kernel\"}        ")
+        .unwrap();
+    let (status, body) = read_response(&mut stalled_body);
+    assert_eq!(status, 400);
+    assert!(body.contains("/nonexistent/kernel"), "{body}");
+    drop(stalled_head);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_file(&socket);
 }

@@ -1,6 +1,9 @@
+use super::mapping::disk_name;
 use super::*;
 use crate::config::ConsoleKind;
+use crate::config::{Transport, VmConfig};
 use log::LevelFilter;
+use std::path::Path;
 
 /// What `pvm --api-sock` starts from: no devices, Firecracker's default machine, mmio.
 pub(crate) fn base() -> VmConfig {
