@@ -312,6 +312,14 @@ fn hostile_clients_get_400_and_cannot_stall_others() {
         .unwrap();
     let mut api = connect(&socket, &mut child);
     assert_eq!(call(&mut api, "GET", "/version", None).0, 200);
+    // The api thread is confined from its start (mode 2: filter).
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap();
+    let api_status = tasks
+        .flatten()
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "api"))
+        .map(|t| std::fs::read_to_string(t.path().join("status")).unwrap())
+        .expect("no api thread");
+    assert!(api_status.contains("Seccomp:\t2"), "{api_status}");
 
     // Garbage and an oversized body: one 400 with an error body, then the connection closes.
     for (bytes, want) in [
