@@ -411,6 +411,12 @@ fn constructor_locks_validates_and_fills_config() {
     assert_eq!(u64::from_le_bytes(cap), DISK_SECTORS);
     assert_ne!(block.features() & feature(VIRTIO_BLK_F_DISCARD), 0);
     assert_eq!(block.features() & feature(VIRTIO_BLK_F_RO), 0);
+    // Flush is offered unless the disk is made without it (cache_type Unsafe), and only it
+    // goes.
+    let all = block.features();
+    assert_ne!(all & feature(VIRTIO_BLK_F_FLUSH), 0);
+    let block = block.without_flush();
+    assert_eq!(block.features(), all & !feature(VIRTIO_BLK_F_FLUSH));
 
     // A second user of the same image is refused, naming the path.
     let err = Block::new(&path, false, None).unwrap_err();
