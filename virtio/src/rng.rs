@@ -159,7 +159,7 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
-    use crate::test_utils::{RecordingInterrupt, TestQueue, readable, test_memory, writable};
+    use crate::testing::{RecordingInterrupt, TestQueue, readable, test_memory, writable};
 
     fn run(mem: &GuestMemoryMmap, descs: &[virtio_queue::desc::RawDescriptor]) -> u32 {
         use virtio_queue::QueueT;

@@ -397,7 +397,7 @@ impl DeviceQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_utils::{TestQueue, looped, readable, test_memory, writable};
+    use crate::testing::{TestQueue, looped, readable, test_memory, writable};
 
     #[test]
     fn config_reads_past_the_end_are_zero() {
@@ -450,7 +450,7 @@ mod tests {
         );
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let interrupt = crate::test_utils::RecordingInterrupt::default();
+            let interrupt = crate::testing::RecordingInterrupt::default();
             dq.process(&mem, &interrupt, |_| 0);
             done.send(()).unwrap();
         });

@@ -6,9 +6,7 @@ use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
-use crate::test_utils::{
-    RecordingInterrupt, TestQueue, eventually, readable, test_memory, writable,
-};
+use crate::testing::{RecordingInterrupt, TestQueue, eventually, readable, test_memory, writable};
 
 /// A writer the test keeps a handle to.
 #[derive(Clone, Default)]

@@ -3,9 +3,9 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::*;
-use crate::transport::testing::{
-    FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SharedLog, expected_queue, guest_memory,
-    ring_addresses,
+use crate::testing::{
+    FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SharedLog, expected_queue, ring_addresses,
+    test_memory,
 };
 use crate::transport::{
     STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
@@ -18,7 +18,7 @@ fn transport(max_sizes: &[u16]) -> (MmioTransport, SharedLog) {
     let (device, log) = FakeDevice::new(max_sizes);
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     (
-        MmioTransport::new(Box::new(device), guest_memory(), irq).unwrap(),
+        MmioTransport::new(Box::new(device), test_memory(), irq).unwrap(),
         log,
     )
 }
@@ -236,7 +236,7 @@ fn invalid_queue_sets_needs_reset_instead_of_activating() {
 fn activation_error_sets_needs_reset() {
     let (device, log) = FakeDevice::refusing(&[16]);
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let mut transport = MmioTransport::new(Box::new(device), guest_memory(), irq).unwrap();
+    let mut transport = MmioTransport::new(Box::new(device), test_memory(), irq).unwrap();
     bring_up(&mut transport, &[16]);
     assert!(log.get().activations.is_empty());
     assert_ne!(transport.device_status() & STATUS_NEEDS_RESET, 0);

@@ -9,9 +9,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::rxtx::{Delivery, deliver_frame, transmit};
 use super::*;
-use crate::test_utils::{
-    RecordingInterrupt, TestQueue, eventually, readable, test_memory, writable,
-};
+use crate::testing::{RecordingInterrupt, TestQueue, eventually, readable, test_memory, writable};
 
 /// A datagram socket standing in for the tap: one frame per message, like a tap fd.
 #[derive(Debug)]

@@ -19,9 +19,6 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::device::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 
-#[cfg(test)]
-pub(crate) mod testing;
-
 /// Device status bits (virtio 1.2, 2.1) as the 8-bit register holds them.
 pub(crate) const STATUS_ACKNOWLEDGE: u8 = VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
 pub(crate) const STATUS_DRIVER: u8 = VIRTIO_CONFIG_S_DRIVER as u8;

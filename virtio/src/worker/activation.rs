@@ -153,7 +153,7 @@ mod tests {
     use virtio_queue::QueueT;
 
     use super::*;
-    use crate::test_utils::{TestQueue, test_memory};
+    use crate::testing::{TestQueue, test_memory};
 
     #[test]
     fn device_queues_come_in_index_order_with_acked_event_idx() {

@@ -10,9 +10,9 @@ use super::config::{
 };
 use super::msix::{ISR_CONFIG, ISR_QUEUE};
 use super::*;
-use crate::transport::testing::{
-    FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SharedLog, expected_queue, guest_memory,
-    ring_addresses,
+use crate::testing::{
+    FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SharedLog, expected_queue, ring_addresses,
+    test_memory,
 };
 use crate::transport::{
     STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
@@ -73,7 +73,7 @@ fn fixture(max_sizes: &[u16], vectors: u16) -> Fixture {
     let sink = Arc::new(RecordingSink::default());
     let transport = PciTransport::new(
         Box::new(device),
-        guest_memory(),
+        test_memory(),
         BAR_ADDRESS,
         vectors,
         sink.clone(),
@@ -235,7 +235,7 @@ fn bar_sizing_reads_back_the_size_mask_and_restores() {
         let (device, _) = FakeDevice::new(&[16]);
         PciTransport::new(
             Box::new(device),
-            guest_memory(),
+            test_memory(),
             address,
             2,
             Arc::new(RecordingSink::default()),
