@@ -23,6 +23,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use pvm_virtio::testing::RecordingInterrupt;
 use pvm_virtio::{Activation, Block, Console, Net, NetBackend, Rng, VirtioDevice};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
@@ -32,9 +33,7 @@ use virtio_bindings::bindings::virtio_ring::{
 use vm_memory::GuestMemoryMmap;
 
 use crate::input::Input;
-use crate::queue::{
-    CountingInterrupt, DriverQueue, ScratchFile, guest_memory, queue_size, write_payload,
-};
+use crate::queue::{DriverQueue, MAX_QUEUES, ScratchFile, guest_memory, queue_size, write_payload};
 
 /// Feature bits of the first input byte.
 pub const F_EVENT_IDX: u8 = 1 << 0;
@@ -97,22 +96,19 @@ fn run(
     device: &mut dyn VirtioDevice,
     mem: &GuestMemoryMmap,
     c: &mut Common<'_>,
-) -> (Vec<DriverQueue>, Arc<CountingInterrupt>) {
+) -> (Vec<DriverQueue>, Arc<RecordingInterrupt>) {
     let max_sizes = device.queue_max_sizes().to_vec();
     let queues: Vec<DriverQueue> = (0u16..)
         .zip(&max_sizes)
         .map(|(index, &max)| {
             let size = queue_size(c.size_selector, max);
-            DriverQueue::layout(mem, &mut c.input, index, size, c.start)
+            DriverQueue::layout(mem, &mut c.input, index, size, max, c.start)
         })
         .collect();
     write_payload(mem, c.input.rest());
-    let active = queues
-        .iter()
-        .zip(&max_sizes)
-        .map(|(q, &max)| q.active(max))
-        .collect();
-    let interrupt = Arc::new(CountingInterrupt::default());
+    let active = queues.iter().map(DriverQueue::active).collect();
+    // A notification for a queue the device was never given panics.
+    let interrupt = Arc::new(RecordingInterrupt::for_queues(MAX_QUEUES as u16));
     device
         .activate(Activation {
             memory: mem.clone(),
@@ -135,7 +131,7 @@ fn run(
                 q.avail_delta,
                 q.rings_untouchable(),
                 q.used(mem),
-                interrupt.queue(q.index)
+                interrupt.count(q.index)
             );
         }
     }
@@ -179,7 +175,7 @@ pub fn block(data: &[u8]) {
     let mem = guest_memory();
     let (queues, interrupt) = run(&mut device, &mem, &mut c);
     if rings_intact(&queues) {
-        queues[0].check(&mem, interrupt.queue(0));
+        queues[0].check(&mem, interrupt.count(0));
     }
     drop(device);
     // The image's lock is released with the device: the same disk opens again.
@@ -306,8 +302,8 @@ pub fn net_tx(data: &[u8]) {
         counters.summary()
     );
     if rings_intact(&queues) {
-        queues[0].check(&mem, interrupt.queue(0));
-        let used = queues[1].check(&mem, interrupt.queue(1));
+        queues[0].check(&mem, interrupt.count(0));
+        let used = queues[1].check(&mem, interrupt.count(1));
         assert!(used.iter().all(|&(_, len)| len == 0), "tx used length");
         // Each transmit chain is sent, refused by the backend or dropped as malformed, and
         // returned unless its head was invalid (which stops the queue).
@@ -347,8 +343,8 @@ pub fn net_rx(data: &[u8]) {
         counters.summary()
     );
     if rings_intact(&queues) {
-        let used = queues[0].check(&mem, interrupt.queue(0));
-        queues[1].check(&mem, interrupt.queue(1));
+        let used = queues[0].check(&mem, interrupt.count(0));
+        queues[1].check(&mem, interrupt.count(1));
         if dropped == 0 && queues[0].heads_valid() {
             // Every byte put in receive buffers belongs to a delivered frame (header included).
             let written: u64 = used.iter().map(|&(_, len)| u64::from(len)).sum();
@@ -401,8 +397,8 @@ pub fn console(data: &[u8]) {
     let mem = guest_memory();
     let (queues, interrupt) = run(&mut console, &mem, &mut c);
     if rings_intact(&queues) {
-        let used = queues[0].check(&mem, interrupt.queue(0));
-        queues[1].check(&mem, interrupt.queue(1));
+        let used = queues[0].check(&mem, interrupt.count(0));
+        queues[1].check(&mem, interrupt.count(1));
         // Host input is delivered or still pending, never duplicated; and never lost unless a
         // chain could not be returned (an invalid head stops the queue).
         let delivered: usize = used.iter().map(|&(_, len)| len as usize).sum();
@@ -424,7 +420,7 @@ pub fn rng(data: &[u8]) {
     let mem = guest_memory();
     let (queues, interrupt) = run(&mut rng, &mem, &mut c);
     if rings_intact(&queues) {
-        let used = queues[0].check(&mem, interrupt.queue(0));
+        let used = queues[0].check(&mem, interrupt.count(0));
         let max = pvm_virtio::rng::MAX_BYTES_PER_REQUEST as u32;
         assert!(used.iter().all(|&(_, len)| len <= max), "rng used length");
     }

@@ -1,5 +1,5 @@
-//! The driver's side of a split virtqueue, laid out in guest memory from fuzz bytes, and the
-//! invariants the device must keep on it.
+//! The driver's side of a split virtqueue (pvm_virtio::testing's), laid out in guest memory from
+//! fuzz bytes, and the invariants the device must keep on it.
 //!
 //! Guest memory is two 256 KiB regions with a hole between them (buffers may straddle it or
 //! point anywhere). Queue `q` keeps its descriptor table, available ring and used ring at fixed
@@ -21,13 +21,12 @@
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 
-use pvm_virtio::{ActiveQueue, Interrupt};
+use pvm_virtio::ActiveQueue;
+use pvm_virtio::testing::{RingAddresses, TestQueue};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_WRITE};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::input::{Input, Output};
 
@@ -76,65 +75,54 @@ pub struct DriverQueue {
     pub heads: Vec<u16>,
     /// The descriptor table before the device ran: (addr, len, flags).
     pub table: Vec<(u64, u32, u16)>,
+    queue: TestQueue,
 }
 
 impl DriverQueue {
-    pub fn desc_addr(index: u16) -> u64 {
-        u64::from(index) * QUEUE_STRIDE
+    /// Where queue `index`'s rings are.
+    pub fn rings(index: u16) -> RingAddresses {
+        let desc = u64::from(index) * QUEUE_STRIDE;
+        RingAddresses {
+            desc_table: GuestAddress(desc),
+            avail_ring: GuestAddress(desc + 0x1000),
+            used_ring: GuestAddress(desc + 0x2000),
+        }
     }
 
-    pub fn avail_addr(index: u16) -> u64 {
-        Self::desc_addr(index) + 0x1000
-    }
-
-    pub fn used_addr(index: u16) -> u64 {
-        Self::desc_addr(index) + 0x2000
-    }
-
-    /// Lays out queue `index` from `input`.
+    /// Lays out queue `index` of `size` entries (the device offers `max_size`) from `input`.
     pub fn layout(
         mem: &GuestMemoryMmap,
         input: &mut Input<'_>,
         index: u16,
         size: u16,
+        max_size: u16,
         start: u16,
     ) -> Self {
         assert!(u64::from(index) < MAX_QUEUES);
-        let desc = Self::desc_addr(index);
-        let avail = Self::avail_addr(index);
-        let used = Self::used_addr(index);
-        let w16 = |addr: u64, v: u16| mem.write_obj(v.to_le(), GuestAddress(addr)).unwrap();
+        let queue = TestQueue::with_rings(mem, size, Self::rings(index))
+            .with_max_size(max_size)
+            .starting_at(start);
         for i in 0..input.u8() {
-            let raw: [u8; 16] = input.array();
-            let slot = desc + 16 * (u64::from(i) % u64::from(size));
-            mem.write_slice(&raw, GuestAddress(slot)).unwrap();
+            // The 16 bytes as they are: any flags, any next.
+            let desc = Descriptor::new(input.u64(), input.u32(), input.u16(), input.u16());
+            queue.store_desc(u16::from(i) % size, RawDescriptor::from(desc));
         }
-        w16(avail, u16::from(input.u8()));
+        queue.set_avail_flags(u16::from(input.u8()));
         let avail_delta = input.u16();
-        w16(avail + 2, start.wrapping_add(avail_delta));
-        w16(avail + 4 + 2 * u64::from(size), input.u16());
+        queue.set_avail_idx(mem, start.wrapping_add(avail_delta));
+        queue.set_used_event(mem, input.u16());
         for i in 0..input.u8() {
-            let pos = start.wrapping_add(u16::from(i)) % size;
-            w16(avail + 4 + 2 * u64::from(pos), input.u16());
+            queue.set_avail_entry(start.wrapping_add(u16::from(i)), input.u16());
         }
-        // used.flags 0, used.idx where the device starts.
-        w16(used, 0);
-        w16(used + 2, start);
 
-        let r16 = |addr: u64| u16::from_le(mem.read_obj(GuestAddress(addr)).unwrap());
         let published = avail_delta.min(size);
         let heads = (0..published)
-            .map(|k| {
-                let pos = start.wrapping_add(k) % size;
-                r16(avail + 4 + 2 * u64::from(pos))
-            })
+            .map(|k| queue.avail_entry(start.wrapping_add(k)))
             .collect();
-        let table = (0..u64::from(size))
+        let table = (0..size)
             .map(|i| {
-                let at = desc + 16 * i;
-                let addr: u64 = mem.read_obj(GuestAddress(at)).unwrap();
-                let len: u32 = mem.read_obj(GuestAddress(at + 8)).unwrap();
-                (u64::from_le(addr), u32::from_le(len), r16(at + 12))
+                let d = queue.desc(i);
+                (d.addr().raw_value(), d.len(), d.flags())
             })
             .collect();
         DriverQueue {
@@ -144,27 +132,13 @@ impl DriverQueue {
             avail_delta,
             heads,
             table,
+            queue,
         }
     }
 
     /// The queue as a transport hands it to `activate`.
-    pub fn active(&self, max_size: u16) -> ActiveQueue {
-        let mut queue = Queue::new(max_size).expect("device maximum");
-        queue.try_set_size(self.size).expect("power of two");
-        let set = |q: &mut Queue| -> Result<(), virtio_queue::Error> {
-            q.try_set_desc_table_address(GuestAddress(Self::desc_addr(self.index)))?;
-            q.try_set_avail_ring_address(GuestAddress(Self::avail_addr(self.index)))?;
-            q.try_set_used_ring_address(GuestAddress(Self::used_addr(self.index)))
-        };
-        set(&mut queue).expect("aligned rings");
-        queue.set_next_avail(self.start);
-        queue.set_next_used(self.start);
-        queue.set_ready(true);
-        ActiveQueue {
-            index: self.index,
-            queue,
-            kick: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-        }
+    pub fn active(&self) -> ActiveQueue {
+        self.queue.active_queue(self.index)
     }
 
     /// Whether the device can only have written guest memory outside every ring: no indirect
@@ -198,18 +172,7 @@ impl DriverQueue {
 
     /// The used entries the device added, as (id, len).
     pub fn used(&self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
-        let used = Self::used_addr(self.index);
-        let idx = u16::from_le(mem.read_obj(GuestAddress(used + 2)).unwrap());
-        let count = idx.wrapping_sub(self.start);
-        (0..count)
-            .map(|k| {
-                let pos = self.start.wrapping_add(k) % self.size;
-                let at = used + 4 + 8 * u64::from(pos);
-                let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
-                let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
-                (u32::from_le(id), u32::from_le(len))
-            })
-            .collect()
+        self.queue.used(mem)
     }
 
     /// Checks what every device must do with a queue and returns the used entries: it uses at
@@ -291,40 +254,6 @@ impl SeedQueue {
         for &h in &self.heads {
             out.u16(h);
         }
-    }
-}
-
-/// An [`Interrupt`] that counts what the device signalled.
-#[derive(Debug, Default)]
-pub struct CountingInterrupt {
-    queues: [AtomicU32; MAX_QUEUES as usize],
-    config: AtomicU32,
-}
-
-impl CountingInterrupt {
-    pub fn queue(&self, index: u16) -> u32 {
-        self.queues[usize::from(index)].load(Ordering::SeqCst)
-    }
-
-    pub fn config(&self) -> u32 {
-        self.config.load(Ordering::SeqCst)
-    }
-}
-
-impl Interrupt for CountingInterrupt {
-    fn notify_queue(&self, queue: u16) -> std::io::Result<()> {
-        match self.queues.get(usize::from(queue)) {
-            Some(count) => {
-                count.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            }
-            None => panic!("interrupt for queue {queue}, which the device was never given"),
-        }
-    }
-
-    fn notify_config(&self) -> std::io::Result<()> {
-        self.config.fetch_add(1, Ordering::SeqCst);
-        Ok(())
     }
 }
 

@@ -7,10 +7,11 @@ mod support;
 use std::os::unix::fs::FileExt;
 
 use pvm_vhost::user::{Kind, VhostUserDevice};
+use pvm_virtio::testing::{EventInterrupt, TestQueue, readable, writable};
 use pvm_virtio::{Activation, VirtioDevice};
-use support::{Backend, Irqfds, Ring, readable, scratch, shared_memory, writable};
+use support::{Backend, scratch, shared_memory};
 use virtio_bindings::bindings::virtio_blk::*;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const BLK: &str = env!("CARGO_BIN_EXE_pvm-vhost-user-blk");
 const DISK_BYTES: usize = 1 << 20;
@@ -23,7 +24,7 @@ fn image_bytes() -> Vec<u8> {
 }
 
 /// Publishes one request: header, data buffers (`(len, device_writes)`), status byte.
-fn request(ring: &mut Ring, mem: &GuestMemoryMmap, kind: u32, sector: u64, data: &[u32]) -> u16 {
+fn request(ring: &TestQueue, mem: &GuestMemoryMmap, kind: u32, sector: u64, data: &[u32]) -> u16 {
     let mut header = [0u8; 16];
     header[..4].copy_from_slice(&kind.to_le_bytes());
     header[8..].copy_from_slice(&sector.to_le_bytes());
@@ -41,16 +42,17 @@ fn request(ring: &mut Ring, mem: &GuestMemoryMmap, kind: u32, sector: u64, data:
         at += u64::from(len) + 0x1000;
     }
     descs.push(writable(STATUS, 1));
-    ring.add(&descs)
+    ring.add_chain(&descs)
 }
 
 /// Kicks, waits for the interrupt and returns the request's used length and status byte.
-fn complete(ring: &mut Ring, irq: &Irqfds, mem: &GuestMemoryMmap, head: u16) -> (u32, u8) {
+fn complete(ring: &TestQueue, irq: &EventInterrupt, mem: &GuestMemoryMmap, head: u16) -> (u32, u8) {
+    ring.want_interrupt();
     ring.kick();
-    irq.wait(0);
+    assert!(irq.wait(0), "no interrupt");
     let used = ring.take_used();
     assert_eq!(used.len(), 1, "{used:?}");
-    assert_eq!(used[0].0, head);
+    assert_eq!(used[0].0, u32::from(head));
     (used[0].1, mem.read_obj(GuestAddress(STATUS)).unwrap())
 }
 
@@ -130,13 +132,17 @@ fn reads_writes_flushes_and_survives_a_driver_reload() {
     let mem = shared_memory();
     for round in 0..2u8 {
         // Round 1 is a driver reload: reset, fresh rings, DRIVER_OK again.
-        let mut ring = Ring::new(&mem, 0x1000 * (1 + u64::from(round)) * 16, 256);
-        let irq = Irqfds::new(1);
+        let ring = TestQueue::at(
+            &mem,
+            GuestAddress(0x1000 * (1 + u64::from(round)) * 16),
+            256,
+        );
+        let irq = EventInterrupt::new(1);
         device
             .activate(Activation {
                 memory: mem.clone(),
                 interrupt: irq.clone(),
-                queues: vec![ring.active(0)],
+                queues: vec![ring.active_queue(0)],
                 features,
             })
             .unwrap();
@@ -148,9 +154,9 @@ fn reads_writes_flushes_and_survives_a_driver_reload() {
             (100, vec![65536, 65536, 131072]),
             (2047, vec![512]),
         ] {
-            let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, sector, &layout);
+            let head = request(&ring, &mem, VIRTIO_BLK_T_IN, sector, &layout);
             let total: u32 = layout.iter().sum();
-            assert_eq!(complete(&mut ring, &irq, &mem, head), (total + 1, 0));
+            assert_eq!(complete(&ring, &irq, &mem, head), (total + 1, 0));
             let at = sector as usize * 512;
             assert!(
                 buffers(&mem, &layout) == expected[at..at + total as usize],
@@ -161,13 +167,13 @@ fn reads_writes_flushes_and_survives_a_driver_reload() {
         // Writes, then FLUSH: the file holds them byte for byte.
         for (sector, layout) in [(16u64, vec![512u32, 1024]), (300, vec![8192, 4096, 512])] {
             let data = fill_buffers(&mem, &layout, round);
-            let head = request(&mut ring, &mem, VIRTIO_BLK_T_OUT, sector, &layout);
-            assert_eq!(complete(&mut ring, &irq, &mem, head), (1, 0));
+            let head = request(&ring, &mem, VIRTIO_BLK_T_OUT, sector, &layout);
+            assert_eq!(complete(&ring, &irq, &mem, head), (1, 0));
             let at = sector as usize * 512;
             expected[at..at + data.len()].copy_from_slice(&data);
         }
-        let head = request(&mut ring, &mem, VIRTIO_BLK_T_FLUSH, 0, &[]);
-        assert_eq!(complete(&mut ring, &irq, &mem, head), (1, 0));
+        let head = request(&ring, &mem, VIRTIO_BLK_T_FLUSH, 0, &[]);
+        assert_eq!(complete(&ring, &irq, &mem, head), (1, 0));
         let mut on_disk = vec![0u8; DISK_BYTES];
         file.read_exact_at(&mut on_disk, 0).unwrap();
         assert!(
@@ -176,46 +182,46 @@ fn reads_writes_flushes_and_survives_a_driver_reload() {
         );
 
         // GET_ID: 20 bytes (no serial: zeros).
-        let head = request(&mut ring, &mem, VIRTIO_BLK_T_GET_ID, 0, &[20]);
-        assert_eq!(complete(&mut ring, &irq, &mem, head), (21, 0));
+        let head = request(&ring, &mem, VIRTIO_BLK_T_GET_ID, 0, &[20]);
+        assert_eq!(complete(&ring, &irq, &mem, head), (21, 0));
 
         // Hostile requests get an error status or are dropped, never take the backend down.
-        let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, 2048, &[512]);
+        let head = request(&ring, &mem, VIRTIO_BLK_T_IN, 2048, &[512]);
         assert_eq!(
-            complete(&mut ring, &irq, &mem, head).1,
+            complete(&ring, &irq, &mem, head).1,
             VIRTIO_BLK_S_IOERR as u8
         );
-        let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, u64::MAX / 256, &[512]);
+        let head = request(&ring, &mem, VIRTIO_BLK_T_IN, u64::MAX / 256, &[512]);
         assert_eq!(
-            complete(&mut ring, &irq, &mem, head).1,
+            complete(&ring, &irq, &mem, head).1,
             VIRTIO_BLK_S_IOERR as u8
         );
-        let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, 0, &[100]);
+        let head = request(&ring, &mem, VIRTIO_BLK_T_IN, 0, &[100]);
         assert_eq!(
-            complete(&mut ring, &irq, &mem, head).1,
+            complete(&ring, &irq, &mem, head).1,
             VIRTIO_BLK_S_IOERR as u8
         );
-        let head = request(&mut ring, &mem, 77, 0, &[]);
+        let head = request(&ring, &mem, 77, 0, &[]);
         assert_eq!(
-            complete(&mut ring, &irq, &mem, head).1,
+            complete(&ring, &irq, &mem, head).1,
             VIRTIO_BLK_S_UNSUPP as u8
         );
         // A device-readable buffer after the status byte: no status, used length 0.
-        let head = ring.add(&[
+        let head = ring.add_chain(&[
             readable(HEADER, 16),
             writable(STATUS, 1),
             readable(DATA, 512),
         ]);
-        assert_eq!(complete(&mut ring, &irq, &mem, head).0, 0);
+        assert_eq!(complete(&ring, &irq, &mem, head).0, 0);
         // A buffer outside guest memory.
         mem.write_slice(&[0u8; 16], GuestAddress(HEADER)).unwrap();
-        let head = ring.add(&[
+        let head = ring.add_chain(&[
             readable(HEADER, 16),
             writable(1 << 40, 512),
             writable(STATUS, 1),
         ]);
         assert_eq!(
-            complete(&mut ring, &irq, &mem, head).1,
+            complete(&ring, &irq, &mem, head).1,
             VIRTIO_BLK_S_IOERR as u8
         );
 
@@ -241,24 +247,24 @@ fn a_read_only_disk_refuses_writes() {
     let features = device.features();
     assert_ne!(features & (1 << VIRTIO_BLK_F_RO), 0);
     let mem = shared_memory();
-    let mut ring = Ring::new(&mem, 0x1000, 256);
-    let irq = Irqfds::new(1);
+    let ring = TestQueue::at(&mem, GuestAddress(0x1000), 256);
+    let irq = EventInterrupt::new(1);
     device
         .activate(Activation {
             memory: mem.clone(),
             interrupt: irq.clone(),
-            queues: vec![ring.active(0)],
+            queues: vec![ring.active_queue(0)],
             features,
         })
         .unwrap();
     fill_buffers(&mem, &[4096], 9);
-    let head = request(&mut ring, &mem, VIRTIO_BLK_T_OUT, 0, &[4096]);
+    let head = request(&ring, &mem, VIRTIO_BLK_T_OUT, 0, &[4096]);
     assert_eq!(
-        complete(&mut ring, &irq, &mem, head).1,
+        complete(&ring, &irq, &mem, head).1,
         VIRTIO_BLK_S_IOERR as u8
     );
-    let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, 0, &[4096]);
-    assert_eq!(complete(&mut ring, &irq, &mem, head), (4097, 0));
+    let head = request(&ring, &mem, VIRTIO_BLK_T_IN, 0, &[4096]);
+    assert_eq!(complete(&ring, &irq, &mem, head), (4097, 0));
     assert!(
         std::fs::read(&image).unwrap() == image_bytes(),
         "the read-only image changed"
@@ -319,25 +325,26 @@ fn a_broken_ring_is_stopped_until_the_driver_resets() {
     let mut device = connect(&socket);
     let features = device.features();
     let mem = shared_memory();
-    let mut ring = Ring::new(&mem, 0x1000, 256);
-    let irq = Irqfds::new(1);
+    let ring = TestQueue::at(&mem, GuestAddress(0x1000), 256);
+    let irq = EventInterrupt::new(1);
     device
         .activate(Activation {
             memory: mem.clone(),
             interrupt: irq.clone(),
-            queues: vec![ring.active(0)],
+            queues: vec![ring.active_queue(0)],
             features,
         })
         .unwrap();
     // A driver claiming 1000 buffers on a 256-entry ring: the backend stops the ring rather
     // than reading garbage, and answers nothing, not even later valid requests.
-    let avail_idx = ring.mock.avail_addr().unchecked_add(2);
-    mem.write_obj(1000u16, avail_idx).unwrap();
+    ring.set_avail_idx(&mem, 1000);
+    ring.want_interrupt();
     ring.kick();
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(ring.take_used().is_empty());
-    mem.write_obj(0u16, avail_idx).unwrap();
-    let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, 0, &[512]);
+    ring.set_avail_idx(&mem, 0);
+    let head = request(&ring, &mem, VIRTIO_BLK_T_IN, 0, &[512]);
+    ring.want_interrupt();
     ring.kick();
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(
@@ -346,18 +353,18 @@ fn a_broken_ring_is_stopped_until_the_driver_resets() {
     );
     // The driver resets the device and starts again: the backend serves the fresh ring.
     device.reset();
-    let mut ring = Ring::new(&mem, 0x2_0000, 256);
-    let irq = Irqfds::new(1);
+    let ring = TestQueue::at(&mem, GuestAddress(0x2_0000), 256);
+    let irq = EventInterrupt::new(1);
     device
         .activate(Activation {
             memory: mem.clone(),
             interrupt: irq.clone(),
-            queues: vec![ring.active(0)],
+            queues: vec![ring.active_queue(0)],
             features,
         })
         .unwrap();
-    let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, 0, &[512]);
-    assert_eq!(complete(&mut ring, &irq, &mem, head), (513, 0));
+    let head = request(&ring, &mem, VIRTIO_BLK_T_IN, 0, &[512]);
+    assert_eq!(complete(&ring, &irq, &mem, head), (513, 0));
     assert!(buffers(&mem, &[512]) == image_bytes()[..512]);
     drop(device);
     assert_eq!(backend.wait(), 0);
@@ -495,25 +502,26 @@ fn a_paused_frontend_stops_the_backend_ring_and_resumes_where_it_stopped() {
     let mut device = connect(&socket);
     let features = device.features();
     let mem = shared_memory();
-    let mut ring = Ring::new(&mem, 0x1000, 256);
-    let irq = Irqfds::new(1);
+    let ring = TestQueue::at(&mem, GuestAddress(0x1000), 256);
+    let irq = EventInterrupt::new(1);
     device
         .activate(Activation {
             memory: mem.clone(),
             interrupt: irq.clone(),
-            queues: vec![ring.active(0)],
+            queues: vec![ring.active_queue(0)],
             features,
         })
         .unwrap();
-    let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, 0, &[512]);
-    assert_eq!(complete(&mut ring, &irq, &mem, head), (513, 0));
+    let head = request(&ring, &mem, VIRTIO_BLK_T_IN, 0, &[512]);
+    assert_eq!(complete(&ring, &irq, &mem, head), (513, 0));
 
     // Paused: the backend gave the ring back at the position after the one request, and a
     // request made now is not served, kick or not.
     device.pause().unwrap();
     device.pause().unwrap();
     assert_eq!(device.ring_bases(), vec![(0, 1)]);
-    let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, 8, &[1024]);
+    let head = request(&ring, &mem, VIRTIO_BLK_T_IN, 8, &[1024]);
+    ring.want_interrupt();
     ring.kick();
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(ring.take_used().is_empty(), "a paused ring was served");
@@ -521,8 +529,8 @@ fn a_paused_frontend_stops_the_backend_ring_and_resumes_where_it_stopped() {
     // Resumed from there: the kick that waited brings the request in, served once, with the
     // right sectors.
     device.resume().unwrap();
-    irq.wait(0);
-    assert_eq!(ring.take_used(), vec![(head, 1025)]);
+    assert!(irq.wait(0), "no interrupt after the resume");
+    assert_eq!(ring.take_used(), vec![(u32::from(head), 1025)]);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
     assert!(buffers(&mem, &[1024]) == expected[8 * 512..8 * 512 + 1024]);
     assert!(ring.take_used().is_empty());
@@ -530,18 +538,18 @@ fn a_paused_frontend_stops_the_backend_ring_and_resumes_where_it_stopped() {
     // A reset while paused, then a fresh activation, still works.
     device.pause().unwrap();
     device.reset();
-    let mut ring = Ring::new(&mem, 0x2_0000, 256);
-    let irq = Irqfds::new(1);
+    let ring = TestQueue::at(&mem, GuestAddress(0x2_0000), 256);
+    let irq = EventInterrupt::new(1);
     device
         .activate(Activation {
             memory: mem.clone(),
             interrupt: irq.clone(),
-            queues: vec![ring.active(0)],
+            queues: vec![ring.active_queue(0)],
             features,
         })
         .unwrap();
-    let head = request(&mut ring, &mem, VIRTIO_BLK_T_IN, 0, &[512]);
-    assert_eq!(complete(&mut ring, &irq, &mem, head), (513, 0));
+    let head = request(&ring, &mem, VIRTIO_BLK_T_IN, 0, &[512]);
+    assert_eq!(complete(&ring, &irq, &mem, head), (513, 0));
     drop(device);
     assert_eq!(backend.wait(), 0);
 }

@@ -10,8 +10,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pvm_vhost::user::{Kind, VhostUserDevice};
+use pvm_virtio::testing::{EventInterrupt, TestQueue, readable, writable};
 use pvm_virtio::{Activation, VirtioDevice};
-use support::{Backend, Irqfds, Ring, readable, scratch, shared_memory, writable};
+use support::{Backend, scratch, shared_memory};
 use virtio_bindings::bindings::virtio_net::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -122,19 +123,20 @@ fn echo_request(dst_mac: [u8; 6], payload: &[u8]) -> Vec<u8> {
 }
 
 /// The driver's receive side: posted buffers by head, frames reassembled from used entries.
-struct Receiver<'m> {
-    ring: Ring<'m>,
+struct Receiver {
+    ring: TestQueue,
     buffers: Vec<u64>,
 }
 
-impl Receiver<'_> {
+impl Receiver {
     fn post(&mut self, count: u64) {
         for _ in 0..count {
             let addr = RX_BUFFERS + self.buffers.len() as u64 * 0x1000;
-            let head = self.ring.add(&[writable(addr, RX_BUFFER_LEN)]);
+            let head = self.ring.add_chain(&[writable(addr, RX_BUFFER_LEN)]);
             assert_eq!(usize::from(head), self.buffers.len());
             self.buffers.push(addr);
         }
+        self.ring.want_interrupt();
         self.ring.kick();
     }
 
@@ -142,7 +144,7 @@ impl Receiver<'_> {
     fn frame(
         &mut self,
         mem: &GuestMemoryMmap,
-        irq: &Irqfds,
+        irq: &EventInterrupt,
         want: impl Fn(&[u8]) -> bool,
     ) -> (Vec<u8>, u16) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -150,7 +152,7 @@ impl Receiver<'_> {
         loop {
             used.extend(self.ring.take_used());
             while let Some(&(head, len)) = used.first() {
-                let addr = self.buffers[usize::from(head)];
+                let addr = self.buffers[head as usize];
                 let mut header = [0u8; HDR];
                 mem.read_slice(&mut header, GuestAddress(addr)).unwrap();
                 let count = u16::from_le_bytes([header[10], header[11]]);
@@ -161,7 +163,7 @@ impl Receiver<'_> {
                 let mut frame = Vec::new();
                 for (i, (head, len)) in used.drain(..usize::from(count)).enumerate() {
                     let mut chunk = vec![0u8; len as usize];
-                    mem.read_slice(&mut chunk, GuestAddress(self.buffers[usize::from(head)]))
+                    mem.read_slice(&mut chunk, GuestAddress(self.buffers[head as usize]))
                         .unwrap();
                     frame.extend(if i == 0 { &chunk[HDR..] } else { &chunk[..] });
                 }
@@ -177,21 +179,22 @@ impl Receiver<'_> {
             if self.ring.has_used() {
                 continue;
             }
-            irq.wait(0);
+            assert!(irq.wait(0), "no interrupt on the receive queue");
         }
     }
 }
 
-fn transmit(tx: &mut Ring, mem: &GuestMemoryMmap, irq: &Irqfds, frame: &[u8]) {
+fn transmit(tx: &TestQueue, mem: &GuestMemoryMmap, irq: &EventInterrupt, frame: &[u8]) {
     mem.write_slice(frame, GuestAddress(TX_BUFFER)).unwrap();
     // Header and frame in separate descriptors, as Linux sends them without ANY_LAYOUT tricks.
-    let head = tx.add(&[
+    let head = tx.add_chain(&[
         readable(TX_BUFFER, HDR as u32),
         readable(TX_BUFFER + HDR as u64, (frame.len() - HDR) as u32),
     ]);
+    tx.want_interrupt();
     tx.kick();
-    irq.wait(1);
-    assert_eq!(tx.take_used(), vec![(head, 0)]);
+    assert!(irq.wait(1), "no interrupt on the transmit queue");
+    assert_eq!(tx.take_used(), vec![(u32::from(head), 0)]);
 }
 
 #[test]
@@ -248,23 +251,23 @@ fn frames_go_both_ways_through_a_tap_in_a_network_namespace() {
         // Round 1 follows a driver reload.
         let base = 0x1_0000 * (1 + round);
         let mut rx = Receiver {
-            ring: Ring::new(&mem, base, 256),
+            ring: TestQueue::at(&mem, GuestAddress(base), 256),
             buffers: Vec::new(),
         };
-        let mut tx = Ring::new(&mem, base + 0x8000, 256);
-        let irq = Irqfds::new(2);
+        let tx = TestQueue::at(&mem, GuestAddress(base + 0x8000), 256);
+        let irq = EventInterrupt::new(2);
         device
             .activate(Activation {
                 memory: mem.clone(),
                 interrupt: irq.clone(),
-                queues: vec![rx.ring.active(0), tx.active(1)],
+                queues: vec![rx.ring.active_queue(0), tx.active_queue(1)],
                 features,
             })
             .unwrap();
         rx.post(32);
 
         // Guest to host: an ARP request; host to guest: the kernel's reply.
-        transmit(&mut tx, &mem, &irq, &arp_request());
+        transmit(&tx, &mem, &irq, &arp_request());
         let (reply, _) = rx.frame(&mem, &irq, |f| {
             f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2]
         });
@@ -277,7 +280,7 @@ fn frames_go_both_ways_through_a_tap_in_a_network_namespace() {
         let payload: Vec<u8> = (0..1000u32)
             .map(|i| (i * 31 + round as u32) as u8)
             .collect();
-        transmit(&mut tx, &mem, &irq, &echo_request(host_mac, &payload));
+        transmit(&tx, &mem, &irq, &echo_request(host_mac, &payload));
         let (reply, buffers) = rx.frame(&mem, &irq, |f| {
             f.len() > 34 && f[12..14] == [0x08, 0x00] && f[23] == 1 && f[34] == 0
         });

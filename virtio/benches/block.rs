@@ -38,7 +38,8 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::tempfile::TempFile;
 
-use common::{Buffer, Driver, EventInterrupt, bench, mib_per_s, micros, ratio};
+use common::{bench, last_used_len, mib_per_s, micros, ratio, submit, wait_used};
+use pvm_virtio::testing::{EventInterrupt, TestQueue, readable, writable};
 
 const IMAGE_BYTES: u64 = 64 << 20;
 const SIZES: [(u32, &str); 3] = [(4 << 10, "4KiB"), (64 << 10, "64KiB"), (1 << 20, "1MiB")];
@@ -110,17 +111,16 @@ fn main() {
     // Everything offered, as Linux accepts it (EVENT_IDX included).
     let features = block.features();
     let interrupt = EventInterrupt::new(1);
-    let mut worker_driver = Driver::new(&mem, GuestAddress(WORKER_RING), QUEUE_SIZE);
-    let (active, kick) = worker_driver.active_queue(0);
+    let worker_driver = TestQueue::at(&mem, GuestAddress(WORKER_RING), QUEUE_SIZE);
     block
         .activate(Activation {
             memory: mem.clone(),
             interrupt: interrupt.clone(),
-            queues: vec![active],
+            queues: vec![worker_driver.active_queue(0)],
             features,
         })
         .expect("activate the block device");
-    let mut sync_driver = Driver::new(&mem, GuestAddress(SYNC_RING), QUEUE_SIZE);
+    let sync_driver = TestQueue::at(&mem, GuestAddress(SYNC_RING), QUEUE_SIZE);
     let mut sync_queue = sync_driver.queue();
     let limit_file = OpenOptions::new()
         .read(true)
@@ -138,25 +138,14 @@ fn main() {
             .expect("header");
         for (size, label) in SIZES {
             let is_read = kind == VIRTIO_BLK_T_IN;
-            let chain = [
-                Buffer {
-                    addr: HEADER,
-                    len: 16,
-                    device_writes: false,
-                },
-                Buffer {
-                    addr: DATA,
-                    len: size,
-                    device_writes: is_read,
-                },
-                Buffer {
-                    addr: STATUS,
-                    len: 1,
-                    device_writes: true,
-                },
-            ];
-            worker_driver.set_chain(&chain);
-            sync_driver.set_chain(&chain);
+            let data = if is_read {
+                writable(DATA, size)
+            } else {
+                readable(DATA, size)
+            };
+            let chain = [readable(HEADER, 16), data, writable(STATUS, 1)];
+            worker_driver.store_chain(0, &chain);
+            sync_driver.store_chain(0, &chain);
             let want_len = if is_read { size + 1 } else { 1 };
             let slots = IMAGE_BYTES / u64::from(size);
             // The next request's offset, shared by the three cases so they walk the same bytes.
@@ -183,20 +172,20 @@ fn main() {
                 let start = Instant::now();
                 for _ in 0..iters {
                     prepare(next_offset());
-                    let want = worker_driver.publish(0);
-                    kick.write(1).expect("kick");
-                    worker_driver.wait_used(&interrupt, 0, want);
+                    let want = submit(&worker_driver, &mem, 0);
+                    worker_driver.kick();
+                    wait_used(&worker_driver, &interrupt, 0, want);
                     check();
                 }
                 let elapsed = start.elapsed();
-                assert_eq!(worker_driver.last_used_len(), want_len);
+                assert_eq!(last_used_len(&worker_driver), want_len);
                 elapsed
             });
             let request_fn = bench(&mut group, "pvm-request-fn", |iters| {
                 let start = Instant::now();
                 for _ in 0..iters {
                     prepare(next_offset());
-                    sync_driver.publish(0);
+                    submit(&sync_driver, &mem, 0);
                     let chain = sync_queue.pop_descriptor_chain(&mem).expect("a chain");
                     let head = chain.head_index();
                     let len = block.bench_serve_request(&mem, chain);
@@ -204,7 +193,7 @@ fn main() {
                     check();
                 }
                 let elapsed = start.elapsed();
-                assert_eq!(sync_driver.last_used_len(), want_len);
+                assert_eq!(last_used_len(&sync_driver), want_len);
                 elapsed
             });
             let data = &mut host_buf[..size as usize];

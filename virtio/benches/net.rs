@@ -42,7 +42,8 @@ use pvm_virtio::{Activation, Net, NetBackend, Tap, VirtioDevice};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use common::{Buffer, Driver, EventInterrupt, bench, mib_per_s, micros, ratio};
+use common::{bench, last_used_len, mib_per_s, micros, ratio, submit, wait_used};
+use pvm_virtio::testing::{EventInterrupt, TestQueue, readable};
 
 const TAP_NAME: &str = "pvmbench0";
 /// Guest memory: the receive queue, the transmit queue, the benchmark thread's queue, the frame.
@@ -202,18 +203,17 @@ fn main() {
     let counters = net.counters();
     let interrupt = EventInterrupt::new(2);
     // The receive queue gets no buffers: nothing is received here.
-    let rx_driver = Driver::new(&mem, GuestAddress(RX_RING), QUEUE_SIZE);
-    let mut tx_driver = Driver::new(&mem, GuestAddress(TX_RING), QUEUE_SIZE);
-    let (rx_active, _rx_kick) = rx_driver.active_queue(0);
-    let (tx_active, tx_kick) = tx_driver.active_queue(TX_QUEUE);
+    let rx_driver = TestQueue::at(&mem, GuestAddress(RX_RING), QUEUE_SIZE);
+    let tx_driver = TestQueue::at(&mem, GuestAddress(TX_RING), QUEUE_SIZE);
+    let active = vec![rx_driver.active_queue(0), tx_driver.active_queue(TX_QUEUE)];
     net.activate(Activation {
         memory: mem.clone(),
         interrupt: interrupt.clone(),
-        queues: vec![rx_active, tx_active],
+        queues: active,
         features,
     })
     .expect("activate the net device");
-    let mut sync_driver = Driver::new(&mem, GuestAddress(SYNC_RING), QUEUE_SIZE);
+    let sync_driver = TestQueue::at(&mem, GuestAddress(SYNC_RING), QUEUE_SIZE);
     let mut sync_queue = sync_driver.queue();
 
     let mut c = common::criterion();
@@ -229,13 +229,9 @@ fn main() {
             }
         }
         mem.write_slice(&bytes, GuestAddress(DATA)).expect("frame");
-        let chain = [Buffer {
-            addr: DATA,
-            len: bytes.len() as u32,
-            device_writes: false,
-        }];
-        tx_driver.set_chain(&chain);
-        sync_driver.set_chain(&chain);
+        let chain = [readable(DATA, bytes.len() as u32)];
+        tx_driver.store_chain(0, &chain);
+        sync_driver.store_chain(0, &chain);
         let errors_before = counters.tx_errors.load(Ordering::Relaxed)
             + counters.tx_malformed.load(Ordering::Relaxed);
 
@@ -244,19 +240,19 @@ fn main() {
         let worker = bench(&mut group, "pvm-worker", |iters| {
             let start = Instant::now();
             for _ in 0..iters {
-                let want = tx_driver.publish(0);
-                tx_kick.write(1).expect("kick");
-                tx_driver.wait_used(&interrupt, TX_QUEUE, want);
+                let want = submit(&tx_driver, &mem, 0);
+                tx_driver.kick();
+                wait_used(&tx_driver, &interrupt, TX_QUEUE, want);
             }
             let elapsed = start.elapsed();
             // The device writes nothing into transmit buffers.
-            assert_eq!(tx_driver.last_used_len(), 0);
+            assert_eq!(last_used_len(&tx_driver), 0);
             elapsed
         });
         let transmit_fn = bench(&mut group, "pvm-transmit-fn", |iters| {
             let start = Instant::now();
             for _ in 0..iters {
-                sync_driver.publish(0);
+                submit(&sync_driver, &mem, 0);
                 let chain = sync_queue.pop_descriptor_chain(&mem).expect("a chain");
                 let head = chain.head_index();
                 let len = net.bench_transmit(&mem, chain);

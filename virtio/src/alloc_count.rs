@@ -16,7 +16,7 @@ use vmm_sys_util::tempfile::TempFile;
 
 use crate::block::{DiskImage, serve_request};
 use crate::net::{Delivery, NetCounters, VNET_HDR_LEN, deliver_frame, transmit};
-use crate::test_utils::{TestQueue, readable, test_memory, writable};
+use crate::testing::{TestQueue, readable, test_memory, writable};
 
 /// The system allocator, counting every allocation and reallocation of the calling thread.
 struct Counting;

@@ -15,8 +15,11 @@ pub mod data_plane;
 pub mod device;
 pub mod net;
 pub mod rng;
-#[cfg(test)]
-mod test_utils;
+// Test helpers, for this crate's tests and, with the `testing` feature, for its benches, other
+// crates' tests and the fuzz targets. Not part of the API a VMM uses.
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+pub mod testing;
 pub mod thread;
 pub mod transport;
 mod worker;

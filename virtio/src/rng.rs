@@ -158,7 +158,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    use crate::test_utils::{
+    use crate::testing::{
         RecordingInterrupt, TestQueue, activation, readable, test_memory, writable,
     };
 

@@ -1,6 +1,6 @@
 //! One virtio-blk request: parse and validate the chain, do the I/O against the image, report a
 //! status. Plain functions over guest memory and a file, free of threads and eventfds, so they are
-//! unit-tested with MockSplitQueue.
+//! unit-tested on chains from a test driver's queue (crate::testing).
 
 use std::fs::File;
 use std::io;

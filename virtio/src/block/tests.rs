@@ -9,9 +9,7 @@ use vmm_sys_util::tempfile::TempFile;
 
 use super::request::{DiskImage, handle_request};
 use super::*;
-use crate::test_utils::{
-    RecordingInterrupt, TestQueue, activation, readable, test_memory, writable,
-};
+use crate::testing::{RecordingInterrupt, TestQueue, activation, readable, test_memory, writable};
 
 const HEADER: u64 = 0x10_000;
 const DATA: u64 = 0x20_000;

@@ -6,7 +6,7 @@ use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
-use crate::test_utils::{
+use crate::testing::{
     RecordingInterrupt, TestQueue, activation, eventually, readable, test_memory, writable,
 };
 use crate::worker::CHAINS_PER_PASS;

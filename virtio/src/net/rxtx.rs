@@ -1,5 +1,5 @@
 //! Moving frames between virtqueues and the backend: plain functions over guest memory, a fd
-//! and the counters, unit-tested with MockSplitQueue and a socket pair.
+//! and the counters, unit-tested with pvm_virtio::testing's queues and a socket pair.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;

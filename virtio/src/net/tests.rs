@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::rxtx::{Delivery, deliver_frame, transmit};
 use super::*;
 use crate::device::ActiveQueue;
-use crate::test_utils::{
+use crate::testing::{
     RecordingInterrupt, TestQueue, activation, eventually, readable, test_memory, writable,
 };
 

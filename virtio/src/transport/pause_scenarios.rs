@@ -15,13 +15,14 @@ use vmm_sys_util::tempfile::TempFile;
 use crate::Block;
 use crate::device::{PauseError, VirtioDevice};
 use crate::net::{Net, NetBackend, VNET_HDR_LEN};
-use crate::test_utils::{QueueLayout, eventually, readable, writable};
+use crate::testing::{TestQueue, eventually, readable, writable};
 
 /// A transport as the scenarios drive it: the driver's side of its registers, and the VMM's
 /// pause and resume.
 pub(crate) trait DriverPort {
-    /// Feature negotiation, the queues as laid out, then DRIVER_OK (virtio 1.2, 3.1.1).
-    fn bring_up(&mut self, features: u64, queues: &[QueueLayout]);
+    /// Feature negotiation, the queues as the driver laid them out, then DRIVER_OK (virtio
+    /// 1.2, 3.1.1).
+    fn bring_up(&mut self, features: u64, queues: &[&TestQueue]);
     /// The driver notifies `queue` through the transport's notification register.
     fn notify(&mut self, queue: u16);
     fn status(&mut self) -> u8;
@@ -29,83 +30,15 @@ pub(crate) trait DriverPort {
     fn resume(&mut self) -> Result<(), PauseError>;
 }
 
+/// A test queue's `[desc, avail, used]` guest addresses, as a driver writes them into the
+/// transport's registers.
+pub(crate) fn addresses(queue: &TestQueue) -> [u64; 3] {
+    let rings = queue.rings();
+    [rings.desc_table.0, rings.avail_ring.0, rings.used_ring.0]
+}
+
 /// Builds a transport around a device on the scenario's guest memory.
 pub(crate) type MakePort = fn(Box<dyn VirtioDevice>, GuestMemoryMmap) -> Box<dyn DriverPort>;
-
-/// The driver's side of a split queue laid out as virtio 1.2 (2.7) sizes it, event-index
-/// fields included, which the transport insists on (virtio-queue's MockSplitQueue puts the used
-/// ring over the available ring's tail).
-struct DriverQueue<'m> {
-    mem: &'m GuestMemoryMmap,
-    layout: QueueLayout,
-    next_desc: u16,
-    avail_idx: u16,
-}
-
-impl<'m> DriverQueue<'m> {
-    fn at(mem: &'m GuestMemoryMmap, start: u64, size: u16) -> Self {
-        let desc = start;
-        let avail = desc + 16 * u64::from(size);
-        // The used ring is 4-byte aligned, after flags, idx, the ring and used_event.
-        let used = (avail + 6 + 2 * u64::from(size)).next_multiple_of(4);
-        let layout = QueueLayout {
-            size,
-            desc,
-            avail,
-            used,
-        };
-        for area in [avail, used] {
-            mem.write_obj(0u32, GuestAddress(area)).unwrap();
-        }
-        DriverQueue {
-            mem,
-            layout,
-            next_desc: 0,
-            avail_idx: 0,
-        }
-    }
-
-    fn registers(&self) -> QueueLayout {
-        self.layout
-    }
-
-    /// Publishes one chain of fresh descriptors (never reused: the tests stay below the size).
-    fn add_chain(&mut self, descs: &[virtio_queue::desc::RawDescriptor]) {
-        use virtio_queue::desc::split::Descriptor;
-        let head = self.next_desc;
-        for (i, raw) in descs.iter().enumerate() {
-            let d = Descriptor::from(*raw);
-            let index = head + i as u16;
-            let more = i + 1 < descs.len();
-            let flags = if more { d.flags() | 1 } else { d.flags() & !1 };
-            let linked = Descriptor::new(d.addr().0, d.len(), flags, index + 1);
-            let at = GuestAddress(self.layout.desc + 16 * u64::from(index));
-            self.mem.write_obj(linked, at).unwrap();
-        }
-        self.next_desc += descs.len() as u16;
-        let slot = self.layout.avail + 4 + 2 * u64::from(self.avail_idx % self.layout.size);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(self.layout.avail + 2))
-            .unwrap();
-    }
-
-    /// The used ring's entries so far, as (descriptor head, length written).
-    fn used(&self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
-        let base = self.layout.used;
-        let idx: u16 = mem.read_obj(GuestAddress(base + 2)).unwrap();
-        (0..idx)
-            .map(|i| {
-                let elem = base + 4 + 8 * u64::from(i % self.layout.size);
-                let id: u32 = mem.read_obj(GuestAddress(elem)).unwrap();
-                let len: u32 = mem.read_obj(GuestAddress(elem + 4)).unwrap();
-                (id, len)
-            })
-            .collect()
-    }
-}
 
 /// What a paused device must not do for this long: serve a chain.
 const QUIET: Duration = Duration::from_millis(60);
@@ -117,7 +50,7 @@ const HEADERS: u64 = 0x2_0000;
 const DATA: u64 = 0x3_0000;
 const STATUS: u64 = 0x4_0000;
 
-fn block_request(mem: &GuestMemoryMmap, tq: &mut DriverQueue<'_>, kind: u32, n: u64) {
+fn block_request(mem: &GuestMemoryMmap, tq: &TestQueue, kind: u32, n: u64) {
     let header = HEADERS + 16 * n;
     mem.write_obj(kind, GuestAddress(header)).unwrap();
     mem.write_obj(0u32, GuestAddress(header + 4)).unwrap();
@@ -143,15 +76,15 @@ pub(crate) fn block_pauses_mid_traffic(make: MakePort) {
     // Every request of the test in its own descriptors: TestQueue does not reuse them.
     const _: () = assert!(3 * REQUESTS_PER_ROUND * ROUNDS <= 256);
     let features = block.features();
-    let mem = crate::transport::testing::guest_memory();
-    let mut tq = DriverQueue::at(&mem, 0x1_0000, 256);
+    let mem = crate::testing::test_memory();
+    let tq = TestQueue::at(&mem, GuestAddress(0x1_0000), 256);
     let mut port = make(Box::new(block), mem.clone());
-    port.bring_up(features, &[tq.registers()]);
+    port.bring_up(features, &[&tq]);
     let mut sent = 0;
     for _ in 0..ROUNDS {
         // Half a batch, paused right after the kick (racing the worker).
         for _ in 0..REQUESTS_PER_ROUND / 2 {
-            block_request(&mem, &mut tq, VIRTIO_BLK_T_OUT, sent);
+            block_request(&mem, &tq, VIRTIO_BLK_T_OUT, sent);
             sent += 1;
         }
         port.notify(0);
@@ -159,7 +92,7 @@ pub(crate) fn block_pauses_mid_traffic(make: MakePort) {
         let served = tq.used(&mem).len();
         // Paused: the other half and its kick wait, nothing is served.
         for _ in 0..REQUESTS_PER_ROUND / 2 {
-            block_request(&mem, &mut tq, VIRTIO_BLK_T_OUT, sent);
+            block_request(&mem, &tq, VIRTIO_BLK_T_OUT, sent);
             sent += 1;
         }
         port.notify(0);
@@ -238,11 +171,11 @@ pub(crate) fn net_pauses_mid_traffic(make: MakePort) {
     peer.set_nonblocking(true).unwrap();
     let net = Net::new(Arc::new(SocketTap(tap)), None).unwrap();
     let features = net.features();
-    let mem = crate::transport::testing::guest_memory();
-    let mut rxq = DriverQueue::at(&mem, 0x1_0000, 128);
-    let mut txq = DriverQueue::at(&mem, 0x1_8000, 128);
+    let mem = crate::testing::test_memory();
+    let rxq = TestQueue::at(&mem, GuestAddress(0x1_0000), 128);
+    let txq = TestQueue::at(&mem, GuestAddress(0x1_8000), 128);
     let mut port = make(Box::new(net), mem.clone());
-    port.bring_up(features, &[rxq.registers(), txq.registers()]);
+    port.bring_up(features, &[&rxq, &txq]);
 
     let mut at_peer = Vec::new();
     let drain_peer = |at_peer: &mut Vec<u32>| {
@@ -255,7 +188,7 @@ pub(crate) fn net_pauses_mid_traffic(make: MakePort) {
     let mut next_rx = 0u32;
     for _ in 0..ROUNDS {
         // Guest to host: half a batch, paused right after the kick, the rest while paused.
-        let send = |txq: &mut DriverQueue<'_>, next_tx: &mut u32| {
+        let send = |txq: &TestQueue, next_tx: &mut u32| {
             let frame = numbered_frame(*next_tx);
             let addr = 0x5_0000 + 0x100 * u64::from(*next_tx % 256);
             mem.write_slice(&frame, GuestAddress(addr)).unwrap();
@@ -263,12 +196,12 @@ pub(crate) fn net_pauses_mid_traffic(make: MakePort) {
             *next_tx += 1;
         };
         for _ in 0..FRAMES / 2 {
-            send(&mut txq, &mut next_tx);
+            send(&txq, &mut next_tx);
         }
         port.notify(1);
         port.pause().unwrap();
         for _ in 0..FRAMES / 2 {
-            send(&mut txq, &mut next_tx);
+            send(&txq, &mut next_tx);
         }
         drain_peer(&mut at_peer);
         let sent = at_peer.len();

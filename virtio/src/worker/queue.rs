@@ -335,7 +335,7 @@ pub enum FillEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_utils::{TestQueue, looped, readable, test_memory, writable};
+    use crate::testing::{TestQueue, looped, readable, test_memory, writable};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[test]
@@ -380,7 +380,7 @@ mod tests {
         );
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let interrupt = crate::test_utils::RecordingInterrupt::default();
+            let interrupt = crate::testing::RecordingInterrupt::default();
             dq.process(&mem, &interrupt, |_| 0);
             done.send(()).unwrap();
         });

@@ -90,7 +90,7 @@ mod tests {
     use virtio_queue::QueueT;
 
     use super::*;
-    use crate::test_utils::{TestQueue, test_memory};
+    use crate::testing::{TestQueue, test_memory};
     use crate::worker::feature;
 
     #[test]

@@ -3,13 +3,13 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::*;
-use crate::test_utils::QueueLayout;
-use crate::transport::pause_scenarios::{
-    DriverPort, block_pauses_mid_traffic, net_pauses_mid_traffic,
+use crate::testing::TestQueue;
+use crate::testing::{
+    FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SharedLog, expected_queue, ring_addresses,
+    test_memory,
 };
-use crate::transport::testing::{
-    FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SharedLog, expected_queue, guest_memory,
-    ring_addresses,
+use crate::transport::pause_scenarios::{
+    DriverPort, addresses, block_pauses_mid_traffic, net_pauses_mid_traffic,
 };
 use crate::transport::{
     STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
@@ -22,7 +22,7 @@ fn transport(max_sizes: &[u16]) -> (MmioTransport, SharedLog) {
     let (device, log) = FakeDevice::new(max_sizes);
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     (
-        MmioTransport::new(Box::new(device), guest_memory(), irq).unwrap(),
+        MmioTransport::new(Box::new(device), test_memory(), irq).unwrap(),
         log,
     )
 }
@@ -59,22 +59,12 @@ fn negotiate(transport: &mut MmioTransport, features: u64) -> bool {
 
 fn configure_queue(transport: &mut MmioTransport, index: u16, size: u16) {
     let (desc, avail, used) = ring_addresses(index);
-    let layout = QueueLayout {
-        size,
-        desc,
-        avail,
-        used,
-    };
-    configure_queue_at(transport, index, layout);
+    configure_queue_at(transport, index, size, [desc, avail, used]);
 }
 
-fn configure_queue_at(transport: &mut MmioTransport, index: u16, layout: QueueLayout) {
-    let QueueLayout {
-        size,
-        desc,
-        avail,
-        used,
-    } = layout;
+/// Programs queue `index` with `size` entries at the `[desc, avail, used]` addresses.
+fn configure_queue_at(transport: &mut MmioTransport, index: u16, size: u16, rings: [u64; 3]) {
+    let [desc, avail, used] = rings;
     write32(transport, VIRTIO_MMIO_QUEUE_SEL, index.into());
     write32(transport, VIRTIO_MMIO_QUEUE_NUM, size.into());
     for (low, address) in [
@@ -98,10 +88,10 @@ fn bring_up(transport: &mut MmioTransport, sizes: &[u16]) {
 }
 
 impl DriverPort for MmioTransport {
-    fn bring_up(&mut self, features: u64, queues: &[QueueLayout]) {
+    fn bring_up(&mut self, features: u64, queues: &[&TestQueue]) {
         assert!(negotiate(self, features));
-        for (index, &layout) in (0u16..).zip(queues) {
-            configure_queue_at(self, index, layout);
+        for (index, queue) in (0u16..).zip(queues) {
+            configure_queue_at(self, index, queue.size(), addresses(queue));
         }
         set_status(self, STATUS_DRIVER_OK);
         assert_eq!(self.device_status() & STATUS_NEEDS_RESET, 0);
@@ -319,7 +309,7 @@ fn invalid_queue_sets_needs_reset_instead_of_activating() {
 fn activation_error_sets_needs_reset() {
     let (device, log) = FakeDevice::refusing(&[16]);
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let mut transport = MmioTransport::new(Box::new(device), guest_memory(), irq).unwrap();
+    let mut transport = MmioTransport::new(Box::new(device), test_memory(), irq).unwrap();
     bring_up(&mut transport, &[16]);
     assert!(log.get().activations.is_empty());
     assert_ne!(transport.device_status() & STATUS_NEEDS_RESET, 0);

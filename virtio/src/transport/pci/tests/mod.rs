@@ -10,13 +10,13 @@ use super::config::{
 };
 use super::msix::{ISR_CONFIG, ISR_QUEUE};
 use super::*;
-use crate::test_utils::QueueLayout;
-use crate::transport::pause_scenarios::{
-    DriverPort, block_pauses_mid_traffic, net_pauses_mid_traffic,
+use crate::testing::TestQueue;
+use crate::testing::{
+    FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SharedLog, expected_queue, ring_addresses,
+    test_memory,
 };
-use crate::transport::testing::{
-    FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SharedLog, expected_queue, guest_memory,
-    ring_addresses,
+use crate::transport::pause_scenarios::{
+    DriverPort, addresses, block_pauses_mid_traffic, net_pauses_mid_traffic,
 };
 use crate::transport::{
     STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
@@ -77,7 +77,7 @@ fn fixture(max_sizes: &[u16], vectors: u16) -> Fixture {
     let sink = Arc::new(RecordingSink::default());
     let transport = PciTransport::new(
         Box::new(device),
-        guest_memory(),
+        test_memory(),
         BAR_ADDRESS,
         vectors,
         sink.clone(),
@@ -133,22 +133,12 @@ impl Fixture {
     /// the others (both forms must work).
     fn configure_queue(&mut self, index: u16, size: u16, vector: u16) {
         let (desc, avail, used) = ring_addresses(index);
-        let layout = QueueLayout {
-            size,
-            desc,
-            avail,
-            used,
-        };
-        self.configure_queue_at(index, layout, vector);
+        self.configure_queue_at(index, size, [desc, avail, used], vector);
     }
 
-    fn configure_queue_at(&mut self, index: u16, layout: QueueLayout, vector: u16) {
-        let QueueLayout {
-            size,
-            desc,
-            avail,
-            used,
-        } = layout;
+    /// Programs queue `index` with `size` entries at the `[desc, avail, used]` addresses.
+    fn configure_queue_at(&mut self, index: u16, size: u16, rings: [u64; 3], vector: u16) {
+        let [desc, avail, used] = rings;
         self.set_bar(QUEUE_SELECT, 2, index.into());
         self.set_bar(QUEUE_SIZE, 2, size.into());
         self.set_bar(QUEUE_MSIX_VECTOR, 2, vector.into());
@@ -200,11 +190,11 @@ impl Fixture {
 }
 
 impl DriverPort for Fixture {
-    fn bring_up(&mut self, features: u64, queues: &[QueueLayout]) {
+    fn bring_up(&mut self, features: u64, queues: &[&TestQueue]) {
         assert!(self.negotiate(features));
         self.set_bar(CONFIG_MSIX_VECTOR, 2, 0);
-        for (index, &layout) in (0u16..).zip(queues) {
-            self.configure_queue_at(index, layout, index + 1);
+        for (index, queue) in (0u16..).zip(queues) {
+            self.configure_queue_at(index, queue.size(), addresses(queue), index + 1);
         }
         self.add_status(STATUS_DRIVER_OK);
         assert_eq!(self.transport.device_status() & STATUS_NEEDS_RESET, 0);
@@ -308,7 +298,7 @@ fn bar_sizing_reads_back_the_size_mask_and_restores() {
         let (device, _) = FakeDevice::new(&[16]);
         PciTransport::new(
             Box::new(device),
-            guest_memory(),
+            test_memory(),
             address,
             2,
             Arc::new(RecordingSink::default()),

@@ -1,12 +1,11 @@
-//! Test helpers shared by the mmio and pci transport tests: a fake device that records what the
-//! transport does to it, guest memory, and a tiny deterministic random generator.
+//! For the mmio and pci transports' tests: a fake device that records what the transport does
+//! to it, the ring addresses a test driver configures, and a tiny deterministic random generator.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::data_plane::DataPlaneError;
 use crate::device::{ActivateError, Activation, ActiveQueue, Interrupt, PauseError, VirtioDevice};
@@ -15,7 +14,6 @@ use crate::device::{ActivateError, Activation, ActiveQueue, Interrupt, PauseErro
 pub const FAKE_DEVICE_TYPE: u32 = 4;
 pub const FAKE_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | 0b101;
 pub const FAKE_CONFIG_LEN: usize = 16;
-pub const MEMORY_SIZE: usize = 0x10_0000;
 
 /// One queue as the device received it at activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,11 +160,8 @@ impl VirtioDevice for FakeDevice {
     }
 }
 
-pub fn guest_memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).unwrap()
-}
-
-/// Ring addresses for queue `index` that lie inside [`guest_memory`] and are well aligned.
+/// Ring addresses for queue `index` that lie inside [`test_memory`](super::test_memory) and are
+/// well aligned.
 pub fn ring_addresses(index: u16) -> (u64, u64, u64) {
     let base = 0x1_0000 * (u64::from(index) + 1);
     (base, base + 0x4000, base + 0x8000)

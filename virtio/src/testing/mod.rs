@@ -1,0 +1,86 @@
+//! Test helpers for everything that drives pvm's virtio devices without a guest: this crate's
+//! unit tests and benches, pvm-vhost-user's tests and the fuzz targets. Built for this crate's
+//! own tests and with the `testing` feature, which only dev-dependencies (and fuzz/) enable, so
+//! no shipped binary carries it.
+//!
+//! - [`TestQueue`]: the driver's side of a split virtqueue in guest memory.
+//! - [`RecordingInterrupt`] (counts notifications) and [`EventInterrupt`] (an eventfd per
+//!   queue, as KVM irqfds), the two ways a test sees what a device signalled.
+//! - [`FakeDevice`] and its register-level helpers, for the transports' tests.
+//! - Guest memory, descriptors, [`eventually`].
+
+mod interrupt;
+mod queue;
+mod transport;
+
+use std::time::{Duration, Instant};
+
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
+use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
+
+pub use interrupt::{EventInterrupt, RecordingInterrupt, WAIT_TIMEOUT};
+pub use queue::{RingAddresses, TestQueue};
+pub use transport::{
+    DeviceLog, FAKE_CONFIG_LEN, FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SeenQueue,
+    SharedLog, expected_queue, ring_addresses,
+};
+
+/// Guest RAM for tests: 16 MiB at address 0. Queues live at the bottom, buffers above 64 KiB.
+pub fn test_memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x100_0000)])
+        .expect("16 MiB of test memory")
+}
+
+/// A device-readable descriptor (the chain links are filled in by [`TestQueue::add_chain`]).
+pub fn readable(addr: u64, len: u32) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, 0, 0))
+}
+
+/// A device-writable descriptor.
+pub fn writable(addr: u64, len: u32) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(
+        addr,
+        len,
+        VRING_DESC_F_WRITE as u16,
+        0,
+    ))
+}
+
+/// `desc` with its NEXT flag set, pointing at `next`: for hand-made (e.g. looping) chains.
+pub fn looped(desc: RawDescriptor, next: u16) -> RawDescriptor {
+    let d = SplitDescriptor::from(desc);
+    RawDescriptor::from(SplitDescriptor::new(
+        d.addr().raw_value(),
+        d.len(),
+        d.flags() | VRING_DESC_F_NEXT as u16,
+        next,
+    ))
+}
+
+/// Polls `cond` for up to two seconds.
+pub fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    cond()
+}
+
+/// What a transport hands a device at DRIVER_OK, for tests that activate devices directly.
+pub fn activation(
+    mem: &GuestMemoryMmap,
+    interrupt: &std::sync::Arc<RecordingInterrupt>,
+    queues: Vec<crate::device::ActiveQueue>,
+    features: u64,
+) -> crate::device::Activation {
+    crate::device::Activation {
+        memory: mem.clone(),
+        interrupt: interrupt.clone(),
+        queues,
+        features,
+    }
+}
