@@ -96,6 +96,18 @@ impl DeviceThread {
     fn spawn_with(name: String, init: Option<ThreadInit>) -> Self {
         let (jobs, job_rx) = channel::<Job>();
         let (done_tx, done) = channel();
+        if cfg!(fuzzing) {
+            // Fuzzing builds run every data plane on the calling thread (see
+            // worker/slot.rs): a thread starting beside the harness would make runs differ.
+            return DeviceThread {
+                name,
+                jobs: None,
+                done,
+                busy: false,
+                ready: Ok(()),
+                thread: None,
+            };
+        }
         let (ready_tx, ready_rx) = channel();
         let thread_name = name.clone();
         let spawned = std::thread::Builder::new()

@@ -88,6 +88,15 @@ impl<H: EventHandler> WorkerSlot<H> {
             .map_err(WorkerError::Watch)?;
         handler.register(&events).map_err(WorkerError::Watch)?;
         let (handback_tx, handback) = channel();
+        if cfg!(fuzzing) {
+            // Fuzzing builds serve the first pass on the calling thread and stop: a worker
+            // racing the harness would change the coverage libFuzzer steers by from run to
+            // run, and CI's fixed-seed fuzzing must give the same answer twice.
+            kill.write(1).map_err(WorkerError::Kill)?;
+            let _ = handback_tx.send(run(events, handler));
+            self.state = State::Running { kill, handback };
+            return Ok(());
+        }
         self.thread.run(move || {
             // The receiver goes only with the slot, which waits for this job first.
             let _ = handback_tx.send(run(events, handler));
