@@ -149,19 +149,21 @@ struct FirecrackerArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PAYLOAD)]
     http_api_max_payload_size: usize,
 
-    /// Accepted for compatibility; pvm has no MMDS.
+    /// Accepted for compatibility: pvm has no MMDS (its endpoints are refused), so the limit
+    /// applies to nothing; pvm logs that it got one.
     #[arg(long, value_name = "N")]
     mmds_size_limit: Option<usize>,
 
-    /// The jailer's start time (accepted; pvm reports no startup metrics yet).
+    /// When the jailer started this process (CLOCK_MONOTONIC, us): with --api-sock, the time
+    /// from then until the API is up goes to the metrics (api_server.process_startup_time_us).
     #[arg(long, value_name = "US")]
     start_time_us: Option<u64>,
 
-    /// The jailer's start CPU time (accepted; pvm reports no startup metrics yet).
+    /// The jailer's CPU time at that start (us), for api_server.process_startup_time_cpu_us.
     #[arg(long, value_name = "US")]
     start_time_cpu_us: Option<u64>,
 
-    /// The jailer's parent CPU time (accepted; pvm reports no startup metrics yet).
+    /// The jailer's parent's CPU time (us), added to process_startup_time_cpu_us.
     #[arg(long, value_name = "US")]
     parent_cpu_time_us: Option<u64>,
 }
@@ -181,6 +183,10 @@ pub struct FirecrackerMode {
     pub config_file: Option<PathBuf>,
     pub id: String,
     pub max_payload: usize,
+    /// The jailer's timing flags, reported once the API is up.
+    pub startup: crate::metrics::StartupTimes,
+    /// `--mmds-size-limit`, logged as having nothing to apply to.
+    pub mmds_size_limit: Option<usize>,
 }
 
 /// The whole command line: the VM pvm's own flags describe, and Firecracker mode if asked for.
@@ -282,6 +288,12 @@ pub fn parse_launch<I: IntoIterator<Item = OsString>>(args: I) -> Result<Launch,
             config_file: fc.config_file.clone(),
             id: fc.id.clone(),
             max_payload: fc.http_api_max_payload_size,
+            startup: crate::metrics::StartupTimes {
+                start_us: fc.start_time_us,
+                start_cpu_us: fc.start_time_cpu_us,
+                parent_cpu_us: fc.parent_cpu_time_us,
+            },
+            mmds_size_limit: fc.mmds_size_limit,
         });
     let transport = match (args.transport, fc.enable_pci) {
         (Some(Transport::Mmio), true) => {

@@ -55,6 +55,13 @@ pub fn run(base: VmConfig, mode: &FirecrackerMode) -> Result<Outcome, RunError> 
         Some(path) => Some(server::start(path, mode.max_payload, base.seccomp)?),
         None => None,
     };
+    if inbox.is_some() {
+        // The API is up: how long that took since the jailer started us.
+        crate::metrics::record_startup(&mode.startup);
+    }
+    if let Some(limit) = mode.mmds_size_limit {
+        log::info!("--mmds-size-limit {limit}: pvm has no MMDS, so there is nothing to limit");
+    }
     let fc = file.as_ref().map(|(_, fc)| fc.clone()).unwrap_or_default();
     let mut controller = Controller::new(mode.id.clone(), base, fc);
     let vm = match (&file, &inbox) {

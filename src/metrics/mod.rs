@@ -126,7 +126,8 @@ pub fn flush() -> Result<(), Error> {
             ("metrics_fails", METRICS_FAILS.load(Ordering::Relaxed)),
         ],
     });
-    let totals = [signals_group()];
+    let mut totals = vec![signals_group()];
+    totals.extend(startup_group());
     let line = render(utc_ms(), &counters, &totals, &mut writer.previous);
     // One write, so a FIFO reader never sees half a line followed by another.
     (&writer.out).write_all(line.as_bytes()).map_err(|source| {
@@ -154,6 +155,59 @@ pub fn count_signal(signo: i32) {
         _ => return,
     };
     counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The jailer's `--start-time-us`, `--start-time-cpu-us` and `--parent-cpu-time-us`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartupTimes {
+    pub start_us: Option<u64>,
+    pub start_cpu_us: Option<u64>,
+    pub parent_cpu_us: Option<u64>,
+}
+
+/// How long the process took to serve its API, set once by [`record_startup`].
+static STARTUP: Mutex<Option<(u64, Option<u64>)>> = Mutex::new(None);
+
+/// A clock's reading in microseconds.
+fn clock_us(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which outlives the call.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1_000_000).saturating_add(nanos / 1000)
+}
+
+/// Records, from the jailer's `times`, the wall time (CLOCK_MONOTONIC) since it started this
+/// process and the CPU time spent since (plus its parent's), as Firecracker's api_server group
+/// reports them; every later metrics line carries them. Nothing without `--start-time-us`.
+pub fn record_startup(times: &StartupTimes) {
+    let Some(start) = times.start_us else {
+        return;
+    };
+    let wall = clock_us(libc::CLOCK_MONOTONIC).saturating_sub(start);
+    let cpu = times.start_cpu_us.map(|start_cpu| {
+        clock_us(libc::CLOCK_PROCESS_CPUTIME_ID)
+            .saturating_sub(start_cpu)
+            .saturating_add(times.parent_cpu_us.unwrap_or(0))
+    });
+    log::info!("the API is up {wall} us after the jailer's start");
+    *STARTUP.lock().unwrap_or_else(PoisonError::into_inner) = Some((wall, cpu));
+}
+
+fn startup_group() -> Option<Group> {
+    let (wall, cpu) = (*STARTUP.lock().unwrap_or_else(PoisonError::into_inner))?;
+    let mut fields = vec![("process_startup_time_us", wall)];
+    if let Some(cpu) = cpu {
+        fields.push(("process_startup_time_cpu_us", cpu));
+    }
+    Some(Group {
+        name: "api_server".to_string(),
+        fields,
+    })
 }
 
 fn signals_group() -> Group {
@@ -247,6 +301,27 @@ fn seccomp_fault_line(buf: &mut [u8; 96], ms: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_jailers_start_time_becomes_the_api_server_group() {
+        assert!(startup_group().is_none(), "nothing before the API is up");
+        // Started at monotonic 0 (long ago), with CPU times that are in the past too.
+        record_startup(&StartupTimes {
+            start_us: Some(0),
+            start_cpu_us: Some(0),
+            parent_cpu_us: Some(5),
+        });
+        let group = startup_group().unwrap();
+        assert_eq!(group.name, "api_server");
+        let [(wall_name, wall), (cpu_name, cpu)] = group.fields[..] else {
+            panic!("{:?}", group.fields);
+        };
+        assert_eq!(
+            (wall_name, cpu_name),
+            ("process_startup_time_us", "process_startup_time_cpu_us")
+        );
+        assert!(wall > 0 && cpu >= 5, "{wall} {cpu}");
+    }
 
     fn group(name: &str, fields: &[Field]) -> Group {
         Group {
