@@ -14,6 +14,7 @@ pub mod console;
 pub mod data_plane;
 pub mod device;
 pub mod net;
+pub mod rate_limiter;
 pub mod rng;
 #[cfg(test)]
 mod test_utils;
@@ -26,6 +27,7 @@ pub use chain::Chain;
 pub use console::{Console, ConsoleError, ConsoleInput};
 pub use device::{ActivateError, Activation, ActiveQueue, Interrupt, PauseError, VirtioDevice};
 pub use net::{Net, NetBackend, NetCounters, NetError, Tap, TapError};
+pub use rate_limiter::{BucketConfig, RateLimit, RateLimiter};
 pub use rng::Rng;
 pub use transport::mmio::MmioTransport;
 pub use transport::pci::{MsiMessage, MsiSink, PciTransport};

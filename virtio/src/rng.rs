@@ -13,7 +13,8 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use crate::chain::Chain;
 use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
-use crate::worker::{ChainServer, SingleQueueHandler, WorkerSlot, feature};
+use crate::rate_limiter::RateLimit;
+use crate::worker::{ChainServer, SharedLimiter, SingleQueueHandler, WorkerSlot, feature};
 
 pub const QUEUE_SIZE: u16 = 64;
 /// The most entropy one chain receives, so a guest offering huge buffers cannot keep the worker
@@ -31,6 +32,8 @@ pub enum RngError {
 #[derive(Debug)]
 pub struct Rng {
     worker: WorkerSlot<SingleQueueHandler<RandomServer>>,
+    /// Kept here so the buckets outlive pauses and resets.
+    limiter: Option<SharedLimiter>,
 }
 
 /// Fills request buffers with random bytes, for the device's worker.
@@ -39,6 +42,14 @@ struct RandomServer;
 impl ChainServer for RandomServer {
     fn serve(&mut self, memory: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
         handle_request(memory, chain)
+    }
+
+    fn data_bytes(&self, chain: &Chain<'_>) -> u64 {
+        let writable = chain
+            .clone()
+            .filter(|d| d.is_write_only())
+            .fold(0u64, |sum, d| sum.saturating_add(u64::from(d.len())));
+        writable.min(MAX_BYTES_PER_REQUEST as u64)
     }
 }
 
@@ -53,7 +64,20 @@ impl Rng {
         let index = NEXT_RNG_INDEX.fetch_add(1, Ordering::Relaxed);
         Rng {
             worker: WorkerSlot::new(format!("virtio-rng{index}")),
+            limiter: None,
         }
+    }
+
+    /// Hands out entropy no faster than `limit` allows: each request is one operation and the
+    /// bytes it asks for (at most [`MAX_BYTES_PER_REQUEST`]).
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.limiter = SharedLimiter::new(limit);
+        self
+    }
+
+    /// The device's rate limit, if it has one.
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        self.limiter.as_ref().map(SharedLimiter::limit)
     }
 }
 
@@ -134,8 +158,9 @@ impl VirtioDevice for Rng {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let limiter = self.limiter.clone();
         self.worker
-            .start(|| SingleQueueHandler::new(activation, RandomServer))
+            .start(|| SingleQueueHandler::new(activation, RandomServer)?.with_limiter(limiter))
     }
 
     fn reset(&mut self) {

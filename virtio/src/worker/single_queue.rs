@@ -7,7 +7,7 @@ use std::sync::Arc;
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::GuestMemoryMmap;
 
-use super::{DeviceQueue, EventHandler, EventLoop};
+use super::{DeviceQueue, EventHandler, EventLoop, SharedLimiter, Throttle, WorkerError};
 use crate::chain::Chain;
 use crate::device::{ActivateError, Activation, ActiveQueue, Interrupt};
 
@@ -34,19 +34,26 @@ pub(crate) fn device_queues<const N: usize>(
 pub(crate) trait ChainServer: Send + 'static {
     /// Serves `chain` and returns the number of bytes written into it.
     fn serve(&mut self, memory: &GuestMemoryMmap, chain: Chain<'_>) -> u32;
+
+    /// The bytes serving `chain` moves, as a rate limiter counts them.
+    fn data_bytes(&self, chain: &Chain<'_>) -> u64;
 }
 
 /// The epoll token of a [`SingleQueueHandler`]'s queue kick.
 const QUEUE_KICK: u64 = 0;
+/// The epoll token of its rate limiter's timer.
+const LIMIT_TIMER: u64 = 1;
 
 /// The data plane of a device with a single queue whose requests are served synchronously, one
 /// chain at a time, by a [`ChainServer`]. Every kick drains the queue; a request is complete
-/// when its chain is used, so a paused handler has nothing in flight.
+/// when its chain is used, so a paused handler has nothing in flight. With a rate limiter, a
+/// request the limiter refuses stays in the ring until the limiter's timer fires.
 pub(crate) struct SingleQueueHandler<S> {
     memory: GuestMemoryMmap,
     interrupt: Arc<dyn Interrupt>,
     queue: DeviceQueue,
     server: S,
+    throttle: Option<Throttle>,
 }
 
 impl<S: ChainServer> SingleQueueHandler<S> {
@@ -58,29 +65,61 @@ impl<S: ChainServer> SingleQueueHandler<S> {
             interrupt: activation.interrupt,
             queue,
             server,
+            throttle: None,
         })
+    }
+
+    /// Serves requests only as fast as `limiter` allows.
+    pub(crate) fn with_limiter(
+        mut self,
+        limiter: Option<SharedLimiter>,
+    ) -> Result<Self, ActivateError> {
+        if let Some(limiter) = limiter {
+            let throttle = Throttle::new(limiter).map_err(WorkerError::Timer)?;
+            self.throttle = Some(throttle);
+        }
+        Ok(self)
     }
 
     fn serve(&mut self) {
         let (memory, server) = (&self.memory, &mut self.server);
+        let Some(throttle) = self.throttle.as_mut() else {
+            self.queue
+                .process(memory, self.interrupt.as_ref(), |chain| {
+                    server.serve(memory, chain)
+                });
+            return;
+        };
+        if throttle.is_waiting() {
+            return;
+        }
         self.queue
-            .process(memory, self.interrupt.as_ref(), |chain| {
-                server.serve(memory, chain)
+            .process_until(memory, self.interrupt.as_ref(), |chain| {
+                throttle
+                    .admit(server.data_bytes(&chain))
+                    .then(|| server.serve(memory, chain))
             });
     }
 }
 
 impl<S: ChainServer> EventHandler for SingleQueueHandler<S> {
     fn register(&mut self, events: &EventLoop) -> io::Result<()> {
-        events.watch(&self.queue.kick, QUEUE_KICK)
+        events.watch(&self.queue.kick, QUEUE_KICK)?;
+        if let Some(throttle) = &self.throttle {
+            throttle.register(events, LIMIT_TIMER)?;
+        }
+        Ok(())
     }
 
     fn start(&mut self, _events: &EventLoop) {
         self.serve();
     }
 
-    fn handle_event(&mut self, _events: &EventLoop, _token: u64) {
-        self.queue.clear_kick();
+    fn handle_event(&mut self, _events: &EventLoop, token: u64) {
+        match (token, self.throttle.as_mut()) {
+            (LIMIT_TIMER, Some(throttle)) => throttle.expired(),
+            _ => self.queue.clear_kick(),
+        }
         self.serve();
     }
 }

@@ -1,0 +1,120 @@
+//! A rate-limited block device measured through its worker: it keeps to its limit and serves
+//! every request.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_IN;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::tempfile::TempFile;
+
+use super::*;
+use crate::rate_limiter::BucketConfig;
+use crate::test_utils::{
+    RecordingInterrupt, TestQueue, activation, readable, test_memory, writable,
+};
+
+const REQUEST: u32 = 64 << 10;
+
+/// Reads `requests` times 64 KiB through a worker limited by `limit` and returns how long the
+/// device took to use them all. At most 128 requests: MockSplitQueue puts the used ring over the
+/// second half of a 256-entry available ring.
+fn time_reads(limit: RateLimit, requests: u16) -> Duration {
+    assert!(requests <= 128);
+    let mem = test_memory();
+    let tmp = TempFile::new().unwrap();
+    tmp.as_file()
+        .write_all_at(&[7u8; REQUEST as usize], 0)
+        .unwrap();
+    let mut block = Block::new(tmp.as_path(), true, None)
+        .unwrap()
+        .with_rate_limit(limit);
+    assert_eq!(block.rate_limit(), Some(limit));
+    let tq = TestQueue::new(&mem, 256);
+    let active = tq.active_queue(0);
+    let kick = active.kick.try_clone().unwrap();
+    let interrupt = Arc::new(RecordingInterrupt::default());
+    let features = block.features();
+    block
+        .activate(activation(&mem, &interrupt, vec![active], features))
+        .unwrap();
+
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    mem.write_slice(&header, GuestAddress(0x10_000)).unwrap();
+    // One chain, made available `requests` times: the device serves them one after another.
+    tq.add_chain(&[
+        readable(0x10_000, 16),
+        writable(0x100_000, REQUEST),
+        writable(0x20_000, 1),
+    ]);
+    for _ in 1..requests {
+        tq.publish(&mem, 0);
+    }
+    let start = Instant::now();
+    kick.write(1).unwrap();
+    let deadline = start + Duration::from_secs(5);
+    while tq.used(&mem).len() < usize::from(requests) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(
+        tq.used(&mem).len(),
+        usize::from(requests),
+        "every request served"
+    );
+    assert!(tq.used(&mem).iter().all(|&used| used == (0, REQUEST + 1)));
+    block.reset();
+    elapsed
+}
+
+fn assert_within_5_percent(elapsed: Duration, expected: Duration) {
+    let (e, x) = (elapsed.as_secs_f64(), expected.as_secs_f64());
+    assert!(
+        (e - x).abs() <= 0.05 * x,
+        "took {elapsed:?}, the limit allows {expected:?}"
+    );
+}
+
+#[test]
+fn a_bandwidth_limited_disk_keeps_to_its_limit() {
+    // 3600 KiB/s with a 360 KiB bucket: 120 reads of 64 KiB need (7680 - 360) / 3600 s.
+    let limit = RateLimit {
+        bandwidth: Some(BucketConfig {
+            size: 360 << 10,
+            one_time_burst: 0,
+            refill_time: Duration::from_millis(100),
+        }),
+        ops: None,
+    };
+    let elapsed = time_reads(limit, 120);
+    assert_within_5_percent(elapsed, Duration::from_millis(2033));
+}
+
+#[test]
+fn an_iops_limited_disk_keeps_to_its_limit() {
+    // 60 requests/s with a bucket of 6: 120 requests need 1.9 s.
+    let limit = RateLimit {
+        bandwidth: None,
+        ops: Some(BucketConfig {
+            size: 6,
+            one_time_burst: 0,
+            refill_time: Duration::from_millis(100),
+        }),
+    };
+    let elapsed = time_reads(limit, 120);
+    assert_within_5_percent(elapsed, Duration::from_millis(1900));
+}
+
+#[test]
+fn a_disk_without_a_limit_has_none() {
+    let tmp = TempFile::new().unwrap();
+    let block = Block::new(tmp.as_path(), true, None).unwrap();
+    assert_eq!(block.rate_limit(), None);
+    let block = block.with_rate_limit(RateLimit {
+        bandwidth: Some(BucketConfig::per_second(0)),
+        ops: None,
+    });
+    assert_eq!(block.rate_limit(), None, "a zero size limits nothing");
+}
