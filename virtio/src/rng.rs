@@ -265,4 +265,44 @@ mod tests {
             rng.reset();
         }
     }
+
+    #[test]
+    fn a_limited_device_hands_out_entropy_at_its_rate() {
+        use std::time::{Duration, Instant};
+
+        use crate::rate_limiter::BucketConfig;
+
+        // 30 kB/s with a 3 kB bucket: 60 requests of 1000 bytes need (60 - 3) / 30 s.
+        let limit = RateLimit {
+            bandwidth: Some(BucketConfig {
+                size: 3000,
+                one_time_burst: 0,
+                refill_time: Duration::from_millis(100),
+            }),
+            ops: None,
+        };
+        let mem = test_memory();
+        let mut rng = Rng::new().with_rate_limit(limit);
+        assert_eq!(rng.rate_limit(), Some(limit));
+        // At most 128 entries: MockSplitQueue's used ring overlaps the rest of the avail ring.
+        let tq = TestQueue::new(&mem, 256);
+        let active = tq.active_queue(0);
+        let kick = active.kick.try_clone().unwrap();
+        let interrupt = Arc::new(RecordingInterrupt::default());
+        rng.activate(activation(&mem, &interrupt, vec![active], OFFERED_FEATURES))
+            .unwrap();
+        tq.add_chain(&[writable(0x20_000, 1000)]);
+        for _ in 1..60 {
+            tq.publish(&mem, 0);
+        }
+        let start = Instant::now();
+        kick.write(1).unwrap();
+        while tq.used(&mem).len() < 60 && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        assert_eq!(tq.used(&mem), vec![(0, 1000); 60]);
+        assert!((elapsed - 1.9).abs() <= 0.05 * 1.9, "took {elapsed} s");
+        rng.reset();
+    }
 }
