@@ -211,6 +211,7 @@ fn create_devices(
         if !disk.flush {
             block = block.without_flush();
         }
+        block = block.with_rate_limit(disk.limit);
         attached.disk_errors.push((
             format!("disk{i}"),
             disk.path.display().to_string(),
@@ -241,7 +242,10 @@ fn create_devices(
         devices.push((format!("net-vhost-user{vhost_user_index}"), device));
         vhost_user_index += 1;
     }
-    devices.push(("rng".to_string(), Box::new(Rng::new())));
+    devices.push((
+        "rng".to_string(),
+        Box::new(Rng::new().with_rate_limit(config.rng_limit)),
+    ));
     Ok(devices)
 }
 
@@ -282,14 +286,18 @@ fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<(Net, bool), E
         .iter()
         .map(|tap| Arc::clone(tap) as Arc<dyn pvm_virtio::NetBackend>)
         .collect();
-    let mut net = Net::with_pairs(backends, spec.mac).map_err(|source| Error::Net {
-        tap: spec.name.clone(),
-        source,
-    })?;
+    let mut net = Net::with_pairs(backends, spec.mac)
+        .map_err(|source| Error::Net {
+            tap: spec.name.clone(),
+            source,
+        })?
+        .with_rate_limits(spec.rx_limit, spec.tx_limit);
+    // vhost-net cannot enforce a rate limit: a limited tap is served in-process (vhost=on with
+    // a limit is refused when the flag is parsed).
     let vhost = match spec.vhost {
         VhostMode::On => true,
         VhostMode::Off => false,
-        VhostMode::Auto => pvm_vhost::net::available(),
+        VhostMode::Auto => !spec.is_limited() && pvm_vhost::net::available(),
     };
     if vhost {
         let tap = || spec.name.clone();
@@ -312,8 +320,13 @@ fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<(Net, bool), E
         1 => String::new(),
         n => format!(", {n} queue pairs"),
     };
+    let limited = if spec.is_limited() {
+        " (rate-limited; vhost-net cannot enforce a limit)"
+    } else {
+        ""
+    };
     crate::logger::to_stderr(&format!(
-        "pvm: tap {}: {} data plane{pairs}\n",
+        "pvm: tap {}: {} data plane{pairs}{limited}\n",
         spec.name,
         net.data_plane_name()
     ));

@@ -119,9 +119,7 @@ impl FillSource for TapSource<'_> {
                 Err(step) => return step,
             },
         };
-        if let Some(throttle) = self.throttle.as_deref_mut()
-            && !self.pending.paid
-        {
+        if let (Some(throttle), false) = (self.throttle.as_deref_mut(), self.pending.paid) {
             if !throttle.admit((len - VNET_HDR_LEN) as u64) {
                 // The frame waits for the limiter's timer; nothing more is read meanwhile.
                 self.pending.len = Some(len);
