@@ -21,6 +21,15 @@ const REQUEST: u32 = 64 << 10;
 /// device took to use them all. At most 128 requests: MockSplitQueue puts the used ring over the
 /// second half of a 256-entry available ring.
 fn time_reads(limit: RateLimit, requests: u16) -> Duration {
+    time_reads_pausing(limit, requests, None)
+}
+
+/// [`time_reads`], pausing the device for `pause.1` once `pause.0` has passed.
+fn time_reads_pausing(
+    limit: RateLimit,
+    requests: u16,
+    pause: Option<(Duration, Duration)>,
+) -> Duration {
     assert!(requests <= 128);
     let mem = test_memory();
     let tmp = TempFile::new().unwrap();
@@ -54,6 +63,12 @@ fn time_reads(limit: RateLimit, requests: u16) -> Duration {
     }
     let start = Instant::now();
     kick.write(1).unwrap();
+    if let Some((after, during)) = pause {
+        std::thread::sleep(after);
+        block.pause().unwrap();
+        std::thread::sleep(during);
+        block.resume().unwrap();
+    }
     let deadline = start + Duration::from_secs(5);
     while tq.used(&mem).len() < usize::from(requests) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
@@ -105,6 +120,24 @@ fn an_iops_limited_disk_keeps_to_its_limit() {
     };
     let elapsed = time_reads(limit, 120);
     assert_within_5_percent(elapsed, Duration::from_millis(1900));
+}
+
+#[test]
+fn the_buckets_stay_with_the_device_across_pause_and_resume() {
+    // 60 requests/s with a bucket of 30: 120 requests need 1.5 s. A resume that refilled or
+    // forgot the buckets would finish 0.5 s early; the pause itself costs nothing, as the
+    // buckets refill meanwhile.
+    let limit = RateLimit {
+        bandwidth: None,
+        ops: Some(BucketConfig {
+            size: 30,
+            one_time_burst: 0,
+            refill_time: Duration::from_millis(500),
+        }),
+    };
+    let pause = (Duration::from_millis(600), Duration::from_millis(200));
+    let elapsed = time_reads_pausing(limit, 120, Some(pause));
+    assert_within_5_percent(elapsed, Duration::from_millis(1500));
 }
 
 #[test]

@@ -477,4 +477,28 @@ mod tests {
         assert_eq!(dq.kick.read().unwrap(), 1, "the queue re-kicked itself");
         assert_eq!(interrupt.count(0), 1);
     }
+
+    #[test]
+    fn a_refused_chain_stays_in_the_ring_and_nothing_wakes_the_worker() {
+        let mem = test_memory();
+        let tq = TestQueue::new(&mem, 16);
+        for _ in 0..3 {
+            tq.add_chain(&[writable(0x10_000, 8)]);
+        }
+        let (mut dq, interrupt) = tq.device_queue(false);
+        let mut offered = Vec::new();
+        let refused = dq.process_until(&mem, interrupt.as_ref(), |chain| {
+            offered.push(chain.head_index());
+            (offered.len() < 2).then_some(4)
+        });
+        assert!(refused);
+        assert_eq!(offered, [0, 1]);
+        assert_eq!(tq.used(&mem), vec![(0, 4)]);
+        assert_eq!(interrupt.count(0), 1, "what was served is signalled");
+        // No self-kick: the refuser's timer brings the worker back, not a busy loop.
+        assert!(dq.kick.read().is_err());
+        // The refused chain comes first next time.
+        dq.process(&mem, interrupt.as_ref(), |_| 0);
+        assert_eq!(tq.used(&mem), vec![(0, 4), (1, 0), (2, 0)]);
+    }
 }
