@@ -12,7 +12,8 @@ use vmm_sys_util::tempfile::TempFile;
 use super::*;
 use crate::rate_limiter::BucketConfig;
 use crate::test_utils::{
-    RecordingInterrupt, TestQueue, activation, readable, test_memory, writable,
+    RecordingInterrupt, TestQueue, activation, assert_within_5_percent, readable, test_memory,
+    writable,
 };
 
 const REQUEST: u32 = 64 << 10;
@@ -82,14 +83,6 @@ fn time_reads_pausing(
     assert!(tq.used(&mem).iter().all(|&used| used == (0, REQUEST + 1)));
     block.reset();
     elapsed
-}
-
-fn assert_within_5_percent(elapsed: Duration, expected: Duration) {
-    let (e, x) = (elapsed.as_secs_f64(), expected.as_secs_f64());
-    assert!(
-        (e - x).abs() <= 0.05 * x,
-        "took {elapsed:?}, the limit allows {expected:?}"
-    );
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::rate_limiter::{BucketConfig, RateLimit};
+use crate::test_utils::assert_within_5_percent;
 
 /// `size` tokens per 100 ms.
 fn per_100ms(size: u64) -> Option<BucketConfig> {
@@ -13,14 +14,6 @@ fn per_100ms(size: u64) -> Option<BucketConfig> {
         one_time_burst: 0,
         refill_time: Duration::from_millis(100),
     })
-}
-
-fn assert_within_5_percent(elapsed: Duration, expected: Duration) {
-    let (e, x) = (elapsed.as_secs_f64(), expected.as_secs_f64());
-    assert!(
-        (e - x).abs() <= 0.05 * x,
-        "took {elapsed:?}, the limit allows {expected:?}"
-    );
 }
 
 /// An active device with `rx` and `tx` limits; returns it with its rx and tx queues' kicks.
