@@ -113,6 +113,13 @@ impl TokenBucket {
         i128::from(tokens) <= available || self.budget >= i128::from(self.config.size)
     }
 
+    /// Takes `tokens` whether or not the bucket holds them (what a request turned out to move
+    /// beyond what it paid for): the burst first, then the budget, which may go into debt.
+    pub fn charge(&mut self, tokens: u64, now: Instant) {
+        self.refill(now);
+        self.take(tokens);
+    }
+
     /// Takes `tokens`, the burst first; the budget may go negative (debt).
     fn take(&mut self, tokens: u64) {
         let from_burst = tokens.min(self.burst);
@@ -198,6 +205,14 @@ impl RateLimiter {
             bucket.take(1);
         }
         Ok(())
+    }
+
+    /// Charges `bytes` more to the bandwidth bucket, unconditionally (see
+    /// [`TokenBucket::charge`]).
+    pub fn charge_bytes(&mut self, bytes: u64, now: Instant) {
+        if let Some(bucket) = &mut self.bandwidth {
+            bucket.charge(bytes, now);
+        }
     }
 }
 
@@ -314,6 +329,16 @@ mod tests {
         // And the next large one only once it is full again: 2.5 s after it went.
         assert_eq!(b.consume(250, t0 + 1610 * MS), Err(t0 + 2600 * MS));
         assert_eq!(b.consume(250, t0 + 2600 * MS), Ok(()));
+    }
+
+    #[test]
+    fn a_charge_beyond_what_was_paid_is_a_debt() {
+        let t0 = Instant::now();
+        let mut b = bucket(100, 0, 1000, t0);
+        assert_eq!(b.consume(50, t0), Ok(()));
+        b.charge(150, t0);
+        // 100 tokens in debt: 1 token needs 1.01 s.
+        assert_eq!(b.consume(1, t0), Err(t0 + 1010 * MS));
     }
 
     #[test]

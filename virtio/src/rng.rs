@@ -40,8 +40,9 @@ pub struct Rng {
 struct RandomServer;
 
 impl ChainServer for RandomServer {
-    fn serve(&mut self, memory: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
-        handle_request(memory, chain)
+    fn serve(&mut self, memory: &GuestMemoryMmap, chain: Chain<'_>) -> (u32, u64) {
+        let written = handle_request(memory, chain);
+        (written, u64::from(written))
     }
 
     fn data_bytes(&self, chain: &Chain<'_>) -> u64 {

@@ -80,8 +80,8 @@ pub struct Block {
 struct DiskServer(Arc<DiskImage>);
 
 impl ChainServer for DiskServer {
-    fn serve(&mut self, memory: &GuestMemoryMmap, chain: crate::Chain<'_>) -> u32 {
-        request::handle_request(&self.0, memory, chain)
+    fn serve(&mut self, memory: &GuestMemoryMmap, chain: crate::Chain<'_>) -> (u32, u64) {
+        request::handle_request_counted(&self.0, memory, chain)
     }
 
     fn data_bytes(&self, chain: &crate::Chain<'_>) -> u64 {

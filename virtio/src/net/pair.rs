@@ -4,6 +4,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use log::warn;
 use virtio_bindings::bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ};
@@ -190,10 +191,19 @@ impl PairWorker {
         }
         self.tx
             .process_until(memory, self.interrupt.as_ref(), |chain| {
-                let bytes = chain_bytes(&chain).saturating_sub(VNET_HDR_LEN as u64);
-                throttle
-                    .admit(bytes)
-                    .then(|| transmit(tap.as_ref(), memory, chain, counters))
+                let paid = chain_bytes(&chain).saturating_sub(VNET_HDR_LEN as u64);
+                if !throttle.admit(paid) {
+                    return None;
+                }
+                // What was sent, from the parse the send used.
+                let before = counters.tx_bytes.load(Ordering::Relaxed);
+                let used = transmit(tap.as_ref(), memory, chain, counters);
+                let moved = counters
+                    .tx_bytes
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(before);
+                throttle.settle(paid, moved);
+                Some(used)
             });
     }
 

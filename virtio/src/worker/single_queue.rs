@@ -32,10 +32,12 @@ pub(crate) fn device_queues<const N: usize>(
 
 /// Serves one request chain of a [`SingleQueueHandler`]'s queue.
 pub(crate) trait ChainServer: Send + 'static {
-    /// Serves `chain` and returns the number of bytes written into it.
-    fn serve(&mut self, memory: &GuestMemoryMmap, chain: Chain<'_>) -> u32;
+    /// Serves `chain`; returns the number of bytes written into it and the data bytes the
+    /// request moved as a rate limiter counts them (from the parse the I/O used).
+    fn serve(&mut self, memory: &GuestMemoryMmap, chain: Chain<'_>) -> (u32, u64);
 
-    /// The bytes serving `chain` moves, as a rate limiter counts them.
+    /// The data bytes serving `chain` will move, estimated before serving it from its
+    /// descriptors (which the guest may still change: [`Self::serve`] has the final count).
     fn data_bytes(&self, chain: &Chain<'_>) -> u64;
 }
 
@@ -86,7 +88,7 @@ impl<S: ChainServer> SingleQueueHandler<S> {
         let Some(throttle) = self.throttle.as_mut() else {
             self.queue
                 .process(memory, self.interrupt.as_ref(), |chain| {
-                    server.serve(memory, chain)
+                    server.serve(memory, chain).0
                 });
             return;
         };
@@ -95,9 +97,13 @@ impl<S: ChainServer> SingleQueueHandler<S> {
         }
         self.queue
             .process_until(memory, self.interrupt.as_ref(), |chain| {
-                throttle
-                    .admit(server.data_bytes(&chain))
-                    .then(|| server.serve(memory, chain))
+                let paid = server.data_bytes(&chain);
+                if !throttle.admit(paid) {
+                    return None;
+                }
+                let (used, moved) = server.serve(memory, chain);
+                throttle.settle(paid, moved);
+                Some(used)
             });
     }
 }
@@ -146,5 +152,68 @@ mod tests {
             device_queues::<2>(vec![q0.active_queue(0)], 0),
             Err(ActivateError::QueueCount { got: 1, want: 2 })
         ));
+    }
+
+    /// Claims no bytes up front but reports `moved` after serving: a guest that changed its
+    /// descriptors between the two looks.
+    struct Understated {
+        moved: u64,
+    }
+
+    impl ChainServer for Understated {
+        fn serve(&mut self, _memory: &GuestMemoryMmap, _chain: Chain<'_>) -> (u32, u64) {
+            (0, self.moved)
+        }
+
+        fn data_bytes(&self, _chain: &Chain<'_>) -> u64 {
+            0
+        }
+    }
+
+    #[test]
+    fn what_a_request_really_moved_is_charged() {
+        use std::time::{Duration, Instant};
+
+        use crate::rate_limiter::{BucketConfig, RateLimit};
+        use crate::test_utils::{
+            RecordingInterrupt, activation, assert_within_5_percent, writable,
+        };
+        use crate::worker::WorkerSlot;
+
+        // 10 kB/s, a 1000-byte bucket; each request moves 1000 bytes it did not pay for. The
+        // first two go at once (the second one into debt), then one per 100 ms: 12 take 1 s.
+        let limit = RateLimit {
+            bandwidth: Some(BucketConfig {
+                size: 1000,
+                one_time_burst: 0,
+                refill_time: Duration::from_millis(100),
+            }),
+            ops: None,
+        };
+        let mem = test_memory();
+        let tq = TestQueue::new(&mem, 16);
+        let active = tq.active_queue(0);
+        let kick = active.kick.try_clone().unwrap();
+        let interrupt = Arc::new(RecordingInterrupt::default());
+        tq.add_chain(&[writable(0x10_000, 8)]);
+        for _ in 1..12 {
+            tq.publish(&mem, 0);
+        }
+        let mut slot = WorkerSlot::new("understated".to_string());
+        let start = Instant::now();
+        slot.start(|| {
+            SingleQueueHandler::new(
+                activation(&mem, &interrupt, vec![active], 0),
+                Understated { moved: 1000 },
+            )?
+            .with_limiter(SharedLimiter::new(limit))
+        })
+        .unwrap();
+        kick.write(1).unwrap();
+        while tq.used(&mem).len() < 12 && start.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_within_5_percent(start.elapsed(), Duration::from_secs(1));
+        slot.stop();
     }
 }

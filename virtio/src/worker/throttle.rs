@@ -90,6 +90,16 @@ impl Throttle {
         false
     }
 
+    /// Charges what a request moved beyond the `paid` bytes it was admitted with: the count
+    /// from the parse the I/O used, which the guest cannot change under the device.
+    pub(crate) fn settle(&mut self, paid: u64, moved: u64) {
+        if moved > paid {
+            self.limiter
+                .lock()
+                .charge_bytes(moved - paid, Instant::now());
+        }
+    }
+
     /// The timer fired: the queue may be served again.
     pub(crate) fn expired(&mut self) {
         // Consumes the expiration so the level-triggered epoll stops reporting it; the timer
