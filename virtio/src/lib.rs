@@ -31,4 +31,4 @@ pub use rate_limiter::{BucketConfig, RateLimit, RateLimiter};
 pub use rng::Rng;
 pub use transport::mmio::MmioTransport;
 pub use transport::pci::{MsiMessage, MsiSink, PciTransport};
-pub use worker::{CHAINS_PER_PASS, DeviceQueue, read_config_bytes};
+pub use worker::{CHAINS_PER_PASS, DeviceQueue, SharedLimiter, read_config_bytes};

@@ -173,6 +173,18 @@ impl RateLimiter {
         (bandwidth.is_some() || ops.is_some()).then_some(RateLimiter { bandwidth, ops })
     }
 
+    /// The limiter for `limit`, keeping the state of each bucket whose configuration stays;
+    /// `None` when `limit` limits nothing.
+    pub fn reconfigure(self, limit: RateLimit, now: Instant) -> Option<Self> {
+        let keep = |old: Option<TokenBucket>, config: Option<BucketConfig>| match (old, config) {
+            (Some(old), Some(config)) if old.config() == config => Some(old),
+            (_, config) => config.and_then(|c| TokenBucket::new(c, now)),
+        };
+        let bandwidth = keep(self.bandwidth, limit.bandwidth);
+        let ops = keep(self.ops, limit.ops);
+        (bandwidth.is_some() || ops.is_some()).then_some(RateLimiter { bandwidth, ops })
+    }
+
     /// What the limiter was made from.
     pub fn limit(&self) -> RateLimit {
         RateLimit {
@@ -357,6 +369,28 @@ mod tests {
         // Out of bytes now (500 ms gave 500 bytes back, 800 taken: 0 left) and of operations.
         assert_eq!(l.consume(300, t0 + 500 * MS), Err(t0 + 1000 * MS));
         assert_eq!(l.limit(), limit);
+    }
+
+    #[test]
+    fn reconfiguring_keeps_unchanged_buckets_and_fills_new_ones() {
+        let t0 = Instant::now();
+        let ops = Some(BucketConfig::per_second(2));
+        let limit = RateLimit {
+            bandwidth: Some(BucketConfig::per_second(1000)),
+            ops,
+        };
+        let mut l = RateLimiter::new(limit, t0).unwrap();
+        assert_eq!(l.consume(1000, t0), Ok(()));
+        // A new bandwidth bucket starts full; the ops bucket keeps its one spent token.
+        let wider = RateLimit {
+            bandwidth: Some(BucketConfig::per_second(5000)),
+            ops,
+        };
+        let mut l = l.reconfigure(wider, t0).unwrap();
+        assert_eq!(l.consume(5000, t0), Ok(()));
+        assert_eq!(l.consume(0, t0), Err(t0 + 500 * MS));
+        assert_eq!(l.limit(), wider);
+        assert!(l.reconfigure(RateLimit::default(), t0).is_none());
     }
 
     #[test]

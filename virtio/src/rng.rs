@@ -33,7 +33,7 @@ pub enum RngError {
 pub struct Rng {
     worker: WorkerSlot<SingleQueueHandler<RandomServer>>,
     /// Kept here so the buckets outlive pauses and resets.
-    limiter: Option<SharedLimiter>,
+    limiter: SharedLimiter,
 }
 
 /// Fills request buffers with random bytes, for the device's worker.
@@ -65,7 +65,7 @@ impl Rng {
         let index = NEXT_RNG_INDEX.fetch_add(1, Ordering::Relaxed);
         Rng {
             worker: WorkerSlot::new(format!("virtio-rng{index}")),
-            limiter: None,
+            limiter: SharedLimiter::new(RateLimit::default()),
         }
     }
 
@@ -78,7 +78,12 @@ impl Rng {
 
     /// The device's rate limit, if it has one.
     pub fn rate_limit(&self) -> Option<RateLimit> {
-        self.limiter.as_ref().map(SharedLimiter::limit)
+        self.limiter.limit()
+    }
+
+    /// The device's rate limiter, whose limits may be changed while it runs.
+    pub fn rate_limiter(&self) -> SharedLimiter {
+        self.limiter.clone()
     }
 }
 

@@ -22,14 +22,16 @@ const REQUEST: u32 = 64 << 10;
 /// device took to use them all. At most 128 requests: MockSplitQueue puts the used ring over the
 /// second half of a 256-entry available ring.
 fn time_reads(limit: RateLimit, requests: u16) -> Duration {
-    time_reads_pausing(limit, requests, None)
+    time_reads_with(limit, requests, |_| {}, |_| {})
 }
 
-/// [`time_reads`], pausing the device for `pause.1` once `pause.0` has passed.
-fn time_reads_pausing(
+/// [`time_reads`], running `before` on the active device before any request is there and
+/// `meanwhile` right after (pausing it, changing its limits).
+fn time_reads_with(
     limit: RateLimit,
     requests: u16,
-    pause: Option<(Duration, Duration)>,
+    before: impl FnOnce(&mut Block),
+    meanwhile: impl FnOnce(&mut Block),
 ) -> Duration {
     assert!(requests <= 128);
     let mem = test_memory();
@@ -40,7 +42,7 @@ fn time_reads_pausing(
     let mut block = Block::new(tmp.as_path(), true, None)
         .unwrap()
         .with_rate_limit(limit);
-    assert_eq!(block.rate_limit(), Some(limit));
+    assert_eq!(block.rate_limit(), limit.is_enabled().then_some(limit));
     let tq = TestQueue::new(&mem, 256);
     let active = tq.active_queue(0);
     let kick = active.kick.try_clone().unwrap();
@@ -49,6 +51,8 @@ fn time_reads_pausing(
     block
         .activate(activation(&mem, &interrupt, vec![active], features))
         .unwrap();
+    // Before any request is available: the worker may already be looking.
+    before(&mut block);
 
     let mut header = [0u8; 16];
     header[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
@@ -64,12 +68,7 @@ fn time_reads_pausing(
     }
     let start = Instant::now();
     kick.write(1).unwrap();
-    if let Some((after, during)) = pause {
-        std::thread::sleep(after);
-        block.pause().unwrap();
-        std::thread::sleep(during);
-        block.resume().unwrap();
-    }
+    meanwhile(&mut block);
     let deadline = start + Duration::from_secs(5);
     while tq.used(&mem).len() < usize::from(requests) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
@@ -128,9 +127,47 @@ fn the_buckets_stay_with_the_device_across_pause_and_resume() {
             refill_time: Duration::from_millis(500),
         }),
     };
-    let pause = (Duration::from_millis(600), Duration::from_millis(200));
-    let elapsed = time_reads_pausing(limit, 120, Some(pause));
+    let elapsed = time_reads_with(
+        limit,
+        120,
+        |_| {},
+        |block| {
+            std::thread::sleep(Duration::from_millis(600));
+            block.pause().unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            block.resume().unwrap();
+        },
+    );
     assert_within_5_percent(elapsed, Duration::from_millis(1500));
+}
+
+#[test]
+fn limits_change_while_the_device_runs() {
+    // 60 requests/s with a bucket of 6 (refill 100 ms).
+    let limit = RateLimit {
+        bandwidth: None,
+        ops: Some(BucketConfig {
+            size: 6,
+            one_time_burst: 0,
+            refill_time: Duration::from_millis(100),
+        }),
+    };
+    // Set on an active unlimited device: 36 requests need 0.5 s.
+    let set = |block: &mut Block| block.rate_limiter().set(limit);
+    let elapsed = time_reads_with(RateLimit::default(), 36, set, |_| {});
+    assert_within_5_percent(elapsed, Duration::from_millis(500));
+    // Lifted after 300 ms of 1.9 s: the rest goes at once.
+    let elapsed = time_reads_with(
+        limit,
+        120,
+        |_| {},
+        |block| {
+            std::thread::sleep(Duration::from_millis(300));
+            block.rate_limiter().set(RateLimit::default());
+            assert_eq!(block.rate_limit(), None);
+        },
+    );
+    assert!(elapsed < Duration::from_millis(500), "took {elapsed:?}");
 }
 
 #[test]

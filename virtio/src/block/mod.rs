@@ -73,7 +73,7 @@ pub struct Block {
     offered_features: u64,
     worker: WorkerSlot<SingleQueueHandler<DiskServer>>,
     /// Kept here so the buckets outlive pauses and resets.
-    limiter: Option<SharedLimiter>,
+    limiter: SharedLimiter,
 }
 
 /// Serves block requests on the disk, for the device's worker.
@@ -103,7 +103,7 @@ impl Block {
             disk: Arc::new(disk),
             offered_features,
             worker: WorkerSlot::new(format!("virtio-blk{index}")),
-            limiter: None,
+            limiter: SharedLimiter::new(RateLimit::default()),
         })
     }
 
@@ -116,7 +116,12 @@ impl Block {
 
     /// The device's rate limit, if it has one.
     pub fn rate_limit(&self) -> Option<RateLimit> {
-        self.limiter.as_ref().map(SharedLimiter::limit)
+        self.limiter.limit()
+    }
+
+    /// The device's rate limiter, whose limits may be changed while it runs.
+    pub fn rate_limiter(&self) -> SharedLimiter {
+        self.limiter.clone()
     }
 
     /// Stops offering VIRTIO_BLK_F_FLUSH: the guest then treats the disk as write-through and

@@ -133,8 +133,8 @@ pub struct Net {
     /// The control queue's worker and counters, with more than one pair.
     ctrl: Option<(WorkerSlot<CtrlWorker>, Arc<CtrlCounters>)>,
     /// Receive and transmit rate limiters, shared by every pair and kept across resets.
-    rx_limiter: Option<SharedLimiter>,
-    tx_limiter: Option<SharedLimiter>,
+    rx_limiter: SharedLimiter,
+    tx_limiter: SharedLimiter,
 }
 
 impl Net {
@@ -187,8 +187,8 @@ impl Net {
             pairs: Arc::new(Pairs::new(taps)?),
             workers,
             ctrl,
-            rx_limiter: None,
-            tx_limiter: None,
+            rx_limiter: SharedLimiter::new(RateLimit::default()),
+            tx_limiter: SharedLimiter::new(RateLimit::default()),
         })
     }
 
@@ -203,17 +203,20 @@ impl Net {
 
     /// The receive and transmit rate limits, if any.
     pub fn rate_limits(&self) -> (Option<RateLimit>, Option<RateLimit>) {
-        (
-            self.rx_limiter.as_ref().map(SharedLimiter::limit),
-            self.tx_limiter.as_ref().map(SharedLimiter::limit),
-        )
+        (self.rx_limiter.limit(), self.tx_limiter.limit())
+    }
+
+    /// The receive and transmit rate limiters, whose limits may be changed while the device
+    /// runs (in-process data plane only: see [`Self::set_data_planes`]).
+    pub fn rate_limiters(&self) -> (SharedLimiter, SharedLimiter) {
+        (self.rx_limiter.clone(), self.tx_limiter.clone())
     }
 
     /// Hands each queue pair to its own data plane (kernel vhost-net), in pair order, instead
     /// of pvm's workers, and stops offering ring features a plane cannot serve; pvm keeps
     /// serving the control queue. Call before the guest sees the device.
     pub fn set_data_planes(&mut self, planes: Vec<Box<dyn DataPlane>>) -> Result<(), NetError> {
-        if self.rx_limiter.is_some() || self.tx_limiter.is_some() {
+        if self.rx_limiter.is_limited() || self.tx_limiter.is_limited() {
             let name = planes.first().map_or("a data plane", |p| p.name());
             return Err(NetError::LimitedDataPlane(name));
         }

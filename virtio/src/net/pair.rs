@@ -117,8 +117,8 @@ pub(crate) struct PairParts {
     pub(crate) mergeable: bool,
     pub(crate) link: Arc<PairLink>,
     pub(crate) fallback: Arc<dyn NetBackend>,
-    pub(crate) rx_limiter: Option<SharedLimiter>,
-    pub(crate) tx_limiter: Option<SharedLimiter>,
+    pub(crate) rx_limiter: SharedLimiter,
+    pub(crate) tx_limiter: SharedLimiter,
 }
 
 impl PairWorker {
@@ -138,12 +138,8 @@ impl PairWorker {
             rx_limiter,
             tx_limiter,
         } = parts;
-        let throttle = |limiter: Option<SharedLimiter>| {
-            limiter
-                .map(Throttle::new)
-                .transpose()
-                .map_err(WorkerError::Timer)
-        };
+        let throttle =
+            |limiter: SharedLimiter| Throttle::new(limiter).map(Some).map_err(WorkerError::Timer);
         Ok(PairWorker {
             memory,
             interrupt,
@@ -180,7 +176,7 @@ impl PairWorker {
             &self.fallback
         };
         let (memory, counters) = (&self.memory, &self.counters);
-        let Some(throttle) = self.tx_throttle.as_mut() else {
+        let Some(throttle) = self.tx_throttle.as_mut().filter(|t| t.is_limited()) else {
             self.tx.process(memory, self.interrupt.as_ref(), |chain| {
                 transmit(tap.as_ref(), memory, chain, counters)
             });
@@ -238,7 +234,7 @@ impl PairWorker {
             &self.counters,
         )
         .with_link(&self.link)
-        .with_throttle(self.rx_throttle.as_mut());
+        .with_throttle(self.rx_throttle.as_mut().filter(|t| t.is_limited()));
         let mut source = source;
         let end = self
             .rx

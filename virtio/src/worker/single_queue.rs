@@ -72,20 +72,14 @@ impl<S: ChainServer> SingleQueueHandler<S> {
     }
 
     /// Serves requests only as fast as `limiter` allows.
-    pub(crate) fn with_limiter(
-        mut self,
-        limiter: Option<SharedLimiter>,
-    ) -> Result<Self, ActivateError> {
-        if let Some(limiter) = limiter {
-            let throttle = Throttle::new(limiter).map_err(WorkerError::Timer)?;
-            self.throttle = Some(throttle);
-        }
+    pub(crate) fn with_limiter(mut self, limiter: SharedLimiter) -> Result<Self, ActivateError> {
+        self.throttle = Some(Throttle::new(limiter).map_err(WorkerError::Timer)?);
         Ok(self)
     }
 
     fn serve(&mut self) {
         let (memory, server) = (&self.memory, &mut self.server);
-        let Some(throttle) = self.throttle.as_mut() else {
+        let Some(throttle) = self.throttle.as_mut().filter(|t| t.is_limited()) else {
             self.queue
                 .process(memory, self.interrupt.as_ref(), |chain| {
                     server.serve(memory, chain).0

@@ -5,6 +5,7 @@
 //! refill.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -16,24 +17,54 @@ use crate::chain::Chain;
 use crate::rate_limiter::{RateLimit, RateLimiter};
 
 /// A rate limiter shared by the workers it governs (every queue pair of a net device shares
-/// one per direction) and kept by the device, so its buckets outlive pauses and resets.
+/// one per direction) and kept by the device, so its buckets outlive pauses and resets. Its
+/// limits can change while the workers run ([`Self::set`], for the API's PATCH).
 #[derive(Debug, Clone)]
-pub struct SharedLimiter(Arc<Mutex<RateLimiter>>);
+pub struct SharedLimiter(Arc<LimiterCell>);
+
+#[derive(Debug)]
+struct LimiterCell {
+    /// Whether `limiter` holds anything: the workers' cheap check, so an unlimited queue never
+    /// takes the lock.
+    limited: AtomicBool,
+    limiter: Mutex<Option<RateLimiter>>,
+}
 
 impl SharedLimiter {
-    /// A limiter with full buckets, or `None` when `limit` limits nothing.
-    pub fn new(limit: RateLimit) -> Option<Self> {
-        RateLimiter::new(limit, Instant::now()).map(|l| SharedLimiter(Arc::new(Mutex::new(l))))
+    /// A limiter with full buckets for `limit` (which may limit nothing).
+    pub fn new(limit: RateLimit) -> Self {
+        let limiter = RateLimiter::new(limit, Instant::now());
+        SharedLimiter(Arc::new(LimiterCell {
+            limited: AtomicBool::new(limiter.is_some()),
+            limiter: Mutex::new(limiter),
+        }))
     }
 
-    fn lock(&self) -> MutexGuard<'_, RateLimiter> {
+    fn lock(&self) -> MutexGuard<'_, Option<RateLimiter>> {
         // The limiter holds plain numbers, valid whatever a panicking holder left.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.limiter.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The configured limits.
-    pub fn limit(&self) -> RateLimit {
-        self.lock().limit()
+    /// Whether any bucket limits anything.
+    pub fn is_limited(&self) -> bool {
+        self.0.limited.load(Ordering::Acquire)
+    }
+
+    /// The configured limits, if any.
+    pub fn limit(&self) -> Option<RateLimit> {
+        self.lock().as_ref().map(RateLimiter::limit)
+    }
+
+    /// Changes the limits: a bucket whose configuration changes starts full, one that stays
+    /// the same keeps its state.
+    pub fn set(&self, limit: RateLimit) {
+        let mut guard = self.lock();
+        let now = Instant::now();
+        *guard = match guard.take() {
+            Some(old) => old.reconfigure(limit, now),
+            None => RateLimiter::new(limit, now),
+        };
+        self.0.limited.store(guard.is_some(), Ordering::Release);
     }
 }
 
@@ -64,6 +95,12 @@ impl Throttle {
         self.waiting
     }
 
+    /// Whether the limiter limits anything right now; if not, the queue is served as if it
+    /// had none.
+    pub(crate) fn is_limited(&self) -> bool {
+        self.limiter.is_limited()
+    }
+
     /// Takes one operation of `bytes` from the limiter, or arms the timer for when the buckets
     /// allow it and returns false.
     pub(crate) fn admit(&mut self, bytes: u64) -> bool {
@@ -71,9 +108,9 @@ impl Throttle {
             return false;
         }
         let now = Instant::now();
-        let ready = match self.limiter.lock().consume(bytes, now) {
-            Ok(()) => return true,
-            Err(ready) => ready,
+        let ready = match self.limiter.lock().as_mut().map(|l| l.consume(bytes, now)) {
+            Some(Ok(())) | None => return true,
+            Some(Err(ready)) => ready,
         };
         // A zero duration would disarm the timer.
         let delay = ready
@@ -94,9 +131,9 @@ impl Throttle {
     /// from the parse the I/O used, which the guest cannot change under the device.
     pub(crate) fn settle(&mut self, paid: u64, moved: u64) {
         if moved > paid {
-            self.limiter
-                .lock()
-                .charge_bytes(moved - paid, Instant::now());
+            if let Some(limiter) = self.limiter.lock().as_mut() {
+                limiter.charge_bytes(moved - paid, Instant::now());
+            }
         }
     }
 
