@@ -146,6 +146,19 @@ pub struct Attached {
     pub vhost_user_sockets: Vec<std::os::fd::RawFd>,
     /// Every transport, for pausing and resuming the VM.
     pub pausable: Vec<PausableDevice>,
+    /// The rate limiters the API may change while the VM runs.
+    pub limiters: DeviceLimiters,
+}
+
+/// The rate limiters of the devices pvm serves itself, whose limits may change at run time
+/// (the API's PATCH /drives and /network-interfaces).
+#[derive(Debug, Clone, Default)]
+pub struct DeviceLimiters {
+    /// Each image disk's, in guest order.
+    pub disks: Vec<pvm_virtio::SharedLimiter>,
+    /// Each tap's receive and transmit limiters, in guest order; `None` when vhost-net serves
+    /// the tap, which cannot enforce a limit.
+    pub taps: Vec<Option<(pvm_virtio::SharedLimiter, pvm_virtio::SharedLimiter)>>,
 }
 
 /// A transport the VM can pause and resume, with the name pvm's messages use for its device.
@@ -212,6 +225,7 @@ fn create_devices(
             block = block.without_flush();
         }
         block = block.with_rate_limit(disk.limit);
+        attached.limiters.disks.push(block.rate_limiter());
         attached.disk_errors.push((
             format!("disk{i}"),
             disk.path.display().to_string(),
@@ -235,6 +249,10 @@ fn create_devices(
             NetSource::InProcess(net.pair_counters())
         };
         attached.nets.push((spec.name.clone(), source));
+        attached
+            .limiters
+            .taps
+            .push((!vhost).then(|| net.rate_limiters()));
         devices.push((format!("net{i}"), Box::new(net)));
     }
     for socket in &config.vhost_user_nets {

@@ -25,7 +25,7 @@ impl TokenBucket {
 }
 
 /// A device's rate limit as configured: none when `limiter` is absent or limits nothing.
-fn rate_limit(limiter: Option<&RateLimiter>) -> RateLimit {
+pub(crate) fn rate_limit(limiter: Option<&RateLimiter>) -> RateLimit {
     let bucket = |b: Option<&TokenBucket>| b.and_then(TokenBucket::to_bucket);
     RateLimit {
         bandwidth: bucket(limiter.and_then(|l| l.bandwidth.as_ref())),
