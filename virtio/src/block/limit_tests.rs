@@ -18,6 +18,23 @@ use crate::test_utils::{
 
 const REQUEST: u32 = 64 << 10;
 
+/// `size` tokens per `ms` milliseconds.
+fn bucket(size: u64, ms: u64) -> Option<BucketConfig> {
+    Some(BucketConfig {
+        size,
+        one_time_burst: 0,
+        refill_time: Duration::from_millis(ms),
+    })
+}
+
+/// A limit on operations only.
+fn ops(size: u64, ms: u64) -> RateLimit {
+    RateLimit {
+        bandwidth: None,
+        ops: bucket(size, ms),
+    }
+}
+
 /// Reads `requests` times 64 KiB through a worker limited by `limit` and returns how long the
 /// device took to use them all. At most 128 requests: MockSplitQueue puts the used ring over the
 /// second half of a 256-entry available ring.
@@ -88,11 +105,7 @@ fn time_reads_with(
 fn a_bandwidth_limited_disk_keeps_to_its_limit() {
     // 3600 KiB/s with a 360 KiB bucket: 120 reads of 64 KiB need (7680 - 360) / 3600 s.
     let limit = RateLimit {
-        bandwidth: Some(BucketConfig {
-            size: 360 << 10,
-            one_time_burst: 0,
-            refill_time: Duration::from_millis(100),
-        }),
+        bandwidth: bucket(360 << 10, 100),
         ops: None,
     };
     let elapsed = time_reads(limit, 120);
@@ -102,14 +115,7 @@ fn a_bandwidth_limited_disk_keeps_to_its_limit() {
 #[test]
 fn an_iops_limited_disk_keeps_to_its_limit() {
     // 60 requests/s with a bucket of 6: 120 requests need 1.9 s.
-    let limit = RateLimit {
-        bandwidth: None,
-        ops: Some(BucketConfig {
-            size: 6,
-            one_time_burst: 0,
-            refill_time: Duration::from_millis(100),
-        }),
-    };
+    let limit = ops(6, 100);
     let elapsed = time_reads(limit, 120);
     assert_within_5_percent(elapsed, Duration::from_millis(1900));
 }
@@ -119,14 +125,7 @@ fn the_buckets_stay_with_the_device_across_pause_and_resume() {
     // 60 requests/s with a bucket of 30: 120 requests need 1.5 s. A resume that refilled or
     // forgot the buckets would finish 0.5 s early; the pause itself costs nothing, as the
     // buckets refill meanwhile.
-    let limit = RateLimit {
-        bandwidth: None,
-        ops: Some(BucketConfig {
-            size: 30,
-            one_time_burst: 0,
-            refill_time: Duration::from_millis(500),
-        }),
-    };
+    let limit = ops(30, 500);
     let elapsed = time_reads_with(
         limit,
         120,
@@ -144,14 +143,7 @@ fn the_buckets_stay_with_the_device_across_pause_and_resume() {
 #[test]
 fn limits_change_while_the_device_runs() {
     // 60 requests/s with a bucket of 6 (refill 100 ms).
-    let limit = RateLimit {
-        bandwidth: None,
-        ops: Some(BucketConfig {
-            size: 6,
-            one_time_burst: 0,
-            refill_time: Duration::from_millis(100),
-        }),
-    };
+    let limit = ops(6, 100);
     // Set on an active unlimited device: 36 requests need 0.5 s.
     let set = |block: &mut Block| block.rate_limiter().set(limit);
     let elapsed = time_reads_with(RateLimit::default(), 36, set, |_| {});
