@@ -45,17 +45,21 @@ struct Args {
     cpus: u8,
 
     /// A raw disk image as a virtio-blk device; repeatable. `ro` makes it read-only, `serial=ID`
-    /// sets the id the guest reads. `vhost-user=SOCKET` instead attaches a virtio-blk device
+    /// sets the id the guest reads, `bw=` (bytes/s, K/M/G) and `iops=` rate-limit it.
+    /// `vhost-user=SOCKET` instead attaches a virtio-blk device
     /// served by a vhost-user backend listening on SOCKET (e.g. pvm-vhost-user-blk); those
     /// come after the image disks in guest order.
-    #[arg(long, value_name = "PATH[,ro][,serial=ID] | vhost-user=SOCKET",
+    #[arg(long, value_name = "PATH[,ro][,serial=ID][,bw=BYTES][,iops=N] | vhost-user=SOCKET",
           value_parser = config::parse_disk_arg)]
     disk: Vec<DiskArg>,
 
     /// A host tap device as a virtio-net device; repeatable. `mac=` sets the guest's MAC;
     /// `vhost=` moves its queues into the kernel's vhost-net (auto: when /dev/vhost-net works);
-    /// `queues=N` (1..=16, pci only) gives it N receive/transmit queue pairs (multi-queue tap).
-    #[arg(long, value_name = "NAME[,mac=MAC][,vhost=on|off|auto][,queues=N]", value_parser = config::parse_tap)]
+    /// `queues=N` (1..=16, pci only) gives it N receive/transmit queue pairs (multi-queue tap);
+    /// `rx_bw=`/`tx_bw=` (bytes/s, K/M/G) and `rx_pps=`/`tx_pps=` (frames/s) rate-limit it,
+    /// which keeps it off vhost-net.
+    #[arg(long, value_name = "NAME[,mac=MAC][,vhost=on|off|auto][,queues=N][,rx_bw=|tx_bw=BYTES][,rx_pps=|tx_pps=N]",
+          value_parser = config::parse_tap)]
     tap: Vec<TapSpec>,
 
     /// A virtio-net device served by a vhost-user backend listening on SOCKET (e.g.
@@ -355,6 +359,7 @@ pub fn parse_launch<I: IntoIterator<Item = OsString>>(args: I) -> Result<Launch,
         taps: args.tap,
         vhost_user_disks,
         vhost_user_nets: args.net,
+        rng_limit: Default::default(),
         console: args.console,
         transport,
         stats: args.stats,

@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use log::LevelFilter;
+use pvm_virtio::{BucketConfig, RateLimit};
 
 /// Smallest guest memory pvm accepts: below this no Linux guest gets through early boot.
 pub const MIN_MEM_BYTES: u64 = 32 << 20;
@@ -47,6 +48,8 @@ pub struct DiskSpec {
     /// Offer the guest a flush command (served with fdatasync); false leaves the host's page
     /// cache in charge and the guest never flushes (Firecracker's `cache_type: Unsafe`).
     pub flush: bool,
+    /// `bw=`, `iops=`: requests beyond it wait in the ring.
+    pub limit: RateLimit,
 }
 
 /// Whether a tap's queues go to the kernel's vhost-net.
@@ -69,6 +72,17 @@ pub struct TapSpec {
     /// Receive/transmit queue pairs (1..=[`MAX_TAP_QUEUES`]); more than one makes the tap a
     /// multi-queue tap and the device offer VIRTIO_NET_F_MQ.
     pub queues: u16,
+    /// `rx_bw=`, `rx_pps=`: frames to the guest, over all queue pairs.
+    pub rx_limit: RateLimit,
+    /// `tx_bw=`, `tx_pps=`: frames from the guest, over all queue pairs.
+    pub tx_limit: RateLimit,
+}
+
+impl TapSpec {
+    /// Whether a rate limit applies (only pvm's own workers can enforce one).
+    pub fn is_limited(&self) -> bool {
+        self.rx_limit.is_enabled() || self.tx_limit.is_enabled()
+    }
 }
 
 /// A complete, validated VM description.
@@ -87,6 +101,8 @@ pub struct VmConfig {
     pub vhost_user_disks: Vec<PathBuf>,
     /// `--net vhost-user=SOCKET`: net devices served by vhost-user backends, after the taps.
     pub vhost_user_nets: Vec<PathBuf>,
+    /// The entropy device's rate limit (Firecracker's `PUT /entropy`).
+    pub rng_limit: RateLimit,
     pub console: ConsoleKind,
     pub transport: Transport,
     /// Print userspace exit counts by reason when the VM ends.
@@ -129,15 +145,25 @@ pub enum ValueError {
     NoDiskPath,
     #[error("serial '{0}' must be 1 to 20 ASCII characters")]
     Serial(String),
-    #[error("unknown disk option '{0}' (known: ro, serial=ID)")]
+    #[error("unknown disk option '{0}' (known: ro, serial=ID, bw=BYTES, iops=N)")]
     DiskOption(String),
+    #[error(
+        "{option}={value}: use a positive number per second, optionally with K, M or G (e.g. 10M)"
+    )]
+    Rate { option: String, value: String },
+    #[error(
+        "vhost=on: the kernel's vhost-net cannot enforce rx_bw/tx_bw/rx_pps/tx_pps; use vhost=auto or off"
+    )]
+    LimitWithVhost,
     #[error("tap name '{0}' must be 1 to 15 characters without '/' or spaces")]
     TapName(String),
     #[error("vhost={0}: use on, off or auto")]
     VhostMode(String),
     #[error("queues={0}: use 1 to {MAX_TAP_QUEUES} queue pairs")]
     Queues(String),
-    #[error("unknown tap option '{0}' (known: mac=MAC, vhost=on|off|auto, queues=N)")]
+    #[error(
+        "unknown tap option '{0}' (known: mac=MAC, vhost=on|off|auto, queues=N, rx_bw=, tx_bw=, rx_pps=, tx_pps=)"
+    )]
     TapOption(String),
 }
 
@@ -216,7 +242,35 @@ pub fn parse_net(text: &str) -> Result<PathBuf, ValueError> {
     parse_vhost_user(text).unwrap_or_else(|| Err(ValueError::NotVhostUser(text.to_string())))
 }
 
-/// Parses `PATH[,ro][,serial=ID]`.
+/// Parses a per-second rate (`bw=10M`, `iops=500`, an optional `/s` after it): a number with an
+/// optional binary K, M or G multiplier, at least 1.
+pub fn parse_rate(option: &str, value: &str) -> Result<u64, ValueError> {
+    let bad = || ValueError::Rate {
+        option: option.to_string(),
+        value: value.to_string(),
+    };
+    let text = value.strip_suffix("/s").unwrap_or(value);
+    let (digits, shift) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (text, 0),
+        Some((i, _)) => match text[i..].to_ascii_uppercase().as_str() {
+            "K" => (&text[..i], 10),
+            "M" => (&text[..i], 20),
+            "G" => (&text[..i], 30),
+            _ => return Err(bad()),
+        },
+    };
+    let rate: u64 = digits.parse().map_err(|_| bad())?;
+    rate.checked_mul(1 << shift)
+        .filter(|r| *r > 0)
+        .ok_or_else(bad)
+}
+
+/// `rate` per second with a bucket of one second's worth.
+fn per_second(option: &str, value: &str) -> Result<Option<BucketConfig>, ValueError> {
+    parse_rate(option, value).map(|rate| Some(BucketConfig::per_second(rate)))
+}
+
+/// Parses `PATH[,ro][,serial=ID][,bw=BYTES][,iops=N]`.
 pub fn parse_disk(text: &str) -> Result<DiskSpec, ValueError> {
     let mut parts = text.split(',');
     let path = parts.next().unwrap_or_default();
@@ -228,10 +282,13 @@ pub fn parse_disk(text: &str) -> Result<DiskSpec, ValueError> {
         read_only: false,
         serial: None,
         flush: true,
+        limit: RateLimit::default(),
     };
     for option in parts {
         match option.split_once('=') {
             None if option == "ro" => spec.read_only = true,
+            Some(("bw", rate)) => spec.limit.bandwidth = per_second("bw", rate)?,
+            Some(("iops", rate)) => spec.limit.ops = per_second("iops", rate)?,
             Some(("serial", id)) => {
                 if id.is_empty() || id.len() > 20 || !id.is_ascii() {
                     return Err(ValueError::Serial(id.to_string()));
@@ -244,7 +301,7 @@ pub fn parse_disk(text: &str) -> Result<DiskSpec, ValueError> {
     Ok(spec)
 }
 
-/// Parses `NAME[,mac=MAC][,vhost=on|off|auto][,queues=N]`.
+/// Parses `NAME[,mac=MAC][,vhost=on|off|auto][,queues=N][,rx_bw=|tx_bw=BYTES][,rx_pps=|tx_pps=N]`.
 pub fn parse_tap(text: &str) -> Result<TapSpec, ValueError> {
     let mut parts = text.split(',');
     let name = parts.next().unwrap_or_default();
@@ -261,6 +318,8 @@ pub fn parse_tap(text: &str) -> Result<TapSpec, ValueError> {
         mac: None,
         vhost: VhostMode::Auto,
         queues: 1,
+        rx_limit: RateLimit::default(),
+        tx_limit: RateLimit::default(),
     };
     for option in parts {
         match option.split_once('=') {
@@ -280,8 +339,15 @@ pub fn parse_tap(text: &str) -> Result<TapSpec, ValueError> {
                     .filter(|n| (1..=MAX_TAP_QUEUES).contains(n))
                     .ok_or_else(|| ValueError::Queues(count.to_string()))?;
             }
+            Some((name @ "rx_bw", rate)) => spec.rx_limit.bandwidth = per_second(name, rate)?,
+            Some((name @ "tx_bw", rate)) => spec.tx_limit.bandwidth = per_second(name, rate)?,
+            Some((name @ "rx_pps", rate)) => spec.rx_limit.ops = per_second(name, rate)?,
+            Some((name @ "tx_pps", rate)) => spec.tx_limit.ops = per_second(name, rate)?,
             _ => return Err(ValueError::TapOption(option.to_string())),
         }
+    }
+    if spec.vhost == VhostMode::On && spec.is_limited() {
+        return Err(ValueError::LimitWithVhost);
     }
     Ok(spec)
 }
@@ -457,5 +523,51 @@ mod tests {
                 format!("queues={bad}: use 1 to 16 queue pairs")
             );
         }
+    }
+
+    #[test]
+    fn rate_limits_on_disks_and_taps() {
+        let second = |rate| Some(BucketConfig::per_second(rate));
+        let d = parse_disk("a.img,bw=10M,iops=500").unwrap();
+        assert_eq!(
+            (d.limit.bandwidth, d.limit.ops),
+            (second(10 << 20), second(500))
+        );
+        assert!(!parse_disk("a.img").unwrap().limit.is_enabled());
+        assert_eq!(
+            parse_disk("a.img,bw=4K/s").unwrap().limit.bandwidth,
+            second(4096)
+        );
+        let t = parse_tap("tap0,rx_bw=1G,tx_pps=1000,rx_pps=10,tx_bw=123").unwrap();
+        assert_eq!(
+            (t.rx_limit.bandwidth, t.rx_limit.ops),
+            (second(1 << 30), second(10))
+        );
+        assert_eq!(
+            (t.tx_limit.bandwidth, t.tx_limit.ops),
+            (second(123), second(1000))
+        );
+        assert!(t.is_limited() && !parse_tap("tap0").unwrap().is_limited());
+        for bad in ["0", "", "x", "10X", "-1", "99999999999G"] {
+            let err = parse_disk(&format!("a.img,bw={bad}")).unwrap_err();
+            assert_eq!(
+                err,
+                ValueError::Rate {
+                    option: "bw".to_string(),
+                    value: bad.to_string()
+                }
+            );
+        }
+        assert!(
+            parse_tap("tap0,rx_pps=0")
+                .unwrap_err()
+                .to_string()
+                .starts_with("rx_pps=0:")
+        );
+        assert_eq!(
+            parse_tap("tap0,vhost=on,tx_bw=1M").unwrap_err(),
+            ValueError::LimitWithVhost
+        );
+        assert!(parse_tap("tap0,vhost=off,tx_bw=1M").is_ok());
     }
 }

@@ -146,6 +146,19 @@ pub struct Attached {
     pub vhost_user_sockets: Vec<std::os::fd::RawFd>,
     /// Every transport, for pausing and resuming the VM.
     pub pausable: Vec<PausableDevice>,
+    /// The rate limiters the API may change while the VM runs.
+    pub limiters: DeviceLimiters,
+}
+
+/// The rate limiters of the devices pvm serves itself, whose limits may change at run time
+/// (the API's PATCH /drives and /network-interfaces).
+#[derive(Debug, Clone, Default)]
+pub struct DeviceLimiters {
+    /// Each image disk's, in guest order.
+    pub disks: Vec<pvm_virtio::SharedLimiter>,
+    /// Each tap's receive and transmit limiters, in guest order; `None` when vhost-net serves
+    /// the tap, which cannot enforce a limit.
+    pub taps: Vec<Option<(pvm_virtio::SharedLimiter, pvm_virtio::SharedLimiter)>>,
 }
 
 /// A transport the VM can pause and resume, with the name pvm's messages use for its device.
@@ -211,6 +224,8 @@ fn create_devices(
         if !disk.flush {
             block = block.without_flush();
         }
+        block = block.with_rate_limit(disk.limit);
+        attached.limiters.disks.push(block.rate_limiter());
         attached.disk_errors.push((
             format!("disk{i}"),
             disk.path.display().to_string(),
@@ -234,6 +249,10 @@ fn create_devices(
             NetSource::InProcess(net.pair_counters())
         };
         attached.nets.push((spec.name.clone(), source));
+        attached
+            .limiters
+            .taps
+            .push((!vhost).then(|| net.rate_limiters()));
         devices.push((format!("net{i}"), Box::new(net)));
     }
     for socket in &config.vhost_user_nets {
@@ -241,7 +260,10 @@ fn create_devices(
         devices.push((format!("net-vhost-user{vhost_user_index}"), device));
         vhost_user_index += 1;
     }
-    devices.push(("rng".to_string(), Box::new(Rng::new())));
+    devices.push((
+        "rng".to_string(),
+        Box::new(Rng::new().with_rate_limit(config.rng_limit)),
+    ));
     Ok(devices)
 }
 
@@ -282,14 +304,18 @@ fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<(Net, bool), E
         .iter()
         .map(|tap| Arc::clone(tap) as Arc<dyn pvm_virtio::NetBackend>)
         .collect();
-    let mut net = Net::with_pairs(backends, spec.mac).map_err(|source| Error::Net {
-        tap: spec.name.clone(),
-        source,
-    })?;
+    let mut net = Net::with_pairs(backends, spec.mac)
+        .map_err(|source| Error::Net {
+            tap: spec.name.clone(),
+            source,
+        })?
+        .with_rate_limits(spec.rx_limit, spec.tx_limit);
+    // vhost-net cannot enforce a rate limit: a limited tap is served in-process (vhost=on with
+    // a limit is refused when the flag is parsed).
     let vhost = match spec.vhost {
         VhostMode::On => true,
         VhostMode::Off => false,
-        VhostMode::Auto => pvm_vhost::net::available(),
+        VhostMode::Auto => !spec.is_limited() && pvm_vhost::net::available(),
     };
     if vhost {
         let tap = || spec.name.clone();
@@ -312,8 +338,13 @@ fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<(Net, bool), E
         1 => String::new(),
         n => format!(", {n} queue pairs"),
     };
+    let limited = if spec.is_limited() {
+        " (rate-limited; vhost-net cannot enforce a limit)"
+    } else {
+        ""
+    };
     crate::logger::to_stderr(&format!(
-        "pvm: tap {}: {} data plane{pairs}\n",
+        "pvm: tap {}: {} data plane{pairs}{limited}\n",
         spec.name,
         net.data_plane_name()
     ));

@@ -140,6 +140,8 @@ fn bad_flags_are_one_line_errors_naming_the_flag() {
         (&["--cpus", "300"], "--cpus"),
         (&["--console", "tty"], "--console"),
         (&["--tap", "bad/name"], "--tap"),
+        (&["--tap", "tap0,vhost=on,tx_bw=1M"], "--tap"),
+        (&["--disk", "/tmp/x.img,bw=0"], "--disk"),
         (&["--disk", "/nonexistent.img"], "--disk"),
         (&["--initrd", "/nonexistent.cpio"], "--initrd"),
     ] {
@@ -169,6 +171,8 @@ fn help_lists_every_flag() {
         "--tap",
         "--net",
         "vhost-user=SOCKET",
+        "iops=N",
+        "tx_pps=N",
         "--console",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help");

@@ -4,11 +4,14 @@
 //! action to [`Controller::runtime`], and pre-boot calls get Firecracker's refusal.
 
 use super::http::Response;
-use super::models::{ConfigError, FcConfig};
+use super::models::{
+    ConfigError, FcConfig, PartialDrive, PartialNetworkInterface, RateLimiter, rate_limit,
+};
 use super::routes::Action;
 use super::server::ApiInbox;
 use crate::config::VmConfig;
 use crate::exit::{Outcome, error_chain};
+use crate::virtio_devices::DeviceLimiters;
 use crate::vm::{self, ControlPlane, RunningVm, Vm};
 
 /// Firecracker's refusals by VM state; clients match these texts.
@@ -17,6 +20,26 @@ pub const AFTER_START: &str =
 pub const BEFORE_START: &str =
     "The requested operation is not supported before starting the microVM.";
 
+/// Why a PATCH of a running device was refused; the caller puts the category in front.
+#[derive(Debug, thiserror::Error)]
+enum PatchError {
+    #[error("no device with id {0}")]
+    NoDevice(String),
+    #[error("{0}: pvm cannot change a running drive's path_on_host")]
+    BackingFile(String),
+    #[error(
+        "{0}: rate_limiter: a vhost-user backend moves the data itself and pvm cannot limit it"
+    )]
+    VhostUser(String),
+    #[error(
+        "{0}: the kernel's vhost-net serves this interface and cannot enforce a rate limit; \
+         give the interface a rate limiter before boot to have pvm serve it"
+    )]
+    VhostNet(String),
+    #[error("{0}: the running VM has no such device")]
+    NotRunning(String),
+}
+
 /// What the API knows of the VM.
 pub struct Controller {
     id: String,
@@ -24,6 +47,8 @@ pub struct Controller {
     base: VmConfig,
     fc: FcConfig,
     started: bool,
+    /// The running VM's rate limiters, for PATCH.
+    limiters: DeviceLimiters,
 }
 
 /// `GET /`.
@@ -49,7 +74,13 @@ impl Controller {
             base,
             fc,
             started: false,
+            limiters: DeviceLimiters::default(),
         }
+    }
+
+    /// The running VM's rate limiters, which PATCH /drives and /network-interfaces change.
+    pub fn set_limiters(&mut self, limiters: DeviceLimiters) {
+        self.limiters = limiters;
     }
 
     /// The VM `fc` describes on top of the flags.
@@ -127,6 +158,7 @@ impl Controller {
         match vm::build(&config) {
             Ok(vm) => {
                 self.started = true;
+                self.limiters = vm.rate_limiters();
                 log::info!("API: InstanceStart: the VM is built and starts");
                 (Response::no_content(), Some(vm))
             }
@@ -162,8 +194,93 @@ impl Controller {
                 Ok(()) => Response::no_content(),
                 Err(why) => Response::fault(&why.to_string()),
             },
+            Action::PatchDrive(patch) => match self.patch_drive(&patch) {
+                Ok(()) => Response::no_content(),
+                Err(why) => Response::fault(&format!("Drive config error: {why}")),
+            },
+            Action::PatchNetworkInterface(patch) => match self.patch_interface(&patch) {
+                Ok(()) => Response::no_content(),
+                Err(why) => Response::fault(&format!("Network interface error: {why}")),
+            },
             _ => Response::fault(AFTER_START),
         }
+    }
+
+    /// PATCH /drives/{id} on the running VM: new rate limits (buckets left out stay).
+    fn patch_drive(&mut self, patch: &PartialDrive) -> Result<(), PatchError> {
+        let id = &patch.drive_id;
+        if patch.path_on_host.is_some() {
+            return Err(PatchError::BackingFile(id.clone()));
+        }
+        let Some(limiter) = &patch.rate_limiter else {
+            // Nothing to change (Firecracker refreshes a vhost-user disk's config here).
+            return Ok(());
+        };
+        let drives = &self.fc.drives;
+        let position = drives
+            .iter()
+            .position(|d| &d.drive_id == id)
+            .ok_or_else(|| PatchError::NoDevice(id.clone()))?;
+        let drive = &drives[position];
+        let merged = drive
+            .rate_limiter
+            .clone()
+            .unwrap_or_default()
+            .patched(limiter);
+        if drive.socket.is_some() {
+            if merged.limits() {
+                return Err(PatchError::VhostUser(id.clone()));
+            }
+            return Ok(());
+        }
+        // The flags' disks come first, then the API's image drives in order.
+        let index = self.base.disks.len()
+            + drives[..position]
+                .iter()
+                .filter(|d| d.path_on_host.is_some())
+                .count();
+        let shared = self
+            .limiters
+            .disks
+            .get(index)
+            .ok_or_else(|| PatchError::NotRunning(id.clone()))?;
+        shared.set(rate_limit(Some(&merged)));
+        self.fc.drives[position].rate_limiter = Some(merged);
+        Ok(())
+    }
+
+    /// PATCH /network-interfaces/{id} on the running VM: new rate limits (buckets left out
+    /// stay).
+    fn patch_interface(&mut self, patch: &PartialNetworkInterface) -> Result<(), PatchError> {
+        let id = &patch.iface_id;
+        let ifaces = &self.fc.network_interfaces;
+        let position = ifaces
+            .iter()
+            .position(|i| &i.iface_id == id)
+            .ok_or_else(|| PatchError::NoDevice(id.clone()))?;
+        let iface = &ifaces[position];
+        let merge = |old: &Option<RateLimiter>, new: &Option<RateLimiter>| match new {
+            Some(new) => Some(old.clone().unwrap_or_default().patched(new)),
+            None => old.clone(),
+        };
+        let rx = merge(&iface.rx_rate_limiter, &patch.rx_rate_limiter);
+        let tx = merge(&iface.tx_rate_limiter, &patch.tx_rate_limiter);
+        let limits = |l: &Option<RateLimiter>| l.as_ref().is_some_and(RateLimiter::limits);
+        match self.limiters.taps.get(self.base.taps.len() + position) {
+            Some(Some((rx_shared, tx_shared))) => {
+                rx_shared.set(rate_limit(rx.as_ref()));
+                tx_shared.set(rate_limit(tx.as_ref()));
+            }
+            Some(None) if limits(&rx) || limits(&tx) => {
+                return Err(PatchError::VhostNet(id.clone()));
+            }
+            Some(None) => {}
+            None => return Err(PatchError::NotRunning(id.clone())),
+        }
+        let iface = &mut self.fc.network_interfaces[position];
+        iface.rx_rate_limiter = rx;
+        iface.tx_rate_limiter = tx;
+        Ok(())
     }
 
     /// Whether InstanceStart (or the config file) started the VM.

@@ -91,3 +91,101 @@ fn runtime_refuses_preboot_calls_and_ends_on_ctrl_alt_del() {
     assert_eq!(c.runtime(Action::SendCtrlAltDel, &mut vm).status, 204);
     assert_eq!(end.outcome(), Some(Outcome::Reboot));
 }
+
+#[test]
+fn patch_changes_the_running_devices_rate_limits() {
+    use crate::api::models::{PartialDrive, PartialNetworkInterface, RateLimiter, TokenBucket};
+    use pvm_virtio::{RateLimit, SharedLimiter};
+
+    let config: FcConfig = serde_json::from_str(
+        r#"{"drives": [{"drive_id": "sock", "socket": "/tmp/x.sock", "is_root_device": false},
+                       {"drive_id": "d", "path_on_host": "/tmp/d.img", "is_root_device": false,
+                        "rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}}],
+            "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"},
+                                   {"iface_id": "eth1", "host_dev_name": "tap1"}]}"#,
+    )
+    .unwrap();
+    let mut c = Controller::new("vm1".to_string(), base(), config);
+    // Before boot PATCH is refused, as in Firecracker.
+    let patch_d = |rate_limiter| {
+        Action::PatchDrive(PartialDrive {
+            drive_id: "d".to_string(),
+            path_on_host: None,
+            rate_limiter,
+        })
+    };
+    let (early, _) = c.preboot(patch_d(None));
+    assert!(fault_of(&early).contains(BEFORE_START));
+    c.set_started();
+    let unlimited = || SharedLimiter::new(RateLimit::default());
+    let disk = unlimited();
+    let (rx, tx) = (unlimited(), unlimited());
+    c.set_limiters(DeviceLimiters {
+        disks: vec![disk.clone()],
+        // eth0 in-process, eth1 on vhost-net.
+        taps: vec![Some((rx.clone(), tx.clone())), None],
+    });
+    let end = EndSignal::new().unwrap();
+    let mut pauser = Pauser::new(Arc::new(RunControl::default()), &[], &[]);
+    let mut vm = RunningVm {
+        end: &end,
+        pauser: &mut pauser,
+    };
+    let bucket = |size| TokenBucket {
+        size,
+        one_time_burst: None,
+        refill_time: 1000,
+    };
+    // A new bandwidth bucket; the ops bucket configured at PUT stays.
+    let bandwidth = RateLimiter {
+        bandwidth: Some(bucket(4096)),
+        ops: None,
+    };
+    assert_eq!(c.runtime(patch_d(Some(bandwidth)), &mut vm).status, 204);
+    let limit = disk.limit().unwrap();
+    assert_eq!(limit.bandwidth.unwrap().size, 4096);
+    assert_eq!(limit.ops.unwrap().size, 100);
+    let config = c.runtime(Action::GetVmConfig, &mut vm).body.unwrap();
+    assert!(
+        config.contains(r#""refill_time":1000,"size":4096"#),
+        "{config}"
+    );
+
+    let patch_i = |iface: &str, size| {
+        Action::PatchNetworkInterface(PartialNetworkInterface {
+            iface_id: iface.to_string(),
+            rx_rate_limiter: None,
+            tx_rate_limiter: Some(RateLimiter {
+                bandwidth: None,
+                ops: Some(bucket(size)),
+            }),
+        })
+    };
+    assert_eq!(c.runtime(patch_i("eth0", 10), &mut vm).status, 204);
+    assert_eq!(tx.limit().unwrap().ops.unwrap().size, 10);
+    assert_eq!(rx.limit(), None);
+    // Size 0 lifts the limit again.
+    assert_eq!(c.runtime(patch_i("eth0", 0), &mut vm).status, 204);
+    assert_eq!(tx.limit(), None);
+
+    let e = fault_of(&c.runtime(patch_i("eth1", 10), &mut vm));
+    assert!(
+        e.contains("Network interface error: eth1: the kernel's vhost-net"),
+        "{e}"
+    );
+    assert!(fault_of(&c.runtime(patch_i("eth9", 10), &mut vm)).contains("no device with id eth9"));
+    let mut sock = patch_d(Some(RateLimiter {
+        bandwidth: Some(bucket(1)),
+        ops: None,
+    }));
+    if let Action::PatchDrive(p) = &mut sock {
+        p.drive_id = "sock".to_string();
+    }
+    assert!(fault_of(&c.runtime(sock, &mut vm)).contains("vhost-user"));
+    let file = Action::PatchDrive(PartialDrive {
+        drive_id: "d".to_string(),
+        path_on_host: Some("/tmp/other.img".to_string()),
+        rate_limiter: None,
+    });
+    assert!(fault_of(&c.runtime(file, &mut vm)).contains("Drive config error: d: pvm cannot"));
+}

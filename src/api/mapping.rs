@@ -5,12 +5,33 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::{
-    BootSource, CacheType, CpuTemplate, DEFAULT_BOOT_ARGS, Drive, Entropy, FcConfig, HugePages,
-    IoEngine, MAX_VCPUS, MachineConfig, NetworkInterface, RateLimiter,
+    BootSource, CacheType, CpuTemplate, DEFAULT_BOOT_ARGS, Drive, FcConfig, HugePages, IoEngine,
+    MAX_VCPUS, MachineConfig, NetworkInterface, RateLimiter, TokenBucket,
 };
 use crate::config::{
     self, DiskSpec, MAX_MEM_BYTES, MIN_MEM_BYTES, TapSpec, Transport, VhostMode, VmConfig,
 };
+use pvm_virtio::{BucketConfig, RateLimit};
+
+impl TokenBucket {
+    /// The bucket as pvm's devices take it; `None` when it limits nothing.
+    fn to_bucket(&self) -> Option<BucketConfig> {
+        self.limits().then(|| BucketConfig {
+            size: self.size,
+            one_time_burst: self.one_time_burst.unwrap_or(0),
+            refill_time: std::time::Duration::from_millis(self.refill_time),
+        })
+    }
+}
+
+/// A device's rate limit as configured: none when `limiter` is absent or limits nothing.
+pub(crate) fn rate_limit(limiter: Option<&RateLimiter>) -> RateLimit {
+    let bucket = |b: Option<&TokenBucket>| b.and_then(TokenBucket::to_bucket);
+    RateLimit {
+        bandwidth: bucket(limiter.and_then(|l| l.bandwidth.as_ref())),
+        ops: bucket(limiter.and_then(|l| l.ops.as_ref())),
+    }
+}
 
 /// Config-file sections pvm does not offer; other unknown keys are ignored, as Firecracker does.
 const REFUSED_SECTIONS: &[(&str, &str)] = &[
@@ -173,11 +194,12 @@ impl MachineConfig {
 impl Drive {
     pub fn validate(&self) -> Result<(), ConfigError> {
         const CATEGORY: &str = "Drive config";
-        if self.rate_limiter.as_ref().is_some_and(RateLimiter::limits) {
+        let limited = self.rate_limiter.as_ref().is_some_and(RateLimiter::limits);
+        if limited && self.socket.is_some() {
             return Err(refused(
                 CATEGORY,
                 "rate_limiter",
-                "pvm has no block rate limiting yet",
+                "a vhost-user backend moves the data itself and pvm cannot limit it",
             ));
         }
         if self.io_engine == Some(IoEngine::Async) {
@@ -205,18 +227,6 @@ impl Drive {
 impl NetworkInterface {
     pub fn validate(&self) -> Result<Option<[u8; 6]>, ConfigError> {
         const CATEGORY: &str = "Network interface";
-        for (field, limiter) in [
-            ("rx_rate_limiter", &self.rx_rate_limiter),
-            ("tx_rate_limiter", &self.tx_rate_limiter),
-        ] {
-            if limiter.as_ref().is_some_and(RateLimiter::limits) {
-                return Err(refused(
-                    CATEGORY,
-                    field,
-                    "pvm has no network rate limiting yet",
-                ));
-            }
-        }
         if self.mtu.is_some() {
             return Err(refused(
                 CATEGORY,
@@ -234,19 +244,6 @@ impl NetworkInterface {
                 })
             })
             .transpose()
-    }
-}
-
-impl Entropy {
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.rate_limiter.as_ref().is_some_and(RateLimiter::limits) {
-            return Err(refused(
-                "Entropy device",
-                "rate_limiter",
-                "pvm has no entropy rate limiting yet",
-            ));
-        }
-        Ok(())
     }
 }
 
@@ -303,7 +300,7 @@ impl FcConfig {
         vm.cpus = machine.vcpu_count;
         vm.mem_bytes = machine.mem_size_mib << 20;
         if let Some(entropy) = &self.entropy {
-            entropy.validate()?;
+            vm.rng_limit = rate_limit(entropy.rate_limiter.as_ref());
         }
         let mut root = None;
         for drive in &self.drives {
@@ -317,6 +314,7 @@ impl FcConfig {
                         // The guest reads the drive's id as the disk's serial, as in Firecracker.
                         serial: (drive.drive_id.len() <= 20).then(|| drive.drive_id.clone()),
                         flush: drive.cache_type == CacheType::Writeback,
+                        limit: rate_limit(drive.rate_limiter.as_ref()),
                     });
                     DiskSlot::File(vm.disks.len() - 1)
                 }
@@ -347,8 +345,11 @@ impl FcConfig {
             vm.taps.push(TapSpec {
                 name: iface.host_dev_name.clone(),
                 mac,
+                // With a rate limit Auto means pvm's own worker: vhost-net cannot enforce it.
                 vhost: VhostMode::Auto,
                 queues: 1,
+                rx_limit: rate_limit(iface.rx_rate_limiter.as_ref()),
+                tx_limit: rate_limit(iface.tx_rate_limiter.as_ref()),
             });
         }
         let mut cmdline = match &self.boot_source {

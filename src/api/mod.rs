@@ -71,7 +71,9 @@ pub fn run(base: VmConfig, mode: &FirecrackerMode) -> Result<Outcome, RunError> 
                 return Err(RunError::NoKernel(path.to_path_buf()));
             }
             controller.set_started();
-            vm::build(&config)?
+            let vm = vm::build(&config)?;
+            controller.set_limiters(vm.rate_limiters());
+            vm
         }
         (None, Some(inbox)) => {
             controller::serve_until_start(inbox, &mut controller).ok_or(RunError::ApiEnded)?

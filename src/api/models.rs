@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 #[path = "mapping.rs"]
 mod mapping;
 
+pub(crate) use self::mapping::rate_limit;
 pub use self::mapping::{ConfigError, ConfigFileError, read_config_file, strip_pci_off};
 
 /// The command line Firecracker gives a guest whose boot source has no `boot_args`.
@@ -97,6 +98,39 @@ pub struct Drive {
     /// A vhost-user backend's socket instead of a file.
     #[serde(default)]
     pub socket: Option<String>,
+}
+
+/// `PATCH /drives/{drive_id}`: a new rate limiter (a bucket left out stays as it is); a new
+/// backing file is refused.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    pub drive_id: String,
+    #[serde(default)]
+    pub path_on_host: Option<String>,
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}`: new rate limiters (a bucket left out stays).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    pub iface_id: String,
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+impl RateLimiter {
+    /// `self` with the buckets `patch` gives replaced (PATCH semantics).
+    pub(crate) fn patched(&self, patch: &RateLimiter) -> RateLimiter {
+        RateLimiter {
+            bandwidth: patch.bandwidth.clone().or_else(|| self.bandwidth.clone()),
+            ops: patch.ops.clone().or_else(|| self.ops.clone()),
+        }
+    }
 }
 
 /// `PUT /network-interfaces/{iface_id}`.

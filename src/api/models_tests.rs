@@ -17,6 +17,7 @@ pub(crate) fn base() -> VmConfig {
         taps: Vec::new(),
         vhost_user_disks: Vec::new(),
         vhost_user_nets: Vec::new(),
+        rng_limit: Default::default(),
         console: ConsoleKind::Serial,
         transport: Transport::Mmio,
         stats: false,
@@ -117,14 +118,15 @@ fn refused_fields_are_named() {
         e.contains("io_engine Async") && e.contains("io_uring"),
         "{e}"
     );
-    let e = error_of(&drive(
-        r#", "rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}"#,
+    // A vhost-user backend moves the data itself: pvm could not enforce a limit.
+    let e = error_of(&config(
+        r#"{"drives": [{"drive_id": "d", "socket": "/tmp/x.sock", "is_root_device": false,
+                        "rate_limiter": {"ops": {"size": 10, "refill_time": 1000}}}]}"#,
     ));
-    assert!(e.starts_with("Drive config error: rate_limiter"), "{e}");
-    // A limiter that limits nothing is what pvm does anyway.
-    drive(r#", "rate_limiter": {"bandwidth": {"size": 0, "refill_time": 100}}"#)
-        .to_vm_config(&base())
-        .unwrap();
+    assert!(
+        e.starts_with("Drive config error: rate_limiter") && e.contains("vhost-user"),
+        "{e}"
+    );
     let e = error_of(&drive(r#", "socket": "/tmp/x.sock""#));
     assert!(e.contains("path_on_host or socket"), "{e}");
     let machine = |body: &str| config(&format!(r#"{{"machine-config": {body}}}"#));
@@ -161,19 +163,59 @@ fn refused_fields_are_named() {
         ))
     };
     assert!(error_of(&iface(r#", "mtu": 1400"#)).contains("mtu"));
-    assert!(
-        error_of(&iface(
-            r#", "tx_rate_limiter": {"ops": {"size": 10, "refill_time": 1000}}"#
-        ))
-        .contains("tx_rate_limiter")
-    );
     assert!(error_of(&iface(r#", "guest_mac": "zz:00:00:00:00:00""#)).contains("guest_mac"));
     let e = error_of(&config(r#"{"vsock": {"guest_cid": 3, "uds_path": "/v"}}"#));
     assert!(e.contains("vsock"), "{e}");
-    let e = error_of(&config(
-        r#"{"entropy": {"rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}}"#,
+}
+
+#[test]
+fn rate_limiters_map_onto_the_devices() {
+    use pvm_virtio::{BucketConfig, RateLimit};
+    use std::time::Duration;
+
+    let disk = scratch("limited");
+    let fc = config(&format!(
+        r#"{{"drives": [{{"drive_id": "d", "path_on_host": "{disk}", "is_root_device": false,
+                          "rate_limiter": {{"bandwidth": {{"size": 1000, "one_time_burst": 50,
+                                                          "refill_time": 100}},
+                                            "ops": {{"size": 0, "refill_time": 100}}}}}}],
+            "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap0",
+                "tx_rate_limiter": {{"ops": {{"size": 10, "refill_time": 1000}}}}}}],
+            "entropy": {{"rate_limiter": {{"bandwidth": {{"size": 1, "refill_time": 1}}}}}}}}"#
     ));
-    assert!(e.contains("rate_limiter"), "{e}");
+    let vm = fc.to_vm_config(&base()).unwrap();
+    let bucket = |size, one_time_burst, ms| {
+        Some(BucketConfig {
+            size,
+            one_time_burst,
+            refill_time: Duration::from_millis(ms),
+        })
+    };
+    // A bucket of size 0 limits nothing and is left out.
+    assert_eq!(
+        vm.disks[0].limit,
+        RateLimit {
+            bandwidth: bucket(1000, 50, 100),
+            ops: None
+        }
+    );
+    assert_eq!(vm.taps[0].tx_limit.ops, bucket(10, 0, 1000));
+    assert!(!vm.taps[0].rx_limit.is_enabled());
+    assert_eq!(vm.rng_limit.bandwidth, bucket(1, 0, 1));
+    // GET /vm/config shows them as configured.
+    let json = fc.to_json(&base());
+    assert_eq!(
+        json["drives"][0]["rate_limiter"]["bandwidth"]["one_time_burst"],
+        50
+    );
+    assert_eq!(
+        json["network-interfaces"][0]["tx_rate_limiter"]["ops"]["size"],
+        10
+    );
+    assert_eq!(
+        json["entropy"]["rate_limiter"]["bandwidth"]["refill_time"],
+        1
+    );
 }
 
 #[test]

@@ -7,7 +7,8 @@ use serde::de::DeserializeOwned;
 
 use super::http::{Method, Request};
 use super::models::{
-    BootSource, Drive, Entropy, MachineConfig, MachineConfigUpdate, NetworkInterface,
+    BootSource, Drive, Entropy, MachineConfig, MachineConfigUpdate, NetworkInterface, PartialDrive,
+    PartialNetworkInterface,
 };
 
 /// What the API asks the VMM (main) thread to do.
@@ -23,6 +24,8 @@ pub enum Action {
     PutMachineConfig(MachineConfig),
     PatchMachineConfig(MachineConfigUpdate),
     PutEntropy(Entropy),
+    PatchDrive(PartialDrive),
+    PatchNetworkInterface(PartialNetworkInterface),
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,
@@ -185,11 +188,23 @@ pub fn route(request: &Request) -> Result<Action, RouteError> {
             VmState::Paused => Action::Pause,
             VmState::Resumed => Action::Resume,
         },
-        (Method::Patch | Method::Delete, "drives" | "network-interfaces") => {
+        (Method::Patch, "drives") => {
+            let id = checked_id(id)?;
+            let drive: PartialDrive = decode(body)?;
+            same_id(id, &drive.drive_id)?;
+            Action::PatchDrive(drive)
+        }
+        (Method::Patch, "network-interfaces") => {
+            let id = checked_id(id)?;
+            let iface: PartialNetworkInterface = decode(body)?;
+            same_id(id, &iface.iface_id)?;
+            Action::PatchNetworkInterface(iface)
+        }
+        (Method::Delete, "drives" | "network-interfaces") => {
             return Err(RouteError::Unsupported {
                 method: method.name(),
                 path: first.to_string(),
-                why: "pvm does not support changing or removing devices of a running VM yet",
+                why: "pvm does not support removing devices of a running VM yet",
             });
         }
         _ => {

@@ -144,8 +144,6 @@ fn unsupported_endpoints_say_so() {
         (Put, "/logger"),
         (Put, "/metrics"),
         (Put, "/serial"),
-        (Patch, "/drives/d"),
-        (Patch, "/network-interfaces/n"),
         (Delete, "/drives/d"),
     ] {
         let body = if method == Get || method == Delete {

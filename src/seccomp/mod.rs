@@ -48,15 +48,20 @@ impl ThreadKind {
 }
 
 /// Device activation and reset run on the vCPU that wrote DRIVER_OK or 0 to the status: new
-/// event loops, eventfds and duplicated descriptors.
+/// event loops, eventfds, a rate-limited queue's timerfd and duplicated descriptors.
 const VCPU: &[i64] = &[
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
     libc::SYS_eventfd2,
+    libc::SYS_timerfd_create,
 ];
 
 /// A device thread's event loop and I/O: the data plane's calls, nothing more.
 const DEVICE: &[i64] = DATA_PLANE;
+
+/// A rate-limited queue's worker arms its timerfd when the buckets run dry (pvm's own workers
+/// only, so not in the shared data-plane list the vhost-user backends use too).
+const RATE_LIMIT: &[i64] = &[libc::SYS_timerfd_settime];
 
 /// The main loop, and the teardown of the VM when it ends. Resuming a paused VM restarts
 /// in-process device workers from the main thread: a new event loop and kill eventfd each.
@@ -125,7 +130,7 @@ pub fn rules_with(
         ThreadKind::Main if stats => &[EVERY_THREAD, MAIN, MAIN_STATS],
         ThreadKind::Main => &[EVERY_THREAD, MAIN],
         ThreadKind::Vcpu => &[EVERY_THREAD, VCPU],
-        ThreadKind::Device => &[EVERY_THREAD, DEVICE],
+        ThreadKind::Device => &[EVERY_THREAD, DEVICE, RATE_LIMIT],
         ThreadKind::Api => &[EVERY_THREAD, API],
     });
     let ioctl_types: &[u64] = match kind {
@@ -310,6 +315,29 @@ mod tests {
                 assert!(!rules.contains_key(&libc::SYS_sendmsg));
             }
         }
+    }
+
+    #[test]
+    fn a_rate_limited_queue_can_make_and_arm_its_timer_under_the_filters() {
+        use std::time::Duration;
+        use vmm_sys_util::timerfd::TimerFd;
+
+        // Made at activation on a vCPU thread, armed and read by the device thread. A call
+        // the filters do not allow ends the test process with the seccomp exit code.
+        let timer = std::thread::spawn(|| {
+            install(ThreadKind::Vcpu, false).unwrap();
+            TimerFd::new().unwrap()
+        })
+        .join()
+        .unwrap();
+        std::thread::spawn(move || {
+            let mut timer = timer;
+            install(ThreadKind::Device, false).unwrap();
+            timer.reset(Duration::from_millis(1), None).unwrap();
+            assert_eq!(timer.wait().unwrap(), 1);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

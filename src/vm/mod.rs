@@ -37,7 +37,7 @@ use crate::metrics::{self, NetSource, Sources};
 use crate::seccomp::{self, ThreadKind};
 use crate::terminal::RawMode;
 use crate::vcpu::{self, Buses, ExitStats, Vcpu};
-use crate::virtio_devices::{self, Attached, PausableDevice};
+use crate::virtio_devices::{self, Attached, DeviceLimiters, PausableDevice};
 use crate::{kvm_host, layout, logger};
 use pvm_virtio::{ConsoleInput, NetCounters};
 
@@ -87,6 +87,8 @@ pub struct Vm {
     vhost_user_sockets: Vec<i32>,
     /// Every virtio transport, for pausing the VM.
     pausable: Vec<PausableDevice>,
+    /// The devices' rate limiters, for a control plane that changes them.
+    limiters: DeviceLimiters,
     end: Arc<EndSignal>,
     stop: Arc<AtomicBool>,
     control: Arc<RunControl>,
@@ -143,11 +145,18 @@ impl Vm {
             seccomp: config.seccomp,
             vhost_user_sockets: attached.vhost_user_sockets,
             pausable: attached.pausable,
+            limiters: attached.limiters,
             end: shared.end,
             stop: shared.stop,
             control: shared.control,
             memory,
         })
+    }
+
+    /// The devices' rate limiters (shared with their workers), to change limits while the VM
+    /// runs.
+    pub fn rate_limiters(&self) -> DeviceLimiters {
+        self.limiters.clone()
     }
 
     /// Runs the vCPUs and the main loop (stdin to the UART, stop signals) until the VM ends.

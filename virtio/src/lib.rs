@@ -14,6 +14,7 @@ pub mod console;
 pub mod data_plane;
 pub mod device;
 pub mod net;
+pub mod rate_limiter;
 pub mod rng;
 // Test helpers, for this crate's tests and, with the `testing` feature, for its benches, other
 // crates' tests and the fuzz targets. Not part of the API a VMM uses.
@@ -29,7 +30,8 @@ pub use chain::Chain;
 pub use console::{Console, ConsoleError, ConsoleInput};
 pub use device::{ActivateError, Activation, ActiveQueue, Interrupt, PauseError, VirtioDevice};
 pub use net::{Net, NetBackend, NetCounters, NetError, Tap, TapError};
+pub use rate_limiter::{BucketConfig, RateLimit, RateLimiter};
 pub use rng::Rng;
 pub use transport::mmio::MmioTransport;
 pub use transport::pci::{MsiMessage, MsiSink, PciTransport};
-pub use worker::{CHAINS_PER_PASS, DeviceQueue, read_config_bytes};
+pub use worker::{CHAINS_PER_PASS, DeviceQueue, SharedLimiter, read_config_bytes};

@@ -13,7 +13,8 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use crate::chain::Chain;
 use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
-use crate::worker::{ChainServer, SingleQueueHandler, WorkerSlot, feature};
+use crate::rate_limiter::RateLimit;
+use crate::worker::{ChainServer, SharedLimiter, SingleQueueHandler, WorkerSlot, feature};
 
 pub const QUEUE_SIZE: u16 = 64;
 /// The most entropy one chain receives, so a guest offering huge buffers cannot keep the worker
@@ -31,14 +32,25 @@ pub enum RngError {
 #[derive(Debug)]
 pub struct Rng {
     worker: WorkerSlot<SingleQueueHandler<RandomServer>>,
+    /// Kept here so the buckets outlive pauses and resets.
+    limiter: SharedLimiter,
 }
 
 /// Fills request buffers with random bytes, for the device's worker.
 struct RandomServer;
 
 impl ChainServer for RandomServer {
-    fn serve(&mut self, memory: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
-        handle_request(memory, chain)
+    fn serve(&mut self, memory: &GuestMemoryMmap, chain: Chain<'_>) -> (u32, u64) {
+        let written = handle_request(memory, chain);
+        (written, u64::from(written))
+    }
+
+    fn data_bytes(&self, chain: &Chain<'_>) -> u64 {
+        let writable = chain
+            .clone()
+            .filter(|d| d.is_write_only())
+            .fold(0u64, |sum, d| sum.saturating_add(u64::from(d.len())));
+        writable.min(MAX_BYTES_PER_REQUEST as u64)
     }
 }
 
@@ -53,7 +65,25 @@ impl Rng {
         let index = NEXT_RNG_INDEX.fetch_add(1, Ordering::Relaxed);
         Rng {
             worker: WorkerSlot::new(format!("virtio-rng{index}")),
+            limiter: SharedLimiter::new(RateLimit::default()),
         }
+    }
+
+    /// Hands out entropy no faster than `limit` allows: each request is one operation and the
+    /// bytes it asks for (at most [`MAX_BYTES_PER_REQUEST`]).
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.limiter = SharedLimiter::new(limit);
+        self
+    }
+
+    /// The device's rate limit, if it has one.
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        self.limiter.limit()
+    }
+
+    /// The device's rate limiter, whose limits may be changed while it runs.
+    pub fn rate_limiter(&self) -> SharedLimiter {
+        self.limiter.clone()
     }
 }
 
@@ -134,8 +164,9 @@ impl VirtioDevice for Rng {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let limiter = self.limiter.clone();
         self.worker
-            .start(|| SingleQueueHandler::new(activation, RandomServer))
+            .start(|| SingleQueueHandler::new(activation, RandomServer)?.with_limiter(limiter))
     }
 
     fn reset(&mut self) {
@@ -239,5 +270,45 @@ mod tests {
             assert_eq!(tq.used(&mem), vec![(0, 32)]);
             rng.reset();
         }
+    }
+
+    #[test]
+    fn a_limited_device_hands_out_entropy_at_its_rate() {
+        use std::time::{Duration, Instant};
+
+        use crate::rate_limiter::BucketConfig;
+
+        // 30 kB/s with a 3 kB bucket: 60 requests of 1000 bytes need (60 - 3) / 30 s.
+        let limit = RateLimit {
+            bandwidth: Some(BucketConfig {
+                size: 3000,
+                one_time_burst: 0,
+                refill_time: Duration::from_millis(100),
+            }),
+            ops: None,
+        };
+        let mem = test_memory();
+        let mut rng = Rng::new().with_rate_limit(limit);
+        assert_eq!(rng.rate_limit(), Some(limit));
+        // At most 128 entries: MockSplitQueue's used ring overlaps the rest of the avail ring.
+        let tq = TestQueue::new(&mem, 256);
+        let active = tq.active_queue(0);
+        let kick = active.kick.try_clone().unwrap();
+        let interrupt = Arc::new(RecordingInterrupt::default());
+        rng.activate(activation(&mem, &interrupt, vec![active], OFFERED_FEATURES))
+            .unwrap();
+        tq.add_chain(&[writable(0x20_000, 1000)]);
+        for _ in 1..60 {
+            tq.publish(&mem, 0);
+        }
+        let start = Instant::now();
+        kick.write(1).unwrap();
+        while tq.used(&mem).len() < 60 && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let elapsed = start.elapsed();
+        assert_eq!(tq.used(&mem), vec![(0, 1000); 60]);
+        crate::testing::assert_within_5_percent(elapsed, Duration::from_millis(1900));
+        rng.reset();
     }
 }

@@ -4,6 +4,8 @@
 //! refused before the guest boots. Requests are served synchronously on the device's worker
 //! thread with preadv/pwritev straight into guest memory (see [`request`]).
 
+#[cfg(test)]
+mod limit_tests;
 mod request;
 #[cfg(test)]
 mod tests;
@@ -31,7 +33,11 @@ use vm_memory::GuestMemoryMmap;
 pub use request::{DiskErrors, DiskImage, MAX_RANGE_SECTORS, SECTOR_SIZE};
 
 use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
-use crate::worker::{ChainServer, SingleQueueHandler, WorkerSlot, feature, read_config_bytes};
+use crate::rate_limiter::RateLimit;
+use crate::worker::{
+    ChainServer, SharedLimiter, SingleQueueHandler, WorkerSlot, chain_bytes, feature,
+    read_config_bytes,
+};
 
 /// Descriptors per queue; also bounds the segments of one request.
 pub const QUEUE_SIZE: u16 = 256;
@@ -66,14 +72,21 @@ pub struct Block {
     config: Vec<u8>,
     offered_features: u64,
     worker: WorkerSlot<SingleQueueHandler<DiskServer>>,
+    /// Kept here so the buckets outlive pauses and resets.
+    limiter: SharedLimiter,
 }
 
 /// Serves block requests on the disk, for the device's worker.
 struct DiskServer(Arc<DiskImage>);
 
 impl ChainServer for DiskServer {
-    fn serve(&mut self, memory: &GuestMemoryMmap, chain: crate::Chain<'_>) -> u32 {
-        request::handle_request(&self.0, memory, chain)
+    fn serve(&mut self, memory: &GuestMemoryMmap, chain: crate::Chain<'_>) -> (u32, u64) {
+        request::handle_request_counted(&self.0, memory, chain)
+    }
+
+    fn data_bytes(&self, chain: &crate::Chain<'_>) -> u64 {
+        // Everything but the 16-byte request header and the status byte.
+        chain_bytes(chain).saturating_sub(17)
     }
 }
 
@@ -90,7 +103,25 @@ impl Block {
             disk: Arc::new(disk),
             offered_features,
             worker: WorkerSlot::new(format!("virtio-blk{index}")),
+            limiter: SharedLimiter::new(RateLimit::default()),
         })
+    }
+
+    /// Serves requests no faster than `limit` allows: each request is one operation and its
+    /// data bytes. A limit that limits nothing leaves the device unlimited.
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.limiter = SharedLimiter::new(limit);
+        self
+    }
+
+    /// The device's rate limit, if it has one.
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        self.limiter.limit()
+    }
+
+    /// The device's rate limiter, whose limits may be changed while it runs.
+    pub fn rate_limiter(&self) -> SharedLimiter {
+        self.limiter.clone()
     }
 
     /// Stops offering VIRTIO_BLK_F_FLUSH: the guest then treats the disk as write-through and
@@ -321,8 +352,9 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let disk = Arc::clone(&self.disk);
+        let limiter = self.limiter.clone();
         self.worker
-            .start(|| SingleQueueHandler::new(activation, DiskServer(disk)))
+            .start(|| SingleQueueHandler::new(activation, DiskServer(disk))?.with_limiter(limiter))
     }
 
     fn reset(&mut self) {

@@ -131,32 +131,44 @@ impl RequestError {
 /// Serves one chain and returns the used length: bytes written into device-writable buffers,
 /// including the status byte, or 0 when the chain has no usable status byte.
 pub(crate) fn handle_request(disk: &DiskImage, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
+    handle_request_counted(disk, mem, chain).0
+}
+
+/// [`handle_request`], also returning the request's data bytes as parsed for the I/O (its
+/// buffers without header and status), which a rate limiter charges.
+pub(crate) fn handle_request_counted(
+    disk: &DiskImage,
+    mem: &GuestMemoryMmap,
+    chain: Chain<'_>,
+) -> (u32, u64) {
     with_scratch(|scratch| serve(disk, mem, chain, scratch))
 }
 
-/// [`handle_request`] with the buffers it fills (the worker thread's, reused between requests).
+/// [`handle_request_counted`] with the buffers it fills (the worker thread's, reused between
+/// requests).
 fn serve(
     disk: &DiskImage,
     mem: &GuestMemoryMmap,
     chain: Chain<'_>,
     scratch: &mut ChainScratch,
-) -> u32 {
+) -> (u32, u64) {
     let ChainScratch { segments, io, .. } = scratch;
     let buffers = match split_chain(chain, segments) {
         Ok(buffers) => buffers,
         Err(e) => {
             debug!("virtio-blk: dropping request: {e}");
-            return 0;
+            return (0, 0);
         }
     };
     if !buffers.ends_writable {
         debug!("virtio-blk: dropping request whose last descriptor is not a writable status byte");
-        return 0;
+        return (0, 0);
     }
     let (readable, mut writable) = (buffers.readable, buffers.writable);
     let Some(status) = writable.take_back(1) else {
-        return 0;
+        return (0, 0);
     };
+    let data_bytes = (readable.len() + writable.len()).saturating_sub(HEADER_LEN);
     let (code, data_len) = match execute(disk, mem, readable, writable, io) {
         Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
         Err(e) => {
@@ -178,10 +190,11 @@ fn serve(
     };
     if let Err(e) = status.write_from(mem, &[code]) {
         debug!("virtio-blk: cannot write the status byte: {e}");
-        return 0;
+        return (0, data_bytes);
     }
     // The chain is at most 4 GiB (virtio-queue stops iterating past that), so this fits.
-    u32::try_from(data_len + 1).unwrap_or(u32::MAX)
+    let used = u32::try_from(data_len + 1).unwrap_or(u32::MAX);
+    (used, data_bytes)
 }
 
 /// Runs a parsed request; returns the number of data bytes written into guest buffers.

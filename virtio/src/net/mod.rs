@@ -42,7 +42,8 @@ pub use self::rxtx::{Delivery, deliver_frame, transmit};
 pub use self::tap::{NetBackend, Tap, TapError, read_frame};
 use crate::data_plane::{DEVICE_FEATURE_MASK, DataPlane};
 use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
-use crate::worker::{DeviceQueue, WorkerSlot, feature, read_config_bytes};
+use crate::rate_limiter::RateLimit;
+use crate::worker::{DeviceQueue, SharedLimiter, WorkerSlot, feature, read_config_bytes};
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Size of `virtio_net_hdr_v1`, the header in front of every frame on both sides.
@@ -62,6 +63,8 @@ pub enum NetError {
     TooManyPairs(usize),
     #[error(transparent)]
     Pairs(#[from] PairError),
+    #[error("a rate-limited interface cannot be served by {0}, which cannot enforce the limit")]
+    LimitedDataPlane(&'static str),
 }
 
 /// Traffic and error counts, readable by the VMM while the device runs.
@@ -129,6 +132,9 @@ pub struct Net {
     workers: Vec<WorkerSlot<PairWorker>>,
     /// The control queue's worker and counters, with more than one pair.
     ctrl: Option<(WorkerSlot<CtrlWorker>, Arc<CtrlCounters>)>,
+    /// Receive and transmit rate limiters, shared by every pair and kept across resets.
+    rx_limiter: SharedLimiter,
+    tx_limiter: SharedLimiter,
 }
 
 impl Net {
@@ -181,13 +187,39 @@ impl Net {
             pairs: Arc::new(Pairs::new(taps)?),
             workers,
             ctrl,
+            rx_limiter: SharedLimiter::new(RateLimit::default()),
+            tx_limiter: SharedLimiter::new(RateLimit::default()),
         })
+    }
+
+    /// Receives and transmits no faster than `rx` and `tx` allow (each frame is one operation
+    /// and its bytes without the vnet header), summed over all queue pairs. Only pvm's own
+    /// workers enforce a limit: a limited device refuses [`Self::set_data_planes`].
+    pub fn with_rate_limits(mut self, rx: RateLimit, tx: RateLimit) -> Self {
+        self.rx_limiter = SharedLimiter::new(rx);
+        self.tx_limiter = SharedLimiter::new(tx);
+        self
+    }
+
+    /// The receive and transmit rate limits, if any.
+    pub fn rate_limits(&self) -> (Option<RateLimit>, Option<RateLimit>) {
+        (self.rx_limiter.limit(), self.tx_limiter.limit())
+    }
+
+    /// The receive and transmit rate limiters, whose limits may be changed while the device
+    /// runs (in-process data plane only: see [`Self::set_data_planes`]).
+    pub fn rate_limiters(&self) -> (SharedLimiter, SharedLimiter) {
+        (self.rx_limiter.clone(), self.tx_limiter.clone())
     }
 
     /// Hands each queue pair to its own data plane (kernel vhost-net), in pair order, instead
     /// of pvm's workers, and stops offering ring features a plane cannot serve; pvm keeps
     /// serving the control queue. Call before the guest sees the device.
     pub fn set_data_planes(&mut self, planes: Vec<Box<dyn DataPlane>>) -> Result<(), NetError> {
+        if self.rx_limiter.is_limited() || self.tx_limiter.is_limited() {
+            let name = planes.first().map_or("a data plane", |p| p.name());
+            return Err(NetError::LimitedDataPlane(name));
+        }
         let supported = planes
             .iter()
             .fold(u64::MAX, |all, plane| all & plane.supported_features());
@@ -428,12 +460,14 @@ impl Net {
                     mergeable: features & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
                     link: Arc::clone(self.pairs.link(index)),
                     fallback: Arc::clone(self.pairs.tap(0)),
+                    rx_limiter: self.rx_limiter.clone(),
+                    tx_limiter: self.tx_limiter.clone(),
                 };
                 let (rx, tx) = (
                     DeviceQueue::new(rx, event_idx),
                     DeviceQueue::new(tx, event_idx),
                 );
-                worker.start(|| Ok(PairWorker::new(parts, rx, tx)))?;
+                worker.start(|| PairWorker::new(parts, rx, tx))?;
             } else {
                 self.pairs
                     .with_planes(|planes| match planes.get_mut(index) {

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use log::warn;
 use virtio_bindings::bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ};
@@ -11,15 +12,22 @@ use vm_memory::GuestMemoryMmap;
 
 use super::multiqueue::PairLink;
 use super::receive::{PendingFrame, TapSource};
-use super::{NetBackend, NetCounters, transmit};
+use super::{NetBackend, NetCounters, VNET_HDR_LEN, transmit};
 use crate::device::{ActivateError, ActiveQueue, Interrupt};
-use crate::worker::{DeviceQueue, EventHandler, EventLoop, FillEnd, feature};
+use crate::worker::{
+    DeviceQueue, EventHandler, EventLoop, FillEnd, SharedLimiter, Throttle, WorkerError,
+    chain_bytes, feature,
+};
 
 const RX_KICK: u64 = 0;
 const TX_KICK: u64 = 1;
 const TAP_READY: u64 = 2;
 /// The pair was turned on or off (multiqueue).
 const PAIR_CHANGED: u64 = 3;
+/// The receive rate limiter's timer fired.
+const RX_TIMER: u64 = 4;
+/// The transmit rate limiter's timer fired.
+const TX_TIMER: u64 = 5;
 
 /// The queues of an activation, sorted: complete pairs from pair 0 on, and the control queue.
 #[derive(Debug)]
@@ -95,6 +103,9 @@ pub(crate) struct PairWorker {
     /// Pair 0's tap queue, which sends what the guest still queues on this pair while it is
     /// off (its own tap queue is detached then). Pair 0 itself is never off.
     fallback: Arc<dyn NetBackend>,
+    /// Rate limiters of each direction, if configured (shared by all pairs of the device).
+    rx_throttle: Option<Throttle>,
+    tx_throttle: Option<Throttle>,
 }
 
 /// What a [`PairWorker`] is made of, besides its queues.
@@ -106,10 +117,16 @@ pub(crate) struct PairParts {
     pub(crate) mergeable: bool,
     pub(crate) link: Arc<PairLink>,
     pub(crate) fallback: Arc<dyn NetBackend>,
+    pub(crate) rx_limiter: SharedLimiter,
+    pub(crate) tx_limiter: SharedLimiter,
 }
 
 impl PairWorker {
-    pub(crate) fn new(parts: PairParts, rx: DeviceQueue, tx: DeviceQueue) -> Self {
+    pub(crate) fn new(
+        parts: PairParts,
+        rx: DeviceQueue,
+        tx: DeviceQueue,
+    ) -> Result<Self, ActivateError> {
         let PairParts {
             memory,
             interrupt,
@@ -118,8 +135,12 @@ impl PairWorker {
             mergeable,
             link,
             fallback,
+            rx_limiter,
+            tx_limiter,
         } = parts;
-        PairWorker {
+        let throttle =
+            |limiter: SharedLimiter| Throttle::new(limiter).map(Some).map_err(WorkerError::Timer);
+        Ok(PairWorker {
             memory,
             interrupt,
             rx,
@@ -131,7 +152,9 @@ impl PairWorker {
             tap_watched: false,
             link,
             fallback,
-        }
+            rx_throttle: throttle(rx_limiter)?,
+            tx_throttle: throttle(tx_limiter)?,
+        })
     }
 
     /// The receive and transmit queues, for a look at a paused pair.
@@ -153,9 +176,31 @@ impl PairWorker {
             &self.fallback
         };
         let (memory, counters) = (&self.memory, &self.counters);
-        self.tx.process(memory, self.interrupt.as_ref(), |chain| {
-            transmit(tap.as_ref(), memory, chain, counters)
-        });
+        let Some(throttle) = self.tx_throttle.as_mut().filter(|t| t.is_limited()) else {
+            self.tx.process(memory, self.interrupt.as_ref(), |chain| {
+                transmit(tap.as_ref(), memory, chain, counters)
+            });
+            return;
+        };
+        if throttle.is_waiting() {
+            return;
+        }
+        self.tx
+            .process_until(memory, self.interrupt.as_ref(), |chain| {
+                let paid = chain_bytes(&chain).saturating_sub(VNET_HDR_LEN as u64);
+                if !throttle.admit(paid) {
+                    return None;
+                }
+                // What was sent, from the parse the send used.
+                let before = counters.tx_bytes.load(Ordering::Relaxed);
+                let used = transmit(tap.as_ref(), memory, chain, counters);
+                let moved = counters
+                    .tx_bytes
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(before);
+                throttle.settle(paid, moved);
+                Some(used)
+            });
     }
 
     fn watch_tap(&mut self, events: &EventLoop, watch: bool) {
@@ -188,7 +233,8 @@ impl PairWorker {
             self.mergeable,
             &self.counters,
         )
-        .with_link(&self.link);
+        .with_link(&self.link)
+        .with_throttle(self.rx_throttle.as_mut().filter(|t| t.is_limited()));
         let mut source = source;
         let end = self
             .rx
@@ -197,7 +243,9 @@ impl PairWorker {
             FillEnd::SourceEmpty | FillEnd::Yielded => true,
             FillEnd::SourceFailed | FillEnd::GuestFull | FillEnd::Stopped => false,
         };
-        self.watch_tap(events, watch && self.link.enabled());
+        // While the limiter holds a frame back, the tap waits with it (for the timer).
+        let throttled = self.rx_throttle.as_ref().is_some_and(Throttle::is_waiting);
+        self.watch_tap(events, watch && !throttled && self.link.enabled());
     }
 }
 
@@ -206,6 +254,12 @@ impl EventHandler for PairWorker {
         events.watch(&self.rx.kick, RX_KICK)?;
         events.watch(&self.tx.kick, TX_KICK)?;
         events.watch(&self.link.wake, PAIR_CHANGED)?;
+        if let Some(throttle) = &self.rx_throttle {
+            throttle.register(events, RX_TIMER)?;
+        }
+        if let Some(throttle) = &self.tx_throttle {
+            throttle.register(events, TX_TIMER)?;
+        }
         // A fresh event loop (start or resume): the tap is watched again once receive() finds
         // it worth it.
         self.tap_watched = false;
@@ -232,6 +286,18 @@ impl EventHandler for PairWorker {
                 self.link.clear_wake();
                 // Turned on: the tap queue is attached again and watched; off: unwatched.
                 self.receive(events);
+            }
+            RX_TIMER => {
+                if let Some(throttle) = self.rx_throttle.as_mut() {
+                    throttle.expired();
+                }
+                self.receive(events);
+            }
+            TX_TIMER => {
+                if let Some(throttle) = self.tx_throttle.as_mut() {
+                    throttle.expired();
+                }
+                self.transmit_all();
             }
             _ => {}
         }

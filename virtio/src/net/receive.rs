@@ -11,7 +11,7 @@ use super::multiqueue::PairLink;
 use super::{
     Delivery, MAX_FRAME_LEN, NetBackend, NetCounters, VNET_HDR_LEN, deliver_frame, read_frame,
 };
-use crate::worker::{DeviceQueue, FillSource, FillStep};
+use crate::worker::{DeviceQueue, FillSource, FillStep, Throttle};
 
 /// One frame read from the tap, kept while it waits for guest buffers: part of a queue pair's
 /// state, so a pause or a full receive queue loses no frame.
@@ -20,6 +20,9 @@ pub struct PendingFrame {
     buf: Vec<u8>,
     /// The length of the frame waiting in `buf`, if one is.
     len: Option<usize>,
+    /// Whether the waiting frame was already taken from the rate limiter (it then only waits
+    /// for buffers and is not counted again).
+    paid: bool,
 }
 
 impl Default for PendingFrame {
@@ -27,6 +30,7 @@ impl Default for PendingFrame {
         PendingFrame {
             buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
             len: None,
+            paid: false,
         }
     }
 }
@@ -49,6 +53,8 @@ pub struct TapSource<'a> {
     /// Multiqueue: the pair's on/off switch; a read that fails because the pair was just
     /// turned off (its tap queue detached) is not a tap failure.
     link: Option<&'a PairLink>,
+    /// The receive rate limiter: a frame it refuses waits in the [`PendingFrame`].
+    throttle: Option<&'a mut Throttle>,
 }
 
 impl<'a> TapSource<'a> {
@@ -65,7 +71,13 @@ impl<'a> TapSource<'a> {
             mergeable,
             counters,
             link: None,
+            throttle: None,
         }
+    }
+
+    pub(crate) fn with_throttle(mut self, throttle: Option<&'a mut Throttle>) -> Self {
+        self.throttle = throttle;
+        self
     }
 
     pub(crate) fn with_link(mut self, link: &'a PairLink) -> Self {
@@ -107,10 +119,19 @@ impl FillSource for TapSource<'_> {
                 Err(step) => return step,
             },
         };
+        if let (Some(throttle), false) = (self.throttle.as_deref_mut(), self.pending.paid) {
+            if !throttle.admit((len - VNET_HDR_LEN) as u64) {
+                // The frame waits for the limiter's timer; nothing more is read meanwhile.
+                self.pending.len = Some(len);
+                return FillStep::SourceEmpty;
+            }
+            self.pending.paid = true;
+        }
         let frame = &mut self.pending.buf[..len];
         match deliver_frame(rx, memory, frame, self.mergeable, self.counters) {
             Delivery::Delivered | Delivery::Dropped => {
                 self.pending.len = None;
+                self.pending.paid = false;
                 FillStep::Moved
             }
             Delivery::NoBuffers => {

@@ -342,6 +342,8 @@ fn worker_moves_frames_both_ways_and_reactivates() {
 use super::multiqueue::{CtrlCounters, Pairs, ctrl_command};
 use vmm_sys_util::eventfd::EventFd;
 
+mod limit_tests;
+
 const OK: u8 = VIRTIO_NET_OK as u8;
 const ERR: u8 = VIRTIO_NET_ERR as u8;
 

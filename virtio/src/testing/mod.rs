@@ -84,3 +84,12 @@ pub fn activation(
         features,
     }
 }
+
+/// For rate-limit tests: `elapsed` is within 5% of what the limit allows.
+pub fn assert_within_5_percent(elapsed: Duration, expected: Duration) {
+    let (e, x) = (elapsed.as_secs_f64(), expected.as_secs_f64());
+    assert!(
+        (e - x).abs() <= 0.05 * x,
+        "took {elapsed:?}, the limit allows {expected:?}"
+    );
+}

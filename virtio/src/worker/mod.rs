@@ -18,11 +18,14 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 pub use self::queue::{CHAINS_PER_PASS, DeviceQueue, FillEnd, FillSource, FillStep};
 pub(crate) use self::single_queue::{ChainServer, SingleQueueHandler, device_queues};
 pub(crate) use self::slot::WorkerSlot;
+pub use self::throttle::SharedLimiter;
+pub(crate) use self::throttle::{Throttle, chain_bytes};
 use crate::thread::ThreadError;
 
 mod queue;
 mod single_queue;
 mod slot;
+mod throttle;
 
 /// The epoll token of the kill eventfd; handlers use small tokens of their own.
 const KILL_TOKEN: u64 = u64::MAX;
@@ -35,6 +38,8 @@ pub enum WorkerError {
     KillEvent(io::Error),
     #[error("cannot signal the worker to stop: {0}")]
     Kill(io::Error),
+    #[error("cannot create the rate limiter's timer: {0}")]
+    Timer(io::Error),
     #[error("cannot watch the device's file descriptors: {0}")]
     Watch(io::Error),
     #[error("the worker on {0} ended without handing its queues back")]

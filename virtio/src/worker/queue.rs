@@ -217,6 +217,21 @@ impl DeviceQueue {
     where
         F: FnMut(Chain<'_>) -> u32,
     {
+        self.process_until(mem, interrupt, |chain| Some(handle(chain)));
+    }
+
+    /// [`Self::process`] for a handler that may refuse a chain (a rate limiter said wait):
+    /// `None` puts the chain back into the ring and ends the pass with kicks still suppressed,
+    /// as whoever refused brings the worker back. Returns whether a chain was refused.
+    pub(crate) fn process_until<F>(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        interrupt: &dyn Interrupt,
+        mut handle: F,
+    ) -> bool
+    where
+        F: FnMut(Chain<'_>) -> Option<u32>,
+    {
         let mut served = 0;
         let mut passes = 0;
         loop {
@@ -226,12 +241,16 @@ impl DeviceQueue {
             passes += 1;
             if passes > CHAINS_PER_PASS {
                 let _ = self.kick.write(1);
-                return;
+                return false;
             }
             self.disable_notification(mem);
             while let Some(chain) = self.pop(mem) {
                 let head = chain.head_index();
-                let len = handle(chain);
+                let Some(len) = handle(chain) else {
+                    self.unpop(1);
+                    self.signal_used(mem, interrupt);
+                    return true;
+                };
                 self.add_used(mem, head, len);
                 served += 1;
                 if served >= CHAINS_PER_PASS {
@@ -239,12 +258,12 @@ impl DeviceQueue {
                     // Come back through epoll. The eventfd write only fails if the counter would
                     // overflow, i.e. a wake-up is pending anyway.
                     let _ = self.kick.write(1);
-                    return;
+                    return false;
                 }
             }
             self.signal_used(mem, interrupt);
             if !self.enable_notification(mem) {
-                return;
+                return false;
             }
         }
     }
@@ -457,5 +476,29 @@ mod tests {
         assert_eq!(tq.used(&mem).len(), CHAINS_PER_PASS);
         assert_eq!(dq.kick.read().unwrap(), 1, "the queue re-kicked itself");
         assert_eq!(interrupt.count(0), 1);
+    }
+
+    #[test]
+    fn a_refused_chain_stays_in_the_ring_and_nothing_wakes_the_worker() {
+        let mem = test_memory();
+        let tq = TestQueue::new(&mem, 16);
+        for _ in 0..3 {
+            tq.add_chain(&[writable(0x10_000, 8)]);
+        }
+        let (mut dq, interrupt) = tq.device_queue(false);
+        let mut offered = Vec::new();
+        let refused = dq.process_until(&mem, interrupt.as_ref(), |chain| {
+            offered.push(chain.head_index());
+            (offered.len() < 2).then_some(4)
+        });
+        assert!(refused);
+        assert_eq!(offered, [0, 1]);
+        assert_eq!(tq.used(&mem), vec![(0, 4)]);
+        assert_eq!(interrupt.count(0), 1, "what was served is signalled");
+        // No self-kick: the refuser's timer brings the worker back, not a busy loop.
+        assert!(dq.kick.read().is_err());
+        // The refused chain comes first next time.
+        dq.process(&mem, interrupt.as_ref(), |_| 0);
+        assert_eq!(tq.used(&mem), vec![(0, 4), (1, 0), (2, 0)]);
     }
 }
