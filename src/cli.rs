@@ -72,6 +72,11 @@ struct Args {
     #[arg(long, value_name = "serial|virtio", default_value = "serial", value_parser = parse_console)]
     console: ConsoleKind,
 
+    /// The UART's output (the serial console) goes to this file or FIFO instead of stdout:
+    /// appended to, never truncated; a FIFO nobody reads drops output rather than stall the VM.
+    #[arg(long, value_name = "PATH")]
+    serial_out: Option<PathBuf>,
+
     /// How virtio devices reach the guest: pci (modern virtio-pci with MSI-X; every distribution
     /// kernel has the driver) or mmio (virtio-mmio, described in ACPI) [default: pci; mmio in
     /// Firecracker mode unless --enable-pci].
@@ -373,6 +378,7 @@ pub fn parse_launch<I: IntoIterator<Item = OsString>>(args: I) -> Result<Launch,
             show_log_origin: args.show_log_origin,
         },
         metrics_path: args.metrics_path,
+        serial_out: args.serial_out,
     };
     Ok(Launch {
         config,
@@ -457,7 +463,10 @@ mod tests {
         let c = parse_strs(&[]).unwrap();
         assert_eq!(c.logger, crate::logger::LoggerConfig::default());
         assert_eq!(c.metrics_path, None);
+        assert_eq!(c.serial_out, None);
         let c = parse_strs(&[
+            "--serial-out",
+            "/tmp/pvm.serial",
             "--log-path",
             "/tmp/pvm.log",
             "--level",
@@ -472,6 +481,7 @@ mod tests {
         assert_eq!(c.logger.level, Some(LevelFilter::Debug));
         assert!(c.logger.show_level && c.logger.show_log_origin);
         assert_eq!(c.metrics_path, Some(PathBuf::from("/tmp/pvm.metrics")));
+        assert_eq!(c.serial_out, Some(PathBuf::from("/tmp/pvm.serial")));
         assert!(error_of(&["--level", "loud"]).contains("--level"));
     }
 

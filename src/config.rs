@@ -116,6 +116,8 @@ pub struct VmConfig {
     pub logger: crate::logger::LoggerConfig,
     /// `--metrics-path`: JSON lines of counters (crate::metrics).
     pub metrics_path: Option<PathBuf>,
+    /// `--serial-out`: the UART's output goes to this file or FIFO instead of stdout.
+    pub serial_out: Option<PathBuf>,
 }
 
 /// Why a flag's value was refused; clap puts the flag in front of the message.

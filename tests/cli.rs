@@ -50,6 +50,35 @@ fn guest_power_off_exits_zero_and_prints() {
 }
 
 #[test]
+fn serial_out_appends_the_guest_console_to_a_file() {
+    require_kvm();
+    let mut code = print("to the serial file\r\n");
+    code.extend(out_then_halt(0x3c0, (5 << 2) | (1 << 5))); // ACPI S5 + SLP_EN
+    let kernel = micro_kernel("serial-out", &code);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("serial-out");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("serial.{}", std::process::id()));
+    // What is already there stays: the file is appended to, never truncated.
+    std::fs::write(&file, "earlier\n").unwrap();
+    let serial_arg = file.to_str().unwrap();
+    let args = ["--kernel", kernel.to_str().unwrap(), "--mem", "64M"];
+    let (out, _) = run(&[&args[..], &["--serial-out", serial_arg]].concat());
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("to the serial file"));
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text, "earlier\nto the serial file\r\n");
+    let _ = std::fs::remove_file(&file);
+    // A path that cannot be opened is a usage error naming it.
+    let (out, _) = run(&[&args[..], &["--serial-out", "/nonexistent/dir/serial"]].concat());
+    assert_eq!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/dir/serial"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn the_guest_does_not_run_past_its_own_power_off() {
     require_kvm();
     // Power off, then keep printing: nothing after the power-off write may reach the console.
@@ -174,6 +203,7 @@ fn help_lists_every_flag() {
         "iops=N",
         "tx_pps=N",
         "--console",
+        "--serial-out",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help");
     }

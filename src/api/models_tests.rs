@@ -26,6 +26,7 @@ pub(crate) fn base() -> VmConfig {
         log_level: LevelFilter::Warn,
         logger: Default::default(),
         metrics_path: None,
+        serial_out: None,
     }
 }
 

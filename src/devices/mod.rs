@@ -4,6 +4,7 @@
 pub mod boot_timer;
 pub mod legacy;
 pub mod power;
+pub mod serial_out;
 
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;

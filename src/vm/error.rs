@@ -37,6 +37,8 @@ pub enum Error {
     },
     #[error("seccomp: {0}")]
     Sandbox(#[from] seccomp::Error),
+    #[error(transparent)]
+    SerialOut(#[from] crate::devices::serial_out::OpenError),
     #[error("cannot start the thread for vCPU {index}: {source}")]
     Spawn { index: u8, source: std::io::Error },
 }
@@ -49,6 +51,8 @@ impl Error {
             Error::NoKernel => true,
             // The disk named by --disk cannot be read, or holds no kernel pvm can boot.
             Error::DiskBoot(_) => true,
+            // --serial-out (or PUT /serial) names a file pvm cannot open.
+            Error::SerialOut(_) => true,
             Error::Boot(e) => e.is_usage(),
             Error::Virtio(e) => e.is_usage(),
             Error::Host(_)

@@ -269,7 +269,7 @@ fn legacy_devices(
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         IrqTrigger(serial_irq),
-        Box::new(std::io::stdout()),
+        crate::devices::serial_out::open(config.serial_out.as_deref())?,
     )));
     pio.insert(u64::from(layout::SERIAL_PORT), 8, serial.clone())?;
     let i8042 = I8042(I8042Device::new(ResetLine(end.clone())));
