@@ -1,6 +1,6 @@
 //! pvm's logger: the shared one (`pvm_common::logger`). On stderr its lines are prefixed
-//! "pvm: " so they stand apart from the guest console on the terminal; with `--log-path` (or,
-//! later, the API's PUT /logger through [`configure`]) they go to a file or FIFO in the line
+//! "pvm: " so they stand apart from the guest console on the terminal; with `--log-path` (or
+//! the API's PUT /logger through [`configure`]) they go to a file or FIFO in the line
 //! format microVM tooling reads. Level comes from `--level` or `--log-level` (default warn).
 //!
 //! Everything pvm prints on stderr goes through [`to_stderr`] or the logger, never `eprint!`:

@@ -87,6 +87,19 @@ fn connect(socket: &Path, child: &mut Child) -> UnixStream {
     }
 }
 
+/// pvm serving the API on `socket` as instance `id` (output piped), and a client connected.
+fn start_api(socket: &Path, id: &str) -> (Child, UnixStream) {
+    let mut child = Command::new(PVM)
+        .args(["--api-sock", socket.to_str().unwrap(), "--id", id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let api = connect(socket, &mut child);
+    (child, api)
+}
+
 fn wait_exit(child: &mut Child) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -108,14 +121,7 @@ fn configure_start_and_end_a_guest_through_the_api() {
     code.extend(spin());
     let kernel = micro_kernel("api-spin", &code);
     let socket = scratch("api.sock");
-    let mut child = Command::new(PVM)
-        .args(["--api-sock", socket.to_str().unwrap(), "--id", "test-vm"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut api = connect(&socket, &mut child);
+    let (mut child, mut api) = start_api(&socket, "test-vm");
 
     let (status, body) = call(&mut api, "GET", "/", None);
     assert_eq!(status, 200);
@@ -284,6 +290,140 @@ fn a_config_file_boots_at_once() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("track_dirty_pages"), "{stderr}");
+}
+
+#[test]
+fn logger_metrics_and_serial_configured_through_the_api() {
+    require_kvm();
+    let mut code = print("to the serial file\r\n");
+    code.extend(spin());
+    let kernel = micro_kernel("api-log-metrics-serial", &code);
+    let socket = scratch("outputs.sock");
+    let (log, metrics, serial) = (
+        scratch("api.log"),
+        scratch("api.metrics"),
+        scratch("api.serial"),
+    );
+    // The serial file is appended to, never truncated.
+    std::fs::write(&serial, "earlier\n").unwrap();
+    let (mut child, mut api) = start_api(&socket, "out-vm");
+    let logger = format!(
+        r#"{{"log_path": "{}", "level": "Info", "show_level": true, "show_log_origin": false}}"#,
+        log.display()
+    );
+    assert_eq!(call(&mut api, "PUT", "/logger", Some(&logger)).0, 204);
+    expect_fault(
+        &mut api,
+        "PUT",
+        "/logger",
+        Some(r#"{"level": "Info", "module": "pvm::vm"}"#),
+        "Logger error: module",
+    );
+    expect_fault(
+        &mut api,
+        "PUT",
+        "/logger",
+        Some(r#"{"level": "Loud"}"#),
+        "Loud",
+    );
+    let put_metrics = format!(r#"{{"metrics_path": "{}"}}"#, metrics.display());
+    assert_eq!(call(&mut api, "PUT", "/metrics", Some(&put_metrics)).0, 204);
+    expect_fault(
+        &mut api,
+        "PUT",
+        "/metrics",
+        Some(&put_metrics),
+        "Metrics error: Cannot initialize the metrics system due to bad user input: \
+         Reinitialization of metrics not allowed.",
+    );
+    let put_serial = format!(r#"{{"serial_out_path": "{}"}}"#, serial.display());
+    assert_eq!(call(&mut api, "PUT", "/serial", Some(&put_serial)).0, 204);
+    let (status, config) = call(&mut api, "GET", "/vm/config", None);
+    assert_eq!(status, 200);
+    assert!(
+        config.contains(r#""logger":null"#) && config.contains(r#""metrics":null"#),
+        "{config}"
+    );
+    let machine = r#"{"vcpu_count": 1, "mem_size_mib": 64}"#;
+    assert_eq!(
+        call(&mut api, "PUT", "/machine-config", Some(machine)).0,
+        204
+    );
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    );
+    assert_eq!(call(&mut api, "PUT", "/boot-source", Some(&boot)).0, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(start)).0, 204);
+    // Pre-boot only, as in Firecracker.
+    for (path, body) in [
+        ("/logger", logger.as_str()),
+        ("/metrics", put_metrics.as_str()),
+        ("/serial", put_serial.as_str()),
+    ] {
+        expect_fault(
+            &mut api,
+            "PUT",
+            path,
+            Some(body),
+            "not supported after starting",
+        );
+    }
+    // Wait for the guest's line, then flush the metrics.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&serial)
+        .unwrap()
+        .contains("to the serial file")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no guest output in the serial file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let flush = r#"{"action_type": "FlushMetrics"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(flush)).0, 204);
+    let ctrl_alt_del = r#"{"action_type": "SendCtrlAltDel"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(ctrl_alt_del)).0, 204);
+    assert_eq!(wait_exit(&mut child), 0);
+
+    let mut stdout = String::new();
+    let mut pipe = child.stdout.take().unwrap();
+    pipe.read_to_string(&mut stdout).unwrap();
+    assert!(!stdout.contains("to the serial file"), "{stdout}");
+    assert_eq!(
+        std::fs::read_to_string(&serial).unwrap(),
+        "earlier\nto the serial file\r\n"
+    );
+    // Firecracker's line: "<time> [<id>:<thread>:<LEVEL>] <message>".
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("InstanceStart"))
+        .unwrap_or_else(|| panic!("no InstanceStart line in {text:?}"));
+    let (time, rest) = line.split_once(' ').unwrap();
+    let shape: String = time
+        .chars()
+        .map(|c| if c.is_ascii_digit() { '9' } else { c })
+        .collect();
+    assert_eq!(shape, "9999-99-99T99:99:99.999999999", "{line}");
+    assert!(rest.starts_with("[out-vm:main:INFO] "), "{line}");
+    // One JSON object per line: at the start, on FlushMetrics, at the end.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines.len() >= 3, "{text}");
+    assert!(
+        lines.iter().all(|l| l["utc_timestamp_ms"].is_u64()),
+        "{text}"
+    );
+    assert!(lines[1]["vcpu"].is_object(), "{text}");
+    for path in [&socket, &log, &metrics, &serial] {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 #[test]

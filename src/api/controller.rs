@@ -3,14 +3,18 @@
 //! InstanceStart builds the VM from that VmConfig. Once the VM runs, the main loop hands each
 //! action to [`Controller::runtime`], and pre-boot calls get Firecracker's refusal.
 
+use std::path::{Path, PathBuf};
+
 use super::http::Response;
 use super::models::{
-    ConfigError, FcConfig, PartialDrive, PartialNetworkInterface, RateLimiter, rate_limit,
+    ConfigError, FcConfig, Logger, Metrics, PartialDrive, PartialNetworkInterface, RateLimiter,
+    rate_limit,
 };
 use super::routes::Action;
 use super::server::ApiInbox;
 use crate::config::VmConfig;
 use crate::exit::{Outcome, error_chain};
+use crate::logger::LoggerConfig;
 use crate::virtio_devices::DeviceLimiters;
 use crate::vm::{self, ControlPlane, RunningVm, Vm};
 
@@ -40,6 +44,25 @@ enum PatchError {
     NotRunning(String),
 }
 
+/// Firecracker's answer to a second metrics configuration; clients match this text.
+pub const METRICS_AGAIN: &str = "Metrics error: Cannot initialize the metrics system due to bad \
+     user input: Reinitialization of metrics not allowed.";
+
+/// The process-wide logger and metrics the API configures; tests put their own in.
+pub(crate) struct Globals {
+    pub logger: fn(&LoggerConfig, &str) -> Result<(), crate::logger::Error>,
+    pub metrics: fn(&Path) -> Result<(), crate::metrics::Error>,
+}
+
+impl Default for Globals {
+    fn default() -> Self {
+        Globals {
+            logger: crate::logger::configure,
+            metrics: crate::metrics::init,
+        }
+    }
+}
+
 /// What the API knows of the VM.
 pub struct Controller {
     id: String,
@@ -49,6 +72,9 @@ pub struct Controller {
     started: bool,
     /// The running VM's rate limiters, for PATCH.
     limiters: DeviceLimiters,
+    /// The logger as last configured (flags, then PUT /logger): what a PUT leaves out stays.
+    logger: LoggerConfig,
+    globals: Globals,
 }
 
 /// `GET /`.
@@ -71,10 +97,56 @@ impl Controller {
     pub fn new(id: String, base: VmConfig, fc: FcConfig) -> Self {
         Controller {
             id,
+            logger: base.logger.clone(),
             base,
             fc,
             started: false,
             limiters: DeviceLimiters::default(),
+            globals: Globals::default(),
+        }
+    }
+
+    /// PUT /logger: applied at once, on this (the main) thread.
+    fn put_logger(&mut self, body: Logger) -> Response {
+        if let Some(module) = &body.module {
+            return Response::fault(&format!(
+                "Logger error: module {module:?}: pvm cannot keep only one module's lines; \
+                 leave module out"
+            ));
+        }
+        let old = &self.logger;
+        let config = LoggerConfig {
+            log_path: body.log_path.map(PathBuf::from).or(old.log_path.clone()),
+            // As in Firecracker, a PUT without a level goes back to Info.
+            level: Some(body.level.unwrap_or(log::LevelFilter::Info)),
+            show_level: body.show_level.unwrap_or(old.show_level),
+            show_log_origin: body.show_log_origin.unwrap_or(old.show_log_origin),
+        };
+        match (self.globals.logger)(&config, &self.id) {
+            Ok(()) => {
+                self.logger = config;
+                Response::no_content()
+            }
+            Err(e) => Response::fault(&format!("Logger error: {}", error_chain(&e))),
+        }
+    }
+
+    /// PUT /metrics: once per process (the VM's counters are registered when it starts).
+    fn put_metrics(&mut self, body: Metrics) -> Response {
+        if body.emit_id {
+            return Response::fault(
+                "Metrics error: emit_id: pvm's metrics lines carry no instance id; use false",
+            );
+        }
+        if body.properties.as_ref().is_some_and(|p| !p.is_empty()) {
+            return Response::fault(
+                "Metrics error: properties: pvm's metrics lines carry no properties; leave them out",
+            );
+        }
+        match (self.globals.metrics)(Path::new(&body.metrics_path)) {
+            Ok(()) => Response::no_content(),
+            Err(crate::metrics::Error::AlreadyConfigured { .. }) => Response::fault(METRICS_AGAIN),
+            Err(e) => Response::fault(&format!("Metrics error: {}", error_chain(&e))),
         }
     }
 
@@ -124,6 +196,9 @@ impl Controller {
                 candidate.machine_config = Some(update.apply(&self.fc.machine(&self.base)));
             }
             Action::PutEntropy(entropy) => candidate.entropy = Some(entropy),
+            Action::PutSerial(serial) => candidate.serial = Some(serial),
+            Action::PutLogger(logger) => return self.put_logger(logger),
+            Action::PutMetrics(metrics) => return self.put_metrics(metrics),
             _ => return Response::fault(BEFORE_START),
         }
         match candidate.to_vm_config(&self.base) {

@@ -9,6 +9,16 @@ fn controller() -> Controller {
     Controller::new("vm1".to_string(), base(), FcConfig::default())
 }
 
+/// Runs `f` with a running VM's control handles (no vCPUs, no devices).
+fn with_running_vm(f: impl FnOnce(&mut RunningVm<'_, '_>)) {
+    let end = EndSignal::new().unwrap();
+    let mut pauser = Pauser::new(Arc::new(RunControl::default()), &[], &[]);
+    f(&mut RunningVm {
+        end: &end,
+        pauser: &mut pauser,
+    });
+}
+
 fn fault_of(response: &Response) -> String {
     assert_eq!(response.status, 400, "{response:?}");
     response.body.clone().unwrap()
@@ -188,4 +198,191 @@ fn patch_changes_the_running_devices_rate_limits() {
         rate_limiter: None,
     });
     assert!(fault_of(&c.runtime(file, &mut vm)).contains("Drive config error: d: pvm cannot"));
+}
+
+thread_local! {
+    /// What the fake globals were given, per test thread.
+    static LOGGERS: std::cell::RefCell<Vec<(LoggerConfig, String)>> = Default::default();
+    static METRICS: std::cell::RefCell<Vec<PathBuf>> = Default::default();
+}
+
+fn fake_logger(config: &LoggerConfig, id: &str) -> Result<(), crate::logger::Error> {
+    if config.log_path.as_deref() == Some(Path::new("/nonexistent/log")) {
+        return Err(crate::logger::Error {
+            path: PathBuf::from("/nonexistent/log"),
+            source: std::io::ErrorKind::NotFound.into(),
+        });
+    }
+    LOGGERS.with(|l| l.borrow_mut().push((config.clone(), id.to_string())));
+    Ok(())
+}
+
+/// As the real one: once per process (here, per thread).
+fn fake_metrics(path: &Path) -> Result<(), crate::metrics::Error> {
+    METRICS.with(|m| match m.borrow().first() {
+        Some(first) => Err(crate::metrics::Error::AlreadyConfigured {
+            path: first.clone(),
+        }),
+        None => Ok(()),
+    })?;
+    METRICS.with(|m| m.borrow_mut().push(path.to_path_buf()));
+    Ok(())
+}
+
+fn faked() -> Controller {
+    let mut c = controller();
+    c.globals = Globals {
+        logger: fake_logger,
+        metrics: fake_metrics,
+    };
+    c
+}
+
+#[test]
+fn put_logger_applies_at_once_and_keeps_what_is_left_out() {
+    use crate::api::models::Logger;
+    let mut c = faked();
+    let put = |c: &mut Controller, logger: Logger| c.preboot(Action::PutLogger(logger)).0;
+    let first = Logger {
+        log_path: Some("/tmp/first.log".into()),
+        level: Some(log::LevelFilter::Debug),
+        show_level: Some(true),
+        show_log_origin: None,
+        module: None,
+    };
+    assert_eq!(put(&mut c, first).status, 204);
+    // Again before boot: the path and show_level stay, the level goes back to Info.
+    let second = Logger {
+        show_log_origin: Some(true),
+        ..Default::default()
+    };
+    assert_eq!(put(&mut c, second).status, 204);
+    let calls = LOGGERS.with(|l| l.borrow().clone());
+    assert_eq!(calls.len(), 2);
+    let (config, id) = &calls[1];
+    assert_eq!(id, "vm1");
+    assert_eq!(
+        config.log_path.as_deref(),
+        Some(Path::new("/tmp/first.log"))
+    );
+    assert_eq!(config.level, Some(log::LevelFilter::Info));
+    assert!(config.show_level && config.show_log_origin);
+    assert_eq!(calls[0].0.level, Some(log::LevelFilter::Debug));
+
+    let module = Logger {
+        module: Some("pvm::vm".into()),
+        ..Default::default()
+    };
+    let e = fault_of(&put(&mut c, module));
+    assert!(e.contains(r#"Logger error: module \"pvm::vm\""#), "{e}");
+    let bad = Logger {
+        log_path: Some("/nonexistent/log".into()),
+        ..Default::default()
+    };
+    let e = fault_of(&put(&mut c, bad));
+    assert!(
+        e.contains("Logger error: ") && e.contains("/nonexistent/log"),
+        "{e}"
+    );
+    // Refusals changed nothing: the next PUT still keeps the first path.
+    assert_eq!(put(&mut c, Logger::default()).status, 204);
+    let last = LOGGERS.with(|l| l.borrow().last().cloned()).unwrap();
+    assert_eq!(
+        last.0.log_path.as_deref(),
+        Some(Path::new("/tmp/first.log"))
+    );
+    // GET /vm/config shows no logger or metrics, as Firecracker's.
+    let (config, _) = c.preboot(Action::GetVmConfig);
+    let config = config.body.unwrap();
+    assert!(
+        config.contains(r#""logger":null"#) && config.contains(r#""metrics":null"#),
+        "{config}"
+    );
+}
+
+#[test]
+fn put_metrics_once_with_firecrackers_error_after() {
+    use crate::api::models::Metrics;
+    let mut c = faked();
+    let metrics = |path: &str| Metrics {
+        metrics_path: path.to_string(),
+        emit_id: false,
+        properties: None,
+    };
+    let with_id = Metrics {
+        emit_id: true,
+        ..metrics("/tmp/m")
+    };
+    assert!(fault_of(&c.preboot(Action::PutMetrics(with_id)).0).contains("emit_id"));
+    let with_properties = Metrics {
+        properties: Some([("a".to_string(), "b".to_string())].into()),
+        ..metrics("/tmp/m")
+    };
+    assert!(fault_of(&c.preboot(Action::PutMetrics(with_properties)).0).contains("properties"));
+    assert_eq!(
+        c.preboot(Action::PutMetrics(metrics("/tmp/m"))).0.status,
+        204
+    );
+    let again = c.preboot(Action::PutMetrics(metrics("/tmp/other"))).0;
+    assert_eq!(
+        fault_of(&again),
+        format!(r#"{{"fault_message":"{METRICS_AGAIN}"}}"#)
+    );
+    assert_eq!(
+        METRICS.with(|m| m.borrow().clone()),
+        vec![PathBuf::from("/tmp/m")]
+    );
+}
+
+#[test]
+fn put_serial_maps_onto_the_vm_and_everything_is_refused_after_boot() {
+    use crate::api::models::{Logger, Metrics, Serial, TokenBucket};
+    let mut c = faked();
+    let serial = Serial {
+        serial_out_path: Some("/tmp/serial.out".into()),
+        rate_limiter: None,
+    };
+    assert_eq!(c.preboot(Action::PutSerial(serial.clone())).0.status, 204);
+    assert_eq!(
+        c.vm_config().unwrap().serial_out,
+        Some(PathBuf::from("/tmp/serial.out"))
+    );
+    let limited = Serial {
+        rate_limiter: Some(TokenBucket {
+            size: 10,
+            one_time_burst: None,
+            refill_time: 100,
+        }),
+        ..serial.clone()
+    };
+    let e = fault_of(&c.preboot(Action::PutSerial(limited)).0);
+    assert!(e.contains("Serial config error: rate_limiter"), "{e}");
+    // A bucket that limits nothing is honoured as it is.
+    let unlimited = Serial {
+        rate_limiter: Some(TokenBucket {
+            size: 0,
+            one_time_burst: None,
+            refill_time: 100,
+        }),
+        ..Serial::default()
+    };
+    assert_eq!(c.preboot(Action::PutSerial(unlimited)).0.status, 204);
+    assert_eq!(c.vm_config().unwrap().serial_out, None);
+
+    c.set_started();
+    with_running_vm(|vm| {
+        for action in [
+            Action::PutSerial(serial),
+            Action::PutLogger(Logger::default()),
+            Action::PutMetrics(Metrics {
+                metrics_path: "/tmp/m".into(),
+                emit_id: false,
+                properties: None,
+            }),
+        ] {
+            assert!(fault_of(&c.runtime(action, vm)).contains(AFTER_START));
+        }
+    });
+    assert!(LOGGERS.with(|l| l.borrow().is_empty()));
+    assert!(METRICS.with(|m| m.borrow().is_empty()));
 }

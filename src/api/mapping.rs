@@ -302,6 +302,22 @@ impl FcConfig {
         if let Some(entropy) = &self.entropy {
             vm.rng_limit = rate_limit(entropy.rate_limiter.as_ref());
         }
+        if let Some(serial) = &self.serial {
+            if serial
+                .rate_limiter
+                .as_ref()
+                .is_some_and(TokenBucket::limits)
+            {
+                return Err(refused(
+                    "Serial config",
+                    "rate_limiter",
+                    "pvm does not rate-limit the serial console; leave it out",
+                ));
+            }
+            if let Some(path) = &serial.serial_out_path {
+                vm.serial_out = Some(PathBuf::from(path));
+            }
+        }
         let mut root = None;
         for drive in &self.drives {
             drive.validate()?;

@@ -222,6 +222,54 @@ pub struct Entropy {
     pub rate_limiter: Option<RateLimiter>,
 }
 
+/// `PUT /logger`: every field optional; what is left out stays as it was, except `level`,
+/// which goes back to Info (as in Firecracker).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Logger {
+    #[serde(default)]
+    pub log_path: Option<String>,
+    /// Firecracker's names in any case: Off, Error, Warning (or Warn), Info, Debug, Trace.
+    #[serde(default, deserialize_with = "log_level")]
+    pub level: Option<log::LevelFilter>,
+    #[serde(default)]
+    pub show_level: Option<bool>,
+    #[serde(default)]
+    pub show_log_origin: Option<bool>,
+    /// A module path prefix to keep only that module's lines (pvm refuses it).
+    #[serde(default)]
+    pub module: Option<String>,
+}
+
+fn log_level<'de, D: serde::Deserializer<'de>>(
+    from: D,
+) -> Result<Option<log::LevelFilter>, D::Error> {
+    Option::<String>::deserialize(from)?
+        .map(|text| crate::logger::parse_level(&text).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+/// `PUT /metrics`. Unknown fields pass, as in Firecracker.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Metrics {
+    pub metrics_path: String,
+    #[serde(default)]
+    pub emit_id: bool,
+    #[serde(default)]
+    pub properties: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// `PUT /serial`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Serial {
+    /// The file or FIFO for the guest's serial output (default: stdout).
+    #[serde(default)]
+    pub serial_out_path: Option<String>,
+    #[serde(default)]
+    pub rate_limiter: Option<TokenBucket>,
+}
+
 /// What a client configured, in Firecracker's shape: the config file's top level (whose
 /// unknown keys pass, as in Firecracker) and the state the API's PUTs build up.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -236,6 +284,9 @@ pub struct FcConfig {
     pub network_interfaces: Vec<NetworkInterface>,
     #[serde(default)]
     pub entropy: Option<Entropy>,
+    /// Only through the API: Firecracker's config file has no serial section.
+    #[serde(skip)]
+    pub serial: Option<Serial>,
     /// Sections pvm has no counterpart for (yet): any non-null value is refused by name.
     #[serde(flatten)]
     pub other: std::collections::BTreeMap<String, serde_json::Value>,

@@ -7,8 +7,8 @@ use serde::de::DeserializeOwned;
 
 use super::http::{Method, Request};
 use super::models::{
-    BootSource, Drive, Entropy, MachineConfig, MachineConfigUpdate, NetworkInterface, PartialDrive,
-    PartialNetworkInterface,
+    BootSource, Drive, Entropy, Logger, MachineConfig, MachineConfigUpdate, Metrics,
+    NetworkInterface, PartialDrive, PartialNetworkInterface, Serial,
 };
 
 /// What the API asks the VMM (main) thread to do.
@@ -24,6 +24,9 @@ pub enum Action {
     PutMachineConfig(MachineConfig),
     PatchMachineConfig(MachineConfigUpdate),
     PutEntropy(Entropy),
+    PutLogger(Logger),
+    PutMetrics(Metrics),
+    PutSerial(Serial),
     PatchDrive(PartialDrive),
     PatchNetworkInterface(PartialNetworkInterface),
     InstanceStart,
@@ -94,18 +97,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("cpu-config", "pvm does not support CPU templates"),
     ("hotplug", "pvm does not support memory hotplug"),
     ("pmem", "pvm does not support virtio-pmem"),
-    (
-        "logger",
-        "pvm does not support configuring the logger through the API yet",
-    ),
-    (
-        "metrics",
-        "pvm does not support configuring metrics through the API yet",
-    ),
-    (
-        "serial",
-        "pvm does not support redirecting the serial console yet",
-    ),
 ];
 
 fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, RouteError> {
@@ -167,6 +158,9 @@ pub fn route(request: &Request) -> Result<Action, RouteError> {
             Action::PatchMachineConfig(update)
         }
         (Method::Put, "entropy") => Action::PutEntropy(decode(body)?),
+        (Method::Put, "logger") => Action::PutLogger(decode(body)?),
+        (Method::Put, "metrics") => Action::PutMetrics(decode(body)?),
+        (Method::Put, "serial") => Action::PutSerial(decode(body)?),
         (Method::Put, "drives") => {
             let id = checked_id(id)?;
             let drive: Drive = decode(body)?;

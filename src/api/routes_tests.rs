@@ -141,9 +141,6 @@ fn unsupported_endpoints_say_so() {
         (Put, "/cpu-config"),
         (Put, "/hotplug/memory"),
         (Put, "/pmem/p"),
-        (Put, "/logger"),
-        (Put, "/metrics"),
-        (Put, "/serial"),
         (Delete, "/drives/d"),
     ] {
         let body = if method == Get || method == Delete {
@@ -154,4 +151,68 @@ fn unsupported_endpoints_say_so() {
         let e = fault(method, path, body);
         assert!(e.contains("pvm does not support"), "{path}: {e}");
     }
+}
+
+#[test]
+fn logger_metrics_and_serial_bodies() {
+    use Method::Put;
+    let ok = |path: &str, body: &str| route(&request(Put, path, body)).unwrap();
+    let logger = |body: &str| match ok("/logger", body) {
+        Action::PutLogger(logger) => logger,
+        other => panic!("{body}: {other:?}"),
+    };
+    let l = logger(
+        r#"{"log_path":"/tmp/l","level":"Warning","show_level":true,"show_log_origin":false}"#,
+    );
+    assert_eq!(l.log_path.as_deref(), Some("/tmp/l"));
+    assert_eq!(l.level, Some(log::LevelFilter::Warn));
+    assert_eq!((l.show_level, l.show_log_origin), (Some(true), Some(false)));
+    assert_eq!(l.module, None);
+    // Firecracker's level names in any case; everything is optional.
+    for (text, level) in [
+        ("Error", log::LevelFilter::Error),
+        ("warn", log::LevelFilter::Warn),
+        ("INFO", log::LevelFilter::Info),
+        ("Debug", log::LevelFilter::Debug),
+        ("trace", log::LevelFilter::Trace),
+        ("Off", log::LevelFilter::Off),
+    ] {
+        let body = format!(r#"{{"level":"{text}"}}"#);
+        assert_eq!(logger(&body).level, Some(level), "{text}");
+    }
+    assert_eq!(logger("{}"), Logger::default());
+    for (body, want) in [
+        (r#"{"level":"Loud"}"#, "Loud"),
+        (r#"{"level":3}"#, "invalid type"),
+        (
+            r#"{"log_path":"/l","colour":true}"#,
+            "unknown field `colour`",
+        ),
+        (r#"{"show_level":"yes"}"#, "invalid type"),
+    ] {
+        let e = fault(Put, "/logger", body);
+        assert!(
+            e.starts_with("An error occurred when deserializing") && e.contains(want),
+            "{body}: {e}"
+        );
+    }
+
+    match ok("/metrics", r#"{"metrics_path":"/tmp/m","future":1}"#) {
+        // Unknown fields pass, as in Firecracker.
+        Action::PutMetrics(m) => {
+            assert_eq!(m.metrics_path, "/tmp/m");
+            assert!(!m.emit_id && m.properties.is_none());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(fault(Put, "/metrics", "{}").contains("missing field `metrics_path`"));
+    assert!(fault(Put, "/metrics", r#"{"metrics_path":1}"#).contains("invalid type"));
+
+    match ok("/serial", r#"{"serial_out_path":"/tmp/s"}"#) {
+        Action::PutSerial(s) => assert_eq!(s.serial_out_path.as_deref(), Some("/tmp/s")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ok("/serial", "{}"), Action::PutSerial(Serial::default()));
+    assert!(fault(Put, "/serial", r#"{"path":"/x"}"#).contains("unknown field `path`"));
+    assert_eq!(fault(Put, "/serial", ""), "Empty PUT request.");
 }
