@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use super::http::Response;
 use super::models::{
-    ConfigError, FcConfig, Logger, Metrics, PartialDrive, PartialNetworkInterface, RateLimiter,
-    rate_limit,
+    ConfigError, ConfigFileError, FcConfig, Logger, Metrics, PartialDrive, PartialNetworkInterface,
+    RateLimiter, rate_limit,
 };
 use super::routes::Action;
 use super::server::ApiInbox;
@@ -107,6 +107,24 @@ impl Controller {
     }
 
     /// PUT /logger: applied at once, on this (the main) thread.
+    /// Applies a config file's logger and metrics sections, in Firecracker's order (logger
+    /// first), as their PUTs would; a refusal names the section and says why.
+    pub fn apply_file_sections(&mut self, fc: &FcConfig) -> Result<(), ConfigFileError> {
+        let sections = [
+            ("logger", fc.logger.clone().map(|l| self.put_logger(l))),
+            ("metrics", fc.metrics.clone().map(|m| self.put_metrics(m))),
+        ];
+        for (section, response) in sections {
+            if let Some(response) = response.filter(|r| r.status >= 300) {
+                return Err(ConfigFileError::Section {
+                    section,
+                    fault: response.body.unwrap_or_default(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn put_logger(&mut self, body: Logger) -> Response {
         if let Some(module) = &body.module {
             return Response::fault(&format!(

@@ -386,3 +386,28 @@ fn put_serial_maps_onto_the_vm_and_everything_is_refused_after_boot() {
     assert!(LOGGERS.with(|l| l.borrow().is_empty()));
     assert!(METRICS.with(|m| m.borrow().is_empty()));
 }
+
+#[test]
+fn a_config_files_logger_and_metrics_sections_apply_as_their_puts_would() {
+    let mut c = faked();
+    let fc: FcConfig = serde_json::from_str(
+        r#"{"logger": {"log_path": "/tmp/fc.log", "level": "Debug", "show_level": true},
+            "metrics": {"metrics_path": "/tmp/fc.metrics"}}"#,
+    )
+    .unwrap();
+    c.apply_file_sections(&fc).unwrap();
+    let (logger, _) = LOGGERS.with(|l| l.borrow().last().cloned()).unwrap();
+    assert_eq!(logger.log_path, Some(PathBuf::from("/tmp/fc.log")));
+    assert_eq!(logger.level, Some(log::LevelFilter::Debug));
+    assert!(logger.show_level);
+    assert_eq!(
+        METRICS.with(|m| m.borrow().clone()),
+        vec![PathBuf::from("/tmp/fc.metrics")]
+    );
+    // What the API would refuse, the file refuses too, naming the section.
+    let mut c = faked();
+    let bad: FcConfig = serde_json::from_str(r#"{"logger": {"module": "pvm::vm"}}"#).unwrap();
+    let err = c.apply_file_sections(&bad).unwrap_err().to_string();
+    assert!(err.starts_with("--config-file: logger: "), "{err}");
+    assert!(err.contains("module"), "{err}");
+}

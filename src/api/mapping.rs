@@ -38,14 +38,6 @@ const REFUSED_SECTIONS: &[(&str, &str)] = &[
     ("cpu-config", "pvm has no CPU templates"),
     ("vsock", "pvm has no vsock device yet"),
     ("balloon", "pvm has no balloon device yet"),
-    (
-        "logger",
-        "the logger is not configurable through the config file yet",
-    ),
-    (
-        "metrics",
-        "metrics are not configurable through the config file yet",
-    ),
     ("mmds-config", "pvm has no MMDS"),
     ("pmem", "pvm has no virtio-pmem device"),
     ("memory-hotplug", "pvm has no memory hotplug"),
@@ -480,4 +472,10 @@ pub enum ConfigFileError {
     },
     #[error("--config-file: {0}")]
     Config(#[from] ConfigError),
+    /// The logger or metrics section was refused, as the API would refuse its PUT.
+    #[error("--config-file: {section}: {fault}")]
+    Section {
+        section: &'static str,
+        fault: String,
+    },
 }

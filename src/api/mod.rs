@@ -63,7 +63,8 @@ pub fn run(base: VmConfig, mode: &FirecrackerMode) -> Result<Outcome, RunError> 
         log::info!("--mmds-size-limit {limit}: pvm has no MMDS, so there is nothing to limit");
     }
     let fc = file.as_ref().map(|(_, fc)| fc.clone()).unwrap_or_default();
-    let mut controller = Controller::new(mode.id.clone(), base, fc);
+    let mut controller = Controller::new(mode.id.clone(), base, fc.clone());
+    controller.apply_file_sections(&fc)?;
     let vm = match (&file, &inbox) {
         (Some((path, _)), _) => {
             let config = controller.vm_config().map_err(ConfigFileError::from)?;

@@ -284,6 +284,12 @@ pub struct FcConfig {
     pub network_interfaces: Vec<NetworkInterface>,
     #[serde(default)]
     pub entropy: Option<Entropy>,
+    /// Applied before the VM is built, as `PUT /logger` would be.
+    #[serde(default)]
+    pub logger: Option<Logger>,
+    /// Applied before the VM is built, as `PUT /metrics` would be.
+    #[serde(default)]
+    pub metrics: Option<Metrics>,
     /// Only through the API: Firecracker's config file has no serial section.
     #[serde(skip)]
     pub serial: Option<Serial>,
