@@ -9,6 +9,7 @@ use super::models::{
 };
 use super::routes::Action;
 use super::server::ApiInbox;
+use super::swap::OpenedDisk;
 use crate::config::VmConfig;
 use crate::exit::{Outcome, error_chain};
 use crate::virtio_devices::DeviceLimiters;
@@ -25,8 +26,17 @@ pub const BEFORE_START: &str =
 enum PatchError {
     #[error("no device with id {0}")]
     NoDevice(String),
-    #[error("{0}: pvm cannot change a running drive's path_on_host")]
-    BackingFile(String),
+    #[error(
+        "{0}: path_on_host: a vhost-user backend serves this drive; give the backend its new \
+         file"
+    )]
+    VhostUserFile(String),
+    #[error("{0}: path_on_host: resume the VM first (its devices stay paused until then)")]
+    SwapWhilePaused(String),
+    #[error("{0}: path_on_host: the device cannot pause or resume: {1}")]
+    SwapPause(String, pvm_virtio::PauseError),
+    #[error("{0}: path_on_host: the new file is in place but the guest was not told: {1}")]
+    SwapNotify(String, std::io::Error),
     #[error(
         "{0}: rate_limiter: a vhost-user backend moves the data itself and pvm cannot limit it"
     )]
@@ -194,6 +204,10 @@ impl Controller {
                 Ok(()) => Response::no_content(),
                 Err(why) => Response::fault(&why.to_string()),
             },
+            Action::SwapDrive(patch, disk) => match self.swap_drive(&patch, &disk, vm) {
+                Ok(()) => Response::no_content(),
+                Err(why) => Response::fault(&format!("Drive config error: {why}")),
+            },
             Action::PatchDrive(patch) => match self.patch_drive(&patch) {
                 Ok(()) => Response::no_content(),
                 Err(why) => Response::fault(&format!("Drive config error: {why}")),
@@ -210,7 +224,14 @@ impl Controller {
     fn patch_drive(&mut self, patch: &PartialDrive) -> Result<(), PatchError> {
         let id = &patch.drive_id;
         if patch.path_on_host.is_some() {
-            return Err(PatchError::BackingFile(id.clone()));
+            // The API thread opens a new file of each running image drive (SwapDrive); what
+            // reaches here is no such drive.
+            let drive = self.fc.drives.iter().find(|d| &d.drive_id == id);
+            return Err(match drive {
+                None => PatchError::NoDevice(id.clone()),
+                Some(d) if d.socket.is_some() => PatchError::VhostUserFile(id.clone()),
+                Some(_) => PatchError::NotRunning(id.clone()),
+            });
         }
         let Some(limiter) = &patch.rate_limiter else {
             // Nothing to change (Firecracker refreshes a vhost-user disk's config here).
@@ -233,12 +254,7 @@ impl Controller {
             }
             return Ok(());
         }
-        // The flags' disks come first, then the API's image drives in order.
-        let index = self.base.disks.len()
-            + drives[..position]
-                .iter()
-                .filter(|d| d.path_on_host.is_some())
-                .count();
+        let index = self.disk_index(position);
         let shared = self
             .limiters
             .disks
@@ -247,6 +263,85 @@ impl Controller {
         shared.set(rate_limit(Some(&merged)));
         self.fc.drives[position].rate_limiter = Some(merged);
         Ok(())
+    }
+
+    /// The guest-order index of image drive `position` of the API's drives: the flags' disks
+    /// come first, then the API's image drives in order.
+    fn disk_index(&self, position: usize) -> usize {
+        self.base.disks.len()
+            + self.fc.drives[..position]
+                .iter()
+                .filter(|d| d.path_on_host.is_some())
+                .count()
+    }
+
+    /// The running VM's image drives, (id, read-only): the API thread opens their new
+    /// backing files.
+    pub fn image_drives(&self) -> Vec<(String, bool)> {
+        self.fc
+            .drives
+            .iter()
+            .filter(|d| d.path_on_host.is_some() && d.socket.is_none())
+            .map(|d| (d.drive_id.clone(), d.is_read_only.unwrap_or(false)))
+            .collect()
+    }
+
+    /// PATCH /drives/{id} with a new backing file the API thread opened: the device is paused
+    /// (nothing in flight: its requests are served synchronously), takes the file as it
+    /// resumes, and a configuration-change interrupt makes the guest read the new capacity.
+    /// A rate limiter in the same PATCH is applied first.
+    fn swap_drive(
+        &mut self,
+        patch: &PartialDrive,
+        disk: &OpenedDisk,
+        vm: &mut RunningVm<'_, '_>,
+    ) -> Result<(), PatchError> {
+        let id = &patch.drive_id;
+        let Some(path) = &patch.path_on_host else {
+            return self.patch_drive(patch);
+        };
+        let position = self
+            .fc
+            .drives
+            .iter()
+            .position(|d| &d.drive_id == id)
+            .ok_or_else(|| PatchError::NoDevice(id.clone()))?;
+        if vm.is_paused() {
+            // Resuming just this device would let it serve while the vCPUs are parked.
+            return Err(PatchError::SwapWhilePaused(id.clone()));
+        }
+        let index = self.disk_index(position);
+        let not_running = || PatchError::NotRunning(id.clone());
+        let swap = self
+            .limiters
+            .disk_swaps
+            .get(index)
+            .ok_or_else(not_running)?
+            .clone();
+        let device = vm
+            .device(&format!("block{index}"))
+            .ok_or_else(not_running)?;
+        let disk = disk.take().ok_or_else(not_running)?;
+        if patch.rate_limiter.is_some() {
+            let limits_only = PartialDrive {
+                path_on_host: None,
+                ..patch.clone()
+            };
+            self.patch_drive(&limits_only)?;
+        }
+        let sectors = disk.sectors();
+        swap.stage(disk);
+        let paused = device.pause().and_then(|()| device.resume());
+        if let Err(e) = paused {
+            // Not taken: the drive stays on its old file.
+            drop(swap.take());
+            return Err(PatchError::SwapPause(id.clone(), e));
+        }
+        self.fc.drives[position].path_on_host = Some(path.clone());
+        log::info!("API: drive {id} is now backed by {path} ({sectors} sectors)");
+        device
+            .notify_config_change()
+            .map_err(|e| PatchError::SwapNotify(id.clone(), e))
     }
 
     /// PATCH /network-interfaces/{id} on the running VM: new rate limits (buckets left out

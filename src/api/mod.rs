@@ -8,6 +8,7 @@ pub mod http;
 pub mod models;
 pub mod routes;
 pub mod server;
+pub mod swap;
 
 use std::path::PathBuf;
 
@@ -81,6 +82,10 @@ pub fn run(base: VmConfig, mode: &FirecrackerMode) -> Result<Outcome, RunError> 
         // The command line makes Firecracker mode out of one of the two.
         (None, None) => return Err(RunError::ApiEnded),
     };
+    if let Some(inbox) = &inbox {
+        // From now on the API thread opens the new files of PATCH /drives.
+        inbox.drive_modes.publish(controller.image_drives());
+    }
     match inbox {
         Some(inbox) => {
             let mut runtime = Runtime { inbox, controller };

@@ -25,6 +25,8 @@ pub enum Action {
     PatchMachineConfig(MachineConfigUpdate),
     PutEntropy(Entropy),
     PatchDrive(PartialDrive),
+    /// A PATCH /drives with path_on_host whose file the API thread opened.
+    SwapDrive(PartialDrive, super::swap::OpenedDisk),
     PatchNetworkInterface(PartialNetworkInterface),
     InstanceStart,
     SendCtrlAltDel,

@@ -370,6 +370,15 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // A device without a worker (the driver has not started it, so the transport does not
+        // pause or resume it) takes a staged image only at activation: until then the driver
+        // already sees that image's capacity, which it reads before it starts the device.
+        if !self.worker.is_active()
+            && let Some(sectors) = self.swap.staged_sectors()
+        {
+            read_config_bytes(&config_space(sectors), offset, data);
+            return;
+        }
         read_config_bytes(&self.config, offset, data);
     }
 

@@ -25,9 +25,15 @@ impl DiskSwap {
         *self.slot() = Some(disk);
     }
 
-    /// The staged image, if any; the device calls this while its worker does not run.
-    pub(super) fn take(&self) -> Option<DiskImage> {
+    /// The staged image, if any, which is then no longer staged. The device takes it while
+    /// its worker does not run; the VMM, to withdraw an image whose swap failed.
+    pub fn take(&self) -> Option<DiskImage> {
         self.slot().take()
+    }
+
+    /// The staged image's size in sectors, if one is staged.
+    pub(super) fn staged_sectors(&self) -> Option<u64> {
+        self.slot().as_ref().map(|disk| disk.sectors)
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<DiskImage>> {

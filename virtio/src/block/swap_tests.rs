@@ -105,6 +105,8 @@ fn a_swap_before_activation_is_served_from_the_start() {
     let new = image(16, 0x33);
     let mut block = Block::new(old.as_path(), true, None).unwrap();
     block.disk_swap().stage(open(&new, true));
+    // The driver, which reads the capacity before it starts the device, sees the new one.
+    assert_eq!(capacity(&block), 16);
     // Pausing and resuming a device the guest never started takes the image.
     block.pause().unwrap();
     block.resume().unwrap();
