@@ -275,14 +275,17 @@ impl Controller {
                 .count()
     }
 
-    /// The running VM's image drives, (id, read-only): the API thread opens their new
+    /// The running VM's image drives, (id, read-only, path): the API thread opens their new
     /// backing files.
-    pub fn image_drives(&self) -> Vec<(String, bool)> {
+    pub fn image_drives(&self) -> Vec<(String, bool, String)> {
         self.fc
             .drives
             .iter()
-            .filter(|d| d.path_on_host.is_some() && d.socket.is_none())
-            .map(|d| (d.drive_id.clone(), d.is_read_only.unwrap_or(false)))
+            .filter(|d| d.socket.is_none())
+            .filter_map(|d| {
+                let path = d.path_on_host.clone()?;
+                Some((d.drive_id.clone(), d.is_read_only.unwrap_or(false), path))
+            })
             .collect()
     }
 
@@ -329,8 +332,12 @@ impl Controller {
             };
             self.patch_drive(&limits_only)?;
         }
-        let sectors = disk.sectors();
-        swap.stage(disk);
+        let sectors = disk.disk.sectors();
+        if disk.reopened {
+            swap.stage_reopened(disk.disk);
+        } else {
+            swap.stage(disk.disk);
+        }
         let paused = device.pause().and_then(|()| device.resume());
         if let Err(e) = paused {
             // Not taken: the drive stays on its old file.

@@ -196,6 +196,12 @@ fn patch_changes_the_running_devices_rate_limits() {
     );
 }
 
+fn file_id(tmp: &vmm_sys_util::tempfile::TempFile) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = tmp.as_file().metadata().unwrap();
+    (meta.dev(), meta.ino())
+}
+
 #[test]
 fn patch_path_on_host_swaps_the_running_disk_and_tells_the_guest() {
     use crate::api::models::PartialDrive;
@@ -223,7 +229,8 @@ fn patch_path_on_host_swaps_the_running_disk_and_tells_the_guest() {
     .unwrap();
     let mut c = Controller::new("vm1".to_string(), base(), config);
     c.set_started();
-    assert_eq!(c.image_drives(), vec![("d".to_string(), false)]);
+    let path = old.as_path().display().to_string();
+    assert_eq!(c.image_drives(), vec![("d".to_string(), false, path)]);
     let block = Block::new(old.as_path(), false, None).unwrap();
     let disk_swap = block.disk_swap();
     c.set_limiters(DeviceLimiters {
@@ -246,16 +253,23 @@ fn patch_path_on_host_swaps_the_running_disk_and_tells_the_guest() {
         path_on_host: Some(path.as_path().display().to_string()),
         rate_limiter: None,
     };
-    let opened = |read_only| OpenedDisk::new(swap::open(new.as_path(), read_only).unwrap());
+    let writable = swap::DriveFile {
+        read_only: false,
+        file: None,
+    };
+    let opened = |drive| OpenedDisk::new(swap::open(new.as_path(), drive).unwrap());
 
     // Paused: refused, and the file stays with the action (dropped with it).
     assert_eq!(c.runtime(Action::Pause, &mut vm).status, 204);
-    let e = fault_of(&c.runtime(Action::SwapDrive(patch("d", &new), opened(false)), &mut vm));
+    let e = fault_of(&c.runtime(
+        Action::SwapDrive(patch("d", &new), opened(writable)),
+        &mut vm,
+    ));
     assert!(e.contains("d: path_on_host: resume the VM first"), "{e}");
     assert_eq!(c.runtime(Action::Resume, &mut vm).status, 204);
     assert_eq!(irq.read().ok(), None, "no config interrupt yet");
 
-    let swap = Action::SwapDrive(patch("d", &new), opened(false));
+    let swap = Action::SwapDrive(patch("d", &new), opened(writable));
     assert_eq!(c.runtime(swap, &mut vm).status, 204);
     assert_eq!(irq.read().unwrap(), 1, "the guest is told");
     let config = c.runtime(Action::GetVmConfig, &mut vm).body.unwrap();
@@ -265,8 +279,29 @@ fn patch_path_on_host_swaps_the_running_disk_and_tells_the_guest() {
     );
     // The new file is the drive's now. This driverless device takes it at activation (a
     // driven one as it resumes: virtio-blk's swap tests).
-    assert!(swap::open(new.as_path(), false).is_err());
-    assert_eq!(disk_swap.take().unwrap().sectors(), 16);
+    assert!(swap::open(new.as_path(), writable).is_err());
+
+    // The host grows the drive's file and PATCHes the same path: the drive's own file is
+    // opened again, only to learn the size; its lock stays the drive's.
+    let file = OpenedDisk::new(swap::open(new.as_path(), writable).map_or_else(
+        |_| {
+            let own = swap::DriveFile {
+                read_only: false,
+                file: Some(file_id(&new)),
+            };
+            new.as_file().set_len(24 * 512).unwrap();
+            swap::open(new.as_path(), own).unwrap()
+        },
+        |_| panic!("the drive's file was not locked"),
+    ));
+    assert_eq!(
+        c.runtime(Action::SwapDrive(patch("d", &new), file), &mut vm)
+            .status,
+        204
+    );
+    assert_eq!(irq.read().unwrap(), 1);
+    assert!(swap::open(new.as_path(), writable).is_err());
+    assert_eq!(disk_swap.take().unwrap().sectors(), 24);
 
     // What the API thread did not open: a vhost-user drive, an unknown one.
     let e = fault_of(&c.runtime(Action::PatchDrive(patch("sock", &new)), &mut vm));

@@ -53,21 +53,28 @@ impl VmmLink {
         let Action::PatchDrive(patch) = &action else {
             return self.call(action);
         };
-        let (Some(path), Some(read_only)) = (
-            &patch.path_on_host,
-            self.drive_modes.read_only(&patch.drive_id),
-        ) else {
+        let (Some(path), Some(drive)) =
+            (&patch.path_on_host, self.drive_modes.get(&patch.drive_id))
+        else {
             // Not an image drive of the running VM: the main thread explains.
             return self.call(action);
         };
-        match swap::open(Path::new(path), read_only) {
-            Ok(disk) => self.call(Action::SwapDrive(patch.clone(), OpenedDisk::new(disk))),
-            Err(e) => Response::fault(&format!(
-                "Drive config error: {}: {}",
-                patch.drive_id,
-                error_chain(&e)
-            )),
+        let image = match swap::open(Path::new(path), drive) {
+            Ok(image) => image,
+            Err(e) => {
+                return Response::fault(&format!(
+                    "Drive config error: {}: {}",
+                    patch.drive_id,
+                    error_chain(&e)
+                ));
+            }
+        };
+        let file = image.file;
+        let response = self.call(Action::SwapDrive(patch.clone(), OpenedDisk::new(image)));
+        if response.status == 204 {
+            self.drive_modes.set_file(&patch.drive_id, file);
         }
+        response
     }
 
     /// Runs `action` on the main thread and waits for its reply.

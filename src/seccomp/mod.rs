@@ -154,6 +154,7 @@ pub fn rules_with(
         rules.insert(libc::SYS_openat, open_existing());
         rules.insert(libc::SYS_flock, Vec::new());
         rules.insert(libc::SYS_lseek, Vec::new());
+        rules.insert(libc::SYS_fstat, Vec::new());
     }
     // File::try_clone (eventfds, the tap) is fcntl(F_DUPFD_CLOEXEC); closing a descriptor
     // checks it with F_GETFD in debug builds.
@@ -372,9 +373,24 @@ mod tests {
         let path = tmp.as_path().to_owned();
         let sectors = std::thread::spawn(move || {
             install(ThreadKind::Api, false).unwrap();
-            let rw = crate::api::swap::open(&path, false).unwrap();
+            use crate::api::swap::{DriveFile, open};
+            let writable = DriveFile {
+                read_only: false,
+                file: None,
+            };
+            let rw = open(&path, writable).unwrap();
+            // The same file again, as the drive's own: only sized, not locked.
+            let again = DriveFile {
+                file: Some(rw.file),
+                ..writable
+            };
+            assert!(open(&path, again).unwrap().reopened);
             drop(rw);
-            crate::api::swap::open(&path, true).unwrap().sectors()
+            let read_only = DriveFile {
+                read_only: true,
+                file: None,
+            };
+            open(&path, read_only).unwrap().disk.sectors()
         })
         .join()
         .unwrap();

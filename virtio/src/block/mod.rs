@@ -140,7 +140,7 @@ impl Block {
     /// capacity, and a paused worker serves it when it resumes. Only called while no worker
     /// runs (paused or never started), so no request is in flight.
     fn take_staged_disk(&mut self) {
-        let Some(new) = self.swap.take() else {
+        let Some((mut new, reopened)) = self.swap.take_staged() else {
             return;
         };
         if new.read_only != self.disk.read_only {
@@ -156,6 +156,19 @@ impl Block {
                 }
             );
             return;
+        }
+        if reopened {
+            // The same file: serve it through the descriptor that holds its lock.
+            match self.disk.file.try_clone() {
+                Ok(file) => new.file = file,
+                Err(e) => {
+                    log::error!(
+                        "disk {}: cannot duplicate its descriptor: {e}; keeping the old size",
+                        self.disk.name
+                    );
+                    return;
+                }
+            }
         }
         let new = Arc::new(new.replacing(&self.disk));
         log::info!(

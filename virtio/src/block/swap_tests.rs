@@ -124,3 +124,26 @@ fn an_image_opened_in_the_other_mode_is_not_taken() {
     assert_eq!(capacity(&block), 8);
     assert!(!block.is_read_only());
 }
+
+#[test]
+fn the_drive_s_own_file_reopened_after_growing_keeps_its_lock() {
+    let tmp = image(8, 0x44);
+    let mut block = Block::new(tmp.as_path(), false, None).unwrap();
+    tmp.as_file().set_len(32 * SECTOR_SIZE).unwrap();
+    // Opened again: the drive's lock refuses the lock, so the VMM stages it unlocked.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(tmp.as_path())
+        .unwrap();
+    let reopened = DiskImage::sized(file, tmp.as_path(), false).unwrap();
+    block.disk_swap().stage_reopened(reopened);
+    block.pause().unwrap();
+    block.resume().unwrap();
+    assert_eq!(capacity(&block), 32);
+    // The file is still locked by the drive.
+    assert!(matches!(
+        Block::new(tmp.as_path(), true, None),
+        Err(BlockError::Locked { .. })
+    ));
+}
