@@ -241,6 +241,89 @@ fn configure_start_and_end_a_guest_through_the_api() {
 }
 
 #[test]
+fn patch_drive_path_on_host_swaps_the_file_under_the_sandbox() {
+    require_kvm();
+    let mut code = print("drive guest up\r\n");
+    code.extend(spin());
+    let kernel = micro_kernel("api-drive-swap", &code);
+    let image = |name: &str, sectors: u64| {
+        let path = scratch(name);
+        std::fs::write(&path, vec![0u8; (sectors * 512) as usize]).unwrap();
+        path
+    };
+    let (old, new) = (image("old.img", 8), image("new.img", 16));
+    let socket = scratch("drive.sock");
+    // The sandbox is on (the default): the api thread opens the new files.
+    let mut child = Command::new(PVM)
+        .args(["--api-sock", socket.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut api = connect(&socket, &mut child);
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    );
+    assert_eq!(call(&mut api, "PUT", "/boot-source", Some(&boot)).0, 204);
+    let drive = format!(
+        r#"{{"drive_id": "d", "path_on_host": "{}", "is_root_device": false}}"#,
+        old.display()
+    );
+    assert_eq!(call(&mut api, "PUT", "/drives/d", Some(&drive)).0, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(start)).0, 204);
+
+    let patch = |path: &Path| {
+        format!(
+            r#"{{"drive_id": "d", "path_on_host": "{}"}}"#,
+            path.display()
+        )
+    };
+    let r = call(&mut api, "PATCH", "/drives/d", Some(&patch(&new)));
+    assert_eq!(r.0, 204, "{}", r.1);
+    let (_, config) = call(&mut api, "GET", "/vm/config", None);
+    assert!(config.contains(&*new.to_string_lossy()), "{config}");
+    // The drive's own file again, grown on the host: a resize.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&new)
+        .unwrap()
+        .set_len(32 * 512)
+        .unwrap();
+    assert_eq!(
+        call(&mut api, "PATCH", "/drives/d", Some(&patch(&new))).0,
+        204
+    );
+    let missing = scratch("missing.img");
+    expect_fault(
+        &mut api,
+        "PATCH",
+        "/drives/d",
+        Some(&patch(&missing)),
+        "Drive config error: d: disk",
+    );
+    expect_fault(
+        &mut api,
+        "PATCH",
+        "/drives/x",
+        Some(&format!(
+            r#"{{"drive_id": "x", "path_on_host": "{}"}}"#,
+            old.display()
+        )),
+        "no device with id x",
+    );
+
+    let ctrl_alt_del = r#"{"action_type": "SendCtrlAltDel"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(ctrl_alt_del)).0, 204);
+    assert_eq!(wait_exit(&mut child), 0);
+    for path in [&old, &new, &socket] {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+#[test]
 fn a_config_file_boots_at_once() {
     require_kvm();
     let mut code = print("config file guest\r\n");

@@ -395,6 +395,11 @@ impl Controller {
 pub fn serve_until_start(inbox: &ApiInbox, controller: &mut Controller) -> Option<Vm> {
     while let Ok(action) = inbox.requests.recv() {
         let (response, vm) = controller.preboot(action);
+        if vm.is_some() {
+            // Before the client hears of the start: from its next request on, the API thread
+            // opens the new files of PATCH /drives.
+            inbox.drive_modes.publish(controller.image_drives());
+        }
         let _ = inbox.replies.send(response);
         if vm.is_some() {
             return vm;

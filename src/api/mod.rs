@@ -72,6 +72,11 @@ pub fn run(base: VmConfig, mode: &FirecrackerMode) -> Result<Outcome, RunError> 
                 return Err(RunError::NoKernel(path.to_path_buf()));
             }
             controller.set_started();
+            if let Some(inbox) = &inbox {
+                // Requests wait until the VM runs; a PATCH /drives meanwhile has its new file
+                // opened by the API thread already.
+                inbox.drive_modes.publish(controller.image_drives());
+            }
             let vm = vm::build(&config)?;
             controller.set_limiters(vm.rate_limiters());
             vm
@@ -82,10 +87,6 @@ pub fn run(base: VmConfig, mode: &FirecrackerMode) -> Result<Outcome, RunError> 
         // The command line makes Firecracker mode out of one of the two.
         (None, None) => return Err(RunError::ApiEnded),
     };
-    if let Some(inbox) = &inbox {
-        // From now on the API thread opens the new files of PATCH /drives.
-        inbox.drive_modes.publish(controller.image_drives());
-    }
     match inbox {
         Some(inbox) => {
             let mut runtime = Runtime { inbox, controller };
