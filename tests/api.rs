@@ -101,21 +101,45 @@ fn wait_exit(child: &mut Child) -> i32 {
     }
 }
 
-#[test]
-fn configure_start_and_end_a_guest_through_the_api() {
-    require_kvm();
-    let mut code = print("api guest up\r\n");
-    code.extend(spin());
-    let kernel = micro_kernel("api-spin", &code);
-    let socket = scratch("api.sock");
+/// pvm in Firecracker mode on `socket` with `extra` flags, its output captured, and a client
+/// connected to it.
+fn start_api(socket: &Path, extra: &[&str]) -> (Child, UnixStream) {
     let mut child = Command::new(PVM)
-        .args(["--api-sock", socket.to_str().unwrap(), "--id", "test-vm"])
+        .args(["--api-sock", socket.to_str().unwrap()])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut api = connect(&socket, &mut child);
+    let api = connect(socket, &mut child);
+    (child, api)
+}
+
+/// A micro guest that prints `banner` and spins, and the boot-source body that boots it.
+fn spinning_guest(name: &str, banner: &str) -> String {
+    let mut code = print(banner);
+    code.extend(spin());
+    let kernel = micro_kernel(name, &code);
+    format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    )
+}
+
+/// Ends the VM as a guest reboot does, which pvm reports as a clean exit.
+fn ctrl_alt_del(api: &mut UnixStream, child: &mut Child) {
+    let body = r#"{"action_type": "SendCtrlAltDel"}"#;
+    assert_eq!(call(api, "PUT", "/actions", Some(body)).0, 204);
+    assert_eq!(wait_exit(child), 0);
+}
+
+#[test]
+fn configure_start_and_end_a_guest_through_the_api() {
+    require_kvm();
+    let boot = spinning_guest("api-spin", "api guest up\r\n");
+    let socket = scratch("api.sock");
+    let (mut child, mut api) = start_api(&socket, &["--id", "test-vm"]);
 
     let (status, body) = call(&mut api, "GET", "/", None);
     assert_eq!(status, 200);
@@ -157,10 +181,6 @@ fn configure_start_and_end_a_guest_through_the_api() {
         Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
     );
     assert_eq!(status, 204);
-    let boot = format!(
-        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
-        kernel.display()
-    );
     assert_eq!(call(&mut api, "PUT", "/boot-source", Some(&boot)).0, 204);
     let (status, body) = call(&mut api, "GET", "/machine-config", None);
     assert_eq!(status, 200);
@@ -226,9 +246,7 @@ fn configure_start_and_end_a_guest_through_the_api() {
         "metrics are not configured",
     );
 
-    let ctrl_alt_del = r#"{"action_type": "SendCtrlAltDel"}"#;
-    assert_eq!(call(&mut api, "PUT", "/actions", Some(ctrl_alt_del)).0, 204);
-    assert_eq!(wait_exit(&mut child), 0);
+    ctrl_alt_del(&mut api, &mut child);
     let mut stdout = String::new();
     child
         .stdout
@@ -243,9 +261,7 @@ fn configure_start_and_end_a_guest_through_the_api() {
 #[test]
 fn patch_drive_path_on_host_swaps_the_file_under_the_sandbox() {
     require_kvm();
-    let mut code = print("drive guest up\r\n");
-    code.extend(spin());
-    let kernel = micro_kernel("api-drive-swap", &code);
+    let boot = spinning_guest("api-drive-swap", "drive guest up\r\n");
     let image = |name: &str, sectors: u64| {
         let path = scratch(name);
         std::fs::write(&path, vec![0u8; (sectors * 512) as usize]).unwrap();
@@ -254,18 +270,7 @@ fn patch_drive_path_on_host_swaps_the_file_under_the_sandbox() {
     let (old, new) = (image("old.img", 8), image("new.img", 16));
     let socket = scratch("drive.sock");
     // The sandbox is on (the default): the api thread opens the new files.
-    let mut child = Command::new(PVM)
-        .args(["--api-sock", socket.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut api = connect(&socket, &mut child);
-    let boot = format!(
-        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
-        kernel.display()
-    );
+    let (mut child, mut api) = start_api(&socket, &[]);
     assert_eq!(call(&mut api, "PUT", "/boot-source", Some(&boot)).0, 204);
     let drive = format!(
         r#"{{"drive_id": "d", "path_on_host": "{}", "is_root_device": false}}"#,
@@ -315,9 +320,7 @@ fn patch_drive_path_on_host_swaps_the_file_under_the_sandbox() {
         "no device with id x",
     );
 
-    let ctrl_alt_del = r#"{"action_type": "SendCtrlAltDel"}"#;
-    assert_eq!(call(&mut api, "PUT", "/actions", Some(ctrl_alt_del)).0, 204);
-    assert_eq!(wait_exit(&mut child), 0);
+    ctrl_alt_del(&mut api, &mut child);
     for path in [&old, &new, &socket] {
         let _ = std::fs::remove_file(path);
     }
