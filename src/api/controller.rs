@@ -338,13 +338,16 @@ impl Controller {
         } else {
             swap.stage(disk.disk);
         }
-        let paused = device.pause().and_then(|()| device.resume());
-        if let Err(e) = paused {
+        if let Err(e) = device.pause() {
             // Not taken: the drive stays on its old file.
             drop(swap.take());
             return Err(PatchError::SwapPause(id.clone(), e));
         }
+        // The device takes the file before its worker restarts, so even a failed resume (the
+        // device then asks the driver for a reset) leaves the drive on the new file.
+        let resumed = device.resume();
         self.fc.drives[position].path_on_host = Some(path.clone());
+        resumed.map_err(|e| PatchError::SwapPause(id.clone(), e))?;
         log::info!("API: drive {id} is now backed by {path} ({sectors} sectors)");
         device
             .notify_config_change()
