@@ -159,6 +159,9 @@ pub struct DeviceLimiters {
     /// Each tap's receive and transmit limiters, in guest order; `None` when vhost-net serves
     /// the tap, which cannot enforce a limit.
     pub taps: Vec<Option<(pvm_virtio::SharedLimiter, pvm_virtio::SharedLimiter)>>,
+    /// Where each image disk (in guest order, device `block{i}`) takes a new backing file
+    /// (PATCH /drives with path_on_host).
+    pub disk_swaps: Vec<pvm_virtio::DiskSwap>,
 }
 
 /// A transport the VM can pause and resume, with the name pvm's messages use for its device.
@@ -184,6 +187,24 @@ impl PausableDevice {
         match &self.transport {
             TransportHandle::Mmio(device) => lock(device).0.pause(),
             TransportHandle::Pci(transport) => lock(transport).pause(),
+        }
+    }
+
+    /// Raises the device's configuration-change interrupt, so the driver reads its config
+    /// space again (a disk's new capacity).
+    pub fn notify_config_change(&self) -> std::io::Result<()> {
+        match &self.transport {
+            TransportHandle::Mmio(device) => lock(device).0.notify_config_change(),
+            TransportHandle::Pci(transport) => lock(transport).notify_config_change(),
+        }
+    }
+
+    /// `transport` under `name`, for tests that drive a device as the VM does.
+    #[cfg(test)]
+    pub fn mmio(name: &str, transport: MmioTransport) -> Self {
+        PausableDevice {
+            name: name.to_string(),
+            transport: TransportHandle::Mmio(Arc::new(Mutex::new(MmioDevice(transport)))),
         }
     }
 
@@ -226,6 +247,7 @@ fn create_devices(
         }
         block = block.with_rate_limit(disk.limit);
         attached.limiters.disks.push(block.rate_limiter());
+        attached.limiters.disk_swaps.push(block.disk_swap());
         attached.disk_errors.push((
             format!("disk{i}"),
             disk.path.display().to_string(),

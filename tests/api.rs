@@ -87,19 +87,6 @@ fn connect(socket: &Path, child: &mut Child) -> UnixStream {
     }
 }
 
-/// pvm serving the API on `socket` as instance `id` (output piped), and a client connected.
-fn start_api(socket: &Path, id: &str) -> (Child, UnixStream) {
-    let mut child = Command::new(PVM)
-        .args(["--api-sock", socket.to_str().unwrap(), "--id", id])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let api = connect(socket, &mut child);
-    (child, api)
-}
-
 fn wait_exit(child: &mut Child) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -114,14 +101,45 @@ fn wait_exit(child: &mut Child) -> i32 {
     }
 }
 
+/// pvm in Firecracker mode on `socket` with `extra` flags, its output captured, and a client
+/// connected to it.
+fn start_api(socket: &Path, extra: &[&str]) -> (Child, UnixStream) {
+    let mut child = Command::new(PVM)
+        .args(["--api-sock", socket.to_str().unwrap()])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let api = connect(socket, &mut child);
+    (child, api)
+}
+
+/// A micro guest that prints `banner` and spins, and the boot-source body that boots it.
+fn spinning_guest(name: &str, banner: &str) -> String {
+    let mut code = print(banner);
+    code.extend(spin());
+    let kernel = micro_kernel(name, &code);
+    format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    )
+}
+
+/// Ends the VM as a guest reboot does, which pvm reports as a clean exit.
+fn ctrl_alt_del(api: &mut UnixStream, child: &mut Child) {
+    let body = r#"{"action_type": "SendCtrlAltDel"}"#;
+    assert_eq!(call(api, "PUT", "/actions", Some(body)).0, 204);
+    assert_eq!(wait_exit(child), 0);
+}
+
 #[test]
 fn configure_start_and_end_a_guest_through_the_api() {
     require_kvm();
-    let mut code = print("api guest up\r\n");
-    code.extend(spin());
-    let kernel = micro_kernel("api-spin", &code);
+    let boot = spinning_guest("api-spin", "api guest up\r\n");
     let socket = scratch("api.sock");
-    let (mut child, mut api) = start_api(&socket, "test-vm");
+    let (mut child, mut api) = start_api(&socket, &["--id", "test-vm"]);
 
     let (status, body) = call(&mut api, "GET", "/", None);
     assert_eq!(status, 200);
@@ -163,10 +181,6 @@ fn configure_start_and_end_a_guest_through_the_api() {
         Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
     );
     assert_eq!(status, 204);
-    let boot = format!(
-        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
-        kernel.display()
-    );
     assert_eq!(call(&mut api, "PUT", "/boot-source", Some(&boot)).0, 204);
     let (status, body) = call(&mut api, "GET", "/machine-config", None);
     assert_eq!(status, 200);
@@ -232,9 +246,7 @@ fn configure_start_and_end_a_guest_through_the_api() {
         "metrics are not configured",
     );
 
-    let ctrl_alt_del = r#"{"action_type": "SendCtrlAltDel"}"#;
-    assert_eq!(call(&mut api, "PUT", "/actions", Some(ctrl_alt_del)).0, 204);
-    assert_eq!(wait_exit(&mut child), 0);
+    ctrl_alt_del(&mut api, &mut child);
     let mut stdout = String::new();
     child
         .stdout
@@ -244,6 +256,74 @@ fn configure_start_and_end_a_guest_through_the_api() {
         .unwrap();
     assert!(stdout.contains("api guest up"), "{stdout}");
     let _ = std::fs::remove_file(&socket);
+}
+
+#[test]
+fn patch_drive_path_on_host_swaps_the_file_under_the_sandbox() {
+    require_kvm();
+    let boot = spinning_guest("api-drive-swap", "drive guest up\r\n");
+    let image = |name: &str, sectors: u64| {
+        let path = scratch(name);
+        std::fs::write(&path, vec![0u8; (sectors * 512) as usize]).unwrap();
+        path
+    };
+    let (old, new) = (image("old.img", 8), image("new.img", 16));
+    let socket = scratch("drive.sock");
+    // The sandbox is on (the default): the api thread opens the new files.
+    let (mut child, mut api) = start_api(&socket, &[]);
+    assert_eq!(call(&mut api, "PUT", "/boot-source", Some(&boot)).0, 204);
+    let drive = format!(
+        r#"{{"drive_id": "d", "path_on_host": "{}", "is_root_device": false}}"#,
+        old.display()
+    );
+    assert_eq!(call(&mut api, "PUT", "/drives/d", Some(&drive)).0, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(start)).0, 204);
+
+    let patch = |path: &Path| {
+        format!(
+            r#"{{"drive_id": "d", "path_on_host": "{}"}}"#,
+            path.display()
+        )
+    };
+    let r = call(&mut api, "PATCH", "/drives/d", Some(&patch(&new)));
+    assert_eq!(r.0, 204, "{}", r.1);
+    let (_, config) = call(&mut api, "GET", "/vm/config", None);
+    assert!(config.contains(&*new.to_string_lossy()), "{config}");
+    // The drive's own file again, grown on the host: a resize.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&new)
+        .unwrap()
+        .set_len(32 * 512)
+        .unwrap();
+    assert_eq!(
+        call(&mut api, "PATCH", "/drives/d", Some(&patch(&new))).0,
+        204
+    );
+    let missing = scratch("missing.img");
+    expect_fault(
+        &mut api,
+        "PATCH",
+        "/drives/d",
+        Some(&patch(&missing)),
+        "Drive config error: d: disk",
+    );
+    expect_fault(
+        &mut api,
+        "PATCH",
+        "/drives/x",
+        Some(&format!(
+            r#"{{"drive_id": "x", "path_on_host": "{}"}}"#,
+            old.display()
+        )),
+        "no device with id x",
+    );
+
+    ctrl_alt_del(&mut api, &mut child);
+    for path in [&old, &new, &socket] {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 #[test]
@@ -306,7 +386,7 @@ fn logger_metrics_and_serial_configured_through_the_api() {
     );
     // The serial file is appended to, never truncated.
     std::fs::write(&serial, "earlier\n").unwrap();
-    let (mut child, mut api) = start_api(&socket, "out-vm");
+    let (mut child, mut api) = start_api(&socket, &["--id", "out-vm"]);
     let logger = format!(
         r#"{{"log_path": "{}", "level": "Info", "show_level": true, "show_log_origin": false}}"#,
         log.display()

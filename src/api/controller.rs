@@ -12,6 +12,7 @@ use super::models::{
 };
 use super::routes::Action;
 use super::server::ApiInbox;
+use super::swap::OpenedDisk;
 use crate::config::VmConfig;
 use crate::exit::{Outcome, error_chain};
 use crate::logger::LoggerConfig;
@@ -29,8 +30,17 @@ pub const BEFORE_START: &str =
 enum PatchError {
     #[error("no device with id {0}")]
     NoDevice(String),
-    #[error("{0}: pvm cannot change a running drive's path_on_host")]
-    BackingFile(String),
+    #[error(
+        "{0}: path_on_host: a vhost-user backend serves this drive; give the backend its new \
+         file"
+    )]
+    VhostUserFile(String),
+    #[error("{0}: path_on_host: resume the VM first (its devices stay paused until then)")]
+    SwapWhilePaused(String),
+    #[error("{0}: path_on_host: the device cannot pause or resume: {1}")]
+    SwapPause(String, pvm_virtio::PauseError),
+    #[error("{0}: path_on_host: the new file is in place but the guest was not told: {1}")]
+    SwapNotify(String, std::io::Error),
     #[error(
         "{0}: rate_limiter: a vhost-user backend moves the data itself and pvm cannot limit it"
     )]
@@ -287,6 +297,10 @@ impl Controller {
                 Ok(()) => Response::no_content(),
                 Err(why) => Response::fault(&why.to_string()),
             },
+            Action::SwapDrive(patch, disk) => match self.swap_drive(&patch, &disk, vm) {
+                Ok(()) => Response::no_content(),
+                Err(why) => Response::fault(&format!("Drive config error: {why}")),
+            },
             Action::PatchDrive(patch) => match self.patch_drive(&patch) {
                 Ok(()) => Response::no_content(),
                 Err(why) => Response::fault(&format!("Drive config error: {why}")),
@@ -303,7 +317,14 @@ impl Controller {
     fn patch_drive(&mut self, patch: &PartialDrive) -> Result<(), PatchError> {
         let id = &patch.drive_id;
         if patch.path_on_host.is_some() {
-            return Err(PatchError::BackingFile(id.clone()));
+            // The API thread opens a new file of each running image drive (SwapDrive); what
+            // reaches here is no such drive.
+            let drive = self.fc.drives.iter().find(|d| &d.drive_id == id);
+            return Err(match drive {
+                None => PatchError::NoDevice(id.clone()),
+                Some(d) if d.socket.is_some() => PatchError::VhostUserFile(id.clone()),
+                Some(_) => PatchError::NotRunning(id.clone()),
+            });
         }
         let Some(limiter) = &patch.rate_limiter else {
             // Nothing to change (Firecracker refreshes a vhost-user disk's config here).
@@ -326,12 +347,7 @@ impl Controller {
             }
             return Ok(());
         }
-        // The flags' disks come first, then the API's image drives in order.
-        let index = self.base.disks.len()
-            + drives[..position]
-                .iter()
-                .filter(|d| d.path_on_host.is_some())
-                .count();
+        let index = self.disk_index(position);
         let shared = self
             .limiters
             .disks
@@ -340,6 +356,95 @@ impl Controller {
         shared.set(rate_limit(Some(&merged)));
         self.fc.drives[position].rate_limiter = Some(merged);
         Ok(())
+    }
+
+    /// The guest-order index of image drive `position` of the API's drives: the flags' disks
+    /// come first, then the API's image drives in order.
+    fn disk_index(&self, position: usize) -> usize {
+        self.base.disks.len()
+            + self.fc.drives[..position]
+                .iter()
+                .filter(|d| d.path_on_host.is_some())
+                .count()
+    }
+
+    /// The running VM's image drives, (id, read-only, path): the API thread opens their new
+    /// backing files.
+    pub fn image_drives(&self) -> Vec<(String, bool, String)> {
+        self.fc
+            .drives
+            .iter()
+            .filter(|d| d.socket.is_none())
+            .filter_map(|d| {
+                let path = d.path_on_host.clone()?;
+                Some((d.drive_id.clone(), d.is_read_only.unwrap_or(false), path))
+            })
+            .collect()
+    }
+
+    /// PATCH /drives/{id} with a new backing file the API thread opened: the device is paused
+    /// (nothing in flight: its requests are served synchronously), takes the file as it
+    /// resumes, and a configuration-change interrupt makes the guest read the new capacity.
+    /// A rate limiter in the same PATCH is applied first.
+    fn swap_drive(
+        &mut self,
+        patch: &PartialDrive,
+        disk: &OpenedDisk,
+        vm: &mut RunningVm<'_, '_>,
+    ) -> Result<(), PatchError> {
+        let id = &patch.drive_id;
+        let Some(path) = &patch.path_on_host else {
+            return self.patch_drive(patch);
+        };
+        let position = self
+            .fc
+            .drives
+            .iter()
+            .position(|d| &d.drive_id == id)
+            .ok_or_else(|| PatchError::NoDevice(id.clone()))?;
+        if vm.is_paused() {
+            // Resuming just this device would let it serve while the vCPUs are parked.
+            return Err(PatchError::SwapWhilePaused(id.clone()));
+        }
+        let index = self.disk_index(position);
+        let not_running = || PatchError::NotRunning(id.clone());
+        let swap = self
+            .limiters
+            .disk_swaps
+            .get(index)
+            .ok_or_else(not_running)?
+            .clone();
+        let device = vm
+            .device(&format!("block{index}"))
+            .ok_or_else(not_running)?;
+        let disk = disk.take().ok_or_else(not_running)?;
+        if patch.rate_limiter.is_some() {
+            let limits_only = PartialDrive {
+                path_on_host: None,
+                ..patch.clone()
+            };
+            self.patch_drive(&limits_only)?;
+        }
+        let sectors = disk.disk.sectors();
+        if disk.reopened {
+            swap.stage_reopened(disk.disk);
+        } else {
+            swap.stage(disk.disk);
+        }
+        if let Err(e) = device.pause() {
+            // Not taken: the drive stays on its old file.
+            drop(swap.take());
+            return Err(PatchError::SwapPause(id.clone(), e));
+        }
+        // The device takes the file before its worker restarts, so even a failed resume (the
+        // device then asks the driver for a reset) leaves the drive on the new file.
+        let resumed = device.resume();
+        self.fc.drives[position].path_on_host = Some(path.clone());
+        resumed.map_err(|e| PatchError::SwapPause(id.clone(), e))?;
+        log::info!("API: drive {id} is now backed by {path} ({sectors} sectors)");
+        device
+            .notify_config_change()
+            .map_err(|e| PatchError::SwapNotify(id.clone(), e))
     }
 
     /// PATCH /network-interfaces/{id} on the running VM: new rate limits (buckets left out
@@ -386,6 +491,11 @@ impl Controller {
 pub fn serve_until_start(inbox: &ApiInbox, controller: &mut Controller) -> Option<Vm> {
     while let Ok(action) = inbox.requests.recv() {
         let (response, vm) = controller.preboot(action);
+        if vm.is_some() {
+            // Before the client hears of the start: from its next request on, the API thread
+            // opens the new files of PATCH /drives.
+            inbox.drive_modes.publish(controller.image_drives());
+        }
         let _ = inbox.replies.send(response);
         if vm.is_some() {
             return vm;

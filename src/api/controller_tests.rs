@@ -134,6 +134,7 @@ fn patch_changes_the_running_devices_rate_limits() {
         disks: vec![disk.clone()],
         // eth0 in-process, eth1 on vhost-net.
         taps: vec![Some((rx.clone(), tx.clone())), None],
+        ..Default::default()
     });
     let end = EndSignal::new().unwrap();
     let mut pauser = Pauser::new(Arc::new(RunControl::default()), &[], &[]);
@@ -192,12 +193,134 @@ fn patch_changes_the_running_devices_rate_limits() {
         p.drive_id = "sock".to_string();
     }
     assert!(fault_of(&c.runtime(sock, &mut vm)).contains("vhost-user"));
+    // A file the API thread did not open: the drive has no device in this VM.
     let file = Action::PatchDrive(PartialDrive {
         drive_id: "d".to_string(),
         path_on_host: Some("/tmp/other.img".to_string()),
         rate_limiter: None,
     });
-    assert!(fault_of(&c.runtime(file, &mut vm)).contains("Drive config error: d: pvm cannot"));
+    let e = fault_of(&c.runtime(file, &mut vm));
+    assert!(
+        e.contains("Drive config error: d: the running VM has no such"),
+        "{e}"
+    );
+}
+
+fn file_id(tmp: &vmm_sys_util::tempfile::TempFile) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = tmp.as_file().metadata().unwrap();
+    (meta.dev(), meta.ino())
+}
+
+#[test]
+fn patch_path_on_host_swaps_the_running_disk_and_tells_the_guest() {
+    use crate::api::models::PartialDrive;
+    use crate::api::swap::{self, OpenedDisk};
+    use crate::virtio_devices::PausableDevice;
+    use pvm_virtio::{Block, MmioTransport};
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
+    use vmm_sys_util::tempfile::TempFile;
+
+    let image = |sectors: usize| {
+        let tmp = TempFile::new().unwrap();
+        tmp.as_file()
+            .write_all_at(&vec![7; sectors * 512], 0)
+            .unwrap();
+        tmp
+    };
+    let (old, new) = (image(8), image(16));
+    let config: FcConfig = serde_json::from_str(&format!(
+        r#"{{"drives": [{{"drive_id": "sock", "socket": "/tmp/x.sock", "is_root_device": false}},
+                        {{"drive_id": "d", "path_on_host": "{}", "is_root_device": false}}]}}"#,
+        old.as_path().display()
+    ))
+    .unwrap();
+    let mut c = Controller::new("vm1".to_string(), base(), config);
+    c.set_started();
+    let path = old.as_path().display().to_string();
+    assert_eq!(c.image_drives(), vec![("d".to_string(), false, path)]);
+    let block = Block::new(old.as_path(), false, None).unwrap();
+    let disk_swap = block.disk_swap();
+    c.set_limiters(DeviceLimiters {
+        disks: vec![block.rate_limiter()],
+        disk_swaps: vec![block.disk_swap()],
+        ..Default::default()
+    });
+    let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let transport = MmioTransport::new(Box::new(block), memory, irq.try_clone().unwrap()).unwrap();
+    let devices = [PausableDevice::mmio("block0", transport)];
+    let end = EndSignal::new().unwrap();
+    let mut pauser = Pauser::new(Arc::new(RunControl::default()), &[], &devices);
+    let mut vm = RunningVm {
+        end: &end,
+        pauser: &mut pauser,
+    };
+    let patch = |id: &str, path: &TempFile| PartialDrive {
+        drive_id: id.to_string(),
+        path_on_host: Some(path.as_path().display().to_string()),
+        rate_limiter: None,
+    };
+    let writable = swap::DriveFile {
+        read_only: false,
+        file: None,
+    };
+    let opened = |drive| OpenedDisk::new(swap::open(new.as_path(), drive).unwrap());
+
+    // Paused: refused, and the file stays with the action (dropped with it).
+    assert_eq!(c.runtime(Action::Pause, &mut vm).status, 204);
+    let e = fault_of(&c.runtime(
+        Action::SwapDrive(patch("d", &new), opened(writable)),
+        &mut vm,
+    ));
+    assert!(e.contains("d: path_on_host: resume the VM first"), "{e}");
+    assert_eq!(c.runtime(Action::Resume, &mut vm).status, 204);
+    assert_eq!(irq.read().ok(), None, "no config interrupt yet");
+
+    let swap = Action::SwapDrive(patch("d", &new), opened(writable));
+    assert_eq!(c.runtime(swap, &mut vm).status, 204);
+    assert_eq!(irq.read().unwrap(), 1, "the guest is told");
+    let config = c.runtime(Action::GetVmConfig, &mut vm).body.unwrap();
+    assert!(
+        config.contains(&*new.as_path().to_string_lossy()),
+        "{config}"
+    );
+    // The new file is the drive's now. This driverless device takes it at activation (a
+    // driven one as it resumes: virtio-blk's swap tests).
+    assert!(swap::open(new.as_path(), writable).is_err());
+
+    // The host grows the drive's file and PATCHes the same path: the drive's own file is
+    // opened again, only to learn the size; its lock stays the drive's.
+    let file = OpenedDisk::new(swap::open(new.as_path(), writable).map_or_else(
+        |_| {
+            let own = swap::DriveFile {
+                read_only: false,
+                file: Some(file_id(&new)),
+            };
+            new.as_file().set_len(24 * 512).unwrap();
+            swap::open(new.as_path(), own).unwrap()
+        },
+        |_| panic!("the drive's file was not locked"),
+    ));
+    assert_eq!(
+        c.runtime(Action::SwapDrive(patch("d", &new), file), &mut vm)
+            .status,
+        204
+    );
+    assert_eq!(irq.read().unwrap(), 1);
+    assert!(swap::open(new.as_path(), writable).is_err());
+    assert_eq!(disk_swap.take().unwrap().sectors(), 24);
+
+    // What the API thread did not open: a vhost-user drive, an unknown one.
+    let e = fault_of(&c.runtime(Action::PatchDrive(patch("sock", &new)), &mut vm));
+    assert!(
+        e.contains("Drive config error: sock: path_on_host: a vhost-user"),
+        "{e}"
+    );
+    let e = fault_of(&c.runtime(Action::PatchDrive(patch("x", &new)), &mut vm));
+    assert!(e.contains("no device with id x"), "{e}");
 }
 
 thread_local! {

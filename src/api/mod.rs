@@ -8,6 +8,7 @@ pub mod http;
 pub mod models;
 pub mod routes;
 pub mod server;
+pub mod swap;
 
 use std::path::PathBuf;
 
@@ -72,6 +73,11 @@ pub fn run(base: VmConfig, mode: &FirecrackerMode) -> Result<Outcome, RunError> 
                 return Err(RunError::NoKernel(path.to_path_buf()));
             }
             controller.set_started();
+            if let Some(inbox) = &inbox {
+                // Requests wait until the VM runs; a PATCH /drives meanwhile has its new file
+                // opened by the API thread already.
+                inbox.drive_modes.publish(controller.image_drives());
+            }
             let vm = vm::build(&config)?;
             controller.set_limiters(vm.rate_limiters());
             vm

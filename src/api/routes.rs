@@ -28,6 +28,8 @@ pub enum Action {
     PutMetrics(Metrics),
     PutSerial(Serial),
     PatchDrive(PartialDrive),
+    /// A PATCH /drives with path_on_host whose file the API thread opened.
+    SwapDrive(PartialDrive, super::swap::OpenedDisk),
     PatchNetworkInterface(PartialNetworkInterface),
     InstanceStart,
     SendCtrlAltDel,

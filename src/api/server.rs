@@ -18,6 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::http::{self, HttpError, Response};
 use super::routes::{self, Action};
+use super::swap::{self, DriveModes, OpenedDisk};
+use crate::exit::error_chain;
 use crate::seccomp::{self, ThreadKind};
 
 /// Clients served at once; more are closed as they connect.
@@ -32,6 +34,8 @@ pub struct ApiInbox {
     pub requests: Receiver<Action>,
     pub replies: Sender<Response>,
     pub event: EventFd,
+    /// The running VM's image drives, which the main thread publishes at start.
+    pub drive_modes: DriveModes,
 }
 
 /// The API thread's end.
@@ -39,9 +43,40 @@ struct VmmLink {
     actions: Sender<Action>,
     replies: Receiver<Response>,
     wake: EventFd,
+    drive_modes: DriveModes,
 }
 
 impl VmmLink {
+    /// Runs `action` on the main thread and waits for its reply. A drive's new backing file
+    /// is opened here first, since the main thread may not open files.
+    fn dispatch(&self, action: Action) -> Response {
+        let Action::PatchDrive(patch) = &action else {
+            return self.call(action);
+        };
+        let (Some(path), Some(drive)) =
+            (&patch.path_on_host, self.drive_modes.get(&patch.drive_id))
+        else {
+            // Not an image drive of the running VM: the main thread explains.
+            return self.call(action);
+        };
+        let image = match swap::open(Path::new(path), drive) {
+            Ok(image) => image,
+            Err(e) => {
+                return Response::fault(&format!(
+                    "Drive config error: {}: {}",
+                    patch.drive_id,
+                    error_chain(&e)
+                ));
+            }
+        };
+        let file = image.file;
+        let response = self.call(Action::SwapDrive(patch.clone(), OpenedDisk::new(image)));
+        if response.status == 204 {
+            self.drive_modes.set_file(&patch.drive_id, file);
+        }
+        response
+    }
+
     /// Runs `action` on the main thread and waits for its reply.
     fn call(&self, action: Action) -> Response {
         if self.actions.send(action).is_err() || self.wake.write(1).is_err() {
@@ -95,7 +130,9 @@ pub fn start(path: &Path, max_payload: usize, sandbox: bool) -> Result<ApiInbox,
     let (actions, requests) = channel();
     let (replies, replies_rx) = channel();
     let event = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+    let drive_modes = DriveModes::default();
     let link = VmmLink {
+        drive_modes: drive_modes.clone(),
         actions,
         replies: replies_rx,
         wake: event.try_clone().map_err(io_err("eventfd"))?,
@@ -110,6 +147,7 @@ pub fn start(path: &Path, max_payload: usize, sandbox: bool) -> Result<ApiInbox,
         .map_err(io_err("spawning the API thread"))?;
     match started.recv() {
         Ok(Ok(())) => Ok(ApiInbox {
+            drive_modes,
             requests,
             replies,
             event,
@@ -302,7 +340,7 @@ fn answer(conn: &mut Connection, link: &VmmLink, max_payload: usize) {
                 conn.input.drain(..used);
                 conn.continued = false;
                 let response = match routes::route(&request) {
-                    Ok(action) => link.call(action),
+                    Ok(action) => link.dispatch(action),
                     Err(e) => Response::fault(&e.to_string()),
                 };
                 log::info!(

@@ -149,6 +149,13 @@ pub fn rules_with(
         ioctl.push(rule(1, SeccompCmpOp::Eq, VHOST_NET_SET_BACKEND));
     }
     rules.insert(libc::SYS_ioctl, ioctl);
+    if kind == ThreadKind::Api {
+        // PATCH /drives: a running drive's new backing file (api::swap).
+        rules.insert(libc::SYS_openat, open_existing());
+        rules.insert(libc::SYS_flock, Vec::new());
+        rules.insert(libc::SYS_lseek, Vec::new());
+        rules.insert(libc::SYS_fstat, Vec::new());
+    }
     // File::try_clone (eventfds, the tap) is fcntl(F_DUPFD_CLOEXEC); closing a descriptor
     // checks it with F_GETFD in debug builds.
     let mut fcntl = vec![rule(1, SeccompCmpOp::Eq, libc::F_GETFD as u64)];
@@ -182,6 +189,24 @@ pub fn rules_with(
 }
 
 /// A rule on the whole 64 bits of argument `arg`.
+/// openat of a file that exists, read-only or read-write: the flags (less O_CLOEXEC and
+/// O_LARGEFILE, which change nothing that matters here) are exactly O_RDONLY or O_RDWR, so
+/// nothing is created (O_CREAT, O_TMPFILE), truncated or opened as a directory or a path.
+fn open_existing() -> Vec<SeccompRule> {
+    let ignored = (libc::O_CLOEXEC | libc::O_LARGEFILE) as u32;
+    [libc::O_RDONLY, libc::O_RDWR]
+        .into_iter()
+        .map(|flags| {
+            common::rule(
+                2,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(u64::from(!ignored)),
+                flags as u64,
+            )
+        })
+        .collect()
+}
+
 fn rule(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompRule {
     common::rule(arg, SeccompCmpArgLen::Qword, op, value)
 }
@@ -341,6 +366,38 @@ mod tests {
     }
 
     #[test]
+    fn the_api_thread_may_open_lock_and_size_a_drive_s_new_file() {
+        use std::os::unix::fs::FileExt;
+        let tmp = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        tmp.as_file().write_all_at(&[1; 4096], 0).unwrap();
+        let path = tmp.as_path().to_owned();
+        let sectors = std::thread::spawn(move || {
+            install(ThreadKind::Api, false).unwrap();
+            use crate::api::swap::{DriveFile, open};
+            let writable = DriveFile {
+                read_only: false,
+                file: None,
+            };
+            let rw = open(&path, writable).unwrap();
+            // The same file again, as the drive's own: only sized, not locked.
+            let again = DriveFile {
+                file: Some(rw.file),
+                ..writable
+            };
+            assert!(open(&path, again).unwrap().reopened);
+            drop(rw);
+            let read_only = DriveFile {
+                read_only: true,
+                file: None,
+            };
+            open(&path, read_only).unwrap().disk.sectors()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(sectors, 8);
+    }
+
+    #[test]
     fn every_kind_compiles() {
         for kind in ALL_KINDS {
             for stats in [false, true] {
@@ -370,6 +427,11 @@ mod tests {
                 libc::SYS_unlinkat,
                 libc::SYS_kill,
             ] {
+                if kind == ThreadKind::Api && nr == libc::SYS_openat {
+                    // Only existing files, read-only or read-write: see the test below.
+                    assert_eq!(rules[&nr].len(), 2);
+                    continue;
+                }
                 assert!(
                     !rules.contains_key(&nr),
                     "{} may call {}",

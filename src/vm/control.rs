@@ -37,6 +37,11 @@ impl RunningVm<'_, '_> {
         self.pauser.is_paused()
     }
 
+    /// The device pvm's messages call `name` (`block0`, ...), to act on it alone.
+    pub fn device(&self, name: &str) -> Option<&crate::virtio_devices::PausableDevice> {
+        self.pauser.device(name)
+    }
+
     /// Pauses (true) or resumes (false) the VM; asking for the state it is in changes nothing.
     pub fn set_paused(&mut self, pause: bool) -> Result<(), ControlError> {
         let request = if pause {

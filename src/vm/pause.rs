@@ -188,6 +188,11 @@ impl<'a> Pauser<'a> {
         log::info!("VM resumed after {} ms paused", paused.as_millis());
     }
 
+    /// The device pvm's messages call `name`.
+    pub fn device(&self, name: &str) -> Option<&PausableDevice> {
+        self.devices.iter().find(|d| d.name() == name)
+    }
+
     /// Whether the VM is paused now.
     pub fn is_paused(&self) -> bool {
         self.paused_since.is_some()

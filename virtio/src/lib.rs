@@ -25,7 +25,7 @@ pub mod thread;
 pub mod transport;
 mod worker;
 
-pub use block::{Block, BlockError, DiskErrors};
+pub use block::{Block, BlockError, DiskErrors, DiskImage, DiskSwap};
 pub use chain::Chain;
 pub use console::{Console, ConsoleError, ConsoleInput};
 pub use device::{ActivateError, Activation, ActiveQueue, Interrupt, PauseError, VirtioDevice};

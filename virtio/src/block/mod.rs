@@ -7,16 +7,19 @@
 #[cfg(test)]
 mod limit_tests;
 mod request;
+mod swap;
+#[cfg(test)]
+mod swap_tests;
 #[cfg(test)]
 mod tests;
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, SeekFrom};
+use std::io;
 use std::mem::offset_of;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -31,6 +34,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use vm_memory::GuestMemoryMmap;
 
 pub use request::{DiskErrors, DiskImage, MAX_RANGE_SECTORS, SECTOR_SIZE};
+pub use swap::DiskSwap;
 
 use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
 use crate::rate_limiter::RateLimit;
@@ -74,6 +78,8 @@ pub struct Block {
     worker: WorkerSlot<SingleQueueHandler<DiskServer>>,
     /// Kept here so the buckets outlive pauses and resets.
     limiter: SharedLimiter,
+    /// A new backing file the VMM staged, taken on resume.
+    swap: DiskSwap,
 }
 
 /// Serves block requests on the disk, for the device's worker.
@@ -104,6 +110,7 @@ impl Block {
             offered_features,
             worker: WorkerSlot::new(format!("virtio-blk{index}")),
             limiter: SharedLimiter::new(RateLimit::default()),
+            swap: DiskSwap::default(),
         })
     }
 
@@ -122,6 +129,59 @@ impl Block {
     /// The device's rate limiter, whose limits may be changed while it runs.
     pub fn rate_limiter(&self) -> SharedLimiter {
         self.limiter.clone()
+    }
+
+    /// Where the VMM stages a new backing file; see [`DiskSwap`].
+    pub fn disk_swap(&self) -> DiskSwap {
+        self.swap.clone()
+    }
+
+    /// Serves the staged image from now on, if one was staged: the config space reports its
+    /// capacity, and a paused worker serves it when it resumes. Only called while no worker
+    /// runs (paused or never started), so no request is in flight.
+    fn take_staged_disk(&mut self) {
+        let Some((mut new, reopened)) = self.swap.take_staged() else {
+            return;
+        };
+        if new.read_only != self.disk.read_only {
+            // The offered features (VIRTIO_BLK_F_RO) cannot change under a driver.
+            log::error!(
+                "disk {}: {} is not opened as the drive is ({}); keeping the old image",
+                self.disk.name,
+                new.name,
+                if self.disk.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                }
+            );
+            return;
+        }
+        if reopened {
+            // The same file: serve it through the descriptor that holds its lock.
+            match self.disk.file.try_clone() {
+                Ok(file) => new.file = file,
+                Err(e) => {
+                    log::error!(
+                        "disk {}: cannot duplicate its descriptor: {e}; keeping the old size",
+                        self.disk.name
+                    );
+                    return;
+                }
+            }
+        }
+        let new = Arc::new(new.replacing(&self.disk));
+        log::info!(
+            "disk {}: now backed by {} ({} sectors)",
+            self.disk.name,
+            new.name,
+            new.sectors
+        );
+        self.config = config_space(new.sectors);
+        if let Some(handler) = self.worker.paused_mut() {
+            handler.server_mut().0 = Arc::clone(&new);
+        }
+        self.disk = new;
     }
 
     /// Stops offering VIRTIO_BLK_F_FLUSH: the guest then treats the disk as write-through and
@@ -164,7 +224,7 @@ impl DiskImage {
     /// answer.
     pub fn open(path: &Path, read_only: bool, serial: Option<&str>) -> Result<Self, BlockError> {
         let id = disk_id(path, serial)?;
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
@@ -172,29 +232,9 @@ impl DiskImage {
                 path: path.to_owned(),
                 source,
             })?;
-        lock(&file, path, read_only)?;
-        // Seeking works for block devices too, where metadata reports a length of 0.
-        let bytes = file
-            .seek(SeekFrom::End(0))
-            .map_err(|source| BlockError::Size {
-                path: path.to_owned(),
-                source,
-            })?;
-        if bytes % SECTOR_SIZE != 0 {
-            log::warn!(
-                "disk {}: size {bytes} is not a multiple of 512; the tail is not visible to the guest",
-                path.display()
-            );
-        }
-        Ok(DiskImage {
-            file,
-            sectors: bytes / SECTOR_SIZE,
-            read_only,
-            id,
-            name: path.display().to_string(),
-            errors: Arc::default(),
-            flush_failed: AtomicBool::new(false),
-        })
+        let mut disk = DiskImage::from_file(file, path, read_only)?;
+        disk.id = id;
+        Ok(disk)
     }
 
     /// Names the disk in messages (its path).
@@ -343,6 +383,15 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // A device without a worker (the driver has not started it, so the transport does not
+        // pause or resume it) takes a staged image only at activation: until then the driver
+        // already sees that image's capacity, which it reads before it starts the device.
+        if !self.worker.is_active()
+            && let Some(sectors) = self.swap.staged_sectors()
+        {
+            read_config_bytes(&config_space(sectors), offset, data);
+            return;
+        }
         read_config_bytes(&self.config, offset, data);
     }
 
@@ -351,6 +400,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.take_staged_disk();
         let disk = Arc::clone(&self.disk);
         let limiter = self.limiter.clone();
         self.worker
@@ -366,6 +416,9 @@ impl VirtioDevice for Block {
     }
 
     fn resume(&mut self) -> Result<(), PauseError> {
+        if !self.worker.is_active() || self.worker.paused_mut().is_some() {
+            self.take_staged_disk();
+        }
         Ok(self.worker.resume()?)
     }
 }

@@ -77,6 +77,11 @@ impl<S: ChainServer> SingleQueueHandler<S> {
         Ok(self)
     }
 
+    /// What serves the chains, to replace while the handler is paused.
+    pub(crate) fn server_mut(&mut self) -> &mut S {
+        &mut self.server
+    }
+
     fn serve(&mut self) {
         let (memory, server) = (&self.memory, &mut self.server);
         let Some(throttle) = self.throttle.as_mut().filter(|t| t.is_limited()) else {

@@ -63,6 +63,14 @@ impl<H: EventHandler> WorkerSlot<H> {
         }
     }
 
+    /// The paused handler, to change what it serves before it resumes (a new disk image).
+    pub(crate) fn paused_mut(&mut self) -> Option<&mut H> {
+        match &mut self.state {
+            State::Paused(handler) => Some(handler),
+            _ => None,
+        }
+    }
+
     /// Runs the handler `build` makes on the device thread; `build` is the device-specific
     /// part of `activate`. An active device refuses before `build` runs, so a repeated
     /// activation neither looks at the new queues nor disturbs the running worker.
