@@ -87,14 +87,6 @@ impl VhostNetPlane {
             enabled: true,
         })
     }
-
-    /// Each ring's device queue index and position as the last pause took it back (the
-    /// driver's at activation before any pause).
-    pub fn ring_bases(&self) -> Vec<(u16, u16)> {
-        self.running
-            .as_ref()
-            .map_or_else(Vec::new, |r| r.rings.bases())
-    }
 }
 
 /// VHOST_GET_FEATURES on an open vhost-net descriptor.

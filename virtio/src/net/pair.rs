@@ -158,13 +158,13 @@ impl PairWorker {
     }
 
     /// The receive and transmit queues, for a look at a paused pair.
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg(test)]
     pub(crate) fn queues(&self) -> (&DeviceQueue, &DeviceQueue) {
         (&self.rx, &self.tx)
     }
 
     /// The frame waiting for receive buffers, for a look at a paused pair.
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg(test)]
     pub(crate) fn pending(&self) -> &PendingFrame {
         &self.pending
     }

@@ -55,7 +55,7 @@ impl<H: EventHandler> WorkerSlot<H> {
     }
 
     /// The paused handler, for a look at its state (tests, snapshots).
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg(test)]
     pub(crate) fn paused(&self) -> Option<&H> {
         match &self.state {
             State::Paused(handler) => Some(handler),
