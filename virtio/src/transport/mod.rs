@@ -34,7 +34,7 @@ pub(crate) const STATUS_FAILED: u8 = VIRTIO_CONFIG_S_FAILED as u8;
 
 /// Why the queues the driver configured cannot be handed to the device.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum QueueConfigError {
+pub enum QueueConfigError {
     #[error("queue {index}: size {size} is not a power of two no larger than {max}")]
     Size { index: u16, size: u16, max: u16 },
     #[error("queue {index}: the {area} address {address:#x} is misaligned")]

@@ -27,6 +27,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{Interrupt, PauseError, VirtioDevice};
+use crate::snapshot::{MmioState, RestoreError, SnapshotError};
 use crate::transport::{QueueRegisters, VirtioCore, set_high_half, set_low_half};
 
 /// The size of one device's register window.
@@ -138,6 +139,23 @@ impl MmioTransport {
     /// Resumes what [`Self::pause`] paused.
     pub fn resume(&mut self) -> Result<(), PauseError> {
         self.core.resume()
+    }
+
+    /// The transport's and the device's state, for a snapshot: only while paused (or never
+    /// started by the driver).
+    pub fn save_state(&self) -> Result<MmioState, SnapshotError> {
+        Err(SnapshotError::NotImplemented {
+            device_type: self.core.device().device_type(),
+        })
+    }
+
+    /// Restores `state` (untrusted: validated against this device and guest memory) into this
+    /// freshly built transport. A device the driver had started is set up again and left
+    /// paused; [`Self::resume`] runs it.
+    pub fn restore_state(&mut self, _state: &MmioState) -> Result<(), RestoreError> {
+        Err(RestoreError::NotImplemented {
+            device_type: self.core.device().device_type(),
+        })
     }
 
     /// A guest read at `offset` in the window. Control registers answer only aligned 32-bit

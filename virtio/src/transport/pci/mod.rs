@@ -36,6 +36,7 @@ use self::layout::{
 pub use self::msix::{MsiMessage, MsiSink, VIRTIO_MSI_NO_VECTOR};
 use self::msix::{Msix, PciInterrupt};
 use crate::device::{Interrupt, PauseError, VirtioDevice};
+use crate::snapshot::{PciState, RestoreError, SnapshotError};
 use crate::transport::VirtioCore;
 
 /// The 4 KiB page each of common config, ISR and device config occupies in BAR0.
@@ -176,6 +177,25 @@ impl PciTransport {
     /// Resumes what [`Self::pause`] paused.
     pub fn resume(&mut self) -> Result<(), PauseError> {
         self.core.resume()
+    }
+
+    /// The transport's and the device's state, for a snapshot: only while paused (or never
+    /// started by the driver).
+    pub fn save_state(&self) -> Result<PciState, SnapshotError> {
+        Err(SnapshotError::NotImplemented {
+            device_type: self.core.device().device_type(),
+        })
+    }
+
+    /// Restores `state` (untrusted: validated against this device and guest memory) into this
+    /// freshly built transport: registers, config space (BAR0 included: [`Self::bar_address`]
+    /// then returns the restored address), MSI-X table and vectors, every vector's route sent
+    /// again through the [`MsiSink`]. A device the driver had started is set up again and left
+    /// paused; [`Self::resume`] runs it.
+    pub fn restore_state(&mut self, _state: &PciState) -> Result<(), RestoreError> {
+        Err(RestoreError::NotImplemented {
+            device_type: self.core.device().device_type(),
+        })
     }
 
     /// A configuration space read. `offset` is the register offset in the function's 4 KiB
