@@ -26,6 +26,8 @@ pub(crate) mod pause_scenarios;
 pub mod pci;
 #[cfg(test)]
 pub(crate) mod snapshot_scenarios;
+#[cfg(test)]
+mod snapshot_tests;
 
 /// Device status bits (virtio 1.2, 2.1) as the 8-bit register holds them.
 pub(crate) const STATUS_ACKNOWLEDGE: u8 = VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
