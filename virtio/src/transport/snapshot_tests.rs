@@ -235,3 +235,17 @@ fn random_hostile_states_never_panic() {
         }
     }
 }
+
+#[test]
+fn a_pending_mmio_interrupt_is_raised_again_and_reads_back() {
+    let (mut state, mem) = saved_rng();
+    state.interrupt_status = super::mmio::INTERRUPT_USED_BUFFER;
+    state.config_generation = 7;
+    let mut transport = mmio(Box::new(Rng::new()), &mem);
+    transport.restore_state(&state).unwrap();
+    assert_eq!(transport.irq().read().unwrap(), 1);
+    assert_eq!(transport.interrupt_status(), 1);
+    let mut generation = [0u8; 4];
+    transport.read(0xfc, &mut generation);
+    assert_eq!(u32::from_le_bytes(generation), 7);
+}
