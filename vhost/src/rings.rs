@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use pvm_virtio::data_plane::DataPlaneError;
+use pvm_virtio::snapshot::{QueuePosition, SnapshotError};
 use pvm_virtio::thread::DeviceThread;
 use pvm_virtio::{ActiveQueue, Interrupt};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -37,18 +38,31 @@ pub(crate) struct Rings {
     relay: Option<Relay>,
 }
 
-/// The rings of a started device, and whether a pause took them back.
+/// The rings of a started device, and whether a pause took them back (or, for a device restored
+/// from a snapshot, whether the backend has yet to learn them at the resume).
 pub(crate) struct Served {
     pub(crate) rings: Rings,
     pub(crate) paused: bool,
 }
 
 impl Served {
-    pub(crate) fn new(rings: Rings) -> Self {
-        Served {
-            rings,
-            paused: false,
+    /// Each ring's position as the pause took it back (GET_VRING_BASE), for a snapshot. The
+    /// used index is the backend's to keep: it is in the used ring, where the transport reads
+    /// it. A backend still serving the rings is not asked.
+    pub(crate) fn positions(&self, device_type: u32) -> Result<Vec<QueuePosition>, SnapshotError> {
+        if !self.paused {
+            return Err(SnapshotError::NotPaused { device_type });
         }
+        Ok(self
+            .rings
+            .bases()
+            .into_iter()
+            .map(|(index, next_avail)| QueuePosition {
+                index,
+                next_avail,
+                next_used: None,
+            })
+            .collect())
     }
 }
 
@@ -173,7 +187,7 @@ impl Rings {
         Ok(())
     }
 
-    /// Each ring's device queue index and base, in order (for tests and snapshots).
+    /// Each ring's device queue index and base, in order.
     pub(crate) fn bases(&self) -> Vec<(u16, u16)> {
         self.rings
             .iter()

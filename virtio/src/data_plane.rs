@@ -11,6 +11,7 @@ use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 
 use crate::device::{ActiveQueue, Interrupt};
+use crate::snapshot::{QueuePosition, SnapshotError};
 
 /// Feature bits 0..=23 are device-specific; a data plane only restricts the others.
 pub const DEVICE_FEATURE_MASK: u64 = (1 << 24) - 1;
@@ -60,6 +61,8 @@ pub enum DataPlaneError {
     AlreadyStarted(&'static str),
     #[error("{0} cannot turn a queue pair on or off")]
     CannotToggle(&'static str),
+    #[error("{0} cannot be restored from a snapshot")]
+    CannotRestore(&'static str),
 }
 
 impl DataPlaneError {
@@ -109,6 +112,23 @@ pub trait DataPlane: Send + Debug {
     /// that cannot, refuse, and serve a single queue pair.
     fn set_enabled(&mut self, _enabled: bool) -> Result<(), DataPlaneError> {
         Err(DataPlaneError::CannotToggle(self.name()))
+    }
+
+    /// Where each ring stopped, as the last [`Self::pause`] took it back, for a snapshot.
+    fn positions(&self) -> Result<Vec<QueuePosition>, SnapshotError> {
+        Err(SnapshotError::PlaneUnsupported { plane: self.name() })
+    }
+
+    /// [`Self::start`] for a restored device: sets the rings up from the queues' positions but
+    /// stays paused; [`Self::resume`] starts serving.
+    fn start_paused(
+        &mut self,
+        _memory: &GuestMemoryMmap,
+        _interrupt: Arc<dyn Interrupt>,
+        _queues: Vec<ActiveQueue>,
+        _features: u64,
+    ) -> Result<(), DataPlaneError> {
+        Err(DataPlaneError::CannotRestore(self.name()))
     }
 
     /// A short description for pvm's messages, e.g. "vhost-net".

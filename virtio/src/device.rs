@@ -17,6 +17,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::data_plane::DataPlaneError;
+use crate::snapshot::{DeviceState, RestoreError, SavedDevice, SnapshotError};
 use crate::worker::WorkerError;
 
 /// How a device tells the driver that something happened. Implementations: the mmio transport's
@@ -122,4 +123,27 @@ pub trait VirtioDevice: Send + Debug {
     /// Serves the queues again from where [`Self::pause`] left them, starting with whatever
     /// arrived meanwhile. Nothing happens when the device is not paused.
     fn resume(&mut self) -> Result<(), PauseError>;
+
+    /// The device's private state and the positions of the queues its data plane holds, for a
+    /// snapshot. Only while paused or never started; a running device refuses with
+    /// [`SnapshotError::NotPaused`].
+    fn save_state(&self) -> Result<SavedDevice, SnapshotError> {
+        Err(SnapshotError::NotImplemented {
+            device_type: self.device_type(),
+        })
+    }
+
+    /// Takes `state` (from [`Self::save_state`] of a device built with the same configuration,
+    /// but untrusted: validated here) into this fresh device. With `activation` (the driver had
+    /// set DRIVER_OK) the data plane is set up with the queues at their saved positions but left
+    /// PAUSED: nothing is served until [`Self::resume`].
+    fn restore(
+        &mut self,
+        _activation: Option<Activation>,
+        _state: &DeviceState,
+    ) -> Result<(), RestoreError> {
+        Err(RestoreError::NotImplemented {
+            device_type: self.device_type(),
+        })
+    }
 }

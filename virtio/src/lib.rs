@@ -16,6 +16,7 @@ pub mod device;
 pub mod net;
 pub mod rate_limiter;
 pub mod rng;
+pub mod snapshot;
 // Test helpers, for this crate's tests and, with the `testing` feature, for its benches, other
 // crates' tests and the fuzz targets. Not part of the API a VMM uses.
 #[cfg(any(test, feature = "testing"))]
