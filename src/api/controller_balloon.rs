@@ -165,6 +165,34 @@ mod tests {
     }
 
     #[test]
+    fn the_config_file_section() {
+        let config = |json: &str| {
+            let fc: FcConfig = serde_json::from_str(json).unwrap();
+            fc.to_vm_config(&base()).map(|vm| vm.balloon)
+        };
+        let on = r#"{"balloon": {"amount_mib": 16, "deflate_on_oom": false,
+                     "free_page_reporting": true}}"#;
+        assert_eq!(
+            config(on).unwrap(),
+            Some(pvm_virtio::BalloonConfig {
+                amount_mib: 16,
+                free_page_reporting: true,
+                ..Default::default()
+            })
+        );
+        assert_eq!(config(r#"{"balloon": null}"#).unwrap(), None);
+        let hinting = r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false,
+                          "free_page_hinting": true}}"#;
+        let e = config(hinting).unwrap_err().to_string();
+        assert!(
+            e.starts_with("Balloon device error: free_page_hinting"),
+            "{e}"
+        );
+        let too_big = r#"{"balloon": {"amount_mib": 4096, "deflate_on_oom": true}}"#;
+        assert!(config(too_big).is_err());
+    }
+
+    #[test]
     fn runtime_patch_sets_the_target_and_interval() {
         let mut c = Controller::new("vm".into(), base(), FcConfig::default());
         let (r, _) = c.preboot(Action::PutBalloon(balloon(8, 1)));

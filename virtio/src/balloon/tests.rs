@@ -304,3 +304,39 @@ fn pause_keeps_the_balloon() {
         "repeat seen after resume"
     );
 }
+
+#[test]
+fn shared_memfd_ram_is_punched_not_just_unmapped() {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::MetadataExt;
+
+    use vm_memory::FileOffset;
+
+    // Guest RAM as pvm maps it for vhost-user: a memfd mapped MAP_SHARED, where MADV_DONTNEED
+    // would leave the pages in the file.
+    // SAFETY: a NUL-terminated name; the descriptor is owned by the File below.
+    let fd = unsafe { libc::memfd_create(c"balloon-test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: memfd_create just returned this descriptor.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(0x20_0000).unwrap();
+    let ranges = [(
+        GuestAddress(0),
+        0x20_0000,
+        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+    )];
+    let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&ranges).unwrap();
+    mem.write_slice(&[0x5a; 0x4000], GuestAddress(0x10_0000))
+        .unwrap();
+    let blocks = || file.metadata().unwrap().blocks();
+    let before = blocks();
+    assert!(before >= 0x4000 / 512, "the memfd holds the written pages");
+    assert_eq!(
+        pages::discard(&mem, GuestAddress(0x10_0000), 0x4000).unwrap(),
+        0x4000
+    );
+    assert_eq!(blocks(), before - 0x4000 / 512, "the pages left the memfd");
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10_0000)).unwrap(), 0);
+    // A range crossing the end of RAM is refused whole.
+    assert!(pages::discard(&mem, GuestAddress(0x1f_f000), 0x2000).is_err());
+}
