@@ -121,6 +121,14 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     metrics_path: Option<PathBuf>,
 
+    /// A virtio-balloon device: the guest gives `amount_mib` MiB back to the host (changed at
+    /// run time with the API's PATCH /balloon); `deflate_on_oom=on` lets it take pages back
+    /// when it runs out of memory, `stats_interval=S` has it report memory statistics every S
+    /// seconds, `free_page_reporting=on` returns its free memory without a target.
+    #[arg(long, value_name = "amount_mib=N[,deflate_on_oom=on|off][,stats_interval=S][,free_page_reporting=on|off]",
+          value_parser = crate::balloon::parse_balloon)]
+    balloon: Option<pvm_virtio::BalloonConfig>,
+
     #[command(flatten)]
     firecracker: FirecrackerArgs,
 }
@@ -354,6 +362,10 @@ pub fn parse_launch<I: IntoIterator<Item = OsString>>(args: I) -> Result<Launch,
             "--cmdline must be a single line of text".to_string(),
         ));
     }
+    if let Some(balloon) = &args.balloon {
+        crate::balloon::check_fits(balloon, mem)
+            .map_err(|e| usage_error(format!("--balloon: {e}")))?;
+    }
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -379,6 +391,7 @@ pub fn parse_launch<I: IntoIterator<Item = OsString>>(args: I) -> Result<Launch,
         },
         metrics_path: args.metrics_path,
         serial_out: args.serial_out,
+        balloon: args.balloon,
     };
     Ok(Launch {
         config,

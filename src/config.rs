@@ -118,6 +118,8 @@ pub struct VmConfig {
     pub metrics_path: Option<PathBuf>,
     /// `--serial-out`: the UART's output goes to this file or FIFO instead of stdout.
     pub serial_out: Option<PathBuf>,
+    /// `--balloon` or `PUT /balloon`: a virtio-balloon device.
+    pub balloon: Option<pvm_virtio::BalloonConfig>,
 }
 
 /// Why a flag's value was refused; clap puts the flag in front of the message.

@@ -5,6 +5,7 @@
 //! order; [`vm::Vm::run`] runs until the guest ends and reports how it ended as an [`exit::Outcome`].
 
 pub mod api;
+pub mod balloon;
 pub mod boot;
 pub mod bus;
 pub mod cli;

@@ -162,6 +162,8 @@ pub struct DeviceLimiters {
     /// Where each image disk (in guest order, device `block{i}`) takes a new backing file
     /// (PATCH /drives with path_on_host).
     pub disk_swaps: Vec<pvm_virtio::DiskSwap>,
+    /// The balloon's target, size and statistics (PATCH and GET /balloon), if it has one.
+    pub balloon: Option<pvm_virtio::BalloonHandle>,
 }
 
 /// A transport the VM can pause and resume, with the name pvm's messages use for its device.
@@ -226,7 +228,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A device with the name pvm's messages use for it.
 type NamedDevice = (String, Box<dyn VirtioDevice>);
 
-/// The devices `config` asks for, in guest-visible order: console, disks, nets, rng. Handles
+/// The devices `config` asks for, in guest-visible order: console, disks, nets, rng, balloon. Handles
 /// the rest of the VM needs (console input, net counters) go into `attached`.
 fn create_devices(
     config: &VmConfig,
@@ -286,6 +288,11 @@ fn create_devices(
         "rng".to_string(),
         Box::new(Rng::new().with_rate_limit(config.rng_limit)),
     ));
+    if let Some(balloon) = config.balloon {
+        let balloon = pvm_virtio::Balloon::new(balloon).map_err(io_error("eventfd", "balloon"))?;
+        attached.limiters.balloon = Some(balloon.handle());
+        devices.push(("balloon".to_string(), Box::new(balloon)));
+    }
     Ok(devices)
 }
 

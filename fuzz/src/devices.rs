@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pvm_virtio::testing::RecordingInterrupt;
-use pvm_virtio::{Activation, Block, Console, Net, NetBackend, Rng, VirtioDevice};
+use pvm_virtio::{
+    Activation, Balloon, BalloonConfig, Block, Console, Net, NetBackend, Rng, VirtioDevice,
+};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_bindings::bindings::virtio_ring::{
@@ -424,4 +426,42 @@ pub fn rng(data: &[u8]) {
         let max = pvm_virtio::rng::MAX_BYTES_PER_REQUEST as u32;
         assert!(used.iter().all(|&(_, len)| len <= max), "rng used length");
     }
+}
+
+/// Bit 2: offer deflate-on-OOM (no queue of its own). The inflate and deflate queues carry
+/// page numbers: guest RAM here is 128 pages, so most numbers are out of range, and in-range
+/// ones may name the rings themselves (whose pages then read as zeros: the guest's problem,
+/// never a panic).
+pub fn balloon(data: &[u8]) {
+    let mut c = common(data);
+    let mut balloon = Balloon::new(BalloonConfig {
+        amount_mib: 1,
+        deflate_on_oom: c.features & F_DEVICE_A != 0,
+        ..Default::default()
+    })
+    .expect("balloon");
+    c.acked = negotiate(&balloon, c.features, 1 << 2);
+    let handle = balloon.handle();
+    let mem = guest_memory();
+    let (queues, interrupt) = run(&mut balloon, &mem, &mut c);
+    if rings_intact(&queues) {
+        for q in &queues {
+            let used = q.check(&mem, interrupt.count(q.index));
+            assert!(used.iter().all(|&(_, len)| len == 0), "balloon used length");
+        }
+    }
+    let counters = handle.counters();
+    let (inflated, deflated) = (
+        counters.inflated_pages.load(Ordering::Relaxed),
+        counters.deflated_pages.load(Ordering::Relaxed),
+    );
+    let ram_pages = ((crate::queue::LOW_RAM.1 + crate::queue::HIGH_RAM.1) / 4096) as u64;
+    assert!(
+        deflated <= inflated,
+        "deflated {deflated} of {inflated} inflated pages"
+    );
+    assert!(
+        inflated - deflated <= ram_pages,
+        "the balloon holds more pages than RAM"
+    );
 }

@@ -314,6 +314,34 @@ pub fn rng() -> Seeds {
     ]
 }
 
+pub fn balloon() -> Seeds {
+    let pfns = |list: &[u32]| -> Vec<u8> { list.iter().flat_map(|p| p.to_le_bytes()).collect() };
+    let mut p = Payload::default();
+    // In range (pages 0x20, 0x21 and a repeat), past RAM, in the hole, and a partial number.
+    p.put(0x8000, &pfns(&[0x20, 0x21, 0x20, 0x3_0000, 0x50]))
+        .put(0x8100, &pfns(&[0x100, 0x101]))
+        .put(0x8200, &[1, 2, 3])
+        .put(0x8300, &pfns(&[0x21, 0x22]));
+    let inflate = SeedQueue::chains(&[&[(0x8000, 20, R)], &[(0x8100, 8, R), (0x8200, 3, R)]]);
+    let deflate = SeedQueue::chains(&[&[(0x8300, 8, R)], &[(HIGH_RAM.0 - 4, 8, R)]]);
+    vec![
+        (
+            "inflate-deflate",
+            device_seed(0, 0, &[], &[inflate.clone(), deflate.clone()], &p),
+        ),
+        (
+            "deflate-on-oom-wrap",
+            device_seed(
+                F_DEVICE_A | F_EVENT_IDX,
+                0xfffe,
+                &[],
+                &[inflate, deflate],
+                &p,
+            ),
+        ),
+    ]
+}
+
 /// Guest memory writes laying out one queue at desc/avail/used with one chain of (addr, len,
 /// writable) descriptors published.
 fn queue_in_memory(
@@ -766,6 +794,7 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("boot_load", boot_load()),
         ("disk_kernel", disk()),
         ("api_request", api_request()),
+        ("balloon", balloon()),
     ]
 }
 

@@ -207,6 +207,7 @@ impl Controller {
             })),
             Action::GetMachineConfig => json(&self.fc.machine(&self.base)),
             Action::GetVmConfig => json(&self.fc.to_json(&self.base)),
+            Action::GetBalloon => self.get_balloon(),
             _ => return None,
         })
     }
@@ -227,6 +228,13 @@ impl Controller {
             Action::PutSerial(serial) => candidate.serial = Some(serial),
             Action::PutLogger(logger) => return self.put_logger(logger),
             Action::PutMetrics(metrics) => return self.put_metrics(metrics),
+            Action::PutBalloon(balloon) => candidate.balloon = Some(balloon),
+            Action::PatchBalloon(_) | Action::PatchBalloonStats(_) => {
+                match self.patched_balloon(&action) {
+                    Some(balloon) => candidate.balloon = Some(balloon),
+                    None => return Response::fault(balloon::NO_BALLOON),
+                }
+            }
             _ => return Response::fault(BEFORE_START),
         }
         match candidate.to_vm_config(&self.base) {
@@ -309,6 +317,10 @@ impl Controller {
                 Ok(()) => Response::no_content(),
                 Err(why) => Response::fault(&format!("Network interface error: {why}")),
             },
+            Action::PatchBalloon(_) | Action::PatchBalloonStats(_) => {
+                self.patch_running_balloon(&action, vm)
+            }
+            Action::GetBalloonStats => self.balloon_stats(),
             _ => Response::fault(AFTER_START),
         }
     }
@@ -524,6 +536,9 @@ impl ControlPlane for Runtime {
         }
     }
 }
+
+#[path = "controller_balloon.rs"]
+mod balloon;
 
 #[cfg(test)]
 #[path = "controller_tests.rs"]

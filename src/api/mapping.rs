@@ -5,8 +5,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::{
-    BootSource, CacheType, CpuTemplate, DEFAULT_BOOT_ARGS, Drive, FcConfig, HugePages, IoEngine,
-    MAX_VCPUS, MachineConfig, NetworkInterface, RateLimiter, TokenBucket,
+    Balloon, BootSource, CacheType, CpuTemplate, DEFAULT_BOOT_ARGS, Drive, FcConfig, HugePages,
+    IoEngine, MAX_VCPUS, MachineConfig, NetworkInterface, RateLimiter, TokenBucket,
 };
 use crate::config::{
     self, DiskSpec, MAX_MEM_BYTES, MIN_MEM_BYTES, TapSpec, Transport, VhostMode, VmConfig,
@@ -37,7 +37,6 @@ pub(crate) fn rate_limit(limiter: Option<&RateLimiter>) -> RateLimit {
 const REFUSED_SECTIONS: &[(&str, &str)] = &[
     ("cpu-config", "pvm has no CPU templates"),
     ("vsock", "pvm has no vsock device yet"),
-    ("balloon", "pvm has no balloon device yet"),
     ("mmds-config", "pvm has no MMDS"),
     ("pmem", "pvm has no virtio-pmem device"),
     ("memory-hotplug", "pvm has no memory hotplug"),
@@ -85,6 +84,8 @@ pub enum ConfigError {
         max = MAX_MEM_BYTES >> 20
     )]
     MemSize(u64),
+    #[error("Balloon device error: {0}")]
+    BalloonFit(#[from] crate::balloon::BalloonFitError),
     /// A field pvm does not (yet) implement with the value given.
     #[error("{category} error: {field}: {why}")]
     Refused {
@@ -291,6 +292,12 @@ impl FcConfig {
         machine.validate()?;
         vm.cpus = machine.vcpu_count;
         vm.mem_bytes = machine.mem_size_mib << 20;
+        if let Some(balloon) = &self.balloon {
+            vm.balloon = Some(balloon.to_config()?);
+        }
+        if let Some(balloon) = &vm.balloon {
+            crate::balloon::check_fits(balloon, vm.mem_bytes)?;
+        }
         if let Some(entropy) = &self.entropy {
             vm.rng_limit = rate_limit(entropy.rate_limiter.as_ref());
         }
@@ -425,7 +432,7 @@ impl FcConfig {
     /// `GET /vm/config`: the whole configuration in Firecracker's schema, null where unset.
     pub fn to_json(&self, base: &VmConfig) -> serde_json::Value {
         serde_json::json!({
-            "balloon": null,
+            "balloon": self.balloon.clone().or_else(|| base.balloon.as_ref().map(Balloon::from_config)),
             "drives": self.drives,
             "boot-source": self.boot_source.clone().or_else(|| base.kernel.as_ref().map(|k| BootSource {
                 kernel_image_path: k.display().to_string(),

@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 #[path = "mapping.rs"]
 mod mapping;
 
+#[path = "balloon_models.rs"]
+mod balloon_models;
+pub use self::balloon_models::{Balloon, BalloonStatsUpdate, BalloonUpdate};
+
 pub(crate) use self::mapping::rate_limit;
 pub use self::mapping::{ConfigError, ConfigFileError, read_config_file, strip_pci_off};
 
@@ -284,6 +288,8 @@ pub struct FcConfig {
     pub network_interfaces: Vec<NetworkInterface>,
     #[serde(default)]
     pub entropy: Option<Entropy>,
+    #[serde(default)]
+    pub balloon: Option<Balloon>,
     /// Applied before the VM is built, as `PUT /logger` would be.
     #[serde(default)]
     pub logger: Option<Logger>,

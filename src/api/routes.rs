@@ -7,8 +7,8 @@ use serde::de::DeserializeOwned;
 
 use super::http::{Method, Request};
 use super::models::{
-    BootSource, Drive, Entropy, Logger, MachineConfig, MachineConfigUpdate, Metrics,
-    NetworkInterface, PartialDrive, PartialNetworkInterface, Serial,
+    Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, Entropy, Logger, MachineConfig,
+    MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, Serial,
 };
 
 /// What the API asks the VMM (main) thread to do.
@@ -36,6 +36,11 @@ pub enum Action {
     FlushMetrics,
     Pause,
     Resume,
+    PutBalloon(Balloon),
+    PatchBalloon(BalloonUpdate),
+    PatchBalloonStats(BalloonStatsUpdate),
+    GetBalloon,
+    GetBalloonStats,
 }
 
 /// Why a request was refused before reaching the VMM: the fault_message text.
@@ -94,7 +99,6 @@ enum VmState {
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("snapshot", "pvm does not support snapshots yet"),
     ("vsock", "pvm does not support vsock yet"),
-    ("balloon", "pvm does not support the balloon device yet"),
     ("mmds", "pvm does not support MMDS"),
     ("cpu-config", "pvm does not support CPU templates"),
     ("hotplug", "pvm does not support memory hotplug"),
@@ -196,6 +200,7 @@ pub fn route(request: &Request) -> Result<Action, RouteError> {
             same_id(id, &iface.iface_id)?;
             Action::PatchNetworkInterface(iface)
         }
+        (_, "balloon") => balloon_route(method, id, segments.next(), body)?,
         (Method::Delete, "drives" | "network-interfaces") => {
             return Err(RouteError::Unsupported {
                 method: method.name(),
@@ -215,6 +220,40 @@ pub fn route(request: &Request) -> Result<Action, RouteError> {
         }
     };
     Ok(action)
+}
+
+/// `/balloon`, `/balloon/statistics` and (refused) `/balloon/hinting/*`.
+fn balloon_route(
+    method: Method,
+    sub: Option<&str>,
+    rest: Option<&str>,
+    body: &[u8],
+) -> Result<Action, RouteError> {
+    let path = match sub {
+        Some(sub) => format!("balloon/{sub}"),
+        None => "balloon".to_string(),
+    };
+    Ok(match (method, sub, rest) {
+        (Method::Put, None, None) => Action::PutBalloon(decode(body)?),
+        (Method::Patch, None, None) => Action::PatchBalloon(decode(body)?),
+        (Method::Get, None, None) => Action::GetBalloon,
+        (Method::Patch, Some("statistics"), None) => Action::PatchBalloonStats(decode(body)?),
+        (Method::Get, Some("statistics"), None) => Action::GetBalloonStats,
+        (_, Some("hinting"), _) => {
+            return Err(RouteError::Unsupported {
+                method: method.name(),
+                path,
+                why: "pvm does not offer free page hinting (free_page_reporting returns free \
+                      guest memory instead)",
+            });
+        }
+        _ => {
+            return Err(RouteError::UnknownPath {
+                method: method.name(),
+                path,
+            });
+        }
+    })
 }
 
 #[cfg(test)]

@@ -133,8 +133,6 @@ fn unsupported_endpoints_say_so() {
         (Put, "/snapshot/create"),
         (Put, "/snapshot/load"),
         (Put, "/vsock"),
-        (Put, "/balloon"),
-        (Get, "/balloon/statistics"),
         (Put, "/mmds"),
         (Get, "/mmds"),
         (Put, "/mmds/config"),
@@ -215,4 +213,71 @@ fn logger_metrics_and_serial_bodies() {
     assert_eq!(ok("/serial", "{}"), Action::PutSerial(Serial::default()));
     assert!(fault(Put, "/serial", r#"{"path":"/x"}"#).contains("unknown field `path`"));
     assert_eq!(fault(Put, "/serial", ""), "Empty PUT request.");
+}
+
+#[test]
+fn balloon_endpoints_route_and_hinting_is_refused() {
+    use Method::*;
+    let ok = |method, path: &str, body: &str| route(&request(method, path, body)).unwrap();
+    assert_eq!(
+        ok(
+            Put,
+            "/balloon",
+            r#"{"amount_mib":64,"deflate_on_oom":true,"stats_polling_interval_s":1}"#
+        ),
+        Action::PutBalloon(Balloon {
+            amount_mib: 64,
+            deflate_on_oom: true,
+            stats_polling_interval_s: 1,
+            free_page_hinting: false,
+            free_page_reporting: false,
+        })
+    );
+    assert_eq!(
+        ok(Patch, "/balloon", r#"{"amount_mib":8}"#),
+        Action::PatchBalloon(BalloonUpdate { amount_mib: 8 })
+    );
+    assert_eq!(
+        ok(
+            Patch,
+            "/balloon/statistics",
+            r#"{"stats_polling_interval_s":3}"#
+        ),
+        Action::PatchBalloonStats(BalloonStatsUpdate {
+            stats_polling_interval_s: 3
+        })
+    );
+    assert_eq!(ok(Get, "/balloon", ""), Action::GetBalloon);
+    assert_eq!(ok(Get, "/balloon/statistics", ""), Action::GetBalloonStats);
+    for (method, path, body) in [
+        (Put, "/balloon/hinting/start", "{}"),
+        (Patch, "/balloon/hinting/stop", "{}"),
+        (Get, "/balloon/hinting/status", ""),
+    ] {
+        let e = fault(method, path, body);
+        assert!(e.contains("free page hinting"), "{path}: {e}");
+    }
+    for (method, path, body) in [
+        (Put, "/balloon/statistics", "{}"),
+        (Get, "/balloon/other", ""),
+        (Get, "/balloon/statistics/x", ""),
+        (Delete, "/balloon", ""),
+    ] {
+        let e = fault(method, path, body);
+        assert!(
+            e.contains("Invalid request method and/or path"),
+            "{path}: {e}"
+        );
+    }
+    for body in [
+        r#"{"amount_mib":-1,"deflate_on_oom":false}"#,
+        r#"{"amount_mib":4294967296,"deflate_on_oom":false}"#,
+        r#"{"amount_mib":1}"#,
+        r#"{"amount_mib":1,"deflate_on_oom":false,"size":3}"#,
+    ] {
+        let e = fault(Put, "/balloon", body);
+        assert!(e.contains("deserializing"), "{body}: {e}");
+    }
+    let e = fault(Patch, "/balloon/statistics", r#"{"amount_mib":1}"#);
+    assert!(e.contains("deserializing"), "{e}");
 }

@@ -129,6 +129,8 @@ pub struct Sources {
     pub nets: Vec<(String, NetSource)>,
     /// Whether the seccomp filters are in (a violation ends pvm, so the count is 0 until then).
     pub seccomp: bool,
+    /// The balloon device's counters, if the VM has one.
+    pub balloon: Option<pvm_virtio::BalloonHandle>,
 }
 
 /// The in-process counters of a tap under Firecracker's names where the meaning is the same.
@@ -188,6 +190,12 @@ impl Sources {
             .collect();
         push_devices(&mut groups, "block", disks);
         push_devices(&mut groups, "net", self.net_groups());
+        if let Some(balloon) = &self.balloon {
+            groups.push(Group {
+                name: "balloon".to_string(),
+                fields: crate::balloon::metrics_fields(balloon),
+            });
+        }
         if self.seccomp {
             groups.push(Group {
                 name: "seccomp".to_string(),
@@ -299,6 +307,7 @@ mod tests {
                 ),
             ],
             seccomp: false,
+            balloon: None,
         };
         let groups = sources.groups();
         let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();

@@ -140,6 +140,7 @@ impl Vm {
                 disks: attached.disk_errors,
                 nets: attached.nets,
                 seccomp: config.seccomp,
+                balloon: attached.limiters.balloon.clone(),
             }),
             print_stats: config.stats,
             seccomp: config.seccomp,
@@ -559,6 +560,7 @@ mod tests {
                 ("tap1".to_string(), NetSource::InProcess(two)),
             ],
             seccomp: true,
+            balloon: None,
         };
         let report = stats_report(
             &counters,

@@ -263,6 +263,14 @@ pub fn guest_initramfs(init_script: &str, kernel: Kernel) -> Vec<u8> {
     image
 }
 
+/// Appends `files` (path in the guest, mode, contents) to an initramfs from
+/// [`guest_initramfs`]: e.g. a module only one scenario loads (the kernel unpacks concatenated
+/// archives in order).
+pub fn add_initramfs_files(image: &mut Vec<u8>, files: &[(String, u32, Vec<u8>)]) {
+    pad4(image);
+    image.extend(cpio_archive(&[], files));
+}
+
 /// A static x86-64 Linux program that signals pvm's boot timer (writes 123 to port 0x3f0, see
 /// `pvm --boot-timer`) and exits: ioperm(0x3f0, 1, 1); out 0x3f0, al; exit(0). Hand-assembled,
 /// so it works on any guest kernel (Debian's cloud kernel has no /dev/port).

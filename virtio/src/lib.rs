@@ -8,6 +8,7 @@
 
 #[cfg(test)]
 mod alloc_count;
+pub mod balloon;
 pub mod block;
 mod chain;
 pub mod console;
@@ -26,6 +27,7 @@ pub mod thread;
 pub mod transport;
 mod worker;
 
+pub use balloon::{Balloon, BalloonConfig, BalloonHandle};
 pub use block::{Block, BlockError, DiskErrors, DiskImage, DiskSwap};
 pub use chain::Chain;
 pub use console::{Console, ConsoleError, ConsoleInput};

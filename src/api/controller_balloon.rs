@@ -1,0 +1,254 @@
+//! The balloon's API actions on the main thread: before boot they change the configuration,
+//! once the VM runs `PATCH /balloon` sets the device's target (and raises its configuration
+//! change interrupt, so the driver reads it) and `PATCH /balloon/statistics` its interval.
+
+use pvm_virtio::balloon::PAGES_PER_MIB;
+
+use super::super::models::Balloon;
+use super::{Action, Controller, Response, RunningVm, json};
+
+/// The answer when no balloon was configured.
+pub const NO_BALLOON: &str =
+    "Balloon device error: the VM has no balloon device (PUT /balloon before boot, or --balloon)";
+
+impl Controller {
+    /// The balloon as configured: the API's, else the one `--balloon` gave.
+    pub(super) fn balloon(&self) -> Option<Balloon> {
+        self.fc
+            .balloon
+            .clone()
+            .or_else(|| self.base.balloon.as_ref().map(Balloon::from_config))
+    }
+
+    /// `GET /balloon`.
+    pub(super) fn get_balloon(&self) -> Response {
+        match self.balloon() {
+            Some(balloon) => json(&balloon),
+            None => Response::fault(NO_BALLOON),
+        }
+    }
+
+    /// The balloon with a PATCH applied; None when there is no balloon.
+    pub(super) fn patched_balloon(&self, action: &Action) -> Option<Balloon> {
+        let mut balloon = self.balloon()?;
+        match action {
+            Action::PatchBalloon(update) => balloon.amount_mib = update.amount_mib,
+            Action::PatchBalloonStats(update) => {
+                balloon.stats_polling_interval_s = update.stats_polling_interval_s;
+            }
+            _ => {}
+        }
+        Some(balloon)
+    }
+
+    /// `PATCH /balloon` or `/balloon/statistics` on the running VM.
+    pub(super) fn patch_running_balloon(
+        &mut self,
+        action: &Action,
+        vm: &mut RunningVm<'_, '_>,
+    ) -> Response {
+        let (Some(handle), Some(balloon)) =
+            (self.limiters.balloon.clone(), self.patched_balloon(action))
+        else {
+            return Response::fault(NO_BALLOON);
+        };
+        match action {
+            Action::PatchBalloon(update) => {
+                let mem = self.fc.machine(&self.base).mem_size_mib << 20;
+                let config = match balloon.to_config() {
+                    Ok(config) => config,
+                    Err(e) => return Response::fault(&e.to_string()),
+                };
+                if let Err(e) = crate::balloon::check_fits(&config, mem) {
+                    return Response::fault(&format!("Balloon device error: {e}"));
+                }
+                handle.set_target_pages(update.amount_mib.saturating_mul(PAGES_PER_MIB));
+                let notified = vm.device("balloon").map(|d| d.notify_config_change());
+                if let Some(Err(e)) = notified {
+                    return Response::fault(&format!(
+                        "Balloon device error: the target is set but the guest was not told: {e}"
+                    ));
+                }
+                log::info!("API: balloon target {} MiB", update.amount_mib);
+            }
+            Action::PatchBalloonStats(update) => {
+                if let Err(e) = handle.set_stats_interval(update.stats_polling_interval_s) {
+                    return Response::fault(&format!("Balloon device error: {e}"));
+                }
+            }
+            _ => return Response::fault(NO_BALLOON),
+        }
+        self.fc.balloon = Some(balloon);
+        Response::no_content()
+    }
+
+    /// `GET /balloon/statistics` on the running VM.
+    pub(super) fn balloon_stats(&self) -> Response {
+        match &self.limiters.balloon {
+            Some(handle) if handle.stats_interval_s() > 0 => {
+                json(&crate::balloon::stats_json(handle))
+            }
+            Some(_) => Response::fault(
+                "Balloon device error: statistics were not enabled when the balloon was \
+                 configured (stats_polling_interval_s 0)",
+            ),
+            None => Response::fault(NO_BALLOON),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::api::models::tests::base;
+    use crate::api::models::{BalloonStatsUpdate, BalloonUpdate, FcConfig, MachineConfigUpdate};
+    use crate::exit::EndSignal;
+    use crate::vm::{Pauser, RunControl};
+
+    fn balloon(amount_mib: u32, stats: u32) -> Balloon {
+        Balloon {
+            amount_mib,
+            deflate_on_oom: true,
+            stats_polling_interval_s: stats,
+            free_page_hinting: false,
+            free_page_reporting: true,
+        }
+    }
+
+    fn fault(response: &Response) -> String {
+        assert_eq!(response.status, 400, "{response:?}");
+        response.body.clone().unwrap_or_default()
+    }
+
+    #[test]
+    fn preboot_put_patch_and_get() {
+        let mut c = Controller::new("vm".into(), base(), FcConfig::default());
+        let (r, _) = c.preboot(Action::GetBalloon);
+        assert!(fault(&r).contains("no balloon device"));
+        let (r, _) = c.preboot(Action::PatchBalloon(BalloonUpdate { amount_mib: 1 }));
+        assert!(fault(&r).contains("no balloon device"));
+        // 128 MiB guest: a larger target and hinting are refused and change nothing.
+        let (r, _) = c.preboot(Action::PutBalloon(balloon(129, 0)));
+        assert!(fault(&r).contains("amount_mib 129"), "{r:?}");
+        let mut hinting = balloon(1, 0);
+        hinting.free_page_hinting = true;
+        let (r, _) = c.preboot(Action::PutBalloon(hinting));
+        assert!(fault(&r).contains("free_page_hinting"));
+        assert!(c.fc.balloon.is_none());
+        let (r, _) = c.preboot(Action::PutBalloon(balloon(64, 0)));
+        assert_eq!(r.status, 204);
+        let (r, _) = c.preboot(Action::PatchBalloon(BalloonUpdate { amount_mib: 32 }));
+        assert_eq!(r.status, 204);
+        let (r, _) = c.preboot(Action::PatchBalloonStats(BalloonStatsUpdate {
+            stats_polling_interval_s: 2,
+        }));
+        assert_eq!(r.status, 204);
+        let (r, _) = c.preboot(Action::GetBalloon);
+        let body = r.body.unwrap();
+        assert!(
+            body.contains(r#""amount_mib":32"#) && body.contains(r#""stats_polling_interval_s":2"#)
+        );
+        let (r, _) = c.preboot(Action::GetVmConfig);
+        assert!(r.body.unwrap().contains(r#""balloon":{"amount_mib":32"#));
+        let config = c.vm_config().unwrap().balloon.unwrap();
+        assert_eq!((config.amount_mib, config.stats_interval_s), (32, 2));
+        // Shrinking the guest below the target is refused.
+        let (r, _) = c.preboot(Action::PatchMachineConfig(MachineConfigUpdate {
+            mem_size_mib: Some(16),
+            ..Default::default()
+        }));
+        assert_eq!(r.status, 400);
+        let (r, _) = c.preboot(Action::GetBalloonStats);
+        assert_eq!(r.status, 400);
+    }
+
+    #[test]
+    fn the_config_file_section() {
+        let config = |json: &str| {
+            let fc: FcConfig = serde_json::from_str(json).unwrap();
+            fc.to_vm_config(&base()).map(|vm| vm.balloon)
+        };
+        let on = r#"{"balloon": {"amount_mib": 16, "deflate_on_oom": false,
+                     "free_page_reporting": true}}"#;
+        assert_eq!(
+            config(on).unwrap(),
+            Some(pvm_virtio::BalloonConfig {
+                amount_mib: 16,
+                free_page_reporting: true,
+                ..Default::default()
+            })
+        );
+        assert_eq!(config(r#"{"balloon": null}"#).unwrap(), None);
+        let hinting = r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false,
+                          "free_page_hinting": true}}"#;
+        let e = config(hinting).unwrap_err().to_string();
+        assert!(
+            e.starts_with("Balloon device error: free_page_hinting"),
+            "{e}"
+        );
+        let too_big = r#"{"balloon": {"amount_mib": 4096, "deflate_on_oom": true}}"#;
+        assert!(config(too_big).is_err());
+    }
+
+    #[test]
+    fn runtime_patch_sets_the_target_and_interval() {
+        let mut c = Controller::new("vm".into(), base(), FcConfig::default());
+        let (r, _) = c.preboot(Action::PutBalloon(balloon(8, 1)));
+        assert_eq!(r.status, 204);
+        let device = pvm_virtio::Balloon::new(c.vm_config().unwrap().balloon.unwrap()).unwrap();
+        let handle = device.handle();
+        c.set_limiters(crate::virtio_devices::DeviceLimiters {
+            balloon: Some(handle.clone()),
+            ..Default::default()
+        });
+        c.set_started();
+        let end = EndSignal::new().unwrap();
+        let mut pauser = Pauser::new(Arc::new(RunControl::default()), &[], &[]);
+        let mut vm = RunningVm {
+            end: &end,
+            pauser: &mut pauser,
+        };
+        let r = c.runtime(
+            Action::PatchBalloon(BalloonUpdate { amount_mib: 100 }),
+            &mut vm,
+        );
+        assert_eq!(r.status, 204);
+        assert_eq!(handle.target_pages(), 100 * PAGES_PER_MIB);
+        let r = c.runtime(
+            Action::PatchBalloon(BalloonUpdate { amount_mib: 200 }),
+            &mut vm,
+        );
+        assert!(fault(&r).contains("amount_mib 200"));
+        assert_eq!(handle.target_pages(), 100 * PAGES_PER_MIB);
+        let r = c.runtime(
+            Action::PatchBalloonStats(BalloonStatsUpdate {
+                stats_polling_interval_s: 0,
+            }),
+            &mut vm,
+        );
+        assert!(fault(&r).contains("cannot be turned off"));
+        let r = c.runtime(
+            Action::PatchBalloonStats(BalloonStatsUpdate {
+                stats_polling_interval_s: 7,
+            }),
+            &mut vm,
+        );
+        assert_eq!(r.status, 204);
+        let r = c.runtime(Action::GetBalloonStats, &mut vm);
+        let body = r.body.unwrap();
+        assert!(
+            body.contains(r#""target_mib":100"#) && body.contains(r#""actual_pages":0"#),
+            "{body}"
+        );
+        let r = c.runtime(Action::GetBalloon, &mut vm);
+        let body = r.body.unwrap();
+        assert!(
+            body.contains(r#""amount_mib":100"#)
+                && body.contains(r#""stats_polling_interval_s":7"#)
+        );
+        let r = c.runtime(Action::PutBalloon(balloon(1, 1)), &mut vm);
+        assert_eq!(r.status, 400);
+    }
+}
