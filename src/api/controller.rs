@@ -85,6 +85,8 @@ pub struct Controller {
     /// The logger as last configured (flags, then PUT /logger): what a PUT leaves out stays.
     logger: LoggerConfig,
     globals: Globals,
+    /// When the VM started, for GET /pvm/info's uptime.
+    started_at: Option<std::time::Instant>,
 }
 
 /// `GET /`.
@@ -113,6 +115,7 @@ impl Controller {
             started: false,
             limiters: DeviceLimiters::default(),
             globals: Globals::default(),
+            started_at: None,
         }
     }
 
@@ -191,6 +194,18 @@ impl Controller {
     /// Marks the VM as started (booted from a config file, or by InstanceStart).
     pub fn set_started(&mut self) {
         self.started = true;
+        self.started_at = Some(std::time::Instant::now());
+    }
+
+    /// `GET /pvm/info`: the VM as configured now (the flags' part if the API's does not map).
+    fn pvm_info(&self, state: &str) -> Response {
+        let config = self.vm_config().unwrap_or_else(|_| self.base.clone());
+        json(&crate::manage::info::PvmInfo::of(
+            &self.id,
+            state,
+            &config,
+            self.started_at,
+        ))
     }
 
     /// The answers that do not depend on the VM's state beyond `state`.
@@ -207,6 +222,7 @@ impl Controller {
             })),
             Action::GetMachineConfig => json(&self.fc.machine(&self.base)),
             Action::GetVmConfig => json(&self.fc.to_json(&self.base)),
+            Action::GetPvmInfo => self.pvm_info(state),
             _ => return None,
         })
     }
@@ -260,7 +276,7 @@ impl Controller {
         };
         match vm::build(&config) {
             Ok(vm) => {
-                self.started = true;
+                self.set_started();
                 self.limiters = vm.rate_limiters();
                 log::info!("API: InstanceStart: the VM is built and starts");
                 (Response::no_content(), Some(vm))
