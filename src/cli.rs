@@ -247,8 +247,9 @@ pub fn is_valid_id(id: &str) -> bool {
 const AFTER_LONG_HELP: &str = "Run directory: every pvm has an id (--id) and serves its API on \
      ID.sock in $XDG_RUNTIME_DIR/pvm/ (or /run/pvm/ for root; a user with neither has none), \
      unless --api-sock or --no-api say otherwise; --console socket puts ID.console beside it. \
-     The VM boots even if that socket cannot be made (pvm warns). Sockets of VMs that ended \
-     are removed by pvm list and by the next pvm with the same id.";
+     The VM boots even if that socket cannot be made (pvm warns). A helper process removes \
+     the sockets when pvm ends; any left (stale: nobody accepts) are removed by pvm list and \
+     by the next pvm with the same id.";
 
 /// `--console`: the kind, and the socket if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,7 +274,9 @@ fn parse_id(text: &str) -> Result<String, KeywordError> {
 fn long_about() -> String {
     format!(
         "pvm boots a Linux guest on KVM. The guest sees virtio devices plus an 8250 UART for \
-         early boot; the UART (ttyS0) is wired to this terminal in raw mode.\n\n\
+         early boot; the UART (ttyS0) is wired to this terminal in raw mode (or to a Unix \
+         socket, --console socket). pvm COMMAND manages running VMs (pvm list, status, \
+         pause, resume, stop, console).\n\n\
          SIGUSR1 pauses the VM (every vCPU and virtio device), SIGUSR2 resumes it.\n\n{}",
         crate::exit::exit_status_help()
     )

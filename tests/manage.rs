@@ -38,8 +38,31 @@ fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// A pvm this test started, killed if the test fails before it ends.
+struct Vm(Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Vm {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Vm {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// Starts `pvm --id ID --kernel KERNEL EXTRA` and waits for its API socket.
-fn start(xdg: &Path, id: &str, kernel: &Path, extra: &[&str]) -> Child {
+fn start(xdg: &Path, id: &str, kernel: &Path, extra: &[&str]) -> Vm {
     let mut child = Command::new(PVM)
         .env("XDG_RUNTIME_DIR", xdg)
         .args([
@@ -72,7 +95,7 @@ fn start(xdg: &Path, id: &str, kernel: &Path, extra: &[&str]) -> Child {
         assert!(Instant::now() < deadline, "no API socket for {id}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    child
+    Vm(child)
 }
 
 fn wait_exit(child: &mut Child) -> i32 {
@@ -146,11 +169,11 @@ fn list_pause_resume_and_stop_two_vms() {
     let out = pvm(&xdg, &["stop", "vm-a"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(wait_exit(&mut a), 0);
-    // Its socket is stale now (the sandbox may not unlink): list removes it.
+    // pvm's helper removes its socket once it has ended.
+    wait_gone(&xdg.join("pvm/vm-a.sock"));
     let text = stdout(&pvm(&xdg, &["list"]));
     assert!(!text.contains("vm-a"), "{text}");
     assert!(text.contains("vm-b"), "{text}");
-    assert!(!xdg.join("pvm/vm-a.sock").exists());
     assert_eq!(pvm(&xdg, &["status", "vm-a"]).status.code(), Some(3));
     assert_eq!(pvm(&xdg, &["stop", "vm-b"]).status.code(), Some(0));
     assert_eq!(wait_exit(&mut b), 0);
@@ -215,9 +238,19 @@ fn stale_fake_and_lying_sockets() {
     drop(UnixListener::bind(dir.join("again.sock")).unwrap());
     let mut vm = start(&xdg, "again", &spinner("manage-spin-again"), &[]);
     assert_eq!(state_of(&xdg, "again"), "Running");
+    // Even after SIGKILL the helper removes the socket.
     // SAFETY: kill only sends a signal to our own child.
-    unsafe { libc::kill(vm.id() as i32, libc::SIGTERM) };
-    assert_eq!(wait_exit(&mut vm), 128 + libc::SIGTERM);
+    unsafe { libc::kill(vm.id() as i32, libc::SIGKILL) };
+    assert_eq!(wait_exit(&mut vm), -1);
+    wait_gone(&dir.join("again.sock"));
+}
+
+fn wait_gone(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while path.exists() {
+        assert!(Instant::now() < deadline, "{} stays", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn console_client(path: &Path) -> UnixStream {
@@ -304,6 +337,8 @@ fn console_socket_attach_detach_and_hostile_clients() {
         .read_to_string(&mut printed)
         .unwrap();
     assert!(!printed.contains("ready"), "{printed}");
+    wait_gone(&path);
+    wait_gone(&xdg.join("pvm/echo.sock"));
 }
 
 #[test]

@@ -49,6 +49,7 @@ impl RunError {
 /// serves the running VM on the run directory's `ID.sock` too (for `pvm list` and the other
 /// subcommands). That socket is an extra: if it cannot be made, pvm warns and boots anyway.
 pub fn run_native(config: VmConfig, id: &str, run_dir_api: bool) -> Result<Outcome, RunError> {
+    remove_sockets_at_exit(&config, id, run_dir_api);
     let mut controller = Controller::new(id.to_string(), config.clone(), Default::default());
     let vm = vm::build(&config)?;
     // After the build: a socket in the run directory means a VM (and its console socket).
@@ -66,6 +67,23 @@ pub fn run_native(config: VmConfig, id: &str, run_dir_api: bool) -> Result<Outco
         }
         None => Ok(vm.run()?),
     }
+}
+
+/// Has the VM's sockets (the run directory's ID.sock, the console socket) removed when this
+/// process ends; before any thread or filter exists (see manage::cleanup).
+fn remove_sockets_at_exit(config: &VmConfig, id: &str, run_dir_api: bool) {
+    use crate::manage::rundir;
+    let api = run_dir_api
+        .then(|| rundir::run_dir().ok())
+        .flatten()
+        .map(|dir| rundir::api_socket(&dir, id));
+    let console = config.console_socket.as_ref().map(|s| s.path.clone());
+    let paths: Vec<&std::path::Path> = api
+        .iter()
+        .chain(console.iter())
+        .map(|p| p.as_path())
+        .collect();
+    crate::manage::cleanup::remove_at_exit(&paths);
 }
 
 /// The API on the run directory's ID.sock, or None (logged) when it cannot be made.

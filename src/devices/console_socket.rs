@@ -372,7 +372,8 @@ impl Server {
         }
     }
 
-    /// Whether the client has closed its end with nothing left to read.
+    /// Whether the client has gone: closed (nothing left to read) or reset (it closed with
+    /// output unread).
     fn client_closed(&self) -> bool {
         let Some(client) = &self.client else {
             return false;
@@ -387,6 +388,10 @@ impl Server {
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
             )
         };
+        if got < 0 {
+            let e = std::io::Error::last_os_error();
+            return !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted);
+        }
         got == 0
     }
 

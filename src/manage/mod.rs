@@ -3,6 +3,7 @@
 //! (a pvm extension of the Firecracker API) with what `list` shows.
 
 pub mod attach;
+pub mod cleanup;
 pub mod client;
 pub mod info;
 pub mod rundir;
