@@ -88,6 +88,9 @@ pub enum Command {
     /// Print pvm's manual page (roff) on stdout.
     #[command(hide = true)]
     Man,
+    /// pvm's own helper (manage::cleanup): removes these sockets, if stale, once stdin ends.
+    #[command(hide = true, name = cleanup::SUBCOMMAND)]
+    CleanupSockets { paths: Vec<PathBuf> },
 }
 
 /// Why a subcommand failed.
@@ -132,6 +135,7 @@ pub fn run(command: Command) -> i32 {
         Command::Stop { target, timeout } => stop(&target, Duration::from_secs(timeout)),
         Command::Console { target } => console(&target),
         Command::Man => man(),
+        Command::CleanupSockets { paths } => Ok(cleanup::run(&paths)),
     };
     match result {
         Ok(code) => code,
