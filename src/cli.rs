@@ -213,6 +213,9 @@ pub struct FirecrackerMode {
     pub startup: crate::metrics::StartupTimes,
     /// `--mmds-size-limit`, logged as having nothing to apply to.
     pub mmds_size_limit: Option<usize>,
+    /// A config file without --api-sock or --no-api: the API on the run directory's ID.sock,
+    /// as in pvm's own mode.
+    pub run_dir_api: bool,
 }
 
 /// The whole command line: the VM pvm's own flags describe, and Firecracker mode if asked for.
@@ -391,6 +394,7 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
                 parent_cpu_us: fc.parent_cpu_time_us,
             },
             mmds_size_limit: fc.mmds_size_limit,
+            run_dir_api: fc.api_sock.is_none() && !fc.no_api,
         });
     let transport = match (args.transport, fc.enable_pci) {
         (Some(Transport::Mmio), true) => {

@@ -365,3 +365,98 @@ fn the_committed_manual_page_is_current() {
         "docs/pvm.1 is not what `pvm man` prints: run `cargo run -- man > docs/pvm.1`"
     );
 }
+
+#[test]
+fn a_config_file_vm_is_listed_unless_no_api() {
+    require_kvm();
+    let xdg = runtime_dir("config-file");
+    let kernel = spinner("manage-spin-config");
+    let config = xdg.join("vm.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}},
+                "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64}}}}"#,
+            kernel.display()
+        ),
+    )
+    .unwrap();
+    let start_with = |extra: &[&str]| {
+        Command::new(PVM)
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .args(["--id", "fc", "--config-file", config.to_str().unwrap()])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(Vm)
+            .unwrap()
+    };
+    let mut vm = start_with(&[]);
+    let socket = xdg.join("pvm/fc.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "no run-directory socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(state_of(&xdg, "fc"), "Running");
+    assert_eq!(pvm(&xdg, &["stop", "fc"]).status.code(), Some(0));
+    assert_eq!(wait_exit(&mut vm), 0);
+    wait_gone(&socket);
+    // --no-api: no socket at all.
+    let mut quiet = start_with(&["--no-api"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(quiet.try_wait().unwrap().is_none());
+    assert!(!socket.exists());
+
+    // --api-sock: the subcommands take the socket's path; GET /pvm/info after InstanceStart
+    // reports the API-configured VM (and must not make the sandboxed main thread open files).
+    let api = xdg.join("fc-api.sock");
+    let mut fc = Command::new(PVM)
+        .args(["--api-sock", api.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(Vm)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&api).is_err() {
+        assert!(Instant::now() < deadline, "no --api-sock socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
+    for (path, body) in [
+        ("/boot-source", boot.as_str()),
+        (
+            "/machine-config",
+            r#"{"vcpu_count": 2, "mem_size_mib": 64}"#,
+        ),
+        ("/actions", r#"{"action_type": "InstanceStart"}"#),
+    ] {
+        let mut stream = UnixStream::connect(&api).unwrap();
+        write!(
+            stream,
+            "PUT {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 204"), "{path}: {answer}");
+    }
+    let out = pvm(&xdg, &["status", api.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (info["state"].as_str(), info["vcpus"].as_u64()),
+        (Some("Running"), Some(2))
+    );
+    assert_eq!(info["id"], "anonymous-instance");
+    assert_eq!(info["pid"], fc.id());
+    assert!(
+        fc.try_wait().unwrap().is_none(),
+        "GET /pvm/info ended the VM"
+    );
+}

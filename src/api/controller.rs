@@ -87,6 +87,9 @@ pub struct Controller {
     globals: Globals,
     /// When the VM started, for GET /pvm/info's uptime.
     started_at: Option<std::time::Instant>,
+    /// The running VM's configuration, for GET /pvm/info: mapping the API's configuration
+    /// again would open files, which the sandboxed main thread may not.
+    running: Option<VmConfig>,
 }
 
 /// `GET /`.
@@ -116,6 +119,7 @@ impl Controller {
             limiters: DeviceLimiters::default(),
             globals: Globals::default(),
             started_at: None,
+            running: None,
         }
     }
 
@@ -197,9 +201,20 @@ impl Controller {
         self.started_at = Some(std::time::Instant::now());
     }
 
-    /// `GET /pvm/info`: the VM as configured now (the flags' part if the API's does not map).
+    /// Records the configuration the VM was built from, for GET /pvm/info.
+    pub fn set_running_config(&mut self, config: &VmConfig) {
+        self.running = Some(config.clone());
+    }
+
+    /// `GET /pvm/info`: the running VM's configuration; before the start, what the API has
+    /// configured so far (the flags' part if that does not map yet).
     fn pvm_info(&self, state: &str) -> Response {
-        let config = self.vm_config().unwrap_or_else(|_| self.base.clone());
+        let config = match (&self.running, self.started) {
+            (Some(config), _) => config.clone(),
+            // Started without a recorded configuration: the flags', never a new mapping.
+            (None, true) => self.base.clone(),
+            (None, false) => self.vm_config().unwrap_or_else(|_| self.base.clone()),
+        };
         json(&crate::manage::info::PvmInfo::of(
             &self.id,
             state,
@@ -277,6 +292,7 @@ impl Controller {
         match vm::build(&config) {
             Ok(vm) => {
                 self.set_started();
+                self.set_running_config(&config);
                 self.limiters = vm.rate_limiters();
                 log::info!("API: InstanceStart: the VM is built and starts");
                 (Response::no_content(), Some(vm))

@@ -60,6 +60,7 @@ pub fn run_native(config: VmConfig, id: &str, run_dir_api: bool) -> Result<Outco
     };
     controller.set_limiters(vm.rate_limiters());
     controller.set_started();
+    controller.set_running_config(&config);
     match inbox {
         Some(inbox) => {
             let mut runtime = Runtime { inbox, controller };
@@ -124,6 +125,10 @@ pub fn run(base: VmConfig, mode: &FirecrackerMode) -> Result<Outcome, RunError> 
     };
     let inbox = match &mode.api_sock {
         Some(path) => Some(server::start(path, mode.max_payload, base.seccomp)?),
+        None if mode.run_dir_api => {
+            remove_sockets_at_exit(&base, &mode.id, true);
+            start_run_dir_api(&mode.id, base.seccomp)
+        }
         None => None,
     };
     if inbox.is_some() {
@@ -143,6 +148,7 @@ pub fn run(base: VmConfig, mode: &FirecrackerMode) -> Result<Outcome, RunError> 
                 return Err(RunError::NoKernel(path.to_path_buf()));
             }
             controller.set_started();
+            controller.set_running_config(&config);
             if let Some(inbox) = &inbox {
                 // Requests wait until the VM runs; a PATCH /drives meanwhile has its new file
                 // opened by the API thread already.

@@ -149,3 +149,31 @@ fn a_flooding_client_is_held_back_and_output_never_blocks() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn bind_routes_the_uart_and_virtio_console_to_the_socket_and_tees_serial_out() {
+    // The process-wide ring: the only test here that binds through `bind`.
+    let path = scratch("bound");
+    let socket = bind(&path, false).unwrap();
+    let (tx, _rx) = channel::<Vec<u8>>();
+    socket
+        .spawn(
+            Box::new(move |bytes: &[u8]| {
+                let _ = tx.send(bytes.to_vec());
+                bytes.len()
+            }),
+            false,
+        )
+        .unwrap();
+    let file = path.with_file_name("serial.out");
+    let mut uart = serial_output(Some(&file)).unwrap();
+    let mut hvc = virtio_output();
+    let mut client = client(&path);
+    uart.write_all(b"early-uart ").unwrap();
+    hvc.write_all(b"then-hvc0").unwrap();
+    read_until(&mut client, "early-uart then-hvc0");
+    // --serial-out still gets the UART's output, and only that.
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "early-uart ");
+    // A second bind of the same path is refused: the socket is live.
+    assert!(matches!(bind(&path, false), Err(Error::RunDir(_))));
+}
