@@ -448,8 +448,9 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
     };
     let console_socket = match args.console.socket.clone() {
         None => None,
+        // Absolute: GET /pvm/info reports it to clients in other directories.
         Some(Some(path)) => Some(ConsoleSocketPath {
-            path,
+            path: std::path::absolute(&path).unwrap_or(path),
             in_run_dir: false,
         }),
         Some(None) => {

@@ -55,6 +55,9 @@ fn console_sockets() {
             in_run_dir: false
         })
     );
+    let c = parse_strs(&["--console", "socket=c.sock"]).unwrap();
+    let path = c.console_socket.unwrap().path;
+    assert!(path.is_absolute() && path.ends_with("c.sock"), "{path:?}");
     let c = parse_strs(&["--console", "virtio,socket=/tmp/c.sock"]).unwrap();
     assert_eq!(c.console, ConsoleKind::Virtio);
     assert!(c.console_socket.is_some());
