@@ -460,3 +460,74 @@ fn a_config_file_vm_is_listed_unless_no_api() {
         "GET /pvm/info ended the VM"
     );
 }
+
+/// A pseudo-terminal: (master, slave).
+fn pty() -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two new descriptors into the locals; the name and settings
+    // pointers may be null.
+    let got = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(got, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: openpty returned two new descriptors that nothing else owns.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    }
+}
+
+/// Whether the terminal at `fd` is in canonical mode with echo (not raw).
+fn cooked(fd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: termios is plain data; tcgetattr fills it.
+    let mut termios: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: a live descriptor and a live termios.
+    assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut termios) }, 0);
+    termios.c_lflag & libc::ICANON != 0 && termios.c_lflag & libc::ECHO != 0
+}
+
+#[test]
+fn pvm_console_makes_the_terminal_raw_and_restores_it() {
+    require_kvm();
+    let xdg = runtime_dir("pty");
+    let _vm = start(&xdg, "tty", &echo_guest(), &["--console", "socket"]);
+    // Detaching with Ctrl-], then SIGTERM while attached: both restore the terminal.
+    for detach in [true, false] {
+        let (mut master, slave) = pty();
+        assert!(cooked(&slave));
+        let mut attach = Command::new(PVM)
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .args(["console", "tty"])
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cooked(&slave) {
+            assert!(Instant::now() < deadline, "the terminal never went raw");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        master.write_all(b"tty-echo").unwrap();
+        read_until(&mut master, "tty-echo").unwrap();
+        if detach {
+            master.write_all(&[0x1d]).unwrap();
+            assert_eq!(wait_exit(&mut attach), 0);
+        } else {
+            // SAFETY: kill only sends a signal to our own child.
+            unsafe { libc::kill(attach.id() as i32, libc::SIGTERM) };
+            assert_eq!(wait_exit(&mut attach), 128 + libc::SIGTERM);
+        }
+        assert!(cooked(&slave), "the terminal stayed raw (detach: {detach})");
+    }
+}
