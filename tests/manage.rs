@@ -300,6 +300,16 @@ fn console_socket_attach_detach_and_hostile_clients() {
     }
     drop(flood);
     assert!(vm.try_wait().unwrap().is_none(), "the flood ended the VM");
+    // Output nobody read is counted (how much depends on the socket buffers).
+    let out = pvm(&xdg, &["status", "echo", "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(info["console_dropped_bytes"].is_u64(), "{info}");
+    assert!(
+        info["console_socket"]
+            .as_str()
+            .unwrap()
+            .ends_with("echo.console")
+    );
 
     // pvm console: piped stdin and stdout (no terminal), Ctrl-] detaches with 0.
     let mut attach = Command::new(PVM)

@@ -150,6 +150,11 @@ impl Write for Tee {
 /// The ring of the console socket this process serves (one VM per process); set by [`bind`].
 static RING: OnceLock<Arc<OutputRing>> = OnceLock::new();
 
+/// Console output dropped so far because nobody read it (None: no console socket).
+pub fn dropped_total() -> Option<u64> {
+    RING.get().map(|ring| ring.dropped_total())
+}
+
 /// Where virtio-console writes: the console socket's ring if there is one, else stdout.
 pub fn virtio_output() -> Box<dyn Write + Send> {
     match RING.get() {

@@ -148,6 +148,18 @@ fn a_flooding_client_is_held_back_and_output_never_blocks() {
         assert!(Instant::now() < deadline, "nothing dropped");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The next client first hears how much was dropped, then the most recent output.
+    drop(flood);
+    RingWriter(ring.clone())
+        .write_all(&vec![b'n'; OUTPUT_RING + 10])
+        .unwrap();
+    RingWriter(ring.clone()).write_all(b"newest").unwrap();
+    let mut next = client(&path);
+    let seen = read_until(&mut next, "newest");
+    assert!(
+        seen.contains("bytes of console output were dropped while nobody read them"),
+        "{seen:.200}"
+    );
 }
 
 #[test]

@@ -24,6 +24,9 @@ pub struct PvmInfo {
     pub taps: Vec<String>,
     /// The console's Unix socket (--console socket), if any.
     pub console_socket: Option<String>,
+    /// Console output dropped because nobody read it (with a console socket).
+    #[serde(default)]
+    pub console_dropped_bytes: Option<u64>,
 }
 
 /// `pvm list`'s columns.
@@ -58,6 +61,7 @@ impl PvmInfo {
                 .console_socket
                 .as_ref()
                 .map(|s| s.path.display().to_string()),
+            console_dropped_bytes: crate::devices::console_socket::dropped_total(),
         }
     }
 
@@ -93,6 +97,9 @@ impl PvmInfo {
             "console: {}\n",
             clean(self.console_socket.as_deref().unwrap_or("-"))
         ));
+        if let Some(dropped) = self.console_dropped_bytes {
+            text.push_str(&format!("console dropped: {dropped} bytes\n"));
+        }
         text
     }
 }
@@ -165,6 +172,7 @@ mod tests {
             disks: vec!["/a.img".to_string(), "/b.img".to_string()],
             taps: vec![],
             console_socket: None,
+            console_dropped_bytes: None,
         };
         let text = table(&[HEADER.map(str::to_string), info.row()]);
         assert_eq!(
