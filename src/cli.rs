@@ -5,11 +5,12 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use log::LevelFilter;
 use pvm_common::cli::{Stop, parse_log_level, parse_on_off};
 
-use crate::config::{self, ConsoleKind, DiskArg, TapSpec, Transport, VmConfig};
+use crate::config::{self, ConsoleKind, ConsoleSocketPath, DiskArg, TapSpec, Transport, VmConfig};
+use crate::manage::{self, rundir};
 
 /// Exit code for a bad command line or an unreadable file named on it.
 pub use pvm_common::exit::USAGE_ERROR;
@@ -19,9 +20,16 @@ pub use pvm_common::exit::USAGE_ERROR;
     name = "pvm",
     version,
     about = "pvm: a virtio-first KVM virtual machine monitor",
-    long_about = long_about()
+    long_about = long_about(),
+    after_long_help = AFTER_LONG_HELP,
+    args_conflicts_with_subcommands = true,
+    subcommand_value_name = "COMMAND",
+    subcommand_help_heading = "Managing running VMs (see pvm COMMAND --help)"
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<manage::Command>,
+
     /// Guest kernel: an ELF vmlinux (PVH or 64-bit entry) or a bzImage.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
@@ -68,9 +76,15 @@ struct Args {
     #[arg(long, value_name = "vhost-user=SOCKET", value_parser = config::parse_net)]
     net: Vec<PathBuf>,
 
-    /// Where the guest console lives: the 8250 UART (ttyS0) or virtio-console (hvc0).
-    #[arg(long, value_name = "serial|virtio", default_value = "serial", value_parser = parse_console)]
-    console: ConsoleKind,
+    /// Where the guest console lives: the 8250 UART (ttyS0) or virtio-console (hvc0); and
+    /// `socket=PATH` puts it on a Unix socket instead of the terminal (which pvm then leaves
+    /// alone): attach with `pvm console ID` or `socat -,raw,echo=0 UNIX-CONNECT:PATH`. Plain
+    /// `socket` is ID.console in the run directory. One client at a time (a second is refused);
+    /// clients attach and detach freely, the guest runs on; output while nobody reads is kept
+    /// up to 64 KiB, the oldest dropped. E.g. `--console virtio,socket`.
+    #[arg(long, value_name = "serial|virtio[,socket[=PATH]]", default_value = "serial",
+          value_parser = parse_console)]
+    console: ConsoleArg,
 
     /// The UART's output (the serial console) goes to this file or FIFO instead of stdout:
     /// appended to, never truncated; a FIFO nobody reads drops output rather than stall the VM.
@@ -146,13 +160,16 @@ struct FirecrackerArgs {
     #[arg(long, value_name = "FILE")]
     config_file: Option<PathBuf>,
 
-    /// Serve no API (needs --config-file).
-    #[arg(long, requires = "config_file", conflicts_with = "api_sock")]
+    /// Serve no API: in pvm's own mode, no socket in the run directory (pvm list and the
+    /// other subcommands do not see the VM); in Firecracker mode, needs --config-file.
+    #[arg(long, conflicts_with = "api_sock")]
     no_api: bool,
 
-    /// The instance id GET / reports: 1 to 64 letters, digits and '-'.
-    #[arg(long, value_name = "ID", default_value = DEFAULT_ID, value_parser = parse_id)]
-    id: String,
+    /// The VM's id, for pvm list and the other subcommands and in GET /: 1 to 64 letters,
+    /// digits and '-' [default: pvm-PID in pvm's own mode; anonymous-instance in Firecracker
+    /// mode].
+    #[arg(long, value_name = "ID", value_parser = parse_id)]
+    id: Option<String>,
 
     /// Put the virtio devices on PCI (virtio-pci) instead of virtio-mmio.
     #[arg(long)]
@@ -204,6 +221,9 @@ pub struct FirecrackerMode {
     pub startup: crate::metrics::StartupTimes,
     /// `--mmds-size-limit`, logged as having nothing to apply to.
     pub mmds_size_limit: Option<usize>,
+    /// A config file without --api-sock or --no-api: the API on the run directory's ID.sock,
+    /// as in pvm's own mode.
+    pub run_dir_api: bool,
 }
 
 /// The whole command line: the VM pvm's own flags describe, and Firecracker mode if asked for.
@@ -211,6 +231,43 @@ pub struct FirecrackerMode {
 pub struct Launch {
     pub config: VmConfig,
     pub firecracker: Option<FirecrackerMode>,
+    /// The VM's id (Firecracker mode's is in `firecracker` too).
+    pub id: String,
+    /// pvm's own mode serves its API on the run directory's ID.sock (not with --no-api).
+    pub run_dir_api: bool,
+}
+
+/// What the command line asks for: a VM, or a subcommand.
+#[derive(Debug, Clone)]
+pub enum Invocation {
+    Run(Box<Launch>),
+    Manage(manage::Command),
+}
+
+/// The clap definition of the whole command line (for the manual page).
+pub fn command() -> clap::Command {
+    Args::command()
+}
+
+/// Whether `id` is a valid VM id (Firecracker's instance id rule).
+pub fn is_valid_id(id: &str) -> bool {
+    parse_id(id).is_ok()
+}
+
+/// `--help`'s closing paragraphs: the run directory and the extra exit codes.
+const AFTER_LONG_HELP: &str = "Run directory: every pvm has an id (--id) and serves its API on \
+     ID.sock in $XDG_RUNTIME_DIR/pvm/ (or /run/pvm/ for root; a user with neither has none), \
+     unless --api-sock or --no-api say otherwise; --console socket puts ID.console beside it. \
+     The VM boots even if that socket cannot be made (pvm warns). A helper process removes \
+     the sockets when pvm ends; any left (stale: nobody accepts) are removed by pvm list and \
+     by the next pvm with the same id.";
+
+/// `--console`: the kind, and the socket if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ConsoleArg {
+    kind: ConsoleKind,
+    /// None: the terminal; Some(None): the run directory's; Some(Some(path)): there.
+    socket: Option<Option<PathBuf>>,
 }
 
 /// Firecracker's instance id rule.
@@ -228,7 +285,9 @@ fn parse_id(text: &str) -> Result<String, KeywordError> {
 fn long_about() -> String {
     format!(
         "pvm boots a Linux guest on KVM. The guest sees virtio devices plus an 8250 UART for \
-         early boot; the UART (ttyS0) is wired to this terminal in raw mode.\n\n\
+         early boot; the UART (ttyS0) is wired to this terminal in raw mode (or to a Unix \
+         socket, --console socket). pvm COMMAND manages running VMs (pvm list, status, \
+         pause, resume, stop, console).\n\n\
          SIGUSR1 pauses the VM (every vCPU and virtio device), SIGUSR2 resumes it.\n\n{}",
         crate::exit::exit_status_help()
     )
@@ -239,8 +298,10 @@ fn long_about() -> String {
 enum KeywordError {
     #[error("'{0}' is not a transport (pci or mmio)")]
     Transport(String),
-    #[error("'{0}' is not a console kind (serial or virtio)")]
+    #[error("'{0}' is not a console kind (serial or virtio) nor socket[=PATH]")]
     Console(String),
+    #[error("'{0}': socket= needs a path")]
+    ConsoleSocketPath(String),
     #[error("'{0}' must be 1 to 64 letters, digits and '-'")]
     Id(String),
 }
@@ -253,12 +314,31 @@ fn parse_transport(text: &str) -> Result<Transport, KeywordError> {
     }
 }
 
-fn parse_console(text: &str) -> Result<ConsoleKind, KeywordError> {
-    match text {
-        "serial" => Ok(ConsoleKind::Serial),
-        "virtio" => Ok(ConsoleKind::Virtio),
-        _ => Err(KeywordError::Console(text.to_string())),
+fn parse_console(text: &str) -> Result<ConsoleArg, KeywordError> {
+    let mut arg = ConsoleArg {
+        kind: ConsoleKind::Serial,
+        socket: None,
+    };
+    let mut kinds = 0;
+    for part in text.split(',') {
+        match part {
+            "serial" => arg.kind = ConsoleKind::Serial,
+            "virtio" => arg.kind = ConsoleKind::Virtio,
+            "socket" if arg.socket.is_none() => arg.socket = Some(None),
+            _ => match part.strip_prefix("socket=") {
+                Some("") => return Err(KeywordError::ConsoleSocketPath(text.to_string())),
+                Some(path) if arg.socket.is_none() => arg.socket = Some(Some(path.into())),
+                _ => return Err(KeywordError::Console(text.to_string())),
+            },
+        }
+        if matches!(part, "serial" | "virtio") {
+            kinds += 1;
+        }
     }
+    if kinds > 1 {
+        return Err(KeywordError::Console(text.to_string()));
+    }
+    Ok(arg)
 }
 
 /// Why parsing stopped: a text to print and the code to exit with (0 for --help/--version).
@@ -292,18 +372,29 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<VmConfig, CliE
     parse_launch(args).map(|launch| launch.config)
 }
 
-/// [`parse`], with Firecracker mode's flags.
+/// [`parse`], with Firecracker mode's flags; a subcommand is a usage error here.
 pub fn parse_launch<I: IntoIterator<Item = OsString>>(args: I) -> Result<Launch, CliExit> {
-    let args = pvm_common::cli::parse::<Args>(args).map_err(|stop| match stop {
+    match parse_invocation(args)? {
+        Invocation::Run(launch) => Ok(*launch),
+        Invocation::Manage(_) => Err(usage_error("a subcommand does not boot a VM".to_string())),
+    }
+}
+
+/// Parses the process arguments into a VM to run or a subcommand.
+pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Invocation, CliExit> {
+    let mut args = pvm_common::cli::parse::<Args>(args).map_err(|stop| match stop {
         Stop::Info(text) => CliExit::Message(0, text),
         Stop::Usage(line) => usage_error(line),
     })?;
+    if let Some(command) = args.command.take() {
+        return Ok(Invocation::Manage(command));
+    }
     let fc = &args.firecracker;
     let firecracker =
         (fc.api_sock.is_some() || fc.config_file.is_some()).then(|| FirecrackerMode {
             api_sock: fc.api_sock.clone(),
             config_file: fc.config_file.clone(),
-            id: fc.id.clone(),
+            id: fc.id.clone().unwrap_or_else(|| DEFAULT_ID.to_string()),
             max_payload: fc.http_api_max_payload_size,
             startup: crate::metrics::StartupTimes {
                 start_us: fc.start_time_us,
@@ -311,6 +402,7 @@ pub fn parse_launch<I: IntoIterator<Item = OsString>>(args: I) -> Result<Launch,
                 parent_cpu_us: fc.parent_cpu_time_us,
             },
             mmds_size_limit: fc.mmds_size_limit,
+            run_dir_api: fc.api_sock.is_none() && !fc.no_api,
         });
     let transport = match (args.transport, fc.enable_pci) {
         (Some(Transport::Mmio), true) => {
@@ -357,6 +449,27 @@ pub fn parse_launch<I: IntoIterator<Item = OsString>>(args: I) -> Result<Launch,
             )));
         }
     }
+    let id = match (&fc.id, &firecracker) {
+        (Some(id), _) => id.clone(),
+        (None, Some(mode)) => mode.id.clone(),
+        (None, None) => format!("pvm-{}", std::process::id()),
+    };
+    let console_socket = match args.console.socket.clone() {
+        None => None,
+        // Absolute: GET /pvm/info reports it to clients in other directories.
+        Some(Some(path)) => Some(ConsoleSocketPath {
+            path: std::path::absolute(&path).unwrap_or(path),
+            in_run_dir: false,
+        }),
+        Some(None) => {
+            let dir = rundir::run_dir()
+                .map_err(|e| usage_error(format!("--console socket: {e}; give socket=PATH")))?;
+            Some(ConsoleSocketPath {
+                path: rundir::console_socket(&dir, &id),
+                in_run_dir: true,
+            })
+        }
+    };
     if args.cmdline.contains('\0') || args.cmdline.contains('\n') {
         return Err(usage_error(
             "--cmdline must be a single line of text".to_string(),
@@ -377,7 +490,7 @@ pub fn parse_launch<I: IntoIterator<Item = OsString>>(args: I) -> Result<Launch,
         vhost_user_disks,
         vhost_user_nets: args.net,
         rng_limit: Default::default(),
-        console: args.console,
+        console: args.console.kind,
         transport,
         stats: args.stats,
         boot_timer: args.boot_timer,
@@ -392,12 +505,19 @@ pub fn parse_launch<I: IntoIterator<Item = OsString>>(args: I) -> Result<Launch,
         metrics_path: args.metrics_path,
         serial_out: args.serial_out,
         balloon: args.balloon,
+        console_socket,
     };
-    Ok(Launch {
+    Ok(Invocation::Run(Box::new(Launch {
         config,
         firecracker,
-    })
+        id,
+        run_dir_api: !args.firecracker.no_api,
+    })))
 }
+
+#[cfg(test)]
+#[path = "cli_manage_tests.rs"]
+mod manage_tests;
 
 #[cfg(test)]
 mod tests {
@@ -574,7 +694,7 @@ mod tests {
 
     #[test]
     fn firecracker_flag_errors() {
-        assert!(error_of(&["--no-api"]).contains("--config-file"));
+        assert!(error_of(&["--no-api", "--api-sock", "/a"]).contains("--no-api"));
         assert!(error_of(&["--id", "bad id"]).contains("--id"));
         assert!(error_of(&["--id", ""]).contains("--id"));
         let e = error_of(&["--enable-pci", "--transport", "mmio"]);

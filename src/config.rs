@@ -120,6 +120,17 @@ pub struct VmConfig {
     pub serial_out: Option<PathBuf>,
     /// `--balloon` or `PUT /balloon`: a virtio-balloon device.
     pub balloon: Option<pvm_virtio::BalloonConfig>,
+    /// `--console socket[=PATH]`: the console on this Unix socket instead of the terminal
+    /// (crate::devices::console_socket).
+    pub console_socket: Option<ConsoleSocketPath>,
+}
+
+/// Where `--console socket` puts the console's socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleSocketPath {
+    pub path: PathBuf,
+    /// The run directory's `ID.console` (its directory is made if missing).
+    pub in_run_dir: bool,
 }
 
 /// Why a flag's value was refused; clap puts the flag in front of the message.

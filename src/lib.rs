@@ -17,6 +17,7 @@ pub mod irq_routing;
 pub mod kvm_host;
 pub mod layout;
 pub mod logger;
+pub mod manage;
 pub mod memory;
 pub mod metrics;
 pub mod pci;
@@ -31,8 +32,12 @@ use std::ffi::OsString;
 /// Runs pvm with the given process arguments and returns the process exit code.
 pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
     let _ = devices::boot_timer::PROCESS_START.set(std::time::Instant::now());
-    let launch = match cli::parse_launch(args) {
-        Ok(launch) => launch,
+    let launch = match cli::parse_invocation(args) {
+        Ok(cli::Invocation::Run(launch)) => *launch,
+        Ok(cli::Invocation::Manage(command)) => {
+            logger::init(log::LevelFilter::Warn);
+            return manage::run(command);
+        }
         Err(cli::CliExit::Message(code, text)) => {
             // --help and --version go to stdout with code 0; usage errors to stderr with 2.
             if code == 0 {
@@ -71,7 +76,7 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
     }
     let result = match launch.firecracker {
         Some(mode) => api::run(launch.config, &mode),
-        None => vm::run(launch.config).map_err(api::RunError::Vm),
+        None => api::run_native(launch.config, &launch.id, launch.run_dir_api),
     };
     match result {
         Ok(outcome) => {

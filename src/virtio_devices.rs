@@ -237,7 +237,8 @@ fn create_devices(
 ) -> Result<Vec<NamedDevice>, Error> {
     let mut devices: Vec<NamedDevice> = Vec::new();
     if config.console == ConsoleKind::Virtio {
-        let console = Console::new(Box::new(std::io::stdout())).map_err(Error::Console)?;
+        let console = Console::new(crate::devices::console_socket::virtio_output())
+            .map_err(Error::Console)?;
         attached.console_input = Some(console.input());
         devices.push(("console".to_string(), Box::new(console)));
     }

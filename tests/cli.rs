@@ -443,7 +443,8 @@ fn thread_seccomp_modes(pid: u32) -> Vec<(String, String)> {
 #[test]
 fn every_thread_runs_under_a_seccomp_filter_unless_turned_off() {
     require_kvm();
-    const EXPECTED: [&str; 5] = ["pvm", "vcpu0", "vcpu1", "virtio-blk0", "virtio-rng0"];
+    // "api": the run directory's API socket (root has /run/pvm, a user $XDG_RUNTIME_DIR).
+    const EXPECTED: [&str; 6] = ["api", "pvm", "vcpu0", "vcpu1", "virtio-blk0", "virtio-rng0"];
     for (flag, mode) in [("on", "2"), ("off", "0")] {
         let mut child = spinning_pvm("spin-seccomp", &["--seccomp", flag], &[]);
         // vCPU 0 printing does not mean vCPU 1 has named itself and installed its filter yet.
@@ -560,7 +561,7 @@ fn vhost_user_backends_connect_before_the_sandbox_and_bad_sockets_are_usage_erro
     code.extend(spin());
     let kernel = micro_kernel("spin-vhost-user", &code);
     // The relay thread (vhost-user-relay0, cut to 15 bytes) is spawned with the device.
-    const EXPECTED: [&str; 4] = ["pvm", "vcpu0", "vhost-user-rela", "virtio-rng0"];
+    const EXPECTED: [&str; 5] = ["api", "pvm", "vcpu0", "vhost-user-rela", "virtio-rng0"];
     for transport in ["pci", "mmio"] {
         let _ = std::fs::remove_file(&socket);
         let mut backend = Command::new(&blk)

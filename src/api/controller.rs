@@ -85,6 +85,11 @@ pub struct Controller {
     /// The logger as last configured (flags, then PUT /logger): what a PUT leaves out stays.
     logger: LoggerConfig,
     globals: Globals,
+    /// When the VM started, for GET /pvm/info's uptime.
+    started_at: Option<std::time::Instant>,
+    /// The running VM's configuration, for GET /pvm/info: mapping the API's configuration
+    /// again would open files, which the sandboxed main thread may not.
+    running: Option<VmConfig>,
 }
 
 /// `GET /`.
@@ -113,6 +118,8 @@ impl Controller {
             started: false,
             limiters: DeviceLimiters::default(),
             globals: Globals::default(),
+            started_at: None,
+            running: None,
         }
     }
 
@@ -191,6 +198,29 @@ impl Controller {
     /// Marks the VM as started (booted from a config file, or by InstanceStart).
     pub fn set_started(&mut self) {
         self.started = true;
+        self.started_at = Some(std::time::Instant::now());
+    }
+
+    /// Records the configuration the VM was built from, for GET /pvm/info.
+    pub fn set_running_config(&mut self, config: &VmConfig) {
+        self.running = Some(config.clone());
+    }
+
+    /// `GET /pvm/info`: the running VM's configuration; before the start, what the API has
+    /// configured so far (the flags' part if that does not map yet).
+    fn pvm_info(&self, state: &str) -> Response {
+        let config = match (&self.running, self.started) {
+            (Some(config), _) => config.clone(),
+            // Started without a recorded configuration: the flags', never a new mapping.
+            (None, true) => self.base.clone(),
+            (None, false) => self.vm_config().unwrap_or_else(|_| self.base.clone()),
+        };
+        json(&crate::manage::info::PvmInfo::of(
+            &self.id,
+            state,
+            &config,
+            self.started_at,
+        ))
     }
 
     /// The answers that do not depend on the VM's state beyond `state`.
@@ -208,6 +238,7 @@ impl Controller {
             Action::GetMachineConfig => json(&self.fc.machine(&self.base)),
             Action::GetVmConfig => json(&self.fc.to_json(&self.base)),
             Action::GetBalloon => self.get_balloon(),
+            Action::GetPvmInfo => self.pvm_info(state),
             _ => return None,
         })
     }
@@ -268,7 +299,8 @@ impl Controller {
         };
         match vm::build(&config) {
             Ok(vm) => {
-                self.started = true;
+                self.set_started();
+                self.set_running_config(&config);
                 self.limiters = vm.rate_limiters();
                 log::info!("API: InstanceStart: the VM is built and starts");
                 (Response::no_content(), Some(vm))

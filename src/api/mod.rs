@@ -45,6 +45,77 @@ impl RunError {
     }
 }
 
+/// Runs pvm in its own mode: the VM boots at once; unless `run_dir_api` is false, the API
+/// serves the running VM on the run directory's `ID.sock` too (for `pvm list` and the other
+/// subcommands). That socket is an extra: if it cannot be made, pvm warns and boots anyway.
+pub fn run_native(config: VmConfig, id: &str, run_dir_api: bool) -> Result<Outcome, RunError> {
+    remove_sockets_at_exit(&config, id, run_dir_api);
+    let mut controller = Controller::new(id.to_string(), config.clone(), Default::default());
+    let vm = vm::build(&config)?;
+    // After the build: a socket in the run directory means a VM (and its console socket).
+    let inbox = if run_dir_api {
+        start_run_dir_api(id, config.seccomp)
+    } else {
+        None
+    };
+    controller.set_limiters(vm.rate_limiters());
+    controller.set_started();
+    controller.set_running_config(&config);
+    match inbox {
+        Some(inbox) => {
+            let mut runtime = Runtime { inbox, controller };
+            Ok(vm.run_with(Some(&mut runtime))?)
+        }
+        None => Ok(vm.run()?),
+    }
+}
+
+/// Has the VM's sockets (the run directory's ID.sock, the console socket) removed when this
+/// process ends; before any thread or filter exists (see manage::cleanup).
+fn remove_sockets_at_exit(config: &VmConfig, id: &str, run_dir_api: bool) {
+    use crate::manage::rundir;
+    let api = run_dir_api
+        .then(|| rundir::run_dir().ok())
+        .flatten()
+        .map(|dir| rundir::api_socket(&dir, id));
+    let console = config.console_socket.as_ref().map(|s| s.path.clone());
+    let paths: Vec<&std::path::Path> = api
+        .iter()
+        .chain(console.iter())
+        .map(|p| p.as_path())
+        .collect();
+    crate::manage::cleanup::remove_at_exit(&paths);
+}
+
+/// The API on the run directory's ID.sock, or None (logged) when it cannot be made.
+fn start_run_dir_api(id: &str, sandbox: bool) -> Option<server::ApiInbox> {
+    use crate::manage::rundir;
+    let claimed = rundir::run_dir().and_then(|dir| {
+        rundir::ensure(&dir)?;
+        let path = rundir::api_socket(&dir, id);
+        rundir::claim(&path)?;
+        Ok(path)
+    });
+    let path = match claimed {
+        Ok(path) => path,
+        Err(rundir::RunDirError::NoRunDir) => {
+            log::info!("no run directory: this VM serves no API (pvm list will not see it)");
+            return None;
+        }
+        Err(e) => {
+            log::warn!("{e}; this VM serves no API (pvm list will not see it)");
+            return None;
+        }
+    };
+    match server::start(&path, crate::cli::DEFAULT_MAX_PAYLOAD, sandbox) {
+        Ok(inbox) => Some(inbox),
+        Err(e) => {
+            log::warn!("{}; this VM serves no API", crate::exit::error_chain(&e));
+            None
+        }
+    }
+}
+
 /// Runs pvm in Firecracker mode: a config file boots at once; otherwise the API configures the
 /// VM and InstanceStart boots it. With `--api-sock` the API serves the running VM too.
 pub fn run(base: VmConfig, mode: &FirecrackerMode) -> Result<Outcome, RunError> {
@@ -54,6 +125,10 @@ pub fn run(base: VmConfig, mode: &FirecrackerMode) -> Result<Outcome, RunError> 
     };
     let inbox = match &mode.api_sock {
         Some(path) => Some(server::start(path, mode.max_payload, base.seccomp)?),
+        None if mode.run_dir_api => {
+            remove_sockets_at_exit(&base, &mode.id, true);
+            start_run_dir_api(&mode.id, base.seccomp)
+        }
         None => None,
     };
     if inbox.is_some() {
@@ -73,6 +148,7 @@ pub fn run(base: VmConfig, mode: &FirecrackerMode) -> Result<Outcome, RunError> 
                 return Err(RunError::NoKernel(path.to_path_buf()));
             }
             controller.set_started();
+            controller.set_running_config(&config);
             if let Some(inbox) = &inbox {
                 // Requests wait until the VM runs; a PATCH /drives meanwhile has its new file
                 // opened by the API thread already.

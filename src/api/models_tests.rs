@@ -28,6 +28,7 @@ pub(crate) fn base() -> VmConfig {
         metrics_path: None,
         serial_out: None,
         balloon: None,
+        console_socket: None,
     }
 }
 

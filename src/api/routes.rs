@@ -18,6 +18,8 @@ pub enum Action {
     GetVersion,
     GetMachineConfig,
     GetVmConfig,
+    /// `GET /pvm/info`, a pvm extension: what `pvm list` and `pvm status` show.
+    GetPvmInfo,
     PutBootSource(BootSource),
     PutDrive(Drive),
     PutNetworkInterface(NetworkInterface),
@@ -154,6 +156,9 @@ pub fn route(request: &Request) -> Result<Action, RouteError> {
         (Method::Get, "version") => Action::GetVersion,
         (Method::Get, "machine-config") => Action::GetMachineConfig,
         (Method::Get, "vm") if id == Some("config") => Action::GetVmConfig,
+        (Method::Get, "pvm") if id == Some("info") && segments.next().is_none() => {
+            Action::GetPvmInfo
+        }
         (Method::Put, "boot-source") => Action::PutBootSource(decode(body)?),
         (Method::Put, "machine-config") => Action::PutMachineConfig(decode(body)?),
         (Method::Patch, "machine-config") => {

@@ -2,6 +2,7 @@
 //! i8042 reset line (vm-superio), the ACPI power device and pvpanic.
 
 pub mod boot_timer;
+pub mod console_socket;
 pub mod legacy;
 pub mod power;
 pub mod serial_out;

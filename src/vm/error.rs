@@ -39,6 +39,8 @@ pub enum Error {
     Sandbox(#[from] seccomp::Error),
     #[error(transparent)]
     SerialOut(#[from] crate::devices::serial_out::OpenError),
+    #[error(transparent)]
+    ConsoleSocket(#[from] crate::devices::console_socket::Error),
     #[error("cannot start the thread for vCPU {index}: {source}")]
     Spawn { index: u8, source: std::io::Error },
 }
@@ -53,6 +55,8 @@ impl Error {
             Error::DiskBoot(_) => true,
             // --serial-out (or PUT /serial) names a file pvm cannot open.
             Error::SerialOut(_) => true,
+            // --console socket=PATH cannot be bound there, or is taken.
+            Error::ConsoleSocket(e) => e.is_usage(),
             Error::Boot(e) => e.is_usage(),
             Error::Virtio(e) => e.is_usage(),
             Error::Host(_)

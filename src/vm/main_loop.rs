@@ -125,6 +125,7 @@ impl Drop for StopSignals {
 }
 
 /// Where host keyboard input goes: the UART, or virtio-console.
+#[derive(Clone)]
 pub(super) enum InputSink {
     Serial(Arc<Mutex<SerialDevice>>),
     Virtio(ConsoleInput),
@@ -132,7 +133,7 @@ pub(super) enum InputSink {
 
 impl InputSink {
     /// Offers `bytes` to the guest; returns how many it took (the rest waits).
-    fn offer(&self, bytes: &[u8]) -> usize {
+    pub(super) fn offer(&self, bytes: &[u8]) -> usize {
         match self {
             InputSink::Serial(serial) => serial
                 .lock()
@@ -167,10 +168,11 @@ pub(super) fn metrics_timer() -> Result<Option<TimerFd>, Error> {
     Ok(Some(timer))
 }
 
-/// Waits for the end of the VM or a stop signal, passing host input to `sink` and pause/resume
-/// requests to `pauser` meanwhile, and writing a metrics line on each tick of `metrics_timer`.
+/// Waits for the end of the VM or a stop signal, passing host input to `sink` (None: stdin is
+/// not read, the console being elsewhere) and pause/resume requests to `pauser` meanwhile, and
+/// writing a metrics line on each tick of `metrics_timer`.
 pub(super) fn main_loop(
-    sink: &InputSink,
+    sink: Option<&InputSink>,
     end: &EndSignal,
     stop: &StopSignals,
     pauser: &mut Pauser<'_>,
@@ -198,7 +200,7 @@ pub(super) fn main_loop(
         add(control.event().as_raw_fd(), TOKEN_CONTROL)?;
     }
     // stdin may be /dev/null or a regular file, which epoll refuses; then there is no input.
-    let mut stdin_open = add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
+    let mut stdin_open = sink.is_some() && add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
     let mut input = KeyboardInput::default();
     let mut events = vec![EpollEvent::default(); 4];
     loop {
@@ -260,7 +262,7 @@ pub(super) fn main_loop(
                 _ => {}
             }
         }
-        if !input.pending.is_empty() {
+        if let Some(sink) = sink.filter(|_| !input.pending.is_empty()) {
             let taken = sink.offer(&input.pending);
             input.pending.drain(..taken);
             // While input waits, stdin is not read (events stay level-triggered).

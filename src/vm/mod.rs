@@ -29,6 +29,7 @@ use crate::bus::Bus;
 use crate::config::{ConsoleKind, VmConfig};
 use crate::devices::IrqTrigger;
 use crate::devices::boot_timer::{BOOT_TIMER_PORT, BootTimer};
+use crate::devices::console_socket::{self, ConsoleSocket};
 use crate::devices::legacy::{I8042, ResetLine, SerialDevice};
 use crate::devices::power::{AcpiPower, PvPanic};
 use crate::exit::{EndSignal, Outcome, error_chain};
@@ -92,6 +93,9 @@ pub struct Vm {
     end: Arc<EndSignal>,
     stop: Arc<AtomicBool>,
     control: Arc<RunControl>,
+    /// `--console socket`: served from its own thread once the VM runs; the terminal is
+    /// then left alone.
+    console_socket: Option<ConsoleSocket>,
     /// The VM fd and guest RAM, last so that it drops last; `run` drops it only after the
     /// vCPU threads are joined. Dropping it deletes the RAM's slots.
     memory: VmMemory,
@@ -115,6 +119,11 @@ struct VcpuShared {
 impl Vm {
     pub fn build(kvm: &Kvm, config: &VmConfig, boot_files: BootFiles) -> Result<Vm, Error> {
         prepare_sandbox(config);
+        // First: the UART and virtio-console made below write to its ring.
+        let console_socket = match &config.console_socket {
+            Some(socket) => Some(console_socket::bind(&socket.path, socket.in_run_dir)?),
+            None => None,
+        };
         let memory = create_memory(create_vm(kvm)?, config)?;
         let (vm_fd, guest_memory) = (memory.vm_fd(), memory.guest_memory());
         create_irqchip(vm_fd)?;
@@ -150,6 +159,7 @@ impl Vm {
             end: shared.end,
             stop: shared.stop,
             control: shared.control,
+            console_socket,
             memory,
         })
     }
@@ -170,8 +180,22 @@ impl Vm {
         let signals = StopSignals::install()?;
         metrics::register(self.counters.clone());
         let timer = metrics_timer()?;
-        let raw = RawMode::enter().map_err(io_err("putting the terminal in raw mode"))?;
         let sandbox = self.seccomp.then_some(self.vhost_user_sockets.as_slice());
+        let sink = match self.console_input {
+            Some(input) => InputSink::Virtio(input),
+            None => InputSink::Serial(self.serial),
+        };
+        // With the console on a socket the terminal is not touched: no raw mode, no stdin.
+        let terminal = self.console_socket.is_none();
+        if let Some(socket) = self.console_socket {
+            let input = sink.clone();
+            socket.spawn(Box::new(move |bytes| input.offer(bytes)), self.seccomp)?;
+        }
+        let raw = if terminal {
+            Some(RawMode::enter().map_err(io_err("putting the terminal in raw mode"))?)
+        } else {
+            None
+        };
         let (threads, spawned) = spawn_vcpus(self.vcpus, sandbox);
         let mut pauser = Pauser::new(self.control.clone(), &threads, &self.pausable);
         let loop_result = spawned
@@ -179,11 +203,8 @@ impl Vm {
             .and_then(|()| {
                 // The first line marks the start, as Firecracker's does.
                 metrics::flush_or_log();
-                let sink = match self.console_input {
-                    Some(input) => InputSink::Virtio(input),
-                    None => InputSink::Serial(self.serial),
-                };
-                main_loop(&sink, &self.end, &signals, &mut pauser, timer, control)
+                let input = terminal.then_some(&sink);
+                main_loop(input, &self.end, &signals, &mut pauser, timer, control)
             });
         let pauses = pauser.summary();
         // Read while every thread still lives: after the join the vCPUs' share is gone.
@@ -270,7 +291,7 @@ fn legacy_devices(
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         IrqTrigger(serial_irq),
-        crate::devices::serial_out::open(config.serial_out.as_deref())?,
+        console_socket::serial_output(config.serial_out.as_deref())?,
     )));
     pio.insert(u64::from(layout::SERIAL_PORT), 8, serial.clone())?;
     let i8042 = I8042(I8042Device::new(ResetLine(end.clone())));
