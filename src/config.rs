@@ -118,7 +118,24 @@ pub struct VmConfig {
     pub metrics_path: Option<PathBuf>,
     /// `--serial-out`: the UART's output goes to this file or FIFO instead of stdout.
     pub serial_out: Option<PathBuf>,
+    /// `--smt` (Firecracker's `smt`): vCPUs are paired as two threads of one core.
+    pub smt: bool,
+    /// `--huge-pages` (Firecracker's `huge_pages`): what backs guest RAM.
+    pub huge_pages: GuestPages,
 }
+
+/// What backs guest RAM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GuestPages {
+    /// Ordinary pages, advised for transparent huge pages.
+    #[default]
+    Normal,
+    /// 2 MiB hugetlbfs pages, all reserved when the VM is built.
+    Huge2M,
+}
+
+/// The bytes of one 2 MiB huge page: guest RAM on huge pages must be a multiple of it.
+pub const HUGE_PAGE_BYTES: u64 = 2 << 20;
 
 /// Why a flag's value was refused; clap puts the flag in front of the message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -239,7 +239,12 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, Error> {
 fn create_memory(vm_fd: VmFd, config: &VmConfig) -> Result<VmMemory, Error> {
     // vhost-user backends map guest RAM themselves: it must be shareable.
     let shared = !config.vhost_user_disks.is_empty() || !config.vhost_user_nets.is_empty();
-    Ok(VmMemory::new(Arc::new(vm_fd), config.mem_bytes, shared)?)
+    Ok(VmMemory::new(
+        Arc::new(vm_fd),
+        config.mem_bytes,
+        shared,
+        config.huge_pages,
+    )?)
 }
 
 /// KVM's in-kernel PIC/IOAPIC/LAPICs and PIT (whose speaker port stays a dummy).
@@ -353,6 +358,7 @@ fn create_vcpus(
             &fd,
             index,
             config.cpus,
+            config.smt,
             &supported,
             (index == 0).then_some(entry),
         )?;
