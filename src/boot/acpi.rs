@@ -21,7 +21,10 @@ const OEM_TABLE_ID: [u8; 8] = *b"PVMTABLE";
 const OEM_REVISION: u32 = 1;
 /// `_S5_` sleep type; the guest writes `SLP_TYP << 2 | SLP_EN` to the sleep control register.
 pub const S5_SLEEP_TYPE: u8 = 5;
-/// IAPC_BOOT_ARCH: no VGA, no CMOS RTC (pvm emulates neither).
+/// IAPC_BOOT_ARCH: an 8042 (the keyboard controller, crate::devices::i8042; without this bit a
+/// guest with ACPI PNP finds no PS/2 device and skips its driver), no VGA, no CMOS RTC (pvm
+/// emulates neither).
+const IAPC_8042: u16 = 1 << 1;
 const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 
@@ -153,7 +156,7 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     };
     fadt.sleep_control_reg = io_byte(layout::ACPI_SLEEP_CONTROL_PORT);
     fadt.sleep_status_reg = io_byte(layout::ACPI_SLEEP_STATUS_PORT);
-    fadt.iapc_boot_arch = (IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).into();
+    fadt.iapc_boot_arch = (IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).into();
     bytes_of(&fadt.finalize())
 }
 
