@@ -1,7 +1,8 @@
 //! ACPI tables (hardware-reduced, as a VMM without a chipset should be): RSDP, XSDT, FADT,
 //! MADT (one LAPIC per vCPU, the IOAPIC) and a DSDT carrying `_S5_` for power-off, the pvpanic
-//! device, and whatever AML the devices add (virtio-mmio nodes, PCI host bridge). Built with
-//! rust-vmm's acpi_tables; written into the BIOS area where guests also scan for the RSDP.
+//! device, the UART, the PS/2 keyboard controller, and whatever AML the devices add (virtio-mmio
+//! nodes, PCI host bridge). Built with rust-vmm's acpi_tables; written into the BIOS area where
+//! guests also scan for the RSDP.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -14,6 +15,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::devices::i8042::KEYBOARD_IRQ;
 use crate::layout;
 
 const OEM_ID: [u8; 6] = *b"PVMVMM";
@@ -40,6 +42,25 @@ fn bytes_of(table: &dyn Aml) -> Vec<u8> {
     let mut out = Vec::new();
     table.to_aml_bytes(&mut out);
     out
+}
+
+/// The i8042 (crate::devices::i8042) as a PS/2 keyboard controller, PNP0303: for the same reason
+/// as the UART, Linux's i8042 driver can only use IRQ 1 when ACPI hands it over (probing the
+/// ports directly, it finds the controller but cannot request the unmapped ISA IRQ: error -22).
+fn write_ps2_controller(dsdt: &mut Sdt) {
+    let (data, command) = (layout::I8042_PORT, layout::I8042_PORT + 4);
+    let data_io = aml::IO::new(data, data, 1, 1);
+    let command_io = aml::IO::new(command, command, 1, 1);
+    let irq = aml::Interrupt::new(true, true, false, false, KEYBOARD_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&data_io, &command_io, &irq]);
+    aml::Device::new(
+        "_SB_.PS2K".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(dsdt);
 }
 
 /// The DSDT: `_S5_`, the pvpanic device (QEMU0001 at its port) and `device_aml` from devices.
@@ -72,6 +93,7 @@ pub fn dsdt(device_aml: &[u8]) -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut dsdt);
+    write_ps2_controller(&mut dsdt);
     dsdt.append_slice(device_aml);
     dsdt.as_slice().to_vec()
 }
@@ -240,6 +262,7 @@ mod tests {
         assert!(checksum_ok(&d));
         let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
         assert!(find(&d, b"_S5_") && find(&d, b"QEMU0001") && find(&d, b"COM1"));
+        assert!(find(&d, b"PS2K"), "the keyboard controller is described");
         let f = fadt(0x1234);
         assert_eq!(&f[0..4], b"FACP");
         assert!(checksum_ok(&f));
