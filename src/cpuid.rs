@@ -14,6 +14,7 @@ const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 /// Leaf 0x8000_0001 ECX (AMD): CmpLegacy and TopologyExtensions.
 const AMD_ECX_CMP_LEGACY: u32 = 1 << 1;
+const AMD_ECX_TOPOEXT: u32 = 1 << 22;
 /// Leaf 0xB / 0x1F level types.
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
@@ -43,6 +44,10 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8, threads
     let thread_bits = id_bits(threads);
     // The package-level shift: the thread bits, then enough bits for the core number.
     let core_bits = thread_bits + id_bits(cores);
+    // Linux on AMD reads SMT siblings only through TopologyExtensions (leaf 0x8000_001e, which
+    // pvm fills in below); a host without them (an emulated EPYC) would hide the pairs. Only
+    // with SMT: without it, vCPUs stay apart as before whatever the host offers.
+    let amd_smt = threads > 1 && entries.iter().any(|e| e.function == 0x8000_001e);
     for entry in entries.iter_mut() {
         match entry.function {
             1 => {
@@ -95,6 +100,9 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8, threads
                     entry.ecx |= AMD_ECX_CMP_LEGACY;
                 } else {
                     entry.ecx &= !AMD_ECX_CMP_LEGACY;
+                }
+                if amd_smt {
+                    entry.ecx |= AMD_ECX_TOPOEXT;
                 }
             }
             // AMD: ECX[15:12] APIC ID size, [7:0] number of threads in the package - 1.
@@ -219,6 +227,7 @@ mod tests {
             amd_l2,
             leaf(0x8000_001e, 0),
             leaf(0x8000_0008, 0),
+            leaf(0x8000_0001, 0),
         ];
         normalize(&mut e, 3, 4, threads_per_core(4, true));
         let (smt, core) = (find(&e, 0xb, 0), find(&e, 0xb, 1));
@@ -244,6 +253,7 @@ mod tests {
         let ext = find(&e, 0x8000_001e, 0);
         assert_eq!((ext.eax, ext.ebx >> 8 & 0xff, ext.ebx & 0xff), (3, 1, 1));
         assert_eq!(find(&e, 0x8000_0008, 0).ecx, (2 << 12) | 3);
+        assert_ne!(find(&e, 0x8000_0001, 0).ecx & AMD_ECX_TOPOEXT, 0);
     }
 
     #[test]
@@ -252,5 +262,12 @@ mod tests {
         let before = e.clone();
         normalize(&mut e, 1, 2, 1);
         assert_eq!(e, before);
+        let mut e = vec![leaf(0x8000_0001, 0), leaf(0x8000_001e, 0)];
+        normalize(&mut e, 1, 2, 1);
+        assert_eq!(find(&e, 0x8000_0001, 0).ecx & AMD_ECX_TOPOEXT, 0);
+        // Intel lists no leaf 0x8000_001e: SMT does not set the AMD bit there.
+        let mut e = vec![leaf(0x8000_0001, 0)];
+        normalize(&mut e, 1, 2, 2);
+        assert_eq!(find(&e, 0x8000_0001, 0).ecx & AMD_ECX_TOPOEXT, 0);
     }
 }
