@@ -53,10 +53,10 @@ const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// reset line (which ends the VM; the kernel's reboot code writes the port itself, no driver
 /// needed), and i8042 probing kept short: no mouse port, no multiplexer, and no keyboard
 /// commands at boot (`dumbkbd`: atkbd takes the keyboard as it is; keys still arrive, which is
-/// what Ctrl-Alt-Del needs). pvm's FADT claims the 8042 (IAPC_BOOT_ARCH bit 1), so a kernel
-/// that finds no PS/2 device through ACPI PNP probes the ports, and pvm's controller answers
-/// each command at once. (A controller that answered nothing cost 500 ms of busy-waiting and
-/// 10,000 exits per boot: "i8042: Can't read CTR while initializing i8042".)
+/// what Ctrl-Alt-Del needs). The DSDT describes the controller (PNP0303 with IRQ 1) and the
+/// FADT claims it, so the driver takes it from ACPI, and pvm's controller answers each command
+/// at once. (A controller that answered nothing cost 500 ms of busy-waiting and 10,000 exits
+/// per boot: "i8042: Can't read CTR while initializing i8042".)
 const BASE_CMDLINE: &str = "reboot=k i8042.noaux i8042.nomux i8042.dumbkbd";
 /// The UART is the console, or only the early console before hvc0 takes over.
 const SERIAL_CONSOLE: &str = "console=ttyS0";
