@@ -9,7 +9,9 @@ use clap::{CommandFactory, Parser};
 use log::LevelFilter;
 use pvm_common::cli::{Stop, parse_log_level, parse_on_off};
 
-use crate::config::{self, ConsoleKind, ConsoleSocketPath, DiskArg, TapSpec, Transport, VmConfig};
+use crate::config::{
+    self, ConsoleKind, ConsoleSocketPath, DiskArg, GuestPages, TapSpec, Transport, VmConfig,
+};
 use crate::manage::{self, rundir};
 
 /// Exit code for a bad command line or an unreadable file named on it.
@@ -51,6 +53,17 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u8).range(1..=config::MAX_CPUS as i64))]
     cpus: u8,
+
+    /// Pair the vCPUs as two threads (SMT siblings) of each core, as Firecracker's `smt`; needs
+    /// 1 or an even number of --cpus.
+    #[arg(long)]
+    smt: bool,
+
+    /// Back guest RAM with 2 MiB hugetlbfs pages (`2M`), all reserved at start: --mem must be a
+    /// multiple of 2 MiB and the host must have that many free huge pages
+    /// (/proc/sys/vm/nr_hugepages).
+    #[arg(long, value_name = "2M", value_parser = parse_huge_pages)]
+    huge_pages: Option<GuestPages>,
 
     /// A raw disk image as a virtio-blk device; repeatable. `ro` makes it read-only, `serial=ID`
     /// sets the id the guest reads, `bw=` (bytes/s, K/M/G) and `iops=` rate-limit it.
@@ -304,6 +317,15 @@ enum KeywordError {
     ConsoleSocketPath(String),
     #[error("'{0}' must be 1 to 64 letters, digits and '-'")]
     Id(String),
+    #[error("'{0}' is not a huge page size (pvm supports 2M)")]
+    HugePages(String),
+}
+
+fn parse_huge_pages(text: &str) -> Result<GuestPages, KeywordError> {
+    match text {
+        "2M" => Ok(GuestPages::Huge2M),
+        _ => Err(KeywordError::HugePages(text.to_string())),
+    }
 }
 
 fn parse_transport(text: &str) -> Result<Transport, KeywordError> {
@@ -470,6 +492,17 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
             })
         }
     };
+    if args.smt && args.cpus > 1 && args.cpus % 2 != 0 {
+        return Err(usage_error(format!(
+            "--smt pairs vCPUs into cores: --cpus must be 1 or even, not {}",
+            args.cpus
+        )));
+    }
+    if args.huge_pages == Some(GuestPages::Huge2M) && mem % config::HUGE_PAGE_BYTES != 0 {
+        return Err(usage_error(format!(
+            "--huge-pages 2M needs --mem in whole 2 MiB pages, not {mem} bytes"
+        )));
+    }
     if args.cmdline.contains('\0') || args.cmdline.contains('\n') {
         return Err(usage_error(
             "--cmdline must be a single line of text".to_string(),
@@ -506,6 +539,8 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
         serial_out: args.serial_out,
         balloon: args.balloon,
         console_socket,
+        smt: args.smt,
+        huge_pages: args.huge_pages.unwrap_or_default(),
     };
     Ok(Invocation::Run(Box::new(Launch {
         config,

@@ -123,6 +123,10 @@ pub struct VmConfig {
     /// `--console socket[=PATH]`: the console on this Unix socket instead of the terminal
     /// (crate::devices::console_socket).
     pub console_socket: Option<ConsoleSocketPath>,
+    /// `--smt` (Firecracker's `smt`): vCPUs are paired as two threads of one core.
+    pub smt: bool,
+    /// `--huge-pages` (Firecracker's `huge_pages`): what backs guest RAM.
+    pub huge_pages: GuestPages,
 }
 
 /// Where `--console socket` puts the console's socket.
@@ -132,6 +136,19 @@ pub struct ConsoleSocketPath {
     /// The run directory's `ID.console` (its directory is made if missing).
     pub in_run_dir: bool,
 }
+
+/// What backs guest RAM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GuestPages {
+    /// Ordinary pages, advised for transparent huge pages.
+    #[default]
+    Normal,
+    /// 2 MiB hugetlbfs pages, all reserved when the VM is built.
+    Huge2M,
+}
+
+/// The bytes of one 2 MiB huge page: guest RAM on huge pages must be a multiple of it.
+pub const HUGE_PAGE_BYTES: u64 = 2 << 20;
 
 /// Why a flag's value was refused; clap puts the flag in front of the message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,7 +1,8 @@
 //! CPUID normalisation: KVM_GET_SUPPORTED_CPUID describes what the host can virtualise; each vCPU
 //! needs that plus what firmware or a hypervisor would add: the hypervisor bit (without it a guest
 //! finds no kvm-clock and hangs calibrating its TSC), its own APIC ID, and a topology that
-//! matches the number of vCPUs. A pure function over the entries, so it is unit-tested.
+//! matches the number of vCPUs (one thread per core, or two with SMT: Firecracker's `smt`). A pure
+//! function over the entries, so it is unit-tested.
 
 use kvm_bindings::kvm_cpuid_entry2;
 
@@ -13,6 +14,7 @@ const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 /// Leaf 0x8000_0001 ECX (AMD): CmpLegacy and TopologyExtensions.
 const AMD_ECX_CMP_LEGACY: u32 = 1 << 1;
+const AMD_ECX_TOPOEXT: u32 = 1 << 22;
 /// Leaf 0xB / 0x1F level types.
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
@@ -26,12 +28,26 @@ fn id_bits(count: u32) -> u32 {
     }
 }
 
-/// Rewrites the supported-CPUID entries for vCPU `index` of `count` (one thread per core, all
-/// cores in one package; APIC ID = index).
-pub fn normalize(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
+/// Threads per core: two with SMT (Firecracker's `smt`: vCPUs 2n and 2n+1 are siblings), one
+/// without, and one for a lone vCPU whatever `smt` says (it has no sibling to share a core with).
+pub fn threads_per_core(count: u8, smt: bool) -> u32 {
+    if smt && count > 1 { 2 } else { 1 }
+}
+
+/// Rewrites the supported-CPUID entries for vCPU `index` of `count` (`threads` per core, all
+/// cores in one package; APIC ID = index, so its low bits are the thread within the core).
+pub fn normalize(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8, threads: u32) {
     let apic_id = u32::from(index);
     let count = u32::from(count.max(1));
-    let core_bits = id_bits(count);
+    let threads = threads.clamp(1, count);
+    let cores = count.div_ceil(threads);
+    let thread_bits = id_bits(threads);
+    // The package-level shift: the thread bits, then enough bits for the core number.
+    let core_bits = thread_bits + id_bits(cores);
+    // Linux on AMD reads SMT siblings only through TopologyExtensions (leaf 0x8000_001e, which
+    // pvm fills in below); a host without them (an emulated EPYC) would hide the pairs. Only
+    // with SMT: without it, vCPUs stay apart as before whatever the host offers.
+    let amd_smt = threads > 1 && entries.iter().any(|e| e.function == 0x8000_001e);
     for entry in entries.iter_mut() {
         match entry.function {
             1 => {
@@ -46,20 +62,24 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
                 }
             }
             // Deterministic cache parameters: EAX[31:26] = cores per package - 1,
-            // EAX[25:14] = logical processors sharing this cache - 1 (one: no SMT).
+            // EAX[25:14] = logical processors sharing this cache - 1 (a core's threads share its
+            // L1 and L2; without SMT that is one).
             4 => {
                 entry.eax &= 0x3fff;
                 if entry.eax & 0x1f != 0 {
-                    entry.eax |= (count - 1) << 26;
+                    entry.eax |= (cores - 1) << 26;
+                    if threads > 1 {
+                        entry.eax |= (sharing(entry.eax, threads, count) - 1) << 14;
+                    }
                 }
             }
-            // Extended topology: level 0 = SMT (1 thread), level 1 = core (count vCPUs).
+            // Extended topology: level 0 = SMT (`threads` per core), level 1 = core (all vCPUs).
             0xb | 0x1f => {
                 entry.edx = apic_id;
                 match entry.index {
                     0 => {
-                        entry.eax = 0;
-                        entry.ebx = 1;
+                        entry.eax = thread_bits;
+                        entry.ebx = threads;
                         entry.ecx = LEVEL_TYPE_SMT << 8;
                     }
                     1 => {
@@ -81,13 +101,38 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
                 } else {
                     entry.ecx &= !AMD_ECX_CMP_LEGACY;
                 }
+                if amd_smt {
+                    entry.ecx |= AMD_ECX_TOPOEXT;
+                }
             }
-            // AMD: ECX[15:12] APIC ID size, [7:0] number of cores - 1.
+            // AMD: ECX[15:12] APIC ID size, [7:0] number of threads in the package - 1.
             0x8000_0008 => {
                 entry.ecx = (core_bits << 12) | (count - 1);
             }
+            // AMD cache topology, as leaf 4: Linux counts two vCPUs as siblings only when they
+            // also share the last-level cache, so with SMT the host's sharing is replaced.
+            0x8000_001d if threads > 1 && entry.eax & 0x1f != 0 => {
+                let sharing = sharing(entry.eax, threads, count);
+                entry.eax = (entry.eax & !(0xfff << 14)) | ((sharing - 1) << 14);
+            }
+            // AMD extended APIC ID: EBX[15:8] threads per core - 1, [7:0] the core's number.
+            0x8000_001e if threads > 1 => {
+                entry.eax = apic_id;
+                entry.ebx = ((threads - 1) << 8) | (apic_id / threads);
+                entry.ecx = 0;
+            }
             _ => {}
         }
+    }
+}
+
+/// How many vCPUs share the cache a leaf 4 / 0x8000_001d entry describes (level in EAX[7:5]):
+/// a core's threads share its L1 and L2, all vCPUs the L3.
+fn sharing(eax: u32, threads: u32, count: u32) -> u32 {
+    if (eax >> 5) & 0x7 <= 2 {
+        threads
+    } else {
+        count
     }
 }
 
@@ -120,7 +165,7 @@ mod tests {
     #[test]
     fn hypervisor_bit_and_apic_id() {
         let mut e = vec![leaf(1, 0)];
-        normalize(&mut e, 3, 4);
+        normalize(&mut e, 3, 4, 1);
         let l1 = find(&e, 1, 0);
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
         assert_eq!(l1.ebx >> 24, 3);
@@ -133,14 +178,14 @@ mod tests {
     fn single_cpu_has_no_htt() {
         let mut e = vec![leaf(1, 0)];
         e[0].edx = EDX_HTT;
-        normalize(&mut e, 0, 1);
+        normalize(&mut e, 0, 1, 1);
         assert_eq!(find(&e, 1, 0).edx & EDX_HTT, 0);
     }
 
     #[test]
     fn extended_topology() {
         let mut e = vec![leaf(0xb, 0), leaf(0xb, 1), leaf(0xb, 2)];
-        normalize(&mut e, 2, 3);
+        normalize(&mut e, 2, 3, 1);
         let (smt, core, end) = (find(&e, 0xb, 0), find(&e, 0xb, 1), find(&e, 0xb, 2));
         assert_eq!(
             (smt.eax, smt.ebx, smt.ecx >> 8 & 0xff, smt.edx),
@@ -156,10 +201,73 @@ mod tests {
     #[test]
     fn cache_leaf_and_amd_core_count() {
         let mut e = vec![leaf(4, 0), leaf(0x8000_0008, 0), leaf(0x8000_0001, 0)];
-        normalize(&mut e, 0, 2);
+        normalize(&mut e, 0, 2, 1);
         assert_eq!(find(&e, 4, 0).eax >> 26, 1);
         assert_eq!(find(&e, 4, 0).eax & 0x3fff, 0x0121, "cache type/level kept");
         assert_eq!(find(&e, 0x8000_0008, 0).ecx & 0xff, 1);
         assert_ne!(find(&e, 0x8000_0001, 0).ecx & AMD_ECX_CMP_LEGACY, 0);
+    }
+
+    #[test]
+    fn smt_pairs_vcpus_into_cores() {
+        assert_eq!(threads_per_core(4, true), 2);
+        assert_eq!(threads_per_core(1, true), 1, "a lone vCPU has no sibling");
+        assert_eq!(threads_per_core(4, false), 1);
+        let mut l1 = leaf(4, 0);
+        l1.eax = 0x0000_0121; // data cache, level 1
+        let mut l3 = leaf(4, 3);
+        l3.eax = 0x0000_0163; // unified cache, level 3
+        let mut amd_l2 = leaf(0x8000_001d, 2);
+        amd_l2.eax = 0x0000_0143 | (7 << 14);
+        let mut e = vec![
+            leaf(0xb, 0),
+            leaf(0xb, 1),
+            l1,
+            l3,
+            amd_l2,
+            leaf(0x8000_001e, 0),
+            leaf(0x8000_0008, 0),
+            leaf(0x8000_0001, 0),
+        ];
+        normalize(&mut e, 3, 4, threads_per_core(4, true));
+        let (smt, core) = (find(&e, 0xb, 0), find(&e, 0xb, 1));
+        assert_eq!((smt.eax, smt.ebx, smt.edx), (1, 2, 3), "2 threads, 1 bit");
+        assert_eq!(
+            (core.eax, core.ebx),
+            (2, 4),
+            "4 vCPUs, 2 bits to the package"
+        );
+        assert_eq!(find(&e, 4, 0).eax >> 26, 1, "2 cores");
+        assert_eq!(
+            find(&e, 4, 0).eax >> 14 & 0xfff,
+            1,
+            "L1 shared by 2 threads"
+        );
+        assert_eq!(find(&e, 4, 3).eax >> 14 & 0xfff, 3, "L3 shared by all 4");
+        assert_eq!(find(&e, 0x8000_001d, 2).eax >> 14 & 0xfff, 1);
+        assert_eq!(
+            find(&e, 0x8000_001d, 2).eax & 0x3fff,
+            0x0143,
+            "type/level kept"
+        );
+        let ext = find(&e, 0x8000_001e, 0);
+        assert_eq!((ext.eax, ext.ebx >> 8 & 0xff, ext.ebx & 0xff), (3, 1, 1));
+        assert_eq!(find(&e, 0x8000_0008, 0).ecx, (2 << 12) | 3);
+        assert_ne!(find(&e, 0x8000_0001, 0).ecx & AMD_ECX_TOPOEXT, 0);
+    }
+
+    #[test]
+    fn no_smt_leaves_amd_topology_leaves_as_they_were() {
+        let mut e = vec![leaf(0x8000_001d, 0), leaf(0x8000_001e, 0)];
+        let before = e.clone();
+        normalize(&mut e, 1, 2, 1);
+        assert_eq!(e, before);
+        let mut e = vec![leaf(0x8000_0001, 0), leaf(0x8000_001e, 0)];
+        normalize(&mut e, 1, 2, 1);
+        assert_eq!(find(&e, 0x8000_0001, 0).ecx & AMD_ECX_TOPOEXT, 0);
+        // Intel lists no leaf 0x8000_001e: SMT does not set the AMD bit there.
+        let mut e = vec![leaf(0x8000_0001, 0)];
+        normalize(&mut e, 1, 2, 2);
+        assert_eq!(find(&e, 0x8000_0001, 0).ecx & AMD_ECX_TOPOEXT, 0);
     }
 }

@@ -1,20 +1,27 @@
 //! Guest RAM: anonymous MAP_NORESERVE mappings (vm-memory), advised for transparent hugepages,
 //! registered with KVM one slot per range. With a vhost-user device the RAM must be shared with
 //! the backend process: each range is then a memfd mapped MAP_SHARED, whose descriptor pvm hands
-//! over in SET_MEM_TABLE.
+//! over in SET_MEM_TABLE. With 2 MiB huge pages (`--huge-pages 2M`, Firecracker's `huge_pages`)
+//! each range is a hugetlbfs memfd, mapped MAP_SHARED (so vhost-user works the same), whose pages
+//! are all allocated up front: a host short of huge pages fails the VM's build with the numbers,
+//! instead of the guest dying of SIGBUS when it first touches a page nobody could give it.
 //!
 //! [`VmMemory`] owns the VM fd and the RAM together, so that the one thing KVM requires of the
 //! RAM, that it stays mapped while a slot points at it, is kept by one type's drop.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::config::{GuestPages, HUGE_PAGE_BYTES};
 use crate::layout;
+
+/// Where the kernel counts the host's free 2 MiB huge pages.
+const FREE_HUGE_PAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -25,6 +32,16 @@ pub enum Error {
     },
     #[error("cannot create shareable guest memory (memfd of {size} bytes): {source}")]
     Memfd { size: u64, source: std::io::Error },
+    #[error(
+        "{mib} MiB of guest memory on 2 MiB huge pages needs {needed} free huge pages and the \
+         host has {free} ({FREE_HUGE_PAGES}); reserve more with \
+         `echo N > /proc/sys/vm/nr_hugepages`"
+    )]
+    TooFewHugePages { mib: u64, needed: u64, free: u64 },
+    #[error("cannot read how many huge pages are free ({FREE_HUGE_PAGES}): {0}")]
+    FreeHugePages(std::io::Error),
+    #[error("cannot allocate {size} bytes of guest memory on 2 MiB huge pages: {source}")]
+    HugePages { size: u64, source: std::io::Error },
     #[error("KVM refused guest memory slot {slot}: {source}")]
     RegisterSlot {
         slot: u32,
@@ -49,12 +66,17 @@ pub struct VmMemory {
 }
 
 impl VmMemory {
-    /// Maps `mem_bytes` of guest RAM and makes it guest-physical memory of `vm`; `shared` backs
-    /// it with memfds another process can map (vhost-user).
-    pub fn new(vm: Arc<VmFd>, mem_bytes: u64, shared: bool) -> Result<Self, Error> {
+    /// Maps `mem_bytes` of guest RAM on `pages` and makes it guest-physical memory of `vm`;
+    /// `shared` backs it with memfds another process can map (vhost-user).
+    pub fn new(
+        vm: Arc<VmFd>,
+        mem_bytes: u64,
+        shared: bool,
+        pages: GuestPages,
+    ) -> Result<Self, Error> {
         let mut owned = VmMemory {
             vm,
-            memory: create(mem_bytes, shared)?,
+            memory: create(mem_bytes, shared, pages)?,
             slots: Vec::new(),
         };
         // On an error the slots registered so far are deleted when `owned` drops.
@@ -114,14 +136,17 @@ impl Drop for VmMemory {
 }
 
 /// Maps the guest's RAM (not yet visible to KVM); `shared` backs it with memfds another process
-/// can map (vhost-user).
-fn create(mem_bytes: u64, shared: bool) -> Result<GuestMemoryMmap, Error> {
+/// can map (vhost-user). Huge pages are always memfds, so always shareable.
+fn create(mem_bytes: u64, shared: bool, pages: GuestPages) -> Result<GuestMemoryMmap, Error> {
+    if pages == GuestPages::Huge2M {
+        check_free_huge_pages(mem_bytes, read_free_huge_pages()?)?;
+    }
     let mut ranges = Vec::new();
     for (start, size) in layout::ram_ranges(mem_bytes) {
-        let file = if shared {
-            Some(FileOffset::new(memfd(size)?, 0))
-        } else {
-            None
+        let file = match pages {
+            GuestPages::Huge2M => Some(FileOffset::new(huge_memfd(mem_bytes, size)?, 0)),
+            GuestPages::Normal if shared => Some(FileOffset::new(memfd(size)?, 0)),
+            GuestPages::Normal => None,
         };
         ranges.push((start, size as usize, file));
     }
@@ -129,7 +154,7 @@ fn create(mem_bytes: u64, shared: bool) -> Result<GuestMemoryMmap, Error> {
         size: mem_bytes,
         source,
     })?;
-    for region in memory.iter() {
+    for region in memory.iter().filter(|_| pages == GuestPages::Normal) {
         // SAFETY: the range is a mapping vm-memory owns for the life of `memory`; MADV_HUGEPAGE
         // only changes how the kernel backs it. Failure (no THP) is harmless, so it is ignored.
         unsafe {
@@ -146,16 +171,71 @@ fn create(mem_bytes: u64, shared: bool) -> Result<GuestMemoryMmap, Error> {
 /// A memfd of `size` bytes (sparse: pages are allocated as the guest touches them).
 fn memfd(size: u64) -> Result<File, Error> {
     let fail = |source| Error::Memfd { size, source };
-    // SAFETY: the name is a NUL-terminated string that outlives the call; no other memory is
-    // passed.
-    let fd = unsafe { libc::memfd_create(c"pvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(fail(std::io::Error::last_os_error()));
-    }
-    // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = create_memfd(libc::MFD_CLOEXEC).map_err(fail)?;
     file.set_len(size).map_err(fail)?;
     Ok(file)
+}
+
+/// A hugetlbfs memfd of `size` bytes (part of `mem_bytes` of guest RAM) with every 2 MiB page
+/// allocated now: hugetlbfs has no swap and no overcommit, so a page it cannot give later would
+/// be a SIGBUS in whichever thread touched it.
+fn huge_memfd(mem_bytes: u64, size: u64) -> Result<File, Error> {
+    let fail = |source| Error::HugePages { size, source };
+    let file =
+        create_memfd(libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB).map_err(fail)?;
+    file.set_len(size).map_err(fail)?;
+    let len =
+        libc::off_t::try_from(size).map_err(|_| fail(std::io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: fallocate on a descriptor this function owns; no memory is passed.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } != 0 {
+        let source = std::io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            // Someone took the pages between the check and now: say so with today's numbers.
+            let free = read_free_huge_pages()?;
+            check_free_huge_pages(mem_bytes, free)?;
+        }
+        return Err(fail(source));
+    }
+    Ok(file)
+}
+
+/// A new memfd with `flags`.
+fn create_memfd(flags: libc::c_uint) -> std::io::Result<File> {
+    // SAFETY: the name is a NUL-terminated string that outlives the call; no other memory is
+    // passed.
+    let fd = unsafe { libc::memfd_create(c"pvm-guest-ram".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// The host's free 2 MiB huge pages; a kernel without them (no hugetlbfs) has none.
+fn read_free_huge_pages() -> Result<u64, Error> {
+    match std::fs::read_to_string(FREE_HUGE_PAGES) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            Error::FreeHugePages(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not a number: {:?}", text.trim()),
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(Error::FreeHugePages(e)),
+    }
+}
+
+/// Refuses `mem_bytes` of huge-page RAM when fewer than its pages are free.
+fn check_free_huge_pages(mem_bytes: u64, free: u64) -> Result<(), Error> {
+    let needed = mem_bytes.div_ceil(HUGE_PAGE_BYTES);
+    if free < needed {
+        return Err(Error::TooFewHugePages {
+            mib: mem_bytes >> 20,
+            needed,
+            free,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -173,7 +253,7 @@ mod tests {
         // drop in reverse order), as a registered range must.
         let other = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         let vm = Arc::new(kvm.create_vm().unwrap());
-        let ram = VmMemory::new(vm.clone(), 64 << 20, false).unwrap();
+        let ram = VmMemory::new(vm.clone(), 64 << 20, false, GuestPages::Normal).unwrap();
         assert_eq!(ram.guest_memory().iter().count(), 1);
         let overlapping = kvm_userspace_memory_region {
             slot: 7,
@@ -193,5 +273,26 @@ mod tests {
         // SAFETY: as above.
         unsafe { vm.set_user_memory_region(overlapping) }
             .expect("the RAM's slot was deleted when VmMemory dropped");
+    }
+
+    #[test]
+    fn too_few_huge_pages_is_refused_with_the_numbers() {
+        let e = check_free_huge_pages(128 << 20, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("128 MiB") && e.contains("needs 64 free huge pages") && e.contains("has 10"),
+            "{e}"
+        );
+        assert!(check_free_huge_pages(128 << 20, 64).is_ok());
+        // Reading the host's count works (0 when the kernel has no hugetlbfs).
+        let free = read_free_huge_pages().unwrap();
+        if free < 32 {
+            let e = create(64 << 20, false, GuestPages::Huge2M).unwrap_err();
+            assert!(
+                matches!(e, Error::TooFewHugePages { needed: 32, .. }),
+                "{e}"
+            );
+        }
     }
 }

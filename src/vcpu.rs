@@ -195,11 +195,13 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
     ]
 }
 
-/// Configures vCPU `index` of `count`; the boot vCPU (0) also gets the kernel entry state.
+/// Configures vCPU `index` of `count` (paired into cores with `smt`); the boot vCPU (0) also
+/// gets the kernel entry state.
 pub fn configure(
     vcpu: &VcpuFd,
     index: u8,
     count: u8,
+    smt: bool,
     supported_cpuid: &CpuId,
     boot: Option<BootEntry>,
 ) -> Result<(), Error> {
@@ -211,7 +213,12 @@ pub fn configure(
         }
     };
     let mut cpuid = supported_cpuid.clone();
-    cpuid::normalize(cpuid.as_mut_slice(), index, count);
+    cpuid::normalize(
+        cpuid.as_mut_slice(),
+        index,
+        count,
+        cpuid::threads_per_core(count, smt),
+    );
     vcpu.set_cpuid2(&cpuid).map_err(setup("KVM_SET_CPUID2"))?;
 
     let entries = boot_msrs();

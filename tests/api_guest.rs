@@ -5,7 +5,8 @@
 //!
 //! Scenarios: a whole boot through the API with a disk and a tap on virtio-mmio and with
 //! `--enable-pci`; the same from a config file with `--no-api`; pause and resume of a counting
-//! guest; SendCtrlAltDel; refused calls against a running VM; twenty VMs driven in parallel.
+//! guest; SendCtrlAltDel reaching the guest's init; refused calls against a running VM; twenty
+//! VMs driven in parallel; `smt` and `huge_pages` in machine-config.
 
 mod common;
 
@@ -182,9 +183,18 @@ echo "resumed-counts $b $(counts)"
     running_vm("api-pause", init, &[], host, "")
 }
 
-/// Scenario 4: SendCtrlAltDel ends a guest that would otherwise sleep for 1000 s.
+/// Scenario 4: SendCtrlAltDel types Ctrl-Alt-Del on the guest's keyboard. With
+/// kernel.ctrl-alt-del=0 Linux sends init SIGINT for it; this init traps it, says so and
+/// reboots, which ends the VM. The guest also shows its i8042 driver's boot messages.
 fn ctrl_alt_del() -> Scenario {
-    let init = "echo guest-idle\nsleep 1000\necho guest-woke\n";
+    let init = "echo 0 > /proc/sys/kernel/ctrl-alt-del\n\
+                trap 'echo guest-got-ctrl-alt-del; reboot -f' INT\n\
+                dmesg | grep -i -e i8042 -e serio -e keyboard | sed 's/^/guest-dmesg: /'\n\
+                echo \"guest-i8042-irqs $(grep -c i8042 /proc/interrupts)\"\n\
+                echo guest-idle\n\
+                sleep 1000 &\n\
+                wait\n\
+                echo guest-woke\n";
     // The time from the call to pvm's exit, taken before pvm's log is shown.
     running_vm(
         "api-ctrl-alt-del",
@@ -223,6 +233,47 @@ fn errors() -> Scenario {
     )
 }
 
+/// Huge pages the smt scenario reserves on the emulated host: its 128 MiB guest takes 64.
+const HUGE_PAGES: u32 = 80;
+
+/// Scenario 7: two 2-vCPU guests report their first CPU's SMT siblings. The first, with
+/// `smt: true` and `huge_pages: "2M"` through the API, runs while the host counts its free huge
+/// pages, and ends by SendCtrlAltDel (Linux's default: an immediate reboot); the second, with
+/// `smt: false` from a config file, powers off by itself.
+fn smt_and_huge_pages() -> Scenario {
+    let init = "echo \"guest-siblings $(cat /sys/devices/system/cpu/cpu0/topology/thread_siblings_list)\"\n\
+                echo \"guest-cpus $(grep -c ^processor /proc/cpuinfo)\"\n\
+                grep -q pvmwait /proc/cmdline && { echo guest-idle; sleep 1000; }\n";
+    let free = "awk '/HugePages_Free/ { print $2 }' /proc/meminfo";
+    let body = format!(
+        "{HELPERS}echo {HUGE_PAGES} > /proc/sys/vm/nr_hugepages\n\
+         echo \"host-huge-free-before $({free})\"\n\
+         {start}\
+         api PUT /machine-config '{{\"vcpu_count\": 2, \"mem_size_mib\": 128, \"smt\": true, \"huge_pages\": \"2M\"}}'\n\
+         api PUT /boot-source '{wait_boot}'\n\
+         api PUT /actions '{{\"action_type\": \"InstanceStart\"}}'\n\
+         wait_for pvm.log guest-idle 120\n\
+         echo \"host-huge-free-running $({free})\"\n\
+         api GET /machine-config\n\
+         api PUT /actions '{{\"action_type\": \"SendCtrlAltDel\"}}'\n\
+         wait $pvm\n\
+         echo \"smt-exit $?\"\n\
+         echo \"host-huge-free-after $({free})\"\n\
+         echo 0 > /proc/sys/vm/nr_hugepages\n\
+         sed 's/^/smt: /' pvm.log\n\
+         cat > vm.json <<'EOF'\n\
+         {{\"boot-source\": {plain_boot}, \"machine-config\": {{\"vcpu_count\": 2, \"mem_size_mib\": 128, \"smt\": false}}}}\n\
+         EOF\n\
+         pvm --no-api --config-file vm.json > plain.log 2>&1\n\
+         echo \"plain-exit $?\"\n\
+         sed 's/^/plain: /' plain.log\n",
+        start = start_pvm(""),
+        wait_boot = boot_source(" pvmwait"),
+        plain_boot = boot_source(""),
+    );
+    guest_scenario("api-smt-huge-pages", init, &body)
+}
+
 fn scenarios() -> Vec<Scenario> {
     vec![
         api_boot("api-boot-mmio", ""),
@@ -232,6 +283,7 @@ fn scenarios() -> Vec<Scenario> {
         ctrl_alt_del(),
         errors(),
         parallel_scenario(),
+        smt_and_huge_pages(),
     ]
 }
 
@@ -352,6 +404,12 @@ fn send_ctrl_alt_del_ends_the_vm() {
     outcome.assert_rc(0);
     outcome.assert_contains("pvm-exit 0");
     outcome.assert_contains("guest-idle");
+    // The keys reached init: the kernel turned them into SIGINT, not pvm into a reset.
+    outcome.assert_contains("guest-got-ctrl-alt-del");
+    outcome.assert_contains("guest-i8042-irqs 1");
+    outcome.assert_contains("serio: i8042 KBD port at 0x60,0x64");
+    outcome.assert_contains("AT Raw Set 2 keyboard");
+    outcome.assert_lacks("Can't read CTR");
     outcome.assert_lacks("guest-woke");
     outcome.assert_lacks("api-unexpected");
     answered(name, "PUT /actions", 1, "0 204");
@@ -529,6 +587,45 @@ fn many_vms_driven_in_parallel() {
         "{name}: sockets still listening"
     );
     assert_eq!(count("taps-left "), "0", "{name}: taps left");
+}
+
+#[test]
+fn smt_pairs_vcpus_and_huge_pages_back_the_guest() {
+    let name = "api-smt-huge-pages";
+    let outcome = BATCH.outcome(name);
+    outcome.assert_rc(0);
+    outcome.assert_lacks("api-unexpected");
+    outcome.assert_lacks("wait-timeout");
+    outcome.assert_contains("smt-exit 0");
+    outcome.assert_contains("plain-exit 0");
+    for (vm, siblings) in [("smt", "0-1"), ("plain", "0")] {
+        assert_eq!(
+            outcome.word_after(&format!("{vm}: guest-siblings ")),
+            siblings
+        );
+        assert_eq!(outcome.word_after(&format!("{vm}: guest-cpus ")), "2");
+    }
+    let machine = answered(name, "GET /machine-config", 0, "0 200 ");
+    assert!(
+        machine.contains(r#""smt":true"#) && machine.contains(r#""huge_pages":"2M""#),
+        "{name}: {machine}"
+    );
+    let free = |when: &str| -> u32 {
+        let word = outcome.word_after(&format!("host-huge-free-{when} "));
+        word.parse()
+            .unwrap_or_else(|_| panic!("{name}: free huge pages {when}: {word:?}"))
+    };
+    assert_eq!(free("before"), HUGE_PAGES, "{name}: the host reserved them");
+    assert_eq!(
+        free("running"),
+        HUGE_PAGES - 64,
+        "{name}: 128 MiB of the guest's"
+    );
+    assert_eq!(
+        free("after"),
+        HUGE_PAGES,
+        "{name}: given back when pvm ended"
+    );
 }
 
 /// The numbers on the first console line starting with `prefix`.

@@ -122,6 +122,39 @@ fn guest_reboot_through_i8042_exits_zero() {
 }
 
 #[test]
+fn huge_pages_the_host_lacks_are_refused_with_the_numbers() {
+    require_kvm();
+    let free: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .map_or(0, |t| t.trim().parse().unwrap());
+    if free >= 32 {
+        eprintln!("the host has {free} free huge pages: test skipped");
+        return;
+    }
+    let mut code = print("never printed\r\n");
+    code.extend(out_then_halt(0x3c0, (5 << 2) | (1 << 5)));
+    let kernel = micro_kernel("huge-pages", &code);
+    let args = [
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--mem",
+        "64M",
+        "--huge-pages",
+        "2M",
+    ];
+    let (out, took) = run(&args);
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+    let lines = error_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let want = format!(
+        "64 MiB of guest memory on 2 MiB huge pages needs 32 free huge pages and the host has {free}"
+    );
+    assert!(lines[0].contains(&want), "{lines:?}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("never printed"));
+    assert!(took < Duration::from_secs(5));
+}
+
+#[test]
 fn guest_panic_exits_with_the_panic_code() {
     require_kvm();
     let kernel = micro_kernel("panic", &out_then_halt(0x505, 1));
@@ -173,6 +206,9 @@ fn bad_flags_are_one_line_errors_naming_the_flag() {
         (&["--disk", "/tmp/x.img,bw=0"], "--disk"),
         (&["--disk", "/nonexistent.img"], "--disk"),
         (&["--initrd", "/nonexistent.cpio"], "--initrd"),
+        (&["--huge-pages", "1G"], "--huge-pages"),
+        (&["--huge-pages", "2M", "--mem", "129M"], "--huge-pages"),
+        (&["--smt", "--cpus", "3"], "--smt"),
     ] {
         let (out, _) = run(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -14,10 +14,10 @@ use super::routes::Action;
 use super::server::ApiInbox;
 use super::swap::OpenedDisk;
 use crate::config::VmConfig;
-use crate::exit::{Outcome, error_chain};
+use crate::exit::error_chain;
 use crate::logger::LoggerConfig;
 use crate::virtio_devices::DeviceLimiters;
-use crate::vm::{self, ControlPlane, RunningVm, Vm};
+use crate::vm::{self, ControlPlane, CtrlAltDel, RunningVm, Vm};
 
 /// Firecracker's refusals by VM state; clients match these texts.
 pub const AFTER_START: &str =
@@ -319,13 +319,20 @@ impl Controller {
             return response;
         }
         match action {
-            Action::SendCtrlAltDel => {
-                // pvm's i8042 has no keyboard to type into: the guest is reset through the
-                // controller's reset line, which ends the VM as a guest reboot does.
-                log::info!("API: SendCtrlAltDel: resetting the guest; the VM ends");
-                vm.end.end(Outcome::Reboot);
-                Response::no_content()
-            }
+            Action::SendCtrlAltDel => match vm.ctrl_alt_del() {
+                Ok(CtrlAltDel::Typed) => {
+                    log::info!("API: SendCtrlAltDel: typed on the guest's keyboard");
+                    Response::no_content()
+                }
+                Ok(CtrlAltDel::Reset) => {
+                    log::info!(
+                        "API: SendCtrlAltDel: the guest has no keyboard driver; resetting it, \
+                         the VM ends"
+                    );
+                    Response::no_content()
+                }
+                Err(e) => Response::fault(&format!("Internal VMM error: {e}")),
+            },
             Action::FlushMetrics if !crate::metrics::is_configured() => {
                 Response::fault("Metrics error: metrics are not configured.")
             }

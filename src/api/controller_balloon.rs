@@ -204,10 +204,16 @@ mod tests {
             ..Default::default()
         });
         c.set_started();
-        let end = EndSignal::new().unwrap();
+        let end = Arc::new(EndSignal::new().unwrap());
+        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let keyboard = std::sync::Mutex::new(crate::devices::i8042::I8042::new(
+            end.clone(),
+            crate::devices::IrqTrigger(irq),
+        ));
         let mut pauser = Pauser::new(Arc::new(RunControl::default()), &[], &[]);
         let mut vm = RunningVm {
             end: &end,
+            keyboard: &keyboard,
             pauser: &mut pauser,
         };
         let r = c.runtime(

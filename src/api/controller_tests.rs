@@ -1,9 +1,12 @@
 use super::*;
 use crate::api::models::tests::base;
 use crate::api::models::{BootSource, MachineConfigUpdate};
-use crate::exit::EndSignal;
+use crate::devices::IrqTrigger;
+use crate::devices::i8042::I8042;
+use crate::exit::{EndSignal, Outcome};
 use crate::vm::{Pauser, RunControl};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use vmm_sys_util::eventfd::EventFd;
 
 fn controller() -> Controller {
     Controller::new("vm1".to_string(), base(), FcConfig::default())
@@ -11,12 +14,20 @@ fn controller() -> Controller {
 
 /// Runs `f` with a running VM's control handles (no vCPUs, no devices).
 fn with_running_vm(f: impl FnOnce(&mut RunningVm<'_, '_>)) {
-    let end = EndSignal::new().unwrap();
+    let end = Arc::new(EndSignal::new().unwrap());
+    let keyboard = keyboard(&end);
     let mut pauser = Pauser::new(Arc::new(RunControl::default()), &[], &[]);
     f(&mut RunningVm {
         end: &end,
+        keyboard: &keyboard,
         pauser: &mut pauser,
     });
+}
+
+/// The VM's keyboard controller, its interrupt going nowhere.
+fn keyboard(end: &Arc<EndSignal>) -> Mutex<I8042> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    Mutex::new(I8042::new(end.clone(), IrqTrigger(irq)))
 }
 
 fn fault_of(response: &Response) -> String {
@@ -71,10 +82,12 @@ fn preboot_configuration_and_refusals() {
 fn runtime_refuses_preboot_calls_and_ends_on_ctrl_alt_del() {
     let mut c = controller();
     c.set_started();
-    let end = EndSignal::new().unwrap();
+    let end = Arc::new(EndSignal::new().unwrap());
+    let keyboard = keyboard(&end);
     let mut pauser = Pauser::new(Arc::new(RunControl::default()), &[], &[]);
     let mut vm = RunningVm {
         end: &end,
+        keyboard: &keyboard,
         pauser: &mut pauser,
     };
     let info = c.runtime(Action::GetInstanceInfo, &mut vm);
@@ -98,8 +111,45 @@ fn runtime_refuses_preboot_calls_and_ends_on_ctrl_alt_del() {
     assert_eq!(c.runtime(Action::Resume, &mut vm).status, 204);
     assert!(!vm.is_paused());
     assert_eq!(end.outcome(), None);
+    // No driver ever programmed the controller: the keys could not be read; reset instead.
     assert_eq!(c.runtime(Action::SendCtrlAltDel, &mut vm).status, 204);
     assert_eq!(end.outcome(), Some(Outcome::Reboot));
+}
+
+#[test]
+fn ctrl_alt_del_is_typed_once_the_guest_has_a_keyboard_driver() {
+    use crate::bus::BusDevice;
+    let mut c = controller();
+    c.set_started();
+    let end = Arc::new(EndSignal::new().unwrap());
+    let keyboard = keyboard(&end);
+    // The driver writes the CTR (command 0x60 on port 0x64, the byte on 0x60).
+    keyboard.lock().unwrap().write(4, &[0x60]);
+    keyboard.lock().unwrap().write(0, &[0x01]);
+    let mut pauser = Pauser::new(Arc::new(RunControl::default()), &[], &[]);
+    let mut vm = RunningVm {
+        end: &end,
+        keyboard: &keyboard,
+        pauser: &mut pauser,
+    };
+    assert_eq!(c.runtime(Action::SendCtrlAltDel, &mut vm).status, 204);
+    assert_eq!(
+        end.outcome(),
+        None,
+        "the guest decides what Ctrl-Alt-Del does"
+    );
+    let mut first = [0];
+    keyboard.lock().unwrap().read(0, &mut first);
+    assert_eq!(first, [0x14], "left Ctrl pressed");
+    // A guest that never reads its keyboard: the queue fills and the call says so.
+    let fault = loop {
+        let response = c.runtime(Action::SendCtrlAltDel, &mut vm);
+        if response.status != 204 {
+            break fault_of(&response);
+        }
+    };
+    assert!(fault.contains("keyboard queue is full"), "{fault}");
+    assert_eq!(end.outcome(), None);
 }
 
 #[test]
@@ -136,10 +186,12 @@ fn patch_changes_the_running_devices_rate_limits() {
         taps: vec![Some((rx.clone(), tx.clone())), None],
         ..Default::default()
     });
-    let end = EndSignal::new().unwrap();
+    let end = Arc::new(EndSignal::new().unwrap());
+    let keyboard = keyboard(&end);
     let mut pauser = Pauser::new(Arc::new(RunControl::default()), &[], &[]);
     let mut vm = RunningVm {
         end: &end,
+        keyboard: &keyboard,
         pauser: &mut pauser,
     };
     let bucket = |size| TokenBucket {
@@ -252,10 +304,12 @@ fn patch_path_on_host_swaps_the_running_disk_and_tells_the_guest() {
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let transport = MmioTransport::new(Box::new(block), memory, irq.try_clone().unwrap()).unwrap();
     let devices = [PausableDevice::mmio("block0", transport)];
-    let end = EndSignal::new().unwrap();
+    let end = Arc::new(EndSignal::new().unwrap());
+    let keyboard = keyboard(&end);
     let mut pauser = Pauser::new(Arc::new(RunControl::default()), &[], &devices);
     let mut vm = RunningVm {
         end: &end,
+        keyboard: &keyboard,
         pauser: &mut pauser,
     };
     let patch = |id: &str, path: &TempFile| PartialDrive {

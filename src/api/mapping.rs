@@ -9,7 +9,8 @@ use super::{
     IoEngine, MAX_VCPUS, MachineConfig, NetworkInterface, RateLimiter, TokenBucket,
 };
 use crate::config::{
-    self, DiskSpec, MAX_MEM_BYTES, MIN_MEM_BYTES, TapSpec, Transport, VhostMode, VmConfig,
+    self, DiskSpec, GuestPages, MAX_MEM_BYTES, MIN_MEM_BYTES, TapSpec, Transport, VhostMode,
+    VmConfig,
 };
 use pvm_virtio::{BucketConfig, RateLimit};
 
@@ -86,6 +87,11 @@ pub enum ConfigError {
     MemSize(u64),
     #[error("Balloon device error: {0}")]
     BalloonFit(#[from] crate::balloon::BalloonFitError),
+    #[error(
+        "Machine config error: mem_size_mib {0} is not a whole number of 2 MiB huge pages, as \
+         huge_pages 2M needs"
+    )]
+    HugePageMemSize(u64),
     /// A field pvm does not (yet) implement with the value given.
     #[error("{category} error: {field}: {why}")]
     Refused {
@@ -133,9 +139,12 @@ impl MachineConfig {
         MachineConfig {
             vcpu_count: config.cpus,
             mem_size_mib: config.mem_bytes >> 20,
-            smt: false,
+            smt: config.smt,
             track_dirty_pages: false,
-            huge_pages: HugePages::None,
+            huge_pages: match config.huge_pages {
+                GuestPages::Normal => HugePages::None,
+                GuestPages::Huge2M => HugePages::Huge2M,
+            },
             cpu_template: None,
         }
     }
@@ -152,13 +161,6 @@ impl MachineConfig {
         if !bytes.is_some_and(|b| (MIN_MEM_BYTES..=MAX_MEM_BYTES).contains(&b)) {
             return Err(ConfigError::MemSize(self.mem_size_mib));
         }
-        if self.smt {
-            return Err(refused(
-                CATEGORY,
-                "smt",
-                "pvm gives every vCPU its own core (no SMT siblings); use smt: false",
-            ));
-        }
         if self.track_dirty_pages {
             return Err(refused(
                 CATEGORY,
@@ -166,12 +168,20 @@ impl MachineConfig {
                 "dirty page tracking exists only for snapshots, which pvm does not have yet",
             ));
         }
-        if self.huge_pages != HugePages::None {
-            return Err(refused(
-                CATEGORY,
-                "huge_pages",
-                "pvm backs guest memory with ordinary pages only; use None",
-            ));
+        match self.huge_pages {
+            HugePages::None => {}
+            HugePages::Huge2M if self.mem_size_mib % (config::HUGE_PAGE_BYTES >> 20) != 0 => {
+                return Err(ConfigError::HugePageMemSize(self.mem_size_mib));
+            }
+            HugePages::Huge2M => {}
+            HugePages::Transparent => {
+                return Err(refused(
+                    CATEGORY,
+                    "huge_pages Transparent",
+                    "pvm always advises transparent huge pages for ordinary guest memory; use \
+                     None, or 2M for hugetlbfs pages",
+                ));
+            }
         }
         if self.cpu_template.is_some_and(|t| t != CpuTemplate::None) {
             return Err(refused(
@@ -298,6 +308,12 @@ impl FcConfig {
         if let Some(balloon) = &vm.balloon {
             crate::balloon::check_fits(balloon, vm.mem_bytes)?;
         }
+        vm.smt = machine.smt;
+        vm.huge_pages = match machine.huge_pages {
+            HugePages::Huge2M => GuestPages::Huge2M,
+            // validate() refused the others.
+            HugePages::None | HugePages::Transparent => GuestPages::Normal,
+        };
         if let Some(entropy) = &self.entropy {
             vm.rng_limit = rate_limit(entropy.rate_limiter.as_ref());
         }

@@ -29,6 +29,8 @@ pub(crate) fn base() -> VmConfig {
         serial_out: None,
         balloon: None,
         console_socket: None,
+        smt: false,
+        huge_pages: Default::default(),
     }
 }
 
@@ -135,16 +137,20 @@ fn refused_fields_are_named() {
     let machine = |body: &str| config(&format!(r#"{{"machine-config": {body}}}"#));
     for (body, field) in [
         (
-            r#"{"vcpu_count": 1, "mem_size_mib": 128, "smt": true}"#,
-            "smt",
+            r#"{"vcpu_count": 3, "mem_size_mib": 128, "smt": true}"#,
+            "1 or even with smt",
         ),
         (
             r#"{"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}"#,
             "track_dirty_pages",
         ),
         (
-            r#"{"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}"#,
-            "huge_pages",
+            r#"{"vcpu_count": 1, "mem_size_mib": 129, "huge_pages": "2M"}"#,
+            "2 MiB huge pages",
+        ),
+        (
+            r#"{"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "Transparent"}"#,
+            "huge_pages Transparent",
         ),
         (
             r#"{"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"}"#,
@@ -169,6 +175,30 @@ fn refused_fields_are_named() {
     assert!(error_of(&iface(r#", "guest_mac": "zz:00:00:00:00:00""#)).contains("guest_mac"));
     let e = error_of(&config(r#"{"vsock": {"guest_cid": 3, "uds_path": "/v"}}"#));
     assert!(e.contains("vsock"), "{e}");
+}
+
+#[test]
+fn smt_and_huge_pages_map_onto_vm_config() {
+    let vm = config(
+        r#"{"machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": true,
+                               "huge_pages": "2M"}}"#,
+    )
+    .to_vm_config(&base())
+    .unwrap();
+    assert!(vm.smt);
+    assert_eq!(vm.huge_pages, crate::config::GuestPages::Huge2M);
+    // GET /machine-config shows them back.
+    let machine = MachineConfig::from_vm_config(&vm);
+    assert!(machine.smt);
+    assert_eq!(machine.huge_pages, HugePages::Huge2M);
+    // A lone vCPU may say smt (it has no sibling), as in Firecracker.
+    let one = config(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "smt": true}}"#);
+    assert!(one.to_vm_config(&base()).is_ok());
+    let plain = config(r#"{"machine-config": {"vcpu_count": 2, "mem_size_mib": 128}}"#)
+        .to_vm_config(&base())
+        .unwrap();
+    assert!(!plain.smt);
+    assert_eq!(plain.huge_pages, crate::config::GuestPages::Normal);
 }
 
 #[test]

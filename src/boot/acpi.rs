@@ -1,7 +1,8 @@
 //! ACPI tables (hardware-reduced, as a VMM without a chipset should be): RSDP, XSDT, FADT,
 //! MADT (one LAPIC per vCPU, the IOAPIC) and a DSDT carrying `_S5_` for power-off, the pvpanic
-//! device, and whatever AML the devices add (virtio-mmio nodes, PCI host bridge). Built with
-//! rust-vmm's acpi_tables; written into the BIOS area where guests also scan for the RSDP.
+//! device, the UART, the PS/2 keyboard controller, and whatever AML the devices add (virtio-mmio
+//! nodes, PCI host bridge). Built with rust-vmm's acpi_tables; written into the BIOS area where
+//! guests also scan for the RSDP.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -14,6 +15,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::devices::i8042::KEYBOARD_IRQ;
 use crate::layout;
 
 const OEM_ID: [u8; 6] = *b"PVMVMM";
@@ -21,7 +23,10 @@ const OEM_TABLE_ID: [u8; 8] = *b"PVMTABLE";
 const OEM_REVISION: u32 = 1;
 /// `_S5_` sleep type; the guest writes `SLP_TYP << 2 | SLP_EN` to the sleep control register.
 pub const S5_SLEEP_TYPE: u8 = 5;
-/// IAPC_BOOT_ARCH: no VGA, no CMOS RTC (pvm emulates neither).
+/// IAPC_BOOT_ARCH: an 8042 (the keyboard controller, crate::devices::i8042; without this bit a
+/// guest with ACPI PNP finds no PS/2 device and skips its driver), no VGA, no CMOS RTC (pvm
+/// emulates neither).
+const IAPC_8042: u16 = 1 << 1;
 const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 
@@ -37,6 +42,25 @@ fn bytes_of(table: &dyn Aml) -> Vec<u8> {
     let mut out = Vec::new();
     table.to_aml_bytes(&mut out);
     out
+}
+
+/// The i8042 (crate::devices::i8042) as a PS/2 keyboard controller, PNP0303: for the same reason
+/// as the UART, Linux's i8042 driver can only use IRQ 1 when ACPI hands it over (probing the
+/// ports directly, it finds the controller but cannot request the unmapped ISA IRQ: error -22).
+fn write_ps2_controller(dsdt: &mut Sdt) {
+    let (data, command) = (layout::I8042_PORT, layout::I8042_PORT + 4);
+    let data_io = aml::IO::new(data, data, 1, 1);
+    let command_io = aml::IO::new(command, command, 1, 1);
+    let irq = aml::Interrupt::new(true, true, false, false, KEYBOARD_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&data_io, &command_io, &irq]);
+    aml::Device::new(
+        "_SB_.PS2K".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(dsdt);
 }
 
 /// The DSDT: `_S5_`, the pvpanic device (QEMU0001 at its port) and `device_aml` from devices.
@@ -69,6 +93,7 @@ pub fn dsdt(device_aml: &[u8]) -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut dsdt);
+    write_ps2_controller(&mut dsdt);
     dsdt.append_slice(device_aml);
     dsdt.as_slice().to_vec()
 }
@@ -153,7 +178,7 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     };
     fadt.sleep_control_reg = io_byte(layout::ACPI_SLEEP_CONTROL_PORT);
     fadt.sleep_status_reg = io_byte(layout::ACPI_SLEEP_STATUS_PORT);
-    fadt.iapc_boot_arch = (IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).into();
+    fadt.iapc_boot_arch = (IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).into();
     bytes_of(&fadt.finalize())
 }
 
@@ -237,6 +262,7 @@ mod tests {
         assert!(checksum_ok(&d));
         let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
         assert!(find(&d, b"_S5_") && find(&d, b"QEMU0001") && find(&d, b"COM1"));
+        assert!(find(&d, b"PS2K"), "the keyboard controller is described");
         let f = fadt(0x1234);
         assert_eq!(&f[0..4], b"FACP");
         assert!(checksum_ok(&f));

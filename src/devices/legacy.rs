@@ -1,13 +1,11 @@
-//! Bus adapters for vm-superio's 8250 UART and i8042 controller.
+//! The bus adapter for vm-superio's 8250 UART.
 
 use std::io::Write;
-use std::sync::Arc;
 
-use vm_superio::{I8042Device, Serial, Trigger, serial::NoEvents};
+use vm_superio::{Serial, serial::NoEvents};
 
 use super::IrqTrigger;
 use crate::bus::BusDevice;
-use crate::exit::{EndSignal, Outcome};
 
 /// The 8250 UART at 0x3f8, interrupting on IRQ 4 through an irqfd.
 pub struct SerialDevice {
@@ -56,42 +54,10 @@ impl BusDevice for SerialDevice {
     }
 }
 
-/// Turns the i8042 "pulse reset line" command into the end of the VM.
-#[derive(Debug)]
-pub struct ResetLine(pub Arc<EndSignal>);
-
-impl Trigger for ResetLine {
-    type E = std::convert::Infallible;
-
-    fn trigger(&self) -> Result<(), Self::E> {
-        self.0.end(Outcome::Reboot);
-        Ok(())
-    }
-}
-
-/// The i8042 controller at 0x60..0x64 (data port at offset 0, command port at offset 4).
-pub struct I8042(pub I8042Device<ResetLine>);
-
-impl BusDevice for I8042 {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if data.len() == 1 {
-            data[0] = self.0.read(offset as u8);
-        } else {
-            data.fill(0xff);
-        }
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() == 1 {
-            let _ = self.0.write(offset as u8, data[0]);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
     use vmm_sys_util::eventfd::EventFd;
 
     #[derive(Clone, Default)]
@@ -128,15 +94,5 @@ mod tests {
         let taken = dev.enqueue_input(&big);
         assert!(taken < 200);
         assert_eq!(dev.enqueue_input(&big), 0);
-    }
-
-    #[test]
-    fn i8042_reset_ends_the_vm_as_reboot() {
-        let end = Arc::new(EndSignal::new().unwrap());
-        let mut dev = I8042(I8042Device::new(ResetLine(end.clone())));
-        dev.write(4, &[0x12]);
-        assert_eq!(end.outcome(), None);
-        dev.write(4, &[0xfe]);
-        assert_eq!(end.outcome(), Some(Outcome::Reboot));
     }
 }

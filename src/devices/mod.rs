@@ -1,8 +1,10 @@
 //! The platform devices pvm keeps besides virtio: the 8250 UART for early boot (vm-superio), the
-//! i8042 reset line (vm-superio), the ACPI power device and pvpanic.
+//! i8042 controller with its keyboard (reset line and Ctrl-Alt-Del), the ACPI power device and
+//! pvpanic.
 
 pub mod boot_timer;
 pub mod console_socket;
+pub mod i8042;
 pub mod legacy;
 pub mod power;
 pub mod serial_out;

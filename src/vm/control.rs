@@ -3,8 +3,11 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
+use std::sync::{Mutex, PoisonError};
+
 use super::pause::{Pauser, VmRequest};
-use crate::exit::EndSignal;
+use crate::devices::i8042::{I8042, KeyboardFull};
+use crate::exit::{EndSignal, Outcome};
 
 /// A control plane the main loop serves while the VM runs.
 pub trait ControlPlane {
@@ -18,6 +21,8 @@ pub trait ControlPlane {
 pub struct RunningVm<'a, 'p> {
     /// Ending the VM (the main loop sees it next).
     pub end: &'a EndSignal,
+    /// The keyboard controller, to type Ctrl-Alt-Del.
+    pub keyboard: &'a Mutex<I8042>,
     /// Pausing and resuming it, as SIGUSR1/SIGUSR2 do.
     pub pauser: &'a mut Pauser<'p>,
 }
@@ -32,7 +37,28 @@ pub enum ControlError {
     PauseFailed,
 }
 
+/// What Ctrl-Alt-Del did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtrlAltDel {
+    /// The keys wait in the keyboard for the guest's driver.
+    Typed,
+    /// The guest has no keyboard driver (it never programmed the controller) and could never
+    /// read the keys: it is reset instead, which ends the VM.
+    Reset,
+}
+
 impl RunningVm<'_, '_> {
+    /// Types Ctrl-Alt-Del on the guest's keyboard, or resets a guest without a keyboard driver.
+    pub fn ctrl_alt_del(&self) -> Result<CtrlAltDel, KeyboardFull> {
+        let mut keyboard = self.keyboard.lock().unwrap_or_else(PoisonError::into_inner);
+        if !keyboard.driver_seen() {
+            self.end.end(Outcome::Reboot);
+            return Ok(CtrlAltDel::Reset);
+        }
+        keyboard.ctrl_alt_del()?;
+        Ok(CtrlAltDel::Typed)
+    }
+
     pub fn is_paused(&self) -> bool {
         self.pauser.is_paused()
     }

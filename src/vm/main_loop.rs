@@ -14,6 +14,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::control::{ControlPlane, RunningVm};
 use super::pause::{Pauser, VmRequest};
 use super::{Error, io_err};
+use crate::devices::i8042::I8042;
 use crate::devices::legacy::SerialDevice;
 use crate::exit::{EndSignal, Outcome};
 use pvm_virtio::ConsoleInput;
@@ -174,6 +175,7 @@ pub(super) fn metrics_timer() -> Result<Option<TimerFd>, Error> {
 pub(super) fn main_loop(
     sink: Option<&InputSink>,
     end: &EndSignal,
+    keyboard: &Mutex<I8042>,
     stop: &StopSignals,
     pauser: &mut Pauser<'_>,
     mut metrics_timer: Option<TimerFd>,
@@ -237,7 +239,11 @@ pub(super) fn main_loop(
                 }
                 TOKEN_CONTROL => {
                     if let Some(control) = control.as_deref_mut() {
-                        control.serve(&mut RunningVm { end, pauser });
+                        control.serve(&mut RunningVm {
+                            end,
+                            keyboard,
+                            pauser,
+                        });
                     }
                 }
                 TOKEN_STDIN if input.pending.is_empty() => {

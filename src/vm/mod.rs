@@ -18,7 +18,6 @@ use std::time::Duration;
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::GuestMemoryMmap;
-use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
@@ -30,7 +29,8 @@ use crate::config::{ConsoleKind, VmConfig};
 use crate::devices::IrqTrigger;
 use crate::devices::boot_timer::{BOOT_TIMER_PORT, BootTimer};
 use crate::devices::console_socket::{self, ConsoleSocket};
-use crate::devices::legacy::{I8042, ResetLine, SerialDevice};
+use crate::devices::i8042::{self, I8042};
+use crate::devices::legacy::SerialDevice;
 use crate::devices::power::{AcpiPower, PvPanic};
 use crate::exit::{EndSignal, Outcome, error_chain};
 use crate::memory::VmMemory;
@@ -43,7 +43,7 @@ use crate::{kvm_host, layout, logger};
 use pvm_virtio::{ConsoleInput, NetCounters};
 
 pub use self::boot_files::{BootFiles, boot_files};
-pub use self::control::{ControlError, ControlPlane, RunningVm};
+pub use self::control::{ControlError, ControlPlane, CtrlAltDel, RunningVm};
 pub use self::error::Error;
 use self::error::{io_err, kvm_err};
 
@@ -52,11 +52,12 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// What pvm puts on the kernel command line before the user's part: reboot through the i8042
 /// reset line (which ends the VM; the kernel's reboot code writes the port itself, no driver
-/// needed), and i8042 probing kept short. The i8042 driver is left to ask ACPI (PNP) whether a
-/// PS/2 controller exists: pvm's FADT does not claim one (IAPC_BOOT_ARCH bit 1 clear), so a
-/// kernel with PNPACPI skips the driver at once. With `i8042.nopnp` it probed the ports
-/// directly and, the controller answering no commands, busy-waited 500 ms for the CTR read:
-/// 10,000 status-port exits on every boot ("i8042: Can't read CTR while initializing i8042").
+/// needed), and i8042 probing kept short: no mouse port, no multiplexer, and no keyboard
+/// commands at boot (`dumbkbd`: atkbd takes the keyboard as it is; keys still arrive, which is
+/// what Ctrl-Alt-Del needs). The DSDT describes the controller (PNP0303 with IRQ 1) and the
+/// FADT claims it, so the driver takes it from ACPI, and pvm's controller answers each command
+/// at once. (A controller that answered nothing cost 500 ms of busy-waiting and 10,000 exits
+/// per boot: "i8042: Can't read CTR while initializing i8042".)
 const BASE_CMDLINE: &str = "reboot=k i8042.noaux i8042.nomux i8042.dumbkbd";
 /// The UART is the console, or only the early console before hvc0 takes over.
 const SERIAL_CONSOLE: &str = "console=ttyS0";
@@ -78,6 +79,8 @@ pub fn build(config: &VmConfig) -> Result<Vm, Error> {
 pub struct Vm {
     vcpus: Vec<Vcpu>,
     serial: Arc<Mutex<SerialDevice>>,
+    /// The keyboard controller, which a control plane types Ctrl-Alt-Del into.
+    i8042: Arc<Mutex<I8042>>,
     console_input: Option<ConsoleInput>,
     /// The counters metrics and --stats read (exits, disks, taps).
     counters: Arc<Sources>,
@@ -105,6 +108,7 @@ pub struct Vm {
 struct LegacyDevices {
     pio: Bus,
     serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
 }
 
 /// What every vCPU shares with the rest of the VM.
@@ -128,7 +132,11 @@ impl Vm {
         let (vm_fd, guest_memory) = (memory.vm_fd(), memory.guest_memory());
         create_irqchip(vm_fd)?;
         let end = Arc::new(EndSignal::new().map_err(io_err("eventfd"))?);
-        let LegacyDevices { mut pio, serial } = legacy_devices(vm_fd, config, &end)?;
+        let LegacyDevices {
+            mut pio,
+            serial,
+            i8042,
+        } = legacy_devices(vm_fd, config, &end)?;
         let mut mmio = Bus::new();
         let attached = virtio_devices::attach(config, vm_fd, guest_memory, &mut pio, &mut mmio)?;
         let entry = load_guest(guest_memory, config, &attached, boot_files)?;
@@ -143,6 +151,7 @@ impl Vm {
         Ok(Vm {
             vcpus,
             serial,
+            i8042,
             console_input: attached.console_input,
             counters: Arc::new(Sources {
                 exits: shared.stats,
@@ -204,7 +213,15 @@ impl Vm {
                 // The first line marks the start, as Firecracker's does.
                 metrics::flush_or_log();
                 let input = terminal.then_some(&sink);
-                main_loop(input, &self.end, &signals, &mut pauser, timer, control)
+                main_loop(
+                    input,
+                    &self.end,
+                    &self.i8042,
+                    &signals,
+                    &mut pauser,
+                    timer,
+                    control,
+                )
             });
         let pauses = pauser.summary();
         // Read while every thread still lives: after the join the vCPUs' share is gone.
@@ -261,7 +278,12 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, Error> {
 fn create_memory(vm_fd: VmFd, config: &VmConfig) -> Result<VmMemory, Error> {
     // vhost-user backends map guest RAM themselves: it must be shareable.
     let shared = !config.vhost_user_disks.is_empty() || !config.vhost_user_nets.is_empty();
-    Ok(VmMemory::new(Arc::new(vm_fd), config.mem_bytes, shared)?)
+    Ok(VmMemory::new(
+        Arc::new(vm_fd),
+        config.mem_bytes,
+        shared,
+        config.huge_pages,
+    )?)
 }
 
 /// KVM's in-kernel PIC/IOAPIC/LAPICs and PIT (whose speaker port stays a dummy).
@@ -294,12 +316,15 @@ fn legacy_devices(
         console_socket::serial_output(config.serial_out.as_deref())?,
     )));
     pio.insert(u64::from(layout::SERIAL_PORT), 8, serial.clone())?;
-    let i8042 = I8042(I8042Device::new(ResetLine(end.clone())));
-    pio.insert(
-        u64::from(layout::I8042_PORT),
-        5,
-        Arc::new(Mutex::new(i8042)),
-    )?;
+    let keyboard_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+    vm_fd
+        .register_irqfd(&keyboard_irq, i8042::KEYBOARD_IRQ)
+        .map_err(kvm_err("KVM_IRQFD (i8042)"))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        end.clone(),
+        IrqTrigger(keyboard_irq),
+    )));
+    pio.insert(u64::from(layout::I8042_PORT), 5, i8042.clone())?;
     pio.insert(
         u64::from(layout::ACPI_SLEEP_CONTROL_PORT),
         2,
@@ -317,7 +342,7 @@ fn legacy_devices(
             Arc::new(Mutex::new(BootTimer::default())),
         )?;
     }
-    Ok(LegacyDevices { pio, serial })
+    Ok(LegacyDevices { pio, serial, i8042 })
 }
 
 /// Writes the ACPI tables, the command line, the kernel and the initrd into guest memory;
@@ -375,6 +400,7 @@ fn create_vcpus(
             &fd,
             index,
             config.cpus,
+            config.smt,
             &supported,
             (index == 0).then_some(entry),
         )?;
