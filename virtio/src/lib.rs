@@ -23,6 +23,7 @@ pub mod rng;
 pub mod testing;
 pub mod thread;
 pub mod transport;
+pub mod vsock;
 mod worker;
 
 pub use block::{Block, BlockError, DiskErrors, DiskImage, DiskSwap};
@@ -34,4 +35,5 @@ pub use rate_limiter::{BucketConfig, RateLimit, RateLimiter};
 pub use rng::Rng;
 pub use transport::mmio::MmioTransport;
 pub use transport::pci::{MsiMessage, MsiSink, PciTransport};
+pub use vsock::{Vsock, VsockError};
 pub use worker::{CHAINS_PER_PASS, DeviceQueue, SharedLimiter, read_config_bytes};
