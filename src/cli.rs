@@ -68,6 +68,14 @@ struct Args {
     #[arg(long, value_name = "vhost-user=SOCKET", value_parser = config::parse_net)]
     net: Vec<PathBuf>,
 
+    /// A virtio-vsock device for the guest, whose CID is N (3 or more). With `socket=PATH`
+    /// pvm serves it (Firecracker's hybrid vsock): host processes connect to PATH and send
+    /// `CONNECT <port>\n`, and guest connections to CID 2 port P reach the Unix socket at
+    /// PATH_P. With `vhost=on` the kernel's vhost-vsock serves it and host processes use
+    /// AF_VSOCK.
+    #[arg(long, value_name = "cid=N,socket=PATH | cid=N,vhost=on", value_parser = config::parse_vsock)]
+    vsock: Option<config::VsockSpec>,
+
     /// Where the guest console lives: the 8250 UART (ttyS0) or virtio-console (hvc0).
     #[arg(long, value_name = "serial|virtio", default_value = "serial", value_parser = parse_console)]
     console: ConsoleKind,
@@ -379,6 +387,7 @@ pub fn parse_launch<I: IntoIterator<Item = OsString>>(args: I) -> Result<Launch,
         },
         metrics_path: args.metrics_path,
         serial_out: args.serial_out,
+        vsock: args.vsock,
     };
     Ok(Launch {
         config,

@@ -27,6 +27,7 @@ pub(crate) fn base() -> VmConfig {
         logger: Default::default(),
         metrics_path: None,
         serial_out: None,
+        vsock: None,
     }
 }
 

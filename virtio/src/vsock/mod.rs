@@ -32,6 +32,7 @@ use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
 use crate::worker::{WorkerSlot, device_queues, feature, read_config_bytes};
 
 pub use conn::BUF_ALLOC;
+pub use sock::{ACCEPT_FLAGS, SOCKET_TYPE, accept, connect};
 pub use worker::{MAX_CONNECTIONS, MAX_CONTROL, MAX_PAYLOAD};
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -39,6 +40,9 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const MIN_GUEST_CID: u64 = 3;
 /// CIDs are 32-bit on the socket API (`svm_cid`), and u32::MAX is VMADDR_CID_ANY.
 pub const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
+/// The device thread's name starts with this (then the device's index): the VMM gives that
+/// thread the sandbox rules for its Unix sockets.
+pub const THREAD_PREFIX: &str = "virtio-vsock";
 static NEXT_VSOCK_INDEX: AtomicUsize = AtomicUsize::new(0);
 
 const OFFERED_FEATURES: u64 = feature(VIRTIO_F_VERSION_1)
@@ -80,7 +84,7 @@ impl Vsock {
             cid,
             uds_path: uds_path.to_path_buf(),
             listener: Arc::new(listener),
-            worker: WorkerSlot::new(format!("virtio-vsock{index}")),
+            worker: WorkerSlot::new(format!("{THREAD_PREFIX}{index}")),
         })
     }
 
