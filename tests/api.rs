@@ -171,8 +171,8 @@ fn configure_start_and_end_a_guest_through_the_api() {
         &mut api,
         "PUT",
         "/vsock",
-        Some(r#"{"guest_cid": 3, "uds_path": "/x"}"#),
-        "vsock",
+        Some(r#"{"guest_cid": 2, "uds_path": "/x"}"#),
+        "guest_cid 2",
     );
     let (status, _) = call(
         &mut api,

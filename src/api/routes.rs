@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use super::http::{Method, Request};
 use super::models::{
     BootSource, Drive, Entropy, Logger, MachineConfig, MachineConfigUpdate, Metrics,
-    NetworkInterface, PartialDrive, PartialNetworkInterface, Serial,
+    NetworkInterface, PartialDrive, PartialNetworkInterface, Serial, Vsock,
 };
 
 /// What the API asks the VMM (main) thread to do.
@@ -27,6 +27,7 @@ pub enum Action {
     PutLogger(Logger),
     PutMetrics(Metrics),
     PutSerial(Serial),
+    PutVsock(Vsock),
     PatchDrive(PartialDrive),
     /// A PATCH /drives with path_on_host whose file the API thread opened.
     SwapDrive(PartialDrive, super::swap::OpenedDisk),
@@ -93,7 +94,6 @@ enum VmState {
 /// Endpoints Firecracker has and pvm does not (yet), and why.
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("snapshot", "pvm does not support snapshots yet"),
-    ("vsock", "pvm does not support vsock yet"),
     ("balloon", "pvm does not support the balloon device yet"),
     ("mmds", "pvm does not support MMDS"),
     ("cpu-config", "pvm does not support CPU templates"),
@@ -163,6 +163,7 @@ pub fn route(request: &Request) -> Result<Action, RouteError> {
         (Method::Put, "logger") => Action::PutLogger(decode(body)?),
         (Method::Put, "metrics") => Action::PutMetrics(decode(body)?),
         (Method::Put, "serial") => Action::PutSerial(decode(body)?),
+        (Method::Put, "vsock") => Action::PutVsock(decode(body)?),
         (Method::Put, "drives") => {
             let id = checked_id(id)?;
             let drive: Drive = decode(body)?;

@@ -132,7 +132,6 @@ fn unsupported_endpoints_say_so() {
     for (method, path) in [
         (Put, "/snapshot/create"),
         (Put, "/snapshot/load"),
-        (Put, "/vsock"),
         (Put, "/balloon"),
         (Get, "/balloon/statistics"),
         (Put, "/mmds"),
@@ -215,4 +214,29 @@ fn logger_metrics_and_serial_bodies() {
     assert_eq!(ok("/serial", "{}"), Action::PutSerial(Serial::default()));
     assert!(fault(Put, "/serial", r#"{"path":"/x"}"#).contains("unknown field `path`"));
     assert_eq!(fault(Put, "/serial", ""), "Empty PUT request.");
+}
+
+#[test]
+fn put_vsock_takes_firecracker_s_body() {
+    let action = route(&request(
+        Method::Put,
+        "/vsock",
+        r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#,
+    ))
+    .unwrap();
+    assert_eq!(
+        action,
+        Action::PutVsock(Vsock {
+            vsock_id: None,
+            guest_cid: 3,
+            uds_path: "/tmp/v.sock".into(),
+        })
+    );
+    for bad in [
+        r#"{"guest_cid": 3}"#,
+        r#"{"guest_cid": -1, "uds_path": "/v"}"#,
+        r#"{"guest_cid": 3, "uds_path": "/v", "vhost": true}"#,
+    ] {
+        assert!(fault(Method::Put, "/vsock", bad).contains("json"), "{bad}");
+    }
 }
