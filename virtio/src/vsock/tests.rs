@@ -361,14 +361,42 @@ fn a_host_peer_that_goes_away_ends_the_connection() {
     let host = guest.connect(&listener, 5000, 9);
     drop(host);
     let (header, _) = guest.next();
-    assert_eq!(
-        (header.op, header.flags),
-        (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
-    );
+    assert_eq!((header.op, header.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
     // A guest writing anyway is reset.
     guest.send(guest.header(5000, 9, OP_RW), b"late");
     assert_eq!(guest.next().0.op, OP_RST);
     guest.quiet();
+}
+
+#[test]
+fn a_host_that_half_closes_still_reads_the_guest() {
+    let guest = Guest::start();
+    let listener = guest.listen(9);
+    let mut host = guest.connect(&listener, 5000, 9);
+    host.write_all(b"request").unwrap();
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    let mut shutdown = None;
+    assert!(eventually(|| {
+        for (header, data) in guest.received() {
+            match header.op {
+                OP_RW => got.extend(data),
+                _ => shutdown = Some((header.op, header.flags)),
+            }
+        }
+        shutdown.is_some()
+    }));
+    assert_eq!(got, b"request");
+    assert_eq!(shutdown, Some((OP_SHUTDOWN, SHUTDOWN_SEND)));
+    guest.send(guest.header(5000, 9, OP_RW), b"reply");
+    assert_eq!(read_n(&mut host, 5), b"reply");
+    // The guest is done too: the connection closes.
+    let mut done = guest.header(5000, 9, OP_SHUTDOWN);
+    done.flags = SHUTDOWN_SEND;
+    guest.send(done, &[]);
+    assert_eq!(guest.next().0.op, OP_RST);
+    let mut rest = Vec::new();
+    assert_eq!(host.read_to_end(&mut rest).unwrap(), 0);
 }
 
 #[test]

@@ -125,7 +125,8 @@ impl Core {
             .stream
             .read(&mut self.buf[HEADER_LEN..HEADER_LEN + room]);
         let (op, flags, len) = match read {
-            Ok(0) => (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0),
+            // EOF only says the host sends no more: it may still read (a half-close).
+            Ok(0) => (OP_SHUTDOWN, SHUTDOWN_SEND, 0),
             Ok(n) => (OP_RW, 0, n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 rx.unpop(1);
