@@ -326,7 +326,8 @@ pub fn install_device_filter(name: &str) -> Result<(), pvm_virtio::thread::InitE
 /// the device's listener (bound before the sandbox) and connects guest connections to the
 /// Unix sockets beside it. Only Unix stream sockets, made non-blocking and close-on-exec by
 /// socket(2) and accept4(2) themselves (no fcntl or ioctl follows); reads are the standard
-/// library's recv (recvfrom without flags or address); a guest's SHUTDOWN becomes
+/// library's recv (recvfrom without flags or address), writes its send (sendto with
+/// MSG_NOSIGNAL only: a peer gone is EPIPE, never SIGPIPE); a guest's SHUTDOWN becomes
 /// shutdown(2). No bind, listen, sendmsg or recvmsg: no descriptor passing.
 pub fn vsock_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     use pvm_virtio::vsock::{ACCEPT_FLAGS, SOCKET_TYPE};
@@ -346,6 +347,7 @@ pub fn vsock_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
         (libc::SYS_accept4, all(vec![int_is(3, ACCEPT_FLAGS)])),
         (libc::SYS_connect, Vec::new()),
         (libc::SYS_recvfrom, all(vec![int_is(3, 0)])),
+        (libc::SYS_sendto, all(vec![int_is(3, libc::MSG_NOSIGNAL)])),
         (libc::SYS_shutdown, Vec::new()),
     ])
 }
@@ -513,12 +515,16 @@ mod tests {
                 let mut accepted = pvm_virtio::vsock::accept(&listener).unwrap();
                 let mut byte = [0u8];
                 accepted.read_exact(&mut byte).unwrap();
+                accepted.write_all(b"y").unwrap();
                 let stream = pvm_virtio::vsock::connect(&path).unwrap();
                 stream.shutdown(std::net::Shutdown::Write).unwrap();
                 byte[0]
             })
             .unwrap();
         assert_eq!(thread.join().unwrap(), b'x');
+        let mut reply = [0u8];
+        host.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"y");
         assert!(target.accept().is_ok());
         // Other device threads get none of it.
         let rules = rules(ThreadKind::Device, false);
