@@ -3,7 +3,8 @@
 //! - `hybrid` (pvm's own device, virtio-pci): 4 MB guest to host into the Unix socket at
 //!   `v.sock_5000` and 4 MB host to guest through `CONNECT 52`, checksummed at both ends; 32
 //!   host connections at once; a host sender killed mid-stream (the guest sees its connection
-//!   end, later connections still work);
+//!   end, later connections still work); a driver reload, after which the guest connects
+//!   again;
 //! - `vhost` (`vhost=on`, the emulated host's vhost_vsock, which needs vsock and
 //!   vmw_vsock_virtio_transport_common loaded first; virtio-mmio so calls are relayed):
 //!   4 MB each way over AF_VSOCK, checksummed.
@@ -88,7 +89,11 @@ fn hybrid() -> Scenario {
         "/h serve-vsock 52 > /tmp/s52 2>&1 &\n\
          /h serve-vsock 53 > /tmp/s53 2>&1 &\n\
          /h send-vsock 2 5000 {MB4} 1\n\
-         {}sed 's/^/s53: /' /tmp/s53\n",
+         {}sed 's/^/s53: /' /tmp/s53\n\
+         drv=/sys/bus/virtio/drivers/vmw_vsock_virtio_transport\n\
+         for d in $drv/virtio*; do dev=$(basename $d); done\n\
+         echo $dev > $drv/unbind && echo $dev > $drv/bind && echo \"reloaded $dev\"\n\
+         /h send-vsock 2 5000 200000 1\n",
         wait_received(52, 34)
     );
     let host = format!(
@@ -175,6 +180,14 @@ fn a_host_peer_killed_mid_stream_ends_only_its_connection() {
     o.assert_contains("s53: recv");
     o.assert_lacks("s53: recv 1000000000");
     o.assert_contains("after: send-done ok=1");
+}
+
+#[test]
+fn the_guest_connects_again_after_a_driver_reload() {
+    let o = BATCH.outcome("hybrid");
+    o.assert_contains("reloaded virtio");
+    o.assert_contains("serve: recv 200000");
+    o.assert_contains("sent OK 200000");
 }
 
 #[test]
