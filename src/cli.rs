@@ -89,6 +89,14 @@ struct Args {
     #[arg(long, value_name = "vhost-user=SOCKET", value_parser = config::parse_net)]
     net: Vec<PathBuf>,
 
+    /// A virtio-vsock device for the guest, whose CID is N (3 or more). With `socket=PATH`
+    /// pvm serves it (Firecracker's hybrid vsock): host processes connect to PATH and send
+    /// `CONNECT <port>\n`, and guest connections to CID 2 port P reach the Unix socket at
+    /// PATH_P. With `vhost=on` the kernel's vhost-vsock serves it and host processes use
+    /// AF_VSOCK.
+    #[arg(long, value_name = "cid=N,socket=PATH | cid=N,vhost=on", value_parser = config::parse_vsock)]
+    vsock: Option<config::VsockSpec>,
+
     /// Where the guest console lives: the 8250 UART (ttyS0) or virtio-console (hvc0); and
     /// `socket=PATH` puts it on a Unix socket instead of the terminal (which pvm then leaves
     /// alone): attach with `pvm console ID` or `socat -,raw,echo=0 UNIX-CONNECT:PATH`. Plain
@@ -541,6 +549,7 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
         console_socket,
         smt: args.smt,
         huge_pages: args.huge_pages.unwrap_or_default(),
+        vsock: args.vsock,
     };
     Ok(Invocation::Run(Box::new(Launch {
         config,

@@ -85,6 +85,22 @@ impl TapSpec {
     }
 }
 
+/// Where the host side of the guest's vsock lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VsockBackend {
+    /// Firecracker's hybrid vsock: host processes use Unix sockets at and beside this path.
+    Unix(PathBuf),
+    /// The kernel's vhost-vsock: host processes use AF_VSOCK.
+    Vhost,
+}
+
+/// `--vsock` (or `PUT /vsock`): the guest's vsock device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockSpec {
+    pub cid: u64,
+    pub backend: VsockBackend,
+}
+
 /// A complete, validated VM description.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -127,6 +143,8 @@ pub struct VmConfig {
     pub smt: bool,
     /// `--huge-pages` (Firecracker's `huge_pages`): what backs guest RAM.
     pub huge_pages: GuestPages,
+    /// `--vsock`: a virtio-vsock device (one per VM).
+    pub vsock: Option<VsockSpec>,
 }
 
 /// Where `--console socket` puts the console's socket.
@@ -197,6 +215,14 @@ pub enum ValueError {
         "unknown tap option '{0}' (known: mac=MAC, vhost=on|off|auto, queues=N, rx_bw=, tx_bw=, rx_pps=, tx_pps=)"
     )]
     TapOption(String),
+    #[error("cid={0}: use a number from 3 to 4294967294")]
+    VsockCid(String),
+    #[error("needs cid=N and one of socket=PATH or vhost=on: --vsock cid=N,socket=PATH")]
+    VsockIncomplete,
+    #[error("vhost={0}: use vhost=on (or socket=PATH for pvm's own device)")]
+    VsockVhost(String),
+    #[error("unknown vsock option '{0}' (known: cid=N, socket=PATH, vhost=on)")]
+    VsockOption(String),
 }
 
 /// Parses a memory size: `256M`, `2G`, `1T`, `4096K`, or a plain number of MiB.
@@ -382,6 +408,35 @@ pub fn parse_tap(text: &str) -> Result<TapSpec, ValueError> {
         return Err(ValueError::LimitWithVhost);
     }
     Ok(spec)
+}
+
+/// Parses `cid=N,socket=PATH` or `cid=N,vhost=on`.
+pub fn parse_vsock(text: &str) -> Result<VsockSpec, ValueError> {
+    let (mut cid, mut socket, mut vhost) = (None, None, false);
+    for option in text.split(',') {
+        match option.split_once('=') {
+            Some(("cid", n)) => {
+                let range = pvm_virtio::vsock::MIN_GUEST_CID..=pvm_virtio::vsock::MAX_GUEST_CID;
+                cid = Some(
+                    n.parse()
+                        .ok()
+                        .filter(|n| range.contains(n))
+                        .ok_or_else(|| ValueError::VsockCid(n.to_string()))?,
+                );
+            }
+            Some(("socket", path)) if !path.is_empty() => socket = Some(PathBuf::from(path)),
+            Some(("vhost", "on")) => vhost = true,
+            Some(("vhost", other)) => return Err(ValueError::VsockVhost(other.to_string())),
+            _ => return Err(ValueError::VsockOption(option.to_string())),
+        }
+    }
+    let backend = match (socket, vhost) {
+        (Some(path), false) => VsockBackend::Unix(path),
+        (None, true) => VsockBackend::Vhost,
+        _ => return Err(ValueError::VsockIncomplete),
+    };
+    let cid = cid.ok_or(ValueError::VsockIncomplete)?;
+    Ok(VsockSpec { cid, backend })
 }
 
 impl fmt::Display for ConsoleKind {
@@ -601,5 +656,46 @@ mod tests {
             ValueError::LimitWithVhost
         );
         assert!(parse_tap("tap0,vhost=off,tx_bw=1M").is_ok());
+    }
+
+    #[test]
+    fn vsock_specs() {
+        assert_eq!(
+            parse_vsock("cid=3,socket=/tmp/v.sock").unwrap(),
+            VsockSpec {
+                cid: 3,
+                backend: VsockBackend::Unix(PathBuf::from("/tmp/v.sock"))
+            }
+        );
+        assert_eq!(
+            parse_vsock("vhost=on,cid=4294967294").unwrap().backend,
+            VsockBackend::Vhost
+        );
+        for bad in [
+            "cid=2,socket=/v",
+            "cid=4294967295,socket=/v",
+            "cid=x,socket=/v",
+        ] {
+            assert!(
+                matches!(parse_vsock(bad), Err(ValueError::VsockCid(_))),
+                "{bad}"
+            );
+        }
+        for bad in [
+            "cid=3",
+            "socket=/v",
+            "cid=3,socket=/v,vhost=on",
+            "cid=3,socket=",
+        ] {
+            assert!(parse_vsock(bad).is_err(), "{bad}");
+        }
+        assert!(matches!(
+            parse_vsock("cid=3,vhost=off"),
+            Err(ValueError::VsockVhost(_))
+        ));
+        assert!(matches!(
+            parse_vsock("cid=3,port=1"),
+            Err(ValueError::VsockOption(_))
+        ));
     }
 }

@@ -10,14 +10,16 @@ use pvm_virtio::thread::ThreadError;
 use pvm_virtio::transport::pci::BAR_SIZE;
 use pvm_virtio::{
     Block, BlockError, Console, ConsoleInput, DiskErrors, MmioTransport, Net, PauseError,
-    PciTransport, Rng, Tap, TapError, VirtioDevice,
+    PciTransport, Rng, Tap, TapError, VirtioDevice, Vsock,
 };
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::acpi;
 use crate::bus::{self, Bus, BusDevice};
-use crate::config::{ConsoleKind, TapSpec, Transport, VhostMode, VmConfig};
+use crate::config::{
+    ConsoleKind, TapSpec, Transport, VhostMode, VmConfig, VsockBackend, VsockSpec,
+};
 use crate::irq_routing::{DeviceMsi, GsiRouter};
 use crate::layout;
 use crate::metrics::{NetSource, TapStats};
@@ -59,6 +61,10 @@ pub enum Error {
         tap: String,
         source: pvm_virtio::NetError,
     },
+    #[error("--vsock: {0}")]
+    Vsock(#[source] pvm_virtio::VsockError),
+    #[error("--vsock vhost=on: {0}")]
+    VhostVsock(#[source] pvm_vhost::vsock::Error),
     #[error(transparent)]
     DeviceThread(ThreadError),
     #[error("too many virtio devices for the {0} transport")]
@@ -112,7 +118,10 @@ impl Error {
                 | VhostUser::NoVersion1(_)
                 | VhostUser::NoBlockConfig => false,
             },
+            // A CID out of range, or a socket path that exists or cannot be made.
+            Error::Vsock(_) => true,
             Error::Console(_)
+            | Error::VhostVsock(_)
             | Error::Net { .. }
             | Error::VhostNet { .. }
             | Error::TapClone { .. }
@@ -294,6 +303,9 @@ fn create_devices(
         attached.limiters.balloon = Some(balloon.handle());
         devices.push(("balloon".to_string(), Box::new(balloon)));
     }
+    if let Some(spec) = &config.vsock {
+        devices.push(("vsock".to_string(), create_vsock(spec, memory)?));
+    }
     Ok(devices)
 }
 
@@ -379,6 +391,35 @@ fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<(Net, bool), E
         net.data_plane_name()
     ));
     Ok((net, vhost))
+}
+
+/// The vsock device `spec` asks for: served by pvm (its listener bound now, before the
+/// sandbox) or by the kernel's vhost-vsock (opened now).
+fn create_vsock(
+    spec: &VsockSpec,
+    memory: &GuestMemoryMmap,
+) -> Result<Box<dyn VirtioDevice>, Error> {
+    let device: Box<dyn VirtioDevice> = match &spec.backend {
+        VsockBackend::Unix(path) => {
+            let device = Vsock::new(spec.cid, path).map_err(Error::Vsock)?;
+            crate::logger::to_stderr(&format!(
+                "pvm: vsock cid {}: host sockets at {}\n",
+                spec.cid,
+                path.display()
+            ));
+            Box::new(device)
+        }
+        VsockBackend::Vhost => {
+            let device =
+                pvm_vhost::vsock::VhostVsock::new(spec.cid, memory).map_err(Error::VhostVsock)?;
+            crate::logger::to_stderr(&format!(
+                "pvm: vsock cid {}: vhost-vsock data plane\n",
+                spec.cid
+            ));
+            Box::new(device)
+        }
+    };
+    Ok(device)
 }
 
 #[derive(Debug)]

@@ -171,8 +171,8 @@ fn configure_start_and_end_a_guest_through_the_api() {
         &mut api,
         "PUT",
         "/vsock",
-        Some(r#"{"guest_cid": 3, "uds_path": "/x"}"#),
-        "vsock",
+        Some(r#"{"guest_cid": 2, "uds_path": "/x"}"#),
+        "guest_cid 2",
     );
     let (status, _) = call(
         &mut api,
@@ -584,4 +584,28 @@ fn hostile_clients_get_400_and_cannot_stall_others() {
     child.kill().unwrap();
     child.wait().unwrap();
     let _ = std::fs::remove_file(&socket);
+}
+
+#[test]
+fn put_vsock_before_boot_binds_its_socket_at_instance_start() {
+    require_kvm();
+    let boot = spinning_guest("api-vsock", "vsock guest up\r\n");
+    let socket = scratch("api-vsock.sock");
+    let uds = scratch("api-vsock.v");
+    let _ = std::fs::remove_file(&uds);
+    let (mut child, mut api) = start_api(&socket, &[]);
+    let body = format!(r#"{{"guest_cid": 3, "uds_path": "{}"}}"#, uds.display());
+    assert_eq!(call(&mut api, "PUT", "/vsock", Some(&body)).0, 204);
+    let (status, config) = call(&mut api, "GET", "/vm/config", None);
+    assert_eq!(status, 200);
+    assert!(config.contains(r#""guest_cid":3"#), "{config}");
+    assert!(!uds.exists(), "bound before InstanceStart");
+    assert_eq!(call(&mut api, "PUT", "/boot-source", Some(&boot)).0, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(start)).0, 204);
+    // The host side listens: a process may connect (and wait for the guest's driver).
+    assert!(UnixStream::connect(&uds).is_ok());
+    expect_fault(&mut api, "PUT", "/vsock", Some(&body), "after starting");
+    ctrl_alt_del(&mut api, &mut child);
+    let _ = std::fs::remove_file(&uds);
 }

@@ -910,3 +910,43 @@ fn metrics_count_stop_signals_disks_and_seccomp_faults() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn vsock_listens_before_the_guest_runs_and_its_thread_is_sandboxed() {
+    require_kvm();
+    let socket = scratch_image("vsock-listen.sock");
+    let _ = std::fs::remove_file(&socket);
+    let spec = format!("cid=3,socket={}", socket.display());
+    let mut child = spinning_pvm("spin-vsock", &["--vsock", &spec], &[]);
+    // The micro guest has no vsock driver: the host process waits in the backlog.
+    let connected = std::os::unix::net::UnixStream::connect(&socket);
+    let start = Instant::now();
+    let vsock_thread = loop {
+        let threads = thread_seccomp_modes(child.id());
+        let found = threads.into_iter().find(|(n, _)| n == "virtio-vsock0");
+        if found.is_some() || start.elapsed() > Duration::from_secs(5) {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(128 + libc::SIGTERM));
+    assert!(connected.is_ok(), "{connected:?}");
+    assert_eq!(vsock_thread, Some(("virtio-vsock0".into(), "2".into())));
+    // A socket path in use is the user's error, named.
+    let (out, _) = run(&[
+        "--kernel",
+        micro_kernel("vsock-busy", &spin()).to_str().unwrap(),
+        "--vsock",
+        &spec,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--vsock"), "{}", stderr(&out));
+    let _ = std::fs::remove_file(&socket);
+    for bad in ["cid=2,socket=/tmp/x", "cid=3", "cid=3,vhost=maybe"] {
+        let (out, _) = run(&["--vsock", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(error_lines(&out)[0].contains("--vsock"), "{bad}");
+    }
+}

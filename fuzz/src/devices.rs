@@ -23,7 +23,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use pvm_virtio::testing::RecordingInterrupt;
+use pvm_virtio::testing::{RecordingInterrupt, TestQueue};
 use pvm_virtio::{
     Activation, Balloon, BalloonConfig, Block, Console, Net, NetBackend, Rng, VirtioDevice,
 };
@@ -32,10 +32,13 @@ use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::input::Input;
 use crate::queue::{DriverQueue, MAX_QUEUES, ScratchFile, guest_memory, queue_size, write_payload};
+
+/// Where queues past [`MAX_QUEUES`] keep their (empty) rings: the top page of the high region.
+const IDLE_RINGS: GuestAddress = GuestAddress(crate::queue::HIGH_RAM.0 + 0x3_f000);
 
 /// Feature bits of the first input byte.
 pub const F_EVENT_IDX: u8 = 1 << 0;
@@ -52,16 +55,16 @@ pub const DISK_BYTES: usize = 64 * 1024;
 /// worker's first pass complete.
 pub const MAX_RX_FRAMES: u8 = 8;
 
-struct Common<'a> {
-    input: Input<'a>,
-    features: u8,
+pub(crate) struct Common<'a> {
+    pub(crate) input: Input<'a>,
+    pub(crate) features: u8,
     size_selector: u8,
     start: u16,
     /// What the driver accepted (see [`negotiate`]), handed over at activation.
-    acked: u64,
+    pub(crate) acked: u64,
 }
 
-fn common(data: &[u8]) -> Common<'_> {
+pub(crate) fn common(data: &[u8]) -> Common<'_> {
     let mut input = Input::new(data);
     let features = input.u8();
     let size_selector = input.u8();
@@ -81,7 +84,7 @@ fn feature(bit: u32) -> u64 {
 
 /// What the driver accepts: VERSION_1 and the ring features the input asks for, plus `extra`,
 /// limited to what the device offers (as the transport enforces).
-fn negotiate(device: &dyn VirtioDevice, features: u8, extra: u64) -> u64 {
+pub(crate) fn negotiate(device: &dyn VirtioDevice, features: u8, extra: u64) -> u64 {
     let mut acked = feature(VIRTIO_F_VERSION_1) | extra;
     if features & F_EVENT_IDX != 0 {
         acked |= feature(VIRTIO_RING_F_EVENT_IDX);
@@ -93,22 +96,27 @@ fn negotiate(device: &dyn VirtioDevice, features: u8, extra: u64) -> u64 {
 }
 
 /// Lays out the device's queues, activates it, lets its worker serve them and resets it.
-/// Returns the queues and the interrupt for the checks.
-fn run(
+/// Returns the queues and the interrupt for the checks. Queues past [`MAX_QUEUES`] (vsock's
+/// event queue) get empty rings the input does not reach, in [`IDLE_RINGS`].
+pub(crate) fn run(
     device: &mut dyn VirtioDevice,
     mem: &GuestMemoryMmap,
     c: &mut Common<'_>,
 ) -> (Vec<DriverQueue>, Arc<RecordingInterrupt>) {
     let max_sizes = device.queue_max_sizes().to_vec();
     let queues: Vec<DriverQueue> = (0u16..)
-        .zip(&max_sizes)
+        .zip(max_sizes.iter().take(MAX_QUEUES as usize))
         .map(|(index, &max)| {
             let size = queue_size(c.size_selector, max);
             DriverQueue::layout(mem, &mut c.input, index, size, max, c.start)
         })
         .collect();
     write_payload(mem, c.input.rest());
-    let active = queues.iter().map(DriverQueue::active).collect();
+    let mut active: Vec<_> = queues.iter().map(DriverQueue::active).collect();
+    for index in queues.len()..max_sizes.len() {
+        let idle = TestQueue::at(mem, IDLE_RINGS, 16);
+        active.push(idle.active_queue(index as u16));
+    }
     // A notification for a queue the device was never given panics.
     let interrupt = Arc::new(RecordingInterrupt::for_queues(MAX_QUEUES as u16));
     device
@@ -148,7 +156,7 @@ pub fn trace() -> bool {
 }
 
 /// The rings still hold only what the driver and the device's used-ring updates wrote.
-fn rings_intact(queues: &[DriverQueue]) -> bool {
+pub(crate) fn rings_intact(queues: &[DriverQueue]) -> bool {
     queues.iter().all(DriverQueue::rings_untouchable)
 }
 

@@ -9,6 +9,7 @@ pub mod input;
 pub mod queue;
 pub mod seeds;
 pub mod transports;
+pub mod vsock;
 
 /// A fuzz target: any bytes in, a panic on a bug.
 pub type Target = fn(&[u8]);
@@ -26,6 +27,7 @@ pub const TARGETS: [(&str, Target); 11] = [
     ("disk_kernel", boot::disk),
     ("api_request", api::request),
     ("balloon", devices::balloon),
+    ("vsock", vsock::vsock),
 ];
 
 /// Runs the target called `name` on `data`.

@@ -342,6 +342,72 @@ pub fn balloon() -> Seeds {
     ]
 }
 
+/// A vsock packet header from the fuzz guest (CID 3) to the host.
+fn vsock_header(src_port: u32, dst_port: u32, op: u16, len: u32) -> Vec<u8> {
+    use pvm_virtio::vsock::packet::{HOST_CID, Header, TYPE_STREAM};
+    Header {
+        src_cid: crate::vsock::GUEST_CID,
+        dst_cid: HOST_CID,
+        src_port,
+        dst_port,
+        len,
+        kind: TYPE_STREAM,
+        op,
+        buf_alloc: 4096,
+        ..Header::default()
+    }
+    .to_bytes()
+    .to_vec()
+}
+
+pub fn vsock() -> Seeds {
+    use pvm_virtio::vsock::packet::*;
+    let port = crate::vsock::HOST_PORT;
+    let mut p = Payload::default();
+    p.put(0x8000, &vsock_header(5000, port, OP_REQUEST, 0))
+        .put(0x8040, &vsock_header(5000, port, OP_RW, 5))
+        .put(0x8080, b"hello")
+        .put(0x80c0, &vsock_header(5000, port, OP_CREDIT_REQUEST, 0))
+        .put(0x8100, &vsock_header(5000, port, OP_SHUTDOWN, 0));
+    p.put(0x8120, &3u32.to_le_bytes());
+    let rx = SeedQueue::chains(&[
+        &[(0x9000, 64, W)],
+        &[(0x9100, 44, W), (0x9200, 100, W)],
+        &[(0x9300, 8, W)],
+        &[(0x9400, 4096, W)],
+    ]);
+    let tx = SeedQueue::chains(&[
+        &[(0x8000, 44, R)],
+        &[(0x8040, 44, R), (0x8080, 5, R)],
+        &[(0x80c0, 44, R)],
+        &[(0x8100, 44, R)],
+    ]);
+    let mut seeds = vec![(
+        "connect-send-shutdown",
+        device_seed(0, 0, &[], &[rx.clone(), tx], &p),
+    )];
+    // A short header, a length past the payload, an unknown op, data for no connection, a
+    // request to a port nobody listens on.
+    let mut p = Payload::default();
+    p.put(0x8000, &vsock_header(1, port, OP_REQUEST, 0)[..20])
+        .put(0x8040, &vsock_header(1, port, OP_RW, 1000))
+        .put(0x8080, &vsock_header(1, port, 99, 0))
+        .put(0x80c0, &vsock_header(7, port, OP_RW, 3))
+        .put(0x8100, &vsock_header(8, 4321, OP_REQUEST, 0));
+    let tx = SeedQueue::chains(&[
+        &[(0x8000, 20, R)],
+        &[(0x8040, 44, R), (0x8080, 10, R)],
+        &[(0x8080, 44, R)],
+        &[(0x80c0, 47, R)],
+        &[(0x8100, 44, R)],
+    ]);
+    seeds.push((
+        "malformed-event-idx",
+        device_seed(F_EVENT_IDX, 0xfffe, &[], &[rx, tx], &p),
+    ));
+    seeds
+}
+
 /// Guest memory writes laying out one queue at desc/avail/used with one chain of (addr, len,
 /// writable) descriptors published.
 fn queue_in_memory(
@@ -795,6 +861,7 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("disk_kernel", disk()),
         ("api_request", api_request()),
         ("balloon", balloon()),
+        ("vsock", vsock()),
     ]
 }
 

@@ -257,6 +257,8 @@ impl Controller {
             }
             Action::PutEntropy(entropy) => candidate.entropy = Some(entropy),
             Action::PutSerial(serial) => candidate.serial = Some(serial),
+            // One vsock per VM: a second PUT replaces the first, as in Firecracker.
+            Action::PutVsock(vsock) => candidate.vsock = Some(vsock),
             Action::PutLogger(logger) => return self.put_logger(logger),
             Action::PutMetrics(metrics) => return self.put_metrics(metrics),
             Action::PutBalloon(balloon) => candidate.balloon = Some(balloon),

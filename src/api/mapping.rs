@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use super::{
     Balloon, BootSource, CacheType, CpuTemplate, DEFAULT_BOOT_ARGS, Drive, FcConfig, HugePages,
-    IoEngine, MAX_VCPUS, MachineConfig, NetworkInterface, RateLimiter, TokenBucket,
+    IoEngine, MAX_VCPUS, MachineConfig, NetworkInterface, RateLimiter, TokenBucket, Vsock,
 };
 use crate::config::{
     self, DiskSpec, GuestPages, MAX_MEM_BYTES, MIN_MEM_BYTES, TapSpec, Transport, VhostMode,
-    VmConfig,
+    VmConfig, VsockBackend, VsockSpec,
 };
 use pvm_virtio::{BucketConfig, RateLimit};
 
@@ -37,7 +37,6 @@ pub(crate) fn rate_limit(limiter: Option<&RateLimiter>) -> RateLimit {
 /// Config-file sections pvm does not offer; other unknown keys are ignored, as Firecracker does.
 const REFUSED_SECTIONS: &[(&str, &str)] = &[
     ("cpu-config", "pvm has no CPU templates"),
-    ("vsock", "pvm has no vsock device yet"),
     ("mmds-config", "pvm has no MMDS"),
     ("pmem", "pvm has no virtio-pmem device"),
     ("memory-hotplug", "pvm has no memory hotplug"),
@@ -92,6 +91,12 @@ pub enum ConfigError {
          huge_pages 2M needs"
     )]
     HugePageMemSize(u64),
+    #[error("Vsock config error: guest_cid {0} is outside 3..=4294967294 (0 to 2 are reserved)")]
+    VsockCid(u32),
+    #[error("Vsock config error: uds_path must name a socket to create")]
+    VsockNoPath,
+    #[error("Vsock config error: uds_path {0} exists already")]
+    VsockPathExists(String),
     /// A field pvm does not (yet) implement with the value given.
     #[error("{category} error: {field}: {why}")]
     Refused {
@@ -112,6 +117,40 @@ fn refused(category: &'static str, field: impl Into<String>, why: &'static str) 
 /// Checks that `path` opens for reading (and writing with `write`).
 fn check_open(path: &str, write: bool) -> std::io::Result<()> {
     File::options().read(true).write(write).open(path).map(drop)
+}
+
+impl Vsock {
+    /// The device this body asks for: a CID a guest may have, a socket path free to bind.
+    fn to_spec(&self) -> Result<VsockSpec, ConfigError> {
+        let cid = u64::from(self.guest_cid);
+        let allowed = pvm_virtio::vsock::MIN_GUEST_CID..=pvm_virtio::vsock::MAX_GUEST_CID;
+        if !allowed.contains(&cid) {
+            return Err(ConfigError::VsockCid(self.guest_cid));
+        }
+        if self.uds_path.is_empty() {
+            return Err(ConfigError::VsockNoPath);
+        }
+        if Path::new(&self.uds_path).symlink_metadata().is_ok() {
+            return Err(ConfigError::VsockPathExists(self.uds_path.clone()));
+        }
+        Ok(VsockSpec {
+            cid,
+            backend: VsockBackend::Unix(PathBuf::from(&self.uds_path)),
+        })
+    }
+
+    /// What `--vsock cid=N,socket=PATH` set, in the API's shape (vhost=on has none).
+    fn from_vm_config(base: &VmConfig) -> Option<Vsock> {
+        let spec = base.vsock.as_ref()?;
+        match &spec.backend {
+            VsockBackend::Unix(path) => Some(Vsock {
+                vsock_id: None,
+                guest_cid: u32::try_from(spec.cid).ok()?,
+                uds_path: path.display().to_string(),
+            }),
+            VsockBackend::Vhost => None,
+        }
+    }
 }
 
 impl BootSource {
@@ -317,6 +356,9 @@ impl FcConfig {
         if let Some(entropy) = &self.entropy {
             vm.rng_limit = rate_limit(entropy.rate_limiter.as_ref());
         }
+        if let Some(vsock) = &self.vsock {
+            vm.vsock = Some(vsock.to_spec()?);
+        }
         if let Some(serial) = &self.serial {
             if serial
                 .rate_limiter
@@ -461,7 +503,7 @@ impl FcConfig {
             "metrics": null,
             "mmds-config": null,
             "network-interfaces": self.network_interfaces,
-            "vsock": null,
+            "vsock": self.vsock.clone().or_else(|| Vsock::from_vm_config(base)),
             "entropy": self.entropy,
             "pmem": [],
             "memory-hotplug": null,

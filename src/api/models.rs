@@ -226,6 +226,17 @@ pub struct Entropy {
     pub rate_limiter: Option<RateLimiter>,
 }
 
+/// `PUT /vsock`: the guest's vsock device, Firecracker's hybrid Unix-socket kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    /// Deprecated in Firecracker and unused there too; kept to echo it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+    pub guest_cid: u32,
+    pub uds_path: String,
+}
+
 /// `PUT /logger`: every field optional; what is left out stays as it was, except `level`,
 /// which goes back to Info (as in Firecracker).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -290,6 +301,7 @@ pub struct FcConfig {
     pub entropy: Option<Entropy>,
     #[serde(default)]
     pub balloon: Option<Balloon>,
+    pub vsock: Option<Vsock>,
     /// Applied before the VM is built, as `PUT /logger` would be.
     #[serde(default)]
     pub logger: Option<Logger>,

@@ -31,6 +31,7 @@ pub(crate) fn base() -> VmConfig {
         console_socket: None,
         smt: false,
         huge_pages: Default::default(),
+        vsock: None,
     }
 }
 
@@ -173,8 +174,51 @@ fn refused_fields_are_named() {
     };
     assert!(error_of(&iface(r#", "mtu": 1400"#)).contains("mtu"));
     assert!(error_of(&iface(r#", "guest_mac": "zz:00:00:00:00:00""#)).contains("guest_mac"));
-    let e = error_of(&config(r#"{"vsock": {"guest_cid": 3, "uds_path": "/v"}}"#));
-    assert!(e.contains("vsock"), "{e}");
+}
+
+#[test]
+fn vsock_maps_onto_the_device_and_shows_in_the_config() {
+    use crate::config::{VsockBackend, VsockSpec};
+    let free = std::env::temp_dir().join(format!("pvm-api-vsock-{}.sock", std::process::id()));
+    let body = |cid: u32, path: &str| {
+        format!(r#"{{"vsock": {{"vsock_id": "v", "guest_cid": {cid}, "uds_path": "{path}"}}}}"#)
+    };
+    let fc = config(&body(3, free.to_str().unwrap()));
+    let vm = fc.to_vm_config(&base()).unwrap();
+    assert_eq!(
+        vm.vsock,
+        Some(VsockSpec {
+            cid: 3,
+            backend: VsockBackend::Unix(free.clone())
+        })
+    );
+    let json = fc.to_json(&base());
+    assert_eq!(json["vsock"]["guest_cid"], 3);
+    assert_eq!(json["vsock"]["uds_path"], free.to_str().unwrap());
+    assert_eq!(json["vsock"]["vsock_id"], "v");
+    for (cid, path, why) in [
+        (2, free.to_str().unwrap(), "guest_cid 2"),
+        (u32::MAX, free.to_str().unwrap(), "guest_cid"),
+        (3, "", "uds_path"),
+        (3, "/", "exists already"),
+    ] {
+        let e = error_of(&config(&body(cid, path)));
+        assert!(
+            e.starts_with("Vsock config error: ") && e.contains(why),
+            "{e}"
+        );
+    }
+    // --vsock shows as the API would have set it; vhost=on has no API shape.
+    let mut flagged = base();
+    flagged.vsock = Some(VsockSpec {
+        cid: 9,
+        backend: VsockBackend::Unix("/run/v.sock".into()),
+    });
+    let json = config("{}").to_json(&flagged);
+    assert_eq!(json["vsock"]["guest_cid"], 9);
+    assert_eq!(json["vsock"]["uds_path"], "/run/v.sock");
+    flagged.vsock.as_mut().unwrap().backend = VsockBackend::Vhost;
+    assert!(config("{}").to_json(&flagged)["vsock"].is_null());
 }
 
 #[test]

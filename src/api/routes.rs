@@ -9,6 +9,7 @@ use super::http::{Method, Request};
 use super::models::{
     Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, Entropy, Logger, MachineConfig,
     MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, Serial,
+    Vsock,
 };
 
 /// What the API asks the VMM (main) thread to do.
@@ -29,6 +30,7 @@ pub enum Action {
     PutLogger(Logger),
     PutMetrics(Metrics),
     PutSerial(Serial),
+    PutVsock(Vsock),
     PatchDrive(PartialDrive),
     /// A PATCH /drives with path_on_host whose file the API thread opened.
     SwapDrive(PartialDrive, super::swap::OpenedDisk),
@@ -100,7 +102,6 @@ enum VmState {
 /// Endpoints Firecracker has and pvm does not (yet), and why.
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("snapshot", "pvm does not support snapshots yet"),
-    ("vsock", "pvm does not support vsock yet"),
     ("mmds", "pvm does not support MMDS"),
     ("cpu-config", "pvm does not support CPU templates"),
     ("hotplug", "pvm does not support memory hotplug"),
@@ -172,6 +173,7 @@ pub fn route(request: &Request) -> Result<Action, RouteError> {
         (Method::Put, "logger") => Action::PutLogger(decode(body)?),
         (Method::Put, "metrics") => Action::PutMetrics(decode(body)?),
         (Method::Put, "serial") => Action::PutSerial(decode(body)?),
+        (Method::Put, "vsock") => Action::PutVsock(decode(body)?),
         (Method::Put, "drives") => {
             let id = checked_id(id)?;
             let drive: Drive = decode(body)?;

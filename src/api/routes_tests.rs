@@ -132,7 +132,6 @@ fn unsupported_endpoints_say_so() {
     for (method, path) in [
         (Put, "/snapshot/create"),
         (Put, "/snapshot/load"),
-        (Put, "/vsock"),
         (Put, "/mmds"),
         (Get, "/mmds"),
         (Put, "/mmds/config"),
@@ -280,4 +279,29 @@ fn balloon_endpoints_route_and_hinting_is_refused() {
     }
     let e = fault(Patch, "/balloon/statistics", r#"{"amount_mib":1}"#);
     assert!(e.contains("deserializing"), "{e}");
+}
+
+#[test]
+fn put_vsock_takes_firecracker_s_body() {
+    let action = route(&request(
+        Method::Put,
+        "/vsock",
+        r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#,
+    ))
+    .unwrap();
+    assert_eq!(
+        action,
+        Action::PutVsock(Vsock {
+            vsock_id: None,
+            guest_cid: 3,
+            uds_path: "/tmp/v.sock".into(),
+        })
+    );
+    for bad in [
+        r#"{"guest_cid": 3}"#,
+        r#"{"guest_cid": -1, "uds_path": "/v"}"#,
+        r#"{"guest_cid": 3, "uds_path": "/v", "vhost": true}"#,
+    ] {
+        assert!(fault(Method::Put, "/vsock", bad).contains("json"), "{bad}");
+    }
 }

@@ -252,13 +252,18 @@ pub fn install_with(
     stats: bool,
     vhost_user_sockets: &[i32],
 ) -> Result<(), Error> {
+    install_rules(kind, rules_with(kind, stats, vhost_user_sockets))
+}
+
+/// Installs a filter of `rules` for a thread of `kind` on the calling thread.
+fn install_rules(kind: ThreadKind, rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<(), Error> {
     common::install_reporter(REPORTER)?;
     let name = std::thread::current()
         .name()
         .unwrap_or(kind.name())
         .to_string();
     common::set_thread_label(&format!("{name} ({})", kind.name()));
-    let program = filter_with(kind, stats, vhost_user_sockets)?;
+    let program = common::compile(rules, kind.name())?;
     // Read before the filter is in place (it is only memory, but keep it obviously so).
     let probe = std::env::var_os(PROBE_ENV).is_some_and(|v| v == kind.name());
     seccompiler::apply_filter(&program).map_err(|source| common::Error::Install {
@@ -308,8 +313,43 @@ pub fn prepare_allocator() {
 pub const PROBE_ENV: &str = "PVM_SECCOMP_PROBE";
 
 /// The same, for device threads spawned by pvm-virtio (`pvm_virtio::thread::set_thread_init`).
-pub fn install_device_filter(_name: &str) -> Result<(), pvm_virtio::thread::InitError> {
-    Ok(install(ThreadKind::Device, false)?)
+/// The thread of a vsock device (named after it) also gets [`vsock_rules`].
+pub fn install_device_filter(name: &str) -> Result<(), pvm_virtio::thread::InitError> {
+    let mut rules = rules(ThreadKind::Device, false);
+    if name.starts_with(pvm_virtio::vsock::THREAD_PREFIX) {
+        rules.extend(vsock_rules());
+    }
+    Ok(install_rules(ThreadKind::Device, rules)?)
+}
+
+/// What the thread of a vsock device adds (`--vsock socket=`): it accepts host processes on
+/// the device's listener (bound before the sandbox) and connects guest connections to the
+/// Unix sockets beside it. Only Unix stream sockets, made non-blocking and close-on-exec by
+/// socket(2) and accept4(2) themselves (no fcntl or ioctl follows); reads are the standard
+/// library's recv (recvfrom without flags or address), writes its send (sendto with
+/// MSG_NOSIGNAL only: a peer gone is EPIPE, never SIGPIPE); a guest's SHUTDOWN becomes
+/// shutdown(2). No bind, listen, sendmsg or recvmsg: no descriptor passing.
+pub fn vsock_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
+    use pvm_virtio::vsock::{ACCEPT_FLAGS, SOCKET_TYPE};
+    let int_is = |arg, value: i32| {
+        common::condition(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value as u64)
+    };
+    let all = |conditions| vec![SeccompRule::new(conditions).expect("conditions")];
+    BTreeMap::from([
+        (
+            libc::SYS_socket,
+            all(vec![
+                int_is(0, libc::AF_UNIX),
+                int_is(1, SOCKET_TYPE),
+                int_is(2, 0),
+            ]),
+        ),
+        (libc::SYS_accept4, all(vec![int_is(3, ACCEPT_FLAGS)])),
+        (libc::SYS_connect, Vec::new()),
+        (libc::SYS_recvfrom, all(vec![int_is(3, 0)])),
+        (libc::SYS_sendto, all(vec![int_is(3, libc::MSG_NOSIGNAL)])),
+        (libc::SYS_shutdown, Vec::new()),
+    ])
 }
 
 #[cfg(test)]
@@ -454,5 +494,41 @@ mod tests {
         }
         // Only --stats lets the main thread open /proc/self/task.
         assert!(rules(ThreadKind::Main, true).contains_key(&libc::SYS_openat));
+    }
+
+    #[test]
+    fn a_vsock_thread_may_accept_connect_and_read_unix_sockets_only() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/pvm-seccomp-").unwrap();
+        let listener = UnixListener::bind(dir.as_path().join("v")).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let target = UnixListener::bind(dir.as_path().join("v_5")).unwrap();
+        let mut host = UnixStream::connect(dir.as_path().join("v")).unwrap();
+        host.write_all(b"x").unwrap();
+        let path = dir.as_path().join("v_5");
+        let thread = std::thread::Builder::new()
+            .name(format!("{}7", pvm_virtio::vsock::THREAD_PREFIX))
+            .spawn(move || {
+                install_device_filter("virtio-vsock7").unwrap();
+                let mut accepted = pvm_virtio::vsock::accept(&listener).unwrap();
+                let mut byte = [0u8];
+                accepted.read_exact(&mut byte).unwrap();
+                accepted.write_all(b"y").unwrap();
+                let stream = pvm_virtio::vsock::connect(&path).unwrap();
+                stream.shutdown(std::net::Shutdown::Write).unwrap();
+                byte[0]
+            })
+            .unwrap();
+        assert_eq!(thread.join().unwrap(), b'x');
+        let mut reply = [0u8];
+        host.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"y");
+        assert!(target.accept().is_ok());
+        // Other device threads get none of it.
+        let rules = rules(ThreadKind::Device, false);
+        assert!(!rules.contains_key(&libc::SYS_socket));
+        assert!(!rules.contains_key(&libc::SYS_accept4));
     }
 }

@@ -8,3 +8,4 @@ pub mod net;
 mod relay;
 mod rings;
 pub mod user;
+pub mod vsock;

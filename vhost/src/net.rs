@@ -92,7 +92,7 @@ impl VhostNetPlane {
 }
 
 /// VHOST_GET_FEATURES on an open vhost-net descriptor.
-fn kernel_features(fd: &impl AsRawFd) -> std::io::Result<u64> {
+pub(crate) fn kernel_features(fd: &impl AsRawFd) -> std::io::Result<u64> {
     // _IOR(VHOST_VIRTIO, 0x00, __u64)
     const VHOST_GET_FEATURES: libc::c_ulong = 0x8008_af00;
     let mut features = 0u64;

@@ -25,6 +25,7 @@ pub mod snapshot;
 pub mod testing;
 pub mod thread;
 pub mod transport;
+pub mod vsock;
 mod worker;
 
 pub use balloon::{Balloon, BalloonConfig, BalloonHandle};
@@ -37,4 +38,5 @@ pub use rate_limiter::{BucketConfig, RateLimit, RateLimiter};
 pub use rng::Rng;
 pub use transport::mmio::MmioTransport;
 pub use transport::pci::{MsiMessage, MsiSink, PciTransport};
+pub use vsock::{Vsock, VsockError};
 pub use worker::{CHAINS_PER_PASS, DeviceQueue, SharedLimiter, read_config_bytes};

@@ -87,6 +87,25 @@ impl EventLoop {
         )
     }
 
+    /// Changes what `fd` is watched for from `old` to `new` (empty: not in the set), for
+    /// handlers whose sockets need writability too or stop being read for a while (vsock).
+    pub(crate) fn rewatch(
+        &self,
+        fd: &(impl AsRawFd + ?Sized),
+        token: u64,
+        old: EventSet,
+        new: EventSet,
+    ) -> io::Result<()> {
+        let op = match (old.is_empty(), new.is_empty()) {
+            (_, _) if old == new => return Ok(()),
+            (true, _) => ControlOperation::Add,
+            (false, true) => ControlOperation::Delete,
+            (false, false) => ControlOperation::Modify,
+        };
+        self.epoll
+            .ctl(op, fd.as_raw_fd(), EpollEvent::new(new, token))
+    }
+
     pub(crate) fn unwatch(&self, fd: &(impl AsRawFd + ?Sized)) -> io::Result<()> {
         self.epoll.ctl(
             ControlOperation::Delete,
