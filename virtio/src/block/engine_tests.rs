@@ -153,26 +153,43 @@ fn two_queues_on_io_uring() {
     two_queues(IoEngine::IoUring);
 }
 
-/// A driver may use fewer queues than offered (one per vCPU): the rest stay idle.
-#[test]
-fn a_driver_may_use_fewer_queues() {
-    let mem = test_memory();
+/// An io_uring disk of `queues` queues of `size`, with only queue 0 started: the device, the
+/// driver's queue, its kick, the interrupts and the image (kept for the test's length).
+fn one_queue_active(
+    mem: &GuestMemoryMmap,
+    queues: u16,
+    size: u16,
+) -> (
+    Block,
+    TestQueue,
+    vmm_sys_util::eventfd::EventFd,
+    Arc<RecordingInterrupt>,
+    TempFile,
+) {
     let tmp = image();
     let mut block = Block::with_options(
         tmp.as_path(),
         false,
         None,
-        options(IoEngine::IoUring, 4, 64),
+        options(IoEngine::IoUring, queues, size),
     )
     .unwrap();
-    let q = TestQueue::new(&mem, 64);
+    let q = TestQueue::new(mem, size);
     let active = q.active_queue(0);
     let kick = active.kick.try_clone().unwrap();
     let interrupt = Arc::new(RecordingInterrupt::default());
     let features = block.features();
     block
-        .activate(activation(&mem, &interrupt, vec![active], features))
+        .activate(activation(mem, &interrupt, vec![active], features))
         .unwrap();
+    (block, q, kick, interrupt, tmp)
+}
+
+/// A driver may use fewer queues than offered (one per vCPU): the rest stay idle.
+#[test]
+fn a_driver_may_use_fewer_queues() {
+    let mem = test_memory();
+    let (mut block, q, kick, interrupt, _tmp) = one_queue_active(&mem, 4, 64);
     q.add_chain(&request(&mem, 0, VIRTIO_BLK_T_IN, 0, 512));
     kick.write(1).unwrap();
     assert!(interrupt.wait_for(0, 1));
@@ -185,22 +202,7 @@ fn a_driver_may_use_fewer_queues() {
 #[test]
 fn io_uring_pause_completes_what_is_in_flight() {
     let mem = test_memory();
-    let tmp = image();
-    let mut block = Block::with_options(
-        tmp.as_path(),
-        false,
-        None,
-        options(IoEngine::IoUring, 1, 128),
-    )
-    .unwrap();
-    let q = TestQueue::new(&mem, 128);
-    let active = q.active_queue(0);
-    let kick = active.kick.try_clone().unwrap();
-    let interrupt = Arc::new(RecordingInterrupt::default());
-    let features = block.features();
-    block
-        .activate(activation(&mem, &interrupt, vec![active], features))
-        .unwrap();
+    let (mut block, q, kick, _interrupt, _tmp) = one_queue_active(&mem, 1, 128);
     for round in 0..4u64 {
         let mut request_of = std::collections::HashMap::new();
         for n in round * 32..(round + 1) * 32 {
