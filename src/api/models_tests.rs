@@ -114,10 +114,11 @@ fn refused_fields_are_named() {
             r#"{{"drives": [{{"drive_id": "d", "path_on_host": "{disk}", "is_root_device": false{extra}}}]}}"#
         ))
     };
-    // io_engine Async is pvm's io_uring engine; a vhost-user backend has no engine of pvm's.
-    let vm = drive(r#", "io_engine": "Async""#)
-        .to_vm_config(&base())
-        .unwrap();
+    // io_engine Async is pvm's io_uring engine, and GET /vm/config says so; a vhost-user
+    // backend has no engine of pvm's.
+    let fc = drive(r#", "io_engine": "Async""#);
+    assert_eq!(fc.to_json(&base())["drives"][0]["io_engine"], "Async");
+    let vm = fc.to_vm_config(&base()).unwrap();
     assert_eq!(
         vm.disks[0].options.engine,
         pvm_virtio::block::IoEngine::IoUring

@@ -404,3 +404,19 @@ fn io_uring_requests_allocate_nothing_once_warm() {
         }
     }
 }
+
+#[test]
+fn a_host_refusing_io_uring_is_named_with_the_way_out() {
+    let e = BlockError::Ring {
+        path: "d.img".into(),
+        source: RingError::Setup(std::io::Error::from_raw_os_error(libc::EPERM)),
+    };
+    let text = e.to_string();
+    assert!(
+        text.contains("d.img")
+            && text.contains("engine=io_uring")
+            && text.contains("io_uring_disabled")
+            && text.contains("engine=sync"),
+        "{text}"
+    );
+}
