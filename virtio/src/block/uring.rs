@@ -130,7 +130,15 @@ impl UringHandler {
                 queued: 0,
             };
             let mut served = 0;
-            'passes: for _ in 0..CHAINS_PER_PASS {
+            let mut passes = 0;
+            'passes: loop {
+                // Bounded as DeviceQueue::process is: a driver that keeps reporting more work
+                // must not keep the worker from its kill eventfd.
+                passes += 1;
+                if passes > CHAINS_PER_PASS {
+                    let _ = queue.kick.write(1);
+                    break;
+                }
                 queue.disable_notification(memory);
                 while !backend.free.is_empty() {
                     let Some(chain) = queue.pop(memory) else {
