@@ -18,29 +18,12 @@ use crate::testing::{
 
 const REQUEST: u32 = 64 << 10;
 
-thread_local! {
-    /// The engine [`time_reads_with`] serves on: the tests in [`io_uring`] set IoUring.
-    static ENGINE: std::cell::Cell<IoEngine> = const { std::cell::Cell::new(IoEngine::Sync) };
-}
-
-/// The limits again on the io_uring engine, which admits each request before it queues it.
-mod io_uring {
-    macro_rules! on_io_uring {
-        ($($test:ident),* $(,)?) => {$(
-            #[test]
-            fn $test() {
-                super::ENGINE.set(super::IoEngine::IoUring);
-                super::$test();
-            }
-        )*};
-    }
-
-    on_io_uring!(
-        a_bandwidth_limited_disk_keeps_to_its_limit,
-        an_iops_limited_disk_keeps_to_its_limit,
-        the_buckets_stay_with_the_device_across_pause_and_resume,
-    );
-}
+// The limits again on the io_uring engine, which admits each request before it queues it.
+tests_on_io_uring!(
+    a_bandwidth_limited_disk_keeps_to_its_limit,
+    an_iops_limited_disk_keeps_to_its_limit,
+    the_buckets_stay_with_the_device_across_pause_and_resume,
+);
 
 /// `size` tokens per `ms` milliseconds.
 fn bucket(size: u64, ms: u64) -> Option<BucketConfig> {

@@ -5,6 +5,29 @@
 //! requests synchronously with preadv/pwritev straight into guest memory (see [`request`]) or
 //! through its own io_uring ([`uring`]); [`BlockOptions`] choose.
 
+/// Makes `mod io_uring` in a test module: the named tests of that module again, with
+/// [`ENGINE`] set to the io_uring engine (the module's helpers pick the engine from it).
+#[cfg(test)]
+macro_rules! tests_on_io_uring {
+    ($($test:ident),* $(,)?) => {
+        mod io_uring {
+            $(
+                #[test]
+                fn $test() {
+                    super::ENGINE.set(super::IoEngine::IoUring);
+                    super::$test();
+                }
+            )*
+        }
+    };
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The engine the request and limit tests serve on (see `tests_on_io_uring!`).
+    static ENGINE: std::cell::Cell<IoEngine> = const { std::cell::Cell::new(IoEngine::Sync) };
+}
+
 mod direct;
 mod engine;
 #[cfg(test)]

@@ -45,11 +45,6 @@ fn disk_on(file: std::fs::File, name: &str, read_only: bool) -> DiskImage {
     }
 }
 
-thread_local! {
-    /// The engine [`submit`] serves requests on: tests in [`io_uring`] run with IoUring.
-    static ENGINE: std::cell::Cell<IoEngine> = const { std::cell::Cell::new(IoEngine::Sync) };
-}
-
 /// Serves `chain` on this thread's engine.
 fn serve_on_engine(disk: &DiskImage, mem: &GuestMemoryMmap, chain: crate::Chain<'_>) -> u32 {
     match ENGINE.get() {
@@ -58,32 +53,20 @@ fn serve_on_engine(disk: &DiskImage, mem: &GuestMemoryMmap, chain: crate::Chain<
     }
 }
 
-/// The request tests again, each request served through an io_uring.
-mod io_uring {
-    macro_rules! on_io_uring {
-        ($($test:ident),* $(,)?) => {$(
-            #[test]
-            fn $test() {
-                super::ENGINE.set(super::IoEngine::IoUring);
-                super::$test();
-            }
-        )*};
-    }
-
-    on_io_uring!(
-        read_into_multiple_segments,
-        write_from_multiple_segments_with_any_layout,
-        flush_and_get_id,
-        discard_and_write_zeroes,
-        read_only_disk_refuses_writes,
-        out_of_range_and_unaligned_requests_fail,
-        zero_length_buffers_are_skipped_and_4_gib_ones_refused,
-        requests_beyond_the_advertised_seg_max_or_size_max_fail,
-        malformed_chains,
-        host_errors_are_logged_once_per_cause_and_all_counted,
-        a_failed_flush_fails_every_later_flush,
-    );
-}
+// The request tests again, each request served through an io_uring.
+tests_on_io_uring!(
+    read_into_multiple_segments,
+    write_from_multiple_segments_with_any_layout,
+    flush_and_get_id,
+    discard_and_write_zeroes,
+    read_only_disk_refuses_writes,
+    out_of_range_and_unaligned_requests_fail,
+    zero_length_buffers_are_skipped_and_4_gib_ones_refused,
+    requests_beyond_the_advertised_seg_max_or_size_max_fail,
+    malformed_chains,
+    host_errors_are_logged_once_per_cause_and_all_counted,
+    a_failed_flush_fails_every_later_flush,
+);
 
 fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) -> RawDescriptor {
     let mut raw = [0u8; 16];
