@@ -73,7 +73,9 @@ fn memory_scenario() -> Scenario {
 /// `mib` MiB written then read back with dd (1 MiB O_DIRECT requests); 0 is the baseline that
 /// only boots, so the difference is what the transfer cost. Under `vmm`: "pvm" (in-process
 /// worker, `blk-MIB`) or "qemu" (q35 with virtio-blk-pci on the same kind of image, QEMU's
-/// default writeback cache like pvm's buffered I/O, `blk-qemu-MIB`).
+/// default writeback cache like pvm's buffered I/O, `blk-qemu-MIB`) or "io_uring" (pvm with
+/// `--disk ...,engine=io_uring`, `blk-uring-MIB`). No O_DIRECT variant: the image lies on the
+/// emulated host's tmpfs, which takes O_DIRECT only from Linux 6.6 on.
 fn block_scenario(vmm: &str, mib: u32) -> Result<Scenario, String> {
     let init = format!(
         "echo blk-ready\n\
@@ -114,6 +116,12 @@ fn block_scenario(vmm: &str, mib: u32) -> Result<Scenario, String> {
     match vmm {
         "qemu" => with_qemu(
             Scenario::boot(&format!("blk-qemu-{mib}"), Kernel::MinimalElf, 1, &init)
+                .script(&script)
+                .timeout(600),
+        ),
+        "io_uring" => Ok(
+            Scenario::boot(&format!("blk-uring-{mib}"), Kernel::MinimalElf, 1, &init)
+                .args(["--disk", "disk.img,engine=io_uring", "--stats"])
                 .script(&script)
                 .timeout(600),
         ),
@@ -399,7 +407,12 @@ fn scenarios() -> Vec<Scenario> {
         ));
     }
     all.push(memory_scenario());
-    for (vmm, mib) in [("pvm", 0), ("pvm", BLOCK_MIB), ("qemu", BLOCK_MIB)] {
+    for (vmm, mib) in [
+        ("pvm", 0),
+        ("pvm", BLOCK_MIB),
+        ("io_uring", BLOCK_MIB),
+        ("qemu", BLOCK_MIB),
+    ] {
         match block_scenario(vmm, mib) {
             Ok(scenario) => all.push(scenario),
             Err(e) => println!("blk-{vmm}-{mib}: left out: {e}"),
@@ -614,6 +627,16 @@ fn main() {
                 mib_per_s(BLOCK_MIB, blk["read_cs"])
             );
         }
+        let uring = ok(&format!("blk-uring-{BLOCK_MIB}")).and_then(|o| bench_values(o, "blk"));
+        if let (Some(uring), Some(blk)) = (uring, bench_values(outcome, "blk")) {
+            println!(
+                "| block, same, pvm engine=io_uring | write {}, read {}; io_uring/sync = {:.2} write, {:.2} read | same guest, one ring |",
+                mib_per_s(BLOCK_MIB, uring["write_cs"]),
+                mib_per_s(BLOCK_MIB, uring["read_cs"]),
+                blk["write_cs"] / uring["write_cs"].max(1.0),
+                blk["read_cs"] / uring["read_cs"].max(1.0)
+            );
+        }
         if let Some(q) = &qemu {
             println!(
                 "| block, same, QEMU q35 virtio-blk-pci | write {}, read {} | same guest and image size, QEMU's default cache |",
@@ -628,6 +651,7 @@ fn main() {
     }
     for (name, label) in [
         (format!("blk-{BLOCK_MIB}"), "pvm"),
+        (format!("blk-uring-{BLOCK_MIB}"), "pvm engine=io_uring"),
         (format!("blk-qemu-{BLOCK_MIB}"), "QEMU q35"),
     ] {
         let Some(outcome) = ok(&name) else {

@@ -67,10 +67,14 @@ struct Args {
 
     /// A raw disk image as a virtio-blk device; repeatable. `ro` makes it read-only, `serial=ID`
     /// sets the id the guest reads, `bw=` (bytes/s, K/M/G) and `iops=` rate-limit it.
+    /// `engine=io_uring` serves it through io_uring (default sync), `direct=on` with O_DIRECT,
+    /// `queues=N` (1..=16) with N request queues, each on its own thread, `queue_size=N` (a
+    /// power of two, 4..=1024, default 256) sets the descriptors per queue.
     /// `vhost-user=SOCKET` instead attaches a virtio-blk device
     /// served by a vhost-user backend listening on SOCKET (e.g. pvm-vhost-user-blk); those
     /// come after the image disks in guest order.
-    #[arg(long, value_name = "PATH[,ro][,serial=ID][,bw=BYTES][,iops=N] | vhost-user=SOCKET",
+    #[arg(long, value_name = "PATH[,ro][,serial=ID][,bw=BYTES][,iops=N][,engine=sync|io_uring]\
+[,direct=on][,queues=N][,queue_size=N] | vhost-user=SOCKET",
           value_parser = config::parse_disk_arg)]
     disk: Vec<DiskArg>,
 

@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use log::LevelFilter;
+use pvm_virtio::block::{BlockOptions, IoEngine, OptionsError};
 use pvm_virtio::{BucketConfig, RateLimit};
 
 /// Smallest guest memory pvm accepts: below this no Linux guest gets through early boot.
@@ -50,6 +51,8 @@ pub struct DiskSpec {
     pub flush: bool,
     /// `bw=`, `iops=`: requests beyond it wait in the ring.
     pub limit: RateLimit,
+    /// `engine=`, `direct=`, `queues=`, `queue_size=`: how pvm serves the disk.
+    pub options: BlockOptions,
 }
 
 /// Whether a tap's queues go to the kernel's vhost-net.
@@ -195,8 +198,19 @@ pub enum ValueError {
     NoDiskPath,
     #[error("serial '{0}' must be 1 to 20 ASCII characters")]
     Serial(String),
-    #[error("unknown disk option '{0}' (known: ro, serial=ID, bw=BYTES, iops=N)")]
+    #[error(
+        "unknown disk option '{0}' (known: ro, serial=ID, bw=BYTES, iops=N, engine=sync|io_uring, \
+         direct=on|off, queues=N, queue_size=N)"
+    )]
     DiskOption(String),
+    #[error("{option}={value}: use {expected}")]
+    DiskValue {
+        option: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error(transparent)]
+    DiskQueues(#[from] OptionsError),
     #[error(
         "{option}={value}: use a positive number per second, optionally with K, M or G (e.g. 10M)"
     )]
@@ -328,7 +342,8 @@ fn per_second(option: &str, value: &str) -> Result<Option<BucketConfig>, ValueEr
     parse_rate(option, value).map(|rate| Some(BucketConfig::per_second(rate)))
 }
 
-/// Parses `PATH[,ro][,serial=ID][,bw=BYTES][,iops=N]`.
+/// Parses `PATH[,ro][,serial=ID][,bw=BYTES][,iops=N][,engine=E][,direct=on|off][,queues=N]
+/// [,queue_size=N]`.
 pub fn parse_disk(text: &str) -> Result<DiskSpec, ValueError> {
     let mut parts = text.split(',');
     let path = parts.next().unwrap_or_default();
@@ -341,8 +356,12 @@ pub fn parse_disk(text: &str) -> Result<DiskSpec, ValueError> {
         serial: None,
         flush: true,
         limit: RateLimit::default(),
+        options: BlockOptions::default(),
     };
     for option in parts {
+        if parse_disk_serving(option, &mut spec.options)? {
+            continue;
+        }
         match option.split_once('=') {
             None if option == "ro" => spec.read_only = true,
             Some(("bw", rate)) => spec.limit.bandwidth = per_second("bw", rate)?,
@@ -357,6 +376,45 @@ pub fn parse_disk(text: &str) -> Result<DiskSpec, ValueError> {
         }
     }
     Ok(spec)
+}
+
+/// Takes `option` into `options` if it is one of engine=, direct=, queues=, queue_size=;
+/// false if it is none of them.
+fn parse_disk_serving(option: &str, options: &mut BlockOptions) -> Result<bool, ValueError> {
+    let Some((name, value)) = option.split_once('=') else {
+        return Ok(false);
+    };
+    let bad = |option: &'static str, expected: &'static str| ValueError::DiskValue {
+        option,
+        value: value.to_string(),
+        expected,
+    };
+    let number = |option: &'static str| {
+        value
+            .parse::<u16>()
+            .map_err(|_| bad(option, "a whole number"))
+    };
+    match name {
+        "engine" => {
+            options.engine = match value {
+                "sync" => IoEngine::Sync,
+                "io_uring" => IoEngine::IoUring,
+                _ => return Err(bad("engine", "sync or io_uring")),
+            }
+        }
+        "direct" => {
+            options.direct = match value {
+                "on" => true,
+                "off" => false,
+                _ => return Err(bad("direct", "on or off")),
+            }
+        }
+        "queues" => options.queues = number("queues")?,
+        "queue_size" => options.queue_size = number("queue_size")?,
+        _ => return Ok(false),
+    }
+    options.validate()?;
+    Ok(true)
 }
 
 /// Parses `NAME[,mac=MAC][,vhost=on|off|auto][,queues=N][,rx_bw=|tx_bw=BYTES][,rx_pps=|tx_pps=N]`.
@@ -518,6 +576,43 @@ mod tests {
                 .contains("unknown disk option 'rw'")
         );
         assert!(parse_disk("x.img,serial=123456789012345678901").is_err());
+    }
+
+    #[test]
+    fn disk_engines_direct_and_queues() {
+        let d = parse_disk("a.img,engine=io_uring,direct=on,queues=4,queue_size=512").unwrap();
+        assert_eq!(
+            d.options,
+            BlockOptions {
+                engine: IoEngine::IoUring,
+                direct: true,
+                queues: 4,
+                queue_size: 512,
+            }
+        );
+        assert_eq!(
+            parse_disk("a.img").unwrap().options,
+            BlockOptions::default()
+        );
+        let d = parse_disk("a.img,engine=sync,direct=off").unwrap();
+        assert_eq!(d.options, BlockOptions::default());
+        for (bad, says) in [
+            ("a.img,engine=aio", "sync or io_uring"),
+            ("a.img,engine=", "sync or io_uring"),
+            ("a.img,direct=yes", "on or off"),
+            ("a.img,queues=0", "queues=0"),
+            ("a.img,queues=17", "queues=17"),
+            ("a.img,queues=-1", "whole number"),
+            ("a.img,queues=99999999", "whole number"),
+            ("a.img,queue_size=100", "power of two"),
+            ("a.img,queue_size=2", "power of two"),
+            ("a.img,queue_size=2048", "power of two"),
+            ("a.img,queue_size=", "whole number"),
+            ("a.img,direct", "unknown disk option 'direct'"),
+        ] {
+            let e = parse_disk(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -102,6 +102,12 @@ impl Error {
                 BlockError::Open { .. }
                 | BlockError::Locked { .. }
                 | BlockError::SerialTooLong { .. } => true,
+                // Options this host cannot serve (io_uring disabled, no O_DIRECT on its
+                // filesystem): the user chose them and can choose others.
+                BlockError::Options { .. }
+                | BlockError::Ring { .. }
+                | BlockError::Direct { .. }
+                | BlockError::DirectSize { .. } => true,
                 BlockError::Lock { .. } | BlockError::Size { .. } => false,
             },
             Error::Tap(e) => match e {
@@ -252,8 +258,13 @@ fn create_devices(
         devices.push(("console".to_string(), Box::new(console)));
     }
     for (i, disk) in config.disks.iter().enumerate() {
-        let mut block =
-            Block::new(&disk.path, disk.read_only, disk.serial.as_deref()).map_err(Error::Disk)?;
+        let mut block = Block::with_options(
+            &disk.path,
+            disk.read_only,
+            disk.serial.as_deref(),
+            disk.options,
+        )
+        .map_err(Error::Disk)?;
         if !disk.flush {
             block = block.without_flush();
         }

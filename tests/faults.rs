@@ -110,7 +110,10 @@ fn with_null_blk(scenario: Scenario) -> Scenario {
 const GUEST_WAIT: &str =
     "wait_host() { read -t 60 line || echo 'guest: no word from the host'; }\n";
 
-fn disk_full() -> Scenario {
+/// The io_uring engine's `--disk` options, for the scenarios run again on it.
+const IO_URING: &str = ",engine=io_uring";
+
+fn disk_full(name: &str, engine: &str) -> Scenario {
     // 8 MiB of O_DIRECT writes into an image whose filesystem holds 4 MiB; then 20 more writes
     // into holes (each fails: one request each), an overwrite of blocks that exist (fits), and
     // reads. Every step's outcome is printed; pvm must serve them all and keep running.
@@ -133,13 +136,13 @@ fn disk_full() -> Scenario {
     let setup = "mkdir small\n\
                  mount -t tmpfs -o size=4m tmpfs small || exit 90\n\
                  truncate -s 16M small/disk.img";
-    Scenario::boot("disk-full", Kernel::MinimalElf, 1, init)
-        .args(["--disk", "small/disk.img", "--stats"])
+    Scenario::boot(name, Kernel::MinimalElf, 1, init)
+        .args(["--disk", &format!("small/disk.img{engine}"), "--stats"])
         .script(&host_script(setup, "exec 3>&-", "umount small"))
         .timeout(60)
 }
 
-fn disk_unreadable() -> Scenario {
+fn disk_unreadable(name: &str, engine: &str) -> Scenario {
     // Block 256 (sectors 2048-2055) turns bad after the guest wrote and flushed it, and good
     // again later. The host's page cache is dropped so pvm's reads reach the device. (One short
     // range: 6.1's bad-block table stores a range of more than 512 sectors out of order, and
@@ -188,8 +191,8 @@ fn disk_unreadable() -> Scenario {
                  2>/dev/null\n\
                  echo 0 > $nb/power; rmdir $nb";
     with_null_blk(
-        Scenario::boot("disk-unreadable", Kernel::MinimalElf, 1, &init)
-            .args(["--disk", "/dev/nullb-bad", "--stats"])
+        Scenario::boot(name, Kernel::MinimalElf, 1, &init)
+            .args(["--disk", &format!("/dev/nullb-bad{engine}"), "--stats"])
             .script(&host_script(&null_blk("nullb-bad", ""), steps, after))
             .timeout(60),
     )
@@ -229,7 +232,7 @@ fn sigkill_file() -> Scenario {
     .timeout(60)
 }
 
-fn sigkill_power_cut() -> Scenario {
+fn sigkill_power_cut(name: &str, engine: &str) -> Scenario {
     // null_blk with a 64 MiB write-back cache: a FLUSH moves the cache to the "media"; powering
     // the device off drops whatever is still cached, like a power cut. So does it with dirty
     // host page cache of the device: it is written into null_blk's cache on the way down.
@@ -241,19 +244,14 @@ fn sigkill_power_cut() -> Scenario {
          echo 0 > $nb/power; rmdir $nb"
     );
     with_null_blk(
-        Scenario::boot(
-            "sigkill-power-cut",
-            Kernel::MinimalElf,
-            1,
-            &kill_after_flush_guest(),
-        )
-        .args(["--disk", "/dev/nullb-cut"])
-        .script(&host_script(
-            &null_blk("nullb-cut", "echo 64 > $nb/cache_size"),
-            KILL_WHEN_TOLD,
-            &cut,
-        ))
-        .timeout(60),
+        Scenario::boot(name, Kernel::MinimalElf, 1, &kill_after_flush_guest())
+            .args(["--disk", &format!("/dev/nullb-cut{engine}")])
+            .script(&host_script(
+                &null_blk("nullb-cut", "echo 64 > $nb/cache_size"),
+                KILL_WHEN_TOLD,
+                &cut,
+            ))
+            .timeout(60),
     )
 }
 
@@ -290,10 +288,18 @@ static BATCH: Batch = Batch::new(scenarios);
 
 fn scenarios() -> Vec<Scenario> {
     vec![
-        disk_full(),
-        disk_unreadable(),
+        disk_full("disk-full", ""),
+        disk_unreadable("disk-unreadable", ""),
         sigkill_file(),
-        sigkill_power_cut(),
+        sigkill_power_cut("sigkill-power-cut", ""),
+        // The same faults on the io_uring engine: errors, the once-failed-flush rule and a
+        // flush that reaches the device (here through O_DIRECT too) must not depend on it.
+        disk_full("disk-full-io-uring", IO_URING),
+        disk_unreadable("disk-unreadable-io-uring", IO_URING),
+        sigkill_power_cut(
+            "sigkill-power-cut-io-uring",
+            &format!("{IO_URING},direct=on"),
+        ),
         tap_deleted("tap-deleted", "off"),
         tap_deleted("tap-deleted-vhost", "on"),
     ]
@@ -346,7 +352,15 @@ fn stderr_lines_with(name: &str, needle: &str) -> usize {
 
 #[test]
 fn a_full_host_disk_fails_requests_but_not_the_vm() {
-    let name = "disk-full";
+    check_disk_full("disk-full");
+}
+
+#[test]
+fn a_full_host_disk_fails_requests_but_not_the_vm_on_io_uring() {
+    check_disk_full("disk-full-io-uring");
+}
+
+fn check_disk_full(name: &str) {
     let outcome = BATCH.outcome(name);
     outcome.assert_rc(0);
     outcome.assert_contains("disk-sectors: 32768");
@@ -366,7 +380,15 @@ fn a_full_host_disk_fails_requests_but_not_the_vm() {
 
 #[test]
 fn a_disk_going_bad_mid_run_fails_requests_and_flushes_then_recovers() {
-    let name = "disk-unreadable";
+    check_disk_unreadable("disk-unreadable");
+}
+
+#[test]
+fn a_disk_going_bad_mid_run_fails_requests_and_flushes_then_recovers_on_io_uring() {
+    check_disk_unreadable("disk-unreadable-io-uring");
+}
+
+fn check_disk_unreadable(name: &str) {
     let outcome = BATCH.outcome(name);
     outcome.assert_rc(0);
     outcome.assert_contains("write-A-ok");
@@ -414,7 +436,7 @@ fn check_killed(name: &str) -> bool {
     outcome.assert_contains("P-written-and-flushed");
     outcome.assert_contains("U-written-unflushed");
     outcome.assert_contains("host: pvm killed, status 137");
-    let image = std::fs::read(outcome.out.join(if name == "sigkill-file" {
+    let image = std::fs::read(outcome.out.join(if name.starts_with("sigkill-file") {
         "k.img"
     } else {
         "disk.img"
@@ -445,15 +467,22 @@ fn data_flushed_before_sigkill_is_in_the_image() {
 
 #[test]
 fn data_flushed_before_sigkill_survives_a_power_cut() {
+    check_power_cut("sigkill-power-cut");
+}
+
+#[test]
+fn data_flushed_before_sigkill_survives_a_power_cut_on_io_uring_and_o_direct() {
+    check_power_cut("sigkill-power-cut-io-uring");
+}
+
+fn check_power_cut(name: &str) {
     // The unflushed write was lost with the cache: the power cut was real, and the flushed
     // pattern survived it because pvm's FLUSH reached the device.
     assert!(
-        !check_killed("sigkill-power-cut"),
-        "the unflushed write survived: the power cut did not drop the cache"
+        !check_killed(name),
+        "{name}: the unflushed write survived: the power cut did not drop the cache"
     );
-    BATCH
-        .outcome("sigkill-power-cut")
-        .assert_contains("host: power cut");
+    BATCH.outcome(name).assert_contains("host: power cut");
 }
 
 fn check_tap_deleted(name: &str) {

@@ -23,6 +23,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use pvm_virtio::block::{BlockOptions, IoEngine};
 use pvm_virtio::testing::{RecordingInterrupt, TestQueue};
 use pvm_virtio::{
     Activation, Balloon, BalloonConfig, Block, Console, Net, NetBackend, Rng, VirtioDevice,
@@ -45,7 +46,7 @@ pub const F_EVENT_IDX: u8 = 1 << 0;
 pub const F_INDIRECT: u8 = 1 << 1;
 /// block: open the image read-only. net: offer MRG_RXBUF. console: the host output fails.
 pub const F_DEVICE_A: u8 = 1 << 2;
-/// net: the backend supports guest offloads (GUEST_CSUM, TSO...).
+/// net: the backend supports guest offloads (GUEST_CSUM, TSO...). block: the io_uring engine.
 pub const F_DEVICE_B: u8 = 1 << 3;
 
 /// The block image: 64 KiB, 128 sectors.
@@ -168,7 +169,15 @@ pub fn block(data: &[u8]) {
     let serial_len = usize::from(c.input.u8() % 24);
     let serial = String::from_utf8_lossy(c.input.bytes(serial_len)).into_owned();
     let (image, _file) = ScratchFile::new("disk", &[0xa5; DISK_BYTES]);
-    let mut device = match Block::new(&image.path, read_only, Some(&serial)) {
+    let options = BlockOptions {
+        engine: if c.features & F_DEVICE_B != 0 {
+            IoEngine::IoUring
+        } else {
+            IoEngine::Sync
+        },
+        ..BlockOptions::default()
+    };
+    let mut device = match Block::with_options(&image.path, read_only, Some(&serial), options) {
         Ok(device) => device,
         Err(e) => {
             assert!(serial.len() > 20, "Block::new failed: {e}");
@@ -185,7 +194,10 @@ pub fn block(data: &[u8]) {
     let mem = guest_memory();
     let (queues, interrupt) = run(&mut device, &mem, &mut c);
     if rings_intact(&queues) {
-        queues[0].check(&mem, interrupt.count(0));
+        match options.engine {
+            IoEngine::Sync => queues[0].check(&mem, interrupt.count(0)),
+            IoEngine::IoUring => queues[0].check_any_order(&mem, interrupt.count(0)),
+        };
     }
     drop(device);
     // The image's lock is released with the device: the same disk opens again.

@@ -91,7 +91,12 @@ pub fn block() -> Seeds {
     ]);
     seeds.push((
         "read-write-flush-id",
-        device_seed(0, 0, &serial("fuzz-disk"), &[q], &p),
+        device_seed(0, 0, &serial("fuzz-disk"), &[q.clone()], &p),
+    ));
+    // The same on the io_uring engine.
+    seeds.push((
+        "read-write-flush-id-io-uring",
+        device_seed(F_DEVICE_B, 0, &serial("fuzz-disk"), &[q], &p),
     ));
 
     // Discard and write-zeroes (with and without unmap) of one range each.

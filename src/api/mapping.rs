@@ -8,6 +8,8 @@ use super::{
     Balloon, BootSource, CacheType, CpuTemplate, DEFAULT_BOOT_ARGS, Drive, FcConfig, HugePages,
     IoEngine, MAX_VCPUS, MachineConfig, NetworkInterface, RateLimiter, TokenBucket, Vsock,
 };
+use pvm_virtio::block::BlockOptions;
+
 use crate::config::{
     self, DiskSpec, GuestPages, MAX_MEM_BYTES, MIN_MEM_BYTES, TapSpec, Transport, VhostMode,
     VmConfig, VsockBackend, VsockSpec,
@@ -234,6 +236,17 @@ impl MachineConfig {
 }
 
 impl Drive {
+    /// How pvm serves the drive: `io_engine: Async` is pvm's io_uring engine.
+    pub fn block_options(&self) -> BlockOptions {
+        BlockOptions {
+            engine: match self.io_engine.unwrap_or_default() {
+                IoEngine::Sync => pvm_virtio::block::IoEngine::Sync,
+                IoEngine::Async => pvm_virtio::block::IoEngine::IoUring,
+            },
+            ..BlockOptions::default()
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         const CATEGORY: &str = "Drive config";
         let limited = self.rate_limiter.as_ref().is_some_and(RateLimiter::limits);
@@ -242,13 +255,6 @@ impl Drive {
                 CATEGORY,
                 "rate_limiter",
                 "a vhost-user backend moves the data itself and pvm cannot limit it",
-            ));
-        }
-        if self.io_engine == Some(IoEngine::Async) {
-            return Err(refused(
-                CATEGORY,
-                "io_engine Async",
-                "pvm has no io_uring engine yet; use Sync",
             ));
         }
         match (&self.path_on_host, &self.socket) {
@@ -388,6 +394,7 @@ impl FcConfig {
                         serial: (drive.drive_id.len() <= 20).then(|| drive.drive_id.clone()),
                         flush: drive.cache_type == CacheType::Writeback,
                         limit: rate_limit(drive.rate_limiter.as_ref()),
+                        options: drive.block_options(),
                     });
                     DiskSlot::File(vm.disks.len() - 1)
                 }

@@ -61,7 +61,7 @@ unsafe impl GlobalAlloc for Counting {
 static COUNTING: Counting = Counting;
 
 /// Runs `f` and returns what it returned and how many heap allocations it made on this thread.
-fn allocations<R>(f: impl FnOnce() -> R) -> (R, u64) {
+pub(crate) fn allocations<R>(f: impl FnOnce() -> R) -> (R, u64) {
     let before = ALLOCATIONS.with(Cell::get);
     let result = f();
     (result, ALLOCATIONS.with(Cell::get) - before)
@@ -69,7 +69,7 @@ fn allocations<R>(f: impl FnOnce() -> R) -> (R, u64) {
 
 /// Allocations per request once the thread has served one request (scratch buffers are kept per
 /// thread and grown on first use).
-const STEADY_STATE_ALLOCATIONS: u64 = 0;
+pub(crate) const STEADY_STATE_ALLOCATIONS: u64 = 0;
 
 const HEADER: u64 = 0x10_000;
 const STATUS: u64 = 0x11_000;

@@ -18,6 +18,13 @@ use crate::testing::{
 
 const REQUEST: u32 = 64 << 10;
 
+// The limits again on the io_uring engine, which admits each request before it queues it.
+tests_on_io_uring!(
+    a_bandwidth_limited_disk_keeps_to_its_limit,
+    an_iops_limited_disk_keeps_to_its_limit,
+    the_buckets_stay_with_the_device_across_pause_and_resume,
+);
+
 /// `size` tokens per `ms` milliseconds.
 fn bucket(size: u64, ms: u64) -> Option<BucketConfig> {
     Some(BucketConfig {
@@ -56,7 +63,11 @@ fn time_reads_with(
     tmp.as_file()
         .write_all_at(&[7u8; REQUEST as usize], 0)
         .unwrap();
-    let mut block = Block::new(tmp.as_path(), true, None)
+    let options = BlockOptions {
+        engine: ENGINE.get(),
+        ..BlockOptions::default()
+    };
+    let mut block = Block::with_options(tmp.as_path(), true, None, options)
         .unwrap()
         .with_rate_limit(limit);
     assert_eq!(block.rate_limit(), limit.is_enabled().then_some(limit));

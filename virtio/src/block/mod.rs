@@ -1,17 +1,47 @@
 //! virtio-blk backed by a raw image file (or a host block device).
 //!
 //! The image is opened and flock'ed at construction so a disk already used by another pvm is
-//! refused before the guest boots. Requests are served synchronously on the device's worker
-//! thread with preadv/pwritev straight into guest memory (see [`request`]).
+//! refused before the guest boots. Each request queue has its own worker thread, which serves
+//! requests synchronously with preadv/pwritev straight into guest memory (see [`request`]) or
+//! through its own io_uring ([`uring`]); [`BlockOptions`] choose.
+
+/// Makes `mod io_uring` in a test module: the named tests of that module again, with
+/// [`ENGINE`] set to the io_uring engine (the module's helpers pick the engine from it).
+#[cfg(test)]
+macro_rules! tests_on_io_uring {
+    ($($test:ident),* $(,)?) => {
+        mod io_uring {
+            $(
+                #[test]
+                fn $test() {
+                    super::ENGINE.set(super::IoEngine::IoUring);
+                    super::$test();
+                }
+            )*
+        }
+    };
+}
 
 #[cfg(test)]
+thread_local! {
+    /// The engine the request and limit tests serve on (see `tests_on_io_uring!`).
+    static ENGINE: std::cell::Cell<IoEngine> = const { std::cell::Cell::new(IoEngine::Sync) };
+}
+
+mod direct;
+mod engine;
+#[cfg(test)]
+mod engine_tests;
+#[cfg(test)]
 mod limit_tests;
+mod queues;
 mod request;
 mod swap;
 #[cfg(test)]
 mod swap_tests;
 #[cfg(test)]
 mod tests;
+mod uring;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -19,12 +49,12 @@ use std::mem::offset_of;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 
 use virtio_bindings::bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
-    virtio_blk_config,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_ID_BYTES, virtio_blk_config,
 };
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -33,18 +63,20 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use vm_memory::GuestMemoryMmap;
 
+pub use engine::{
+    BlockOptions, IoEngine, MAX_QUEUE_SIZE, MAX_QUEUES, MIN_QUEUE_SIZE, OptionsError, RingError,
+};
 pub use request::{DiskErrors, DiskImage, MAX_RANGE_SECTORS, SECTOR_SIZE};
 pub use swap::DiskSwap;
 
 use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
 use crate::rate_limiter::RateLimit;
 use crate::snapshot::{BlockState, DeviceState, RestoreError, SavedDevice, SnapshotError};
-use crate::worker::{
-    ChainServer, SharedLimiter, SingleQueueHandler, WorkerSlot, chain_bytes, feature,
-    read_config_bytes,
-};
+use crate::worker::{ChainServer, SharedLimiter, chain_bytes, feature, read_config_bytes};
+use engine::Ring;
+use queues::QueueWorkers;
 
-/// Descriptors per queue; also bounds the segments of one request.
+/// Descriptors per queue by default; also bounds the segments of one request.
 pub const QUEUE_SIZE: u16 = 256;
 /// Largest data segment the driver may use (config `size_max`).
 pub(crate) const SEGMENT_MAX_BYTES: u32 = 1 << 20;
@@ -68,6 +100,21 @@ pub enum BlockError {
     Size { path: PathBuf, source: io::Error },
     #[error("disk {}: serial {serial:?} is longer than 20 bytes", .path.display())]
     SerialTooLong { path: PathBuf, serial: String },
+    #[error("disk {}: {source}", .path.display())]
+    Options { path: PathBuf, source: OptionsError },
+    #[error("disk {}: engine=io_uring: {source}", .path.display())]
+    Ring { path: PathBuf, source: RingError },
+    #[error("disk {}: direct=on: {source}", .path.display())]
+    Direct { path: PathBuf, source: io::Error },
+    #[error(
+        "disk {}: direct=on: the image size {bytes} is not a multiple of the host's O_DIRECT \
+         block size {align}", .path.display()
+    )]
+    DirectSize {
+        path: PathBuf,
+        bytes: u64,
+        align: u64,
+    },
 }
 
 /// A virtio-blk device.
@@ -76,15 +123,18 @@ pub struct Block {
     disk: Arc<DiskImage>,
     config: Vec<u8>,
     offered_features: u64,
-    worker: WorkerSlot<SingleQueueHandler<DiskServer>>,
+    options: BlockOptions,
+    /// One entry per queue, as the transport asks.
+    queue_sizes: Vec<u16>,
+    workers: QueueWorkers,
     /// Kept here so the buckets outlive pauses and resets.
     limiter: SharedLimiter,
     /// A new backing file the VMM staged, taken on resume.
     swap: DiskSwap,
 }
 
-/// Serves block requests on the disk, for the device's worker.
-struct DiskServer(Arc<DiskImage>);
+/// Serves block requests on the disk, for a queue's sync worker.
+pub(crate) struct DiskServer(Arc<DiskImage>);
 
 impl ChainServer for DiskServer {
     fn serve(&mut self, memory: &GuestMemoryMmap, chain: crate::Chain<'_>) -> (u32, u64) {
@@ -102,17 +152,76 @@ impl Block {
     /// writable disk, shared for a read-only one. `serial` (at most 20 bytes) is what the guest
     /// reads as the disk ID (/sys/block/vdX/serial).
     pub fn new(path: &Path, read_only: bool, serial: Option<&str>) -> Result<Self, BlockError> {
-        let disk = DiskImage::open(path, read_only, serial)?;
-        let offered_features = offered_features(read_only);
-        let index = NEXT_BLOCK_INDEX.fetch_add(1, Ordering::Relaxed);
-        Ok(Block {
-            config: config_space(disk.sectors),
+        Self::with_options(path, read_only, serial, BlockOptions::default())
+    }
+
+    /// [`Block::new`] served as `options` say. The io_uring engine's rings are created here,
+    /// so an engine the host refuses fails now, before the guest runs.
+    pub fn with_options(
+        path: &Path,
+        read_only: bool,
+        serial: Option<&str>,
+        options: BlockOptions,
+    ) -> Result<Self, BlockError> {
+        options.validate().map_err(|source| BlockError::Options {
+            path: path.to_owned(),
+            source,
+        })?;
+        let disk = DiskImage::open_with(path, read_only, serial, options.direct)?;
+        let mut offered_features = offered_features(read_only);
+        if options.queues > 1 {
+            offered_features |= feature(VIRTIO_BLK_F_MQ);
+        }
+        let rings = match options.engine {
+            IoEngine::Sync => Vec::new(),
+            IoEngine::IoUring => {
+                Ring::for_queues(options.queues, options.queue_size).map_err(|source| {
+                    BlockError::Ring {
+                        path: path.to_owned(),
+                        source,
+                    }
+                })?
+            }
+        };
+        let mut block = Block {
+            config: Vec::new(),
             disk: Arc::new(disk),
             offered_features,
-            worker: WorkerSlot::new(format!("virtio-blk{index}")),
+            options,
+            queue_sizes: vec![options.queue_size; usize::from(options.queues)],
+            workers: QueueWorkers::new(options.queues, rings),
             limiter: SharedLimiter::new(RateLimit::default()),
             swap: DiskSwap::default(),
-        })
+        };
+        block.config = block.config_for(block.disk.sectors);
+        Ok(block)
+    }
+
+    /// How the disk is served.
+    pub fn options(&self) -> BlockOptions {
+        BlockOptions {
+            engine: self.workers.engine(),
+            ..self.options
+        }
+    }
+
+    /// The config space of this device over a disk of `sectors`: the queue count (MQ) and a
+    /// seg_max the queue size allows.
+    fn config_for(&self, sectors: u64) -> Vec<u8> {
+        let mut config = config_space(sectors);
+        let seg_max = SEG_MAX.min(self.options.queue_size - 2);
+        let mut put = |offset: usize, bytes: &[u8]| {
+            config[offset..offset + bytes.len()].copy_from_slice(bytes);
+        };
+        put(
+            offset_of!(virtio_blk_config, seg_max),
+            &u32::from(seg_max).to_le_bytes(),
+        );
+        put(
+            offset_of!(virtio_blk_config, num_queues),
+            &self.options.queues.to_le_bytes(),
+        );
+        config
     }
 
     /// Serves requests no faster than `limit` allows: each request is one operation and its
@@ -159,9 +268,13 @@ impl Block {
             return;
         }
         if reopened {
-            // The same file: serve it through the descriptor that holds its lock.
+            // The same file: serve it through the descriptor that holds its lock (and its
+            // O_DIRECT flag, which the duplicate shares).
             match self.disk.file.try_clone() {
-                Ok(file) => new.file = file,
+                Ok(file) => {
+                    new.file = file;
+                    new.direct_align = self.disk.direct_align;
+                }
                 Err(e) => {
                     log::error!(
                         "disk {}: cannot duplicate its descriptor: {e}; keeping the old size",
@@ -178,10 +291,8 @@ impl Block {
             new.name,
             new.sectors
         );
-        self.config = config_space(new.sectors);
-        if let Some(handler) = self.worker.paused_mut() {
-            handler.server_mut().0 = Arc::clone(&new);
-        }
+        self.config = self.config_for(new.sectors);
+        self.workers.set_disk(&new);
         self.disk = new;
     }
 
@@ -224,17 +335,55 @@ impl DiskImage {
     /// writable disk, shared for a read-only one. `serial` (at most 20 bytes) is the GET_ID
     /// answer.
     pub fn open(path: &Path, read_only: bool, serial: Option<&str>) -> Result<Self, BlockError> {
+        Self::open_with(path, read_only, serial, false)
+    }
+
+    /// [`DiskImage::open`], with O_DIRECT when `direct`.
+    pub fn open_with(
+        path: &Path,
+        read_only: bool,
+        serial: Option<&str>,
+        direct: bool,
+    ) -> Result<Self, BlockError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let id = disk_id(path, serial)?;
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
             .open(path)
-            .map_err(|source| BlockError::Open {
-                path: path.to_owned(),
-                source,
+            .map_err(|source| {
+                if direct && source.raw_os_error() == Some(libc::EINVAL) {
+                    BlockError::Direct {
+                        path: path.to_owned(),
+                        source,
+                    }
+                } else {
+                    BlockError::Open {
+                        path: path.to_owned(),
+                        source,
+                    }
+                }
             })?;
         let mut disk = DiskImage::from_file(file, path, read_only)?;
         disk.id = id;
+        if direct {
+            let direct_error = |source| BlockError::Direct {
+                path: path.to_owned(),
+                source,
+            };
+            let align = direct::alignment(&disk.file).map_err(direct_error)?;
+            let bytes = disk.file.metadata().map_err(direct_error)?.len();
+            // A block device's metadata length is 0; its size is whole blocks anyway.
+            if bytes % align != 0 {
+                return Err(BlockError::DirectSize {
+                    path: path.to_owned(),
+                    bytes,
+                    align,
+                });
+            }
+            disk.direct_align = Some(align);
+        }
         Ok(disk)
     }
 
@@ -376,7 +525,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
@@ -387,10 +536,10 @@ impl VirtioDevice for Block {
         // A device without a worker (the driver has not started it, so the transport does not
         // pause or resume it) takes a staged image only at activation: until then the driver
         // already sees that image's capacity, which it reads before it starts the device.
-        if !self.worker.is_active()
+        if !self.workers.is_active()
             && let Some(sectors) = self.swap.staged_sectors()
         {
-            read_config_bytes(&config_space(sectors), offset, data);
+            read_config_bytes(&self.config_for(sectors), offset, data);
             return;
         }
         read_config_bytes(&self.config, offset, data);
@@ -401,26 +550,25 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.take_staged_disk();
-        let disk = Arc::clone(&self.disk);
-        let limiter = self.limiter.clone();
-        self.worker
-            .start(|| SingleQueueHandler::new(activation, DiskServer(disk))?.with_limiter(limiter))
+        if !self.workers.is_active() {
+            self.take_staged_disk();
+        }
+        self.workers.start(activation, &self.disk, &self.limiter)
     }
 
     fn reset(&mut self) {
-        self.worker.stop();
+        self.workers.stop();
     }
 
     fn pause(&mut self) -> Result<(), PauseError> {
-        Ok(self.worker.pause()?)
+        self.workers.pause()
     }
 
     fn resume(&mut self) -> Result<(), PauseError> {
-        if !self.worker.is_active() || self.worker.paused_mut().is_some() {
+        if !self.workers.is_active() || self.workers.any_paused() {
             self.take_staged_disk();
         }
-        Ok(self.worker.resume()?)
+        self.workers.resume()
     }
 
     fn save_state(&self) -> Result<SavedDevice, SnapshotError> {
@@ -429,7 +577,7 @@ impl VirtioDevice for Block {
         let sectors = self.swap.staged_sectors().unwrap_or(self.disk.sectors);
         Ok(SavedDevice {
             state: DeviceState::Block(BlockState { sectors }),
-            queues: self.worker.saved_positions(VIRTIO_ID_BLOCK)?,
+            queues: self.workers.saved_positions(VIRTIO_ID_BLOCK)?,
         })
     }
 
@@ -452,11 +600,8 @@ impl VirtioDevice for Block {
             });
         }
         if let Some(activation) = activation {
-            let disk = Arc::clone(&self.disk);
-            let limiter = self.limiter.clone();
-            self.worker.start_paused(|| {
-                SingleQueueHandler::new(activation, DiskServer(disk))?.with_limiter(limiter)
-            })?;
+            self.workers
+                .start_paused(activation, &self.disk, &self.limiter)?;
         }
         Ok(())
     }

@@ -15,11 +15,12 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use vm_memory::{GuestMemoryMmap, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Permissions};
 
-use super::{SEG_MAX, SEGMENT_MAX_BYTES};
+use super::{SEG_MAX, SEGMENT_MAX_BYTES, direct};
 use crate::chain::{
-    Chain, ChainError, ChainScratch, IovecScratch, Segments, split_chain, with_scratch,
+    Chain, ChainError, ChainScratch, Direction, GuestIovecs, IovecScratch, Segments, split_chain,
+    with_scratch,
 };
 
 /// virtio-blk addresses the disk in 512-byte sectors, whatever the block size.
@@ -49,6 +50,9 @@ pub struct DiskImage {
     pub(crate) errors: Arc<DiskErrors>,
     /// Set once an fdatasync failed: see [`RequestError::EarlierFlushFailed`].
     pub(crate) flush_failed: AtomicBool,
+    /// The alignment O_DIRECT needs (file offsets, lengths and buffer addresses) when the
+    /// image was opened with it; None for buffered I/O.
+    pub(crate) direct_align: Option<u64>,
 }
 
 /// The host I/O failures of one disk. Every failed request is counted; each distinct cause
@@ -118,13 +122,73 @@ pub enum RequestError {
 }
 
 impl RequestError {
-    fn status(&self) -> u8 {
+    pub(crate) fn status(&self) -> u8 {
         match self {
             RequestError::Unsupported(_) | RequestError::UnsupportedFlags(_) => {
                 VIRTIO_BLK_S_UNSUPP as u8
             }
             _ => VIRTIO_BLK_S_IOERR as u8,
         }
+    }
+}
+
+/// Where a request's reads, writes and flushes go: done on the spot ([`SyncIo`]) or queued on
+/// an io_uring (see `super::uring`), which completes them later through [`complete`].
+pub(crate) trait IoBackend {
+    /// Moves the guest buffers `iovecs` from (`ToFile`) or to (`FromFile`) the disk at
+    /// `offset`. `ticket` says how to complete the request when the I/O is queued.
+    fn transfer(
+        &mut self,
+        disk: &DiskImage,
+        iovecs: GuestIovecs<'_>,
+        offset: u64,
+        direction: Direction,
+        ticket: Ticket,
+    ) -> Result<Started, RequestError>;
+
+    /// fdatasync, once the once-failed-flush rule was checked.
+    fn flush(&mut self, disk: &DiskImage, ticket: Ticket) -> Result<Started, RequestError>;
+}
+
+/// What a queued request needs to complete: its status byte and the bytes it writes into the
+/// guest's buffers when it succeeds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ticket {
+    pub(crate) status: GuestAddress,
+    pub(crate) guest_bytes: u64,
+}
+
+/// Whether the I/O of a request is done or queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Started {
+    Done,
+    Queued,
+}
+
+/// The sync engine: preadv/pwritev/fdatasync on the calling thread.
+pub(crate) struct SyncIo;
+
+impl IoBackend for SyncIo {
+    fn transfer(
+        &mut self,
+        disk: &DiskImage,
+        mut iovecs: GuestIovecs<'_>,
+        offset: u64,
+        direction: Direction,
+        _ticket: Ticket,
+    ) -> Result<Started, RequestError> {
+        match direction {
+            Direction::FromFile => iovecs.read_exact_at(&disk.file, offset)?,
+            Direction::ToFile => iovecs.write_all_at(&disk.file, offset)?,
+        }
+        Ok(Started::Done)
+    }
+
+    fn flush(&mut self, disk: &DiskImage, _ticket: Ticket) -> Result<Started, RequestError> {
+        disk.file
+            .sync_data()
+            .map_err(|e| disk.flush_error(RequestError::Io(e)))?;
+        Ok(Started::Done)
     }
 }
 
@@ -141,35 +205,69 @@ pub(crate) fn handle_request_counted(
     mem: &GuestMemoryMmap,
     chain: Chain<'_>,
 ) -> (u32, u64) {
-    with_scratch(|scratch| serve(disk, mem, chain, scratch))
+    let (used, data_bytes) = start_request(disk, mem, chain, &mut SyncIo);
+    // The sync engine never queues.
+    (used.unwrap_or(0), data_bytes)
 }
 
-/// [`handle_request_counted`] with the buffers it fills (the worker thread's, reused between
-/// requests).
+/// Starts one chain on `backend`: the used length when it is complete (None while its I/O is
+/// queued) and the data bytes a rate limiter charges.
+pub(crate) fn start_request(
+    disk: &DiskImage,
+    mem: &GuestMemoryMmap,
+    chain: Chain<'_>,
+    backend: &mut dyn IoBackend,
+) -> (Option<u32>, u64) {
+    with_scratch(|scratch| serve(disk, mem, chain, scratch, backend))
+}
+
+/// [`start_request`] with the buffers it fills (the worker thread's, reused between requests).
 fn serve(
     disk: &DiskImage,
     mem: &GuestMemoryMmap,
     chain: Chain<'_>,
     scratch: &mut ChainScratch,
-) -> (u32, u64) {
+    backend: &mut dyn IoBackend,
+) -> (Option<u32>, u64) {
     let ChainScratch { segments, io, .. } = scratch;
     let buffers = match split_chain(chain, segments) {
         Ok(buffers) => buffers,
         Err(e) => {
             debug!("virtio-blk: dropping request: {e}");
-            return (0, 0);
+            return (Some(0), 0);
         }
     };
     if !buffers.ends_writable {
         debug!("virtio-blk: dropping request whose last descriptor is not a writable status byte");
-        return (0, 0);
+        return (Some(0), 0);
     }
     let (readable, mut writable) = (buffers.readable, buffers.writable);
-    let Some(status) = writable.take_back(1) else {
-        return (0, 0);
+    let Some(status) = writable.take_back(1).and_then(|s| s.first_addr()) else {
+        return (Some(0), 0);
     };
     let data_bytes = (readable.len() + writable.len()).saturating_sub(HEADER_LEN);
-    let (code, data_len) = match execute(disk, mem, readable, writable, io) {
+    let mut ticket = Ticket {
+        status,
+        guest_bytes: 0,
+    };
+    let result = match execute(disk, mem, readable, writable, io, &mut ticket, backend) {
+        Ok(Started::Queued) => return (None, data_bytes),
+        Ok(Started::Done) => Ok(ticket.guest_bytes),
+        Err(e) => Err(e),
+    };
+    (Some(complete(disk, mem, status, result)), data_bytes)
+}
+
+/// Ends a request: logs a host failure (once per cause), writes the status byte and returns
+/// the used length (0 when the status byte cannot be written). `result` is the number of
+/// bytes written into the guest's data buffers, or why the request failed.
+pub(crate) fn complete(
+    disk: &DiskImage,
+    mem: &GuestMemoryMmap,
+    status: GuestAddress,
+    result: Result<u64, RequestError>,
+) -> u32 {
+    let (code, data_len) = match result {
         Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
         Err(e) => {
             // Host-side failures (EIO, ENOSPC) matter to the operator, once per cause; the rest
@@ -188,23 +286,25 @@ fn serve(
             (e.status(), 0)
         }
     };
-    if let Err(e) = status.write_from(mem, &[code]) {
+    if let Err(e) = mem.write_obj(code, status) {
         debug!("virtio-blk: cannot write the status byte: {e}");
-        return (0, data_bytes);
+        return 0;
     }
     // The chain is at most 4 GiB (virtio-queue stops iterating past that), so this fits.
-    let used = u32::try_from(data_len + 1).unwrap_or(u32::MAX);
-    (used, data_bytes)
+    u32::try_from(data_len + 1).unwrap_or(u32::MAX)
 }
 
-/// Runs a parsed request; returns the number of data bytes written into guest buffers.
+/// Runs a parsed request, or queues its I/O on `backend`; `ticket.guest_bytes` is set to the
+/// number of data bytes it writes into guest buffers.
 fn execute(
     disk: &DiskImage,
     mem: &GuestMemoryMmap,
     mut readable: Segments<'_>,
     writable: Segments<'_>,
     io: &mut IovecScratch,
-) -> Result<u64, RequestError> {
+    ticket: &mut Ticket,
+    backend: &mut dyn IoBackend,
+) -> Result<Started, RequestError> {
     let header = readable
         .take_front(HEADER_LEN)
         .ok_or(RequestError::ShortHeader)?;
@@ -232,10 +332,14 @@ fn execute(
                 return Err(RequestError::DataDirection("read"));
             }
             let offset = disk.byte_range(sector, writable.len(), true)?;
-            writable
-                .iovecs(mem, Permissions::Write, io)?
-                .read_exact_at(&disk.file, offset)?;
-            Ok(writable.len())
+            ticket.guest_bytes = writable.len();
+            let iovecs = writable.iovecs(mem, Permissions::Write, io)?;
+            if disk.needs_bounce(offset, writable.len(), iovecs.as_slice()) {
+                drop(iovecs);
+                direct::read_bounced(disk, mem, &writable, offset)?;
+                return Ok(Started::Done);
+            }
+            backend.transfer(disk, iovecs, offset, Direction::FromFile, *ticket)
         }
         VIRTIO_BLK_T_OUT => {
             if !writable.is_empty() {
@@ -243,21 +347,25 @@ fn execute(
             }
             disk.check_writable()?;
             let offset = disk.byte_range(sector, data.len(), true)?;
-            data.iovecs(mem, Permissions::Read, io)?
-                .write_all_at(&disk.file, offset)?;
-            Ok(0)
+            let iovecs = data.iovecs(mem, Permissions::Read, io)?;
+            if disk.needs_bounce(offset, data.len(), iovecs.as_slice()) {
+                drop(iovecs);
+                direct::write_bounced(disk, mem, &data, offset)?;
+                return Ok(Started::Done);
+            }
+            backend.transfer(disk, iovecs, offset, Direction::ToFile, *ticket)
         }
         VIRTIO_BLK_T_FLUSH => {
             // fdatasync: when the driver sees OK, everything written before is on stable storage.
             if disk.flush_failed.load(Ordering::Relaxed) {
                 return Err(RequestError::EarlierFlushFailed);
             }
-            disk.file.sync_data().inspect_err(|_| {
-                disk.flush_failed.store(true, Ordering::Relaxed);
-            })?;
-            Ok(0)
+            backend.flush(disk, *ticket)
         }
-        VIRTIO_BLK_T_GET_ID => Ok(writable.write_from(mem, &disk.id)? as u64),
+        VIRTIO_BLK_T_GET_ID => {
+            ticket.guest_bytes = writable.write_from(mem, &disk.id)? as u64;
+            Ok(Started::Done)
+        }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             if !writable.is_empty() {
                 return Err(RequestError::DataDirection("discard/write-zeroes"));
@@ -267,12 +375,12 @@ fn execute(
                 return Err(RequestError::ShortHeader);
             }
             match data.len() / RANGE_LEN {
-                0 => Ok(0),
+                0 => Ok(Started::Done),
                 1 => {
                     let mut range = [0u8; RANGE_LEN as usize];
                     data.read_into(mem, &mut range)?;
                     disk.erase(kind == VIRTIO_BLK_T_DISCARD, &range)?;
-                    Ok(0)
+                    Ok(Started::Done)
                 }
                 n => Err(RequestError::TooManyRanges(n)),
             }
@@ -282,6 +390,13 @@ fn execute(
 }
 
 impl DiskImage {
+    /// Marks the disk's flushes failed for good (see [`RequestError::EarlierFlushFailed`]) and
+    /// returns `error`: for whichever engine saw an fdatasync fail.
+    pub(crate) fn flush_error(&self, error: RequestError) -> RequestError {
+        self.flush_failed.store(true, Ordering::Relaxed);
+        error
+    }
+
     fn check_writable(&self) -> Result<(), RequestError> {
         if self.read_only {
             Err(RequestError::ReadOnly)
@@ -291,7 +406,12 @@ impl DiskImage {
     }
 
     /// Validates `bytes` starting at `sector` against the disk size; returns the byte offset.
-    fn byte_range(&self, sector: u64, bytes: u64, aligned: bool) -> Result<u64, RequestError> {
+    pub(crate) fn byte_range(
+        &self,
+        sector: u64,
+        bytes: u64,
+        aligned: bool,
+    ) -> Result<u64, RequestError> {
         if aligned && bytes % SECTOR_SIZE != 0 {
             return Err(RequestError::UnalignedLength(bytes));
         }

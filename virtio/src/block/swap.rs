@@ -110,6 +110,7 @@ impl DiskImage {
             name: path.display().to_string(),
             errors: Arc::default(),
             flush_failed: AtomicBool::new(false),
+            direct_align: None,
         })
     }
 

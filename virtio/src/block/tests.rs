@@ -41,8 +41,32 @@ fn disk_on(file: std::fs::File, name: &str, read_only: bool) -> DiskImage {
         name: name.to_string(),
         errors: Arc::default(),
         flush_failed: std::sync::atomic::AtomicBool::new(false),
+        direct_align: None,
     }
 }
+
+/// Serves `chain` on this thread's engine.
+fn serve_on_engine(disk: &DiskImage, mem: &GuestMemoryMmap, chain: crate::Chain<'_>) -> u32 {
+    match ENGINE.get() {
+        IoEngine::Sync => handle_request(disk, mem, chain),
+        IoEngine::IoUring => super::uring::serve_one(disk, mem, chain),
+    }
+}
+
+// The request tests again, each request served through an io_uring.
+tests_on_io_uring!(
+    read_into_multiple_segments,
+    write_from_multiple_segments_with_any_layout,
+    flush_and_get_id,
+    discard_and_write_zeroes,
+    read_only_disk_refuses_writes,
+    out_of_range_and_unaligned_requests_fail,
+    zero_length_buffers_are_skipped_and_4_gib_ones_refused,
+    requests_beyond_the_advertised_seg_max_or_size_max_fail,
+    malformed_chains,
+    host_errors_are_logged_once_per_cause_and_all_counted,
+    a_failed_flush_fails_every_later_flush,
+);
 
 fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) -> RawDescriptor {
     let mut raw = [0u8; 16];
@@ -76,7 +100,7 @@ fn submit(disk: &DiskImage, mem: &GuestMemoryMmap, descs: &[RawDescriptor]) -> u
     tq.add_chain(descs);
     let mut queue = tq.queue();
     let chain = queue.pop_descriptor_chain(mem).unwrap();
-    handle_request(disk, mem, chain)
+    serve_on_engine(disk, mem, chain)
 }
 
 fn guest_bytes(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
@@ -329,7 +353,7 @@ fn submit_big(disk: &DiskImage, mem: &GuestMemoryMmap, descs: &[RawDescriptor]) 
     tq.add_chain(descs);
     let mut queue = tq.queue();
     let chain = queue.pop_descriptor_chain(mem).unwrap();
-    handle_request(disk, mem, chain)
+    serve_on_engine(disk, mem, chain)
 }
 
 #[test]
@@ -530,7 +554,9 @@ fn host_errors_are_logged_once_per_cause_and_all_counted() {
         .write(true)
         .open("/dev/full")
         .unwrap();
-    let disk = disk_on(file, "full-disk-under-test", false);
+    let name = format!("full-disk-under-test-{:?}", ENGINE.get());
+    let name = name.as_str();
+    let disk = disk_on(file, name, false);
     let request = |kind: u32, data: Option<RawDescriptor>| {
         let mut descs = vec![header(&mem, kind, 0)];
         descs.extend(data);
@@ -549,7 +575,7 @@ fn host_errors_are_logged_once_per_cause_and_all_counted() {
         );
     }
     assert_eq!(disk.errors.count(), 20);
-    let lines = warnings_about("full-disk-under-test");
+    let lines = warnings_about(name);
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("No space left on device"), "{lines:?}");
 
@@ -559,7 +585,7 @@ fn host_errors_are_logged_once_per_cause_and_all_counted() {
         assert_eq!(request(VIRTIO_BLK_T_FLUSH, None), VIRTIO_BLK_S_IOERR);
     }
     assert_eq!(disk.errors.count(), 25);
-    let lines = warnings_about("full-disk-under-test");
+    let lines = warnings_about(name);
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(lines[1].contains("Invalid argument"), "{lines:?}");
     assert!(lines[2].contains("an earlier flush failed"), "{lines:?}");
@@ -569,7 +595,7 @@ fn host_errors_are_logged_once_per_cause_and_all_counted() {
     submit(&disk, &mem, &[h, writable(DATA, 512), s]);
     assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR);
     assert_eq!(disk.errors.count(), 25);
-    assert_eq!(warnings_about("full-disk-under-test").len(), 3);
+    assert_eq!(warnings_about(name).len(), 3);
 }
 
 /// Once fdatasync failed, Linux may have marked unwritten pages clean and the next fdatasync

@@ -120,6 +120,12 @@ impl<'s> Segments<'s> {
         self.total == 0
     }
 
+    /// Where the stream starts in guest memory (None when empty): a one-byte status buffer is
+    /// remembered this way while its request is in flight.
+    pub(crate) fn first_addr(&self) -> Option<GuestAddress> {
+        self.iter().next().map(|seg| seg.addr)
+    }
+
     /// The first `n` bytes and the rest; `n` must be at most `self.total`.
     fn split_at(&self, n: u64) -> (Segments<'s>, Segments<'s>) {
         if n == 0 {
@@ -504,60 +510,85 @@ impl GuestIovecs<'_> {
     }
 
     fn transfer_at(&mut self, fd: RawFd, offset: u64, direction: Direction) -> io::Result<()> {
-        let mut offset = offset;
-        let mut first = 0;
-        let iovecs = &mut self.scratch.iovecs;
-        // Skip past completed iovecs, splitting the first partial one, until all are done; short
-        // transfers are normal for large requests.
-        while first < iovecs.len() {
-            let batch = &iovecs[first..iovecs.len().min(first + MAX_IOVECS)];
-            let file_offset = libc::off_t::try_from(offset)
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-            let n = match direction {
-                // SAFETY: the iovecs point into mapped guest memory checked by get_slices, valid
-                // for the lifetime of `self`; preadv writes at most their total length.
-                Direction::FromFile => unsafe {
-                    libc::preadv(fd, batch.as_ptr(), batch.len() as libc::c_int, file_offset)
-                },
-                // SAFETY: as above; pwritev only reads from the iovecs.
-                Direction::ToFile => unsafe {
-                    libc::pwritev(fd, batch.as_ptr(), batch.len() as libc::c_int, file_offset)
-                },
-            };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            if n == 0 {
-                return Err(match direction {
-                    Direction::FromFile => io::ErrorKind::UnexpectedEof.into(),
-                    Direction::ToFile => io::ErrorKind::WriteZero.into(),
-                });
-            }
-            let mut done = n as usize;
-            offset += done as u64;
-            while done > 0 && first < iovecs.len() {
-                let iov = &mut iovecs[first];
-                if done >= iov.iov_len {
-                    done -= iov.iov_len;
-                    first += 1;
-                } else {
-                    // SAFETY: `done < iov_len`, so the advanced pointer stays inside the buffer.
-                    iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(done) }.cast();
-                    iov.iov_len -= done;
-                    done = 0;
-                }
-            }
-        }
-        Ok(())
+        transfer_iovecs(&mut self.scratch.iovecs, fd, offset, direction)
+    }
+
+    /// The host iovecs, for an I/O submitted elsewhere (io_uring) while the memory borrow lives.
+    pub(crate) fn as_slice(&self) -> &[libc::iovec] {
+        &self.scratch.iovecs
     }
 }
 
-#[derive(Clone, Copy)]
-enum Direction {
+/// Moves all of `iovecs` from or to `fd` at `offset` with preadv/pwritev, resuming after short
+/// transfers (normal for large requests); the iovecs are advanced past what was done.
+///
+/// # Safety contract (checked by callers, not the compiler)
+/// The iovecs must point into guest memory that stays mapped for the call, as
+/// [`Segments::iovecs`] makes them.
+pub(crate) fn transfer_iovecs(
+    iovecs: &mut [libc::iovec],
+    fd: RawFd,
+    offset: u64,
+    direction: Direction,
+) -> io::Result<()> {
+    let mut offset = offset;
+    let mut first = 0;
+    while first < iovecs.len() {
+        let batch = &iovecs[first..iovecs.len().min(first + MAX_IOVECS)];
+        let file_offset = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let n = match direction {
+            // SAFETY: the iovecs point into mapped guest memory checked by get_slices (the
+            // caller keeps it mapped); preadv writes at most their total length.
+            Direction::FromFile => unsafe {
+                libc::preadv(fd, batch.as_ptr(), batch.len() as libc::c_int, file_offset)
+            },
+            // SAFETY: as above; pwritev only reads from the iovecs.
+            Direction::ToFile => unsafe {
+                libc::pwritev(fd, batch.as_ptr(), batch.len() as libc::c_int, file_offset)
+            },
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(match direction {
+                Direction::FromFile => io::ErrorKind::UnexpectedEof.into(),
+                Direction::ToFile => io::ErrorKind::WriteZero.into(),
+            });
+        }
+        offset += n as u64;
+        first += advance_iovecs(&mut iovecs[first..], n as usize);
+    }
+    Ok(())
+}
+
+/// Drops `done` bytes off the front of `iovecs`, splitting the first partial one; returns how
+/// many iovecs were used up entirely.
+pub(crate) fn advance_iovecs(iovecs: &mut [libc::iovec], mut done: usize) -> usize {
+    let mut first = 0;
+    while done > 0 && first < iovecs.len() {
+        let iov = &mut iovecs[first];
+        if done >= iov.iov_len {
+            done -= iov.iov_len;
+            first += 1;
+        } else {
+            // SAFETY: `done < iov_len`, so the advanced pointer stays inside the buffer.
+            iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(done) }.cast();
+            iov.iov_len -= done;
+            done = 0;
+        }
+    }
+    first
+}
+
+/// Which way a vectored I/O moves data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direction {
     FromFile,
     ToFile,
 }

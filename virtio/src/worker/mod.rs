@@ -127,6 +127,11 @@ pub(crate) trait EventHandler: Send + 'static {
 
     /// One of the handler's fds is ready.
     fn handle_event(&mut self, events: &EventLoop, token: u64);
+
+    /// Runs on the worker thread when it is told to stop or pause, before the handler goes
+    /// back to its slot: a handler with I/O in flight (io_uring) completes it here, so a
+    /// paused or reset device has none.
+    fn quiesce(&mut self) {}
 }
 
 /// The event loop of a worker: returns the handler when the kill eventfd fires (or epoll
@@ -140,10 +145,12 @@ fn run<H: EventHandler>(events: EventLoop, mut handler: H) -> H {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 error!("device worker: epoll_wait failed, the device stops: {e}");
+                handler.quiesce();
                 return handler;
             }
         };
         if ready[..count].iter().any(|ev| ev.data() == KILL_TOKEN) {
+            handler.quiesce();
             return handler;
         }
         for ev in &ready[..count] {
