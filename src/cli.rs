@@ -121,6 +121,22 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     metrics_path: Option<PathBuf>,
 
+    /// Restore the VM saved in this snapshot file (PUT /snapshot/create, or a paused VM's
+    /// snapshot) instead of booting one: its disks and taps are opened again by the names it
+    /// recorded; `--tap NAME` flags, one per tap in order, put the clone on other taps.
+    #[arg(long, value_name = "SNAPSHOT", requires = "mem_file",
+          conflicts_with_all = ["kernel", "initrd", "disk", "net", "config_file"])]
+    restore: Option<PathBuf>,
+
+    /// The snapshot's memory file (with --restore); mapped privately, so it stays unchanged
+    /// and one file serves many clones.
+    #[arg(long, value_name = "MEM", requires = "restore")]
+    mem_file: Option<PathBuf>,
+
+    /// With --restore: leave the restored VM paused (SIGUSR2 or PATCH /vm resumes it).
+    #[arg(long, requires = "restore")]
+    paused: bool,
+
     #[command(flatten)]
     firecracker: FirecrackerArgs,
 }
@@ -203,6 +219,8 @@ pub struct FirecrackerMode {
 pub struct Launch {
     pub config: VmConfig,
     pub firecracker: Option<FirecrackerMode>,
+    /// `--restore`: the VM comes from a snapshot, not from `config`'s boot files.
+    pub restore: Option<crate::vm::RestoreSpec>,
 }
 
 /// Firecracker's instance id rule.
@@ -354,6 +372,16 @@ pub fn parse_launch<I: IntoIterator<Item = OsString>>(args: I) -> Result<Launch,
             "--cmdline must be a single line of text".to_string(),
         ));
     }
+    let restore = match (&args.restore, &args.mem_file) {
+        (Some(snapshot), Some(mem_file)) => Some(crate::vm::RestoreSpec {
+            snapshot: snapshot.clone(),
+            mem_file: mem_file.clone(),
+            taps: args.tap.iter().map(|t| t.name.clone()).collect(),
+            overrides: Vec::new(),
+            resume: !args.paused,
+        }),
+        _ => None,
+    };
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -383,6 +411,7 @@ pub fn parse_launch<I: IntoIterator<Item = OsString>>(args: I) -> Result<Launch,
     Ok(Launch {
         config,
         firecracker,
+        restore,
     })
 }
 

@@ -20,6 +20,7 @@ pub mod memory;
 pub mod metrics;
 pub mod pci;
 pub mod seccomp;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 pub mod virtio_devices;
@@ -68,9 +69,12 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
             return exit::USAGE_ERROR;
         }
     }
-    let result = match launch.firecracker {
-        Some(mode) => api::run(launch.config, &mode),
-        None => vm::run(launch.config).map_err(api::RunError::Vm),
+    let result = match (launch.firecracker, launch.restore) {
+        (Some(mode), restore) => api::run(launch.config, &mode, restore.as_ref()),
+        (None, Some(restore)) => vm::restore(&launch.config, &restore)
+            .and_then(vm::Vm::run)
+            .map_err(api::RunError::Vm),
+        (None, None) => vm::run(launch.config).map_err(api::RunError::Vm),
     };
     match result {
         Ok(outcome) => {

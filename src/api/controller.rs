@@ -54,6 +54,10 @@ enum PatchError {
     NotRunning(String),
 }
 
+/// `PUT /snapshot/load` into a process whose VM runs already.
+pub const LOAD_AFTER_START: &str = "Load snapshot error: a snapshot is loaded into a fresh pvm \
+     process, before any VM runs in it; start another pvm for it";
+
 /// Firecracker's answer to a second metrics configuration; clients match this text.
 pub const METRICS_AGAIN: &str = "Metrics error: Cannot initialize the metrics system due to bad \
      user input: Reinitialization of metrics not allowed.";
@@ -183,6 +187,11 @@ impl Controller {
         self.limiters = limiters;
     }
 
+    /// The process's own flags (sandbox, logging, metrics), which a restored VM keeps.
+    pub fn base_config(&self) -> VmConfig {
+        self.base.clone()
+    }
+
     /// The VM `fc` describes on top of the flags.
     pub fn vm_config(&self) -> Result<VmConfig, ConfigError> {
         self.fc.to_vm_config(&self.base)
@@ -242,6 +251,9 @@ impl Controller {
     pub fn preboot(&mut self, action: Action) -> (Response, Option<Vm>) {
         if let Some(response) = self.get(&action, "Not started") {
             return (response, None);
+        }
+        if let Action::LoadSnapshot(request) = action {
+            return self.load_snapshot(request);
         }
         if action != Action::InstanceStart {
             return (self.configure(action), None);
@@ -309,6 +321,8 @@ impl Controller {
                 Ok(()) => Response::no_content(),
                 Err(why) => Response::fault(&format!("Network interface error: {why}")),
             },
+            Action::CreateSnapshot(body) => self.create_snapshot(&body, vm),
+            Action::LoadSnapshot(_) => Response::fault(LOAD_AFTER_START),
             _ => Response::fault(AFTER_START),
         }
     }
@@ -482,6 +496,65 @@ impl Controller {
     }
 
     /// Whether InstanceStart (or the config file) started the VM.
+    /// PUT /snapshot/create on the running VM: only while paused.
+    fn create_snapshot(
+        &self,
+        body: &super::snapshot::SnapshotCreate,
+        vm: &mut RunningVm<'_, '_>,
+    ) -> Response {
+        let ids: Vec<String> = self
+            .fc
+            .network_interfaces
+            .iter()
+            .map(|i| i.iface_id.clone())
+            .collect();
+        match vm.create_snapshot(&body.snapshot_path, &body.mem_file_path, &ids) {
+            Ok(()) => Response::no_content(),
+            Err(e) => Response::fault(&format!("Create snapshot error: {}", error_chain(&e))),
+        }
+    }
+
+    /// PUT /snapshot/load: builds the snapshot's VM, paused unless `resume_vm`.
+    fn load_snapshot(&mut self, request: super::snapshot::LoadRequest) -> (Response, Option<Vm>) {
+        let fc = &self.fc;
+        if fc.boot_source.is_some()
+            || !fc.drives.is_empty()
+            || !fc.network_interfaces.is_empty()
+            || fc.machine_config.is_some()
+        {
+            return (
+                Response::fault(
+                    "Load snapshot error: Loading a microVM snapshot not allowed after \
+                     configuring boot-specific resources.",
+                ),
+                None,
+            );
+        }
+        let spec = vm::RestoreSpec {
+            snapshot: request.snapshot_path,
+            mem_file: request.mem_file,
+            taps: Vec::new(),
+            overrides: request
+                .network_overrides
+                .into_iter()
+                .map(|o| (o.iface_id, o.host_dev_name))
+                .collect(),
+            resume: request.resume_vm,
+        };
+        match vm::restore(&self.base, &spec) {
+            Ok(vm) => {
+                self.started = true;
+                self.limiters = vm.rate_limiters();
+                log::info!("API: snapshot {} loaded", spec.snapshot.display());
+                (Response::no_content(), Some(vm))
+            }
+            Err(e) => (
+                Response::fault(&format!("Load snapshot error: {}", error_chain(&e))),
+                None,
+            ),
+        }
+    }
+
     pub fn started(&self) -> bool {
         self.started
     }

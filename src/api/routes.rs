@@ -36,6 +36,10 @@ pub enum Action {
     FlushMetrics,
     Pause,
     Resume,
+    /// `PUT /snapshot/create` (full snapshots).
+    CreateSnapshot(super::snapshot::SnapshotCreate),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(super::snapshot::LoadRequest),
 }
 
 /// Why a request was refused before reaching the VMM: the fault_message text.
@@ -92,7 +96,6 @@ enum VmState {
 
 /// Endpoints Firecracker has and pvm does not (yet), and why.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    ("snapshot", "pvm does not support snapshots yet"),
     ("vsock", "pvm does not support vsock yet"),
     ("balloon", "pvm does not support the balloon device yet"),
     ("mmds", "pvm does not support MMDS"),
@@ -184,6 +187,12 @@ pub fn route(request: &Request) -> Result<Action, RouteError> {
             VmState::Paused => Action::Pause,
             VmState::Resumed => Action::Resume,
         },
+        (Method::Put, "snapshot") if id == Some("create") => {
+            Action::CreateSnapshot(super::snapshot::check_create(decode(body)?)?)
+        }
+        (Method::Put, "snapshot") if id == Some("load") => {
+            Action::LoadSnapshot(super::snapshot::check_load(decode(body)?)?)
+        }
         (Method::Patch, "drives") => {
             let id = checked_id(id)?;
             let drive: PartialDrive = decode(body)?;

@@ -41,6 +41,8 @@ pub enum Error {
     SerialOut(#[from] crate::devices::serial_out::OpenError),
     #[error("cannot start the thread for vCPU {index}: {source}")]
     Spawn { index: u8, source: std::io::Error },
+    #[error(transparent)]
+    Restore(#[from] crate::snapshot::RestoreError),
 }
 
 impl Error {
@@ -54,6 +56,8 @@ impl Error {
             // --serial-out (or PUT /serial) names a file pvm cannot open.
             Error::SerialOut(_) => true,
             Error::Boot(e) => e.is_usage(),
+            // The snapshot or memory file named is damaged, foreign or does not fit.
+            Error::Restore(e) => e.is_usage(),
             Error::Virtio(e) => e.is_usage(),
             Error::Host(_)
             | Error::Kvm { .. }

@@ -8,6 +8,7 @@ mod control;
 mod error;
 mod main_loop;
 mod pause;
+mod snapshot;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +25,7 @@ use vmm_sys_util::signal::Killable;
 
 use self::main_loop::{InputSink, StopSignals, kick_signal, main_loop, metrics_timer};
 pub use self::pause::{Pauser, RunControl};
+pub use self::snapshot::{RestoreSpec, SnapshotSource, restore};
 use crate::boot::{self, BootEntry, acpi};
 use crate::bus::Bus;
 use crate::config::{ConsoleKind, VmConfig};
@@ -92,6 +94,13 @@ pub struct Vm {
     end: Arc<EndSignal>,
     stop: Arc<AtomicBool>,
     control: Arc<RunControl>,
+    /// What the VM was built from, for a snapshot's description.
+    config: VmConfig,
+    /// The buses (also the vCPUs'), for a snapshot's PCI address latch.
+    buses: Arc<Buses>,
+    /// Restored from a snapshot: the vCPUs and devices start paused; `Some(true)` resumes
+    /// them at once.
+    restored: Option<bool>,
     /// The VM fd and guest RAM, last so that it drops last; `run` drops it only after the
     /// vCPU threads are joined. Dropping it deletes the RAM's slots.
     memory: VmMemory,
@@ -119,7 +128,7 @@ impl Vm {
         let (vm_fd, guest_memory) = (memory.vm_fd(), memory.guest_memory());
         create_irqchip(vm_fd)?;
         let end = Arc::new(EndSignal::new().map_err(io_err("eventfd"))?);
-        let LegacyDevices { mut pio, serial } = legacy_devices(vm_fd, config, &end)?;
+        let LegacyDevices { mut pio, serial } = legacy_devices(vm_fd, config, &end, None)?;
         let mut mmio = Bus::new();
         let attached = virtio_devices::attach(config, vm_fd, guest_memory, &mut pio, &mut mmio)?;
         let entry = load_guest(guest_memory, config, &attached, boot_files)?;
@@ -131,7 +140,22 @@ impl Vm {
             stats: Arc::new(ExitStats::default()),
         };
         let vcpus = create_vcpus(kvm, &memory, config, entry, &shared)?;
-        Ok(Vm {
+        Ok(Vm::assemble(
+            config, vcpus, serial, attached, shared, memory, None,
+        ))
+    }
+
+    /// The VM of built (or restored) parts.
+    fn assemble(
+        config: &VmConfig,
+        vcpus: Vec<Vcpu>,
+        serial: Arc<Mutex<SerialDevice>>,
+        attached: Attached,
+        shared: VcpuShared,
+        memory: VmMemory,
+        restored: Option<bool>,
+    ) -> Vm {
+        Vm {
             vcpus,
             serial,
             console_input: attached.console_input,
@@ -149,8 +173,11 @@ impl Vm {
             end: shared.end,
             stop: shared.stop,
             control: shared.control,
+            config: config.clone(),
+            buses: shared.buses,
+            restored,
             memory,
-        })
+        }
     }
 
     /// The devices' rate limiters (shared with their workers), to change limits while the VM
@@ -171,11 +198,29 @@ impl Vm {
         let timer = metrics_timer()?;
         let raw = RawMode::enter().map_err(io_err("putting the terminal in raw mode"))?;
         let sandbox = self.seccomp.then_some(self.vhost_user_sockets.as_slice());
+        if self.restored.is_some() {
+            // A restored VM's devices are paused: its vCPUs park before their first entry.
+            self.control.request_pause();
+        }
         let (threads, spawned) = spawn_vcpus(self.vcpus, sandbox);
         let mut pauser = Pauser::new(self.control.clone(), &threads, &self.pausable);
+        let serial = self.serial.clone();
+        pauser.set_snapshot_source(SnapshotSource {
+            vm: self.memory.vm_fd(),
+            memory: self.memory.guest_memory(),
+            serial: &serial,
+            buses: &self.buses,
+            config: &self.config,
+        });
+        if self.restored.is_some() {
+            pauser.mark_paused();
+        }
         let loop_result = spawned
             .and_then(|()| sandbox_main_thread(sandbox, self.print_stats))
             .and_then(|()| {
+                if self.restored == Some(true) {
+                    pauser.handle(pause::VmRequest::Resume);
+                }
                 // The first line marks the start, as Firecracker's does.
                 metrics::flush_or_log();
                 let sink = match self.console_input {
@@ -255,22 +300,26 @@ fn create_irqchip(vm_fd: &VmFd) -> Result<(), Error> {
     Ok(())
 }
 
-/// The UART (on its IRQ's irqfd), the i8042 whose reset line ends the VM, ACPI power-off,
-/// pvpanic and, with --boot-timer, the boot timer port.
+/// The UART (on its IRQ's irqfd; as `serial_state` left it, for a restore), the i8042 whose
+/// reset line ends the VM, ACPI power-off, pvpanic and, with --boot-timer, the boot timer port.
 fn legacy_devices(
     vm_fd: &VmFd,
     config: &VmConfig,
     end: &Arc<EndSignal>,
+    serial_state: Option<&vm_superio::serial::SerialState>,
 ) -> Result<LegacyDevices, Error> {
     let mut pio = Bus::new();
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
     vm_fd
         .register_irqfd(&serial_irq, layout::SERIAL_IRQ)
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        IrqTrigger(serial_irq),
-        crate::devices::serial_out::open(config.serial_out.as_deref())?,
-    )));
+    let out = crate::devices::serial_out::open(config.serial_out.as_deref())?;
+    let serial = match serial_state {
+        None => SerialDevice::new(IrqTrigger(serial_irq), out),
+        Some(state) => SerialDevice::from_state(state, IrqTrigger(serial_irq), out)
+            .map_err(|e| crate::snapshot::RestoreError::Serial(format!("{e:?}")))?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
     pio.insert(u64::from(layout::SERIAL_PORT), 8, serial.clone())?;
     let i8042 = I8042(I8042Device::new(ResetLine(end.clone())));
     pio.insert(
@@ -343,6 +392,7 @@ fn create_vcpus(
     let supported: CpuId = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let msr_list = msr_list(kvm)?;
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for index in 0..config.cpus {
         let fd = memory
@@ -366,9 +416,23 @@ fn create_vcpus(
             control: shared.control.clone(),
             stats: shared.stats.clone(),
             boot_timer: config.boot_timer,
+            msr_list: msr_list.clone(),
         });
     }
     Ok(vcpus)
+}
+
+/// KVM's list of the MSRs a VMM saves and restores (kvmclock and the TSC among them).
+fn msr_list(kvm: &Kvm) -> Result<Arc<Vec<u32>>, Error> {
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    Ok(Arc::new(list.as_slice().to_vec()))
+}
+
+/// A device's lock; a poisoned one still holds usable registers.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Starts a thread per vCPU; with `sandbox` (the vhost-user sockets the vCPUs may use) each
