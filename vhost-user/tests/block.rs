@@ -553,3 +553,87 @@ fn a_paused_frontend_stops_the_backend_ring_and_resumes_where_it_stopped() {
     drop(device);
     assert_eq!(backend.wait(), 0);
 }
+
+/// A snapshot of a paused vhost-user disk restored onto a new backend (the old one exits with
+/// its frontend, as it does when a VM process ends): the fresh frontend stays paused, then
+/// serves from the position GET_VRING_BASE took at the pause, each request once.
+#[test]
+fn a_snapshot_of_a_paused_disk_continues_on_a_new_backend() {
+    use pvm_virtio::snapshot::{DeviceState, RestoreError};
+    use virtio_queue::QueueT;
+
+    let dir = scratch("blk-snapshot");
+    let image = dir.join("disk.img");
+    let expected = image_bytes();
+    std::fs::write(&image, &expected).unwrap();
+    let start = |name: &str| {
+        let socket = dir.join(name);
+        let args = ["--socket", socket.to_str().unwrap()];
+        let backend = Backend::start(
+            &[],
+            BLK,
+            &[args[0], args[1], "--disk", image.to_str().unwrap()],
+        );
+        (backend, connect(&socket))
+    };
+    let (backend, mut device) = start("blk1.sock");
+    let features = device.features();
+    let mem = shared_memory();
+    let ring = TestQueue::at(&mem, GuestAddress(0x1000), 256);
+    let irq = EventInterrupt::new(1);
+    device
+        .activate(Activation {
+            memory: mem.clone(),
+            interrupt: irq.clone(),
+            queues: vec![ring.active_queue(0)],
+            features,
+        })
+        .unwrap();
+    let head = request(&ring, &mem, VIRTIO_BLK_T_IN, 0, &[512]);
+    assert_eq!(complete(&ring, &irq, &mem, head), (513, 0));
+    assert!(
+        device.save_state().is_err(),
+        "saved while the backend serves"
+    );
+    device.pause().unwrap();
+    let saved = device.save_state().unwrap();
+    assert_eq!(saved.queues.len(), 1);
+    assert_eq!((saved.queues[0].index, saved.queues[0].next_avail), (0, 1));
+    // The backend's used index is in the ring, where the transport reads it.
+    assert_eq!(saved.queues[0].next_used, None);
+    // Queued at the snapshot, served by nobody yet.
+    let head = request(&ring, &mem, VIRTIO_BLK_T_IN, 8, &[1024]);
+    drop(device);
+    assert_eq!(backend.wait(), 0);
+
+    let (backend, mut device) = start("blk2.sock");
+    let mut queue = ring.active_queue(0);
+    queue.queue.set_next_avail(1);
+    queue.queue.set_next_used(1);
+    let activation = |queue| Activation {
+        memory: mem.clone(),
+        interrupt: irq.clone(),
+        queues: vec![queue],
+        features,
+    };
+    let wrong = DeviceState::Rng;
+    assert!(matches!(
+        device.restore(None, &wrong),
+        Err(RestoreError::DeviceKind { saved: "rng", .. })
+    ));
+    device
+        .restore(Some(activation(queue)), &saved.state)
+        .unwrap();
+    ring.want_interrupt();
+    ring.kick();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(ring.take_used().is_empty(), "served before the resume");
+    device.resume().unwrap();
+    assert!(irq.wait(0), "no interrupt after the resume");
+    assert_eq!(ring.take_used(), vec![(u32::from(head), 1025)]);
+    assert!(buffers(&mem, &[1024]) == expected[8 * 512..8 * 512 + 1024]);
+    let head = request(&ring, &mem, VIRTIO_BLK_T_IN, 0, &[512]);
+    assert_eq!(complete(&ring, &irq, &mem, head), (513, 0));
+    drop(device);
+    assert_eq!(backend.wait(), 0);
+}

@@ -10,12 +10,14 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use pvm_virtio::data_plane::{DataPlane, DataPlaneError};
+use pvm_virtio::snapshot::{QueuePosition, SnapshotError};
 use pvm_virtio::thread::DeviceThread;
 use pvm_virtio::{ActiveQueue, Interrupt};
 use vhost::VhostBackend;
 use vhost::net::VhostNet as _;
 use vhost::vhost_kern::net::Net as KernelNet;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use vm_memory::GuestMemoryMmap;
 
 use crate::rings::{RingAddresses, Rings, Served, memory_table};
@@ -123,7 +125,7 @@ impl DataPlane for VhostNetPlane {
         }
         self.net.set_owner().map_err(refused("SET_OWNER"))?;
         let mut started = Vec::new();
-        match self.program(memory, interrupt, queues, features, &mut started) {
+        match self.program(memory, interrupt, queues, features, &mut started, false) {
             Ok(rings) => {
                 log::info!(
                     "vhost-net serves {} queues ({} relayed)",
@@ -184,6 +186,35 @@ impl DataPlane for VhostNetPlane {
         PLANE
     }
 
+    fn positions(&self) -> Result<Vec<QueuePosition>, SnapshotError> {
+        self.running
+            .as_ref()
+            .map_or(Ok(Vec::new()), |running| running.positions(VIRTIO_ID_NET))
+    }
+
+    fn start_paused(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+        features: u64,
+    ) -> Result<(), DataPlaneError> {
+        if self.running.is_some() {
+            return Err(DataPlaneError::AlreadyStarted(PLANE));
+        }
+        self.net.set_owner().map_err(refused("SET_OWNER"))?;
+        match self.program(memory, interrupt, queues, features, &mut Vec::new(), true) {
+            Ok(rings) => {
+                self.running = Some(Served::paused(rings));
+                Ok(())
+            }
+            Err(e) => {
+                self.release(&[]);
+                Err(e)
+            }
+        }
+    }
+
     fn set_enabled(&mut self, enabled: bool) -> Result<(), DataPlaneError> {
         if let Some(running) = self.running.as_ref().filter(|r| !r.paused) {
             if enabled != self.enabled {
@@ -226,7 +257,9 @@ impl VhostNetPlane {
         }
     }
 
-    /// Programs an owned instance for `queues` and attaches the tap if the pair is on.
+    /// Programs an owned instance for `queues` and attaches the tap if the pair is on. With
+    /// `paused` (a restore) the rings are only prepared: the resume programs them, from the
+    /// queues' positions, and attaches the tap.
     fn program(
         &mut self,
         memory: &GuestMemoryMmap,
@@ -234,6 +267,7 @@ impl VhostNetPlane {
         queues: Vec<ActiveQueue>,
         features: u64,
         started: &mut Vec<usize>,
+        paused: bool,
     ) -> Result<Rings, DataPlaneError> {
         // vhost takes the transport/ring features and the header-shaping MRG_RXBUF; the tap
         // handles the header and offloads. ACCESS_PLATFORM is never passed: it would make vhost
@@ -260,6 +294,9 @@ impl VhostNetPlane {
             interrupt,
             &mut self.relay_thread,
         )?;
+        if paused {
+            return Ok(rings);
+        }
         let programmed = rings
             .program(&self.net, started)
             .and_then(|()| match self.enabled {

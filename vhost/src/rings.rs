@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use pvm_virtio::data_plane::DataPlaneError;
+use pvm_virtio::snapshot::{QueuePosition, SnapshotError};
 use pvm_virtio::thread::DeviceThread;
 use pvm_virtio::{ActiveQueue, Interrupt};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -49,6 +50,34 @@ impl Served {
             rings,
             paused: false,
         }
+    }
+
+    /// Rings set up for a restored device: the backend learns them at the resume, from the
+    /// positions the snapshot gave.
+    pub(crate) fn paused(rings: Rings) -> Self {
+        Served {
+            rings,
+            paused: true,
+        }
+    }
+
+    /// Each ring's position as the pause took it back (GET_VRING_BASE), for a snapshot. The
+    /// used index is the backend's to keep: it is in the used ring, where the transport reads
+    /// it. A backend still serving the rings is not asked.
+    pub(crate) fn positions(&self, device_type: u32) -> Result<Vec<QueuePosition>, SnapshotError> {
+        if !self.paused {
+            return Err(SnapshotError::NotPaused { device_type });
+        }
+        Ok(self
+            .rings
+            .bases()
+            .into_iter()
+            .map(|(index, next_avail)| QueuePosition {
+                index,
+                next_avail,
+                next_used: None,
+            })
+            .collect())
     }
 }
 
@@ -173,7 +202,7 @@ impl Rings {
         Ok(())
     }
 
-    /// Each ring's device queue index and base, in order (for tests and snapshots).
+    /// Each ring's device queue index and base, in order.
     pub(crate) fn bases(&self) -> Vec<(u16, u16)> {
         self.rings
             .iter()

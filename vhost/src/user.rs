@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use pvm_virtio::data_plane::DataPlaneError;
+use pvm_virtio::snapshot::{DeviceState, RestoreError, SavedDevice, SnapshotError, VhostUserState};
 use pvm_virtio::thread::DeviceThread;
 use pvm_virtio::{
     ActivateError, Activation, ActiveQueue, Interrupt, PauseError, VirtioDevice, read_config_bytes,
@@ -273,7 +274,8 @@ impl VhostUserDevice {
     }
 
     /// Programs the backend for `queues` with the negotiated `features` and starts the rings;
-    /// `started` gets every ring the backend was told of.
+    /// `started` gets every ring the backend was told of. With `paused` (a restore) the rings
+    /// are only prepared: the resume programs and enables them from the queues' positions.
     fn program(
         &mut self,
         memory: &GuestMemoryMmap,
@@ -281,6 +283,7 @@ impl VhostUserDevice {
         queues: Vec<ActiveQueue>,
         features: u64,
         started: &mut Vec<usize>,
+        paused: bool,
     ) -> Result<Rings, DataPlaneError> {
         let mut features = features;
         if self.protocol_features {
@@ -304,6 +307,9 @@ impl VhostUserDevice {
             interrupt,
             &mut self.relay_thread,
         )?;
+        if paused {
+            return Ok(rings);
+        }
         if let Err(e) = self.start_rings(&rings, started) {
             rings.stop_relay(&mut self.relay_thread);
             return Err(e);
@@ -355,6 +361,57 @@ impl VhostUserDevice {
     }
 }
 
+impl VhostUserDevice {
+    fn check_queue_count(&self, queues: &[ActiveQueue]) -> Result<usize, ActivateError> {
+        let count = queues.len();
+        if count != self.queue_sizes.len() {
+            return Err(ActivateError::QueueCount {
+                got: count,
+                want: self.queue_sizes.len(),
+            });
+        }
+        Ok(count)
+    }
+
+    /// [`VirtioDevice::restore`]: the backend gets the features and memory now, the rings at
+    /// the resume (from the snapshot's positions, with SET_VRING_BASE).
+    fn restore_paused(
+        &mut self,
+        activation: Option<Activation>,
+        state: &DeviceState,
+    ) -> Result<(), RestoreError> {
+        let here = self.kind.device_type();
+        let DeviceState::VhostUser(saved) = state else {
+            return Err(RestoreError::DeviceKind {
+                saved: state.kind(),
+                here: "vhost-user",
+            });
+        };
+        if saved.device_type != here {
+            return Err(RestoreError::DeviceType {
+                saved: saved.device_type,
+                here,
+            });
+        }
+        let Some(activation) = activation else {
+            return Ok(());
+        };
+        if self.running.is_some() {
+            return Err(ActivateError::AlreadyActive.into());
+        }
+        self.check_queue_count(&activation.queues)?;
+        let Activation {
+            memory,
+            interrupt,
+            queues,
+            features,
+        } = activation;
+        let rings = self.program(&memory, interrupt, queues, features, &mut Vec::new(), true)?;
+        self.running = Some(Served::paused(rings));
+        Ok(())
+    }
+}
+
 impl Drop for VhostUserDevice {
     fn drop(&mut self) {
         // The relay's job must end before its thread can; the backend learns that the VM is
@@ -397,15 +454,9 @@ impl VirtioDevice for VhostUserDevice {
             queues,
             features,
         } = activation;
-        let count = queues.len();
-        if count != self.queue_sizes.len() {
-            return Err(ActivateError::QueueCount {
-                got: count,
-                want: self.queue_sizes.len(),
-            });
-        }
+        let count = self.check_queue_count(&queues)?;
         let mut started = Vec::new();
-        match self.program(&memory, interrupt, queues, features, &mut started) {
+        match self.program(&memory, interrupt, queues, features, &mut started, false) {
             Ok(rings) => {
                 log::info!(
                     "vhost-user {}: serving {count} queues ({} relayed)",
@@ -466,5 +517,24 @@ impl VirtioDevice for VhostUserDevice {
         };
         self.running = Some(running);
         Ok(result?)
+    }
+
+    fn save_state(&self) -> Result<SavedDevice, SnapshotError> {
+        let device_type = self.kind.device_type();
+        Ok(SavedDevice {
+            state: DeviceState::VhostUser(VhostUserState { device_type }),
+            queues: self
+                .running
+                .as_ref()
+                .map_or(Ok(Vec::new()), |running| running.positions(device_type))?,
+        })
+    }
+
+    fn restore(
+        &mut self,
+        activation: Option<Activation>,
+        state: &DeviceState,
+    ) -> Result<(), RestoreError> {
+        self.restore_paused(activation, state)
     }
 }

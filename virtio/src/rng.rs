@@ -14,6 +14,7 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use crate::chain::Chain;
 use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
 use crate::rate_limiter::RateLimit;
+use crate::snapshot::{DeviceState, RestoreError, SavedDevice, SnapshotError};
 use crate::worker::{ChainServer, SharedLimiter, SingleQueueHandler, WorkerSlot, feature};
 
 pub const QUEUE_SIZE: u16 = 64;
@@ -179,6 +180,33 @@ impl VirtioDevice for Rng {
 
     fn resume(&mut self) -> Result<(), PauseError> {
         Ok(self.worker.resume()?)
+    }
+
+    fn save_state(&self) -> Result<SavedDevice, SnapshotError> {
+        Ok(SavedDevice {
+            state: DeviceState::Rng,
+            queues: self.worker.saved_positions(VIRTIO_ID_RNG)?,
+        })
+    }
+
+    fn restore(
+        &mut self,
+        activation: Option<Activation>,
+        state: &DeviceState,
+    ) -> Result<(), RestoreError> {
+        if *state != DeviceState::Rng {
+            return Err(RestoreError::DeviceKind {
+                saved: state.kind(),
+                here: "rng",
+            });
+        }
+        if let Some(activation) = activation {
+            let limiter = self.limiter.clone();
+            self.worker.start_paused(|| {
+                SingleQueueHandler::new(activation, RandomServer)?.with_limiter(limiter)
+            })?;
+        }
+        Ok(())
     }
 }
 

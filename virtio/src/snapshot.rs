@@ -241,6 +241,11 @@ pub enum RestoreError {
     DiskSize { saved: u64, here: u64 },
     #[error("net: {saved} active queue pairs in the snapshot, the device has {pairs}")]
     NetPairs { saved: u16, pairs: usize },
+    #[error("net: cannot use {pairs} queue pairs: {source}")]
+    NetPairSwitch {
+        pairs: u16,
+        source: crate::net::PairError,
+    },
     #[error("console: {len} bytes of pending input, at most {max} can be held")]
     ConsoleInput { len: usize, max: usize },
     #[error("config space: {len} bytes in the snapshot, {want} here")]

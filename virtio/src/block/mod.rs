@@ -38,6 +38,7 @@ pub use swap::DiskSwap;
 
 use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
 use crate::rate_limiter::RateLimit;
+use crate::snapshot::{BlockState, DeviceState, RestoreError, SavedDevice, SnapshotError};
 use crate::worker::{
     ChainServer, SharedLimiter, SingleQueueHandler, WorkerSlot, chain_bytes, feature,
     read_config_bytes,
@@ -420,5 +421,43 @@ impl VirtioDevice for Block {
             self.take_staged_disk();
         }
         Ok(self.worker.resume()?)
+    }
+
+    fn save_state(&self) -> Result<SavedDevice, SnapshotError> {
+        // A staged image is what the guest sees from the resume on, and what the VMM's
+        // configuration names: the restored device opens that one.
+        let sectors = self.swap.staged_sectors().unwrap_or(self.disk.sectors);
+        Ok(SavedDevice {
+            state: DeviceState::Block(BlockState { sectors }),
+            queues: self.worker.saved_positions(VIRTIO_ID_BLOCK)?,
+        })
+    }
+
+    fn restore(
+        &mut self,
+        activation: Option<Activation>,
+        state: &DeviceState,
+    ) -> Result<(), RestoreError> {
+        let DeviceState::Block(saved) = state else {
+            return Err(RestoreError::DeviceKind {
+                saved: state.kind(),
+                here: "block",
+            });
+        };
+        self.take_staged_disk();
+        if saved.sectors != self.disk.sectors {
+            return Err(RestoreError::DiskSize {
+                saved: saved.sectors,
+                here: self.disk.sectors,
+            });
+        }
+        if let Some(activation) = activation {
+            let disk = Arc::clone(&self.disk);
+            let limiter = self.limiter.clone();
+            self.worker.start_paused(|| {
+                SingleQueueHandler::new(activation, DiskServer(disk))?.with_limiter(limiter)
+            })?;
+        }
+        Ok(())
     }
 }

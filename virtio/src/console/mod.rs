@@ -22,9 +22,12 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::chain::{Chain, split_chain};
 use crate::device::{ActivateError, Activation, Interrupt, PauseError, VirtioDevice};
+use crate::snapshot::{
+    ConsoleState, DeviceState, QueuePosition, RestoreError, SavedDevice, SnapshotError,
+};
 use crate::worker::{
-    DeviceQueue, EventHandler, EventLoop, FillEnd, FillSource, FillStep, WorkerSlot, device_queues,
-    feature, read_config_bytes,
+    DeviceQueue, EventHandler, EventLoop, FillEnd, FillSource, FillStep, QueuePositions,
+    WorkerSlot, device_queues, feature, read_config_bytes,
 };
 
 pub const QUEUE_SIZE: u16 = 64;
@@ -238,30 +241,8 @@ impl VirtioDevice for Console {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let Activation {
-            memory,
-            interrupt,
-            queues,
-            features,
-        } = activation;
-        self.worker.start(|| {
-            let [rx, tx] = device_queues(queues, features)?;
-            if (usize::from(rx.index), usize::from(tx.index)) != (RECEIVE_QUEUE, TRANSMIT_QUEUE) {
-                warn!(
-                    "virtio-console: unexpected queue indices {} and {}",
-                    rx.index, tx.index
-                );
-            }
-            Ok(ConsoleWorker {
-                memory,
-                interrupt,
-                rx,
-                tx,
-                output: Arc::clone(&self.output),
-                input: Arc::clone(&self.input.buffer),
-                output_failed: false,
-            })
-        })
+        self.worker
+            .start(|| ConsoleWorker::new(activation, self.output.clone(), &self.input))
     }
 
     fn reset(&mut self) {
@@ -274,6 +255,42 @@ impl VirtioDevice for Console {
 
     fn resume(&mut self) -> Result<(), PauseError> {
         Ok(self.worker.resume()?)
+    }
+
+    fn save_state(&self) -> Result<SavedDevice, SnapshotError> {
+        let queues = self.worker.saved_positions(VIRTIO_ID_CONSOLE)?;
+        let pending_input = lock(&self.input.buffer.pending).iter().copied().collect();
+        Ok(SavedDevice {
+            state: DeviceState::Console(ConsoleState { pending_input }),
+            queues,
+        })
+    }
+
+    fn restore(
+        &mut self,
+        activation: Option<Activation>,
+        state: &DeviceState,
+    ) -> Result<(), RestoreError> {
+        let DeviceState::Console(saved) = state else {
+            return Err(RestoreError::DeviceKind {
+                saved: state.kind(),
+                here: "console",
+            });
+        };
+        if saved.pending_input.len() > INPUT_BUFFER_LIMIT {
+            return Err(RestoreError::ConsoleInput {
+                len: saved.pending_input.len(),
+                max: INPUT_BUFFER_LIMIT,
+            });
+        }
+        if let Some(activation) = activation {
+            self.worker.start_paused(|| {
+                ConsoleWorker::new(activation, self.output.clone(), &self.input)
+            })?;
+        }
+        // The resumed worker delivers it first thing (its start serves the receive queue).
+        *lock(&self.input.buffer.pending) = saved.pending_input.iter().copied().collect();
+        Ok(())
     }
 }
 
@@ -289,6 +306,35 @@ struct ConsoleWorker {
 }
 
 impl ConsoleWorker {
+    fn new(
+        activation: Activation,
+        output: SharedOutput,
+        input: &ConsoleInput,
+    ) -> Result<Self, ActivateError> {
+        let Activation {
+            memory,
+            interrupt,
+            queues,
+            features,
+        } = activation;
+        let [rx, tx] = device_queues(queues, features)?;
+        if (usize::from(rx.index), usize::from(tx.index)) != (RECEIVE_QUEUE, TRANSMIT_QUEUE) {
+            warn!(
+                "virtio-console: unexpected queue indices {} and {}",
+                rx.index, tx.index
+            );
+        }
+        Ok(ConsoleWorker {
+            memory,
+            interrupt,
+            rx,
+            tx,
+            output,
+            input: Arc::clone(&input.buffer),
+            output_failed: false,
+        })
+    }
+
     fn transmit_all(&mut self) {
         let (memory, output, output_failed) = (&self.memory, &self.output, &mut self.output_failed);
         self.tx.process(memory, self.interrupt.as_ref(), |chain| {
@@ -315,6 +361,12 @@ impl ConsoleWorker {
             self.interrupt.as_ref(),
             &self.input.pending,
         );
+    }
+}
+
+impl QueuePositions for ConsoleWorker {
+    fn positions(&self) -> Vec<QueuePosition> {
+        vec![self.rx.position(), self.tx.position()]
     }
 }
 

@@ -17,6 +17,7 @@ mod multiqueue;
 mod pair;
 mod receive;
 mod rxtx;
+mod snapshot;
 pub mod tap;
 #[cfg(test)]
 mod tests;
@@ -43,6 +44,7 @@ pub use self::tap::{NetBackend, Tap, TapError, read_frame};
 use crate::data_plane::{DEVICE_FEATURE_MASK, DataPlane};
 use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
 use crate::rate_limiter::RateLimit;
+use crate::snapshot::{DeviceState, RestoreError, SavedDevice, SnapshotError};
 use crate::worker::{DeviceQueue, SharedLimiter, WorkerSlot, feature, read_config_bytes};
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -378,7 +380,7 @@ impl VirtioDevice for Net {
         if self.is_active() {
             return Err(ActivateError::AlreadyActive);
         }
-        let result = self.start_pairs(activation);
+        let result = self.start_pairs(activation, false);
         if result.is_err() {
             // Whatever started goes, so the driver's reset finds a stopped device.
             self.stop_pairs();
@@ -419,6 +421,18 @@ impl VirtioDevice for Net {
         }
         Ok(())
     }
+
+    fn save_state(&self) -> Result<SavedDevice, SnapshotError> {
+        self.save_snapshot()
+    }
+
+    fn restore(
+        &mut self,
+        activation: Option<Activation>,
+        state: &DeviceState,
+    ) -> Result<(), RestoreError> {
+        self.restore_snapshot(activation, state)
+    }
 }
 
 impl Net {
@@ -430,8 +444,8 @@ impl Net {
 
     /// Activation: the tap gets the offloads the driver accepted, each pair the driver set up
     /// its worker or data plane (pair 0 active, the rest off until VQ_PAIRS_SET), the control
-    /// queue its worker.
-    fn start_pairs(&mut self, activation: Activation) -> Result<(), ActivateError> {
+    /// queue its worker. `paused` (a restore) sets all of it up without serving anything.
+    fn start_pairs(&mut self, activation: Activation, paused: bool) -> Result<(), ActivateError> {
         let Activation {
             memory,
             interrupt,
@@ -467,12 +481,20 @@ impl Net {
                     DeviceQueue::new(rx, event_idx),
                     DeviceQueue::new(tx, event_idx),
                 );
-                worker.start(|| PairWorker::new(parts, rx, tx))?;
+                let build = || PairWorker::new(parts, rx, tx);
+                match paused {
+                    true => worker.start_paused(build)?,
+                    false => worker.start(build)?,
+                }
             } else {
                 self.pairs
                     .with_planes(|planes| match planes.get_mut(index) {
                         Some(plane) => {
-                            plane.start(&memory, Arc::clone(&interrupt), vec![rx, tx], features)
+                            let (interrupt, queues) = (Arc::clone(&interrupt), vec![rx, tx]);
+                            match paused {
+                                true => plane.start_paused(&memory, interrupt, queues, features),
+                                false => plane.start(&memory, interrupt, queues, features),
+                            }
                         }
                         None => Ok(()),
                     })?;
@@ -485,13 +507,17 @@ impl Net {
                 mq: features & feature(VIRTIO_NET_F_MQ) != 0,
                 counters: Arc::clone(counters),
             };
-            worker.start(|| {
+            let build = || {
                 Ok(CtrlWorker {
                     memory,
                     interrupt,
                     ctrl,
                 })
-            })?;
+            };
+            match paused {
+                true => worker.start_paused(build)?,
+                false => worker.start(build)?,
+            }
         }
         Ok(())
     }

@@ -26,7 +26,8 @@ use super::{NetBackend, NetCounters};
 use crate::chain::{Chain, ChainError, split_chain};
 use crate::data_plane::{DataPlane, DataPlaneError};
 use crate::device::Interrupt;
-use crate::worker::{DeviceQueue, EventHandler, EventLoop};
+use crate::snapshot::QueuePosition;
+use crate::worker::{DeviceQueue, EventHandler, EventLoop, QueuePositions};
 
 /// Why the queue pairs in use could not be switched.
 #[derive(Debug, thiserror::Error)]
@@ -434,6 +435,12 @@ pub(crate) struct CtrlWorker {
     pub(crate) memory: GuestMemoryMmap,
     pub(crate) interrupt: Arc<dyn Interrupt>,
     pub(crate) ctrl: CtrlQueue,
+}
+
+impl QueuePositions for CtrlWorker {
+    fn positions(&self) -> Vec<QueuePosition> {
+        vec![self.ctrl.queue.position()]
+    }
 }
 
 impl EventHandler for CtrlWorker {

@@ -14,9 +14,10 @@ use super::multiqueue::PairLink;
 use super::receive::{PendingFrame, TapSource};
 use super::{NetBackend, NetCounters, VNET_HDR_LEN, transmit};
 use crate::device::{ActivateError, ActiveQueue, Interrupt};
+use crate::snapshot::QueuePosition;
 use crate::worker::{
-    DeviceQueue, EventHandler, EventLoop, FillEnd, SharedLimiter, Throttle, WorkerError,
-    chain_bytes, feature,
+    DeviceQueue, EventHandler, EventLoop, FillEnd, QueuePositions, SharedLimiter, Throttle,
+    WorkerError, chain_bytes, feature,
 };
 
 const RX_KICK: u64 = 0;
@@ -246,6 +247,12 @@ impl PairWorker {
         // While the limiter holds a frame back, the tap waits with it (for the timer).
         let throttled = self.rx_throttle.as_ref().is_some_and(Throttle::is_waiting);
         self.watch_tap(events, watch && !throttled && self.link.enabled());
+    }
+}
+
+impl QueuePositions for PairWorker {
+    fn positions(&self) -> Vec<QueuePosition> {
+        vec![self.rx.position(), self.tx.position()]
     }
 }
 

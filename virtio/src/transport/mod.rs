@@ -19,10 +19,15 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::device::{ActivateError, Activation, ActiveQueue, Interrupt, PauseError, VirtioDevice};
 
+mod core_snapshot;
 pub mod mmio;
 #[cfg(test)]
 pub(crate) mod pause_scenarios;
 pub mod pci;
+#[cfg(test)]
+pub(crate) mod snapshot_scenarios;
+#[cfg(test)]
+mod snapshot_tests;
 
 /// Device status bits (virtio 1.2, 2.1) as the 8-bit register holds them.
 pub(crate) const STATUS_ACKNOWLEDGE: u8 = VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
@@ -208,6 +213,8 @@ pub(crate) struct VirtioCore {
     driver_features: u64,
     status: u8,
     queue_select: u16,
+    /// Whether the live device's data plane is paused (a snapshot may be taken).
+    paused: bool,
 }
 
 impl VirtioCore {
@@ -250,6 +257,7 @@ impl VirtioCore {
             driver_features: 0,
             status: 0,
             queue_select: 0,
+            paused: false,
         })
     }
 
@@ -459,7 +467,9 @@ impl VirtioCore {
         if !self.is_live() {
             return Ok(());
         }
-        self.device.pause()
+        self.device.pause()?;
+        self.paused = true;
+        Ok(())
     }
 
     /// Resumes what [`Self::pause`] paused. A device that cannot resume is marked as needing a
@@ -468,6 +478,7 @@ impl VirtioCore {
         if !self.is_live() {
             return Ok(());
         }
+        self.paused = false;
         self.device.resume().inspect_err(|_| {
             self.status |= STATUS_NEEDS_RESET;
             if let Err(error) = self.interrupt.notify_config() {
@@ -491,5 +502,6 @@ impl VirtioCore {
         self.driver_features = 0;
         self.status = 0;
         self.queue_select = 0;
+        self.paused = false;
     }
 }

@@ -15,6 +15,7 @@ use vmm_sys_util::tempfile::TempFile;
 use crate::Block;
 use crate::device::{PauseError, VirtioDevice};
 use crate::net::{Net, NetBackend, VNET_HDR_LEN};
+use crate::snapshot::{MmioState, PciState, RestoreError, SnapshotError};
 use crate::testing::{TestQueue, eventually, readable, writable};
 
 /// A transport as the scenarios drive it: the driver's side of its registers, and the VMM's
@@ -28,6 +29,17 @@ pub(crate) trait DriverPort {
     fn status(&mut self) -> u8;
     fn pause(&mut self) -> Result<(), PauseError>;
     fn resume(&mut self) -> Result<(), PauseError>;
+    /// The transport's snapshot (`save_state`).
+    fn save(&self) -> Result<SavedPort, SnapshotError>;
+    /// `restore_state` of a state of this transport's kind.
+    fn restore(&mut self, state: &SavedPort) -> Result<(), RestoreError>;
+}
+
+/// A transport's saved state, whichever the transport.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) enum SavedPort {
+    Mmio(MmioState),
+    Pci(PciState),
 }
 
 /// A test queue's `[desc, avail, used]` guest addresses, as a driver writes them into the
@@ -41,16 +53,16 @@ pub(crate) fn addresses(queue: &TestQueue) -> [u64; 3] {
 pub(crate) type MakePort = fn(Box<dyn VirtioDevice>, GuestMemoryMmap) -> Box<dyn DriverPort>;
 
 /// What a paused device must not do for this long: serve a chain.
-const QUIET: Duration = Duration::from_millis(60);
+pub(crate) const QUIET: Duration = Duration::from_millis(60);
 
 const REQUESTS_PER_ROUND: u64 = 12;
 const ROUNDS: u64 = 4;
 /// Per request: header, 512 data bytes, status, each in its own area.
 const HEADERS: u64 = 0x2_0000;
-const DATA: u64 = 0x3_0000;
-const STATUS: u64 = 0x4_0000;
+pub(crate) const DATA: u64 = 0x3_0000;
+pub(crate) const STATUS: u64 = 0x4_0000;
 
-fn block_request(mem: &GuestMemoryMmap, tq: &TestQueue, kind: u32, n: u64) {
+pub(crate) fn block_request(mem: &GuestMemoryMmap, tq: &TestQueue, kind: u32, n: u64) {
     let header = HEADERS + 16 * n;
     mem.write_obj(kind, GuestAddress(header)).unwrap();
     mem.write_obj(0u32, GuestAddress(header + 4)).unwrap();
@@ -130,7 +142,7 @@ pub(crate) fn block_pauses_mid_traffic(make: MakePort) {
 
 /// A datagram socket standing in for a tap queue.
 #[derive(Debug)]
-struct SocketTap(UnixDatagram);
+pub(crate) struct SocketTap(pub(crate) UnixDatagram);
 
 impl AsRawFd for SocketTap {
     fn as_raw_fd(&self) -> RawFd {
@@ -151,13 +163,13 @@ impl NetBackend for SocketTap {
 }
 
 /// A frame (vnet header + payload) that carries its sequence number.
-fn numbered_frame(n: u32) -> Vec<u8> {
+pub(crate) fn numbered_frame(n: u32) -> Vec<u8> {
     let mut frame = vec![0u8; VNET_HDR_LEN + 60];
     frame[VNET_HDR_LEN..VNET_HDR_LEN + 4].copy_from_slice(&n.to_le_bytes());
     frame
 }
 
-fn frame_number(frame: &[u8]) -> u32 {
+pub(crate) fn frame_number(frame: &[u8]) -> u32 {
     u32::from_le_bytes(frame[VNET_HDR_LEN..VNET_HDR_LEN + 4].try_into().unwrap())
 }
 

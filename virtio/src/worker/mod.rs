@@ -17,7 +17,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 pub use self::queue::{CHAINS_PER_PASS, DeviceQueue, FillEnd, FillSource, FillStep};
 pub(crate) use self::single_queue::{ChainServer, SingleQueueHandler, device_queues};
-pub(crate) use self::slot::WorkerSlot;
+pub(crate) use self::slot::{QueuePositions, WorkerSlot};
 pub use self::throttle::SharedLimiter;
 pub(crate) use self::throttle::{Throttle, chain_bytes};
 use crate::thread::ThreadError;

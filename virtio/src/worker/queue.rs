@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::chain::Chain;
 use crate::device::{ActiveQueue, Interrupt};
+use crate::snapshot::QueuePosition;
 
 /// How many chains (or fill steps) one pass of [`DeviceQueue::process`] or [`DeviceQueue::fill`]
 /// serves before yielding to the event loop.
@@ -63,6 +64,15 @@ impl DeviceQueue {
     pub fn restart(&mut self) {
         self.stopped = false;
         self.unsignalled = 0;
+    }
+
+    /// Where the device stands in the ring, for a snapshot.
+    pub fn position(&self) -> QueuePosition {
+        QueuePosition {
+            index: self.index,
+            next_avail: self.queue.next_avail(),
+            next_used: Some(self.queue.next_used()),
+        }
     }
 
     pub fn is_stopped(&self) -> bool {

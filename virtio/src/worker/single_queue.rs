@@ -7,9 +7,12 @@ use std::sync::Arc;
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::GuestMemoryMmap;
 
-use super::{DeviceQueue, EventHandler, EventLoop, SharedLimiter, Throttle, WorkerError};
+use super::{
+    DeviceQueue, EventHandler, EventLoop, QueuePositions, SharedLimiter, Throttle, WorkerError,
+};
 use crate::chain::Chain;
 use crate::device::{ActivateError, Activation, ActiveQueue, Interrupt};
+use crate::snapshot::QueuePosition;
 
 /// Turns the queues of `activation` into a device's `N` worker queues, in index order, with
 /// EVENT_IDX as the driver accepted it; any other number of queues is refused.
@@ -104,6 +107,12 @@ impl<S: ChainServer> SingleQueueHandler<S> {
                 throttle.settle(paid, moved);
                 Some(used)
             });
+    }
+}
+
+impl<S> QueuePositions for SingleQueueHandler<S> {
+    fn positions(&self) -> Vec<QueuePosition> {
+        vec![self.queue.position()]
     }
 }
 

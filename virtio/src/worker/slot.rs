@@ -6,6 +6,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{EventHandler, EventLoop, KILL_TOKEN, WorkerError, run};
 use crate::device::ActivateError;
+use crate::snapshot::{QueuePosition, SnapshotError};
 use crate::thread::DeviceThread;
 
 /// A device's data plane and the thread it runs on. The thread is spawned with the device
@@ -54,7 +55,7 @@ impl<H: EventHandler> WorkerSlot<H> {
         !matches!(self.state, State::Idle)
     }
 
-    /// The paused handler, for a look at its state (tests, snapshots).
+    /// The paused handler, for a look at its state.
     #[cfg(test)]
     pub(crate) fn paused(&self) -> Option<&H> {
         match &self.state {
@@ -83,6 +84,19 @@ impl<H: EventHandler> WorkerSlot<H> {
         }
         let handler = build()?;
         self.launch(handler)?;
+        Ok(())
+    }
+
+    /// [`Self::start`] for a restored device: keeps the handler `build` makes as if paused, so
+    /// it serves nothing until [`Self::resume`].
+    pub(crate) fn start_paused(
+        &mut self,
+        build: impl FnOnce() -> Result<H, ActivateError>,
+    ) -> Result<(), ActivateError> {
+        if self.is_active() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        self.state = State::Paused(build()?);
         Ok(())
     }
 
@@ -161,6 +175,26 @@ impl<H: EventHandler> WorkerSlot<H> {
             return;
         }
         self.state = State::Idle;
+    }
+}
+
+/// A handler that can say where its queues stand, for snapshots.
+pub(crate) trait QueuePositions {
+    fn positions(&self) -> Vec<QueuePosition>;
+}
+
+impl<H: EventHandler + QueuePositions> WorkerSlot<H> {
+    /// The positions of the paused handler's queues; none when no data plane was started. A
+    /// running handler is not looked at: its queues move.
+    pub(crate) fn saved_positions(
+        &self,
+        device_type: u32,
+    ) -> Result<Vec<QueuePosition>, SnapshotError> {
+        match &self.state {
+            State::Idle => Ok(Vec::new()),
+            State::Running { .. } => Err(SnapshotError::NotPaused { device_type }),
+            State::Paused(handler) => Ok(handler.positions()),
+        }
     }
 }
 

@@ -144,18 +144,40 @@ impl MmioTransport {
     /// The transport's and the device's state, for a snapshot: only while paused (or never
     /// started by the driver).
     pub fn save_state(&self) -> Result<MmioState, SnapshotError> {
-        Err(SnapshotError::NotImplemented {
-            device_type: self.core.device().device_type(),
+        Ok(MmioState {
+            core: self.core.save_state()?,
+            interrupt_status: self.interrupt.status.load(Ordering::SeqCst),
+            config_generation: self.interrupt.config_generation.load(Ordering::SeqCst),
         })
     }
 
     /// Restores `state` (untrusted: validated against this device and guest memory) into this
     /// freshly built transport. A device the driver had started is set up again and left
     /// paused; [`Self::resume`] runs it.
-    pub fn restore_state(&mut self, _state: &MmioState) -> Result<(), RestoreError> {
-        Err(RestoreError::NotImplemented {
-            device_type: self.core.device().device_type(),
-        })
+    pub fn restore_state(&mut self, state: &MmioState) -> Result<(), RestoreError> {
+        let causes = INTERRUPT_USED_BUFFER | INTERRUPT_CONFIG_CHANGE;
+        if state.interrupt_status & !causes != 0 {
+            return Err(RestoreError::Register {
+                field: "InterruptStatus",
+                value: state.interrupt_status.into(),
+            });
+        }
+        self.core.check_state(&state.core)?;
+        self.core.apply_state(&state.core)?;
+        self.interrupt
+            .status
+            .store(state.interrupt_status, Ordering::SeqCst);
+        if state.interrupt_status != 0 {
+            // The guest may not have taken the interrupt before the snapshot: raise it again
+            // (a spurious one only makes the driver read a status it already handled).
+            if let Err(error) = self.interrupt.irq.write(1) {
+                debug!("virtio-mmio: cannot raise the restored interrupt: {error}");
+            }
+        }
+        self.interrupt
+            .config_generation
+            .store(state.config_generation, Ordering::SeqCst);
+        Ok(())
     }
 
     /// A guest read at `offset` in the window. Control registers answer only aligned 32-bit

@@ -3,14 +3,16 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::*;
+use crate::snapshot::{RestoreError, SnapshotError};
 use crate::testing::TestQueue;
 use crate::testing::{
     FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SharedLog, expected_queue, ring_addresses,
     test_memory,
 };
 use crate::transport::pause_scenarios::{
-    DriverPort, addresses, block_pauses_mid_traffic, net_pauses_mid_traffic,
+    DriverPort, SavedPort, addresses, block_pauses_mid_traffic, net_pauses_mid_traffic,
 };
+use crate::transport::snapshot_scenarios;
 use crate::transport::{
     STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
     STATUS_NEEDS_RESET,
@@ -112,9 +114,23 @@ impl DriverPort for MmioTransport {
     fn resume(&mut self) -> Result<(), PauseError> {
         MmioTransport::resume(self)
     }
+
+    fn save(&self) -> Result<SavedPort, SnapshotError> {
+        self.save_state().map(SavedPort::Mmio)
+    }
+
+    fn restore(&mut self, state: &SavedPort) -> Result<(), RestoreError> {
+        let SavedPort::Mmio(state) = state else {
+            panic!("a virtio-pci state for virtio-mmio");
+        };
+        self.restore_state(state)
+    }
 }
 
-fn mmio_port(device: Box<dyn VirtioDevice>, memory: GuestMemoryMmap) -> Box<dyn DriverPort> {
+pub(crate) fn mmio_port(
+    device: Box<dyn VirtioDevice>,
+    memory: GuestMemoryMmap,
+) -> Box<dyn DriverPort> {
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     Box::new(MmioTransport::new(device, memory, irq).unwrap())
 }
@@ -521,4 +537,24 @@ fn a_used_ring_overlapping_any_ring_sets_needs_reset() {
     }
     set_status(&mut t, STATUS_DRIVER_OK);
     assert_eq!(log.get().activations.len(), 1);
+}
+
+#[test]
+fn a_block_device_continues_after_a_restore_behind_mmio() {
+    snapshot_scenarios::block_continues_after_restore(mmio_port);
+}
+
+#[test]
+fn a_net_device_continues_after_a_restore_behind_mmio() {
+    snapshot_scenarios::net_continues_after_restore(mmio_port);
+}
+
+#[test]
+fn a_console_continues_after_a_restore_behind_mmio() {
+    snapshot_scenarios::console_continues_after_restore(mmio_port);
+}
+
+#[test]
+fn an_rng_continues_after_a_restore_behind_mmio() {
+    snapshot_scenarios::rng_continues_after_restore(mmio_port);
 }

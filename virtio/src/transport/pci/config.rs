@@ -6,6 +6,8 @@
 //! out of one rule. The transport reacts to the writes that have side effects (MSI-X control,
 //! the VIRTIO_PCI_CAP_PCI_CFG window).
 
+use crate::snapshot::RestoreError;
+
 use super::layout::{
     BAR_SIZE, COMMON_CFG_LEN, COMMON_CFG_OFFSET, DEVICE_CFG_LEN, DEVICE_CFG_OFFSET, ISR_LEN,
     ISR_OFFSET, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_OFF_MULTIPLIER, NOTIFY_OFFSET,
@@ -265,5 +267,35 @@ impl PciConfigSpace {
     /// Stores what a forwarded BAR read returned, for the driver to read from pci_cfg_data.
     pub fn set_pci_cfg_data(&mut self, data: [u8; 4]) {
         self.bytes[PCI_CFG_DATA..PCI_CFG_DATA + 4].copy_from_slice(&data);
+    }
+
+    /// The whole conventional space, for a snapshot.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Checks a saved space against this fresh one: the same size, and every bit the guest
+    /// cannot write as it is here (ids, capabilities, the MSI-X table size, BAR0's type).
+    pub fn check_saved(&self, saved: &[u8]) -> Result<(), RestoreError> {
+        if saved.len() != CONFIG_SPACE_SIZE {
+            return Err(RestoreError::ConfigSpaceLength {
+                len: saved.len(),
+                want: CONFIG_SPACE_SIZE,
+            });
+        }
+        let fixed = |offset: usize| !self.writable[offset];
+        match (0..CONFIG_SPACE_SIZE).find(|&o| (saved[o] ^ self.bytes[o]) & fixed(o) != 0) {
+            Some(offset) => Err(RestoreError::ConfigSpaceByte {
+                offset,
+                saved: saved[offset],
+                here: self.bytes[offset],
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes a space [`Self::check_saved`] accepted.
+    pub fn restore(&mut self, saved: &[u8]) {
+        self.bytes.copy_from_slice(saved);
     }
 }

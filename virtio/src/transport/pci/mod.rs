@@ -33,6 +33,7 @@ use self::layout::{
     MSIX_PBA_OFFSET, MSIX_TABLE_ENTRY_SIZE, MSIX_TABLE_OFFSET, NOTIFY_OFF_MULTIPLIER,
     NOTIFY_OFFSET,
 };
+use self::msix::{ISR_CONFIG, ISR_QUEUE};
 pub use self::msix::{MsiMessage, MsiSink, VIRTIO_MSI_NO_VECTOR};
 use self::msix::{Msix, PciInterrupt};
 use crate::device::{Interrupt, PauseError, VirtioDevice};
@@ -182,8 +183,12 @@ impl PciTransport {
     /// The transport's and the device's state, for a snapshot: only while paused (or never
     /// started by the driver).
     pub fn save_state(&self) -> Result<PciState, SnapshotError> {
-        Err(SnapshotError::NotImplemented {
-            device_type: self.core.device().device_type(),
+        Ok(PciState {
+            core: self.core.save_state()?,
+            config_space: self.config.bytes().to_vec(),
+            isr: self.interrupt.isr(),
+            config_generation: self.interrupt.config_generation(),
+            msix: self.interrupt.msix().save_state(),
         })
     }
 
@@ -192,9 +197,32 @@ impl PciTransport {
     /// then returns the restored address), MSI-X table and vectors, every vector's route sent
     /// again through the [`MsiSink`]. A device the driver had started is set up again and left
     /// paused; [`Self::resume`] runs it.
-    pub fn restore_state(&mut self, _state: &PciState) -> Result<(), RestoreError> {
-        Err(RestoreError::NotImplemented {
-            device_type: self.core.device().device_type(),
+    pub fn restore_state(&mut self, state: &PciState) -> Result<(), RestoreError> {
+        if state.isr & !(ISR_QUEUE | ISR_CONFIG) != 0 {
+            return Err(RestoreError::Register {
+                field: "ISR status",
+                value: state.isr.into(),
+            });
+        }
+        self.config.check_saved(&state.config_space)?;
+        self.interrupt.msix().check_state(&state.msix)?;
+        self.core.check_state(&state.core)?;
+        // MSI-X first: a restored data plane outside pvm (vhost) takes its queues' irqfds
+        // from the vector mapping when the core sets it up.
+        let fresh = self.config.clone();
+        self.config.restore(&state.config_space);
+        let control = self.config.msix_control();
+        self.interrupt.msix().restore_state(
+            &state.msix,
+            control & MSIX_CONTROL_ENABLE != 0,
+            control & MSIX_CONTROL_FUNCTION_MASK != 0,
+        );
+        self.interrupt.restore(state.isr, state.config_generation);
+        self.core.apply_state(&state.core).inspect_err(|_| {
+            // The core is fresh again; so is the rest.
+            self.config = fresh;
+            self.interrupt.msix().reset_all();
+            self.interrupt.restore(0, 0);
         })
     }
 

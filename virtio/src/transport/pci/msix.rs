@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::layout::MSIX_TABLE_ENTRY_SIZE;
 use crate::device::Interrupt;
+use crate::snapshot::{MsixEntryState, MsixState, RestoreError};
 
 /// "No interrupt for this source", as read and written in config_msix_vector and
 /// queue_msix_vector (spec 4.1.5.1.2).
@@ -217,11 +218,17 @@ impl Msix {
     /// Brings the sink in line with what `index` should deliver now, then fires it if it was
     /// pending and can fire.
     fn refresh(&mut self, index: usize) {
+        self.route(index, false);
+    }
+
+    /// [`Self::refresh`]; with `force` the sink is told even what it was told before (a fresh
+    /// VMM after a restore knows no route).
+    fn route(&mut self, index: usize, force: bool) {
         let entry = self.table[index];
         let deliverable =
             self.enabled && !self.function_masked && entry.vector_control & VECTOR_MASKED == 0;
         let wanted = deliverable.then(|| entry.message());
-        if wanted != self.installed[index] {
+        if force || wanted != self.installed[index] {
             // `index` < table size <= 2048, so it fits a u16.
             match self.sink.update_vector(index as u16, wanted) {
                 Ok(()) => self.installed[index] = wanted,
@@ -309,6 +316,112 @@ impl Msix {
     }
 }
 
+impl Msix {
+    /// The table, PBA and vector mapping, for a snapshot.
+    pub fn save_state(&self) -> MsixState {
+        MsixState {
+            table: self
+                .table
+                .iter()
+                .map(|e| MsixEntryState {
+                    address_low: e.address_low,
+                    address_high: e.address_high,
+                    data: e.data,
+                    vector_control: e.vector_control,
+                })
+                .collect(),
+            pending: self.pending.clone(),
+            config_vector: self.config_vector,
+            queue_vectors: self.queue_vectors.clone(),
+        }
+    }
+
+    /// Checks a saved state against this function's table size and queue count.
+    pub fn check_state(&self, state: &MsixState) -> Result<(), RestoreError> {
+        let size = self.table.len();
+        if state.table.len() != size {
+            return Err(RestoreError::MsixTableSize {
+                saved: state.table.len(),
+                here: size,
+            });
+        }
+        if state.pending.len() != self.pending.len() {
+            return Err(RestoreError::MsixPendingSize {
+                saved: state.pending.len(),
+                here: self.pending.len(),
+            });
+        }
+        if let Some(vector) =
+            (0..size).find(|&v| state.table[v].vector_control & !VECTOR_MASKED != 0)
+        {
+            return Err(RestoreError::MsixBits { vector });
+        }
+        let pending_bit = |v: usize| state.pending[v / 64] & (1 << (v % 64)) != 0;
+        if let Some(vector) = (size..state.pending.len() * 64).find(|&v| pending_bit(v)) {
+            return Err(RestoreError::MsixBits { vector });
+        }
+        let valid = |vector: u16| vector == VIRTIO_MSI_NO_VECTOR || usize::from(vector) < size;
+        if !valid(state.config_vector) {
+            return Err(RestoreError::MsixConfigVector {
+                vector: state.config_vector,
+                size,
+            });
+        }
+        if state.queue_vectors.len() != self.queue_vectors.len() {
+            return Err(RestoreError::MsixQueueVectors {
+                saved: state.queue_vectors.len(),
+                here: self.queue_vectors.len(),
+            });
+        }
+        match (0u16..)
+            .zip(&state.queue_vectors)
+            .find(|(_, v)| !valid(**v))
+        {
+            Some((queue, &vector)) => Err(RestoreError::MsixQueueVector {
+                queue,
+                vector,
+                size,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes a state [`Self::check_state`] accepted, with the capability's enable and function
+    /// mask, and tells the sink every vector's route (or that it has none); a pending vector
+    /// that can fire fires.
+    pub fn restore_state(&mut self, state: &MsixState, enabled: bool, function_masked: bool) {
+        for (entry, saved) in self.table.iter_mut().zip(&state.table) {
+            *entry = TableEntry {
+                address_low: saved.address_low,
+                address_high: saved.address_high,
+                data: saved.data,
+                vector_control: saved.vector_control,
+            };
+        }
+        self.pending.copy_from_slice(&state.pending);
+        self.config_vector = state.config_vector;
+        self.queue_vectors.copy_from_slice(&state.queue_vectors);
+        self.enabled = enabled;
+        self.function_masked = function_masked;
+        for index in 0..self.table.len() {
+            self.installed[index] = None;
+            self.route(index, true);
+        }
+    }
+
+    /// Back to the state after construction (a restore that failed half-way); the sink is told
+    /// that no vector has a route.
+    pub fn reset_all(&mut self) {
+        self.table.fill(TableEntry::RESET);
+        self.reset_virtio_state();
+        self.enabled = false;
+        self.function_masked = false;
+        for index in 0..self.table.len() {
+            self.route(index, true);
+        }
+    }
+}
+
 /// The interrupt the device signals through the pci transport.
 #[derive(Debug)]
 pub struct PciInterrupt {
@@ -339,6 +452,18 @@ impl PciInterrupt {
 
     pub fn config_generation(&self) -> u32 {
         self.config_generation.load(Ordering::SeqCst)
+    }
+
+    /// The ISR status without acknowledging it, for a snapshot.
+    pub fn isr(&self) -> u8 {
+        self.isr.load(Ordering::SeqCst)
+    }
+
+    /// Sets the ISR status and config generation of a restored function.
+    pub fn restore(&self, isr: u8, config_generation: u32) {
+        self.isr.store(isr, Ordering::SeqCst);
+        self.config_generation
+            .store(config_generation, Ordering::SeqCst);
     }
 
     pub fn reset(&self) {

@@ -10,13 +10,14 @@ use super::config::{
 };
 use super::msix::{ISR_CONFIG, ISR_QUEUE};
 use super::*;
+use crate::snapshot::{RestoreError, SnapshotError};
 use crate::testing::TestQueue;
 use crate::testing::{
     FAKE_DEVICE_TYPE, FAKE_FEATURES, FakeDevice, Lcg, SharedLog, expected_queue, ring_addresses,
     test_memory,
 };
 use crate::transport::pause_scenarios::{
-    DriverPort, addresses, block_pauses_mid_traffic, net_pauses_mid_traffic,
+    DriverPort, SavedPort, addresses, block_pauses_mid_traffic, net_pauses_mid_traffic,
 };
 use crate::transport::{
     STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
@@ -216,9 +217,23 @@ impl DriverPort for Fixture {
     fn resume(&mut self) -> Result<(), PauseError> {
         self.transport.resume()
     }
+
+    fn save(&self) -> Result<SavedPort, SnapshotError> {
+        self.transport.save_state().map(SavedPort::Pci)
+    }
+
+    fn restore(&mut self, state: &SavedPort) -> Result<(), RestoreError> {
+        let SavedPort::Pci(state) = state else {
+            panic!("a virtio-mmio state for virtio-pci");
+        };
+        self.transport.restore_state(state)
+    }
 }
 
-fn pci_port(device: Box<dyn VirtioDevice>, memory: GuestMemoryMmap) -> Box<dyn DriverPort> {
+pub(crate) fn pci_port(
+    device: Box<dyn VirtioDevice>,
+    memory: GuestMemoryMmap,
+) -> Box<dyn DriverPort> {
     let queues = device.queue_max_sizes().len() as u16;
     let sink = Arc::new(RecordingSink::default());
     let transport =
@@ -247,6 +262,7 @@ fn fired(transport: &PciTransport, vector: usize) -> bool {
 }
 
 mod msix_delivery;
+mod snapshot;
 
 #[test]
 fn header_identifies_a_modern_virtio_device() {
