@@ -7,7 +7,12 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// One HTTP/1.1 exchange on `stream`: the status and the body.
-pub fn call(stream: &mut UnixStream, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+pub fn call(
+    stream: &mut UnixStream,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String) {
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n");
     if let Some(body) = body {
         request.push_str(&format!(
@@ -61,4 +66,3 @@ pub fn connect(socket: &Path, child: &mut Child) -> UnixStream {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
-
