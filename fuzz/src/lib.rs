@@ -8,13 +8,14 @@ pub mod devices;
 pub mod input;
 pub mod queue;
 pub mod seeds;
+pub mod snapshot;
 pub mod transports;
 
 /// A fuzz target: any bytes in, a panic on a bug.
 pub type Target = fn(&[u8]);
 
 /// Every fuzz target, by the name of its `fuzz_targets/` file and corpus directory.
-pub const TARGETS: [(&str, Target); 10] = [
+pub const TARGETS: [(&str, Target); 11] = [
     ("block", devices::block),
     ("net_tx", devices::net_tx),
     ("net_rx", devices::net_rx),
@@ -25,6 +26,7 @@ pub const TARGETS: [(&str, Target); 10] = [
     ("boot_load", boot::load),
     ("disk_kernel", boot::disk),
     ("api_request", api::request),
+    ("snapshot_file", snapshot::file),
 ];
 
 /// Runs the target called `name` on `data`.

@@ -766,6 +766,7 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("boot_load", boot_load()),
         ("disk_kernel", disk()),
         ("api_request", api_request()),
+        ("snapshot_file", crate::snapshot::seeds()),
     ]
 }
 

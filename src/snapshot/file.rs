@@ -71,15 +71,21 @@ pub enum FileError {
 /// The file's bytes for `snapshot`.
 pub fn encode(snapshot: &Snapshot) -> Result<Vec<u8>, SnapshotError> {
     let payload = postcard::to_stdvec(snapshot).map_err(SnapshotError::Encode)?;
+    Ok(frame(&payload))
+}
+
+/// `payload` with the header and checksum around it (the fuzz target frames arbitrary
+/// payloads this way to reach the state decoder).
+pub fn frame(payload: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_BYTES + payload.len() + CRC_BYTES);
     bytes.extend_from_slice(&MAGIC);
     bytes.extend_from_slice(&VERSION.to_le_bytes());
     bytes.extend_from_slice(&0u32.to_le_bytes());
     bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&payload);
+    bytes.extend_from_slice(payload);
     let crc = CRC.checksum(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
-    Ok(bytes)
+    bytes
 }
 
 /// Decodes a snapshot file's bytes; `path` names it in the errors. The state is not yet
