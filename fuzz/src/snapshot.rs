@@ -21,10 +21,16 @@ pub fn file(data: &[u8]) {
     // Whatever decodes encodes again, to the same state.
     let again = encode(&snapshot).expect("a decoded state encodes");
     let twice = decode("fuzz", &again).expect("an encoded state decodes");
-    assert_eq!(encode(&twice).expect("encodes"), again, "encoding is stable");
+    assert_eq!(
+        encode(&twice).expect("encodes"),
+        again,
+        "encoding is stable"
+    );
     if snapshot.validate().is_ok() {
         let base = pvm::cli::parse(["pvm".into()]).expect("no flags parse");
-        let _ = snapshot.description.to_config(&base, &[], &[("net0".into(), "t".into())]);
+        let _ = snapshot
+            .description
+            .to_config(&base, &[], &[("net0".into(), "t".into())]);
     }
 }
 
