@@ -406,20 +406,34 @@ fn create_vcpus(
             &supported,
             (index == 0).then_some(entry),
         )?;
-        vcpus.push(Vcpu {
-            index,
-            fd,
-            buses: shared.buses.clone(),
-            memory: memory.guest_memory().clone(),
-            end: shared.end.clone(),
-            stop: shared.stop.clone(),
-            control: shared.control.clone(),
-            stats: shared.stats.clone(),
-            boot_timer: config.boot_timer,
-            msr_list: msr_list.clone(),
-        });
+        vcpus.push(shared.vcpu(index, fd, memory.guest_memory(), config, &msr_list));
     }
     Ok(vcpus)
+}
+
+impl VcpuShared {
+    /// vCPU `index` on `fd`, holding its share of the VM.
+    fn vcpu(
+        &self,
+        index: u8,
+        fd: kvm_ioctls::VcpuFd,
+        memory: &GuestMemoryMmap,
+        config: &VmConfig,
+        msr_list: &Arc<Vec<u32>>,
+    ) -> Vcpu {
+        Vcpu {
+            index,
+            fd,
+            buses: self.buses.clone(),
+            memory: memory.clone(),
+            end: self.end.clone(),
+            stop: self.stop.clone(),
+            control: self.control.clone(),
+            stats: self.stats.clone(),
+            boot_timer: config.boot_timer,
+            msr_list: msr_list.clone(),
+        }
+    }
 }
 
 /// KVM's list of the MSRs a VMM saves and restores (kvmclock and the TSC among them).

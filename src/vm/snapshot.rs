@@ -22,7 +22,7 @@ use crate::memory::VmMemory;
 use crate::snapshot::{
     Description, RestoreError, SerialState, Snapshot, SnapshotError, VmState, file, memory_file,
 };
-use crate::vcpu::{Buses, Vcpu};
+use crate::vcpu::Buses;
 use crate::virtio_devices::{self, PausableDevice};
 
 /// How long the vCPUs get to hand over their state; each takes well under a millisecond.
@@ -184,18 +184,7 @@ impl Vm {
                 .create_vcpu(u64::from(index))
                 .map_err(super::kvm_err("KVM_CREATE_VCPU"))?;
             state.restore(&fd, index)?;
-            vcpus.push(Vcpu {
-                index,
-                fd,
-                buses: shared.buses.clone(),
-                memory: guest_memory.clone(),
-                end: shared.end.clone(),
-                stop: shared.stop.clone(),
-                control: shared.control.clone(),
-                stats: shared.stats.clone(),
-                boot_timer: config.boot_timer,
-                msr_list: msr_list.clone(),
-            });
+            vcpus.push(shared.vcpu(index, fd, guest_memory, config, &msr_list));
         }
         Ok(Vm::assemble(
             config,
