@@ -644,4 +644,29 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+
+    #[test]
+    fn restore_takes_a_snapshot_a_memory_file_and_tap_names() {
+        let l = launch(&[
+            "--restore",
+            "vm.snap",
+            "--mem-file",
+            "vm.mem",
+            "--tap",
+            "tap7",
+            "--paused",
+        ]);
+        let spec = l.restore.expect("a restore");
+        assert_eq!(spec.snapshot, PathBuf::from("vm.snap"));
+        assert_eq!(spec.mem_file, PathBuf::from("vm.mem"));
+        assert_eq!(spec.taps, vec!["tap7".to_string()]);
+        assert!(!spec.resume);
+        assert!(launch(&[]).restore.is_none());
+        assert!(error_of(&["--restore", "vm.snap"]).contains("--mem-file"));
+        assert!(error_of(&["--mem-file", "vm.mem"]).contains("--restore"));
+        // clap names the first missing flag of the chain --paused → --restore → --mem-file.
+        assert!(error_of(&["--paused"]).contains("--mem-file"));
+        let e = error_of(&["--restore", "s", "--mem-file", "m", "--kernel", "k"]);
+        assert!(e.contains("--kernel") || e.contains("--restore"), "{e}");
+    }
 }
