@@ -120,30 +120,7 @@ impl DataPlane for VhostNetPlane {
         queues: Vec<ActiveQueue>,
         features: u64,
     ) -> Result<(), DataPlaneError> {
-        if self.running.is_some() {
-            return Err(DataPlaneError::AlreadyStarted(PLANE));
-        }
-        self.net.set_owner().map_err(refused("SET_OWNER"))?;
-        let mut started = Vec::new();
-        match self.program(memory, interrupt, queues, features, &mut started, false) {
-            Ok(rings) => {
-                log::info!(
-                    "vhost-net serves {} queues ({} relayed)",
-                    started.len(),
-                    rings.relayed()
-                );
-                self.running = Some(Served::new(rings));
-                Ok(())
-            }
-            Err(e) => {
-                // Whatever was set up goes: a queue already attached would keep using a ring
-                // the driver is about to reset, and the owner would refuse the next SET_OWNER.
-                // (The vhost crate refuses rings the transport accepted, e.g. one ending at the
-                // top of a RAM region, so a guest can take this path.)
-                self.release(&started);
-                Err(e)
-            }
-        }
+        self.begin(memory, interrupt, queues, features, false)
     }
 
     fn stop(&mut self) {
@@ -199,20 +176,7 @@ impl DataPlane for VhostNetPlane {
         queues: Vec<ActiveQueue>,
         features: u64,
     ) -> Result<(), DataPlaneError> {
-        if self.running.is_some() {
-            return Err(DataPlaneError::AlreadyStarted(PLANE));
-        }
-        self.net.set_owner().map_err(refused("SET_OWNER"))?;
-        match self.program(memory, interrupt, queues, features, &mut Vec::new(), true) {
-            Ok(rings) => {
-                self.running = Some(Served::paused(rings));
-                Ok(())
-            }
-            Err(e) => {
-                self.release(&[]);
-                Err(e)
-            }
-        }
+        self.begin(memory, interrupt, queues, features, true)
     }
 
     fn set_enabled(&mut self, enabled: bool) -> Result<(), DataPlaneError> {
@@ -243,6 +207,46 @@ fn attach(
 }
 
 impl VhostNetPlane {
+    /// `start`, or with `paused` `start_paused`: claims the instance and sets the rings up.
+    fn begin(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+        features: u64,
+        paused: bool,
+    ) -> Result<(), DataPlaneError> {
+        if self.running.is_some() {
+            return Err(DataPlaneError::AlreadyStarted(PLANE));
+        }
+        self.net.set_owner().map_err(refused("SET_OWNER"))?;
+        let mut started = Vec::new();
+        match self.program(memory, interrupt, queues, features, &mut started, paused) {
+            Ok(rings) => {
+                log::info!(
+                    "vhost-net serves {} queues ({} relayed){}",
+                    rings.vrings().count(),
+                    rings.relayed(),
+                    if paused {
+                        ", from a snapshot, paused"
+                    } else {
+                        ""
+                    }
+                );
+                self.running = Some(Served { rings, paused });
+                Ok(())
+            }
+            Err(e) => {
+                // Whatever was set up goes: a queue already attached would keep using a ring
+                // the driver is about to reset, and the owner would refuse the next SET_OWNER.
+                // (The vhost crate refuses rings the transport accepted, e.g. one ending at the
+                // top of a RAM region, so a guest can take this path.)
+                self.release(&started);
+                Err(e)
+            }
+        }
+    }
+
     /// Detaches the tap from `vrings` and hands the instance back: it stops the kernel's
     /// worker and forgets the rings, memory table and owner, so the next activation starts
     /// from a clean instance.

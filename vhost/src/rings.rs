@@ -38,29 +38,14 @@ pub(crate) struct Rings {
     relay: Option<Relay>,
 }
 
-/// The rings of a started device, and whether a pause took them back.
+/// The rings of a started device, and whether a pause took them back (or, for a device restored
+/// from a snapshot, whether the backend has yet to learn them at the resume).
 pub(crate) struct Served {
     pub(crate) rings: Rings,
     pub(crate) paused: bool,
 }
 
 impl Served {
-    pub(crate) fn new(rings: Rings) -> Self {
-        Served {
-            rings,
-            paused: false,
-        }
-    }
-
-    /// Rings set up for a restored device: the backend learns them at the resume, from the
-    /// positions the snapshot gave.
-    pub(crate) fn paused(rings: Rings) -> Self {
-        Served {
-            rings,
-            paused: true,
-        }
-    }
-
     /// Each ring's position as the pause took it back (GET_VRING_BASE), for a snapshot. The
     /// used index is the backend's to keep: it is in the used ring, where the transport reads
     /// it. A backend still serving the rings is not asked.

@@ -362,17 +362,6 @@ impl VhostUserDevice {
 }
 
 impl VhostUserDevice {
-    fn check_queue_count(&self, queues: &[ActiveQueue]) -> Result<usize, ActivateError> {
-        let count = queues.len();
-        if count != self.queue_sizes.len() {
-            return Err(ActivateError::QueueCount {
-                got: count,
-                want: self.queue_sizes.len(),
-            });
-        }
-        Ok(count)
-    }
-
     /// [`VirtioDevice::restore`]: the backend gets the features and memory now, the rings at
     /// the resume (from the snapshot's positions, with SET_VRING_BASE).
     fn restore_paused(
@@ -393,22 +382,54 @@ impl VhostUserDevice {
                 here,
             });
         }
-        let Some(activation) = activation else {
-            return Ok(());
-        };
-        if self.running.is_some() {
-            return Err(ActivateError::AlreadyActive.into());
+        match activation {
+            Some(activation) => Ok(self.serve(activation, true)?),
+            None => Ok(()),
         }
-        self.check_queue_count(&activation.queues)?;
+    }
+
+    /// Activation, or with `paused` the paused activation of a restore: the backend gets the
+    /// features and memory, and the rings unless `paused` (then the resume programs them).
+    fn serve(&mut self, activation: Activation, paused: bool) -> Result<(), ActivateError> {
+        if self.running.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
         let Activation {
             memory,
             interrupt,
             queues,
             features,
         } = activation;
-        let rings = self.program(&memory, interrupt, queues, features, &mut Vec::new(), true)?;
-        self.running = Some(Served::paused(rings));
-        Ok(())
+        let count = queues.len();
+        if count != self.queue_sizes.len() {
+            return Err(ActivateError::QueueCount {
+                got: count,
+                want: self.queue_sizes.len(),
+            });
+        }
+        let mut started = Vec::new();
+        match self.program(&memory, interrupt, queues, features, &mut started, paused) {
+            Ok(rings) => {
+                log::info!(
+                    "vhost-user {}: serving {count} queues ({} relayed){}",
+                    self.socket.display(),
+                    rings.relayed(),
+                    if paused {
+                        " from a snapshot, paused"
+                    } else {
+                        ""
+                    }
+                );
+                self.running = Some(Served { rings, paused });
+                Ok(())
+            }
+            Err(e) => {
+                // Rings already handed over must not keep being served while the driver
+                // resets them.
+                self.stop_rings(&started);
+                Err(e.into())
+            }
+        }
     }
 }
 
@@ -445,34 +466,7 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        if self.running.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let Activation {
-            memory,
-            interrupt,
-            queues,
-            features,
-        } = activation;
-        let count = self.check_queue_count(&queues)?;
-        let mut started = Vec::new();
-        match self.program(&memory, interrupt, queues, features, &mut started, false) {
-            Ok(rings) => {
-                log::info!(
-                    "vhost-user {}: serving {count} queues ({} relayed)",
-                    self.socket.display(),
-                    rings.relayed()
-                );
-                self.running = Some(Served::new(rings));
-                Ok(())
-            }
-            Err(e) => {
-                // Rings already handed over must not keep being served while the driver
-                // resets them.
-                self.stop_rings(&started);
-                Err(e.into())
-            }
-        }
+        self.serve(activation, false)
     }
 
     fn reset(&mut self) {

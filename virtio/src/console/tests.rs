@@ -7,23 +7,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
 use crate::testing::{
-    RecordingInterrupt, TestQueue, activation, eventually, readable, test_memory, writable,
+    RecordingInterrupt, SharedWriter, TestQueue, activation, eventually, readable, test_memory,
+    writable,
 };
 use crate::worker::CHAINS_PER_PASS;
-
-/// A writer the test keeps a handle to.
-#[derive(Clone, Default)]
-struct SharedVec(Arc<Mutex<Vec<u8>>>);
-
-impl Write for SharedVec {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 struct BrokenWriter;
 
@@ -173,7 +160,7 @@ fn push_is_bounded() {
 #[test]
 fn worker_moves_output_and_input_and_reactivates() {
     let mem = test_memory();
-    let output = SharedVec::default();
+    let output = SharedWriter::default();
     let mut console = Console::new(Box::new(output.clone())).unwrap();
     let input = console.input();
     // Input typed before the driver is up is delivered once it is.
@@ -213,8 +200,6 @@ fn worker_moves_output_and_input_and_reactivates() {
         assert_eq!(guest_bytes(&mem, 0x60_000, want.len()), want);
         console.reset();
     }
-    assert!(eventually(
-        || output.0.lock().unwrap().as_slice() == b"from guestfrom guest"
-    ));
+    assert!(eventually(|| output.contents() == b"from guestfrom guest"));
     assert_eq!(input.pending(), 0);
 }

@@ -794,3 +794,5 @@ fn a_frame_waiting_for_buffers_stays_with_the_paused_pair_and_arrives_once() {
     assert_eq!(net.counters().rx_frames.load(Ordering::Relaxed), 1);
     net.reset();
 }
+
+mod snapshot;

@@ -85,6 +85,27 @@ pub fn activation(
     }
 }
 
+/// A writer the test keeps a handle to (a console's output).
+#[derive(Clone, Default)]
+pub struct SharedWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl SharedWriter {
+    /// Everything written so far.
+    pub fn contents(&self) -> Vec<u8> {
+        self.0.lock().expect("writer lock").clone()
+    }
+}
+
+impl std::io::Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("writer lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// For rate-limit tests: `elapsed` is within 5% of what the limit allows.
 pub fn assert_within_5_percent(elapsed: Duration, expected: Duration) {
     let (e, x) = (elapsed.as_secs_f64(), expected.as_secs_f64());

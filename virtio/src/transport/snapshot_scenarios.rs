@@ -5,9 +5,8 @@
 //! device: the restored device must stay quiet until its resume, then serve everything that was
 //! queued exactly once, in order, replaying nothing, and go on serving new work.
 
-use std::io::{self, Write};
 use std::os::unix::net::UnixDatagram;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -20,7 +19,7 @@ use super::pause_scenarios::{
 use crate::device::VirtioDevice;
 use crate::net::{Net, VNET_HDR_LEN};
 use crate::snapshot::{CoreState, DeviceState};
-use crate::testing::{TestQueue, eventually, readable, test_memory, writable};
+use crate::testing::{SharedWriter, TestQueue, eventually, readable, test_memory, writable};
 use crate::{Block, Console, Rng};
 
 /// The core of either transport's state.
@@ -194,30 +193,10 @@ pub(crate) fn net_continues_after_restore(make: MakePort) {
     }
 }
 
-/// A writer the test keeps a handle to.
-#[derive(Clone, Default)]
-struct SharedVec(Arc<Mutex<Vec<u8>>>);
-
-impl SharedVec {
-    fn contents(&self) -> Vec<u8> {
-        self.0.lock().unwrap().clone()
-    }
-}
-
-impl Write for SharedVec {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Host input typed while paused travels in the snapshot and reaches the guest once after the
 /// resume; guest output queued at the snapshot is written once, by the restored device.
 pub(crate) fn console_continues_after_restore(make: MakePort) {
-    let (before, after) = (SharedVec::default(), SharedVec::default());
+    let (before, after) = (SharedWriter::default(), SharedWriter::default());
     let console = Console::new(Box::new(before.clone())).unwrap();
     let input = console.input();
     let features = console.features();

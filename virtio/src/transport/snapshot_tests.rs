@@ -235,3 +235,117 @@ fn random_hostile_states_never_panic() {
         }
     }
 }
+
+#[test]
+fn a_pending_mmio_interrupt_is_raised_again_and_reads_back() {
+    let (mut state, mem) = saved_rng();
+    state.interrupt_status = super::mmio::INTERRUPT_USED_BUFFER;
+    state.config_generation = 7;
+    let mut transport = mmio(Box::new(Rng::new()), &mem);
+    transport.restore_state(&state).unwrap();
+    assert_eq!(transport.irq().read().unwrap(), 1);
+    assert_eq!(transport.interrupt_status(), 1);
+    let mut generation = [0u8; 4];
+    transport.read(0xfc, &mut generation);
+    assert_eq!(u32::from_le_bytes(generation), 7);
+}
+
+/// What a [`FakePlane`] saw of a restore: (queue, next_avail) per ring it was handed, and
+/// whether it was resumed.
+type PlaneLog = Arc<std::sync::Mutex<(Vec<(u16, u16)>, bool)>>;
+
+/// A data plane outside pvm, as vhost-net is: it reports where each ring stopped (no used
+/// index: that is in the used ring) and records how it was restored.
+#[derive(Debug, Default)]
+struct FakePlane {
+    restored: PlaneLog,
+}
+
+impl crate::data_plane::DataPlane for FakePlane {
+    fn supported_features(&self) -> u64 {
+        u64::MAX
+    }
+    fn start(
+        &mut self,
+        _: &GuestMemoryMmap,
+        _: Arc<dyn crate::Interrupt>,
+        _: Vec<crate::ActiveQueue>,
+        _: u64,
+    ) -> Result<(), crate::data_plane::DataPlaneError> {
+        Ok(())
+    }
+    fn stop(&mut self) {}
+    fn pause(&mut self) -> Result<(), crate::data_plane::DataPlaneError> {
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), crate::data_plane::DataPlaneError> {
+        self.restored.lock().unwrap().1 = true;
+        Ok(())
+    }
+    fn positions(&self) -> Result<Vec<crate::snapshot::QueuePosition>, SnapshotError> {
+        let at = |index, next_avail| crate::snapshot::QueuePosition {
+            index,
+            next_avail,
+            next_used: None,
+        };
+        Ok(vec![at(0, 3), at(1, 5)])
+    }
+    fn start_paused(
+        &mut self,
+        _: &GuestMemoryMmap,
+        _: Arc<dyn crate::Interrupt>,
+        queues: Vec<crate::ActiveQueue>,
+        _: u64,
+    ) -> Result<(), crate::data_plane::DataPlaneError> {
+        use virtio_queue::QueueT;
+        let rings = queues.iter().map(|q| (q.index, q.queue.next_avail()));
+        self.restored.lock().unwrap().0 = rings.collect();
+        Ok(())
+    }
+    fn name(&self) -> &'static str {
+        "fake plane"
+    }
+}
+
+#[test]
+fn a_data_plane_ring_takes_its_used_index_from_guest_memory_and_restores_paused() {
+    use vm_memory::{Address, Bytes};
+
+    let mem = test_memory();
+    let net_on = |plane: FakePlane| {
+        let (tap, _peer) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let tap = super::pause_scenarios::SocketTap(tap);
+        let mut net = crate::Net::new(Arc::new(tap), None).unwrap();
+        net.set_data_planes(vec![Box::new(plane)]).unwrap();
+        net
+    };
+    let net = net_on(FakePlane::default());
+    let features = net.features();
+    let rxq = TestQueue::at(&mem, GuestAddress(0x1_0000), 16);
+    let txq = TestQueue::at(&mem, GuestAddress(0x1_8000), 16);
+    let mut transport = mmio(Box::new(net), &mem);
+    DriverPort::bring_up(&mut transport, features, &[&rxq, &txq]);
+    // Where the backend left the used rings.
+    mem.write_obj(2u16, rxq.used_addr().unchecked_add(2))
+        .unwrap();
+    mem.write_obj(5u16, txq.used_addr().unchecked_add(2))
+        .unwrap();
+    transport.pause().unwrap();
+    let state = transport.save_state().unwrap();
+    let positions: Vec<_> = state
+        .core
+        .queues
+        .iter()
+        .map(|q| (q.next_avail, q.next_used))
+        .collect();
+    assert_eq!(positions, vec![(3, 2), (5, 5)]);
+    drop(transport);
+
+    let plane = FakePlane::default();
+    let restored = Arc::clone(&plane.restored);
+    let mut transport = mmio(Box::new(net_on(plane)), &mem);
+    transport.restore_state(&state).unwrap();
+    assert_eq!(*restored.lock().unwrap(), (vec![(0, 3), (1, 5)], false));
+    transport.resume().unwrap();
+    assert!(restored.lock().unwrap().1, "the plane was not resumed");
+}
