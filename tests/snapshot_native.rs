@@ -98,13 +98,21 @@ fn pump(mut from: ChildStdout) -> Receiver<u8> {
 const ANSWER: Duration = Duration::from_secs(10);
 
 /// Boots the counting guest through the API, lets it count to `c`, pauses it and snapshots it.
-fn counted_snapshot(name: &str) -> (PathBuf, PathBuf) {
+/// `disk`, when given, is attached as a drive (the guest never touches it).
+fn counted_snapshot(name: &str, disk: Option<&PathBuf>) -> (PathBuf, PathBuf) {
     let kernel = counting_guest();
     let socket = scratch(&format!("{name}.sock"));
     let mut pvm = Pvm::start(&["--api-sock", socket.to_str().unwrap(), "--mem", "64M"]);
     let mut api = connect(&socket, &mut pvm.child);
     let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
     assert_eq!(call(&mut api, "PUT", "/boot-source", Some(&boot)).0, 204);
+    if let Some(disk) = disk {
+        let drive = format!(
+            r#"{{"drive_id": "d", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+            disk.display()
+        );
+        assert_eq!(call(&mut api, "PUT", "/drives/d", Some(&drive)).0, 204);
+    }
     let start = r#"{"action_type": "InstanceStart"}"#;
     assert_eq!(call(&mut api, "PUT", "/actions", Some(start)).0, 204);
     for want in [b'a', b'b', b'c'] {
@@ -141,7 +149,7 @@ fn counted_snapshot(name: &str) -> (PathBuf, PathBuf) {
 #[test]
 fn a_restored_guest_counts_on_from_where_it_stopped_twice_over() {
     require_kvm();
-    let (snapshot, mem) = counted_snapshot("cli");
+    let (snapshot, mem) = counted_snapshot("cli", None);
     let args = [
         "--restore",
         snapshot.to_str().unwrap(),
@@ -161,7 +169,9 @@ fn a_restored_guest_counts_on_from_where_it_stopped_twice_over() {
 #[test]
 fn a_load_with_resume_vm_false_waits_for_patch_resumed() {
     require_kvm();
-    let (snapshot, mem) = counted_snapshot("api");
+    let disk = scratch("api.disk");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let (snapshot, mem) = counted_snapshot("api", Some(&disk));
     let socket = scratch("load.sock");
     let mut pvm = Pvm::start(&["--api-sock", socket.to_str().unwrap()]);
     let mut api = connect(&socket, &mut pvm.child);
@@ -186,6 +196,13 @@ fn a_load_with_resume_vm_false_waits_for_patch_resumed() {
         assert!(answer.contains(want), "{answer}");
     }
     let body = load(mem, snapshot.to_str().unwrap());
+    // A disk gone since the snapshot fails the load once KVM's VM exists; it is torn down and
+    // the same process loads again once the disk is back.
+    std::fs::rename(&disk, disk.with_extension("away")).unwrap();
+    let (status, answer) = call(&mut api, "PUT", "/snapshot/load", Some(&body));
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("api.disk"), "{answer}");
+    std::fs::rename(disk.with_extension("away"), &disk).unwrap();
     let (status, answer) = call(&mut api, "PUT", "/snapshot/load", Some(&body));
     assert_eq!(status, 204, "{answer}");
     let (_, info) = call(&mut api, "GET", "/", None);
