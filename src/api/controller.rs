@@ -496,65 +496,6 @@ impl Controller {
     }
 
     /// Whether InstanceStart (or the config file) started the VM.
-    /// PUT /snapshot/create on the running VM: only while paused.
-    fn create_snapshot(
-        &self,
-        body: &super::snapshot::SnapshotCreate,
-        vm: &mut RunningVm<'_, '_>,
-    ) -> Response {
-        let ids: Vec<String> = self
-            .fc
-            .network_interfaces
-            .iter()
-            .map(|i| i.iface_id.clone())
-            .collect();
-        match vm.create_snapshot(&body.snapshot_path, &body.mem_file_path, &ids) {
-            Ok(()) => Response::no_content(),
-            Err(e) => Response::fault(&format!("Create snapshot error: {}", error_chain(&e))),
-        }
-    }
-
-    /// PUT /snapshot/load: builds the snapshot's VM, paused unless `resume_vm`.
-    fn load_snapshot(&mut self, request: super::snapshot::LoadRequest) -> (Response, Option<Vm>) {
-        let fc = &self.fc;
-        if fc.boot_source.is_some()
-            || !fc.drives.is_empty()
-            || !fc.network_interfaces.is_empty()
-            || fc.machine_config.is_some()
-        {
-            return (
-                Response::fault(
-                    "Load snapshot error: Loading a microVM snapshot not allowed after \
-                     configuring boot-specific resources.",
-                ),
-                None,
-            );
-        }
-        let spec = vm::RestoreSpec {
-            snapshot: request.snapshot_path,
-            mem_file: request.mem_file,
-            taps: Vec::new(),
-            overrides: request
-                .network_overrides
-                .into_iter()
-                .map(|o| (o.iface_id, o.host_dev_name))
-                .collect(),
-            resume: request.resume_vm,
-        };
-        match vm::restore(&self.base, &spec) {
-            Ok(vm) => {
-                self.started = true;
-                self.limiters = vm.rate_limiters();
-                log::info!("API: snapshot {} loaded", spec.snapshot.display());
-                (Response::no_content(), Some(vm))
-            }
-            Err(e) => (
-                Response::fault(&format!("Load snapshot error: {}", error_chain(&e))),
-                None,
-            ),
-        }
-    }
-
     pub fn started(&self) -> bool {
         self.started
     }
@@ -597,6 +538,9 @@ impl ControlPlane for Runtime {
         }
     }
 }
+
+#[path = "controller_snapshot.rs"]
+mod snapshot;
 
 #[cfg(test)]
 #[path = "controller_tests.rs"]

@@ -7,6 +7,7 @@ mod boot_files;
 mod control;
 mod error;
 mod main_loop;
+mod parts;
 mod pause;
 mod snapshot;
 
@@ -47,6 +48,7 @@ pub use self::boot_files::{BootFiles, boot_files};
 pub use self::control::{ControlError, ControlPlane, RunningVm};
 pub use self::error::Error;
 use self::error::{io_err, kvm_err};
+use self::parts::{lock, msr_list};
 
 /// KVM needs three pages for the TSS and one for the identity map (Intel); both in the MMIO gap.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -143,41 +145,6 @@ impl Vm {
         Ok(Vm::assemble(
             config, vcpus, serial, attached, shared, memory, None,
         ))
-    }
-
-    /// The VM of built (or restored) parts.
-    fn assemble(
-        config: &VmConfig,
-        vcpus: Vec<Vcpu>,
-        serial: Arc<Mutex<SerialDevice>>,
-        attached: Attached,
-        shared: VcpuShared,
-        memory: VmMemory,
-        restored: Option<bool>,
-    ) -> Vm {
-        Vm {
-            vcpus,
-            serial,
-            console_input: attached.console_input,
-            counters: Arc::new(Sources {
-                exits: shared.stats,
-                disks: attached.disk_errors,
-                nets: attached.nets,
-                seccomp: config.seccomp,
-            }),
-            print_stats: config.stats,
-            seccomp: config.seccomp,
-            vhost_user_sockets: attached.vhost_user_sockets,
-            pausable: attached.pausable,
-            limiters: attached.limiters,
-            end: shared.end,
-            stop: shared.stop,
-            control: shared.control,
-            config: config.clone(),
-            buses: shared.buses,
-            restored,
-            memory,
-        }
     }
 
     /// The devices' rate limiters (shared with their workers), to change limits while the VM
@@ -409,44 +376,6 @@ fn create_vcpus(
         vcpus.push(shared.vcpu(index, fd, memory.guest_memory(), config, &msr_list));
     }
     Ok(vcpus)
-}
-
-impl VcpuShared {
-    /// vCPU `index` on `fd`, holding its share of the VM.
-    fn vcpu(
-        &self,
-        index: u8,
-        fd: kvm_ioctls::VcpuFd,
-        memory: &GuestMemoryMmap,
-        config: &VmConfig,
-        msr_list: &Arc<Vec<u32>>,
-    ) -> Vcpu {
-        Vcpu {
-            index,
-            fd,
-            buses: self.buses.clone(),
-            memory: memory.clone(),
-            end: self.end.clone(),
-            stop: self.stop.clone(),
-            control: self.control.clone(),
-            stats: self.stats.clone(),
-            boot_timer: config.boot_timer,
-            msr_list: msr_list.clone(),
-        }
-    }
-}
-
-/// KVM's list of the MSRs a VMM saves and restores (kvmclock and the TSC among them).
-fn msr_list(kvm: &Kvm) -> Result<Arc<Vec<u32>>, Error> {
-    let list = kvm
-        .get_msr_index_list()
-        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
-    Ok(Arc::new(list.as_slice().to_vec()))
-}
-
-/// A device's lock; a poisoned one still holds usable registers.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Starts a thread per vCPU; with `sandbox` (the vhost-user sockets the vCPUs may use) each
