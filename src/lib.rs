@@ -22,6 +22,7 @@ pub mod memory;
 pub mod metrics;
 pub mod pci;
 pub mod seccomp;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 pub mod virtio_devices;
@@ -74,9 +75,12 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
             return exit::USAGE_ERROR;
         }
     }
-    let result = match launch.firecracker {
-        Some(mode) => api::run(launch.config, &mode),
-        None => api::run_native(launch.config, &launch.id, launch.run_dir_api),
+    let result = match (launch.firecracker, launch.restore) {
+        (Some(mode), restore) => api::run(launch.config, &mode, restore.as_ref()),
+        (None, Some(restore)) => vm::restore(&launch.config, &restore)
+            .and_then(vm::Vm::run)
+            .map_err(api::RunError::Vm),
+        (None, None) => api::run_native(launch.config, &launch.id, launch.run_dir_api),
     };
     match result {
         Ok(outcome) => {

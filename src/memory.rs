@@ -15,7 +15,10 @@ use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 use crate::config::{GuestPages, HUGE_PAGE_BYTES};
 use crate::layout;
@@ -42,6 +45,14 @@ pub enum Error {
     FreeHugePages(std::io::Error),
     #[error("cannot allocate {size} bytes of guest memory on 2 MiB huge pages: {source}")]
     HugePages { size: u64, source: std::io::Error },
+    #[error("cannot map the memory file ({size} bytes at offset {offset}): {source}")]
+    MapFile {
+        size: u64,
+        offset: u64,
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("the memory file's mappings do not make guest memory: {0}")]
+    Regions(vm_memory::GuestRegionCollectionError),
     #[error("KVM refused guest memory slot {slot}: {source}")]
     RegisterSlot {
         slot: u32,
@@ -80,6 +91,19 @@ impl VmMemory {
             slots: Vec::new(),
         };
         // On an error the slots registered so far are deleted when `owned` drops.
+        owned.register()?;
+        Ok(owned)
+    }
+
+    /// Guest RAM from a snapshot's memory file (already checked to hold `mem_bytes`), each
+    /// range mapped MAP_PRIVATE from its offset: pages are read when first touched, and the
+    /// guest's writes stay in this process.
+    pub fn from_file(vm: Arc<VmFd>, mem_bytes: u64, file: &File) -> Result<Self, Error> {
+        let mut owned = VmMemory {
+            vm,
+            memory: map_file(mem_bytes, file)?,
+            slots: Vec::new(),
+        };
         owned.register()?;
         Ok(owned)
     }
@@ -166,6 +190,34 @@ fn create(mem_bytes: u64, shared: bool, pages: GuestPages) -> Result<GuestMemory
         }
     }
     Ok(memory)
+}
+
+/// The RAM ranges of a `mem_bytes` guest mapped privately from `file`, back to back.
+fn map_file(mem_bytes: u64, file: &File) -> Result<GuestMemoryMmap, Error> {
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (start, size) in layout::ram_ranges(mem_bytes) {
+        let fail = |source| Error::MapFile {
+            size,
+            offset,
+            source,
+        };
+        let descriptor = file
+            .try_clone()
+            .map_err(|e| fail(vm_memory::mmap::MmapRegionError::Mmap(e)))?;
+        let mapping = MmapRegionBuilder::new(size as usize)
+            .with_file_offset(FileOffset::new(descriptor, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(fail)?;
+        // Ranges come from the layout, sorted and apart: a region always fits its start.
+        let region = GuestRegionMmap::new(mapping, start)
+            .ok_or_else(|| fail(vm_memory::mmap::MmapRegionError::InvalidPointer))?;
+        regions.push(region);
+        offset += size;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(Error::Regions)
 }
 
 /// A memfd of `size` bytes (sparse: pages are allocated as the guest touches them).

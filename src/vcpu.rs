@@ -331,6 +331,8 @@ pub struct Vcpu {
     pub stats: Arc<ExitStats>,
     /// Print when the first vCPU enters the guest (--boot-timer).
     pub boot_timer: bool,
+    /// KVM's MSR save list, for snapshots.
+    pub msr_list: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
@@ -363,7 +365,10 @@ impl Vcpu {
             // this thread published its kvm_run page got a kick that could not stop it.
             if self.control.pause_requested() {
                 tell_guest_stopped(&self.fd, self.index);
-                self.control.park(&self.stop);
+                let (fd, index, msrs) = (&self.fd, self.index, &self.msr_list);
+                self.control.park(&self.stop, &mut || {
+                    (index, crate::snapshot::VcpuState::save(fd, index, msrs))
+                });
                 continue;
             }
             let result = self.fd.run();

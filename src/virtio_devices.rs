@@ -27,6 +27,8 @@ use crate::pci::{self, PciAllocator, PciRoot};
 use pvm_vhost::net::VhostNetPlane;
 use pvm_vhost::user::{Kind, VhostUserDevice};
 
+mod snapshot;
+
 /// PCI I/O ports of configuration mechanism #1.
 const PCI_CONFIG_PORT: u64 = 0xcf8;
 

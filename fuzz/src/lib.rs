@@ -8,6 +8,7 @@ pub mod devices;
 pub mod input;
 pub mod queue;
 pub mod seeds;
+pub mod snapshot;
 pub mod transports;
 pub mod vsock;
 
@@ -28,6 +29,7 @@ pub const TARGETS: [(&str, Target); 11] = [
     ("api_request", api::request),
     ("balloon", devices::balloon),
     ("vsock", vsock::vsock),
+    ("snapshot_file", snapshot::file),
 ];
 
 /// Runs the target called `name` on `data`.

@@ -867,6 +867,7 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("api_request", api_request()),
         ("balloon", balloon()),
         ("vsock", vsock()),
+        ("snapshot_file", crate::snapshot::seeds()),
     ]
 }
 

@@ -54,6 +54,10 @@ enum PatchError {
     NotRunning(String),
 }
 
+/// `PUT /snapshot/load` into a process whose VM runs already.
+pub const LOAD_AFTER_START: &str = "Load snapshot error: a snapshot is loaded into a fresh pvm \
+     process, before any VM runs in it; start another pvm for it";
+
 /// Firecracker's answer to a second metrics configuration; clients match this text.
 pub const METRICS_AGAIN: &str = "Metrics error: Cannot initialize the metrics system due to bad \
      user input: Reinitialization of metrics not allowed.";
@@ -190,6 +194,11 @@ impl Controller {
         self.limiters = limiters;
     }
 
+    /// The process's own flags (sandbox, logging, metrics), which a restored VM keeps.
+    pub fn base_config(&self) -> VmConfig {
+        self.base.clone()
+    }
+
     /// The VM `fc` describes on top of the flags.
     pub fn vm_config(&self) -> Result<VmConfig, ConfigError> {
         self.fc.to_vm_config(&self.base)
@@ -284,6 +293,9 @@ impl Controller {
         if let Some(response) = self.get(&action, "Not started") {
             return (response, None);
         }
+        if let Action::LoadSnapshot(request) = action {
+            return self.load_snapshot(request);
+        }
         if action != Action::InstanceStart {
             return (self.configure(action), None);
         }
@@ -362,6 +374,8 @@ impl Controller {
                 self.patch_running_balloon(&action, vm)
             }
             Action::GetBalloonStats => self.balloon_stats(),
+            Action::CreateSnapshot(body) => self.create_snapshot(&body, vm),
+            Action::LoadSnapshot(_) => Response::fault(LOAD_AFTER_START),
             _ => Response::fault(AFTER_START),
         }
     }
@@ -580,6 +594,8 @@ impl ControlPlane for Runtime {
 
 #[path = "controller_balloon.rs"]
 mod balloon;
+#[path = "controller_snapshot.rs"]
+mod snapshot;
 
 #[cfg(test)]
 #[path = "controller_tests.rs"]

@@ -206,7 +206,7 @@ impl MachineConfig {
             return Err(refused(
                 CATEGORY,
                 "track_dirty_pages",
-                "dirty page tracking exists only for snapshots, which pvm does not have yet",
+                "pvm takes Full snapshots only; dirty page tracking (for Diff snapshots) is not implemented",
             ));
         }
         match self.huge_pages {

@@ -8,6 +8,7 @@ pub mod http;
 pub mod models;
 pub mod routes;
 pub mod server;
+pub mod snapshot;
 pub mod swap;
 
 use std::path::PathBuf;
@@ -118,7 +119,11 @@ fn start_run_dir_api(id: &str, sandbox: bool) -> Option<server::ApiInbox> {
 
 /// Runs pvm in Firecracker mode: a config file boots at once; otherwise the API configures the
 /// VM and InstanceStart boots it. With `--api-sock` the API serves the running VM too.
-pub fn run(base: VmConfig, mode: &FirecrackerMode) -> Result<Outcome, RunError> {
+pub fn run(
+    base: VmConfig,
+    mode: &FirecrackerMode,
+    restore: Option<&vm::RestoreSpec>,
+) -> Result<Outcome, RunError> {
     let file = match &mode.config_file {
         Some(path) => Some((path, models::read_config_file(path)?)),
         None => None,
@@ -142,6 +147,14 @@ pub fn run(base: VmConfig, mode: &FirecrackerMode) -> Result<Outcome, RunError> 
     let mut controller = Controller::new(mode.id.clone(), base, fc.clone());
     controller.apply_file_sections(&fc)?;
     let vm = match (&file, &inbox) {
+        // `--restore` with `--api-sock`: the API serves the restored VM.
+        _ if restore.is_some() => {
+            let spec = restore.ok_or(RunError::ApiEnded)?;
+            let vm = vm::restore(&controller.base_config(), spec)?;
+            controller.set_started();
+            controller.set_limiters(vm.rate_limiters());
+            vm
+        }
         (Some((path, _)), _) => {
             let config = controller.vm_config().map_err(ConfigFileError::from)?;
             if config.kernel.is_none() {

@@ -45,6 +45,10 @@ pub enum Action {
     PatchBalloonStats(BalloonStatsUpdate),
     GetBalloon,
     GetBalloonStats,
+    /// `PUT /snapshot/create` (full snapshots).
+    CreateSnapshot(super::snapshot::SnapshotCreate),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(super::snapshot::LoadRequest),
 }
 
 /// Why a request was refused before reaching the VMM: the fault_message text.
@@ -101,7 +105,6 @@ enum VmState {
 
 /// Endpoints Firecracker has and pvm does not (yet), and why.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    ("snapshot", "pvm does not support snapshots yet"),
     ("mmds", "pvm does not support MMDS"),
     ("cpu-config", "pvm does not support CPU templates"),
     ("hotplug", "pvm does not support memory hotplug"),
@@ -195,6 +198,12 @@ pub fn route(request: &Request) -> Result<Action, RouteError> {
             VmState::Paused => Action::Pause,
             VmState::Resumed => Action::Resume,
         },
+        (Method::Put, "snapshot") if id == Some("create") => {
+            Action::CreateSnapshot(super::snapshot::check_create(decode(body)?)?)
+        }
+        (Method::Put, "snapshot") if id == Some("load") => {
+            Action::LoadSnapshot(super::snapshot::check_load(decode(body)?)?)
+        }
         (Method::Patch, "drives") => {
             let id = checked_id(id)?;
             let drive: PartialDrive = decode(body)?;

@@ -130,8 +130,6 @@ fn bad_requests_get_firecrackers_messages() {
 fn unsupported_endpoints_say_so() {
     use Method::*;
     for (method, path) in [
-        (Put, "/snapshot/create"),
-        (Put, "/snapshot/load"),
         (Put, "/mmds"),
         (Get, "/mmds"),
         (Put, "/mmds/config"),
@@ -148,6 +146,33 @@ fn unsupported_endpoints_say_so() {
         let e = fault(method, path, body);
         assert!(e.contains("pvm does not support"), "{path}: {e}");
     }
+}
+
+#[test]
+fn snapshot_endpoints_route_to_actions_and_refuse_what_pvm_lacks() {
+    use Method::Put;
+    let create = route(&request(
+        Put,
+        "/snapshot/create",
+        r#"{"snapshot_type":"Full","snapshot_path":"s","mem_file_path":"m"}"#,
+    ))
+    .unwrap();
+    assert!(matches!(create, Action::CreateSnapshot(_)), "{create:?}");
+    let load = route(&request(
+        Put,
+        "/snapshot/load",
+        r#"{"snapshot_path":"s","mem_backend":{"backend_type":"File","backend_path":"m"}}"#,
+    ))
+    .unwrap();
+    assert!(matches!(load, Action::LoadSnapshot(_)), "{load:?}");
+    let e = fault(
+        Put,
+        "/snapshot/create",
+        r#"{"snapshot_type":"Diff","snapshot_path":"s","mem_file_path":"m"}"#,
+    );
+    assert!(e.contains("snapshot_type Diff"), "{e}");
+    let e = fault(Put, "/snapshot/other", r#"{"snapshot_path":"s"}"#);
+    assert!(e.contains("Invalid request method and/or path"), "{e}");
 }
 
 #[test]

@@ -19,6 +19,17 @@ impl SerialDevice {
         }
     }
 
+    /// The UART as a snapshot left it (registers and unread input).
+    pub fn from_state(
+        state: &vm_superio::serial::SerialState,
+        irq: IrqTrigger,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, vm_superio::serial::Error<std::io::Error>> {
+        Ok(SerialDevice {
+            serial: Serial::from_state(state, irq, NoEvents, out)?,
+        })
+    }
+
     /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         let room = self.serial.fifo_capacity().min(bytes.len());

@@ -99,6 +99,15 @@ const MAIN_STATS: &[i64] = &[
     libc::SYS_lseek,
 ];
 
+/// `PUT /snapshot/create` on the main thread: the snapshot and memory files are created (see
+/// [`create_private`]), narrowed to 0600, written with holes for zero pages, sized and synced.
+const SNAPSHOT: &[i64] = &[
+    libc::SYS_fchmod,
+    libc::SYS_lseek,
+    libc::SYS_ftruncate,
+    libc::SYS_fsync,
+];
+
 /// ioctl "type" bytes (bits 8..16 of the request) pvm uses.
 const IOCTL_KVM: u64 = 0xae;
 const IOCTL_VHOST: u64 = 0xaf;
@@ -127,8 +136,8 @@ pub fn rules_with(
     vhost_user_sockets: &[i32],
 ) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut rules = common::allow(match kind {
-        ThreadKind::Main if stats => &[EVERY_THREAD, MAIN, MAIN_STATS],
-        ThreadKind::Main => &[EVERY_THREAD, MAIN],
+        ThreadKind::Main if stats => &[EVERY_THREAD, MAIN, MAIN_STATS, SNAPSHOT],
+        ThreadKind::Main => &[EVERY_THREAD, MAIN, SNAPSHOT],
         ThreadKind::Vcpu => &[EVERY_THREAD, VCPU],
         ThreadKind::Device => &[EVERY_THREAD, DEVICE, RATE_LIMIT],
         ThreadKind::Api => &[EVERY_THREAD, API],
@@ -150,6 +159,10 @@ pub fn rules_with(
         rules.insert(libc::SYS_io_uring_enter, vec![io_uring_enter()]);
     }
     rules.insert(libc::SYS_ioctl, ioctl);
+    if kind == ThreadKind::Main && !stats {
+        // --stats opens /proc files freely; otherwise only a snapshot's files are created.
+        rules.insert(libc::SYS_openat, create_private());
+    }
     if kind == ThreadKind::Api {
         // PATCH /drives: a running drive's new backing file (api::swap).
         rules.insert(libc::SYS_openat, open_existing());
@@ -226,6 +239,21 @@ fn io_uring_enter() -> SeccompRule {
         common::condition(4, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0),
     ])
     .expect("two conditions")
+}
+
+/// openat creating or truncating a file for writing (`snapshot::file::create_private`): the
+/// flags, less O_CLOEXEC and O_LARGEFILE, are exactly O_WRONLY | O_CREAT | O_TRUNC, and the
+/// mode is 0600. Nothing is read, and no directory or other kind of file is opened.
+fn create_private() -> Vec<SeccompRule> {
+    let ignored = (libc::O_CLOEXEC | libc::O_LARGEFILE) as u32;
+    let flags = common::condition(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(u64::from(!ignored)),
+        (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u64,
+    );
+    let mode = common::condition(3, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 0o600);
+    vec![SeccompRule::new(vec![flags, mode]).expect("two conditions")]
 }
 
 fn rule(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompRule {
@@ -542,6 +570,12 @@ mod tests {
                     assert_eq!(rules[&nr].len(), 2);
                     continue;
                 }
+                if kind == ThreadKind::Main && nr == libc::SYS_openat {
+                    // Only a snapshot's files: created write-only, truncated, mode 0600.
+                    assert_eq!(rules[&nr].len(), 1);
+                    assert!(filter(kind, false).is_ok());
+                    continue;
+                }
                 assert!(
                     !rules.contains_key(&nr),
                     "{} may call {}",
@@ -562,8 +596,8 @@ mod tests {
             assert_eq!(with[&libc::SYS_recvmsg].len(), 2);
             assert!(filter_with(kind, false, &[7, 9]).is_ok());
         }
-        // Only --stats lets the main thread open /proc/self/task.
-        assert!(rules(ThreadKind::Main, true).contains_key(&libc::SYS_openat));
+        // Only --stats lets the main thread open /proc/self/task (any openat).
+        assert!(rules(ThreadKind::Main, true)[&libc::SYS_openat].is_empty());
     }
 
     #[test]

@@ -68,6 +68,16 @@ impl RunningVm<'_, '_> {
         self.pauser.device(name)
     }
 
+    /// Snapshots the paused VM into `snapshot` and `mem_file`; `iface_ids` name its taps.
+    pub fn create_snapshot(
+        &self,
+        snapshot: &std::path::Path,
+        mem_file: &std::path::Path,
+        iface_ids: &[String],
+    ) -> Result<(), crate::snapshot::SnapshotError> {
+        self.pauser.create_snapshot(snapshot, mem_file, iface_ids)
+    }
+
     /// Pauses (true) or resumes (false) the VM; asking for the state it is in changes nothing.
     pub fn set_paused(&mut self, pause: bool) -> Result<(), ControlError> {
         let request = if pause {

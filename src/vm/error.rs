@@ -43,6 +43,8 @@ pub enum Error {
     ConsoleSocket(#[from] crate::devices::console_socket::Error),
     #[error("cannot start the thread for vCPU {index}: {source}")]
     Spawn { index: u8, source: std::io::Error },
+    #[error(transparent)]
+    Restore(#[from] crate::snapshot::RestoreError),
 }
 
 impl Error {
@@ -58,6 +60,8 @@ impl Error {
             // --console socket=PATH cannot be bound there, or is taken.
             Error::ConsoleSocket(e) => e.is_usage(),
             Error::Boot(e) => e.is_usage(),
+            // The snapshot or memory file named is damaged, foreign or does not fit.
+            Error::Restore(e) => e.is_usage(),
             Error::Virtio(e) => e.is_usage(),
             Error::Host(_)
             | Error::Kvm { .. }

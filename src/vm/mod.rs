@@ -7,7 +7,9 @@ mod boot_files;
 mod control;
 mod error;
 mod main_loop;
+mod parts;
 mod pause;
+mod snapshot;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +25,7 @@ use vmm_sys_util::signal::Killable;
 
 use self::main_loop::{InputSink, StopSignals, kick_signal, main_loop, metrics_timer};
 pub use self::pause::{Pauser, RunControl};
+pub use self::snapshot::{RestoreSpec, SnapshotSource, restore};
 use crate::boot::{self, BootEntry, acpi};
 use crate::bus::Bus;
 use crate::config::{ConsoleKind, VmConfig};
@@ -46,6 +49,7 @@ pub use self::boot_files::{BootFiles, boot_files};
 pub use self::control::{ControlError, ControlPlane, CtrlAltDel, RunningVm};
 pub use self::error::Error;
 use self::error::{io_err, kvm_err};
+use self::parts::{Consoles, lock, msr_list};
 
 /// KVM needs three pages for the TSS and one for the identity map (Intel); both in the MMIO gap.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -99,6 +103,13 @@ pub struct Vm {
     /// `--console socket`: served from its own thread once the VM runs; the terminal is
     /// then left alone.
     console_socket: Option<ConsoleSocket>,
+    /// What the VM was built from, for a snapshot's description.
+    config: VmConfig,
+    /// The buses (also the vCPUs'), for a snapshot's PCI address latch.
+    buses: Arc<Buses>,
+    /// Restored from a snapshot: the vCPUs and devices start paused; `Some(true)` resumes
+    /// them at once.
+    restored: Option<bool>,
     /// The VM fd and guest RAM, last so that it drops last; `run` drops it only after the
     /// vCPU threads are joined. Dropping it deletes the RAM's slots.
     memory: VmMemory,
@@ -124,10 +135,7 @@ impl Vm {
     pub fn build(kvm: &Kvm, config: &VmConfig, boot_files: BootFiles) -> Result<Vm, Error> {
         prepare_sandbox(config);
         // First: the UART and virtio-console made below write to its ring.
-        let console_socket = match &config.console_socket {
-            Some(socket) => Some(console_socket::bind(&socket.path, socket.in_run_dir)?),
-            None => None,
-        };
+        let console_socket = bind_console_socket(config)?;
         let memory = create_memory(create_vm(kvm)?, config)?;
         let (vm_fd, guest_memory) = (memory.vm_fd(), memory.guest_memory());
         create_irqchip(vm_fd)?;
@@ -136,7 +144,7 @@ impl Vm {
             mut pio,
             serial,
             i8042,
-        } = legacy_devices(vm_fd, config, &end)?;
+        } = legacy_devices(vm_fd, config, &end, None)?;
         let mut mmio = Bus::new();
         let attached = virtio_devices::attach(config, vm_fd, guest_memory, &mut pio, &mut mmio)?;
         let entry = load_guest(guest_memory, config, &attached, boot_files)?;
@@ -148,29 +156,19 @@ impl Vm {
             stats: Arc::new(ExitStats::default()),
         };
         let vcpus = create_vcpus(kvm, &memory, config, entry, &shared)?;
-        Ok(Vm {
+        Ok(Vm::assemble(
+            config,
             vcpus,
-            serial,
-            i8042,
-            console_input: attached.console_input,
-            counters: Arc::new(Sources {
-                exits: shared.stats,
-                disks: attached.disk_errors,
-                nets: attached.nets,
-                seccomp: config.seccomp,
-                balloon: attached.limiters.balloon.clone(),
-            }),
-            print_stats: config.stats,
-            seccomp: config.seccomp,
-            vhost_user_sockets: attached.vhost_user_sockets,
-            pausable: attached.pausable,
-            limiters: attached.limiters,
-            end: shared.end,
-            stop: shared.stop,
-            control: shared.control,
-            console_socket,
+            Consoles {
+                serial,
+                i8042,
+                socket: console_socket,
+            },
+            attached,
+            shared,
             memory,
-        })
+            None,
+        ))
     }
 
     /// The devices' rate limiters (shared with their workers), to change limits while the VM
@@ -190,9 +188,13 @@ impl Vm {
         metrics::register(self.counters.clone());
         let timer = metrics_timer()?;
         let sandbox = self.seccomp.then_some(self.vhost_user_sockets.as_slice());
+        if self.restored.is_some() {
+            // A restored VM's devices are paused: its vCPUs park before their first entry.
+            self.control.request_pause();
+        }
         let sink = match self.console_input {
             Some(input) => InputSink::Virtio(input),
-            None => InputSink::Serial(self.serial),
+            None => InputSink::Serial(self.serial.clone()),
         };
         // With the console on a socket the terminal is not touched: no raw mode, no stdin.
         let terminal = self.console_socket.is_none();
@@ -207,9 +209,23 @@ impl Vm {
         };
         let (threads, spawned) = spawn_vcpus(self.vcpus, sandbox);
         let mut pauser = Pauser::new(self.control.clone(), &threads, &self.pausable);
+        let serial = self.serial.clone();
+        pauser.set_snapshot_source(SnapshotSource {
+            vm: self.memory.vm_fd(),
+            memory: self.memory.guest_memory(),
+            serial: &serial,
+            buses: &self.buses,
+            config: &self.config,
+        });
+        if self.restored.is_some() {
+            pauser.mark_paused();
+        }
         let loop_result = spawned
             .and_then(|()| sandbox_main_thread(sandbox, self.print_stats))
             .and_then(|()| {
+                if self.restored == Some(true) {
+                    pauser.handle(pause::VmRequest::Resume);
+                }
                 // The first line marks the start, as Firecracker's does.
                 metrics::flush_or_log();
                 let input = terminal.then_some(&sink);
@@ -286,6 +302,14 @@ fn create_memory(vm_fd: VmFd, config: &VmConfig) -> Result<VmMemory, Error> {
     )?)
 }
 
+/// `--console socket`'s listener, bound before anything writes to the console's ring.
+fn bind_console_socket(config: &VmConfig) -> Result<Option<ConsoleSocket>, Error> {
+    Ok(match &config.console_socket {
+        Some(socket) => Some(console_socket::bind(&socket.path, socket.in_run_dir)?),
+        None => None,
+    })
+}
+
 /// KVM's in-kernel PIC/IOAPIC/LAPICs and PIT (whose speaker port stays a dummy).
 fn create_irqchip(vm_fd: &VmFd) -> Result<(), Error> {
     vm_fd
@@ -299,22 +323,26 @@ fn create_irqchip(vm_fd: &VmFd) -> Result<(), Error> {
     Ok(())
 }
 
-/// The UART (on its IRQ's irqfd), the i8042 whose reset line ends the VM, ACPI power-off,
-/// pvpanic and, with --boot-timer, the boot timer port.
+/// The UART (on its IRQ's irqfd; as `serial_state` left it, for a restore), the i8042 whose
+/// reset line ends the VM, ACPI power-off, pvpanic and, with --boot-timer, the boot timer port.
 fn legacy_devices(
     vm_fd: &VmFd,
     config: &VmConfig,
     end: &Arc<EndSignal>,
+    serial_state: Option<&vm_superio::serial::SerialState>,
 ) -> Result<LegacyDevices, Error> {
     let mut pio = Bus::new();
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
     vm_fd
         .register_irqfd(&serial_irq, layout::SERIAL_IRQ)
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        IrqTrigger(serial_irq),
-        console_socket::serial_output(config.serial_out.as_deref())?,
-    )));
+    let out = console_socket::serial_output(config.serial_out.as_deref())?;
+    let serial = match serial_state {
+        None => SerialDevice::new(IrqTrigger(serial_irq), out),
+        Some(state) => SerialDevice::from_state(state, IrqTrigger(serial_irq), out)
+            .map_err(|e| crate::snapshot::RestoreError::Serial(format!("{e:?}")))?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
     pio.insert(u64::from(layout::SERIAL_PORT), 8, serial.clone())?;
     let keyboard_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
     vm_fd
@@ -390,6 +418,7 @@ fn create_vcpus(
     let supported: CpuId = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let msr_list = msr_list(kvm)?;
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for index in 0..config.cpus {
         let fd = memory
@@ -404,17 +433,7 @@ fn create_vcpus(
             &supported,
             (index == 0).then_some(entry),
         )?;
-        vcpus.push(Vcpu {
-            index,
-            fd,
-            buses: shared.buses.clone(),
-            memory: memory.guest_memory().clone(),
-            end: shared.end.clone(),
-            stop: shared.stop.clone(),
-            control: shared.control.clone(),
-            stats: shared.stats.clone(),
-            boot_timer: config.boot_timer,
-        });
+        vcpus.push(shared.vcpu(index, fd, memory.guest_memory(), config, &msr_list));
     }
     Ok(vcpus)
 }

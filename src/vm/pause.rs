@@ -4,6 +4,7 @@
 //! stopped. Requests come as [`VmRequest`]s: from the operator's signals today, from an API
 //! later.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::signal::Killable;
 
 use super::main_loop::kick_signal;
+use super::snapshot::SnapshotSource;
+use crate::snapshot::{SnapshotError, VcpuState};
 use crate::virtio_devices::PausableDevice;
 
 /// How long a pause waits for every vCPU to leave KVM_RUN. A vCPU takes microseconds; one
@@ -43,7 +46,14 @@ struct Parking {
     parked: usize,
     /// vCPU threads whose guest will not run again (the VM ended, or the thread never ran).
     gone: usize,
+    /// Bumped to ask every parked vCPU for its state once (a snapshot).
+    save_round: u64,
+    /// The states handed over in this round, by vCPU index.
+    saved: Vec<(u8, Result<VcpuState, SnapshotError>)>,
 }
+
+/// What a parked vCPU thread does when asked for its state: returns its index and state.
+pub(crate) type SaveVcpu<'a> = &'a mut dyn FnMut() -> (u8, Result<VcpuState, SnapshotError>);
 
 impl RunControl {
     fn lock(&self) -> MutexGuard<'_, Parking> {
@@ -98,18 +108,71 @@ impl RunControl {
         self.changed.notify_all();
     }
 
-    /// On a vCPU thread: waits while a pause is asked for and `stop` is not set.
-    pub(crate) fn park(&self, stop: &AtomicBool) {
+    /// On a vCPU thread: waits while a pause is asked for and `stop` is not set, handing
+    /// over its state (`save`) whenever the main thread asks for it.
+    pub(crate) fn park(&self, stop: &AtomicBool, save: SaveVcpu<'_>) {
         let mut state = self.lock();
         if !state.paused {
             return;
         }
         state.parked += 1;
+        let mut round = state.save_round;
         self.changed.notify_all();
         while state.paused && !stop.load(Ordering::Acquire) {
+            if state.save_round != round {
+                round = state.save_round;
+                // The vCPU is out of KVM_RUN: its state can be read. Under the lock, so the
+                // main thread sees every state of the round at once.
+                let saved = save();
+                state.saved.push(saved);
+                self.changed.notify_all();
+                continue;
+            }
             state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
         state.parked -= 1;
+    }
+
+    /// On the main thread of a paused VM: asks each of the `vcpus` parked vCPUs for its state
+    /// and waits (at most `limit`) until all handed it over. States come back in index order.
+    pub fn collect_states(
+        &self,
+        vcpus: usize,
+        limit: Duration,
+    ) -> Result<Vec<VcpuState>, SnapshotError> {
+        let deadline = Instant::now() + limit;
+        let mut state = self.lock();
+        if !state.paused || state.parked < vcpus {
+            return Err(SnapshotError::VcpuGone(
+                u8::try_from(state.parked).unwrap_or(u8::MAX),
+            ));
+        }
+        state.saved.clear();
+        state.save_round += 1;
+        self.changed.notify_all();
+        while state.saved.len() < vcpus {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let missing = (0..vcpus)
+                    .find(|i| {
+                        !state
+                            .saved
+                            .iter()
+                            .any(|(index, _)| usize::from(*index) == *i)
+                    })
+                    .unwrap_or(0);
+                return Err(SnapshotError::VcpuGone(
+                    u8::try_from(missing).unwrap_or(u8::MAX),
+                ));
+            }
+            state = match self.changed.wait_timeout(state, left) {
+                Ok((state, _)) => state,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        let mut saved = std::mem::take(&mut state.saved);
+        saved.sort_by_key(|(index, _)| *index);
+        saved.into_iter().map(|(_, result)| result).collect()
     }
 }
 
@@ -121,6 +184,8 @@ pub struct Pauser<'a> {
     paused_since: Option<Instant>,
     pauses: u64,
     paused_total: Duration,
+    /// The running VM's parts a snapshot reads.
+    source: Option<SnapshotSource<'a>>,
 }
 
 impl<'a> Pauser<'a> {
@@ -136,7 +201,39 @@ impl<'a> Pauser<'a> {
             paused_since: None,
             pauses: 0,
             paused_total: Duration::ZERO,
+            source: None,
         }
+    }
+
+    /// Lets [`Self::create_snapshot`] read the VM's parts.
+    pub fn set_snapshot_source(&mut self, source: SnapshotSource<'a>) {
+        self.source = Some(source);
+    }
+
+    /// Takes the VM as paused already: a restored VM, whose devices were left paused and
+    /// whose vCPUs were asked to park before they started.
+    pub fn mark_paused(&mut self) {
+        self.paused_since = Some(Instant::now());
+    }
+
+    /// Snapshots the paused VM into `snapshot` and `mem_file`.
+    pub fn create_snapshot(
+        &self,
+        snapshot: &Path,
+        mem_file: &Path,
+        iface_ids: &[String],
+    ) -> Result<(), SnapshotError> {
+        let Some(source) = self.source.as_ref().filter(|_| self.is_paused()) else {
+            return Err(SnapshotError::NotPaused);
+        };
+        source.create(
+            &self.control,
+            self.vcpus.len(),
+            self.devices,
+            snapshot,
+            mem_file,
+            iface_ids,
+        )
     }
 
     pub fn handle(&mut self, request: VmRequest) {
@@ -219,16 +316,56 @@ fn resume_devices(devices: &[PausableDevice]) {
 mod tests {
     use super::*;
 
+    fn no_save() -> (u8, Result<VcpuState, SnapshotError>) {
+        (0, Err(SnapshotError::NotPaused))
+    }
+
+    #[test]
+    fn parked_vcpus_hand_over_their_state_in_index_order() {
+        let control = Arc::new(RunControl::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        control.request_pause();
+        let threads: Vec<_> = [1u8, 0]
+            .into_iter()
+            .map(|index| {
+                let (control, stop) = (control.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    control.park(&stop, &mut || (index, Err(SnapshotError::VcpuGone(index))))
+                })
+            })
+            .collect();
+        assert!(control.wait_parked(2, Duration::from_secs(5)));
+        let e = control
+            .collect_states(2, Duration::from_secs(5))
+            .unwrap_err();
+        // Both answered; the first in index order is the one reported.
+        assert!(matches!(e, SnapshotError::VcpuGone(0)), "{e}");
+        assert!(matches!(
+            control.collect_states(3, Duration::from_millis(50)),
+            Err(SnapshotError::VcpuGone(_))
+        ));
+        control.resume();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(
+            control
+                .collect_states(2, Duration::from_millis(50))
+                .is_err(),
+            "a running VM has no parked vCPUs"
+        );
+    }
+
     #[test]
     fn paused_vcpus_park_until_resumed_or_stopped() {
         let control = Arc::new(RunControl::default());
         let stop = Arc::new(AtomicBool::new(false));
         // Without a pause asked for, parking returns at once.
-        control.park(&stop);
+        control.park(&stop, &mut no_save);
         control.request_pause();
         let spawn = || {
             let (control, stop) = (control.clone(), stop.clone());
-            std::thread::spawn(move || control.park(&stop))
+            std::thread::spawn(move || control.park(&stop, &mut no_save))
         };
         let first = spawn();
         assert!(control.wait_parked(1, Duration::from_secs(5)));

@@ -5,6 +5,8 @@
 // Each test binary uses only part of this module.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 

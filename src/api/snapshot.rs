@@ -1,0 +1,226 @@
+//! `PUT /snapshot/create` and `PUT /snapshot/load`: Firecracker's bodies, checked on the API
+//! thread; what pvm does not do (Diff snapshots, the Uffd backend, dirty page tracking) is
+//! refused naming the field, never accepted and ignored.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::routes::RouteError;
+
+/// `PUT /snapshot/create`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    #[serde(default)]
+    pub snapshot_type: Option<SnapshotType>,
+    pub snapshot_path: PathBuf,
+    pub mem_file_path: PathBuf,
+    /// Firecracker's old field for the target format version: pvm writes one version.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum SnapshotType {
+    Full,
+    Diff,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoad {
+    pub snapshot_path: PathBuf,
+    /// The older way to name the memory file (Firecracker deprecated it for `mem_backend`).
+    #[serde(default)]
+    pub mem_file_path: Option<PathBuf>,
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: BackendType,
+    pub backend_path: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum BackendType {
+    File,
+    Uffd,
+}
+
+/// A clone's interface on another tap.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// A load request as pvm will carry it out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadRequest {
+    pub snapshot_path: PathBuf,
+    pub mem_file: PathBuf,
+    pub resume_vm: bool,
+    pub network_overrides: Vec<NetworkOverride>,
+}
+
+fn refuse(path: &str, why: &'static str) -> RouteError {
+    RouteError::Unsupported {
+        method: "PUT",
+        path: path.to_string(),
+        why,
+    }
+}
+
+/// Checks a create body; only full snapshots.
+pub fn check_create(body: SnapshotCreate) -> Result<SnapshotCreate, RouteError> {
+    const PATH: &str = "snapshot/create";
+    if body.snapshot_type == Some(SnapshotType::Diff) {
+        return Err(refuse(
+            PATH,
+            "snapshot_type Diff: pvm takes Full snapshots only (no dirty page tracking yet)",
+        ));
+    }
+    if body.version.is_some() {
+        return Err(refuse(
+            PATH,
+            "version: pvm writes its one snapshot format version; leave version out",
+        ));
+    }
+    Ok(body)
+}
+
+/// Checks a load body and picks the memory file from `mem_backend` or `mem_file_path`.
+pub fn check_load(body: SnapshotLoad) -> Result<LoadRequest, RouteError> {
+    const PATH: &str = "snapshot/load";
+    if body.enable_diff_snapshots || body.track_dirty_pages {
+        return Err(refuse(
+            PATH,
+            "track_dirty_pages / enable_diff_snapshots: pvm has no dirty page tracking (Diff \
+             snapshots) yet; leave them false",
+        ));
+    }
+    let mem_file = match (body.mem_backend, body.mem_file_path) {
+        (Some(_), Some(_)) => {
+            return Err(refuse(
+                PATH,
+                "give the memory file either as mem_backend or as mem_file_path, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(refuse(
+                PATH,
+                "no memory file: give mem_backend (backend_type File) or mem_file_path",
+            ));
+        }
+        (Some(backend), None) if backend.backend_type == BackendType::Uffd => {
+            return Err(refuse(
+                PATH,
+                "mem_backend Uffd: pvm has no userfaultfd page server; use backend_type File \
+                 (pvm maps the file privately, so its pages load lazily)",
+            ));
+        }
+        (Some(backend), None) => backend.backend_path,
+        (None, Some(path)) => path,
+    };
+    Ok(LoadRequest {
+        snapshot_path: body.snapshot_path,
+        mem_file,
+        resume_vm: body.resume_vm,
+        network_overrides: body.network_overrides,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(json: &str) -> Result<LoadRequest, String> {
+        let body: SnapshotLoad = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        check_load(body).map_err(|e| e.to_string())
+    }
+
+    fn create(json: &str) -> Result<SnapshotCreate, String> {
+        let body: SnapshotCreate = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        check_create(body).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn firecracker_bodies_are_taken() {
+        let r = load(
+            r#"{"snapshot_path":"s","mem_backend":{"backend_type":"File","backend_path":"m"},
+                "resume_vm":true,"network_overrides":[{"iface_id":"eth0","host_dev_name":"tap9"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.mem_file, PathBuf::from("m"));
+        assert!(r.resume_vm);
+        assert_eq!(r.network_overrides[0].host_dev_name, "tap9");
+        let r = load(r#"{"snapshot_path":"s","mem_file_path":"m2"}"#).unwrap();
+        assert_eq!(r.mem_file, PathBuf::from("m2"));
+        assert!(!r.resume_vm);
+        let c = create(r#"{"snapshot_type":"Full","snapshot_path":"s","mem_file_path":"m"}"#);
+        assert!(c.is_ok());
+        assert!(create(r#"{"snapshot_path":"s","mem_file_path":"m"}"#).is_ok());
+    }
+
+    #[test]
+    fn what_pvm_does_not_do_is_refused_by_name() {
+        let cases = [
+            (
+                load(
+                    r#"{"snapshot_path":"s","mem_backend":{"backend_type":"Uffd","backend_path":"u"}}"#,
+                ),
+                "Uffd",
+            ),
+            (
+                load(r#"{"snapshot_path":"s","mem_file_path":"m","track_dirty_pages":true}"#),
+                "track_dirty_pages",
+            ),
+            (
+                load(
+                    r#"{"snapshot_path":"s","mem_file_path":"m","mem_backend":{"backend_type":"File","backend_path":"m"}}"#,
+                ),
+                "not both",
+            ),
+            (load(r#"{"snapshot_path":"s"}"#), "no memory file"),
+            (
+                load(r#"{"snapshot_path":"s","mem_file_path":"m","extra":1}"#),
+                "unknown field",
+            ),
+            (
+                load(
+                    r#"{"snapshot_path":"s","mem_backend":{"backend_type":"Disk","backend_path":"m"}}"#,
+                ),
+                "unknown variant",
+            ),
+        ];
+        for (result, want) in cases {
+            let e = result.unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        let e = create(r#"{"snapshot_type":"Diff","snapshot_path":"s","mem_file_path":"m"}"#)
+            .unwrap_err();
+        assert!(e.contains("snapshot_type Diff"), "{e}");
+        let e =
+            create(r#"{"snapshot_path":"s","mem_file_path":"m","version":"1.0.0"}"#).unwrap_err();
+        assert!(e.contains("version"), "{e}");
+        assert!(
+            create(r#"{"snapshot_path":"s"}"#)
+                .unwrap_err()
+                .contains("mem_file_path")
+        );
+    }
+}

@@ -1,0 +1,412 @@
+//! The VM's shape as a snapshot records it: what [`crate::virtio_devices::attach`] needs to
+//! build the same devices in the same order again (disk and tap names, transports, vCPUs,
+//! memory size, vhost-net and rate limits). Files and taps are reopened by name on restore.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pvm_virtio::{BucketConfig, RateLimit};
+use serde::{Deserialize, Serialize};
+
+use super::{RestoreError, SnapshotError};
+use crate::config::{
+    self, ConsoleKind, DiskSpec, MAX_TAP_QUEUES, TapSpec, Transport, VhostMode, VmConfig,
+};
+
+/// The longest disk serial the guest can read (VIRTIO_BLK_ID_BYTES).
+const MAX_SERIAL_BYTES: usize = 20;
+/// More devices than any transport has room for: a larger count is hostile.
+const MAX_DEVICES: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Description {
+    pub mem_bytes: u64,
+    pub cpus: u8,
+    pub pci: bool,
+    pub virtio_console: bool,
+    /// The user's part of the kernel command line the guest booted with (informational).
+    pub cmdline: String,
+    pub disks: Vec<DiskDescription>,
+    pub taps: Vec<TapDescription>,
+    pub rng_limit: LimitDescription,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskDescription {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub serial: Option<String>,
+    pub flush: bool,
+    pub limit: LimitDescription,
+    /// `engine=io_uring`: the restored disk is served the same way.
+    pub io_uring: bool,
+    pub direct: bool,
+    /// The queue count and size are part of what the guest negotiated.
+    pub queues: u16,
+    pub queue_size: u16,
+}
+
+impl DiskDescription {
+    fn options(&self) -> pvm_virtio::block::BlockOptions {
+        pvm_virtio::block::BlockOptions {
+            engine: if self.io_uring {
+                pvm_virtio::block::IoEngine::IoUring
+            } else {
+                pvm_virtio::block::IoEngine::Sync
+            },
+            direct: self.direct,
+            queues: self.queues,
+            queue_size: self.queue_size,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VhostDescription {
+    On,
+    Off,
+    Auto,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TapDescription {
+    /// The API's `iface_id` of the interface, when the API configured it.
+    pub iface_id: Option<String>,
+    pub name: String,
+    pub mac: Option<[u8; 6]>,
+    pub vhost: VhostDescription,
+    pub queues: u16,
+    pub rx_limit: LimitDescription,
+    pub tx_limit: LimitDescription,
+}
+
+/// A [`RateLimit`]'s two buckets; refill times in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitDescription {
+    pub bandwidth: Option<(u64, u64, u64)>,
+    pub ops: Option<(u64, u64, u64)>,
+}
+
+impl LimitDescription {
+    fn of(limit: &RateLimit) -> Self {
+        let bucket = |b: &BucketConfig| {
+            (
+                b.size,
+                b.one_time_burst,
+                u64::try_from(b.refill_time.as_millis()).unwrap_or(u64::MAX),
+            )
+        };
+        LimitDescription {
+            bandwidth: limit.bandwidth.as_ref().map(bucket),
+            ops: limit.ops.as_ref().map(bucket),
+        }
+    }
+
+    fn to_limit(self) -> RateLimit {
+        let bucket = |(size, one_time_burst, ms): (u64, u64, u64)| BucketConfig {
+            size,
+            one_time_burst,
+            refill_time: Duration::from_millis(ms),
+        };
+        RateLimit {
+            bandwidth: self.bandwidth.map(bucket),
+            ops: self.ops.map(bucket),
+        }
+    }
+}
+
+impl Description {
+    /// The description of the VM `config` built; a VM whose RAM another process maps
+    /// (vhost-user) cannot be snapshotted.
+    pub fn of(config: &VmConfig) -> Result<Self, SnapshotError> {
+        if let Some(socket) = config
+            .vhost_user_disks
+            .iter()
+            .chain(&config.vhost_user_nets)
+            .next()
+        {
+            return Err(SnapshotError::VhostUser(socket.display().to_string()));
+        }
+        Ok(Description {
+            mem_bytes: config.mem_bytes,
+            cpus: config.cpus,
+            pci: config.transport == Transport::Pci,
+            virtio_console: config.console == ConsoleKind::Virtio,
+            cmdline: config.cmdline.clone(),
+            disks: config
+                .disks
+                .iter()
+                .map(|d| DiskDescription {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                    serial: d.serial.clone(),
+                    flush: d.flush,
+                    limit: LimitDescription::of(&d.limit),
+                    io_uring: d.options.engine == pvm_virtio::block::IoEngine::IoUring,
+                    direct: d.options.direct,
+                    queues: d.options.queues,
+                    queue_size: d.options.queue_size,
+                })
+                .collect(),
+            taps: config
+                .taps
+                .iter()
+                .map(|t| TapDescription {
+                    iface_id: None,
+                    name: t.name.clone(),
+                    mac: t.mac,
+                    vhost: match t.vhost {
+                        VhostMode::On => VhostDescription::On,
+                        VhostMode::Off => VhostDescription::Off,
+                        VhostMode::Auto => VhostDescription::Auto,
+                    },
+                    queues: t.queues,
+                    rx_limit: LimitDescription::of(&t.rx_limit),
+                    tx_limit: LimitDescription::of(&t.tx_limit),
+                })
+                .collect(),
+            rng_limit: LimitDescription::of(&config.rng_limit),
+        })
+    }
+
+    /// Refuses values no pvm would have written (the file is untrusted).
+    pub fn validate(&self) -> Result<(), RestoreError> {
+        let bad = |what: String| Err(RestoreError::invalid(what));
+        if !(config::MIN_MEM_BYTES..=config::MAX_MEM_BYTES).contains(&self.mem_bytes)
+            || self.mem_bytes % 4096 != 0
+        {
+            return bad(format!(
+                "memory size {} bytes is out of range",
+                self.mem_bytes
+            ));
+        }
+        if self.cpus == 0 {
+            return bad("0 vCPUs".to_string());
+        }
+        if self.disks.len() + self.taps.len() > MAX_DEVICES {
+            return bad(format!(
+                "{} disks and {} taps",
+                self.disks.len(),
+                self.taps.len()
+            ));
+        }
+        for (i, disk) in self.disks.iter().enumerate() {
+            if disk
+                .serial
+                .as_ref()
+                .is_some_and(|s| s.len() > MAX_SERIAL_BYTES)
+            {
+                return bad(format!(
+                    "disk {i}: serial longer than {MAX_SERIAL_BYTES} bytes"
+                ));
+            }
+            if let Err(e) = disk.options().validate() {
+                return bad(format!("disk {i}: {e}"));
+            }
+        }
+        for (i, tap) in self.taps.iter().enumerate() {
+            if !(1..=MAX_TAP_QUEUES).contains(&tap.queues) || (tap.queues > 1 && !self.pci) {
+                return bad(format!("tap {i}: {} queue pairs", tap.queues));
+            }
+        }
+        Ok(())
+    }
+
+    /// The VM to build: this shape, with `base`'s process settings (sandbox, logging,
+    /// metrics, serial output). `taps` (when not empty) replaces the tap names, in order;
+    /// each (interface, tap) of `overrides` then puts one interface on another tap.
+    pub fn to_config(
+        &self,
+        base: &VmConfig,
+        taps: &[String],
+        overrides: &[(String, String)],
+    ) -> Result<VmConfig, RestoreError> {
+        self.validate()?;
+        if !taps.is_empty() && taps.len() != self.taps.len() {
+            return Err(RestoreError::invalid(format!(
+                "{} tap names given for a VM of {} taps",
+                taps.len(),
+                self.taps.len()
+            )));
+        }
+        let mut config = base.clone();
+        config.kernel = None;
+        config.initrd = None;
+        config.cmdline = self.cmdline.clone();
+        config.mem_bytes = self.mem_bytes;
+        config.cpus = self.cpus;
+        config.transport = if self.pci {
+            Transport::Pci
+        } else {
+            Transport::Mmio
+        };
+        config.console = if self.virtio_console {
+            ConsoleKind::Virtio
+        } else {
+            ConsoleKind::Serial
+        };
+        config.disks = self
+            .disks
+            .iter()
+            .map(|d| DiskSpec {
+                path: d.path.clone(),
+                read_only: d.read_only,
+                serial: d.serial.clone(),
+                flush: d.flush,
+                limit: d.limit.to_limit(),
+                options: d.options(),
+            })
+            .collect();
+        config.taps = self
+            .taps
+            .iter()
+            .enumerate()
+            .map(|(i, t)| TapSpec {
+                name: taps.get(i).cloned().unwrap_or_else(|| t.name.clone()),
+                mac: t.mac,
+                vhost: match t.vhost {
+                    VhostDescription::On => VhostMode::On,
+                    VhostDescription::Off => VhostMode::Off,
+                    VhostDescription::Auto => VhostMode::Auto,
+                },
+                queues: t.queues,
+                rx_limit: t.rx_limit.to_limit(),
+                tx_limit: t.tx_limit.to_limit(),
+            })
+            .collect();
+        for (iface, tap) in overrides {
+            let index = self.tap_index(iface).ok_or_else(|| {
+                RestoreError::invalid(format!(
+                    "network_overrides: the snapshot has no interface {iface}"
+                ))
+            })?;
+            config.taps[index].name = tap.clone();
+        }
+        config.vhost_user_disks.clear();
+        config.vhost_user_nets.clear();
+        config.rng_limit = self.rng_limit.to_limit();
+        Ok(config)
+    }
+
+    /// The tap a `network_overrides` entry names: by the API's `iface_id`, else by the tap's
+    /// name, else `netN` for the N-th tap (a VM configured by flags has no interface ids).
+    pub fn tap_index(&self, iface_id: &str) -> Option<usize> {
+        let by_id = self
+            .taps
+            .iter()
+            .position(|t| t.iface_id.as_deref() == Some(iface_id));
+        by_id
+            .or_else(|| self.taps.iter().position(|t| t.name == iface_id))
+            .or_else(|| {
+                iface_id
+                    .strip_prefix("net")
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .filter(|&i| i < self.taps.len())
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Description {
+        Description {
+            mem_bytes: 256 << 20,
+            cpus: 2,
+            pci: true,
+            virtio_console: false,
+            cmdline: String::new(),
+            disks: vec![DiskDescription {
+                path: "/images/root.img".into(),
+                read_only: false,
+                serial: Some("root".to_string()),
+                flush: true,
+                limit: LimitDescription {
+                    bandwidth: Some((1000, 0, 1000)),
+                    ops: None,
+                },
+                io_uring: true,
+                direct: false,
+                queues: 2,
+                queue_size: 128,
+            }],
+            taps: vec![TapDescription {
+                iface_id: None,
+                name: "tap0".to_string(),
+                mac: Some([2, 0, 0, 0, 0, 1]),
+                vhost: VhostDescription::Auto,
+                queues: 2,
+                rx_limit: LimitDescription::default(),
+                tx_limit: LimitDescription::default(),
+            }],
+            rng_limit: LimitDescription::default(),
+        }
+    }
+
+    #[test]
+    fn a_config_round_trips_and_taps_are_renamed() {
+        let base = crate::cli::parse(["pvm".into()]).unwrap();
+        let config = sample()
+            .to_config(&base, &["tap7".to_string()], &[])
+            .unwrap();
+        assert_eq!(config.taps[0].name, "tap7");
+        assert_eq!(config.cpus, 2);
+        let again = Description::of(&config).unwrap();
+        let mut expected = sample();
+        expected.taps[0].name = "tap7".to_string();
+        assert_eq!(again, expected);
+        assert!(
+            sample()
+                .to_config(&base, &["a".into(), "b".into()], &[])
+                .is_err()
+        );
+        let moved = sample()
+            .to_config(&base, &[], &[("net0".into(), "tap3".into())])
+            .unwrap();
+        assert_eq!(moved.taps[0].name, "tap3");
+        let e = sample()
+            .to_config(&base, &[], &[("eth5".into(), "tap3".into())])
+            .unwrap_err();
+        assert!(e.to_string().contains("no interface eth5"), "{e}");
+    }
+
+    #[test]
+    fn hostile_shapes_are_refused_naming_the_value() {
+        type Change = fn(&mut Description);
+        let cases: Vec<(Change, &str)> = vec![
+            (|d| d.mem_bytes = 1 << 50, "memory size"),
+            (|d| d.mem_bytes = (256 << 20) + 1, "memory size"),
+            (|d| d.cpus = 0, "0 vCPUs"),
+            (|d| d.taps[0].queues = 0, "tap 0: 0 queue pairs"),
+            (|d| d.taps[0].queues = 500, "tap 0: 500 queue pairs"),
+            (
+                |d| {
+                    d.pci = false;
+                    d.taps[0].queues = 2;
+                },
+                "tap 0: 2 queue pairs",
+            ),
+            (
+                |d| d.disks[0].serial = Some("x".repeat(21)),
+                "disk 0: serial",
+            ),
+            (|d| d.disks = vec![d.disks[0].clone(); 100], "100 disks"),
+        ];
+        for (change, expected) in cases {
+            let mut d = sample();
+            change(&mut d);
+            let e = d.validate().unwrap_err().to_string();
+            assert!(e.contains(expected), "{e}");
+        }
+    }
+
+    #[test]
+    fn interfaces_are_found_by_tap_name_or_position() {
+        let d = sample();
+        assert_eq!(d.tap_index("tap0"), Some(0));
+        assert_eq!(d.tap_index("net0"), Some(0));
+        assert_eq!(d.tap_index("net1"), None);
+        assert_eq!(d.tap_index("eth0"), None);
+    }
+}

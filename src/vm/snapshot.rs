@@ -1,0 +1,207 @@
+//! Taking a snapshot of the paused VM ([`SnapshotSource::create`], on the main thread) and
+//! building a VM from one ([`restore`]): the same recipe as [`Vm::build`], with the guest's
+//! RAM mapped from the memory file and the saved state written in where the boot loader and
+//! the vCPUs' boot registers would go.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use super::pause::RunControl;
+use super::{
+    Consoles, Error, LegacyDevices, VcpuShared, Vm, create_irqchip, create_vm, legacy_devices,
+    prepare_sandbox,
+};
+use crate::config::VmConfig;
+use crate::devices::legacy::SerialDevice;
+use crate::kvm_host;
+use crate::memory::VmMemory;
+use crate::snapshot::{
+    Description, RestoreError, SerialState, Snapshot, SnapshotError, VmState, file, memory_file,
+};
+use crate::vcpu::Buses;
+use crate::virtio_devices::{self, PausableDevice};
+
+/// How long the vCPUs get to hand over their state; each takes well under a millisecond.
+const SAVE_LIMIT: Duration = Duration::from_secs(5);
+/// The PCI configuration address port.
+const PCI_CONFIG_ADDRESS: u64 = 0xcf8;
+
+/// `--restore`, or `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreSpec {
+    pub snapshot: PathBuf,
+    pub mem_file: PathBuf,
+    /// Replaces the snapshot's tap names, in order (empty: keep them).
+    pub taps: Vec<String>,
+    /// (interface, tap): puts one interface on another tap (the API's network_overrides).
+    pub overrides: Vec<(String, String)>,
+    /// Run the guest at once; otherwise it stays paused until resumed.
+    pub resume: bool,
+}
+
+/// What a snapshot is taken from: borrowed from the running [`Vm`] by the main loop.
+pub struct SnapshotSource<'a> {
+    pub(super) vm: &'a VmFd,
+    pub(super) memory: &'a GuestMemoryMmap,
+    pub(super) serial: &'a Arc<Mutex<SerialDevice>>,
+    pub(super) buses: &'a Buses,
+    pub(super) config: &'a VmConfig,
+}
+
+impl SnapshotSource<'_> {
+    /// Saves the paused VM: the state to `snapshot`, the RAM to `mem_file` (both 0600).
+    /// `iface_ids` are the API's interface ids of the taps, in order, when it has them.
+    pub fn create(
+        &self,
+        control: &RunControl,
+        vcpus: usize,
+        devices: &[PausableDevice],
+        snapshot: &Path,
+        mem_file: &Path,
+        iface_ids: &[String],
+    ) -> Result<(), SnapshotError> {
+        let start = Instant::now();
+        let mut description = Description::of(self.config)?;
+        for (tap, id) in description.taps.iter_mut().zip(iface_ids) {
+            tap.iface_id = Some(id.clone());
+        }
+        let vcpu_states = control.collect_states(vcpus, SAVE_LIMIT)?;
+        let vm = VmState::save(self.vm)?;
+        let serial = SerialState::from_superio(&super::lock(self.serial).serial.state());
+        let mut address = [0u8; 4];
+        let pci_config_address = if self.buses.pio.read(PCI_CONFIG_ADDRESS, &mut address) {
+            u32::from_le_bytes(address)
+        } else {
+            0
+        };
+        let mut device_states = Vec::with_capacity(devices.len());
+        for device in devices {
+            device_states.push(
+                device
+                    .save_state()
+                    .map_err(|source| SnapshotError::Device {
+                        name: device.name().to_string(),
+                        source,
+                    })?,
+            );
+        }
+        let state = Snapshot {
+            description,
+            vcpus: vcpu_states,
+            vm,
+            serial,
+            pci_config_address,
+            devices: device_states,
+        };
+        file::write(snapshot, &state)?;
+        let saved = start.elapsed();
+        memory_file::write(mem_file, self.memory)?;
+        log::info!(
+            "snapshot {} taken: state in {} us, memory file {} in {} ms",
+            snapshot.display(),
+            saved.as_micros(),
+            mem_file.display(),
+            start.elapsed().as_millis()
+        );
+        Ok(())
+    }
+}
+
+/// Reads and checks the snapshot `spec` names and builds its VM, paused (or about to resume,
+/// with `spec.resume`). `base` gives the process's own settings (sandbox, logging, metrics).
+pub fn restore(base: &VmConfig, spec: &RestoreSpec) -> Result<Vm, Error> {
+    let start = Instant::now();
+    let snapshot = file::read(&spec.snapshot).map_err(RestoreError::from)?;
+    snapshot.validate()?;
+    let config = snapshot
+        .description
+        .to_config(base, &spec.taps, &spec.overrides)?;
+    let mem_file =
+        memory_file::open(&spec.mem_file, config.mem_bytes).map_err(RestoreError::from)?;
+    let (kvm, _flavour) = kvm_host::open()?;
+    let vm = Vm::restore(&kvm, &config, &snapshot, &mem_file, spec.resume)?;
+    log::info!(
+        "snapshot {} restored in {} us",
+        spec.snapshot.display(),
+        start.elapsed().as_micros()
+    );
+    Ok(vm)
+}
+
+impl Vm {
+    /// [`Vm::build`] for a snapshot: RAM from `mem_file`, devices rebuilt from `config` (the
+    /// snapshot's description) and given their saved state, vCPUs given theirs.
+    fn restore(
+        kvm: &Kvm,
+        config: &VmConfig,
+        snapshot: &Snapshot,
+        mem_file: &std::fs::File,
+        resume: bool,
+    ) -> Result<Vm, Error> {
+        prepare_sandbox(config);
+        let console_socket = super::bind_console_socket(config)?;
+        let memory = VmMemory::from_file(Arc::new(create_vm(kvm)?), config.mem_bytes, mem_file)?;
+        let (vm_fd, guest_memory) = (memory.vm_fd(), memory.guest_memory());
+        create_irqchip(vm_fd)?;
+        let end = Arc::new(crate::exit::EndSignal::new().map_err(super::io_err("eventfd"))?);
+        let serial_state = snapshot.serial.to_superio();
+        let LegacyDevices {
+            mut pio,
+            serial,
+            i8042,
+        } = legacy_devices(vm_fd, config, &end, Some(&serial_state))?;
+        let mut mmio = crate::bus::Bus::new();
+        let attached = virtio_devices::attach(config, vm_fd, guest_memory, &mut pio, &mut mmio)?;
+        if attached.pausable.len() != snapshot.devices.len() {
+            return Err(RestoreError::invalid(format!(
+                "{} device states for a VM of {} virtio devices",
+                snapshot.devices.len(),
+                attached.pausable.len()
+            ))
+            .into());
+        }
+        for (device, state) in attached.pausable.iter().zip(&snapshot.devices) {
+            device.restore_state(state)?;
+        }
+        if config.transport == crate::config::Transport::Pci {
+            pio.write(
+                PCI_CONFIG_ADDRESS,
+                &snapshot.pci_config_address.to_le_bytes(),
+            );
+        }
+        snapshot.vm.restore(vm_fd)?;
+        let shared = VcpuShared {
+            buses: Arc::new(Buses { pio, mmio }),
+            end,
+            stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            control: Arc::new(RunControl::default()),
+            stats: Arc::new(crate::vcpu::ExitStats::default()),
+        };
+        let msr_list = super::msr_list(kvm)?;
+        let mut vcpus = Vec::with_capacity(snapshot.vcpus.len());
+        for (index, state) in (0u8..).zip(&snapshot.vcpus) {
+            let fd = vm_fd
+                .create_vcpu(u64::from(index))
+                .map_err(super::kvm_err("KVM_CREATE_VCPU"))?;
+            state.restore(&fd, index)?;
+            vcpus.push(shared.vcpu(index, fd, guest_memory, config, &msr_list));
+        }
+        Ok(Vm::assemble(
+            config,
+            vcpus,
+            Consoles {
+                serial,
+                i8042,
+                socket: console_socket,
+            },
+            attached,
+            shared,
+            memory,
+            Some(resume),
+        ))
+    }
+}

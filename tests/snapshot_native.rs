@@ -1,0 +1,234 @@
+//! Snapshot and restore of the pvm binary on this host's /dev/kvm with a micro guest (see
+//! tests/cli.rs): a guest that answers each byte of console input with the next letter of the
+//! alphabet, its count in a register. After a snapshot, SIGKILL and a restore in a new process
+//! the guest answers with the letter after the last one: it continues, it did not boot again.
+
+mod micro;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::Duration;
+
+use micro::http::{call, connect};
+use micro::{micro_kernel, require_kvm};
+
+const PVM: &str = env!("CARGO_BIN_EXE_pvm");
+
+/// Answers each byte on the UART with 'a', 'b', 'c', ... (the count lives in BL).
+fn counting_guest() -> PathBuf {
+    let code = [
+        0xb3, b'a', // mov bl, 'a'
+        // loop:
+        0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd (line status)
+        0xec, // in al, dx
+        0xa8, 0x01, // test al, 1 (data ready)
+        0x74, 0xfb, // jz back to the in
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xec, // in al, dx (take the byte)
+        0x88, 0xd8, // mov al, bl
+        0xee, // out dx, al
+        0xfe, 0xc3, // inc bl
+        0xeb, 0xeb, // jmp loop (-21)
+    ];
+    micro_kernel("snapshot-counter", &code)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("snapshot-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// A pvm process with its console on pipes: bytes it prints arrive on `output`.
+struct Pvm {
+    child: Child,
+    input: ChildStdin,
+    output: Receiver<u8>,
+}
+
+impl Pvm {
+    fn start(args: &[&str]) -> Pvm {
+        let mut child = Command::new(PVM)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input = child.stdin.take().unwrap();
+        let output = pump(child.stdout.take().unwrap());
+        Pvm {
+            child,
+            input,
+            output,
+        }
+    }
+
+    /// Sends one byte and returns the guest's answer, if it answers within `wait`.
+    fn ask(&mut self, wait: Duration) -> Option<u8> {
+        self.input.write_all(b"x").unwrap();
+        self.input.flush().unwrap();
+        self.output.recv_timeout(wait).ok()
+    }
+
+    fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        let out = self.child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+fn pump(mut from: ChildStdout) -> Receiver<u8> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let mut byte = [0u8];
+        while matches!(from.read(&mut byte), Ok(1)) {
+            if tx.send(byte[0]).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+const ANSWER: Duration = Duration::from_secs(10);
+
+/// Boots the counting guest through the API, lets it count to `c`, pauses it and snapshots it.
+/// `disk`, when given, is attached as a drive (the guest never touches it).
+fn counted_snapshot(name: &str, disk: Option<&PathBuf>) -> (PathBuf, PathBuf) {
+    let kernel = counting_guest();
+    let socket = scratch(&format!("{name}.sock"));
+    let mut pvm = Pvm::start(&["--api-sock", socket.to_str().unwrap(), "--mem", "64M"]);
+    let mut api = connect(&socket, &mut pvm.child);
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
+    assert_eq!(call(&mut api, "PUT", "/boot-source", Some(&boot)).0, 204);
+    if let Some(disk) = disk {
+        let drive = format!(
+            r#"{{"drive_id": "d", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+            disk.display()
+        );
+        assert_eq!(call(&mut api, "PUT", "/drives/d", Some(&drive)).0, 204);
+    }
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(start)).0, 204);
+    for want in [b'a', b'b', b'c'] {
+        assert_eq!(pvm.ask(ANSWER), Some(want));
+    }
+    let (snapshot, mem) = (
+        scratch(&format!("{name}.snap")),
+        scratch(&format!("{name}.mem")),
+    );
+    let body = format!(
+        r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        snapshot.display(),
+        mem.display()
+    );
+    let (status, answer) = call(&mut api, "PUT", "/snapshot/create", Some(&body));
+    assert_eq!(status, 400, "a running VM is not snapshotted: {answer}");
+    assert!(answer.contains("pause it first"), "{answer}");
+    assert_eq!(
+        call(&mut api, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0,
+        204
+    );
+    let (status, answer) = call(&mut api, "PUT", "/snapshot/create", Some(&body));
+    assert_eq!(status, 204, "{answer}");
+    // SIGKILL: nothing of the first process is needed any more.
+    pvm.kill();
+    use std::os::unix::fs::PermissionsExt;
+    for file in [&snapshot, &mem] {
+        let mode = std::fs::metadata(file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+    }
+    (snapshot, mem)
+}
+
+#[test]
+fn a_restored_guest_counts_on_from_where_it_stopped_twice_over() {
+    require_kvm();
+    let (snapshot, mem) = counted_snapshot("cli", None);
+    let args = [
+        "--restore",
+        snapshot.to_str().unwrap(),
+        "--mem-file",
+        mem.to_str().unwrap(),
+    ];
+    // Two clones of one snapshot at once: both go on from 'd'.
+    let mut first = Pvm::start(&args);
+    let mut second = Pvm::start(&args);
+    assert_eq!(first.ask(ANSWER), Some(b'd'), "{}", "first clone");
+    assert_eq!(second.ask(ANSWER), Some(b'd'), "second clone");
+    assert_eq!(first.ask(ANSWER), Some(b'e'));
+    first.kill();
+    second.kill();
+}
+
+#[test]
+fn a_load_with_resume_vm_false_waits_for_patch_resumed() {
+    require_kvm();
+    let disk = scratch("api.disk");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let (snapshot, mem) = counted_snapshot("api", Some(&disk));
+    let socket = scratch("load.sock");
+    let mut pvm = Pvm::start(&["--api-sock", socket.to_str().unwrap()]);
+    let mut api = connect(&socket, &mut pvm.child);
+    let load = |mem: &str, snapshot: &str| {
+        format!(
+            r#"{{"snapshot_path": "{snapshot}", "mem_backend": {{"backend_type": "File", "backend_path": "{mem}"}}, "resume_vm": false}}"#
+        )
+    };
+    let mem = mem.to_str().unwrap();
+    // Damaged and foreign files are refused, and the process can still load a good one.
+    let corrupt = scratch("corrupt.snap");
+    let mut bytes = std::fs::read(&snapshot).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let foreign = scratch("foreign.snap");
+    std::fs::write(&foreign, b"\x7fELF\x02\x01\x01\0 not a snapshot").unwrap();
+    for (file, want) in [(&corrupt, "checksum"), (&foreign, "not a pvm snapshot")] {
+        let body = load(mem, file.to_str().unwrap());
+        let (status, answer) = call(&mut api, "PUT", "/snapshot/load", Some(&body));
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.contains(want), "{answer}");
+    }
+    let body = load(mem, snapshot.to_str().unwrap());
+    // A disk gone since the snapshot fails the load once KVM's VM exists; it is torn down and
+    // the same process loads again once the disk is back.
+    std::fs::rename(&disk, disk.with_extension("away")).unwrap();
+    let (status, answer) = call(&mut api, "PUT", "/snapshot/load", Some(&body));
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("api.disk"), "{answer}");
+    std::fs::rename(disk.with_extension("away"), &disk).unwrap();
+    let (status, answer) = call(&mut api, "PUT", "/snapshot/load", Some(&body));
+    assert_eq!(status, 204, "{answer}");
+    let (_, info) = call(&mut api, "GET", "/", None);
+    assert!(info.contains(r#""state":"Paused""#), "{info}");
+    assert_eq!(
+        pvm.ask(Duration::from_millis(500)),
+        None,
+        "a paused guest answers nothing"
+    );
+    assert_eq!(
+        call(&mut api, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0,
+        204
+    );
+    assert_eq!(pvm.output.recv_timeout(ANSWER).ok(), Some(b'd'));
+    let (status, answer) = call(&mut api, "PUT", "/snapshot/load", Some(&body));
+    assert_eq!(status, 400, "{answer}");
+    pvm.kill();
+    // From the command line, a damaged file is one line and exit code 2.
+    let out = Command::new(PVM)
+        .args(["--restore", corrupt.to_str().unwrap(), "--mem-file", mem])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let lines = stderr.lines().filter(|l| !l.contains("kvm_pvm")).count();
+    assert_eq!(lines, 1, "{stderr}");
+    assert!(stderr.contains("checksum mismatch"), "{stderr}");
+}
