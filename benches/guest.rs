@@ -321,7 +321,14 @@ const QEMU: &str = "{shared}/qemu/lib/ld-linux-x86-64.so.2 --library-path {share
 /// for a bzImage) and q35.
 fn comparison_vmms(kernel: Kernel) -> &'static [&'static str] {
     match kernel {
-        Kernel::MinimalElf => &["pvm", "pvm-mmio", "firecracker", "microvm", "q35"],
+        Kernel::MinimalElf => &[
+            "pvm",
+            "pvm-mmio",
+            "pvm-noapi",
+            "firecracker",
+            "microvm",
+            "q35",
+        ],
         _ => &["pvm", "q35"],
     }
 }
@@ -339,11 +346,10 @@ fn comparison_scenario(kernel: Kernel, run: u32, vmm: &str) -> Result<Scenario, 
     // Firecracker reads its configuration from a file, written before the clock starts.
     let mut setup = String::new();
     let command = match vmm {
-        "pvm" | "pvm-mmio" => "{pvm}".to_string(),
+        "pvm" | "pvm-mmio" | "pvm-noapi" => "{pvm}".to_string(),
         "firecracker" => {
-            setup = format!("cat > fc.json <<'EOF'\n{}\nEOF\n", firecracker::config());
-            "{shared}/firecracker/firecracker --no-api --no-seccomp --config-file fc.json"
-                .to_string()
+            setup = firecracker::write_config("");
+            firecracker::COMMAND.to_string()
         }
         machine => format!(
             "{QEMU} -M {machine} -kernel {{kernel}} -initrd initrd.cpio \\
@@ -379,6 +385,9 @@ fn comparison_scenario(kernel: Kernel, run: u32, vmm: &str) -> Result<Scenario, 
         "pvm" => Ok(scenario),
         // Like-for-like with microvm: virtio-mmio and no PCI bus for the kernel to probe.
         "pvm-mmio" => Ok(scenario.args(["--transport", "mmio"])),
+        // Like Firecracker's run: no API socket, so no API thread and no socket-cleanup
+        // helper started before the VM (what pvm's own mode does by default).
+        "pvm-noapi" => Ok(scenario.args(["--no-api"])),
         "firecracker" => firecracker::with_binary(scenario),
         _ => with_qemu(scenario),
     }
@@ -394,9 +403,8 @@ fn diag_scenario(vmm: &str) -> Result<Scenario, String> {
     let cmdline = "quiet initcall_debug";
     let mut setup = String::new();
     let command = if vmm == "firecracker" {
-        let config = firecracker::config().replace(" quiet", &format!(" {cmdline}"));
-        setup = format!("cat > fc.json <<'EOF'\n{config}\nEOF\n");
-        "{shared}/firecracker/firecracker --no-api --no-seccomp --config-file fc.json"
+        setup = firecracker::write_config(" initcall_debug");
+        firecracker::COMMAND
     } else {
         "{pvm}"
     };

@@ -21,12 +21,21 @@ pub fn binary() -> PathBuf {
     PathBuf::from(home).join(".cache/pvm/firecracker")
 }
 
-/// The config file for `--no-api --config-file`: the scenario's kernel (the ELF vmlinux, which
-/// Firecracker enters by PVH when the kernel has the note) and initramfs, 1 vCPU, 256 MiB, no
-/// drives (the initramfs is the root), like the other VMMs' runs.
-pub fn config() -> String {
+/// Firecracker booting from `fc.json` (see [`write_config`]), without its API and without the
+/// seccomp filters (the glibc build has none).
+pub const COMMAND: &str =
+    "{shared}/firecracker/firecracker --no-api --no-seccomp --config-file fc.json";
+
+/// Shell lines writing `fc.json`, the config file [`COMMAND`] reads: the scenario's kernel (the
+/// ELF vmlinux, which Firecracker enters by PVH when the kernel has the note) and initramfs,
+/// 1 vCPU, 256 MiB, no drives (the initramfs is the root), like the other VMMs' runs; `extra`
+/// is appended to [`BOOT_ARGS`].
+pub fn write_config(extra: &str) -> String {
     format!(
-        r#"{{"boot-source": {{"kernel_image_path": "{{kernel}}", "initrd_path": "initrd.cpio", "boot_args": "{BOOT_ARGS}"}}, "drives": [], "machine-config": {{"vcpu_count": 1, "mem_size_mib": 256}}}}"#
+        "cat > fc.json <<'EOF'\n\
+         {{\"boot-source\": {{\"kernel_image_path\": \"{{kernel}}\", \"initrd_path\": \"initrd.cpio\", \
+         \"boot_args\": \"{BOOT_ARGS}{extra}\"}}, \"drives\": [], \
+         \"machine-config\": {{\"vcpu_count\": 1, \"mem_size_mib\": 256}}}}\nEOF\n"
     )
 }
 
