@@ -11,6 +11,8 @@
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
+#[path = "guest/firecracker.rs"]
+mod firecracker;
 
 use std::collections::BTreeMap;
 
@@ -322,11 +324,19 @@ const QEMU: &str = "{shared}/qemu/lib/ld-linux-x86-64.so.2 --library-path {share
     {shared}/qemu/qemu-system-x86_64 -L {shared}/qemu/share -enable-kvm -cpu host -m 256 -smp 1 \
     -nodefaults -no-user-config -nographic -serial stdio -no-reboot -name bench,debug-threads=on";
 
-/// The VMMs the boot comparison runs: pvm, and QEMU's microvm (minimal kernel: microvm has no
-/// firmware path for a bzImage) and q35.
+/// The VMMs the boot comparison runs: pvm, Firecracker and QEMU's microvm (minimal kernel:
+/// neither loads a bzImage here; Firecracker takes an ELF vmlinux, microvm has no firmware path
+/// for a bzImage) and q35.
 fn comparison_vmms(kernel: Kernel) -> &'static [&'static str] {
     match kernel {
-        Kernel::MinimalElf => &["pvm", "pvm-mmio", "microvm", "q35"],
+        Kernel::MinimalElf => &[
+            "pvm",
+            "pvm-mmio",
+            "pvm-noapi",
+            "firecracker",
+            "microvm",
+            "q35",
+        ],
         _ => &["pvm", "q35"],
     }
 }
@@ -341,15 +351,21 @@ fn comparison_scenario(kernel: Kernel, run: u32, vmm: &str) -> Result<Scenario, 
         Kernel::MinimalElf => "minimal",
         _ => "debian",
     };
+    // Firecracker reads its configuration from a file, written before the clock starts.
+    let mut setup = String::new();
     let command = match vmm {
-        "pvm" | "pvm-mmio" => "{pvm}".to_string(),
+        "pvm" | "pvm-mmio" | "pvm-noapi" => "{pvm}".to_string(),
+        "firecracker" => {
+            setup = firecracker::write_config("");
+            firecracker::COMMAND.to_string()
+        }
         machine => format!(
             "{QEMU} -M {machine} -kernel {{kernel}} -initrd initrd.cpio \\
     -append 'console=ttyS0 quiet'"
         ),
     };
     let script = format!(
-        "t0={NOW_CS}\n\
+        "{setup}t0={NOW_CS}\n\
          {command} > run.log 2>&1 &\n\
          pid=$!\n\
          # Polled with shell builtins only: a grep per poll would take the CPU the guest needs.\n\
@@ -377,7 +393,61 @@ fn comparison_scenario(kernel: Kernel, run: u32, vmm: &str) -> Result<Scenario, 
         "pvm" => Ok(scenario),
         // Like-for-like with microvm: virtio-mmio and no PCI bus for the kernel to probe.
         "pvm-mmio" => Ok(scenario.args(["--transport", "mmio"])),
+        // Like Firecracker's run: no API socket, so no API thread and no socket-cleanup
+        // helper started before the VM (what pvm's own mode does by default).
+        "pvm-noapi" => Ok(scenario.args(["--no-api"])),
+        "firecracker" => firecracker::with_binary(scenario),
         _ => with_qemu(scenario),
+    }
+}
+
+/// With PVM_BENCH_BOOT_DIAG set: one boot each of pvm (pci and mmio) and Firecracker with
+/// `initcall_debug`, whose /init prints the kernel log (timestamps of every initcall) after
+/// the marker; pvm adds `--boot-timer --stats` (time before the first KVM_RUN, exits by port
+/// and address). Their consoles are printed, to compare where each VMM's boot time goes.
+fn diag_scenario(vmm: &str) -> Result<Scenario, String> {
+    let kernel = Kernel::MinimalElf;
+    let init = format!("{SIGNAL_BOOT}echo guest-init-reached\ndmesg\necho guest-diag-done\n");
+    let cmdline = "quiet initcall_debug";
+    let mut setup = String::new();
+    let command = if vmm == "firecracker" {
+        setup = firecracker::write_config(" initcall_debug");
+        firecracker::COMMAND
+    } else {
+        "{pvm}"
+    };
+    let script = format!(
+        "{setup}{command} > run.log 2>&1 &\n\
+         pid=$!\n\
+         for i in $(seq 1 300); do kill -0 $pid 2>/dev/null || break; grep -q guest-diag-done run.log && break; usleep 100000; done\n\
+         usleep 500000; kill $pid 2>/dev/null; wait $pid\n\
+         cat run.log\n"
+    );
+    let scenario = Scenario::new(&format!("cmp-minimal-diag-{vmm}"))
+        .kernel(kernel)
+        .file("initrd.cpio", common::guest_initramfs(&init, kernel))
+        .args([
+            "--kernel",
+            "{kernel}",
+            "--initrd",
+            "initrd.cpio",
+            "--cpus",
+            "1",
+        ])
+        .args([
+            "--mem",
+            "256M",
+            "--cmdline",
+            cmdline,
+            "--boot-timer",
+            "--stats",
+        ])
+        .script(&script)
+        .timeout(60);
+    match vmm {
+        "pvm-mmio" => Ok(scenario.args(["--transport", "mmio"])),
+        "firecracker" => firecracker::with_binary(scenario),
+        _ => Ok(scenario),
     }
 }
 
@@ -388,11 +458,25 @@ fn scenarios() -> Vec<Scenario> {
             for vmm in comparison_vmms(kernel) {
                 match comparison_scenario(kernel, run, vmm) {
                     Ok(scenario) => all.push(scenario),
+                    // Without Firecracker the comparison still runs, once said.
+                    Err(e) if *vmm == "firecracker" => {
+                        if run == 1 {
+                            println!("Firecracker comparison left out: {e}");
+                        }
+                    }
                     Err(e) => {
                         println!("QEMU comparison left out: {e}");
                         break 'comparison;
                     }
                 }
+            }
+        }
+    }
+    if std::env::var_os("PVM_BENCH_BOOT_DIAG").is_some() {
+        for vmm in ["pvm", "pvm-mmio", "firecracker"] {
+            match diag_scenario(vmm) {
+                Ok(scenario) => all.push(scenario),
+                Err(e) => println!("cmp-minimal-diag-{vmm}: left out: {e}"),
             }
         }
     }
@@ -516,6 +600,14 @@ fn main() {
         }
         Some(outcome)
     };
+    for vmm in ["pvm", "pvm-mmio", "firecracker"] {
+        if let Some(outcome) = outcomes.get(&format!("cmp-minimal-diag-{vmm}")) {
+            println!(
+                "--- cmp-minimal-diag-{vmm} (rc {}) ---\n{}",
+                outcome.rc, outcome.console
+            );
+        }
+    }
     println!("\n| figure | pvm | how |\n| --- | --- | --- |");
     for (kernel, label) in [
         ("minimal", "minimal 6.1 ELF"),
