@@ -16,7 +16,7 @@ pub mod vsock;
 pub type Target = fn(&[u8]);
 
 /// Every fuzz target, by the name of its `fuzz_targets/` file and corpus directory.
-pub const TARGETS: [(&str, Target); 11] = [
+pub const TARGETS: [(&str, Target); 13] = [
     ("block", devices::block),
     ("net_tx", devices::net_tx),
     ("net_rx", devices::net_rx),
