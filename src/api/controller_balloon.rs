@@ -229,10 +229,42 @@ mod tests {
         assert!(config(too_big).is_err());
     }
 
-    #[test]
-    fn runtime_patch_sets_the_target_and_interval() {
+    /// What a RunningVm borrows, for runtime actions without a VM.
+    struct NoVm {
+        end: Arc<EndSignal>,
+        keyboard: std::sync::Mutex<crate::devices::i8042::I8042>,
+        pauser: Pauser<'static>,
+    }
+
+    impl NoVm {
+        fn new() -> Self {
+            let end = Arc::new(EndSignal::new().unwrap());
+            let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let keyboard = std::sync::Mutex::new(crate::devices::i8042::I8042::new(
+                end.clone(),
+                crate::devices::IrqTrigger(irq),
+            ));
+            let pauser = Pauser::new(Arc::new(RunControl::default()), &[], &[]);
+            NoVm {
+                end,
+                keyboard,
+                pauser,
+            }
+        }
+
+        fn vm(&mut self) -> RunningVm<'_, 'static> {
+            RunningVm {
+                end: &self.end,
+                keyboard: &self.keyboard,
+                pauser: &mut self.pauser,
+            }
+        }
+    }
+
+    /// A started controller with `config` put, and its balloon device's handle.
+    fn started(config: Balloon) -> (Controller, pvm_virtio::BalloonHandle) {
         let mut c = Controller::new("vm".into(), base(), FcConfig::default());
-        let (r, _) = c.preboot(Action::PutBalloon(balloon(8, 1)));
+        let (r, _) = c.preboot(Action::PutBalloon(config));
         assert_eq!(r.status, 204);
         let device = pvm_virtio::Balloon::new(c.vm_config().unwrap().balloon.unwrap()).unwrap();
         let handle = device.handle();
@@ -241,18 +273,14 @@ mod tests {
             ..Default::default()
         });
         c.set_started();
-        let end = Arc::new(EndSignal::new().unwrap());
-        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let keyboard = std::sync::Mutex::new(crate::devices::i8042::I8042::new(
-            end.clone(),
-            crate::devices::IrqTrigger(irq),
-        ));
-        let mut pauser = Pauser::new(Arc::new(RunControl::default()), &[], &[]);
-        let mut vm = RunningVm {
-            end: &end,
-            keyboard: &keyboard,
-            pauser: &mut pauser,
-        };
+        (c, handle)
+    }
+
+    #[test]
+    fn runtime_patch_sets_the_target_and_interval() {
+        let (mut c, handle) = started(balloon(8, 1));
+        let mut no_vm = NoVm::new();
+        let mut vm = no_vm.vm();
         let r = c.runtime(
             Action::PatchBalloon(BalloonUpdate { amount_mib: 100 }),
             &mut vm,
@@ -297,30 +325,11 @@ mod tests {
 
     #[test]
     fn runtime_hinting_start_status_stop() {
-        let mut c = Controller::new("vm".into(), base(), FcConfig::default());
         let mut config = balloon(8, 0);
         config.free_page_hinting = true;
-        let (r, _) = c.preboot(Action::PutBalloon(config));
-        assert_eq!(r.status, 204);
-        let device = pvm_virtio::Balloon::new(c.vm_config().unwrap().balloon.unwrap()).unwrap();
-        let handle = device.handle();
-        c.set_limiters(crate::virtio_devices::DeviceLimiters {
-            balloon: Some(handle.clone()),
-            ..Default::default()
-        });
-        c.set_started();
-        let end = Arc::new(EndSignal::new().unwrap());
-        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let keyboard = std::sync::Mutex::new(crate::devices::i8042::I8042::new(
-            end.clone(),
-            crate::devices::IrqTrigger(irq),
-        ));
-        let mut pauser = Pauser::new(Arc::new(RunControl::default()), &[], &[]);
-        let mut vm = RunningVm {
-            end: &end,
-            keyboard: &keyboard,
-            pauser: &mut pauser,
-        };
+        let (mut c, handle) = started(config);
+        let mut no_vm = NoVm::new();
+        let mut vm = no_vm.vm();
         let status = |c: &mut Controller, vm: &mut RunningVm<'_, '_>| {
             c.runtime(Action::GetBalloonHintingStatus, vm).body.unwrap()
         };
