@@ -5,33 +5,27 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use pvm_virtio::BalloonConfig;
-use pvm_virtio::balloon::{BalloonHandle, PAGES_PER_MIB};
+use pvm_virtio::balloon::{BalloonHandle, HintingStatus, PAGES_PER_MIB};
 
 /// Why a `--balloon` value was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BalloonArgError {
     #[error(
         "unknown balloon option '{0}' (known: amount_mib=N, deflate_on_oom=on|off, \
-         stats_interval=S, free_page_reporting=on|off)"
+         stats_interval=S, free_page_reporting=on|off, free_page_hinting=on|off)"
     )]
     Option(String),
     #[error("{key}={value}: use a whole number")]
     Number { key: &'static str, value: String },
     #[error("{key}={value}: use on or off")]
     OnOff { key: &'static str, value: String },
-    #[error(
-        "free_page_hinting=on: pvm does not offer free page hinting (it pays off only for \
-         live migration and snapshots, which pvm lacks); free_page_reporting=on returns free \
-         guest memory instead"
-    )]
-    Hinting,
 }
 
 /// The largest balloon target in MiB whose page count fits the device's 32-bit num_pages.
 pub const MAX_AMOUNT_MIB: u32 = u32::MAX / PAGES_PER_MIB;
 
 /// Parses `amount_mib=N[,deflate_on_oom=on|off][,stats_interval=S][,free_page_reporting=on|off]`
-/// (every option may be left out; free_page_hinting=off is accepted, =on refused).
+/// `[,free_page_hinting=on|off]` (every option may be left out).
 pub fn parse_balloon(text: &str) -> Result<BalloonConfig, BalloonArgError> {
     let mut config = BalloonConfig::default();
     for option in text.split(',').filter(|o| !o.is_empty()) {
@@ -55,10 +49,7 @@ pub fn parse_balloon(text: &str) -> Result<BalloonConfig, BalloonArgError> {
             "deflate_on_oom" => config.deflate_on_oom = on_off("deflate_on_oom")?,
             "stats_interval" => config.stats_interval_s = number("stats_interval")?,
             "free_page_reporting" => config.free_page_reporting = on_off("free_page_reporting")?,
-            "free_page_hinting" if on_off("free_page_hinting")? => {
-                return Err(BalloonArgError::Hinting);
-            }
-            "free_page_hinting" => {}
+            "free_page_hinting" => config.free_page_hinting = on_off("free_page_hinting")?,
             _ => return Err(BalloonArgError::Option(option.to_string())),
         }
     }
@@ -102,6 +93,16 @@ pub fn stats_json(handle: &BalloonHandle) -> serde_json::Value {
     body
 }
 
+/// `GET /balloon/hinting/status`: Firecracker's fields; `guest_cmd` only once the driver sent
+/// a command id.
+pub fn hinting_json(status: &HintingStatus) -> serde_json::Value {
+    let mut body = serde_json::json!({ "host_cmd": status.host_cmd });
+    if let (Some(object), Some(guest)) = (body.as_object_mut(), status.guest_cmd) {
+        object.insert("guest_cmd".to_string(), guest.into());
+    }
+    body
+}
+
 /// The `balloon` metrics group's fields.
 pub fn metrics_fields(handle: &BalloonHandle) -> Vec<(&'static str, u64)> {
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -113,6 +114,8 @@ pub fn metrics_fields(handle: &BalloonHandle) -> Vec<(&'static str, u64)> {
         ("refused_pages", get(&c.refused_pages)),
         ("stats_updates_count", get(&c.stats_reports)),
         ("discard_fails", get(&c.discard_failures)),
+        ("free_page_hint_freed", get(&c.hinted_bytes)),
+        ("refused_hints", get(&c.refused_hints)),
     ]
 }
 
@@ -123,7 +126,8 @@ mod tests {
     #[test]
     fn balloon_options() {
         let c = parse_balloon(
-            "amount_mib=64,deflate_on_oom=on,stats_interval=2,free_page_reporting=on",
+            "amount_mib=64,deflate_on_oom=on,stats_interval=2,free_page_reporting=on,\
+             free_page_hinting=on",
         )
         .unwrap();
         assert_eq!(
@@ -132,7 +136,8 @@ mod tests {
                 amount_mib: 64,
                 deflate_on_oom: true,
                 stats_interval_s: 2,
-                free_page_reporting: true
+                free_page_reporting: true,
+                free_page_hinting: true,
             }
         );
         assert_eq!(parse_balloon("").unwrap(), BalloonConfig::default());
@@ -140,11 +145,8 @@ mod tests {
             parse_balloon("free_page_hinting=off").unwrap(),
             BalloonConfig::default()
         );
-        assert_eq!(
-            parse_balloon("free_page_hinting=on"),
-            Err(BalloonArgError::Hinting)
-        );
         for bad in [
+            "free_page_hinting=yes",
             "amount_mib=-1",
             "amount_mib=1e3",
             "amount_mib=99999999999",

@@ -163,8 +163,9 @@ struct Args {
     /// A virtio-balloon device: the guest gives `amount_mib` MiB back to the host (changed at
     /// run time with the API's PATCH /balloon); `deflate_on_oom=on` lets it take pages back
     /// when it runs out of memory, `stats_interval=S` has it report memory statistics every S
-    /// seconds, `free_page_reporting=on` returns its free memory without a target.
-    #[arg(long, value_name = "amount_mib=N[,deflate_on_oom=on|off][,stats_interval=S][,free_page_reporting=on|off]",
+    /// seconds, `free_page_reporting=on` returns its free memory without a target,
+    /// `free_page_hinting=on` hints it when the API asks (PATCH /balloon/hinting/start).
+    #[arg(long, value_name = "amount_mib=N[,deflate_on_oom=on|off][,stats_interval=S][,free_page_reporting=on|off][,free_page_hinting=on|off]",
           value_parser = crate::balloon::parse_balloon)]
     balloon: Option<pvm_virtio::BalloonConfig>,
     /// Restore the VM saved in this snapshot file (PUT /snapshot/create, or a paused VM's

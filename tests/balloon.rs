@@ -5,7 +5,10 @@
 //!   it; inflating 256 MiB (PATCH /balloon) must lower pvm's resident memory by at least
 //!   200 MiB; statistics (GET /balloon/statistics) must change about once per second at
 //!   stats_polling_interval_s 1; with a 400 MiB target the guest then needs 150 MiB more, which
-//!   deflate_on_oom gives it without the OOM killer.
+//!   deflate_on_oom gives it without the OOM killer. Then, on the same boot, free page
+//!   hinting: the target goes back to 0, the guest frees its 120 MiB, and a hinting run
+//!   (PATCH /balloon/hinting/start) must end acknowledged (host_cmd DONE, guest_cmd STOP) and
+//!   lower pvm's resident memory by at least 80 MiB.
 //! - `balloon-reporting`: `--balloon free_page_reporting=on` on the command line; memory the
 //!   guest fills and frees goes back to the host with no target at all.
 
@@ -68,6 +71,10 @@ fn api_scenario() -> Scenario {
          dd if=/dev/zero of=/mnt/oom bs=1M count=120 2>/dev/null && echo oom-fill-ok || echo oom-fill-failed\n\
          echo \"guest-oom-kills $(sed -n 's/^oom_kill //p' /proc/vmstat)\"\n\
          echo oom-done\n\
+         i=0\n\
+         while [ $(avail) -lt 256000 ] && [ $i -lt 600 ]; do i=$((i + 1)); usleep 100000; done\n\
+         rm /mnt/oom\n\
+         echo \"hint-freed $(avail)\"\n\
          sleep 1000\n";
     let boot = r#"{"kernel_image_path": "{kernel}", "initrd_path": "initrd.cpio", "boot_args": "console=ttyS0 reboot=k panic=1 quiet init_on_alloc=0"}"#;
     let host = format!(
@@ -77,7 +84,7 @@ pvm --api-sock $sock --id balloon > pvm.log 2>&1 &
 pvm=$!
 api PUT /machine-config '{{"vcpu_count": 1, "mem_size_mib": 512}}'
 api PUT /boot-source '{boot}'
-api PUT /balloon '{{"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 1}}'
+api PUT /balloon '{{"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 1, "free_page_hinting": true}}'
 api GET /balloon
 api PUT /actions '{{"action_type": "InstanceStart"}}'
 wait_for pvm.log guest-freed 150
@@ -107,6 +114,23 @@ wait_for pvm.log oom-done 120
 echo "t-oom-done $(now)"
 api GET /balloon/statistics
 api GET /balloon
+api PATCH /balloon '{{"amount_mib": 0}}'
+wait_for pvm.log hint-freed 90
+echo "t-hint-freed $(now)"
+usleep 500000
+before=$(rss)
+api GET /balloon/hinting/status
+api PATCH /balloon/hinting/start '{{}}'
+i=0
+until s=$(pvm-api-client $sock GET /balloon/hinting/status) && \
+    echo "$s" | grep -q '"host_cmd":1' && echo "$s" | grep -q '"guest_cmd":0'; do
+    i=$((i + 1))
+    if [ $i -gt 300 ]; then echo "hint-timeout"; break; fi
+    usleep 200000
+done
+api GET /balloon/hinting/status
+echo "hint-rss-kib $before $(rss)"
+echo "t-hinted $(now)"
 api PUT /actions '{{"action_type": "SendCtrlAltDel"}}'
 wait $pvm
 rc=$?
@@ -250,6 +274,20 @@ fn the_guest_deflates_on_oom() {
     if !last.contains("\"target_mib\":400") || actual > 340 {
         outcome.dump();
         panic!("after the OOM fill: {last}");
+    }
+}
+
+#[test]
+fn a_hinting_run_returns_freed_memory() {
+    let outcome = BATCH.outcome("balloon-api");
+    outcome.assert_contains(r#"api GET /balloon/hinting/status: 0 200 {"host_cmd":0}"#);
+    outcome.assert_contains("api PATCH /balloon/hinting/start: 0 204");
+    outcome.assert_lacks("hint-timeout");
+    outcome.assert_contains(r#"{"guest_cmd":0,"host_cmd":1}"#);
+    let (before, after) = pair("balloon-api", "hint-rss-kib ");
+    if before - after < 80 * 1024 {
+        outcome.dump();
+        panic!("pvm's RSS went from {before} KiB to {after} KiB over a hinting run");
     }
 }
 

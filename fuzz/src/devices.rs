@@ -47,6 +47,7 @@ pub const F_INDIRECT: u8 = 1 << 1;
 /// block: open the image read-only. net: offer MRG_RXBUF. console: the host output fails.
 pub const F_DEVICE_A: u8 = 1 << 2;
 /// net: the backend supports guest offloads (GUEST_CSUM, TSO...). block: the io_uring engine.
+/// balloon: offer free page hinting.
 pub const F_DEVICE_B: u8 = 1 << 3;
 
 /// The block image: 64 KiB, 128 sectors.
@@ -448,20 +449,26 @@ pub fn rng(data: &[u8]) {
     }
 }
 
-/// Bit 2: offer deflate-on-OOM (no queue of its own). The inflate and deflate queues carry
-/// page numbers: guest RAM here is 128 pages, so most numbers are out of range, and in-range
-/// ones may name the rings themselves (whose pages then read as zeros: the guest's problem,
-/// never a panic).
+/// Bit 2: offer deflate-on-OOM (no queue of its own). Bit 3: offer free page hinting, its
+/// queue third, with a run (command id 2) started before the driver loads, so hinted ranges
+/// under id 2 reach the range checks. The inflate and deflate queues carry page numbers: guest
+/// RAM here is 128 pages, so most numbers are out of range, and in-range ones may name the
+/// rings themselves (whose pages then read as zeros: the guest's problem, never a panic).
 pub fn balloon(data: &[u8]) {
     let mut c = common(data);
+    let hinting = c.features & F_DEVICE_B != 0;
     let mut balloon = Balloon::new(BalloonConfig {
         amount_mib: 1,
         deflate_on_oom: c.features & F_DEVICE_A != 0,
+        free_page_hinting: hinting,
         ..Default::default()
     })
     .expect("balloon");
-    c.acked = negotiate(&balloon, c.features, 1 << 2);
+    c.acked = negotiate(&balloon, c.features, (1 << 2) | (1 << 3));
     let handle = balloon.handle();
+    if hinting {
+        handle.start_hinting(true).expect("hinting is on");
+    }
     let mem = guest_memory();
     let (queues, interrupt) = run(&mut balloon, &mem, &mut c);
     if rings_intact(&queues) {

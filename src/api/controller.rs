@@ -374,6 +374,9 @@ impl Controller {
                 self.patch_running_balloon(&action, vm)
             }
             Action::GetBalloonStats => self.balloon_stats(),
+            Action::StartBalloonHinting(_)
+            | Action::StopBalloonHinting
+            | Action::GetBalloonHintingStatus => self.balloon_hinting(&action, vm),
             Action::CreateSnapshot(body) => self.create_snapshot(&body, vm),
             Action::LoadSnapshot(_) => Response::fault(LOAD_AFTER_START),
             _ => Response::fault(AFTER_START),

@@ -82,6 +82,39 @@ impl Controller {
         Response::no_content()
     }
 
+    /// `PATCH /balloon/hinting/start|stop` and `GET /balloon/hinting/status` on the running VM.
+    /// Start and stop change the command id in the device's configuration space and raise its
+    /// configuration change interrupt, so the driver reads it.
+    pub(super) fn balloon_hinting(&self, action: &Action, vm: &mut RunningVm<'_, '_>) -> Response {
+        let Some(handle) = &self.limiters.balloon else {
+            return Response::fault(NO_BALLOON);
+        };
+        let changed = match action {
+            Action::StartBalloonHinting(cmd) => {
+                handle.start_hinting(cmd.acknowledge_on_stop).map(|id| {
+                    log::info!("API: balloon hinting run {id} started");
+                })
+            }
+            Action::StopBalloonHinting => handle.stop_hinting(),
+            Action::GetBalloonHintingStatus => {
+                return match handle.hinting_status() {
+                    Ok(status) => json(&crate::balloon::hinting_json(&status)),
+                    Err(e) => Response::fault(&format!("Balloon device error: {e}")),
+                };
+            }
+            _ => return Response::fault(NO_BALLOON),
+        };
+        if let Err(e) = changed {
+            return Response::fault(&format!("Balloon device error: {e}"));
+        }
+        if let Some(Err(e)) = vm.device("balloon").map(|d| d.notify_config_change()) {
+            return Response::fault(&format!(
+                "Balloon device error: the hinting command is set but the guest was not told: {e}"
+            ));
+        }
+        Response::no_content()
+    }
+
     /// `GET /balloon/statistics` on the running VM.
     pub(super) fn balloon_stats(&self) -> Response {
         match &self.limiters.balloon {
@@ -103,7 +136,9 @@ mod tests {
 
     use super::*;
     use crate::api::models::tests::base;
-    use crate::api::models::{BalloonStatsUpdate, BalloonUpdate, FcConfig, MachineConfigUpdate};
+    use crate::api::models::{
+        BalloonStartCmd, BalloonStatsUpdate, BalloonUpdate, FcConfig, MachineConfigUpdate,
+    };
     use crate::exit::EndSignal;
     use crate::vm::{Pauser, RunControl};
 
@@ -129,14 +164,13 @@ mod tests {
         assert!(fault(&r).contains("no balloon device"));
         let (r, _) = c.preboot(Action::PatchBalloon(BalloonUpdate { amount_mib: 1 }));
         assert!(fault(&r).contains("no balloon device"));
-        // 128 MiB guest: a larger target and hinting are refused and change nothing.
+        // 128 MiB guest: a larger target is refused and changes nothing.
         let (r, _) = c.preboot(Action::PutBalloon(balloon(129, 0)));
         assert!(fault(&r).contains("amount_mib 129"), "{r:?}");
-        let mut hinting = balloon(1, 0);
-        hinting.free_page_hinting = true;
-        let (r, _) = c.preboot(Action::PutBalloon(hinting));
-        assert!(fault(&r).contains("free_page_hinting"));
         assert!(c.fc.balloon.is_none());
+        // Hinting commands need the running VM.
+        let (r, _) = c.preboot(Action::StopBalloonHinting);
+        assert_eq!(r.status, 400);
         let (r, _) = c.preboot(Action::PutBalloon(balloon(64, 0)));
         assert_eq!(r.status, 204);
         let (r, _) = c.preboot(Action::PatchBalloon(BalloonUpdate { amount_mib: 32 }));
@@ -183,19 +217,54 @@ mod tests {
         assert_eq!(config(r#"{"balloon": null}"#).unwrap(), None);
         let hinting = r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false,
                           "free_page_hinting": true}}"#;
-        let e = config(hinting).unwrap_err().to_string();
-        assert!(
-            e.starts_with("Balloon device error: free_page_hinting"),
-            "{e}"
+        assert_eq!(
+            config(hinting).unwrap(),
+            Some(pvm_virtio::BalloonConfig {
+                amount_mib: 1,
+                free_page_hinting: true,
+                ..Default::default()
+            })
         );
         let too_big = r#"{"balloon": {"amount_mib": 4096, "deflate_on_oom": true}}"#;
         assert!(config(too_big).is_err());
     }
 
-    #[test]
-    fn runtime_patch_sets_the_target_and_interval() {
+    /// What a RunningVm borrows, for runtime actions without a VM.
+    struct NoVm {
+        end: Arc<EndSignal>,
+        keyboard: std::sync::Mutex<crate::devices::i8042::I8042>,
+        pauser: Pauser<'static>,
+    }
+
+    impl NoVm {
+        fn new() -> Self {
+            let end = Arc::new(EndSignal::new().unwrap());
+            let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let keyboard = std::sync::Mutex::new(crate::devices::i8042::I8042::new(
+                end.clone(),
+                crate::devices::IrqTrigger(irq),
+            ));
+            let pauser = Pauser::new(Arc::new(RunControl::default()), &[], &[]);
+            NoVm {
+                end,
+                keyboard,
+                pauser,
+            }
+        }
+
+        fn vm(&mut self) -> RunningVm<'_, 'static> {
+            RunningVm {
+                end: &self.end,
+                keyboard: &self.keyboard,
+                pauser: &mut self.pauser,
+            }
+        }
+    }
+
+    /// A started controller with `config` put, and its balloon device's handle.
+    fn started(config: Balloon) -> (Controller, pvm_virtio::BalloonHandle) {
         let mut c = Controller::new("vm".into(), base(), FcConfig::default());
-        let (r, _) = c.preboot(Action::PutBalloon(balloon(8, 1)));
+        let (r, _) = c.preboot(Action::PutBalloon(config));
         assert_eq!(r.status, 204);
         let device = pvm_virtio::Balloon::new(c.vm_config().unwrap().balloon.unwrap()).unwrap();
         let handle = device.handle();
@@ -204,18 +273,14 @@ mod tests {
             ..Default::default()
         });
         c.set_started();
-        let end = Arc::new(EndSignal::new().unwrap());
-        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let keyboard = std::sync::Mutex::new(crate::devices::i8042::I8042::new(
-            end.clone(),
-            crate::devices::IrqTrigger(irq),
-        ));
-        let mut pauser = Pauser::new(Arc::new(RunControl::default()), &[], &[]);
-        let mut vm = RunningVm {
-            end: &end,
-            keyboard: &keyboard,
-            pauser: &mut pauser,
-        };
+        (c, handle)
+    }
+
+    #[test]
+    fn runtime_patch_sets_the_target_and_interval() {
+        let (mut c, handle) = started(balloon(8, 1));
+        let mut no_vm = NoVm::new();
+        let mut vm = no_vm.vm();
         let r = c.runtime(
             Action::PatchBalloon(BalloonUpdate { amount_mib: 100 }),
             &mut vm,
@@ -256,5 +321,53 @@ mod tests {
         );
         let r = c.runtime(Action::PutBalloon(balloon(1, 1)), &mut vm);
         assert_eq!(r.status, 400);
+    }
+
+    #[test]
+    fn runtime_hinting_start_status_stop() {
+        let mut config = balloon(8, 0);
+        config.free_page_hinting = true;
+        let (mut c, handle) = started(config);
+        let mut no_vm = NoVm::new();
+        let mut vm = no_vm.vm();
+        let status = |c: &mut Controller, vm: &mut RunningVm<'_, '_>| {
+            c.runtime(Action::GetBalloonHintingStatus, vm).body.unwrap()
+        };
+        assert_eq!(status(&mut c, &mut vm), r#"{"host_cmd":0}"#);
+        let start = Action::StartBalloonHinting(BalloonStartCmd {
+            acknowledge_on_stop: false,
+        });
+        assert_eq!(c.runtime(start.clone(), &mut vm).status, 204);
+        assert_eq!(status(&mut c, &mut vm), r#"{"host_cmd":2}"#);
+        assert_eq!(c.runtime(start, &mut vm).status, 204);
+        assert_eq!(handle.hinting_status().unwrap().host_cmd, 3);
+        assert_eq!(c.runtime(Action::StopBalloonHinting, &mut vm).status, 204);
+        assert_eq!(status(&mut c, &mut vm), r#"{"host_cmd":1}"#);
+        let r = c.runtime(Action::GetBalloon, &mut vm);
+        assert!(r.body.unwrap().contains(r#""free_page_hinting":true"#));
+
+        // A balloon without hinting refuses all three, by name.
+        let plain = pvm_virtio::Balloon::new(pvm_virtio::BalloonConfig::default()).unwrap();
+        c.set_limiters(crate::virtio_devices::DeviceLimiters {
+            balloon: Some(plain.handle()),
+            ..Default::default()
+        });
+        for action in [
+            Action::StartBalloonHinting(BalloonStartCmd {
+                acknowledge_on_stop: true,
+            }),
+            Action::StopBalloonHinting,
+            Action::GetBalloonHintingStatus,
+        ] {
+            let r = c.runtime(action, &mut vm);
+            assert!(
+                fault(&r).contains("free page hinting was not enabled"),
+                "{r:?}"
+            );
+        }
+        // And a VM without a balloon says so.
+        c.set_limiters(crate::virtio_devices::DeviceLimiters::default());
+        let r = c.runtime(Action::GetBalloonHintingStatus, &mut vm);
+        assert!(fault(&r).contains("no balloon device"));
     }
 }

@@ -10,7 +10,9 @@ mod mapping;
 
 #[path = "balloon_models.rs"]
 mod balloon_models;
-pub use self::balloon_models::{Balloon, BalloonStatsUpdate, BalloonUpdate};
+pub use self::balloon_models::{
+    Balloon, BalloonStartCmd, BalloonStatsUpdate, BalloonStopCmd, BalloonUpdate,
+};
 
 pub(crate) use self::mapping::rate_limit;
 pub use self::mapping::{ConfigError, ConfigFileError, read_config_file, strip_pci_off};

@@ -7,9 +7,9 @@ use serde::de::DeserializeOwned;
 
 use super::http::{Method, Request};
 use super::models::{
-    Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, Entropy, Logger, MachineConfig,
-    MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, Serial,
-    Vsock,
+    Balloon, BalloonStartCmd, BalloonStatsUpdate, BalloonStopCmd, BalloonUpdate, BootSource, Drive,
+    Entropy, Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive,
+    PartialNetworkInterface, Serial, Vsock,
 };
 
 /// What the API asks the VMM (main) thread to do.
@@ -45,6 +45,12 @@ pub enum Action {
     PatchBalloonStats(BalloonStatsUpdate),
     GetBalloon,
     GetBalloonStats,
+    /// `PATCH /balloon/hinting/start`.
+    StartBalloonHinting(BalloonStartCmd),
+    /// `PATCH /balloon/hinting/stop`.
+    StopBalloonHinting,
+    /// `GET /balloon/hinting/status`.
+    GetBalloonHintingStatus,
     /// `PUT /snapshot/create` (full snapshots).
     CreateSnapshot(super::snapshot::SnapshotCreate),
     /// `PUT /snapshot/load`.
@@ -216,7 +222,10 @@ pub fn route(request: &Request) -> Result<Action, RouteError> {
             same_id(id, &iface.iface_id)?;
             Action::PatchNetworkInterface(iface)
         }
-        (_, "balloon") => balloon_route(method, id, segments.next(), body)?,
+        (_, "balloon") => {
+            let (rest, beyond) = (segments.next(), segments.next());
+            balloon_route(method, id, rest, beyond.is_some(), body)?
+        }
         (Method::Delete, "drives" | "network-interfaces") => {
             return Err(RouteError::Unsupported {
                 method: method.name(),
@@ -238,13 +247,16 @@ pub fn route(request: &Request) -> Result<Action, RouteError> {
     Ok(action)
 }
 
-/// `/balloon`, `/balloon/statistics` and (refused) `/balloon/hinting/*`.
+/// `/balloon`, `/balloon/statistics` and `/balloon/hinting/{start,stop,status}`.
 fn balloon_route(
     method: Method,
     sub: Option<&str>,
     rest: Option<&str>,
+    // A fourth path segment: no balloon path has one.
+    beyond: bool,
     body: &[u8],
 ) -> Result<Action, RouteError> {
+    let rest = if beyond { Some("") } else { rest };
     let path = match sub {
         Some(sub) => format!("balloon/{sub}"),
         None => "balloon".to_string(),
@@ -255,14 +267,14 @@ fn balloon_route(
         (Method::Get, None, None) => Action::GetBalloon,
         (Method::Patch, Some("statistics"), None) => Action::PatchBalloonStats(decode(body)?),
         (Method::Get, Some("statistics"), None) => Action::GetBalloonStats,
-        (_, Some("hinting"), _) => {
-            return Err(RouteError::Unsupported {
-                method: method.name(),
-                path,
-                why: "pvm does not offer free page hinting (free_page_reporting returns free \
-                      guest memory instead)",
-            });
+        (Method::Patch, Some("hinting"), Some("start")) => {
+            Action::StartBalloonHinting(decode(body)?)
         }
+        (Method::Patch, Some("hinting"), Some("stop")) => {
+            let _: BalloonStopCmd = decode(body)?;
+            Action::StopBalloonHinting
+        }
+        (Method::Get, Some("hinting"), Some("status")) => Action::GetBalloonHintingStatus,
         _ => {
             return Err(RouteError::UnknownPath {
                 method: method.name(),

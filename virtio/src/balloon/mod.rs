@@ -2,12 +2,11 @@
 //! (deflate) as the host's target asks; optionally reports its memory statistics every interval
 //! (VIRTIO_BALLOON_F_STATS_VQ), deflates by itself when it runs out of memory
 //! (VIRTIO_BALLOON_F_DEFLATE_ON_OOM) and reports free pages without a target
-//! (VIRTIO_BALLOON_F_REPORTING). Pages inflated or reported go back to the host at once
-//! ([`pages`]), so pvm's resident memory falls.
-//!
-//! Free page hinting (VIRTIO_BALLOON_F_FREE_PAGE_HINT) is not offered: it only pays off during
-//! a live migration or snapshot, which pvm does not have.
+//! (VIRTIO_BALLOON_F_REPORTING) and hints free pages when the host starts a run
+//! (VIRTIO_BALLOON_F_FREE_PAGE_HINT). Pages inflated, reported or hinted go back to the host at
+//! once ([`pages`]), so pvm's resident memory falls.
 
+mod hinting;
 mod pages;
 mod shared;
 mod worker;
@@ -23,7 +22,8 @@ use crate::worker::{WorkerSlot, feature, read_config_bytes};
 
 pub use self::pages::{DiscardError, PAGE_SIZE};
 pub use self::shared::{
-    BalloonCounters, BalloonHandle, GuestStats, IntervalError, PAGES_PER_MIB, STAT_NAMES,
+    BalloonCounters, BalloonHandle, GuestStats, HINT_CMD_ID_DONE, HINT_CMD_ID_STOP, HintingError,
+    HintingStatus, IntervalError, PAGES_PER_MIB, STAT_NAMES,
 };
 use self::worker::BalloonHandler;
 pub use self::worker::{MAX_PFNS_PER_BUFFER, MAX_STATS_PER_BUFFER};
@@ -31,6 +31,7 @@ pub use self::worker::{MAX_PFNS_PER_BUFFER, MAX_STATS_PER_BUFFER};
 /// Feature bits of virtio-balloon (virtio 1.2, 5.5.3).
 pub const VIRTIO_BALLOON_F_STATS_VQ: u32 = 1;
 pub const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u32 = 2;
+pub const VIRTIO_BALLOON_F_FREE_PAGE_HINT: u32 = 3;
 pub const VIRTIO_BALLOON_F_REPORTING: u32 = 5;
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -51,6 +52,9 @@ pub struct BalloonConfig {
     pub stats_interval_s: u32,
     /// Offer VIRTIO_BALLOON_F_REPORTING: the guest reports free pages, which go to the host.
     pub free_page_reporting: bool,
+    /// Offer VIRTIO_BALLOON_F_FREE_PAGE_HINT: on the host's command the guest hints its free
+    /// pages, which go to the host.
+    pub free_page_hinting: bool,
 }
 
 /// A virtio-balloon device.
@@ -67,11 +71,13 @@ impl Balloon {
     pub fn new(config: BalloonConfig) -> io::Result<Self> {
         let index = NEXT_BALLOON_INDEX.fetch_add(1, Ordering::Relaxed);
         let target = config.amount_mib.saturating_mul(PAGES_PER_MIB);
-        let queues =
-            2 + usize::from(config.stats_interval_s > 0) + usize::from(config.free_page_reporting);
+        let queues = 2
+            + usize::from(config.stats_interval_s > 0)
+            + usize::from(config.free_page_hinting)
+            + usize::from(config.free_page_reporting);
         Ok(Balloon {
             worker: WorkerSlot::new(format!("virtio-balloon{index}")),
-            handle: BalloonHandle::new(target, config.stats_interval_s)?,
+            handle: BalloonHandle::new(target, config.stats_interval_s, config.free_page_hinting)?,
             config,
             queue_sizes: vec![QUEUE_SIZE; queues],
         })
@@ -86,6 +92,7 @@ impl Balloon {
         let mut bytes = [0u8; CONFIG_LEN];
         bytes[..4].copy_from_slice(&self.handle.target_pages().to_le_bytes());
         bytes[4..8].copy_from_slice(&self.handle.actual_pages().to_le_bytes());
+        bytes[8..12].copy_from_slice(&self.handle.hint_cmd_id().to_le_bytes());
         bytes
     }
 }
@@ -106,6 +113,9 @@ impl VirtioDevice for Balloon {
         }
         if self.config.deflate_on_oom {
             features |= feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM);
+        }
+        if self.config.free_page_hinting {
+            features |= feature(VIRTIO_BALLOON_F_FREE_PAGE_HINT);
         }
         if self.config.free_page_reporting {
             features |= feature(VIRTIO_BALLOON_F_REPORTING);
@@ -135,17 +145,22 @@ impl VirtioDevice for Balloon {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let stats = activation.has_feature(VIRTIO_BALLOON_F_STATS_VQ);
-        let reporting = activation.has_feature(VIRTIO_BALLOON_F_REPORTING);
+        let queues = worker::QueueSet {
+            stats: activation.has_feature(VIRTIO_BALLOON_F_STATS_VQ),
+            hinting: activation.has_feature(VIRTIO_BALLOON_F_FREE_PAGE_HINT),
+            reporting: activation.has_feature(VIRTIO_BALLOON_F_REPORTING),
+        };
         let shared = self.handle.0.clone();
         self.worker
-            .start(|| BalloonHandler::new(activation, shared, stats, reporting))
+            .start(|| BalloonHandler::new(activation, shared, queues))
     }
 
     fn reset(&mut self) {
         // A reset driver gave every page back: the balloon starts empty.
         self.worker.stop();
         self.handle.0.actual_pages.store(0, Ordering::Release);
+        // ... and holds no hinted pages: no run is under way.
+        shared::lock(&self.handle.0.hint).status = HintingStatus::default();
     }
 
     fn pause(&mut self) -> Result<(), PauseError> {

@@ -65,6 +65,43 @@ pub struct BalloonCounters {
     pub stats_reports: AtomicU64,
     /// madvise failures (the page stayed resident).
     pub discard_failures: AtomicU64,
+    /// Bytes of free memory the guest hinted and pvm returned to the host.
+    pub hinted_bytes: AtomicU64,
+    /// Hinting buffers refused: a malformed command id, or pages hinted outside a run.
+    pub refused_hints: AtomicU64,
+}
+
+/// The free page hint command id that stops a run (the host's) or ends one (the driver's).
+pub const HINT_CMD_ID_STOP: u32 = 0;
+/// The host's command id that lets the driver take its hinted pages back.
+pub const HINT_CMD_ID_DONE: u32 = 1;
+
+/// Where free page hinting stands: the command id the host last set in the configuration
+/// space and the one the driver last sent on the hinting queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HintingStatus {
+    pub host_cmd: u32,
+    /// None until the driver sent one.
+    pub guest_cmd: Option<u32>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct HintState {
+    pub(crate) status: HintingStatus,
+    /// The id of the latest run started, so the next one gets a fresh id.
+    pub(crate) last_run: u32,
+    /// Answer the driver's end of a run with DONE at once.
+    pub(crate) ack_on_stop: bool,
+}
+
+/// Why a free page hinting command was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HintingError {
+    #[error(
+        "free page hinting was not enabled when the balloon was configured \
+         (free_page_hinting true)"
+    )]
+    NotEnabled,
 }
 
 #[derive(Debug)]
@@ -79,6 +116,9 @@ pub(crate) struct Shared {
     pub(crate) counters: BalloonCounters,
     /// Written when the interval changes; the worker re-arms its timer.
     pub(crate) interval_changed: EventFd,
+    /// Whether VIRTIO_BALLOON_F_FREE_PAGE_HINT is offered.
+    pub(crate) hinting: bool,
+    pub(crate) hint: Mutex<HintState>,
 }
 
 /// The VMM's side of a balloon device.
@@ -99,7 +139,7 @@ pub enum IntervalError {
 }
 
 impl BalloonHandle {
-    pub(crate) fn new(target_pages: u32, stats_interval_s: u32) -> io::Result<Self> {
+    pub(crate) fn new(target_pages: u32, stats_interval_s: u32, hinting: bool) -> io::Result<Self> {
         Ok(BalloonHandle(Arc::new(Shared {
             target_pages: AtomicU32::new(target_pages),
             actual_pages: AtomicU32::new(0),
@@ -107,6 +147,8 @@ impl BalloonHandle {
             stats: Mutex::new(GuestStats::default()),
             counters: BalloonCounters::default(),
             interval_changed: EventFd::new(EFD_NONBLOCK)?,
+            hinting,
+            hint: Mutex::new(HintState::default()),
         })))
     }
 
@@ -155,6 +197,46 @@ impl BalloonHandle {
 
     pub fn counters(&self) -> &BalloonCounters {
         &self.0.counters
+    }
+
+    /// Starts a free page hinting run: a fresh command id (never STOP or DONE) goes into the
+    /// configuration space; the caller then raises the configuration-change interrupt. With
+    /// `ack_on_stop` the device answers the driver's end of the run with DONE by itself, so
+    /// the guest takes its hinted pages back.
+    pub fn start_hinting(&self, ack_on_stop: bool) -> Result<u32, HintingError> {
+        let mut hint = self.hint_state()?;
+        let mut id = hint.last_run.wrapping_add(1);
+        if id <= HINT_CMD_ID_DONE {
+            id = HINT_CMD_ID_DONE + 1;
+        }
+        hint.last_run = id;
+        hint.ack_on_stop = ack_on_stop;
+        hint.status.host_cmd = id;
+        Ok(id)
+    }
+
+    /// Ends the hinting run: DONE lets the driver take back the pages it holds; the caller
+    /// then raises the configuration-change interrupt.
+    pub fn stop_hinting(&self) -> Result<(), HintingError> {
+        self.hint_state()?.status.host_cmd = HINT_CMD_ID_DONE;
+        Ok(())
+    }
+
+    /// The host's and the driver's latest command ids.
+    pub fn hinting_status(&self) -> Result<HintingStatus, HintingError> {
+        Ok(self.hint_state()?.status)
+    }
+
+    /// The command id the configuration space shows.
+    pub(crate) fn hint_cmd_id(&self) -> u32 {
+        lock(&self.0.hint).status.host_cmd
+    }
+
+    fn hint_state(&self) -> Result<MutexGuard<'_, HintState>, HintingError> {
+        if !self.0.hinting {
+            return Err(HintingError::NotEnabled);
+        }
+        Ok(lock(&self.0.hint))
     }
 }
 

@@ -340,3 +340,6 @@ fn shared_memfd_ram_is_punched_not_just_unmapped() {
     // A range crossing the end of RAM is refused whole.
     assert!(pages::discard(&mem, GuestAddress(0x1f_f000), 0x2000).is_err());
 }
+
+#[path = "hinting_tests.rs"]
+mod hinting;

@@ -1,6 +1,7 @@
 //! The balloon's data plane: inflate and deflate queues of page frame numbers, the statistics
 //! queue (one buffer the device holds and hands back every interval for the driver to refill)
-//! and the free page reporting queue (buffers that are the free pages themselves).
+//! the free page hinting queue ([`super::hinting`]) and the free page reporting queue (buffers
+//! that are the free pages themselves).
 
 use std::io;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use log::warn;
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::hinting::{HintRefusal, acknowledge_end, handle_hint_chain};
 use super::pages::{PageTracker, PageVerdict, Runs, discard};
 use super::shared::{GuestStats, STAT_NAMES, Shared, lock};
 use crate::chain::Chain;
@@ -31,6 +33,7 @@ const STATS: u64 = 2;
 const REPORTING: u64 = 3;
 const STATS_TIMER: u64 = 4;
 const INTERVAL_CHANGED: u64 = 5;
+const HINTING: u64 = 6;
 
 /// Which of the guest's misbehaviours were logged already: each once per activation.
 #[derive(Debug, Default)]
@@ -40,6 +43,15 @@ struct Warned {
     bad_buffer: bool,
     bad_stats: bool,
     discard: bool,
+    bad_hint: bool,
+}
+
+/// The optional queues the driver accepted, by feature.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueSet {
+    pub(crate) stats: bool,
+    pub(crate) hinting: bool,
+    pub(crate) reporting: bool,
 }
 
 fn warn_once(flag: &mut bool, message: std::fmt::Arguments<'_>) {
@@ -54,6 +66,7 @@ pub(crate) struct BalloonHandler {
     inflate: DeviceQueue,
     deflate: DeviceQueue,
     stats: Option<DeviceQueue>,
+    hinting: Option<DeviceQueue>,
     reporting: Option<DeviceQueue>,
     timer: TimerFd,
     shared: Arc<Shared>,
@@ -66,17 +79,17 @@ pub(crate) struct BalloonHandler {
 }
 
 impl BalloonHandler {
-    /// The data plane for `activation`: inflate and deflate, then the statistics and reporting
-    /// queues if the driver accepted them. Linux numbers the queues it uses consecutively, so
-    /// they are taken in index order by what was negotiated.
+    /// The data plane for `activation`: inflate and deflate, then the statistics, hinting and
+    /// reporting queues if the driver accepted them. Linux numbers the queues it uses
+    /// consecutively, so they are taken in index order by what was negotiated.
     pub(crate) fn new(
         activation: Activation,
         shared: Arc<Shared>,
-        stats: bool,
-        reporting: bool,
+        set: QueueSet,
     ) -> Result<Self, ActivateError> {
         let got = activation.queues.len();
-        let want = 2 + usize::from(stats) + usize::from(reporting);
+        let want =
+            2 + usize::from(set.stats) + usize::from(set.hinting) + usize::from(set.reporting);
         if got != want {
             return Err(ActivateError::QueueCount { got, want });
         }
@@ -89,8 +102,10 @@ impl BalloonHandler {
         let mut queues = queues.into_iter();
         let mut next = || queues.next().ok_or(ActivateError::QueueCount { got, want });
         let (inflate, deflate) = (next()?, next()?);
-        let stats = if stats { Some(next()?) } else { None };
-        let reporting = if reporting { Some(next()?) } else { None };
+        let mut optional = |on: bool| if on { next().map(Some) } else { Ok(None) };
+        let stats = optional(set.stats)?;
+        let hinting = optional(set.hinting)?;
+        let reporting = optional(set.reporting)?;
         let pages = PageTracker::new(&activation.memory);
         Ok(BalloonHandler {
             memory: activation.memory,
@@ -98,6 +113,7 @@ impl BalloonHandler {
             inflate,
             deflate,
             stats,
+            hinting,
             reporting,
             timer: TimerFd::new().map_err(|e| WorkerError::Timer(e.into()))?,
             shared,
@@ -206,6 +222,40 @@ impl BalloonHandler {
             }
             0
         });
+    }
+
+    /// Serves the hinting queue: pages hinted under the host's run go back to the host; the
+    /// driver's end of a run is acknowledged with DONE when the host asked for that.
+    fn serve_hinting(&mut self) {
+        let Some(queue) = self.hinting.as_mut() else {
+            return;
+        };
+        let (memory, shared, warned) = (&self.memory, &self.shared, &mut self.warned);
+        let mut ended = false;
+        queue.process(memory, self.interrupt.as_ref(), |chain| {
+            let outcome = handle_hint_chain(memory, chain, shared);
+            ended |= outcome.ended;
+            match outcome.refused {
+                Some(HintRefusal::BadCommand { len }) => warn_once(
+                    &mut warned.bad_hint,
+                    format_args!("a hint command id of {len} bytes (not one le32); refused"),
+                ),
+                Some(HintRefusal::NotRunning) => warn_once(
+                    &mut warned.bad_hint,
+                    format_args!("free pages hinted outside the host's hinting run; refused"),
+                ),
+                None => {}
+            }
+            if let Some(e) = outcome.discard_error {
+                warn_once(&mut warned.discard, format_args!("free page hint: {e}"));
+            }
+            0
+        });
+        if ended && acknowledge_end(shared) {
+            if let Err(e) = self.interrupt.notify_config() {
+                warn!("virtio-balloon: cannot tell the driver its hinting run is done: {e}");
+            }
+        }
     }
 
     /// Arms the statistics timer: the first request after `first`, then every interval.
@@ -352,6 +402,9 @@ impl EventHandler for BalloonHandler {
             events.watch(&self.timer, STATS_TIMER)?;
             events.watch(&self.shared.interval_changed, INTERVAL_CHANGED)?;
         }
+        if let Some(queue) = &self.hinting {
+            events.watch(&queue.kick, HINTING)?;
+        }
         if let Some(queue) = &self.reporting {
             events.watch(&queue.kick, REPORTING)?;
         }
@@ -362,6 +415,7 @@ impl EventHandler for BalloonHandler {
         self.serve_pages(true);
         self.serve_pages(false);
         self.serve_stats();
+        self.serve_hinting();
         self.serve_reporting();
         let interval = Duration::from_secs(u64::from(
             self.shared.stats_interval_s.load(Ordering::Acquire),
@@ -384,6 +438,12 @@ impl EventHandler for BalloonHandler {
                     queue.clear_kick();
                 }
                 self.serve_stats();
+            }
+            HINTING => {
+                if let Some(queue) = &self.hinting {
+                    queue.clear_kick();
+                }
+                self.serve_hinting();
             }
             REPORTING => {
                 if let Some(queue) = &self.reporting {
