@@ -219,6 +219,7 @@ fn a_load_with_resume_vm_false_waits_for_patch_resumed() {
     assert_eq!(pvm.output.recv_timeout(ANSWER).ok(), Some(b'd'));
     let (status, answer) = call(&mut api, "PUT", "/snapshot/load", Some(&body));
     assert_eq!(status, 400, "{answer}");
+    the_restored_drive_is_the_apis(&mut api, &disk);
     pvm.kill();
     // From the command line, a damaged file is one line and exit code 2.
     let out = Command::new(PVM)
@@ -231,4 +232,38 @@ fn a_load_with_resume_vm_false_waits_for_patch_resumed() {
     let lines = stderr.lines().filter(|l| !l.contains("kvm_pvm")).count();
     assert_eq!(lines, 1, "{stderr}");
     assert!(stderr.contains("checksum mismatch"), "{stderr}");
+}
+
+/// After a load the API knows the restored VM as one it started: its configuration, and its
+/// drive by the id the snapshot recorded, for new limits and a new backing file.
+fn the_restored_drive_is_the_apis(
+    api: &mut std::os::unix::net::UnixStream,
+    disk: &std::path::Path,
+) {
+    let (status, config) = call(api, "GET", "/vm/config", None);
+    assert_eq!(status, 200, "{config}");
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["machine-config"]["mem_size_mib"], 64, "{config}");
+    assert_eq!(config["drives"][0]["drive_id"], "d", "{config}");
+    assert_eq!(
+        config["drives"][0]["path_on_host"],
+        disk.to_str().unwrap(),
+        "{config}"
+    );
+    let limit = r#"{"drive_id": "d", "rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}}"#;
+    let (status, answer) = call(api, "PATCH", "/drives/d", Some(limit));
+    assert_eq!(status, 204, "{answer}");
+    let (_, config) = call(api, "GET", "/vm/config", None);
+    assert!(config.contains(r#""size":100"#), "{config}");
+    let other = scratch("api-other.disk");
+    std::fs::write(&other, vec![0u8; 2 << 20]).unwrap();
+    let swap = format!(
+        r#"{{"drive_id": "d", "path_on_host": "{}"}}"#,
+        other.display()
+    );
+    let (status, answer) = call(api, "PATCH", "/drives/d", Some(&swap));
+    assert_eq!(status, 204, "{answer}");
+    let missing = r#"{"drive_id": "e", "rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}"#;
+    let (status, answer) = call(api, "PATCH", "/drives/e", Some(missing));
+    assert_eq!(status, 400, "{answer}");
 }

@@ -33,6 +33,8 @@ pub struct Description {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskDescription {
+    /// The API's `drive_id` of the drive, when the API configured it (format version 2).
+    pub drive_id: Option<String>,
     pub path: PathBuf,
     pub read_only: bool,
     pub serial: Option<String>,
@@ -59,6 +61,13 @@ impl DiskDescription {
             queue_size: self.queue_size,
         }
     }
+}
+
+/// The API's ids of a VM's devices, in attach order; `None` where the flags configured one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceIds {
+    pub drives: Vec<Option<String>>,
+    pub ifaces: Vec<Option<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +146,7 @@ impl Description {
                 .disks
                 .iter()
                 .map(|d| DiskDescription {
+                    drive_id: None,
                     path: d.path.clone(),
                     read_only: d.read_only,
                     serial: d.serial.clone(),
@@ -167,6 +177,16 @@ impl Description {
                 .collect(),
             rng_limit: LimitDescription::of(&config.rng_limit),
         })
+    }
+
+    /// Names the devices by the API's ids (`None`: the flags configured that one).
+    pub fn name_devices(&mut self, ids: &DeviceIds) {
+        for (disk, id) in self.disks.iter_mut().zip(&ids.drives) {
+            disk.drive_id = id.clone();
+        }
+        for (tap, id) in self.taps.iter_mut().zip(&ids.ifaces) {
+            tap.iface_id = id.clone();
+        }
     }
 
     /// Refuses values no pvm would have written (the file is untrusted).
@@ -203,10 +223,26 @@ impl Description {
             if let Err(e) = disk.options().validate() {
                 return bad(format!("disk {i}: {e}"));
             }
+            if let Some(id) = &disk.drive_id {
+                if self.disks[..i]
+                    .iter()
+                    .any(|d| d.drive_id.as_ref() == Some(id))
+                {
+                    return bad(format!("disk {i}: drive id {id} given twice"));
+                }
+            }
         }
         for (i, tap) in self.taps.iter().enumerate() {
             if !(1..=MAX_TAP_QUEUES).contains(&tap.queues) || (tap.queues > 1 && !self.pci) {
                 return bad(format!("tap {i}: {} queue pairs", tap.queues));
+            }
+            if let Some(id) = &tap.iface_id {
+                if self.taps[..i]
+                    .iter()
+                    .any(|t| t.iface_id.as_ref() == Some(id))
+                {
+                    return bad(format!("tap {i}: interface id {id} given twice"));
+                }
             }
         }
         Ok(())
@@ -318,6 +354,7 @@ mod tests {
             virtio_console: false,
             cmdline: String::new(),
             disks: vec![DiskDescription {
+                drive_id: Some("rootfs".to_string()),
                 path: "/images/root.img".into(),
                 read_only: false,
                 serial: Some("root".to_string()),
@@ -355,6 +392,8 @@ mod tests {
         let again = Description::of(&config).unwrap();
         let mut expected = sample();
         expected.taps[0].name = "tap7".to_string();
+        // The ids are the API's, named afterwards (name_devices).
+        expected.disks[0].drive_id = None;
         assert_eq!(again, expected);
         assert!(
             sample()
@@ -392,6 +431,17 @@ mod tests {
                 "disk 0: serial",
             ),
             (|d| d.disks = vec![d.disks[0].clone(); 100], "100 disks"),
+            (
+                |d| d.disks = vec![d.disks[0].clone(); 2],
+                "disk 1: drive id rootfs given twice",
+            ),
+            (
+                |d| {
+                    d.taps[0].iface_id = Some("eth0".into());
+                    d.taps = vec![d.taps[0].clone(); 2];
+                },
+                "tap 1: interface id eth0 given twice",
+            ),
         ];
         for (change, expected) in cases {
             let mut d = sample();

@@ -95,7 +95,7 @@ fn other_versions_are_refused_naming_both() {
     bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
     let e = refused(&bytes);
     assert!(
-        e.contains("format version 7; this pvm reads version 1"),
+        e.contains("format version 7; this pvm reads version 2"),
         "{e}"
     );
 }
