@@ -216,6 +216,8 @@ mod tests {
             disks: vec![disk(None), disk(Some("rootfs"))],
             taps: vec![tap(Some("eth0")), tap(None)],
             rng_limit: LimitDescription::default(),
+            balloon: None,
+            vsock: None,
         };
         let drives = restored_drives(&description);
         assert_eq!(drives[0].drive_id, "drive0");

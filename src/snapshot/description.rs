@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{RestoreError, SnapshotError};
 use crate::config::{
     self, ConsoleKind, DiskSpec, MAX_TAP_QUEUES, TapSpec, Transport, VhostMode, VmConfig,
+    VsockBackend, VsockSpec,
 };
 
 /// The longest disk serial the guest can read (VIRTIO_BLK_ID_BYTES).
@@ -29,6 +30,27 @@ pub struct Description {
     pub disks: Vec<DiskDescription>,
     pub taps: Vec<TapDescription>,
     pub rng_limit: LimitDescription,
+    /// Format version 3: the balloon and the (hybrid) vsock device, rebuilt as they were.
+    pub balloon: Option<BalloonDescription>,
+    pub vsock: Option<VsockDescription>,
+}
+
+/// `--balloon` / `PUT /balloon` as configured; the target and interval the API changed since
+/// are the device's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonDescription {
+    pub amount_mib: u32,
+    pub deflate_on_oom: bool,
+    pub stats_interval_s: u32,
+    pub free_page_reporting: bool,
+}
+
+/// A vsock served by pvm (Firecracker's hybrid vsock). The restored VM binds a new listener
+/// at `uds_path`, which must not exist then (as in Firecracker).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockDescription {
+    pub cid: u64,
+    pub uds_path: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +146,17 @@ impl LimitDescription {
     }
 }
 
+impl BalloonDescription {
+    fn config(self) -> pvm_virtio::BalloonConfig {
+        pvm_virtio::BalloonConfig {
+            amount_mib: self.amount_mib,
+            deflate_on_oom: self.deflate_on_oom,
+            stats_interval_s: self.stats_interval_s,
+            free_page_reporting: self.free_page_reporting,
+        }
+    }
+}
+
 impl Description {
     /// The description of the VM `config` built; a VM whose RAM another process maps
     /// (vhost-user) cannot be snapshotted.
@@ -176,6 +209,26 @@ impl Description {
                 })
                 .collect(),
             rng_limit: LimitDescription::of(&config.rng_limit),
+            balloon: config.balloon.map(|b| BalloonDescription {
+                amount_mib: b.amount_mib,
+                deflate_on_oom: b.deflate_on_oom,
+                stats_interval_s: b.stats_interval_s,
+                free_page_reporting: b.free_page_reporting,
+            }),
+            vsock: match &config.vsock {
+                None => None,
+                Some(VsockSpec {
+                    cid,
+                    backend: VsockBackend::Unix(path),
+                }) => Some(VsockDescription {
+                    cid: *cid,
+                    uds_path: path.clone(),
+                }),
+                Some(VsockSpec {
+                    backend: VsockBackend::Vhost,
+                    ..
+                }) => return Err(SnapshotError::VhostVsock),
+            },
         })
     }
 
@@ -230,6 +283,20 @@ impl Description {
                 {
                     return bad(format!("disk {i}: drive id {id} given twice"));
                 }
+            }
+        }
+        if let Some(balloon) = &self.balloon {
+            if let Err(e) = crate::balloon::check_fits(&balloon.config(), self.mem_bytes) {
+                return bad(format!("balloon: {e}"));
+            }
+        }
+        if let Some(vsock) = &self.vsock {
+            let cids = pvm_virtio::vsock::MIN_GUEST_CID..=pvm_virtio::vsock::MAX_GUEST_CID;
+            if !cids.contains(&vsock.cid) {
+                return bad(format!("vsock: guest CID {} is out of range", vsock.cid));
+            }
+            if vsock.uds_path.as_os_str().is_empty() {
+                return bad("vsock: an empty uds_path".to_string());
             }
         }
         for (i, tap) in self.taps.iter().enumerate() {
@@ -321,6 +388,12 @@ impl Description {
         config.vhost_user_disks.clear();
         config.vhost_user_nets.clear();
         config.rng_limit = self.rng_limit.to_limit();
+        // The snapshot's, never the process flags': the device list must match the saved one.
+        config.balloon = self.balloon.map(|b| b.config());
+        config.vsock = self.vsock.as_ref().map(|v| VsockSpec {
+            cid: v.cid,
+            backend: VsockBackend::Unix(v.uds_path.clone()),
+        });
         Ok(config)
     }
 
@@ -378,6 +451,16 @@ mod tests {
                 tx_limit: LimitDescription::default(),
             }],
             rng_limit: LimitDescription::default(),
+            balloon: Some(BalloonDescription {
+                amount_mib: 16,
+                deflate_on_oom: true,
+                stats_interval_s: 5,
+                free_page_reporting: false,
+            }),
+            vsock: Some(VsockDescription {
+                cid: 3,
+                uds_path: "/run/v.sock".into(),
+            }),
         }
     }
 
@@ -431,6 +514,15 @@ mod tests {
                 "disk 0: serial",
             ),
             (|d| d.disks = vec![d.disks[0].clone(); 100], "100 disks"),
+            (
+                |d| d.balloon.as_mut().unwrap().amount_mib = 257,
+                "balloon: amount_mib 257",
+            ),
+            (|d| d.vsock.as_mut().unwrap().cid = 2, "vsock: guest CID 2"),
+            (
+                |d| d.vsock.as_mut().unwrap().uds_path = PathBuf::new(),
+                "vsock: an empty uds_path",
+            ),
             (
                 |d| d.disks = vec![d.disks[0].clone(); 2],
                 "disk 1: drive id rootfs given twice",

@@ -6,10 +6,11 @@
 //! ([`pages`]), so pvm's resident memory falls.
 //!
 //! Free page hinting (VIRTIO_BALLOON_F_FREE_PAGE_HINT) is not offered: it only pays off during
-//! a live migration or snapshot, which pvm does not have.
+//! a live migration, which pvm does not have (snapshots save the whole RAM, holes as holes).
 
 mod pages;
 mod shared;
+mod snapshot;
 mod worker;
 
 use std::io;
@@ -19,6 +20,7 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 
 use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
+use crate::snapshot::{DeviceState, RestoreError, SavedDevice, SnapshotError};
 use crate::worker::{WorkerSlot, feature, read_config_bytes};
 
 pub use self::pages::{DiscardError, PAGE_SIZE};
@@ -154,6 +156,18 @@ impl VirtioDevice for Balloon {
 
     fn resume(&mut self) -> Result<(), PauseError> {
         Ok(self.worker.resume()?)
+    }
+
+    fn save_state(&self) -> Result<SavedDevice, SnapshotError> {
+        self.save_snapshot()
+    }
+
+    fn restore(
+        &mut self,
+        activation: Option<Activation>,
+        state: &DeviceState,
+    ) -> Result<(), RestoreError> {
+        self.restore_snapshot(activation, state)
     }
 }
 

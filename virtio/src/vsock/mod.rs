@@ -9,10 +9,12 @@
 //!
 //! The listener is bound when the device is made (before the sandbox); the device thread
 //! accepts on it and connects the guest's connections. A reset (driver reload) drops the worker
-//! and with it every connection: host peers read EOF. See worker.rs for flow control.
+//! and with it every connection: host peers read EOF. See worker.rs for flow control, and
+//! snapshot.rs for what a snapshot keeps (no connections: a transport reset on restore).
 
 mod conn;
 pub mod packet;
+mod snapshot;
 mod sock;
 mod worker;
 
@@ -29,6 +31,7 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 
 use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
+use crate::snapshot::{DeviceState, RestoreError, SavedDevice, SnapshotError};
 use crate::worker::{WorkerSlot, device_queues, feature, read_config_bytes};
 
 pub use conn::BUF_ALLOC;
@@ -142,6 +145,7 @@ impl VirtioDevice for Vsock {
                 tx,
                 event,
                 core,
+                reset_pending: false,
             })
         })
     }
@@ -156,6 +160,18 @@ impl VirtioDevice for Vsock {
 
     fn resume(&mut self) -> Result<(), PauseError> {
         Ok(self.worker.resume()?)
+    }
+
+    fn save_state(&self) -> Result<SavedDevice, SnapshotError> {
+        self.save_snapshot()
+    }
+
+    fn restore(
+        &mut self,
+        activation: Option<Activation>,
+        state: &DeviceState,
+    ) -> Result<(), RestoreError> {
+        self.restore_snapshot(activation, state)
     }
 }
 
