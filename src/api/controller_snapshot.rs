@@ -1,6 +1,8 @@
 //! `PUT /snapshot/create` and `/snapshot/load` on the main thread (the bodies were checked by
 //! `api::snapshot` on the API thread).
 
+use pvm_virtio::balloon::PAGES_PER_MIB;
+
 use super::Controller;
 use crate::api::http::Response;
 use crate::api::models::{
@@ -110,6 +112,13 @@ impl Controller {
         self.set_started();
         self.set_running_config(config);
         self.limiters = restored.vm.rate_limiters();
+        // The balloon as it stood at the snapshot: a PATCH before it changed the device's
+        // target and interval, which the device's restored state holds.
+        if let (Some(mut balloon), Some(handle)) = (self.balloon(), &self.limiters.balloon) {
+            balloon.amount_mib = handle.target_pages() / PAGES_PER_MIB;
+            balloon.stats_polling_interval_s = handle.stats_interval_s();
+            self.fc.balloon = Some(balloon);
+        }
     }
 }
 
