@@ -544,6 +544,23 @@ mod tests {
     }
 
     #[test]
+    fn a_vhost_vsock_is_not_snapshotted_and_the_flags_devices_are_not_restored() {
+        let mut base = crate::cli::parse(["pvm".into()]).unwrap();
+        base.vsock = Some(VsockSpec {
+            cid: 3,
+            backend: VsockBackend::Vhost,
+        });
+        let e = Description::of(&base).unwrap_err().to_string();
+        assert!(e.contains("vhost=on"), "{e}");
+        // A restore takes the snapshot's balloon and vsock, never the process flags'.
+        let mut bare = sample();
+        bare.balloon = None;
+        bare.vsock = None;
+        let config = bare.to_config(&base, &[], &[]).unwrap();
+        assert_eq!((config.balloon, config.vsock), (None, None));
+    }
+
+    #[test]
     fn interfaces_are_found_by_tap_name_or_position() {
         let d = sample();
         assert_eq!(d.tap_index("tap0"), Some(0));

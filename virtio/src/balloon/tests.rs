@@ -7,8 +7,6 @@ use std::sync::atomic::Ordering;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use virtio_queue::QueueT;
-
 use super::pages::PageTracker;
 use super::*;
 use crate::testing::{
@@ -344,23 +342,6 @@ fn shared_memfd_ram_is_punched_not_just_unmapped() {
     assert!(pages::discard(&mem, GuestAddress(0x1f_f000), 0x2000).is_err());
 }
 
-/// The rig's queues for a fresh device, at the positions a snapshot saved.
-fn restored_queues(
-    queues: &[TestQueue],
-    saved: &[crate::snapshot::QueuePosition],
-) -> Vec<crate::device::ActiveQueue> {
-    (0u16..)
-        .zip(queues)
-        .map(|(index, tq)| {
-            let mut active = tq.active_queue(index);
-            let position = saved.iter().find(|p| p.index == index).unwrap();
-            active.queue.set_next_avail(position.next_avail);
-            active.queue.set_next_used(position.next_used.unwrap());
-            active
-        })
-        .collect()
-}
-
 #[test]
 fn a_restored_balloon_keeps_its_sizes_interval_pages_and_held_statistics_buffer() {
     use crate::snapshot::{DeviceState, RestoreError};
@@ -411,7 +392,10 @@ fn a_restored_balloon_keeps_its_sizes_interval_pages_and_held_statistics_buffer(
     let activation_at = |queues| activation(&rig.mem, &interrupt, queues, features);
     restored
         .restore(
-            Some(activation_at(restored_queues(&rig.queues, &saved.queues))),
+            Some(activation_at(crate::testing::restored_queues(
+                &rig.queues,
+                &saved.queues,
+            ))),
             &saved.state,
         )
         .unwrap();

@@ -99,6 +99,11 @@ impl Vsock {
         &self.uds_path
     }
 
+    /// A data plane's connection state, empty, over this device's listener.
+    fn core(&self) -> worker::Core {
+        worker::Core::new(self.cid, self.uds_path.clone(), self.listener.clone())
+    }
+
     /// The open connections of a paused device (tests).
     #[cfg(test)]
     fn paused_connections(&self) -> Option<usize> {
@@ -129,25 +134,8 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let Activation {
-            memory,
-            interrupt,
-            queues,
-            features,
-        } = activation;
-        let core = worker::Core::new(self.cid, self.uds_path.clone(), self.listener.clone());
-        self.worker.start(|| {
-            let [rx, tx, event] = device_queues(queues, features)?;
-            Ok(worker::VsockWorker {
-                memory,
-                interrupt,
-                rx,
-                tx,
-                event,
-                core,
-                reset_pending: false,
-            })
-        })
+        let core = self.core();
+        self.worker.start(|| data_plane(core, activation, false))
     }
 
     fn reset(&mut self) {
@@ -173,6 +161,30 @@ impl VirtioDevice for Vsock {
     ) -> Result<(), RestoreError> {
         self.restore_snapshot(activation, state)
     }
+}
+
+/// The worker over `activation`'s queues; `reset_pending` for a restored device (snapshot.rs).
+fn data_plane(
+    core: worker::Core,
+    activation: Activation,
+    reset_pending: bool,
+) -> Result<worker::VsockWorker, ActivateError> {
+    let Activation {
+        memory,
+        interrupt,
+        queues,
+        features,
+    } = activation;
+    let [rx, tx, event] = device_queues(queues, features)?;
+    Ok(worker::VsockWorker {
+        memory,
+        interrupt,
+        rx,
+        tx,
+        event,
+        core,
+        reset_pending,
+    })
 }
 
 #[cfg(test)]

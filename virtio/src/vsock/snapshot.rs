@@ -8,13 +8,14 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::Bytes;
 
-use super::Vsock;
 use super::packet::EVENT_TRANSPORT_RESET;
-use super::worker::{self, VsockWorker};
+use super::worker::VsockWorker;
+use super::{Vsock, data_plane};
 use crate::device::Activation;
-use crate::snapshot::QueuePosition;
-use crate::snapshot::{DeviceState, RestoreError, SavedDevice, SnapshotError, VsockState};
-use crate::worker::{DeviceQueue, QueuePositions, device_queues};
+use crate::snapshot::{
+    DeviceState, QueuePosition, RestoreError, SavedDevice, SnapshotError, VsockState,
+};
+use crate::worker::{DeviceQueue, QueuePositions};
 
 const DEVICE: &str = "vsock";
 /// struct virtio_vsock_event { le32 id; }
@@ -49,29 +50,13 @@ impl Vsock {
                 here: self.cid,
             });
         }
-        let Some(Activation {
-            memory,
-            interrupt,
-            queues,
-            features,
-        }) = activation
-        else {
+        let Some(activation) = activation else {
             // The driver never started the device: it has no sockets to reset.
             return Ok(());
         };
-        let core = worker::Core::new(self.cid, self.uds_path.clone(), self.listener.clone());
-        self.worker.start_paused(|| {
-            let [rx, tx, event] = device_queues(queues, features)?;
-            Ok(VsockWorker {
-                memory,
-                interrupt,
-                rx,
-                tx,
-                event,
-                core,
-                reset_pending: true,
-            })
-        })?;
+        let core = self.core();
+        self.worker
+            .start_paused(|| data_plane(core, activation, true))?;
         Ok(())
     }
 }

@@ -1,25 +1,24 @@
 //! Snapshots: a restored device has no connections, binds its own listener and tells the
 //! guest to reset its sockets (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET) when it first runs.
 
-use virtio_queue::QueueT;
-
 use super::*;
-use crate::snapshot::{DeviceState, QueuePosition, RestoreError, VsockState};
+use crate::snapshot::{DeviceState, RestoreError, VsockState};
+use crate::testing::restored_queues;
 
 /// Where the test guest's event buffer goes.
 const EVENT_BUFFER: u64 = 0x9_0000;
 
-fn at_positions(queues: &[&TestQueue], saved: &[QueuePosition]) -> Vec<crate::device::ActiveQueue> {
-    (0u16..)
-        .zip(queues)
-        .map(|(index, tq)| {
-            let mut active = tq.active_queue(index);
-            let position = saved.iter().find(|p| p.index == index).unwrap();
-            active.queue.set_next_avail(position.next_avail);
-            active.queue.set_next_used(position.next_used.unwrap());
-            active
-        })
-        .collect()
+/// Restores `saved` into `device`, over the guest's queues at the saved positions.
+fn restore_into(device: &mut Vsock, guest: &Guest, saved: &crate::snapshot::SavedDevice) {
+    let interrupt = Arc::new(RecordingInterrupt::for_queues(3));
+    let queues = restored_queues([&guest.rx, &guest.tx, &guest._ev], &saved.queues);
+    let features = 1 << VIRTIO_F_VERSION_1;
+    device
+        .restore(
+            Some(activation(&guest.mem, &interrupt, queues, features)),
+            &saved.state,
+        )
+        .unwrap();
 }
 
 #[test]
@@ -50,19 +49,7 @@ fn a_restored_vsock_drops_its_connections_and_sends_a_transport_reset() {
         .write_obj(0xffff_ffffu32, GuestAddress(EVENT_BUFFER))
         .unwrap();
     let head = guest._ev.add_chain(&[writable(EVENT_BUFFER, 8)]);
-    let interrupt = Arc::new(RecordingInterrupt::for_queues(3));
-    let queues = at_positions(&[&guest.rx, &guest.tx, &guest._ev], &saved.queues);
-    restored
-        .restore(
-            Some(activation(
-                &guest.mem,
-                &interrupt,
-                queues,
-                1 << VIRTIO_F_VERSION_1,
-            )),
-            &saved.state,
-        )
-        .unwrap();
+    restore_into(&mut restored, &guest, &saved);
     assert_eq!(restored.paused_connections(), Some(0));
     assert!(guest._ev.used(&guest.mem).is_empty(), "sent while paused");
     restored.resume().unwrap();
@@ -84,19 +71,7 @@ fn a_restored_vsock_without_an_event_buffer_resets_on_the_guests_next_one() {
     guest.dev.pause().unwrap();
     let saved = guest.dev.save_state().unwrap();
     let mut restored = Vsock::new(CID, &guest.dir.as_path().join("r.sock")).unwrap();
-    let interrupt = Arc::new(RecordingInterrupt::for_queues(3));
-    let queues = at_positions(&[&guest.rx, &guest.tx, &guest._ev], &saved.queues);
-    restored
-        .restore(
-            Some(activation(
-                &guest.mem,
-                &interrupt,
-                queues,
-                1 << VIRTIO_F_VERSION_1,
-            )),
-            &saved.state,
-        )
-        .unwrap();
+    restore_into(&mut restored, &guest, &saved);
     restored.resume().unwrap();
     // A buffer too small for the event is handed back empty rather than written past.
     let head = guest._ev.add_chain(&[writable(EVENT_BUFFER, 2)]);
