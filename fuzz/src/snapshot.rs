@@ -63,6 +63,10 @@ pub fn sample() -> Snapshot {
                 serial: None,
                 flush: true,
                 limit: LimitDescription::default(),
+                io_uring: false,
+                direct: false,
+                queues: 1,
+                queue_size: 256,
             }],
             taps: vec![TapDescription {
                 iface_id: Some("eth0".into()),
