@@ -99,7 +99,12 @@ const ANSWER: Duration = Duration::from_secs(10);
 
 /// Boots the counting guest through the API, lets it count to `c`, pauses it and snapshots it.
 /// `disk`, when given, is attached as a drive (the guest never touches it).
-fn counted_snapshot(name: &str, disk: Option<&PathBuf>) -> (PathBuf, PathBuf) {
+/// `extra` are more (path, body) PUTs before the start.
+fn counted_snapshot(
+    name: &str,
+    disk: Option<&PathBuf>,
+    extra: &[(&str, String)],
+) -> (PathBuf, PathBuf) {
     let kernel = counting_guest();
     let socket = scratch(&format!("{name}.sock"));
     let mut pvm = Pvm::start(&["--api-sock", socket.to_str().unwrap(), "--mem", "64M"]);
@@ -112,6 +117,10 @@ fn counted_snapshot(name: &str, disk: Option<&PathBuf>) -> (PathBuf, PathBuf) {
             disk.display()
         );
         assert_eq!(call(&mut api, "PUT", "/drives/d", Some(&drive)).0, 204);
+    }
+    for (path, body) in extra {
+        let (status, answer) = call(&mut api, "PUT", path, Some(body));
+        assert_eq!(status, 204, "{path}: {answer}");
     }
     let start = r#"{"action_type": "InstanceStart"}"#;
     assert_eq!(call(&mut api, "PUT", "/actions", Some(start)).0, 204);
@@ -149,7 +158,7 @@ fn counted_snapshot(name: &str, disk: Option<&PathBuf>) -> (PathBuf, PathBuf) {
 #[test]
 fn a_restored_guest_counts_on_from_where_it_stopped_twice_over() {
     require_kvm();
-    let (snapshot, mem) = counted_snapshot("cli", None);
+    let (snapshot, mem) = counted_snapshot("cli", None, &[]);
     let args = [
         "--restore",
         snapshot.to_str().unwrap(),
@@ -171,7 +180,7 @@ fn a_load_with_resume_vm_false_waits_for_patch_resumed() {
     require_kvm();
     let disk = scratch("api.disk");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    let (snapshot, mem) = counted_snapshot("api", Some(&disk));
+    let (snapshot, mem) = counted_snapshot("api", Some(&disk), &[]);
     let socket = scratch("load.sock");
     let mut pvm = Pvm::start(&["--api-sock", socket.to_str().unwrap()]);
     let mut api = connect(&socket, &mut pvm.child);
@@ -219,6 +228,7 @@ fn a_load_with_resume_vm_false_waits_for_patch_resumed() {
     assert_eq!(pvm.output.recv_timeout(ANSWER).ok(), Some(b'd'));
     let (status, answer) = call(&mut api, "PUT", "/snapshot/load", Some(&body));
     assert_eq!(status, 400, "{answer}");
+    the_restored_drive_is_the_apis(&mut api, &disk);
     pvm.kill();
     // From the command line, a damaged file is one line and exit code 2.
     let out = Command::new(PVM)
@@ -231,4 +241,81 @@ fn a_load_with_resume_vm_false_waits_for_patch_resumed() {
     let lines = stderr.lines().filter(|l| !l.contains("kvm_pvm")).count();
     assert_eq!(lines, 1, "{stderr}");
     assert!(stderr.contains("checksum mismatch"), "{stderr}");
+}
+
+/// After a load the API knows the restored VM as one it started: its configuration, and its
+/// drive by the id the snapshot recorded, for new limits and a new backing file.
+fn the_restored_drive_is_the_apis(
+    api: &mut std::os::unix::net::UnixStream,
+    disk: &std::path::Path,
+) {
+    let (status, config) = call(api, "GET", "/vm/config", None);
+    assert_eq!(status, 200, "{config}");
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["machine-config"]["mem_size_mib"], 64, "{config}");
+    assert_eq!(config["drives"][0]["drive_id"], "d", "{config}");
+    assert_eq!(
+        config["drives"][0]["path_on_host"],
+        disk.to_str().unwrap(),
+        "{config}"
+    );
+    let limit = r#"{"drive_id": "d", "rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}}"#;
+    let (status, answer) = call(api, "PATCH", "/drives/d", Some(limit));
+    assert_eq!(status, 204, "{answer}");
+    let (_, config) = call(api, "GET", "/vm/config", None);
+    assert!(config.contains(r#""size":100"#), "{config}");
+    let other = scratch("api-other.disk");
+    std::fs::write(&other, vec![0u8; 2 << 20]).unwrap();
+    let swap = format!(
+        r#"{{"drive_id": "d", "path_on_host": "{}"}}"#,
+        other.display()
+    );
+    let (status, answer) = call(api, "PATCH", "/drives/d", Some(&swap));
+    assert_eq!(status, 204, "{answer}");
+    let missing = r#"{"drive_id": "e", "rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}"#;
+    let (status, answer) = call(api, "PATCH", "/drives/e", Some(missing));
+    assert_eq!(status, 400, "{answer}");
+}
+
+#[test]
+fn a_restored_vm_rebuilds_its_balloon_and_vsock_and_binds_the_vsock_path_again() {
+    require_kvm();
+    let uds = scratch("bv.vsock");
+    let extra = [
+        (
+            "/balloon",
+            r#"{"amount_mib": 4, "deflate_on_oom": true, "stats_polling_interval_s": 0}"#
+                .to_string(),
+        ),
+        (
+            "/vsock",
+            format!(r#"{{"guest_cid": 7, "uds_path": "{}"}}"#, uds.display()),
+        ),
+    ];
+    let (snapshot, mem) = counted_snapshot("bv", None, &extra);
+    let socket = scratch("bv-load.sock");
+    let mut pvm = Pvm::start(&["--api-sock", socket.to_str().unwrap()]);
+    let mut api = connect(&socket, &mut pvm.child);
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+        snapshot.display(),
+        mem.display()
+    );
+    // The killed VM left its vsock socket behind: the path is taken, and the load says so.
+    assert!(uds.exists());
+    let (status, answer) = call(&mut api, "PUT", "/snapshot/load", Some(&body));
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("bv.vsock"), "{answer}");
+    std::fs::remove_file(&uds).unwrap();
+    let (status, answer) = call(&mut api, "PUT", "/snapshot/load", Some(&body));
+    assert_eq!(status, 204, "{answer}");
+    assert_eq!(pvm.ask(ANSWER), Some(b'd'));
+    let (_, config) = call(&mut api, "GET", "/vm/config", None);
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["balloon"]["amount_mib"], 4, "{config}");
+    assert_eq!(config["balloon"]["deflate_on_oom"], true, "{config}");
+    assert_eq!(config["vsock"]["guest_cid"], 7, "{config}");
+    // The restored device listens at the path again.
+    assert!(std::os::unix::net::UnixStream::connect(&uds).is_ok());
+    pvm.kill();
 }

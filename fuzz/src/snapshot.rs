@@ -57,6 +57,7 @@ pub fn sample() -> Snapshot {
             virtio_console: false,
             cmdline: String::new(),
             disks: vec![pvm::snapshot::description::DiskDescription {
+                drive_id: Some("rootfs".into()),
                 path: "/images/root.img".into(),
                 read_only: false,
                 serial: None,
@@ -77,6 +78,8 @@ pub fn sample() -> Snapshot {
                 tx_limit: LimitDescription::default(),
             }],
             rng_limit: LimitDescription::default(),
+            balloon: None,
+            vsock: None,
         },
         vcpus: vec![vcpu],
         vm: VmState {

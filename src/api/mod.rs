@@ -150,10 +150,12 @@ pub fn run(
         // `--restore` with `--api-sock`: the API serves the restored VM.
         _ if restore.is_some() => {
             let spec = restore.ok_or(RunError::ApiEnded)?;
-            let vm = vm::restore(&controller.base_config(), spec)?;
-            controller.set_started();
-            controller.set_limiters(vm.rate_limiters());
-            vm
+            let restored = vm::restore_described(&controller.base_config(), spec)?;
+            controller.adopt_restored(&restored);
+            if let Some(inbox) = &inbox {
+                inbox.drive_modes.publish(controller.image_drives());
+            }
+            restored.vm
         }
         (Some((path, _)), _) => {
             let config = controller.vm_config().map_err(ConfigFileError::from)?;

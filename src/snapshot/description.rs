@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{RestoreError, SnapshotError};
 use crate::config::{
     self, ConsoleKind, DiskSpec, MAX_TAP_QUEUES, TapSpec, Transport, VhostMode, VmConfig,
+    VsockBackend, VsockSpec,
 };
 
 /// The longest disk serial the guest can read (VIRTIO_BLK_ID_BYTES).
@@ -29,10 +30,34 @@ pub struct Description {
     pub disks: Vec<DiskDescription>,
     pub taps: Vec<TapDescription>,
     pub rng_limit: LimitDescription,
+    /// Format version 3: the balloon and the (hybrid) vsock device, rebuilt as they were.
+    pub balloon: Option<BalloonDescription>,
+    pub vsock: Option<VsockDescription>,
+}
+
+/// `--balloon` / `PUT /balloon` as configured; the target and interval the API changed since
+/// are the device's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonDescription {
+    pub amount_mib: u32,
+    pub deflate_on_oom: bool,
+    pub stats_interval_s: u32,
+    pub free_page_reporting: bool,
+    pub free_page_hinting: bool,
+}
+
+/// A vsock served by pvm (Firecracker's hybrid vsock). The restored VM binds a new listener
+/// at `uds_path`, which must not exist then (as in Firecracker).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockDescription {
+    pub cid: u64,
+    pub uds_path: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskDescription {
+    /// The API's `drive_id` of the drive, when the API configured it (format version 2).
+    pub drive_id: Option<String>,
     pub path: PathBuf,
     pub read_only: bool,
     pub serial: Option<String>,
@@ -59,6 +84,13 @@ impl DiskDescription {
             queue_size: self.queue_size,
         }
     }
+}
+
+/// The API's ids of a VM's devices, in attach order; `None` where the flags configured one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceIds {
+    pub drives: Vec<Option<String>>,
+    pub ifaces: Vec<Option<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +147,18 @@ impl LimitDescription {
     }
 }
 
+impl BalloonDescription {
+    fn config(self) -> pvm_virtio::BalloonConfig {
+        pvm_virtio::BalloonConfig {
+            amount_mib: self.amount_mib,
+            deflate_on_oom: self.deflate_on_oom,
+            stats_interval_s: self.stats_interval_s,
+            free_page_reporting: self.free_page_reporting,
+            free_page_hinting: self.free_page_hinting,
+        }
+    }
+}
+
 impl Description {
     /// The description of the VM `config` built; a VM whose RAM another process maps
     /// (vhost-user) cannot be snapshotted.
@@ -137,6 +181,7 @@ impl Description {
                 .disks
                 .iter()
                 .map(|d| DiskDescription {
+                    drive_id: None,
                     path: d.path.clone(),
                     read_only: d.read_only,
                     serial: d.serial.clone(),
@@ -166,7 +211,38 @@ impl Description {
                 })
                 .collect(),
             rng_limit: LimitDescription::of(&config.rng_limit),
+            balloon: config.balloon.map(|b| BalloonDescription {
+                amount_mib: b.amount_mib,
+                deflate_on_oom: b.deflate_on_oom,
+                stats_interval_s: b.stats_interval_s,
+                free_page_reporting: b.free_page_reporting,
+                free_page_hinting: b.free_page_hinting,
+            }),
+            vsock: match &config.vsock {
+                None => None,
+                Some(VsockSpec {
+                    cid,
+                    backend: VsockBackend::Unix(path),
+                }) => Some(VsockDescription {
+                    cid: *cid,
+                    uds_path: path.clone(),
+                }),
+                Some(VsockSpec {
+                    backend: VsockBackend::Vhost,
+                    ..
+                }) => return Err(SnapshotError::VhostVsock),
+            },
         })
+    }
+
+    /// Names the devices by the API's ids (`None`: the flags configured that one).
+    pub fn name_devices(&mut self, ids: &DeviceIds) {
+        for (disk, id) in self.disks.iter_mut().zip(&ids.drives) {
+            disk.drive_id = id.clone();
+        }
+        for (tap, id) in self.taps.iter_mut().zip(&ids.ifaces) {
+            tap.iface_id = id.clone();
+        }
     }
 
     /// Refuses values no pvm would have written (the file is untrusted).
@@ -203,10 +279,40 @@ impl Description {
             if let Err(e) = disk.options().validate() {
                 return bad(format!("disk {i}: {e}"));
             }
+            if let Some(id) = &disk.drive_id {
+                if self.disks[..i]
+                    .iter()
+                    .any(|d| d.drive_id.as_ref() == Some(id))
+                {
+                    return bad(format!("disk {i}: drive id {id} given twice"));
+                }
+            }
+        }
+        if let Some(balloon) = &self.balloon {
+            if let Err(e) = crate::balloon::check_fits(&balloon.config(), self.mem_bytes) {
+                return bad(format!("balloon: {e}"));
+            }
+        }
+        if let Some(vsock) = &self.vsock {
+            let cids = pvm_virtio::vsock::MIN_GUEST_CID..=pvm_virtio::vsock::MAX_GUEST_CID;
+            if !cids.contains(&vsock.cid) {
+                return bad(format!("vsock: guest CID {} is out of range", vsock.cid));
+            }
+            if vsock.uds_path.as_os_str().is_empty() {
+                return bad("vsock: an empty uds_path".to_string());
+            }
         }
         for (i, tap) in self.taps.iter().enumerate() {
             if !(1..=MAX_TAP_QUEUES).contains(&tap.queues) || (tap.queues > 1 && !self.pci) {
                 return bad(format!("tap {i}: {} queue pairs", tap.queues));
+            }
+            if let Some(id) = &tap.iface_id {
+                if self.taps[..i]
+                    .iter()
+                    .any(|t| t.iface_id.as_ref() == Some(id))
+                {
+                    return bad(format!("tap {i}: interface id {id} given twice"));
+                }
             }
         }
         Ok(())
@@ -285,6 +391,12 @@ impl Description {
         config.vhost_user_disks.clear();
         config.vhost_user_nets.clear();
         config.rng_limit = self.rng_limit.to_limit();
+        // The snapshot's, never the process flags': the device list must match the saved one.
+        config.balloon = self.balloon.map(|b| b.config());
+        config.vsock = self.vsock.as_ref().map(|v| VsockSpec {
+            cid: v.cid,
+            backend: VsockBackend::Unix(v.uds_path.clone()),
+        });
         Ok(config)
     }
 
@@ -318,6 +430,7 @@ mod tests {
             virtio_console: false,
             cmdline: String::new(),
             disks: vec![DiskDescription {
+                drive_id: Some("rootfs".to_string()),
                 path: "/images/root.img".into(),
                 read_only: false,
                 serial: Some("root".to_string()),
@@ -341,6 +454,17 @@ mod tests {
                 tx_limit: LimitDescription::default(),
             }],
             rng_limit: LimitDescription::default(),
+            balloon: Some(BalloonDescription {
+                amount_mib: 16,
+                deflate_on_oom: true,
+                stats_interval_s: 5,
+                free_page_reporting: false,
+                free_page_hinting: true,
+            }),
+            vsock: Some(VsockDescription {
+                cid: 3,
+                uds_path: "/run/v.sock".into(),
+            }),
         }
     }
 
@@ -355,6 +479,8 @@ mod tests {
         let again = Description::of(&config).unwrap();
         let mut expected = sample();
         expected.taps[0].name = "tap7".to_string();
+        // The ids are the API's, named afterwards (name_devices).
+        expected.disks[0].drive_id = None;
         assert_eq!(again, expected);
         assert!(
             sample()
@@ -392,6 +518,26 @@ mod tests {
                 "disk 0: serial",
             ),
             (|d| d.disks = vec![d.disks[0].clone(); 100], "100 disks"),
+            (
+                |d| d.balloon.as_mut().unwrap().amount_mib = 257,
+                "balloon: amount_mib 257",
+            ),
+            (|d| d.vsock.as_mut().unwrap().cid = 2, "vsock: guest CID 2"),
+            (
+                |d| d.vsock.as_mut().unwrap().uds_path = PathBuf::new(),
+                "vsock: an empty uds_path",
+            ),
+            (
+                |d| d.disks = vec![d.disks[0].clone(); 2],
+                "disk 1: drive id rootfs given twice",
+            ),
+            (
+                |d| {
+                    d.taps[0].iface_id = Some("eth0".into());
+                    d.taps = vec![d.taps[0].clone(); 2];
+                },
+                "tap 1: interface id eth0 given twice",
+            ),
         ];
         for (change, expected) in cases {
             let mut d = sample();
@@ -399,6 +545,23 @@ mod tests {
             let e = d.validate().unwrap_err().to_string();
             assert!(e.contains(expected), "{e}");
         }
+    }
+
+    #[test]
+    fn a_vhost_vsock_is_not_snapshotted_and_the_flags_devices_are_not_restored() {
+        let mut base = crate::cli::parse(["pvm".into()]).unwrap();
+        base.vsock = Some(VsockSpec {
+            cid: 3,
+            backend: VsockBackend::Vhost,
+        });
+        let e = Description::of(&base).unwrap_err().to_string();
+        assert!(e.contains("vhost=on"), "{e}");
+        // A restore takes the snapshot's balloon and vsock, never the process flags'.
+        let mut bare = sample();
+        bare.balloon = None;
+        bare.vsock = None;
+        let config = bare.to_config(&base, &[], &[]).unwrap();
+        assert_eq!((config.balloon, config.vsock), (None, None));
     }
 
     #[test]

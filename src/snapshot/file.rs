@@ -23,7 +23,8 @@ use super::{Snapshot, SnapshotError};
 
 pub const MAGIC: [u8; 8] = *b"PVMSNAP\0";
 /// Bumped whenever the encoded state changes shape; a file of another version is refused.
-pub const VERSION: u32 = 1;
+/// 2: the description records each disk's API drive id. 3: and the balloon and vsock.
+pub const VERSION: u32 = 3;
 const HEADER_BYTES: usize = 24;
 const CRC_BYTES: usize = 4;
 /// Far above any real state (a vCPU is ~10 KiB): a larger file is not a pvm snapshot.

@@ -30,6 +30,8 @@ pub(crate) fn sample() -> Snapshot {
             disks: Vec::new(),
             taps: Vec::new(),
             rng_limit: LimitDescription::default(),
+            balloon: None,
+            vsock: None,
         },
         vcpus: vec![vcpu],
         vm: VmState {
@@ -95,7 +97,7 @@ fn other_versions_are_refused_naming_both() {
     bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
     let e = refused(&bytes);
     assert!(
-        e.contains("format version 7; this pvm reads version 1"),
+        e.contains("format version 7; this pvm reads version 3"),
         "{e}"
     );
 }

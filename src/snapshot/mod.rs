@@ -99,6 +99,11 @@ pub enum SnapshotError {
          such a VM"
     )]
     VhostUser(String),
+    #[error(
+        "the vsock is served by the kernel's vhost-vsock (vhost=on), whose connections pvm \
+         cannot save; use the hybrid vsock (socket=PATH) for a VM to snapshot"
+    )]
+    VhostVsock,
     #[error("vCPU {index}: {what}: {source}")]
     Vcpu {
         index: u8,

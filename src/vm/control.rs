@@ -68,14 +68,14 @@ impl RunningVm<'_, '_> {
         self.pauser.device(name)
     }
 
-    /// Snapshots the paused VM into `snapshot` and `mem_file`; `iface_ids` name its taps.
+    /// Snapshots the paused VM into `snapshot` and `mem_file`; `ids` are the API's names of its drives and taps.
     pub fn create_snapshot(
         &self,
         snapshot: &std::path::Path,
         mem_file: &std::path::Path,
-        iface_ids: &[String],
+        ids: &crate::snapshot::description::DeviceIds,
     ) -> Result<(), crate::snapshot::SnapshotError> {
-        self.pauser.create_snapshot(snapshot, mem_file, iface_ids)
+        self.pauser.create_snapshot(snapshot, mem_file, ids)
     }
 
     /// Pauses (true) or resumes (false) the VM; asking for the state it is in changes nothing.

@@ -221,7 +221,7 @@ impl<'a> Pauser<'a> {
         &self,
         snapshot: &Path,
         mem_file: &Path,
-        iface_ids: &[String],
+        ids: &crate::snapshot::description::DeviceIds,
     ) -> Result<(), SnapshotError> {
         let Some(source) = self.source.as_ref().filter(|_| self.is_paused()) else {
             return Err(SnapshotError::NotPaused);
@@ -232,7 +232,7 @@ impl<'a> Pauser<'a> {
             self.devices,
             snapshot,
             mem_file,
-            iface_ids,
+            ids,
         )
     }
 

@@ -19,6 +19,7 @@ use crate::config::VmConfig;
 use crate::devices::legacy::SerialDevice;
 use crate::kvm_host;
 use crate::memory::VmMemory;
+use crate::snapshot::description::DeviceIds;
 use crate::snapshot::{
     Description, RestoreError, SerialState, Snapshot, SnapshotError, VmState, file, memory_file,
 };
@@ -54,7 +55,7 @@ pub struct SnapshotSource<'a> {
 
 impl SnapshotSource<'_> {
     /// Saves the paused VM: the state to `snapshot`, the RAM to `mem_file` (both 0600).
-    /// `iface_ids` are the API's interface ids of the taps, in order, when it has them.
+    /// `ids` are the API's drive and interface ids, in attach order, where it has them.
     pub fn create(
         &self,
         control: &RunControl,
@@ -62,13 +63,11 @@ impl SnapshotSource<'_> {
         devices: &[PausableDevice],
         snapshot: &Path,
         mem_file: &Path,
-        iface_ids: &[String],
+        ids: &DeviceIds,
     ) -> Result<(), SnapshotError> {
         let start = Instant::now();
         let mut description = Description::of(self.config)?;
-        for (tap, id) in description.taps.iter_mut().zip(iface_ids) {
-            tap.iface_id = Some(id.clone());
-        }
+        description.name_devices(ids);
         let vcpu_states = control.collect_states(vcpus, SAVE_LIMIT)?;
         let vm = VmState::save(self.vm)?;
         let serial = SerialState::from_superio(&super::lock(self.serial).serial.state());
@@ -114,6 +113,19 @@ impl SnapshotSource<'_> {
 /// Reads and checks the snapshot `spec` names and builds its VM, paused (or about to resume,
 /// with `spec.resume`). `base` gives the process's own settings (sandbox, logging, metrics).
 pub fn restore(base: &VmConfig, spec: &RestoreSpec) -> Result<Vm, Error> {
+    restore_described(base, spec).map(|restored| restored.vm)
+}
+
+/// A VM [`restore_described`] built, with what the API needs to serve it as it would a VM
+/// it started: the snapshot's description (the API's device ids) and the VM's configuration.
+pub struct Restored {
+    pub vm: Vm,
+    pub description: Description,
+    pub config: VmConfig,
+}
+
+/// [`restore`], keeping the snapshot's description and the configuration built from it.
+pub fn restore_described(base: &VmConfig, spec: &RestoreSpec) -> Result<Restored, Error> {
     let start = Instant::now();
     let snapshot = file::read(&spec.snapshot).map_err(RestoreError::from)?;
     snapshot.validate()?;
@@ -129,7 +141,11 @@ pub fn restore(base: &VmConfig, spec: &RestoreSpec) -> Result<Vm, Error> {
         spec.snapshot.display(),
         start.elapsed().as_micros()
     );
-    Ok(vm)
+    Ok(Restored {
+        vm,
+        description: snapshot.description,
+        config,
+    })
 }
 
 impl Vm {

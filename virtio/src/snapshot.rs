@@ -66,6 +66,8 @@ pub enum DeviceState {
     Console(ConsoleState),
     Rng,
     VhostUser(VhostUserState),
+    Balloon(BalloonState),
+    Vsock(VsockState),
 }
 
 impl DeviceState {
@@ -77,6 +79,8 @@ impl DeviceState {
             DeviceState::Console(_) => "console",
             DeviceState::Rng => "rng",
             DeviceState::VhostUser(_) => "vhost-user",
+            DeviceState::Balloon(_) => "balloon",
+            DeviceState::Vsock(_) => "vsock",
         }
     }
 }
@@ -104,6 +108,27 @@ pub struct ConsoleState {
 }
 
 /// pvm's side of a vhost-user device; the backend process keeps (or rebuilds) its own state.
+/// A balloon's state: what the host asked for, what the driver reported, the statistics
+/// interval (the API may have changed it), the features it offered, the statistics buffer
+/// it holds until the next interval, and which pages are in the balloon (one bit per 4 KiB
+/// frame of guest RAM).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonState {
+    pub features: u64,
+    pub target_pages: u32,
+    pub actual_pages: u32,
+    pub stats_interval_s: u32,
+    pub stats_head: Option<u16>,
+    pub inflated: Vec<u64>,
+}
+
+/// A vsock device's state: its guest CID. Connections are not saved: the restored device
+/// resets the transport, as Firecracker does, and the guest closes its sockets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    pub guest_cid: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VhostUserState {
     /// The virtio device type the backend serves.
@@ -267,6 +292,19 @@ pub enum RestoreError {
         queue: u16,
         vector: u16,
         size: usize,
+    },
+    #[error("{device}: {what} {saved:#x} in the snapshot, {here:#x} here")]
+    Mismatch {
+        device: &'static str,
+        what: &'static str,
+        saved: u64,
+        here: u64,
+    },
+    #[error("{device}: {what} {value} is not one the device could have saved")]
+    Value {
+        device: &'static str,
+        what: &'static str,
+        value: u64,
     },
     #[error("device type {device_type} cannot be restored yet")]
     NotImplemented { device_type: u32 },

@@ -9,6 +9,7 @@
 mod hinting;
 mod pages;
 mod shared;
+mod snapshot;
 mod worker;
 
 use std::io;
@@ -18,6 +19,7 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 
 use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
+use crate::snapshot::{DeviceState, RestoreError, SavedDevice, SnapshotError};
 use crate::worker::{WorkerSlot, feature, read_config_bytes};
 
 pub use self::pages::{DiscardError, PAGE_SIZE};
@@ -169,6 +171,18 @@ impl VirtioDevice for Balloon {
 
     fn resume(&mut self) -> Result<(), PauseError> {
         Ok(self.worker.resume()?)
+    }
+
+    fn save_state(&self) -> Result<SavedDevice, SnapshotError> {
+        self.save_snapshot()
+    }
+
+    fn restore(
+        &mut self,
+        activation: Option<Activation>,
+        state: &DeviceState,
+    ) -> Result<(), RestoreError> {
+        self.restore_snapshot(activation, state)
     }
 }
 

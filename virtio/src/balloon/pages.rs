@@ -52,6 +52,32 @@ impl PageTracker {
         self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// The bitmap, for a snapshot.
+    pub(crate) fn words(&self) -> &[u64] {
+        &self.bits
+    }
+
+    /// A tracker for `memory` holding the pages of a snapshot's bitmap; `Err(Some(pfn))`
+    /// names a page that is not guest RAM, `Err(None)` a bitmap of the wrong length.
+    pub(crate) fn from_words(memory: &GuestMemoryMmap, words: &[u64]) -> Result<Self, Option<u64>> {
+        let mut tracker = PageTracker::new(memory);
+        if words.len() != tracker.bits.len() {
+            return Err(None);
+        }
+        for (index, &word) in (0u64..).zip(words) {
+            let mut rest = word;
+            while rest != 0 {
+                let pfn = index * 64 + u64::from(rest.trailing_zeros());
+                rest &= rest - 1;
+                let page = u32::try_from(pfn).map_err(|_| Some(pfn))?;
+                if tracker.mark(memory, page, true) != PageVerdict::Accepted {
+                    return Err(Some(pfn));
+                }
+            }
+        }
+        Ok(tracker)
+    }
+
     /// Puts `pfn` into the balloon (inflate) or takes it out (deflate).
     pub(crate) fn mark(
         &mut self,

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::pages::PageTracker;
 use super::*;
 use crate::testing::{
     RecordingInterrupt, TestQueue, activation, eventually, readable, test_memory, writable,
@@ -343,3 +344,206 @@ fn shared_memfd_ram_is_punched_not_just_unmapped() {
 
 #[path = "hinting_tests.rs"]
 mod hinting;
+#[test]
+fn a_restored_balloon_keeps_its_sizes_interval_pages_and_held_statistics_buffer() {
+    use crate::snapshot::{DeviceState, RestoreError};
+    let config = BalloonConfig {
+        amount_mib: 1,
+        deflate_on_oom: true,
+        stats_interval_s: 60,
+        free_page_reporting: false,
+        free_page_hinting: false,
+    };
+    let rig = Rig::new(config);
+    let handle = rig.balloon.handle();
+    rig.send(0, BUF, &pfns(&[PAGE, PAGE + 1]));
+    let q = &rig.queues[2];
+    q.add_chain(&[readable(BUF, 10)]);
+    q.kick();
+    assert!(eventually(|| handle.stats().reports == 1));
+    handle.set_target_pages(512);
+    let mut balloon = rig.balloon;
+    balloon.write_config(ACTUAL_OFFSET as u64, &2u32.to_le_bytes());
+    assert!(balloon.save_state().is_err(), "saved while running");
+    balloon.pause().unwrap();
+    handle.set_stats_interval(1).unwrap();
+    let saved = balloon.save_state().unwrap();
+    let DeviceState::Balloon(state) = &saved.state else {
+        panic!("{saved:?}");
+    };
+    assert_eq!(
+        (
+            state.target_pages,
+            state.actual_pages,
+            state.stats_interval_s
+        ),
+        (512, 2, 1)
+    );
+    assert_eq!(state.features, balloon.features());
+    assert_eq!(state.stats_head, Some(0));
+    assert_eq!(
+        state.inflated.iter().map(|w| w.count_ones()).sum::<u32>(),
+        2
+    );
+    let indices: Vec<u16> = saved.queues.iter().map(|p| p.index).collect();
+    assert_eq!(indices, vec![0, 1, 2]);
+    drop(balloon);
+
+    let mut restored = Balloon::new(config).unwrap();
+    let interrupt = Arc::new(RecordingInterrupt::for_queues(3));
+    let features = restored.features();
+    let activation_at = |queues| activation(&rig.mem, &interrupt, queues, features);
+    restored
+        .restore(
+            Some(activation_at(crate::testing::restored_queues(
+                &rig.queues,
+                &saved.queues,
+            ))),
+            &saved.state,
+        )
+        .unwrap();
+    let new_handle = restored.handle();
+    assert_eq!(new_handle.target_pages(), 512);
+    assert_eq!(new_handle.actual_pages(), 2);
+    assert_eq!(new_handle.stats_interval_s(), 1);
+    let mut config_bytes = [0u8; 8];
+    restored.read_config(0, &mut config_bytes);
+    assert_eq!(config_bytes, [0, 2, 0, 0, 2, 0, 0, 0]);
+    restored.resume().unwrap();
+    // The held buffer goes back when the saved interval passes.
+    assert!(eventually(|| q.used(&rig.mem) == vec![(0, 0)]));
+    // The pages inflated before the snapshot can be deflated, not inflated again.
+    let before = rig.queues[1].used(&rig.mem).len();
+    rig.queues[1].add_chain(&[readable(BUF, 8)]);
+    rig.mem
+        .write_slice(&pfns(&[PAGE, PAGE + 1]), GuestAddress(BUF))
+        .unwrap();
+    rig.queues[1].kick();
+    assert!(eventually(|| rig.queues[1].used(&rig.mem).len() > before));
+    let c = new_handle.counters();
+    assert_eq!(load(&c.deflated_pages), 2);
+    assert_eq!(load(&c.refused_pages), 0);
+    drop(restored);
+
+    // A device configured otherwise refuses the state, naming the value.
+    let mut other = Balloon::new(BalloonConfig {
+        deflate_on_oom: false,
+        ..config
+    })
+    .unwrap();
+    let e = other.restore(None, &saved.state).unwrap_err();
+    assert!(e.to_string().contains("features"), "{e}");
+    let mut no_stats = Balloon::new(BalloonConfig {
+        stats_interval_s: 0,
+        ..config
+    })
+    .unwrap();
+    let mut state = state.clone();
+    state.features = no_stats.features();
+    let e = no_stats
+        .restore(None, &DeviceState::Balloon(state.clone()))
+        .unwrap_err();
+    assert!(e.to_string().contains("statistics interval"), "{e}");
+    let e = other.restore(None, &DeviceState::Rng).unwrap_err();
+    assert!(matches!(e, RestoreError::DeviceKind { .. }), "{e}");
+}
+
+#[test]
+fn hostile_balloon_states_are_refused() {
+    use crate::snapshot::DeviceState;
+    let config = BalloonConfig {
+        stats_interval_s: 5,
+        ..Default::default()
+    };
+    let rig = Rig::new(config);
+    let mut balloon = rig.balloon;
+    balloon.pause().unwrap();
+    let DeviceState::Balloon(good) = balloon.save_state().unwrap().state else {
+        panic!("not a balloon state");
+    };
+    drop(balloon);
+    type Change = fn(&mut crate::snapshot::BalloonState);
+    let cases: [(Change, bool, &str); 4] = [
+        (|s| s.inflated.push(0), true, "page bitmap length"),
+        (|s| s.inflated.clear(), true, "page bitmap length"),
+        (
+            |s| s.stats_head = Some(16),
+            true,
+            "held statistics buffer 16",
+        ),
+        (|s| s.stats_head = Some(0), false, "never started"),
+    ];
+    for (change, active, expected) in cases {
+        let mut state = good.clone();
+        change(&mut state);
+        let mut fresh = Balloon::new(config).unwrap();
+        let interrupt = Arc::new(RecordingInterrupt::for_queues(3));
+        let features = fresh.features();
+        let activation = active.then(|| {
+            let queues = (0u16..)
+                .zip(&rig.queues)
+                .map(|(i, q)| q.active_queue(i))
+                .collect();
+            activation(&rig.mem, &interrupt, queues, features)
+        });
+        let result = fresh.restore(activation, &DeviceState::Balloon(state));
+        let e = result.unwrap_err().to_string();
+        assert!(e.contains(expected), "{e}");
+    }
+    // A page outside RAM: 16 MiB of test RAM fills its bitmap's words exactly, so a hole
+    // between two regions stands in for it.
+    let holed = GuestMemoryMmap::<()>::from_ranges(&[
+        (GuestAddress(0), 0x10_0000),
+        (GuestAddress(0x20_0000), 0x10_0000),
+    ])
+    .unwrap();
+    let mut words = vec![0u64; PageTracker::new(&holed).words().len()];
+    words[0x100 / 64] = 1; // frame 0x100: the hole at 1 MiB
+    assert_eq!(
+        PageTracker::from_words(&holed, &words).unwrap_err(),
+        Some(0x100)
+    );
+    words[0x100 / 64] = 0;
+    words[0] = 0b101;
+    assert!(PageTracker::from_words(&holed, &words).is_ok());
+}
+
+#[test]
+fn a_balloon_with_hinting_restores_with_its_hinting_queue_and_no_run() {
+    let config = BalloonConfig {
+        amount_mib: 1,
+        deflate_on_oom: false,
+        stats_interval_s: 0,
+        free_page_reporting: true,
+        free_page_hinting: true,
+    };
+    let rig = Rig::new(config);
+    let mut balloon = rig.balloon;
+    balloon.pause().unwrap();
+    let saved = balloon.save_state().unwrap();
+    let indices: Vec<u16> = saved.queues.iter().map(|p| p.index).collect();
+    assert_eq!(
+        indices,
+        vec![0, 1, 2, 3],
+        "inflate, deflate, hinting, reporting"
+    );
+    drop(balloon);
+    let mut restored = Balloon::new(config).unwrap();
+    let interrupt = Arc::new(RecordingInterrupt::for_queues(4));
+    let features = restored.features();
+    let queues = crate::testing::restored_queues(&rig.queues, &saved.queues);
+    restored
+        .restore(
+            Some(activation(&rig.mem, &interrupt, queues, features)),
+            &saved.state,
+        )
+        .unwrap();
+    restored.resume().unwrap();
+    // The inflate queue still works after the restore.
+    rig.queues[0].add_chain(&[readable(BUF, 4)]);
+    rig.mem
+        .write_slice(&pfns(&[PAGE]), GuestAddress(BUF))
+        .unwrap();
+    rig.queues[0].kick();
+    assert!(eventually(|| !rig.queues[0].used(&rig.mem).is_empty()));
+}

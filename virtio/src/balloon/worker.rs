@@ -17,7 +17,10 @@ use super::pages::{PageTracker, PageVerdict, Runs, discard};
 use super::shared::{GuestStats, STAT_NAMES, Shared, lock};
 use crate::chain::Chain;
 use crate::device::{ActivateError, Activation, Interrupt};
-use crate::worker::{CHAINS_PER_PASS, DeviceQueue, EventHandler, EventLoop, WorkerError};
+use crate::snapshot::QueuePosition;
+use crate::worker::{
+    CHAINS_PER_PASS, DeviceQueue, EventHandler, EventLoop, QueuePositions, WorkerError,
+};
 
 /// The most page numbers read from one inflate or deflate buffer (Linux sends at most 256);
 /// the rest of a longer buffer is ignored.
@@ -122,6 +125,24 @@ impl BalloonHandler {
             buf: Vec::new(),
             warned: Warned::default(),
         })
+    }
+
+    /// What a snapshot keeps of the data plane: the held statistics buffer and the pages.
+    pub(crate) fn saved(&self) -> (Option<u16>, Vec<u64>) {
+        (self.stats_head, self.pages.words().to_vec())
+    }
+
+    /// Takes a snapshot's statistics buffer and pages (checked by the caller).
+    pub(crate) fn take_saved(&mut self, stats_head: Option<u16>, pages: PageTracker) {
+        self.stats_head = stats_head;
+        self.pages = pages;
+    }
+
+    /// The statistics queue's size, when the driver accepted one.
+    pub(crate) fn stats_queue_size(&self) -> Option<u16> {
+        self.stats
+            .as_ref()
+            .map(|q| virtio_queue::QueueT::size(&q.queue))
     }
 
     /// Pages currently in the balloon.
@@ -391,6 +412,18 @@ fn parse_stats(buf: &[u8], stats: &mut GuestStats, warned: &mut Warned) {
         }
     }
     stats.reports += 1;
+}
+
+impl QueuePositions for BalloonHandler {
+    fn positions(&self) -> Vec<QueuePosition> {
+        [&self.inflate, &self.deflate]
+            .into_iter()
+            .chain(&self.stats)
+            .chain(&self.hinting)
+            .chain(&self.reporting)
+            .map(DeviceQueue::position)
+            .collect()
+    }
 }
 
 impl EventHandler for BalloonHandler {

@@ -85,6 +85,29 @@ pub fn activation(
     }
 }
 
+/// `queues` (queue 0 first) as a restored device gets them: at the positions a snapshot saved.
+pub fn restored_queues<'q>(
+    queues: impl IntoIterator<Item = &'q TestQueue>,
+    saved: &[crate::snapshot::QueuePosition],
+) -> Vec<crate::device::ActiveQueue> {
+    use virtio_queue::QueueT;
+    (0u16..)
+        .zip(queues)
+        .map(|(index, tq)| {
+            let mut active = tq.active_queue(index);
+            let position = saved
+                .iter()
+                .find(|p| p.index == index)
+                .expect("a saved position per queue");
+            active.queue.set_next_avail(position.next_avail);
+            active
+                .queue
+                .set_next_used(position.next_used.expect("a used index"));
+            active
+        })
+        .collect()
+}
+
 /// A writer the test keeps a handle to (a console's output).
 #[derive(Clone, Default)]
 pub struct SharedWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);

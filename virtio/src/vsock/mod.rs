@@ -9,10 +9,12 @@
 //!
 //! The listener is bound when the device is made (before the sandbox); the device thread
 //! accepts on it and connects the guest's connections. A reset (driver reload) drops the worker
-//! and with it every connection: host peers read EOF. See worker.rs for flow control.
+//! and with it every connection: host peers read EOF. See worker.rs for flow control, and
+//! snapshot.rs for what a snapshot keeps (no connections: a transport reset on restore).
 
 mod conn;
 pub mod packet;
+mod snapshot;
 mod sock;
 mod worker;
 
@@ -29,6 +31,7 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 
 use crate::device::{ActivateError, Activation, PauseError, VirtioDevice};
+use crate::snapshot::{DeviceState, RestoreError, SavedDevice, SnapshotError};
 use crate::worker::{WorkerSlot, device_queues, feature, read_config_bytes};
 
 pub use conn::BUF_ALLOC;
@@ -96,6 +99,11 @@ impl Vsock {
         &self.uds_path
     }
 
+    /// A data plane's connection state, empty, over this device's listener.
+    fn core(&self) -> worker::Core {
+        worker::Core::new(self.cid, self.uds_path.clone(), self.listener.clone())
+    }
+
     /// The open connections of a paused device (tests).
     #[cfg(test)]
     fn paused_connections(&self) -> Option<usize> {
@@ -126,24 +134,8 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let Activation {
-            memory,
-            interrupt,
-            queues,
-            features,
-        } = activation;
-        let core = worker::Core::new(self.cid, self.uds_path.clone(), self.listener.clone());
-        self.worker.start(|| {
-            let [rx, tx, event] = device_queues(queues, features)?;
-            Ok(worker::VsockWorker {
-                memory,
-                interrupt,
-                rx,
-                tx,
-                event,
-                core,
-            })
-        })
+        let core = self.core();
+        self.worker.start(|| data_plane(core, activation, false))
     }
 
     fn reset(&mut self) {
@@ -157,6 +149,42 @@ impl VirtioDevice for Vsock {
     fn resume(&mut self) -> Result<(), PauseError> {
         Ok(self.worker.resume()?)
     }
+
+    fn save_state(&self) -> Result<SavedDevice, SnapshotError> {
+        self.save_snapshot()
+    }
+
+    fn restore(
+        &mut self,
+        activation: Option<Activation>,
+        state: &DeviceState,
+    ) -> Result<(), RestoreError> {
+        self.restore_snapshot(activation, state)
+    }
+}
+
+/// The worker over `activation`'s queues; `reset_pending` for a restored device (snapshot.rs).
+fn data_plane(
+    core: worker::Core,
+    activation: Activation,
+    reset_pending: bool,
+) -> Result<worker::VsockWorker, ActivateError> {
+    let Activation {
+        memory,
+        interrupt,
+        queues,
+        features,
+    } = activation;
+    let [rx, tx, event] = device_queues(queues, features)?;
+    Ok(worker::VsockWorker {
+        memory,
+        interrupt,
+        rx,
+        tx,
+        event,
+        core,
+        reset_pending,
+    })
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use crate::testing::{
 };
 
 mod hostile;
+mod snapshot;
 
 pub(super) const CID: u64 = 42;
 const RX_BUFFERS: u64 = 0x10_0000;

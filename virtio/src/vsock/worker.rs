@@ -89,6 +89,8 @@ pub(crate) struct VsockWorker {
     pub(crate) tx: DeviceQueue,
     pub(crate) event: DeviceQueue,
     pub(crate) core: Core,
+    /// A restored device owes the guest a transport reset (see snapshot.rs).
+    pub(crate) reset_pending: bool,
 }
 
 impl Core {
@@ -503,6 +505,7 @@ impl EventHandler for VsockWorker {
     }
 
     fn start(&mut self, events: &EventLoop) {
+        self.send_pending_reset();
         self.core.accept(events);
         self.serve(events);
     }
@@ -514,6 +517,7 @@ impl EventHandler for VsockWorker {
             // The event queue's buffers wait for a transport reset.
             EVENT_KICK => {
                 self.event.clear_kick();
+                self.send_pending_reset();
                 return;
             }
             LISTENER => self.core.accept(events),

@@ -55,8 +55,7 @@ impl<H: EventHandler> WorkerSlot<H> {
         !matches!(self.state, State::Idle)
     }
 
-    /// The paused handler, for a look at its state.
-    #[cfg(test)]
+    /// The paused handler, for a look at its state (tests, snapshots).
     pub(crate) fn paused(&self) -> Option<&H> {
         match &self.state {
             State::Paused(handler) => Some(handler),
