@@ -6,12 +6,14 @@
 //! stale (connecting is refused), so a socket a newer pvm has bound meanwhile stays. If the
 //! helper cannot be started, the sockets stay and are cleaned as stale ones are.
 //!
-//! While it waits the helper is `/bin/sh` (named `pvm-cleanup`), not the pvm binary: scripts
-//! that find the VMM with `pidof pvm` (which matches the executable too) find only the VMM.
+//! While it waits the helper is `/bin/sh` (its script's `$0` is `pvm-cleanup`), not the pvm
+//! binary: scripts that find the VMM with `pidof pvm` (which matches the executable too) find
+//! only the VMM. Its argv[0] stays `/bin/sh`: busybox picks the applet by argv[0] and refuses
+//! any other name ("pvm-cleanup: applet not found"), so on a busybox system the helper would
+//! end at once and leave the sockets to the stale-socket cleaning.
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -48,7 +50,6 @@ pub fn remove_at_exit(paths: &[&Path]) {
         }
     };
     let spawned = Command::new("/bin/sh")
-        .arg0("pvm-cleanup")
         .args(["-c", WAIT_THEN_CLEAN, "pvm-cleanup"])
         .arg(exe)
         .args(paths)
