@@ -34,6 +34,10 @@ const TAP_TX_BW: u64 = 128 * KIB;
 const NET_BLOCKS: u64 = 320;
 const GUEST_MAC: &str = "06:00:ac:10:00:02";
 
+/// `cs` prints /proc/uptime in centiseconds. Not by gluing the digits together: under 1 s
+/// that gives "095", which shell arithmetic reads as (invalid) octal, and the guest's /init
+/// died on it whenever its first measurement started in its first second.
+///
 /// The guest: measures the drives, sends through the tap, asks for the PATCH (waiting until
 /// the host shows it is done by answering pings on 10.0.2.3), measures `bw` again. A result
 /// line is `rl TAG BYTES OPS CENTISECONDS`.
@@ -42,7 +46,7 @@ fn guest_init() -> String {
     let bw_mib = DISK_BW / MIB;
     let patched_mib = PATCHED_BW / MIB;
     format!(
-        r#"cs() {{ read u _ < /proc/uptime; echo ${{u%.*}}${{u#*.}}; }}
+        r#"cs() {{ read u _ < /proc/uptime; echo $(( ${{u%.*}} * 100 + 1${{u#*.}} - 100 )); }}
 measure() {{
     [ "$4" -gt 0 ] && dd if=$2 of=/dev/null bs=$3 count=$4 iflag=direct 2>/dev/null
     t0=$(cs)
@@ -97,7 +101,7 @@ wait_for() {{
         usleep 100000
     done
 }}
-cs() {{ read u _ < /proc/uptime; echo ${{u%.*}}${{u#*.}}; }}
+cs() {{ read u _ < /proc/uptime; echo $(( ${{u%.*}} * 100 + 1${{u#*.}} - 100 )); }}
 for d in bw ops free; do dd if=/dev/zero of=$d.img bs=1M count=0 seek=64 2>/dev/null; done
 [ -e /dev/vhost-net ] && echo host-has-vhost-net
 cat > receiver <<'EOF'
