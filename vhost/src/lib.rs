@@ -4,6 +4,7 @@
 //! kernel or by another process, so the VMM is not in the packet path. Like pvm-virtio it never
 //! imports from the VMM crate.
 
+mod kernel;
 pub mod net;
 mod relay;
 mod rings;

@@ -20,6 +20,7 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use vm_memory::GuestMemoryMmap;
 
+use crate::kernel;
 use crate::rings::{RingAddresses, Rings, Served, memory_table};
 
 /// Where the kernel's vhost-net device lives.
@@ -74,12 +75,8 @@ impl VhostNetPlane {
     /// Opens a vhost-net instance for `memory` and learns its features; `tap` is a descriptor
     /// of the tap to serve.
     pub fn new(tap: File, memory: &GuestMemoryMmap) -> Result<Self, Error> {
-        let net = KernelNet::new(Arc::new(memory.clone())).map_err(|e| match e {
-            vhost::Error::VhostOpen(e) => Error::Open(e),
-            other => Error::Open(std::io::Error::other(other)),
-        })?;
-        // Owner-less instances answer VHOST_GET_FEATURES.
-        let features = kernel_features(&net).map_err(Error::Open)?;
+        let net = kernel::opened(KernelNet::new(Arc::new(memory.clone()))).map_err(Error::Open)?;
+        let features = kernel::features(&net).map_err(Error::Open)?;
         Ok(VhostNetPlane {
             tap,
             features,
@@ -89,19 +86,6 @@ impl VhostNetPlane {
             enabled: true,
         })
     }
-}
-
-/// VHOST_GET_FEATURES on an open vhost-net descriptor.
-pub(crate) fn kernel_features(fd: &impl AsRawFd) -> std::io::Result<u64> {
-    // _IOR(VHOST_VIRTIO, 0x00, __u64)
-    const VHOST_GET_FEATURES: libc::c_ulong = 0x8008_af00;
-    let mut features = 0u64;
-    // SAFETY: the ioctl writes one u64 into `features`, which outlives the call.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), VHOST_GET_FEATURES, &mut features) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(features)
 }
 
 fn refused(request: &'static str) -> impl Fn(vhost::Error) -> DataPlaneError {

@@ -19,6 +19,7 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use vm_memory::GuestMemoryMmap;
 
+use crate::kernel;
 use crate::rings::{RingAddresses, Rings, Served, memory_table};
 
 /// Where the kernel's vhost-vsock device lives.
@@ -63,11 +64,9 @@ impl VhostVsock {
     /// Opens a vhost-vsock instance for `memory` and claims guest CID `cid` on the host, now,
     /// before the sandbox and before the guest runs.
     pub fn new(cid: u64, memory: &GuestMemoryMmap) -> Result<Self, Error> {
-        let vsock = KernelVsock::new(Arc::new(memory.clone())).map_err(|e| match e {
-            vhost::Error::VhostOpen(e) => Error::Open(e),
-            other => Error::Open(std::io::Error::other(other)),
-        })?;
-        let features = crate::net::kernel_features(&vsock).map_err(Error::Features)?;
+        let vsock =
+            kernel::opened(KernelVsock::new(Arc::new(memory.clone()))).map_err(Error::Open)?;
+        let features = kernel::features(&vsock).map_err(Error::Features)?;
         vsock
             .set_guest_cid(cid)
             .map_err(|source| Error::Cid { cid, source })?;
