@@ -14,7 +14,7 @@
 //! One client at a time: a second one is told the console is busy and closed. A client that
 //! disconnects just detaches; the guest runs on. The thread is sandboxed with the API thread's
 //! filter, which allows exactly what it does (epoll, accept4, reading and writing its sockets,
-//! an eventfd, futexes).
+//! a zero-timeout poll asking whether the attached client has gone, an eventfd, futexes).
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -377,27 +377,22 @@ impl Server {
         }
     }
 
-    /// Whether the client has gone: closed (nothing left to read) or reset (it closed with
-    /// output unread).
+    /// Whether the client has gone: it closed (or shut down its sending side), or its socket
+    /// failed. Asked of the kernel with a zero-timeout poll rather than by reading, so a client
+    /// that left input unread behind it is seen as gone too.
     fn client_closed(&self) -> bool {
         let Some(client) = &self.client else {
             return false;
         };
-        let mut byte = 0u8;
-        // SAFETY: recv peeks at most one byte into a live local.
-        let got = unsafe {
-            libc::recv(
-                client.as_raw_fd(),
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
+        let mut fd = libc::pollfd {
+            fd: client.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
         };
-        if got < 0 {
-            let e = std::io::Error::last_os_error();
-            return !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted);
-        }
-        got == 0
+        // SAFETY: poll reads and writes one pollfd that lives on this stack for the call, and
+        // does not wait.
+        let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+        ready > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 
     fn detach(&mut self, why: &str) {

@@ -189,3 +189,34 @@ fn bind_routes_the_uart_and_virtio_console_to_the_socket_and_tees_serial_out() {
     // A second bind of the same path is refused: the socket is live.
     assert!(matches!(bind(&path, false), Err(Error::RunDir(_))));
 }
+
+#[test]
+fn a_client_that_left_input_unread_is_seen_gone() {
+    let path = scratch("gone");
+    let listener = UnixListener::bind(&path).unwrap();
+    let peer = UnixStream::connect(&path).unwrap();
+    let (attached, _) = listener.accept().unwrap();
+    let mut server = Server {
+        socket: ConsoleSocket {
+            listener,
+            ring: Arc::new(OutputRing::new().unwrap()),
+            path: path.clone(),
+        },
+        epoll: Epoll::new().unwrap(),
+        input: Box::new(|bytes: &[u8]| bytes.len()),
+        client: Some(attached),
+        pending: Vec::new(),
+    };
+    assert!(!server.client_closed(), "a live client is not gone");
+    // Input pvm has not read yet, then the client leaves: a new client must not be refused
+    // because that input is still queued.
+    (&peer).write_all(&[b'x'; 3 * INPUT_CHUNK]).unwrap();
+    assert!(
+        !server.client_closed(),
+        "unread input alone is not a hang-up"
+    );
+    drop(peer);
+    assert!(server.client_closed());
+    server.client = None;
+    assert!(!server.client_closed());
+}

@@ -80,6 +80,8 @@ const MAIN: &[i64] = &[
 /// ioctl follows), and reading and writing them (the standard library reads a socket with
 /// recvfrom); the channel to the main thread is futexes and its eventfd a write, both allowed
 /// to every thread. It holds no socket but the listener and its clients, and may create none.
+/// The console socket's thread, under the same filter, asks with a zero-timeout poll whether
+/// its attached client has hung up before it refuses a new one as busy.
 const API: &[i64] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
@@ -87,6 +89,7 @@ const API: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
+    libc::SYS_poll,
 ];
 
 /// What `--stats` adds to the main thread: reading /proc/self/task for per-thread CPU time.
