@@ -240,13 +240,10 @@ fn serve(
     }
 }
 
-/// Accepts every waiting client (non-blocking, close-on-exec), up to [`MAX_CONNECTIONS`].
-fn accept_all(
-    listener: &UnixListener,
-    epoll: &Epoll,
-    connections: &mut HashMap<u64, Connection>,
-    next_token: &mut u64,
-) {
+/// Accepts one waiting client on a non-blocking listener, itself non-blocking and
+/// close-on-exec in the same call: the API thread's filter (shared by the console socket's
+/// thread) allows accept4 with no fcntl or ioctl after it. `None` when nobody waits.
+pub(crate) fn accept_client(listener: &UnixListener) -> std::io::Result<Option<UnixStream>> {
     loop {
         // SAFETY: accept4 on the listener's live descriptor; null address pointers are allowed.
         let fd = unsafe {
@@ -257,18 +254,35 @@ fn accept_all(
                 libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
             )
         };
-        if fd < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != ErrorKind::WouldBlock && e.kind() != ErrorKind::Interrupted {
-                log::warn!("API: accept: {e}");
-            }
-            if e.kind() == ErrorKind::Interrupted {
-                continue;
-            }
-            return;
+        if fd >= 0 {
+            // SAFETY: accept4 returned a new descriptor that nothing else owns.
+            return Ok(Some(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) })));
         }
-        // SAFETY: accept4 returned a new descriptor that nothing else owns.
-        let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            ErrorKind::Interrupted => continue,
+            ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Accepts every waiting client (non-blocking, close-on-exec), up to [`MAX_CONNECTIONS`].
+fn accept_all(
+    listener: &UnixListener,
+    epoll: &Epoll,
+    connections: &mut HashMap<u64, Connection>,
+    next_token: &mut u64,
+) {
+    loop {
+        let stream = match accept_client(listener) {
+            Ok(Some(stream)) => stream,
+            Ok(None) => return,
+            Err(e) => {
+                log::warn!("API: accept: {e}");
+                return;
+            }
+        };
         if connections.len() >= MAX_CONNECTIONS {
             log::warn!("API: more than {MAX_CONNECTIONS} clients; closing the newest");
             continue;

@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -328,25 +328,14 @@ impl Server {
     /// Takes every waiting connection: the first becomes the client, the others are refused.
     fn accept(&mut self) {
         loop {
-            // SAFETY: accept4 on the listener's live descriptor; null address pointers are
-            // allowed.
-            let fd = unsafe {
-                libc::accept4(
-                    self.socket.listener.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                )
-            };
-            if fd < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == ErrorKind::Interrupted {
-                    continue;
+            let mut stream = match crate::api::server::accept_client(&self.socket.listener) {
+                Ok(Some(stream)) => stream,
+                Ok(None) => return,
+                Err(e) => {
+                    log::warn!("console socket: accept: {e}");
+                    return;
                 }
-                return;
-            }
-            // SAFETY: accept4 returned a new descriptor that nothing else owns.
-            let mut stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            };
             if self.client_closed() {
                 self.detach("closed");
             }
