@@ -600,7 +600,7 @@ mod manage_tests;
 mod tests {
     use super::*;
 
-    fn parse_strs(args: &[&str]) -> Result<VmConfig, CliExit> {
+    pub(super) fn parse_strs(args: &[&str]) -> Result<VmConfig, CliExit> {
         parse(
             std::iter::once("pvm")
                 .chain(args.iter().copied())
@@ -608,7 +608,8 @@ mod tests {
         )
     }
 
-    fn error_of(args: &[&str]) -> String {
+    /// The one-line usage error `args` give.
+    pub(super) fn error_of(args: &[&str]) -> String {
         match parse_strs(args) {
             Err(CliExit::Message(code, text)) => {
                 assert_eq!(code, USAGE_ERROR, "{text}");

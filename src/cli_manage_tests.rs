@@ -1,14 +1,7 @@
 //! The command line's run-directory, console-socket and subcommand parts.
 
+use super::tests::{error_of, parse_strs};
 use super::*;
-
-fn parse_strs(args: &[&str]) -> Result<VmConfig, CliExit> {
-    parse(
-        std::iter::once("pvm")
-            .chain(args.iter().copied())
-            .map(OsString::from),
-    )
-}
 
 fn launch(args: &[&str]) -> Launch {
     parse_launch(
@@ -17,18 +10,6 @@ fn launch(args: &[&str]) -> Launch {
             .map(OsString::from),
     )
     .unwrap()
-}
-
-/// The one-line usage error `args` give.
-fn error_of(args: &[&str]) -> String {
-    match parse_strs(args) {
-        Err(CliExit::Message(code, text)) => {
-            assert_eq!(code, USAGE_ERROR, "{text}");
-            assert_eq!(text.lines().count(), 1, "one line expected: {text:?}");
-            text
-        }
-        Ok(config) => panic!("{args:?} parsed: {config:?}"),
-    }
 }
 
 #[test]

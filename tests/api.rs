@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use micro::http::{call, connect, read_response};
-use micro::{micro_kernel, power_off, print, require_kvm, spin};
+use micro::{micro_kernel, power_off, print, require_kvm, spin, wait_exit};
 
 const PVM: &str = env!("CARGO_BIN_EXE_pvm");
 
@@ -31,20 +31,6 @@ fn expect_fault(api: &mut UnixStream, method: &str, path: &str, body: Option<&st
         answer.starts_with(r#"{"fault_message":"#) && answer.contains(want),
         "{method} {path}: {answer}"
     );
-}
-
-fn wait_exit(child: &mut Child) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code().unwrap_or(-1);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("pvm did not end within 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// pvm in Firecracker mode on `socket` with `extra` flags, its output captured, and a client

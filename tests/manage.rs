@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use micro::{micro_kernel, print, read_until, require_kvm, spin, wait_for_input};
+use micro::{micro_kernel, print, read_until, require_kvm, spin, wait_exit, wait_for_input};
 
 const PVM: &str = env!("CARGO_BIN_EXE_pvm");
 
@@ -96,20 +96,6 @@ fn start(xdg: &Path, id: &str, kernel: &Path, extra: &[&str]) -> Vm {
         std::thread::sleep(Duration::from_millis(20));
     }
     Vm(child)
-}
-
-fn wait_exit(child: &mut Child) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code().unwrap_or(-1);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("pvm did not end within 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn spinner(name: &str) -> PathBuf {

@@ -9,6 +9,8 @@ pub mod http;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
 
 const LOAD_ADDR: u64 = 0x10_0000;
 
@@ -104,4 +106,19 @@ pub fn read_until(from: &mut impl Read, text: &str) -> Result<(), String> {
         seen.extend_from_slice(&buf[..n]);
     }
     Ok(())
+}
+
+/// The exit code of pvm `child` (-1 for a signal), which must end within 20 s; killed if not.
+pub fn wait_exit(child: &mut Child) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("pvm did not end within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
