@@ -13,6 +13,7 @@ use crate::config::{
     self, ConsoleKind, ConsoleSocketPath, DiskArg, GuestPages, TapSpec, Transport, VmConfig,
 };
 use crate::manage::{self, rundir};
+use crate::sandbox::SandboxSpec;
 
 /// Exit code for a bad command line or an unreadable file named on it.
 pub use pvm_common::exit::USAGE_ERROR;
@@ -186,6 +187,12 @@ struct Args {
 
     #[command(flatten)]
     firecracker: FirecrackerArgs,
+
+    /// Run COMMAND in the sandbox: the host's kernel and read-only root with a tmpfs overlay
+    /// (see "pvm with no arguments" in README.md); pvm prints its output and exits with its
+    /// status. With no COMMAND and no --kernel, --initrd or --disk: a shell.
+    #[arg(last = true, value_name = "COMMAND")]
+    sandbox_command: Vec<String>,
 }
 
 /// Firecracker's process flags, so tools that start Firecracker can start pvm instead.
@@ -278,6 +285,8 @@ pub struct Launch {
     pub run_dir_api: bool,
     /// `--restore`: the VM comes from a snapshot, not from `config`'s boot files.
     pub restore: Option<crate::vm::RestoreSpec>,
+    /// `pvm` with no boot files, or `pvm -- COMMAND`: the sandbox (crate::sandbox).
+    pub sandbox: Option<SandboxSpec>,
 }
 
 /// What the command line asks for: a VM, or a subcommand.
@@ -456,6 +465,7 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
             mmds_size_limit: fc.mmds_size_limit,
             run_dir_api: fc.api_sock.is_none() && !fc.no_api,
         });
+    let sandbox = sandbox_of(&args, firecracker.is_some());
     let transport = match (args.transport, fc.enable_pci) {
         (Some(Transport::Mmio), true) => {
             return Err(usage_error(
@@ -582,6 +592,7 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
         smt: args.smt,
         huge_pages: args.huge_pages.unwrap_or_default(),
         vsock: args.vsock,
+        exit_port: false,
     };
     Ok(Invocation::Run(Box::new(Launch {
         config,
@@ -589,7 +600,70 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
         id,
         run_dir_api: !args.firecracker.no_api,
         restore,
+        sandbox,
     })))
+}
+
+/// The sandbox, when asked for by `-- COMMAND` or by naming nothing to boot. Which flags it
+/// refuses is [`sandbox_refusal`]'s to say, when pvm runs: a command line only parsed (the
+/// API's base, the tests) keeps every flag.
+fn sandbox_of(args: &Args, firecracker: bool) -> Option<SandboxSpec> {
+    let nothing_to_boot = args.kernel.is_none()
+        && args.initrd.is_none()
+        && args.disk.is_empty()
+        && args.restore.is_none()
+        && !firecracker;
+    (!args.sandbox_command.is_empty() || nothing_to_boot).then(|| SandboxSpec {
+        command: args.sandbox_command.clone(),
+    })
+}
+
+/// Why `launch` cannot run as the sandbox: the first flag whose boot files or devices its
+/// guest cannot use, named, as a usage error.
+pub fn sandbox_refusal(launch: &Launch) -> Result<(), CliExit> {
+    if launch.sandbox.is_none() {
+        return Ok(());
+    }
+    let c = &launch.config;
+    let console_elsewhere = c.console != ConsoleKind::Serial || c.console_socket.is_some();
+    let no_driver = "the sandbox guest loads no driver for it";
+    let refused = [
+        (
+            c.initrd.is_some(),
+            "--initrd",
+            "pvm builds the sandbox's initramfs itself",
+        ),
+        (
+            !c.disks.is_empty() || !c.vhost_user_disks.is_empty(),
+            "--disk",
+            "the sandbox's root is the host's",
+        ),
+        (
+            launch.restore.is_some(),
+            "--restore",
+            "the sandbox boots afresh",
+        ),
+        (
+            launch.firecracker.is_some(),
+            "--api-sock/--config-file",
+            "Firecracker mode boots what it is told",
+        ),
+        (!c.taps.is_empty(), "--tap", no_driver),
+        (!c.vhost_user_nets.is_empty(), "--net", no_driver),
+        (c.vsock.is_some(), "--vsock", no_driver),
+        (c.balloon.is_some(), "--balloon", no_driver),
+        (
+            console_elsewhere,
+            "--console",
+            "the sandbox's console is this terminal (ttyS0)",
+        ),
+    ];
+    match refused.iter().find(|(given, _, _)| *given) {
+        Some((_, flag, why)) => Err(usage_error(format!(
+            "{flag} does not fit the sandbox (pvm without --kernel, or pvm -- COMMAND): {why}"
+        ))),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

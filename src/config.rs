@@ -148,6 +148,9 @@ pub struct VmConfig {
     pub huge_pages: GuestPages,
     /// `--vsock`: a virtio-vsock device (one per VM).
     pub vsock: Option<VsockSpec>,
+    /// The sandbox's exit device on port 0xf4 (crate::devices::exit_port); only `pvm` with no
+    /// boot files or `pvm -- COMMAND` (crate::sandbox) sets it.
+    pub exit_port: bool,
 }
 
 /// Where `--console socket` puts the console's socket.
