@@ -159,6 +159,12 @@ impl Fs {
         })
     }
 
+    /// A FUSE session over this share, as the device's worker runs one per activation: for
+    /// tests and fuzzing that drive the request dispatcher without queues.
+    pub fn session(&self) -> Server {
+        Server::new(Arc::clone(&self.root))
+    }
+
     pub fn tag(&self) -> &str {
         &self.tag
     }
