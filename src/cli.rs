@@ -102,6 +102,14 @@ struct Args {
     #[arg(long, value_name = "cid=N,socket=PATH | cid=N,vhost=on", value_parser = config::parse_vsock)]
     vsock: Option<config::VsockSpec>,
 
+    /// A host directory the guest mounts read-only over virtio-fs, served by pvm itself:
+    /// `mount -t virtiofs NAME /mnt` in the guest (tag default `hostfs`); repeatable, each
+    /// with its own tag. Every write is refused (EROFS) and the guest cannot reach outside the
+    /// directory; the guest holds at most 65536 inodes and 4096 open files of each share
+    /// (ENFILE beyond). A VM with a share cannot be snapshotted.
+    #[arg(long, value_name = "PATH[,tag=NAME]", value_parser = config::parse_share)]
+    share: Vec<config::ShareSpec>,
+
     /// Where the guest console lives: the 8250 UART (ttyS0) or virtio-console (hvc0); and
     /// `socket=PATH` puts it on a Unix socket instead of the terminal (which pvm then leaves
     /// alone): attach with `pvm console ID` or `socat -,raw,echo=0 UNIX-CONNECT:PATH`. Plain
@@ -500,6 +508,7 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
             DiskArg::VhostUser(socket) => vhost_user_disks.push(socket),
         }
     }
+    check_shares(&args.share)?;
     if let Some(tap) = args.tap.iter().find(|t| t.queues > 1) {
         if transport == Transport::Mmio {
             // Supporting it would work but give nothing: the pairs' interrupts could not reach
@@ -593,6 +602,7 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
         huge_pages: args.huge_pages.unwrap_or_default(),
         vsock: args.vsock,
         exit_port: false,
+        shares: args.share,
     };
     Ok(Invocation::Run(Box::new(Launch {
         config,
@@ -653,6 +663,11 @@ pub fn sandbox_refusal(launch: &Launch) -> Result<(), CliExit> {
         (c.vsock.is_some(), "--vsock", no_driver),
         (c.balloon.is_some(), "--balloon", no_driver),
         (
+            c.shares.iter().any(|s| s.tag == crate::sandbox::SHARE_TAG),
+            "--share",
+            "the host's root is the share tagged 'hostfs' there; give another tag=NAME",
+        ),
+        (
             console_elsewhere,
             "--console",
             "the sandbox's console is this terminal (ttyS0)",
@@ -664,6 +679,26 @@ pub fn sandbox_refusal(launch: &Launch) -> Result<(), CliExit> {
         ))),
         None => Ok(()),
     }
+}
+
+/// Every `--share` names a directory, and no two use the same tag (the guest mounts by tag).
+fn check_shares(shares: &[config::ShareSpec]) -> Result<(), CliExit> {
+    for (i, share) in shares.iter().enumerate() {
+        if !share.path.is_dir() {
+            return Err(usage_error(format!(
+                "--share {}: not a directory",
+                share.path.display()
+            )));
+        }
+        if shares[..i].iter().any(|other| other.tag == share.tag) {
+            return Err(usage_error(format!(
+                "--share {}: tag '{}' is already used by another share; give tag=NAME",
+                share.path.display(),
+                share.tag
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -923,5 +958,26 @@ mod tests {
         assert!(error_of(&["--paused"]).contains("--mem-file"));
         let e = error_of(&["--restore", "s", "--mem-file", "m", "--kernel", "k"]);
         assert!(e.contains("--kernel") || e.contains("--restore"), "{e}");
+    }
+
+    #[test]
+    fn shares() {
+        let dir = std::env::temp_dir();
+        let dir = dir.to_str().unwrap();
+        let c = parse_strs(&["--share", dir, "--share", &format!("{dir},tag=two")]).unwrap();
+        let tags: Vec<&str> = c.shares.iter().map(|s| s.tag.as_str()).collect();
+        assert_eq!(tags, ["hostfs", "two"]);
+        assert!(parse_strs(&[]).unwrap().shares.is_empty());
+        let e = error_of(&["--share", dir, "--share", dir]);
+        assert!(e.contains("tag 'hostfs' is already used"), "{e}");
+        let e = error_of(&["--share", "/nonexistent/dir"]);
+        assert!(
+            e.contains("--share /nonexistent/dir: not a directory"),
+            "{e}"
+        );
+        let e = error_of(&["--share", "/dev/null"]);
+        assert!(e.contains("not a directory"), "{e}");
+        let e = error_of(&["--share", &format!("{dir},ro")]);
+        assert!(e.contains("unknown share option 'ro'"), "{e}");
     }
 }

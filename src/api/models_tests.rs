@@ -33,6 +33,7 @@ pub(crate) fn base() -> VmConfig {
         huge_pages: Default::default(),
         vsock: None,
         exit_port: false,
+        shares: Vec::new(),
     }
 }
 

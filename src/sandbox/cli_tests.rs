@@ -55,6 +55,8 @@ fn nothing_to_boot_or_a_command_asks_for_the_sandbox() {
         Some(std::path::Path::new("/proc/self/exe"))
     );
     cli::sandbox_refusal(&launch(&["--cpus", "2", "--smt", "--", "true"])).unwrap();
+    // More shares are fine, under their own tags.
+    cli::sandbox_refusal(&launch(&["--share", "/tmp,tag=tmp"])).unwrap();
 }
 
 #[test]

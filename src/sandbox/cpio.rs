@@ -143,34 +143,35 @@ fn check_path(path: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// A minimal newc reader for the tests: (name, mode, data) of each entry.
+#[cfg(test)]
+pub(crate) fn read(bytes: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    let field = |at: usize, i: usize| {
+        let text = std::str::from_utf8(&bytes[at + 6 + i * 8..at + 14 + i * 8]).unwrap();
+        u32::from_str_radix(text, 16).unwrap() as usize
+    };
+    loop {
+        assert_eq!(&bytes[at..at + 6], MAGIC.as_bytes());
+        let (mode, size, name_size) = (field(at, 1), field(at, 6), field(at, 11));
+        let name_at = at + 110;
+        let name = std::str::from_utf8(&bytes[name_at..name_at + name_size - 1]).unwrap();
+        assert_eq!(bytes[name_at + name_size - 1], 0);
+        let data_at = (name_at + name_size).next_multiple_of(4);
+        if name == TRAILER {
+            assert_eq!(data_at, bytes.len());
+            return out;
+        }
+        let data = bytes[data_at..data_at + size].to_vec();
+        out.push((name.to_string(), mode as u32, data));
+        at = (data_at + size).next_multiple_of(4);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A minimal newc reader for the tests: (name, mode, data) of each entry.
-    fn read(bytes: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
-        let mut out = Vec::new();
-        let mut at = 0;
-        let field = |at: usize, i: usize| {
-            let text = std::str::from_utf8(&bytes[at + 6 + i * 8..at + 14 + i * 8]).unwrap();
-            u32::from_str_radix(text, 16).unwrap() as usize
-        };
-        loop {
-            assert_eq!(&bytes[at..at + 6], MAGIC.as_bytes());
-            let (mode, size, name_size) = (field(at, 1), field(at, 6), field(at, 11));
-            let name_at = at + 110;
-            let name = std::str::from_utf8(&bytes[name_at..name_at + name_size - 1]).unwrap();
-            assert_eq!(bytes[name_at + name_size - 1], 0);
-            let data_at = (name_at + name_size).next_multiple_of(4);
-            if name == TRAILER {
-                assert_eq!(data_at, bytes.len());
-                return out;
-            }
-            let data = bytes[data_at..data_at + size].to_vec();
-            out.push((name.to_string(), mode as u32, data));
-            at = (data_at + size).next_multiple_of(4);
-        }
-    }
 
     #[test]
     fn entries_round_trip_with_parents_first_and_padding() {

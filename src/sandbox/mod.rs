@@ -19,12 +19,12 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
-use crate::config::VmConfig;
+use crate::config::{ShareSpec, VmConfig};
 use crate::exit::Outcome;
 use spec::{GuestSpec, MODULE_DIR, SPEC_PATH};
 
 /// The virtio-fs tag of the host's root in the guest.
-pub const SHARE_TAG: &str = "hostfs";
+pub const SHARE_TAG: &str = pvm_virtio::fs::DEFAULT_TAG;
 /// What the sandbox adds to the kernel command line before the user's --cmdline: a quiet
 /// kernel (its messages would mix with the command's output), and a panic that ends the VM at
 /// once (pvm reports it) instead of hanging.
@@ -272,6 +272,10 @@ pub fn prepare(config: &mut VmConfig, sandbox: &SandboxSpec) -> Result<File, Err
         format!("{SANDBOX_CMDLINE} {}", config.cmdline)
     };
     config.exit_port = true;
+    config.shares.push(ShareSpec {
+        path: PathBuf::from("/"),
+        tag: SHARE_TAG.to_string(),
+    });
     Ok(initramfs)
 }
 
@@ -330,6 +334,44 @@ mod tests {
             err.starts_with("/nonexistent/vmlinuz: ") && err.contains("--kernel"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn prepare_sets_kernel_initramfs_cmdline_exit_port_and_share() {
+        let kernel =
+            std::env::temp_dir().join(format!("pvm-sandbox-{}.bzImage", std::process::id()));
+        std::fs::write(&kernel, bzimage(b"0.0-pvm-no-such-release #1\0")).unwrap();
+        let mut config =
+            crate::cli::parse(["pvm".into(), "--cmdline".into(), "x=1".into()]).unwrap();
+        config.kernel = Some(kernel.clone());
+        let spec = SandboxSpec {
+            command: vec!["echo".into(), "hi".into()],
+        };
+        let initramfs = prepare(&mut config, &spec).unwrap();
+        assert_eq!(config.kernel, Some(kernel.clone()));
+        assert_eq!(config.cmdline, format!("{SANDBOX_CMDLINE} x=1"));
+        assert!(config.exit_port);
+        assert_eq!(
+            config.shares,
+            [ShareSpec {
+                path: "/".into(),
+                tag: "hostfs".into()
+            }]
+        );
+        let bytes = std::fs::read(config.initrd.as_ref().unwrap()).unwrap();
+        drop(initramfs);
+        let entries = cpio::read(&bytes);
+        assert!(entries.iter().any(|(name, _, _)| name == "init"));
+        let (_, _, guest) = entries
+            .iter()
+            .find(|(name, _, _)| name == SPEC_PATH)
+            .unwrap();
+        let guest = GuestSpec::decode(guest);
+        assert_eq!(guest.command, ["echo", "hi"]);
+        assert_eq!(guest.tag, "hostfs");
+        // No module tree for that release: no modules, the kernel must have them built in.
+        assert!(guest.modules.is_empty());
+        std::fs::remove_file(kernel).unwrap();
     }
 
     #[test]
