@@ -9,6 +9,7 @@ const TRAILER: &str = "TRAILER!!!";
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
 const S_IFLNK: u32 = 0o120000;
+const S_IFCHR: u32 = 0o020000;
 
 /// Why an entry cannot go into the archive.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,6 +28,8 @@ pub struct Archive {
     bytes: Vec<u8>,
     names: BTreeSet<String>,
     next_ino: u32,
+    /// The device number of the entry being written (a device node's; else 0:0).
+    rdev: (u32, u32),
 }
 
 impl Archive {
@@ -47,6 +50,15 @@ impl Archive {
     pub fn symlink(&mut self, path: &str, target: &str) -> Result<(), Error> {
         self.parents(path)?;
         self.entry(path, S_IFLNK | 0o777, target.as_bytes())
+    }
+
+    /// A character device node `major`:`minor` (mode 0600).
+    pub fn char_device(&mut self, path: &str, major: u32, minor: u32) -> Result<(), Error> {
+        self.parents(path)?;
+        self.rdev = (major, minor);
+        let added = self.entry(path, S_IFCHR | 0o600, &[]);
+        self.rdev = (0, 0);
+        added
     }
 
     /// A directory (and its parents); one that is already there is fine.
@@ -99,6 +111,9 @@ impl Archive {
     fn header(&mut self, name: &str, ino: u32, mode: u32, size: u32) {
         let nlink = if mode & S_IFDIR != 0 { 2 } else { 1 };
         let name_size = name.len() + 1;
+        // ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor namesize
+        // check
+        let (major, minor) = self.rdev;
         let fields = [
             ino,
             mode,
@@ -109,8 +124,8 @@ impl Archive {
             size,
             0,
             0,
-            0,
-            0,
+            major,
+            minor,
             name_size as u32,
             0,
         ];
@@ -143,9 +158,13 @@ fn check_path(path: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// A minimal newc reader for the tests: (name, mode, data) of each entry.
+/// An entry as the tests read it back: name, mode, data, device number.
 #[cfg(test)]
-pub(crate) fn read(bytes: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
+pub(crate) type Entry = (String, u32, Vec<u8>, (u32, u32));
+
+/// A minimal newc reader for the tests.
+#[cfg(test)]
+pub(crate) fn read(bytes: &[u8]) -> Vec<Entry> {
     let mut out = Vec::new();
     let mut at = 0;
     let field = |at: usize, i: usize| {
@@ -164,7 +183,8 @@ pub(crate) fn read(bytes: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
             return out;
         }
         let data = bytes[data_at..data_at + size].to_vec();
-        out.push((name.to_string(), mode as u32, data));
+        let rdev = (field(at, 9) as u32, field(at, 10) as u32);
+        out.push((name.to_string(), mode as u32, data, rdev));
         at = (data_at + size).next_multiple_of(4);
     }
 }
@@ -181,9 +201,10 @@ mod tests {
         a.dir("usr/lib").unwrap();
         a.dir("proc").unwrap();
         a.file("init", 0o755, b"").unwrap();
+        a.char_device("dev/console", 5, 1).unwrap();
         assert!(a.contains("usr") && !a.contains("nope"));
         let entries = read(&a.finish());
-        let names: Vec<&str> = entries.iter().map(|(n, _, _)| n.as_str()).collect();
+        let names: Vec<&str> = entries.iter().map(|(n, ..)| n.as_str()).collect();
         assert_eq!(
             names,
             [
@@ -192,14 +213,21 @@ mod tests {
                 "usr/lib/libc.so.6",
                 "lib64",
                 "proc",
-                "init"
+                "init",
+                "dev",
+                "dev/console"
             ]
         );
         assert_eq!(entries[2].1, S_IFREG | 0o755);
         assert_eq!(entries[2].2, b"elf!x");
         assert_eq!(entries[3].1, S_IFLNK | 0o777);
         assert_eq!(entries[3].2, b"usr/lib");
+        assert_eq!(entries[7].1, S_IFCHR | 0o600);
+        assert_eq!((entries[7].3, entries[2].3), ((5, 1), (0, 0)));
         assert_eq!(entries[0].1, S_IFDIR | 0o755);
+        assert_eq!(entries[7].1, S_IFCHR | 0o600);
+        assert_eq!(entries[7].3, (5, 1));
+        assert_eq!(entries[2].3, (0, 0));
     }
 
     #[test]

@@ -245,6 +245,9 @@ fn memory_file(bytes: &[u8]) -> std::io::Result<File> {
 pub fn prepare(config: &mut VmConfig, sandbox: &SandboxSpec) -> Result<File, Error> {
     let (kernel, release) = kernel(config)?;
     let mut archive = cpio::Archive::new();
+    // The kernel opens it as init's stdin, stdout and stderr; without them Rust's start-up
+    // code would want /dev/null, which the initramfs does not have.
+    archive.char_device("dev/console", 5, 1)?;
     add_payload(&mut archive)?;
     let modules = add_modules(&mut archive, &release)?;
     // SAFETY: isatty only inspects the descriptor.
@@ -361,11 +364,10 @@ mod tests {
         let bytes = std::fs::read(config.initrd.as_ref().unwrap()).unwrap();
         drop(initramfs);
         let entries = cpio::read(&bytes);
-        assert!(entries.iter().any(|(name, _, _)| name == "init"));
-        let (_, _, guest) = entries
-            .iter()
-            .find(|(name, _, _)| name == SPEC_PATH)
-            .unwrap();
+        assert!(entries.iter().any(|(name, ..)| name == "init"));
+        let console = |(name, .., rdev): &&cpio::Entry| name == "dev/console" && *rdev == (5, 1);
+        assert!(entries.iter().any(|e| console(&e)));
+        let (_, _, guest, _) = entries.iter().find(|(name, ..)| name == SPEC_PATH).unwrap();
         let guest = GuestSpec::decode(guest);
         assert_eq!(guest.command, ["echo", "hi"]);
         assert_eq!(guest.tag, "hostfs");
