@@ -348,6 +348,11 @@ fn long_about() -> String {
          early boot; the UART (ttyS0) is wired to this terminal in raw mode (or to a Unix \
          socket, --console socket). pvm COMMAND manages running VMs (pvm list, status, \
          pause, resume, stop, console).\n\n\
+         pvm with nothing to boot (no --kernel, --initrd or --disk) runs the sandbox: the \
+         host's own kernel with the host's root shared read-only under a tmpfs overlay and a \
+         shell on this terminal; pvm -- COMMAND [ARGS...] runs one command that way and exits \
+         with its status (125: the sandbox failed; 126, 127: the command cannot run, is not \
+         found).\n\n\
          SIGUSR1 pauses the VM (every vCPU and virtio device), SIGUSR2 resumes it.\n\n{}",
         crate::exit::exit_status_help()
     )

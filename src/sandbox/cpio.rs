@@ -231,6 +231,36 @@ mod tests {
     }
 
     #[test]
+    fn the_system_cpio_reads_the_archive() {
+        let mut a = Archive::new();
+        a.file("bin/odd name", 0o755, b"abcde").unwrap();
+        a.char_device("dev/console", 5, 1).unwrap();
+        let mut child = std::process::Command::new("cpio")
+            .args(["-t", "-v", "--quiet"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("cpio (scripts/host-packages installs it)");
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, &a.finish()).unwrap();
+        drop(stdin);
+        let listing = String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap();
+        let lines: Vec<&str> = listing.lines().collect();
+        assert_eq!(lines.len(), 4, "{listing}");
+        assert!(lines[0].starts_with("drwxr-xr-x") && lines[0].ends_with(" bin"));
+        assert!(
+            lines[1].starts_with("-rwxr-xr-x") && lines[1].contains(" 5 "),
+            "{listing}"
+        );
+        assert!(lines[1].ends_with(" bin/odd name"), "{listing}");
+        assert!(
+            lines[3].starts_with("crw-------") && lines[3].contains(" 5,"),
+            "{listing}"
+        );
+        assert!(lines[3].ends_with(" dev/console"), "{listing}");
+    }
+
+    #[test]
     fn hostile_paths_and_duplicates_are_refused() {
         let mut a = Archive::new();
         for bad in [
