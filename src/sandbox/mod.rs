@@ -251,7 +251,9 @@ pub fn prepare(config: &mut VmConfig, sandbox: &SandboxSpec) -> Result<File, Err
     add_payload(&mut archive)?;
     let modules = add_modules(&mut archive, &release)?;
     // SAFETY: isatty only inspects the descriptor.
-    let tty = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
+    let is_tty = |fd| unsafe { libc::isatty(fd) } == 1;
+    // Output to a file or pipe gets the command's bytes as they are, even from a terminal.
+    let tty = is_tty(libc::STDIN_FILENO) && is_tty(libc::STDOUT_FILENO);
     let (rows, cols) = terminal_size();
     let guest = GuestSpec {
         modules,

@@ -16,8 +16,9 @@ pub struct GuestSpec {
     pub tag: String,
     /// The command and its arguments; empty: the interactive shell.
     pub command: Vec<String>,
-    /// Whether pvm's stdin is a terminal: if not, the guest's console echoes nothing and
-    /// passes output through unchanged (no "\r\n"), so piped output is the command's own.
+    /// Whether pvm's stdin and stdout are terminals: if not, the guest's console echoes
+    /// nothing and passes output through unchanged (no "\r\n"), so piped output is the
+    /// command's own.
     pub tty: bool,
     /// The host terminal's size, for the guest's console.
     pub rows: u16,
