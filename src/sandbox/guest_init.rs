@@ -139,6 +139,7 @@ fn setup_and_run() -> Result<u8, InitError> {
         std::fs::create_dir_all(format!("{RW}/{dir}"))
             .map_err(sys(format!("making {RW}/{dir}")))?;
     }
+    opaque_mount_points()?;
     let layers = format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work");
     mount_at("overlay", ROOT, "overlay", 0, &layers)?;
     for dir in ["dev", "proc", "sys"] {
@@ -156,6 +157,33 @@ fn setup_and_run() -> Result<u8, InitError> {
     )?;
     switch_root()?;
     run_command(&spec)
+}
+
+/// The guest's /dev, /proc and /sys as opaque directories of the upper layer, so the overlay
+/// never looks them up in the share: pvm's share refuses the host's procfs (EACCES), which
+/// would make even the mount point unreachable.
+fn opaque_mount_points() -> Result<(), InitError> {
+    for dir in ["dev", "proc", "sys"] {
+        let path = format!("{RW}/upper/{dir}");
+        std::fs::create_dir_all(&path).map_err(sys(format!("making {path}")))?;
+        let cpath = cstr(&path)?;
+        // SAFETY: the path and attribute name are NUL-terminated, the value is one byte long.
+        let rc = unsafe {
+            libc::setxattr(
+                cpath.as_ptr(),
+                c"trusted.overlay.opaque".as_ptr(),
+                c"y".as_ptr().cast(),
+                1,
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(sys(format!("marking {path} opaque"))(
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn load_module(path: &str) -> Result<(), InitError> {
