@@ -13,6 +13,8 @@
 //! - No DAX window, no notifications, no snapshot support (saving a VM with a share refuses).
 
 pub mod abi;
+#[cfg(test)]
+mod device_tests;
 mod host;
 mod inodes;
 pub mod server;
