@@ -254,9 +254,13 @@ fn switch_root() -> Result<(), InitError> {
 
 /// The console's own device (e.g. /dev/ttyS0): /dev/console cannot be a controlling terminal.
 fn console_device() -> String {
-    let active = std::fs::read_to_string("/sys/class/tty/console/active").unwrap_or_default();
+    console_name(&std::fs::read_to_string("/sys/class/tty/console/active").unwrap_or_default())
+}
+
+/// The device of the last console in sysfs's `active` list (the one /dev/console is).
+fn console_name(active: &str) -> String {
     match active.split_whitespace().last() {
-        Some(name) if !name.contains('/') => format!("/dev/{name}"),
+        Some(name) if !name.contains('/') && name != "." && name != ".." => format!("/dev/{name}"),
         _ => "/dev/console".to_string(),
     }
 }
@@ -364,13 +368,22 @@ fn wait_for(pid: libc::pid_t) -> u8 {
         if got != pid {
             continue;
         }
-        if libc::WIFEXITED(status) {
-            return libc::WEXITSTATUS(status) as u8;
-        }
-        if libc::WIFSIGNALED(status) {
-            return 128u8.saturating_add(libc::WTERMSIG(status) as u8);
+        if let Some(code) = shell_status(status) {
+            return code;
         }
     }
+}
+
+/// A wait status as a shell reports it: the exit code, or 128+N for a signal N; None while
+/// the process has not ended.
+fn shell_status(status: libc::c_int) -> Option<u8> {
+    if libc::WIFEXITED(status) {
+        return Some(libc::WEXITSTATUS(status) as u8);
+    }
+    if libc::WIFSIGNALED(status) {
+        return Some(128u8.saturating_add(libc::WTERMSIG(status) as u8));
+    }
+    None
 }
 
 /// Writes `status` to the exit port (pvm ends the VM on it); powers off if that did not work.
@@ -389,5 +402,36 @@ fn report(status: u8) -> ! {
         // SAFETY: reboot with a valid command; only returns on failure.
         unsafe { libc::reboot(libc::RB_POWER_OFF) };
         std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn status_of(script: &str) -> Option<u8> {
+        let status = Command::new("sh").args(["-c", script]).status().unwrap();
+        shell_status(status.into_raw())
+    }
+
+    #[test]
+    fn exit_codes_and_signals_read_as_a_shell_reports_them() {
+        assert_eq!(status_of("exit 0"), Some(0));
+        assert_eq!(status_of("exit 7"), Some(7));
+        assert_eq!(status_of("exit 255"), Some(255));
+        assert_eq!(status_of("kill -TERM $$"), Some(128 + 15));
+        assert_eq!(status_of("kill -KILL $$"), Some(128 + 9));
+        // A stopped child (WIFSTOPPED) has not ended.
+        assert_eq!(shell_status(0x137f), None);
+    }
+
+    #[test]
+    fn only_a_plain_console_name_becomes_a_device_path() {
+        assert_eq!(console_name("tty0 ttyS0\n"), "/dev/ttyS0");
+        assert_eq!(console_name("hvc0\n"), "/dev/hvc0");
+        assert_eq!(console_name(""), "/dev/console");
+        assert_eq!(console_name("../../etc/x\n"), "/dev/console");
+        assert_eq!(console_name(".."), "/dev/console");
     }
 }
