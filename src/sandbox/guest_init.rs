@@ -188,7 +188,7 @@ fn opaque_mount_points() -> Result<(), InitError> {
 
 fn load_module(path: &str) -> Result<(), InitError> {
     let file = File::open(Path::new("/").join(path)).map_err(sys(format!("opening {path}")))?;
-    let compressed = [".xz", ".zst", ".gz"].iter().any(|ext| path.ends_with(ext));
+    let compressed = super::modules::is_compressed(path);
     let flags = if compressed {
         MODULE_INIT_COMPRESSED_FILE
     } else {

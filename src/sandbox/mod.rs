@@ -205,6 +205,12 @@ fn add_modules(archive: &mut cpio::Archive, release: &str) -> Result<Vec<String>
         return Ok(Vec::new());
     }
     let order = modules::Tree::read(&dir)?.load_order(modules::WANTED)?;
+    let config_path = PathBuf::from(format!("/boot/config-{release}"));
+    let config = std::fs::read_to_string(&config_path).ok();
+    modules::check_decompress(
+        &order,
+        config.as_deref().map(|text| (config_path.as_path(), text)),
+    )?;
     let mut paths = Vec::new();
     for (i, module) in order.iter().enumerate() {
         let file = module.rsplit('/').next().unwrap_or(module);

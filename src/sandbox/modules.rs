@@ -20,6 +20,11 @@ pub const WANTED: &[(&str, bool)] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(
+        "module {module} is compressed and {config} says its kernel cannot decompress modules \
+         (CONFIG_MODULE_DECOMPRESS is not set); pvm hands modules to the kernel as they are"
+    )]
+    CannotDecompress { module: String, config: PathBuf },
     #[error("reading {path}")]
     Read {
         path: PathBuf,
@@ -141,6 +146,29 @@ impl Tree {
     }
 }
 
+/// Whether `path` names a compressed module file.
+pub fn is_compressed(path: &str) -> bool {
+    [".xz", ".zst", ".gz"].iter().any(|ext| path.ends_with(ext))
+}
+
+/// Refuses compressed modules for a kernel whose config (`config`'s text, from
+/// /boot/config-RELEASE) lacks the loader's decompressor; without a config the guest finds out.
+pub fn check_decompress(order: &[String], config: Option<(&Path, &str)>) -> Result<(), Error> {
+    let Some((path, text)) = config else {
+        return Ok(());
+    };
+    let can = text
+        .lines()
+        .any(|l| l.trim() == "CONFIG_MODULE_DECOMPRESS=y");
+    match order.iter().find(|m| is_compressed(m)) {
+        Some(module) if !can => Err(Error::CannotDecompress {
+            module: module.clone(),
+            config: path.to_path_buf(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +239,31 @@ garbage line without a colon
             t.load_order(&[("fuse", true)]),
             Err(Error::Cycle { .. })
         ));
+    }
+
+    #[test]
+    fn compressed_modules_need_the_kernels_decompressor() {
+        let plain = vec!["kernel/fs/fuse/fuse.ko".to_string()];
+        let packed = vec![
+            "a/virtio.ko".to_string(),
+            "kernel/fs/fuse/fuse.ko.zst".to_string(),
+        ];
+        let without = (
+            Path::new("/boot/config-x"),
+            "# CONFIG_MODULE_DECOMPRESS is not set\n",
+        );
+        let with = (Path::new("/boot/config-x"), "CONFIG_MODULE_DECOMPRESS=y\n");
+        check_decompress(&plain, Some(without)).unwrap();
+        check_decompress(&packed, Some(with)).unwrap();
+        check_decompress(&packed, None).unwrap();
+        let err = check_decompress(&packed, Some(without))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fuse.ko.zst") && err.contains("/boot/config-x"),
+            "{err}"
+        );
+        assert!(is_compressed("x.ko.xz") && is_compressed("x.ko.gz") && !is_compressed("x.ko"));
     }
 
     #[test]
