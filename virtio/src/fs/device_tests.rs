@@ -47,9 +47,9 @@ fn the_device_serves_both_queues_and_drops_broken_chains() {
     let send =
         |tq: &TestQueue, queue: u16, input: &[u8], descs: &[virtio_queue::desc::RawDescriptor]| {
             mem.write_slice(input, GuestAddress(0x10_000)).unwrap();
+            let before = interrupt.count(queue);
             tq.add_chain(descs);
             tq.kick();
-            let before = interrupt.count(queue);
             assert!(interrupt.wait_for(queue, before + 1));
         };
     // INIT, split over two readable descriptors; the reply over two writable ones.

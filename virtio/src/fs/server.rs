@@ -42,7 +42,7 @@ pub enum Served {
 /// The FUSE session of one activation of a share.
 pub struct Server {
     pub(super) inodes: Inodes,
-    initialized: bool,
+    pub(super) initialized: bool,
     /// Scratch for getdents and readlink, kept between requests.
     scratch: Vec<u8>,
 }
@@ -88,7 +88,8 @@ impl Server {
             let room = room - size_of::<OutHeader>().min(room);
             self.dispatch(&header, body, room, out)
         };
-        if forget && result.is_ok() {
+        if forget {
+            // The driver never waits for a FORGET, so even a malformed one gets no reply.
             out.clear();
             return Ok(Served::NoReply);
         }
