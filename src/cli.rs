@@ -13,6 +13,7 @@ use crate::config::{
     self, ConsoleKind, ConsoleSocketPath, DiskArg, GuestPages, TapSpec, Transport, VmConfig,
 };
 use crate::manage::{self, rundir};
+use crate::sandbox::SandboxSpec;
 
 /// Exit code for a bad command line or an unreadable file named on it.
 pub use pvm_common::exit::USAGE_ERROR;
@@ -101,6 +102,14 @@ struct Args {
     #[arg(long, value_name = "cid=N,socket=PATH | cid=N,vhost=on", value_parser = config::parse_vsock)]
     vsock: Option<config::VsockSpec>,
 
+    /// A host directory the guest mounts read-only over virtio-fs, served by pvm itself:
+    /// `mount -t virtiofs NAME /mnt` in the guest (tag default `hostfs`); repeatable, each
+    /// with its own tag. Every write is refused (EROFS) and the guest cannot reach outside the
+    /// directory; the guest holds at most 65536 inodes and 4096 open files of each share
+    /// (ENFILE beyond). A VM with a share cannot be snapshotted.
+    #[arg(long, value_name = "PATH[,tag=NAME]", value_parser = config::parse_share)]
+    share: Vec<config::ShareSpec>,
+
     /// Where the guest console lives: the 8250 UART (ttyS0) or virtio-console (hvc0); and
     /// `socket=PATH` puts it on a Unix socket instead of the terminal (which pvm then leaves
     /// alone): attach with `pvm console ID` or `socat -,raw,echo=0 UNIX-CONNECT:PATH`. Plain
@@ -186,6 +195,12 @@ struct Args {
 
     #[command(flatten)]
     firecracker: FirecrackerArgs,
+
+    /// Run COMMAND in the sandbox: the host's kernel and read-only root with a tmpfs overlay
+    /// (see "pvm with no arguments" in README.md); pvm prints its output and exits with its
+    /// status. With no COMMAND and no --kernel, --initrd or --disk: a shell.
+    #[arg(last = true, value_name = "COMMAND")]
+    sandbox_command: Vec<String>,
 }
 
 /// Firecracker's process flags, so tools that start Firecracker can start pvm instead.
@@ -278,6 +293,8 @@ pub struct Launch {
     pub run_dir_api: bool,
     /// `--restore`: the VM comes from a snapshot, not from `config`'s boot files.
     pub restore: Option<crate::vm::RestoreSpec>,
+    /// `pvm` with no boot files, or `pvm -- COMMAND`: the sandbox (crate::sandbox).
+    pub sandbox: Option<SandboxSpec>,
 }
 
 /// What the command line asks for: a VM, or a subcommand.
@@ -331,6 +348,11 @@ fn long_about() -> String {
          early boot; the UART (ttyS0) is wired to this terminal in raw mode (or to a Unix \
          socket, --console socket). pvm COMMAND manages running VMs (pvm list, status, \
          pause, resume, stop, console).\n\n\
+         pvm with nothing to boot (no --kernel, --initrd or --disk) runs the sandbox: the \
+         host's own kernel with the host's root shared read-only under a tmpfs overlay and a \
+         shell on this terminal; pvm -- COMMAND [ARGS...] runs one command that way and exits \
+         with its status (125: the sandbox failed; 126, 127: the command cannot run, is not \
+         found).\n\n\
          SIGUSR1 pauses the VM (every vCPU and virtio device), SIGUSR2 resumes it.\n\n{}",
         crate::exit::exit_status_help()
     )
@@ -456,6 +478,7 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
             mmds_size_limit: fc.mmds_size_limit,
             run_dir_api: fc.api_sock.is_none() && !fc.no_api,
         });
+    let sandbox = sandbox_of(&args, firecracker.is_some());
     let transport = match (args.transport, fc.enable_pci) {
         (Some(Transport::Mmio), true) => {
             return Err(usage_error(
@@ -490,6 +513,7 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
             DiskArg::VhostUser(socket) => vhost_user_disks.push(socket),
         }
     }
+    check_shares(&args.share)?;
     if let Some(tap) = args.tap.iter().find(|t| t.queues > 1) {
         if transport == Transport::Mmio {
             // Supporting it would work but give nothing: the pairs' interrupts could not reach
@@ -582,6 +606,8 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
         smt: args.smt,
         huge_pages: args.huge_pages.unwrap_or_default(),
         vsock: args.vsock,
+        exit_port: false,
+        shares: args.share,
     };
     Ok(Invocation::Run(Box::new(Launch {
         config,
@@ -589,7 +615,95 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
         id,
         run_dir_api: !args.firecracker.no_api,
         restore,
+        sandbox,
     })))
+}
+
+/// The sandbox, when asked for by `-- COMMAND` or by naming nothing to boot. Which flags it
+/// refuses is [`sandbox_refusal`]'s to say, when pvm runs: a command line only parsed (the
+/// API's base, the tests) keeps every flag.
+fn sandbox_of(args: &Args, firecracker: bool) -> Option<SandboxSpec> {
+    let nothing_to_boot = args.kernel.is_none()
+        && args.initrd.is_none()
+        && args.disk.is_empty()
+        && args.restore.is_none()
+        && !firecracker;
+    (!args.sandbox_command.is_empty() || nothing_to_boot).then(|| SandboxSpec {
+        command: args.sandbox_command.clone(),
+    })
+}
+
+/// Why `launch` cannot run as the sandbox: the first flag whose boot files or devices its
+/// guest cannot use, named, as a usage error.
+pub fn sandbox_refusal(launch: &Launch) -> Result<(), CliExit> {
+    if launch.sandbox.is_none() {
+        return Ok(());
+    }
+    let c = &launch.config;
+    let console_elsewhere = c.console != ConsoleKind::Serial || c.console_socket.is_some();
+    let no_driver = "the sandbox guest loads no driver for it";
+    let refused = [
+        (
+            c.initrd.is_some(),
+            "--initrd",
+            "pvm builds the sandbox's initramfs itself",
+        ),
+        (
+            !c.disks.is_empty() || !c.vhost_user_disks.is_empty(),
+            "--disk",
+            "the sandbox's root is the host's",
+        ),
+        (
+            launch.restore.is_some(),
+            "--restore",
+            "the sandbox boots afresh",
+        ),
+        (
+            launch.firecracker.is_some(),
+            "--api-sock/--config-file",
+            "Firecracker mode boots what it is told",
+        ),
+        (!c.taps.is_empty(), "--tap", no_driver),
+        (!c.vhost_user_nets.is_empty(), "--net", no_driver),
+        (c.vsock.is_some(), "--vsock", no_driver),
+        (c.balloon.is_some(), "--balloon", no_driver),
+        (
+            c.shares.iter().any(|s| s.tag == crate::sandbox::SHARE_TAG),
+            "--share",
+            "the host's root is the share tagged 'hostfs' there; give another tag=NAME",
+        ),
+        (
+            console_elsewhere,
+            "--console",
+            "the sandbox's console is this terminal (ttyS0)",
+        ),
+    ];
+    match refused.iter().find(|(given, _, _)| *given) {
+        Some((_, flag, why)) => Err(usage_error(format!(
+            "{flag} does not fit the sandbox (pvm without --kernel, or pvm -- COMMAND): {why}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Every `--share` names a directory, and no two use the same tag (the guest mounts by tag).
+fn check_shares(shares: &[config::ShareSpec]) -> Result<(), CliExit> {
+    for (i, share) in shares.iter().enumerate() {
+        if !share.path.is_dir() {
+            return Err(usage_error(format!(
+                "--share {}: not a directory",
+                share.path.display()
+            )));
+        }
+        if shares[..i].iter().any(|other| other.tag == share.tag) {
+            return Err(usage_error(format!(
+                "--share {}: tag '{}' is already used by another share; give tag=NAME",
+                share.path.display(),
+                share.tag
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -850,5 +964,26 @@ mod tests {
         assert!(error_of(&["--paused"]).contains("--mem-file"));
         let e = error_of(&["--restore", "s", "--mem-file", "m", "--kernel", "k"]);
         assert!(e.contains("--kernel") || e.contains("--restore"), "{e}");
+    }
+
+    #[test]
+    fn shares() {
+        let dir = std::env::temp_dir();
+        let dir = dir.to_str().unwrap();
+        let c = parse_strs(&["--share", dir, "--share", &format!("{dir},tag=two")]).unwrap();
+        let tags: Vec<&str> = c.shares.iter().map(|s| s.tag.as_str()).collect();
+        assert_eq!(tags, ["hostfs", "two"]);
+        assert!(parse_strs(&[]).unwrap().shares.is_empty());
+        let e = error_of(&["--share", dir, "--share", dir]);
+        assert!(e.contains("tag 'hostfs' is already used"), "{e}");
+        let e = error_of(&["--share", "/nonexistent/dir"]);
+        assert!(
+            e.contains("--share /nonexistent/dir: not a directory"),
+            "{e}"
+        );
+        let e = error_of(&["--share", "/dev/null"]);
+        assert!(e.contains("not a directory"), "{e}");
+        let e = error_of(&["--share", &format!("{dir},ro")]);
+        assert!(e.contains("unknown share option 'ro'"), "{e}");
     }
 }

@@ -104,6 +104,14 @@ pub struct VsockSpec {
     pub backend: VsockBackend,
 }
 
+/// `--share PATH[,tag=NAME]`: a host directory the guest mounts read-only over virtio-fs
+/// (`mount -t virtiofs NAME /mnt`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareSpec {
+    pub path: PathBuf,
+    pub tag: String,
+}
+
 /// A complete, validated VM description.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -148,6 +156,11 @@ pub struct VmConfig {
     pub huge_pages: GuestPages,
     /// `--vsock`: a virtio-vsock device (one per VM).
     pub vsock: Option<VsockSpec>,
+    /// The sandbox's exit device on port 0xf4 (crate::devices::exit_port); only `pvm` with no
+    /// boot files or `pvm -- COMMAND` (crate::sandbox) sets it.
+    pub exit_port: bool,
+    /// `--share`: read-only virtio-fs shares, after every other device in guest order.
+    pub shares: Vec<ShareSpec>,
 }
 
 /// Where `--console socket` puts the console's socket.
@@ -237,6 +250,12 @@ pub enum ValueError {
     VsockVhost(String),
     #[error("unknown vsock option '{0}' (known: cid=N, socket=PATH, vhost=on)")]
     VsockOption(String),
+    #[error("a share needs a directory: --share PATH[,tag=NAME]")]
+    NoSharePath,
+    #[error("tag '{0}' must be 1 to 36 bytes")]
+    ShareTag(String),
+    #[error("unknown share option '{0}' (known: tag=NAME)")]
+    ShareOption(String),
 }
 
 /// Parses a memory size: `256M`, `2G`, `1T`, `4096K`, or a plain number of MiB.
@@ -495,6 +514,28 @@ pub fn parse_vsock(text: &str) -> Result<VsockSpec, ValueError> {
     };
     let cid = cid.ok_or(ValueError::VsockIncomplete)?;
     Ok(VsockSpec { cid, backend })
+}
+
+/// Parses `PATH[,tag=NAME]` (the tag defaults to `hostfs`).
+pub fn parse_share(text: &str) -> Result<ShareSpec, ValueError> {
+    let mut parts = text.split(',');
+    let path = parts.next().filter(|p| !p.is_empty());
+    let mut spec = ShareSpec {
+        path: PathBuf::from(path.ok_or(ValueError::NoSharePath)?),
+        tag: pvm_virtio::fs::DEFAULT_TAG.to_string(),
+    };
+    for option in parts {
+        match option.split_once('=') {
+            Some(("tag", tag)) => {
+                if tag.is_empty() || tag.len() > pvm_virtio::fs::MAX_TAG_LEN || tag.contains('\0') {
+                    return Err(ValueError::ShareTag(tag.to_string()));
+                }
+                spec.tag = tag.to_string();
+            }
+            _ => return Err(ValueError::ShareOption(option.to_string())),
+        }
+    }
+    Ok(spec)
 }
 
 impl fmt::Display for ConsoleKind {
@@ -792,5 +833,31 @@ mod tests {
             parse_vsock("cid=3,port=1"),
             Err(ValueError::VsockOption(_))
         ));
+    }
+
+    #[test]
+    fn share_specs() {
+        let spec = parse_share("/srv/data").unwrap();
+        assert_eq!(
+            (spec.path, spec.tag.as_str()),
+            (PathBuf::from("/srv/data"), "hostfs")
+        );
+        assert_eq!(parse_share("/srv,tag=data").unwrap().tag, "data");
+        assert_eq!(parse_share("/srv,tag=a,tag=b").unwrap().tag, "b");
+        assert_eq!(parse_share(""), Err(ValueError::NoSharePath));
+        assert_eq!(parse_share(",tag=x"), Err(ValueError::NoSharePath));
+        let long = format!("/srv,tag={}", "t".repeat(37));
+        for bad in ["/srv,tag=", "/srv,tag=a\0b", long.as_str()] {
+            assert!(
+                matches!(parse_share(bad), Err(ValueError::ShareTag(_))),
+                "{bad:?}"
+            );
+        }
+        for bad in ["/srv,ro", "/srv,tag", "/srv,rw=on", "/srv,"] {
+            assert!(
+                matches!(parse_share(bad), Err(ValueError::ShareOption(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

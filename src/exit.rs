@@ -64,6 +64,8 @@ pub enum Outcome {
     ConsoleQuit,
     /// A pvm thread failed while the guest ran.
     VmmFailure(String),
+    /// The sandbox's command ended with this status (crate::devices::exit_port).
+    GuestExit(u8),
 }
 
 impl Outcome {
@@ -76,13 +78,14 @@ impl Outcome {
             Outcome::Signal(signo) => SIGNAL_BASE + signo,
             Outcome::ConsoleQuit => SIGNAL_BASE + libc::SIGINT,
             Outcome::VmmFailure(_) => VMM_FAILURE,
+            Outcome::GuestExit(status) => i32::from(*status),
         }
     }
 
     /// What pvm prints on stderr for this ending, if anything.
     pub fn message(&self) -> Option<String> {
         match self {
-            Outcome::PowerOff | Outcome::Reboot => None,
+            Outcome::PowerOff | Outcome::Reboot | Outcome::GuestExit(_) => None,
             Outcome::Panic => Some("the guest kernel panicked (pvpanic)".to_string()),
             Outcome::TripleFault => {
                 Some("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".to_string())

@@ -21,6 +21,7 @@ pub mod manage;
 pub mod memory;
 pub mod metrics;
 pub mod pci;
+pub mod sandbox;
 pub mod seccomp;
 pub mod snapshot;
 pub mod terminal;
@@ -32,8 +33,11 @@ use std::ffi::OsString;
 
 /// Runs pvm with the given process arguments and returns the process exit code.
 pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
+    if sandbox::guest_init::is_guest_init() {
+        sandbox::guest_init::run();
+    }
     let _ = devices::boot_timer::PROCESS_START.set(std::time::Instant::now());
-    let launch = match cli::parse_invocation(args) {
+    let mut launch = match cli::parse_invocation(args) {
         Ok(cli::Invocation::Run(launch)) => *launch,
         Ok(cli::Invocation::Manage(command)) => {
             logger::init(log::LevelFilter::Warn);
@@ -50,8 +54,24 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
             return code;
         }
     };
+    logger::init(launch.config.log_level);
+    if let Err(cli::CliExit::Message(code, text)) = cli::sandbox_refusal(&launch) {
+        logger::to_stderr(&text);
+        return code;
+    }
+    // Kept open until pvm ends: the config names the sandbox's initramfs by this descriptor.
+    let _initramfs = match &launch.sandbox {
+        Some(spec) => match sandbox::prepare(&mut launch.config, spec) {
+            Ok(file) => Some(file),
+            Err(err) => {
+                logger::to_stderr(&format!("pvm: {}\n", exit::error_chain(&err)));
+                return err.exit_code();
+            }
+        },
+        None => None,
+    };
+    let in_sandbox = launch.sandbox.is_some();
     let config = &launch.config;
-    logger::init(config.log_level);
     // In Firecracker mode the log lines carry the instance's --id, as Firecracker's do.
     let instance_id = launch
         .firecracker
@@ -84,6 +104,11 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
     };
     match result {
         Ok(outcome) => {
+            let outcome = if in_sandbox {
+                sandbox::outcome(outcome)
+            } else {
+                outcome
+            };
             if let Some(message) = outcome.message() {
                 logger::to_stderr(&format!("pvm: {message}\n"));
             }

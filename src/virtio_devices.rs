@@ -65,6 +65,11 @@ pub enum Error {
     },
     #[error("--vsock: {0}")]
     Vsock(#[source] pvm_virtio::VsockError),
+    #[error("--share {path}: {source}")]
+    Share {
+        path: PathBuf,
+        source: pvm_virtio::FsError,
+    },
     #[error("--vsock vhost=on: {0}")]
     VhostVsock(#[source] pvm_vhost::vsock::Error),
     #[error(transparent)]
@@ -128,6 +133,8 @@ impl Error {
             },
             // A CID out of range, or a socket path that exists or cannot be made.
             Error::Vsock(_) => true,
+            // A directory that cannot be opened, or a bad tag.
+            Error::Share { .. } => true,
             Error::Console(_)
             | Error::VhostVsock(_)
             | Error::Net { .. }
@@ -319,7 +326,27 @@ fn create_devices(
     if let Some(spec) = &config.vsock {
         devices.push(("vsock".to_string(), create_vsock(spec, memory)?));
     }
+    for (i, share) in config.shares.iter().enumerate() {
+        devices.push((format!("fs{i}"), create_share(share)?));
+    }
     Ok(devices)
+}
+
+/// The read-only virtio-fs device `--share` asks for, its directory opened now (before the
+/// sandbox).
+fn create_share(share: &crate::config::ShareSpec) -> Result<Box<dyn VirtioDevice>, Error> {
+    let config = pvm_virtio::FsConfig::new(&share.path, &share.tag);
+    let fs = pvm_virtio::Fs::new(config).map_err(|source| Error::Share {
+        path: share.path.clone(),
+        source,
+    })?;
+    let (inodes, handles) = fs.limits();
+    log::info!(
+        "share {} as '{}': at most {inodes} inodes and {handles} open files",
+        share.path.display(),
+        share.tag
+    );
+    Ok(Box::new(fs))
 }
 
 /// A device served by the vhost-user backend on `socket`, connected and negotiated now (before

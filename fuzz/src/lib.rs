@@ -10,13 +10,14 @@ pub mod queue;
 pub mod seeds;
 pub mod snapshot;
 pub mod transports;
+pub mod virtio_fs;
 pub mod vsock;
 
 /// A fuzz target: any bytes in, a panic on a bug.
 pub type Target = fn(&[u8]);
 
 /// Every fuzz target, by the name of its `fuzz_targets/` file and corpus directory.
-pub const TARGETS: [(&str, Target); 13] = [
+pub const TARGETS: [(&str, Target); 14] = [
     ("block", devices::block),
     ("net_tx", devices::net_tx),
     ("net_rx", devices::net_rx),
@@ -30,6 +31,7 @@ pub const TARGETS: [(&str, Target); 13] = [
     ("balloon", devices::balloon),
     ("vsock", vsock::vsock),
     ("snapshot_file", snapshot::file),
+    ("virtio_fs", virtio_fs::virtio_fs),
 ];
 
 /// Runs the target called `name` on `data`.

@@ -868,6 +868,7 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("balloon", balloon()),
         ("vsock", vsock()),
         ("snapshot_file", crate::snapshot::seeds()),
+        ("virtio_fs", crate::virtio_fs::seeds()),
     ]
 }
 

@@ -32,6 +32,8 @@ pub(crate) fn base() -> VmConfig {
         smt: false,
         huge_pages: Default::default(),
         vsock: None,
+        exit_port: false,
+        shares: Vec::new(),
     }
 }
 

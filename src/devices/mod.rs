@@ -4,6 +4,7 @@
 
 pub mod boot_timer;
 pub mod console_socket;
+pub mod exit_port;
 pub mod i8042;
 pub mod legacy;
 pub mod power;

@@ -371,7 +371,35 @@ pub fn install_device_filter(name: &str) -> Result<(), pvm_virtio::thread::InitE
     if name.starts_with(pvm_virtio::vsock::THREAD_PREFIX) {
         rules.extend(vsock_rules());
     }
+    if name.starts_with(pvm_virtio::fs::THREAD_PREFIX) {
+        rules.extend(fs_rules());
+    }
     Ok(install_rules(ThreadKind::Device, rules)?)
+}
+
+/// What the thread of a virtio-fs share adds (`--share`): it looks names up (openat O_PATH,
+/// relative to descriptors it holds), reads attributes, directories and symlinks, and opens
+/// files and directories for reading. openat may not write, create, truncate or append: the
+/// access mode must be O_RDONLY and O_CREAT, O_TRUNC, O_APPEND and O_TMPFILE clear, so even a
+/// bug in the share cannot change a host file.
+pub fn fs_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
+    /// O_TMPFILE without its O_DIRECTORY bit (__O_TMPFILE), which reads may use.
+    const O_TMPFILE_BIT: i32 = 0o20_000_000;
+    let writes = libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND | O_TMPFILE_BIT;
+    let read_only = common::rule(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(writes as u64),
+        0,
+    );
+    BTreeMap::from([
+        (libc::SYS_openat, vec![read_only]),
+        (libc::SYS_newfstatat, Vec::new()),
+        (libc::SYS_fstatfs, Vec::new()),
+        (libc::SYS_readlinkat, Vec::new()),
+        (libc::SYS_getdents64, Vec::new()),
+        (libc::SYS_lseek, Vec::new()),
+    ])
 }
 
 /// What the thread of a vsock device adds (`--vsock socket=`): it accepts host processes on
@@ -637,5 +665,62 @@ mod tests {
         let rules = rules(ThreadKind::Device, false);
         assert!(!rules.contains_key(&libc::SYS_socket));
         assert!(!rules.contains_key(&libc::SYS_accept4));
+    }
+
+    #[test]
+    fn a_share_thread_may_look_up_read_and_list_its_directory() {
+        use pvm_virtio::fs::abi::{self, request};
+        use vm_memory::ByteValued;
+
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/pvm-seccomp-").unwrap();
+        std::fs::write(dir.as_path().join("f"), "data").unwrap();
+        std::os::unix::fs::symlink("f", dir.as_path().join("l")).unwrap();
+        let fs = pvm_virtio::Fs::new(pvm_virtio::FsConfig::new(dir.as_path(), "t")).unwrap();
+        let mut server = fs.session();
+        let thread = std::thread::Builder::new()
+            .name(format!("{}7", pvm_virtio::fs::THREAD_PREFIX))
+            .spawn(move || {
+                install_device_filter("virtio-fs7").unwrap();
+                let mut out = Vec::new();
+                let mut call = |op, node, body: &[u8]| {
+                    server
+                        .handle(&request(op, node, 1, body), 1 << 16, &mut out)
+                        .unwrap();
+                    assert_eq!(out[4..8], [0; 4], "op {op} failed");
+                    out[16..].to_vec()
+                };
+                let init = abi::InitIn {
+                    major: 7,
+                    minor: 31,
+                    ..Default::default()
+                };
+                call(abi::INIT, 0, init.as_slice());
+                let f = abi::read_full::<abi::EntryOut>(&call(abi::LOOKUP, 1, b"f\0")).unwrap();
+                let l = abi::read_full::<abi::EntryOut>(&call(abi::LOOKUP, 1, b"l\0")).unwrap();
+                call(abi::GETATTR, f.nodeid, &[0; 16]);
+                call(abi::STATFS, 1, &[]);
+                let link = call(abi::READLINK, l.nodeid, &[]);
+                let fh = |reply: Vec<u8>| abi::read_full::<abi::OpenOut>(&reply).unwrap().fh;
+                let file = fh(call(abi::OPEN, f.nodeid, &[0; 8]));
+                let dir = fh(call(abi::OPENDIR, 1, &[0; 8]));
+                let read = |fh| abi::ReadIn {
+                    fh,
+                    size: 4096,
+                    ..Default::default()
+                };
+                let data = call(abi::READ, 0, read(file).as_slice());
+                let listing = call(abi::READDIRPLUS, 1, read(dir).as_slice());
+                (data, link, listing.len())
+            })
+            .unwrap();
+        let (data, link, listing) = thread.join().unwrap();
+        assert_eq!(
+            (data.as_slice(), link.as_slice()),
+            (&b"data"[..], &b"f"[..])
+        );
+        assert!(listing > 0);
+        // Other device threads open nothing; a share's opens are read-only ones.
+        assert!(!rules(ThreadKind::Device, false).contains_key(&libc::SYS_openat));
+        assert_eq!(fs_rules()[&libc::SYS_openat].len(), 1);
     }
 }

@@ -32,6 +32,7 @@ use crate::config::{ConsoleKind, VmConfig};
 use crate::devices::IrqTrigger;
 use crate::devices::boot_timer::{BOOT_TIMER_PORT, BootTimer};
 use crate::devices::console_socket::{self, ConsoleSocket};
+use crate::devices::exit_port::{EXIT_PORT, ExitPort};
 use crate::devices::i8042::{self, I8042};
 use crate::devices::legacy::SerialDevice;
 use crate::devices::power::{AcpiPower, PvPanic};
@@ -363,6 +364,13 @@ fn legacy_devices(
         1,
         Arc::new(Mutex::new(PvPanic(end.clone()))),
     )?;
+    if config.exit_port {
+        pio.insert(
+            u64::from(EXIT_PORT),
+            1,
+            Arc::new(Mutex::new(ExitPort(end.clone()))),
+        )?;
+    }
     if config.boot_timer {
         pio.insert(
             u64::from(BOOT_TIMER_PORT),
