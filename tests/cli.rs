@@ -970,3 +970,44 @@ fn vsock_listens_before_the_guest_runs_and_its_thread_is_sandboxed() {
         assert!(error_lines(&out)[0].contains("--vsock"), "{bad}");
     }
 }
+
+#[test]
+fn a_share_is_attached_on_both_transports_and_its_thread_is_sandboxed() {
+    require_kvm();
+    let dir = scratch_image("share-dir");
+    std::fs::create_dir_all(&dir).unwrap();
+    for transport in ["pci", "mmio"] {
+        let share = format!("{},tag=data", dir.display());
+        let args = ["--share", &share, "--transport", transport];
+        let mut child = spinning_pvm("spin-share", &args, &[]);
+        let start = Instant::now();
+        let fs_thread = loop {
+            let threads = thread_seccomp_modes(child.id());
+            let found = threads.into_iter().find(|(n, _)| n == "virtio-fs0");
+            if found.as_ref().is_some_and(|(_, m)| m == "2") || start.elapsed().as_secs() > 5 {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert_eq!(child.wait().unwrap().code(), Some(128 + libc::SIGTERM));
+        assert_eq!(
+            fs_thread,
+            Some(("virtio-fs0".into(), "2".into())),
+            "{transport}"
+        );
+    }
+    let _ = std::fs::remove_dir(&dir);
+    // A directory that is not there, or two shares with one tag, are the user's errors.
+    let missing = scratch_image("share-missing");
+    for args in [
+        vec!["--share", missing.to_str().unwrap()],
+        vec!["--share", "/tmp", "--share", "/tmp"],
+        vec!["--share", "/tmp,tag="],
+    ] {
+        let (out, _) = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(error_lines(&out)[0].contains("--share"), "{args:?}");
+    }
+}
