@@ -2,7 +2,8 @@
 //! machines whose /dev/kvm cannot boot Linux): boot time to /init (--boot-timer), the VMM's
 //! memory overhead with a booted guest, block throughput (dd in the guest), TCP throughput
 //! through a tap with pvm's in-process data plane and with vhost-net, userspace exits per 1000
-//! requests / packets, and the VMM's CPU time per GiB moved (its own threads, not the vCPUs).
+//! requests / packets, and the VMM's CPU time per GiB moved (its own threads, not the vCPUs);
+//! snapshot creation and restore against Firecracker (benches/guest/snapshot.rs).
 //!
 //! `cargo bench --bench guest` prints a table. It measures; it asserts nothing beyond the
 //! scenarios having run (a scenario that fails is reported and its figures left out). Absolute
@@ -13,6 +14,8 @@
 mod common;
 #[path = "guest/firecracker.rs"]
 mod firecracker;
+#[path = "guest/snapshot.rs"]
+mod snapshot;
 
 use std::collections::BTreeMap;
 
@@ -510,6 +513,7 @@ fn scenarios() -> Vec<Scenario> {
             }
         }
     }
+    all.extend(snapshot::scenarios());
     all
 }
 
@@ -809,6 +813,7 @@ fn main() {
             print_exits(label, outcome, base, moved - idle, "packets");
         }
     }
+    snapshot::report(&outcomes);
 }
 
 /// Userspace exits per 1000 `unit`s: the run's total minus its baseline's (the same boot

@@ -7,9 +7,14 @@ from the request to the guest's first answer, and pvm's own restore time (its lo
 "snapshot ... restored in N us": reading and checking the file, mapping the memory file,
 building devices and vCPUs and setting their state).
 
+Firecracker runs the same guest through the same requests when its binary is there
+($PVM_FIRECRACKER, else ~/.cache/pvm/firecracker; see ../shared/docs/firecracker.md), restores
+alternating with pvm's; its own restore time is its `load_snapshot` metric.
+
 Usage: benches/snapshot_restore.py [RUNS] [PVM]   (builds target/release/pvm unless PVM is given)
 """
 import os
+import re
 import select
 import socket
 import statistics
@@ -61,11 +66,44 @@ def call(sock, method, path, body=None):
     return answer.split("\r\n")[0], took
 
 
-def start(sock):
+firecracker = os.environ.get("PVM_FIRECRACKER",
+                             os.path.expanduser("~/.cache/pvm/firecracker"))
+vmms = ["pvm"] + (["firecracker"] if os.access(firecracker, os.X_OK) else [])
+if len(vmms) == 1:
+    print(f"Firecracker comparison left out: no executable {firecracker}")
+
+
+def start(vmm, sock):
     if os.path.exists(sock):
         os.unlink(sock)
-    return subprocess.Popen([pvm, "--api-sock", sock, "--log-level", "info"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if vmm == "pvm":
+        argv = [pvm, "--api-sock", sock, "--log-level", "info"]
+    else:
+        for suffix in (".metrics", ".log"):
+            open(sock + suffix, "w").close()
+        # Its log to a file: on stdout it would mix with the guest's console.
+        argv = [firecracker, "--api-sock", sock, "--no-seccomp", "--metrics-path",
+                sock + ".metrics", "--log-path", sock + ".log"]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def own_restore_ms(vmm, sock, err):
+    """The VMM's own account of the load: pvm's log line, Firecracker's load_snapshot metric."""
+    if vmm == "pvm":
+        for line in err.decode().splitlines():
+            if "restored in" in line:
+                return int(line.split("restored in")[1].split()[0]) / 1000
+        return None
+    with open(sock + ".metrics") as f:
+        found = re.findall(r'"load_snapshot":(\d+)', f.read())
+    return int(found[-1]) / 1000 if found else None
+
+
+def pvm_restore_cpu_ms(err):
+    """The CPU time pvm's log line gives for its restore ("..., N us of CPU")."""
+    found = re.findall(r"restored in \d+ us, (\d+) us of CPU", err.decode())
+    return int(found[-1]) / 1000 if found else None
 
 
 def ask(proc):
@@ -75,43 +113,74 @@ def ask(proc):
     return os.read(proc.stdout.fileno(), 1) if ready else None
 
 
+def flush_metrics(vmm, sock):
+    if vmm == "firecracker":
+        call(sock, "PUT", "/actions", '{"action_type": "FlushMetrics"}')
+
+
+med = statistics.median
 for mib in (256, 2048):
-    snap, mem = os.path.join(work, f"{mib}.snap"), os.path.join(work, f"{mib}.mem")
-    sock = os.path.join(work, "boot.sock")
-    proc = start(sock)
-    call(sock, "PUT", "/machine-config", '{"vcpu_count": 1, "mem_size_mib": %d}' % mib)
-    call(sock, "PUT", "/boot-source", '{"kernel_image_path": "%s"}' % kernel)
-    call(sock, "PUT", "/actions", '{"action_type": "InstanceStart"}')
-    assert ask(proc) == b"a"
-    call(sock, "PATCH", "/vm", '{"state": "Paused"}')
-    status, took = call(sock, "PUT", "/snapshot/create",
-                        '{"snapshot_path": "%s", "mem_file_path": "%s"}' % (snap, mem))
-    assert "204" in status, status
-    proc.kill()
-    proc.wait()
-    print(f"{mib} MiB: create {took * 1000:.0f} ms; state file {os.path.getsize(snap)} B; "
-          f"memory file {os.path.getsize(mem) >> 20} MiB, {os.stat(mem).st_blocks * 512 >> 10} KiB allocated")
-    requests, answers, own = [], [], []
-    body = ('{"snapshot_path": "%s", "mem_backend": {"backend_type": "File", "backend_path": "%s"},'
-            ' "resume_vm": true}' % (snap, mem))
-    for i in range(runs):
-        sock = os.path.join(work, f"r{i}.sock")
-        proc = start(sock)
-        while not os.path.exists(sock):
-            time.sleep(0.001)
-        t0 = time.perf_counter()
-        status, took = call(sock, "PUT", "/snapshot/load", body)
-        answer = ask(proc)
-        t1 = time.perf_counter()
+    body = {}
+    for vmm in vmms:
+        snap = os.path.join(work, f"{vmm}-{mib}.snap")
+        mem = os.path.join(work, f"{vmm}-{mib}.mem")
+        sock = os.path.join(work, f"{vmm}-boot.sock")
+        proc = start(vmm, sock)
+        call(sock, "PUT", "/machine-config", '{"vcpu_count": 1, "mem_size_mib": %d}' % mib)
+        call(sock, "PUT", "/boot-source", '{"kernel_image_path": "%s"}' % kernel)
+        call(sock, "PUT", "/actions", '{"action_type": "InstanceStart"}')
+        assert ask(proc) == b"a"
+        call(sock, "PATCH", "/vm", '{"state": "Paused"}')
+        status, took = call(sock, "PUT", "/snapshot/create",
+                            '{"snapshot_type": "Full", "snapshot_path": "%s", "mem_file_path": "%s"}'
+                            % (snap, mem))
+        assert "204" in status, status
         proc.kill()
-        _, err = proc.communicate()
-        assert "204" in status and answer == b"b", (status, answer)
-        requests.append(took * 1000)
-        answers.append((t1 - t0) * 1000)
-        for line in err.decode().splitlines():
-            if "restored in" in line:
-                own.append(int(line.split("restored in")[1].split()[0]) / 1000)
-    med = statistics.median
-    print(f"{mib} MiB: load request {med(requests):.1f} ms, load to the guest's first answer "
-          f"{med(answers):.1f} ms, pvm's restore {med(own):.1f} ms (medians of {runs}; "
-          f"min {min(requests):.1f} / {min(answers):.1f} / {min(own):.1f})")
+        proc.wait()
+        print(f"{vmm} {mib} MiB: create {took * 1000:.0f} ms; state file {os.path.getsize(snap)} B; "
+              f"memory file {os.path.getsize(mem) >> 20} MiB, "
+              f"{os.stat(mem).st_blocks * 512 >> 10} KiB allocated")
+        body[vmm] = ('{"snapshot_path": "%s", "mem_backend": {"backend_type": "File", '
+                     '"backend_path": "%s"}, "resume_vm": true}' % (snap, mem))
+    requests = {vmm: [] for vmm in vmms}
+    answers = {vmm: [] for vmm in vmms}
+    own = {vmm: [] for vmm in vmms}
+    cpu = []
+    # Alternating, so that both VMMs see the same load on the machine.
+    for i in range(runs):
+        for vmm in vmms:
+            sock = os.path.join(work, f"{vmm}-r{i}.sock")
+            proc = start(vmm, sock)
+            while not os.path.exists(sock):
+                time.sleep(0.001)
+            t0 = time.perf_counter()
+            status, took = call(sock, "PUT", "/snapshot/load", body[vmm])
+            answer = ask(proc)
+            t1 = time.perf_counter()
+            flush_metrics(vmm, sock)
+            proc.kill()
+            _, err = proc.communicate()
+            assert "204" in status and answer == b"b", (vmm, status, answer)
+            requests[vmm].append(took * 1000)
+            answers[vmm].append((t1 - t0) * 1000)
+            ms = own_restore_ms(vmm, sock, err)
+            if ms is not None:
+                own[vmm].append(ms)
+            cpu_ms = pvm_restore_cpu_ms(err) if vmm == "pvm" else None
+            if cpu_ms is not None:
+                cpu.append(cpu_ms)
+    for vmm in vmms:
+        r, a, o = requests[vmm], answers[vmm], own[vmm] or [float("nan")]
+        print(f"{vmm} {mib} MiB: load request {med(r):.1f} ms, load to the guest's first answer "
+              f"{med(a):.1f} ms, own restore {med(o):.1f} ms (medians of {runs}; "
+              f"min {min(r):.1f} / {min(a):.1f} / {min(o):.1f})")
+    if cpu:
+        print(f"pvm {mib} MiB: CPU time of its restore {med(cpu):.1f} ms "
+              f"(median of {len(cpu)}; min {min(cpu):.1f}, max {max(cpu):.1f})")
+    if len(vmms) == 2:
+        print(f"{mib} MiB: pvm/Firecracker medians: load request "
+              f"{med(requests['pvm']) / med(requests['firecracker']):.2f}, to the answer "
+              f"{med(answers['pvm']) / med(answers['firecracker']):.2f}")
+    for vmm in vmms:
+        for suffix in (".snap", ".mem"):
+            os.unlink(os.path.join(work, f"{vmm}-{mib}{suffix}"))

@@ -127,8 +127,14 @@ pub struct Restored {
 /// [`restore`], keeping the snapshot's description and the configuration built from it.
 pub fn restore_described(base: &VmConfig, spec: &RestoreSpec) -> Result<Restored, Error> {
     let start = Instant::now();
+    // CPU time as well as wall time: on a busy host the wall time is mostly waiting to run.
+    let cpu_start = crate::devices::boot_timer::process_cpu_time();
     let snapshot = file::read(&spec.snapshot).map_err(RestoreError::from)?;
     snapshot.validate()?;
+    log::debug!(
+        "restore: state file read and checked in {} us",
+        start.elapsed().as_micros()
+    );
     let config = snapshot
         .description
         .to_config(base, &spec.taps, &spec.overrides)?;
@@ -137,9 +143,12 @@ pub fn restore_described(base: &VmConfig, spec: &RestoreSpec) -> Result<Restored
     let (kvm, _flavour) = kvm_host::open()?;
     let vm = Vm::restore(&kvm, &config, &snapshot, &mem_file, spec.resume)?;
     log::info!(
-        "snapshot {} restored in {} us",
+        "snapshot {} restored in {} us, {} us of CPU",
         spec.snapshot.display(),
-        start.elapsed().as_micros()
+        start.elapsed().as_micros(),
+        crate::devices::boot_timer::process_cpu_time()
+            .saturating_sub(cpu_start)
+            .as_micros()
     );
     Ok(Restored {
         vm,
@@ -158,9 +167,14 @@ impl Vm {
         mem_file: &std::fs::File,
         resume: bool,
     ) -> Result<Vm, Error> {
+        // Where a restore's time goes, at debug level (BENCHMARKS.md "Snapshots").
+        let start = Instant::now();
+        let phase =
+            |done: &str| log::debug!("restore: {done} at {} us", start.elapsed().as_micros());
         prepare_sandbox(config);
         let console_socket = super::bind_console_socket(config)?;
         let memory = VmMemory::from_file(Arc::new(create_vm(kvm)?), config.mem_bytes, mem_file)?;
+        phase("VM created, memory mapped and registered");
         let (vm_fd, guest_memory) = (memory.vm_fd(), memory.guest_memory());
         create_irqchip(vm_fd)?;
         let end = Arc::new(crate::exit::EndSignal::new().map_err(super::io_err("eventfd"))?);
@@ -170,6 +184,7 @@ impl Vm {
             serial,
             i8042,
         } = legacy_devices(vm_fd, config, &end, Some(&serial_state))?;
+        phase("irqchip, PIT and legacy devices made");
         let mut mmio = crate::bus::Bus::new();
         let attached = virtio_devices::attach(config, vm_fd, guest_memory, &mut pio, &mut mmio)?;
         if attached.pausable.len() != snapshot.devices.len() {
@@ -190,6 +205,7 @@ impl Vm {
             );
         }
         snapshot.vm.restore(vm_fd)?;
+        phase("virtio devices and VM state restored");
         let shared = VcpuShared {
             buses: Arc::new(Buses { pio, mmio }),
             end,
@@ -206,6 +222,7 @@ impl Vm {
             state.restore(&fd, index)?;
             vcpus.push(shared.vcpu(index, fd, guest_memory, config, &msr_list));
         }
+        phase("vCPUs created and restored");
         Ok(Vm::assemble(
             config,
             vcpus,
