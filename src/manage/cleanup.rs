@@ -21,9 +21,12 @@ use std::process::{Command, Stdio};
 pub const SUBCOMMAND: &str = "cleanup-sockets";
 
 /// The helper's script: $1 is pvm's executable, the rest the sockets. Stop signals are
-/// ignored (a Ctrl-C or a signal to pvm's process group must not end it before pvm).
-const WAIT_THEN_CLEAN: &str = "trap '' INT TERM HUP USR1 USR2; cat >/dev/null; exe=$1; shift; \
-                               exec \"$exe\" cleanup-sockets -- \"$@\"";
+/// ignored (a Ctrl-C or a signal to pvm's process group must not end it before pvm). It waits
+/// with the shell's own `read` (nobody writes, so it returns at the pipe's end), not `cat`:
+/// a second exec (with its loader and locale files) cost CPU time at every start, which on a
+/// one-CPU host is taken from the guest's boot.
+const WAIT_THEN_CLEAN: &str = "trap '' INT TERM HUP USR1 USR2; while read -r _; do :; done; \
+                               exe=$1; shift; exec \"$exe\" cleanup-sockets -- \"$@\"";
 
 /// Starts the helper that removes `paths` once this process has ended.
 pub fn remove_at_exit(paths: &[&Path]) {
