@@ -344,6 +344,15 @@ fn comparison_vmms(kernel: Kernel) -> &'static [&'static str] {
     }
 }
 
+/// The virtio-rng QEMU's `machine` gets in the boot comparison: microvm has only virtio-mmio.
+fn qemu_rng_device(machine: &str) -> &'static str {
+    if machine == "microvm" {
+        "virtio-rng-device"
+    } else {
+        "virtio-rng-pci"
+    }
+}
+
 /// One boot of the same guest (kernel, initramfs whose /init prints a marker, 1 vCPU, 256 MiB)
 /// under `vmm`: the time from launch until the marker shows on the serial console, polled every
 /// 10 ms, measured the same way for pvm and QEMU; then the VMM gets 10 s to exit by the guest's
@@ -362,9 +371,11 @@ fn comparison_scenario(kernel: Kernel, run: u32, vmm: &str) -> Result<Scenario, 
             setup = firecracker::write_config("");
             firecracker::COMMAND.to_string()
         }
+        // A virtio-rng on the machine's own transport, as pvm and Firecracker have one.
         machine => format!(
             "{QEMU} -M {machine} -kernel {{kernel}} -initrd initrd.cpio \\
-    -append 'console=ttyS0 quiet'"
+    -append 'console=ttyS0 quiet' -device {}",
+            qemu_rng_device(machine)
         ),
     };
     let script = format!(

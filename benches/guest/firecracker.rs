@@ -29,12 +29,13 @@ pub const COMMAND: &str =
 /// Shell lines writing `fc.json`, the config file [`COMMAND`] reads: the scenario's kernel (the
 /// ELF vmlinux, which Firecracker enters by PVH when the kernel has the note) and initramfs,
 /// 1 vCPU, 256 MiB, no drives (the initramfs is the root), like the other VMMs' runs; `extra`
-/// is appended to [`BOOT_ARGS`].
+/// is appended to [`BOOT_ARGS`]. `entropy` gives it a virtio-rng: pvm always has one, so
+/// the comparison has one on every VMM (its driver's probe is part of the boot).
 pub fn write_config(extra: &str) -> String {
     format!(
         "cat > fc.json <<'EOF'\n\
          {{\"boot-source\": {{\"kernel_image_path\": \"{{kernel}}\", \"initrd_path\": \"initrd.cpio\", \
-         \"boot_args\": \"{BOOT_ARGS}{extra}\"}}, \"drives\": [], \
+         \"boot_args\": \"{BOOT_ARGS}{extra}\"}}, \"drives\": [], \"entropy\": {{}}, \
          \"machine-config\": {{\"vcpu_count\": 1, \"mem_size_mib\": 256}}}}\nEOF\n"
     )
 }

@@ -50,7 +50,6 @@ impl RunError {
 /// serves the running VM on the run directory's `ID.sock` too (for `pvm list` and the other
 /// subcommands). That socket is an extra: if it cannot be made, pvm warns and boots anyway.
 pub fn run_native(config: VmConfig, id: &str, run_dir_api: bool) -> Result<Outcome, RunError> {
-    remove_sockets_at_exit(&config, id, run_dir_api);
     let mut controller = Controller::new(id.to_string(), config.clone(), Default::default());
     let vm = vm::build(&config)?;
     // After the build: a socket in the run directory means a VM (and its console socket).
@@ -62,17 +61,21 @@ pub fn run_native(config: VmConfig, id: &str, run_dir_api: bool) -> Result<Outco
     controller.set_limiters(vm.rate_limiters());
     controller.set_started();
     controller.set_running_config(&config);
+    // The cleanup helper starts once the vCPUs run: its spawn (and on a one-CPU host the
+    // shell's start) no longer delays the guest's first instruction. A pvm killed before
+    // then leaves its sockets to the stale-socket cleaning.
+    let helper = || remove_sockets_at_exit(&config, id, run_dir_api);
     match inbox {
         Some(inbox) => {
             let mut runtime = Runtime { inbox, controller };
-            Ok(vm.run_with(Some(&mut runtime))?)
+            Ok(vm.run_started(Some(&mut runtime), helper)?)
         }
-        None => Ok(vm.run()?),
+        None => Ok(vm.run_started(None, helper)?),
     }
 }
 
 /// Has the VM's sockets (the run directory's ID.sock, the console socket) removed when this
-/// process ends; before any thread or filter exists (see manage::cleanup).
+/// process ends; before the main thread's filter goes in (see manage::cleanup).
 fn remove_sockets_at_exit(config: &VmConfig, id: &str, run_dir_api: bool) {
     use crate::manage::rundir;
     let api = run_dir_api

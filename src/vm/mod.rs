@@ -185,6 +185,17 @@ impl Vm {
 
     /// [`Vm::run`], serving `control` from the main loop as well.
     pub fn run_with(self, control: Option<&mut dyn ControlPlane>) -> Result<Outcome, Error> {
+        self.run_started(control, || {})
+    }
+
+    /// [`Vm::run_with`], calling `started` on the main thread once the vCPU threads run and
+    /// before its sandbox goes in: for unsandboxed work the guest's first instruction need not
+    /// wait for (the socket-cleanup helper).
+    pub fn run_started(
+        self,
+        control: Option<&mut dyn ControlPlane>,
+        started: impl FnOnce(),
+    ) -> Result<Outcome, Error> {
         let signals = StopSignals::install()?;
         metrics::register(self.counters.clone());
         let timer = metrics_timer()?;
@@ -222,6 +233,7 @@ impl Vm {
             pauser.mark_paused();
         }
         let loop_result = spawned
+            .map(|()| started())
             .and_then(|()| sandbox_main_thread(sandbox, self.print_stats))
             .and_then(|()| {
                 if self.restored == Some(true) {
