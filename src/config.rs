@@ -148,6 +148,9 @@ pub struct VmConfig {
     pub huge_pages: GuestPages,
     /// `--vsock`: a virtio-vsock device (one per VM).
     pub vsock: Option<VsockSpec>,
+    /// `--track-dirty-pages` (Firecracker's `track_dirty_pages`): log the pages written
+    /// between snapshots, for Diff snapshots.
+    pub track_dirty_pages: bool,
 }
 
 /// Where `--console socket` puts the console's socket.

@@ -219,6 +219,7 @@ impl<'a> Pauser<'a> {
     /// Snapshots the paused VM into `snapshot` and `mem_file`.
     pub fn create_snapshot(
         &self,
+        kind: crate::snapshot::SnapshotKind,
         snapshot: &Path,
         mem_file: &Path,
         ids: &crate::snapshot::description::DeviceIds,
@@ -227,6 +228,7 @@ impl<'a> Pauser<'a> {
             return Err(SnapshotError::NotPaused);
         };
         source.create(
+            kind,
             &self.control,
             self.vcpus.len(),
             self.devices,

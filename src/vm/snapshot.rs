@@ -20,8 +20,10 @@ use crate::devices::legacy::SerialDevice;
 use crate::kvm_host;
 use crate::memory::VmMemory;
 use crate::snapshot::description::DeviceIds;
+use crate::snapshot::dirty::{self, DirtyTracking};
 use crate::snapshot::{
-    Description, RestoreError, SerialState, Snapshot, SnapshotError, VmState, file, memory_file,
+    Description, MemoryLineage, RestoreError, SerialState, Snapshot, SnapshotError, SnapshotKind,
+    VmState, file, memory_file,
 };
 use crate::vcpu::Buses;
 use crate::virtio_devices::{self, PausableDevice};
@@ -51,13 +53,18 @@ pub struct SnapshotSource<'a> {
     pub(super) serial: &'a Arc<Mutex<SerialDevice>>,
     pub(super) buses: &'a Buses,
     pub(super) config: &'a VmConfig,
+    /// With track_dirty_pages: the pages written since the last snapshot.
+    pub(super) dirty: Option<&'a DirtyTracking>,
 }
 
 impl SnapshotSource<'_> {
-    /// Saves the paused VM: the state to `snapshot`, the RAM to `mem_file` (both 0600).
+    /// Saves the paused VM: the state to `snapshot`, the RAM to `mem_file` (both 0600), all
+    /// of it (`Full`) or the pages written since the last snapshot (`Diff`).
     /// `ids` are the API's drive and interface ids, in attach order, where it has them.
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         &self,
+        kind: SnapshotKind,
         control: &RunControl,
         vcpus: usize,
         devices: &[PausableDevice],
@@ -66,6 +73,9 @@ impl SnapshotSource<'_> {
         ids: &DeviceIds,
     ) -> Result<(), SnapshotError> {
         let start = Instant::now();
+        if kind == SnapshotKind::Diff {
+            self.check_diff()?;
+        }
         let mut description = Description::of(self.config)?;
         description.name_devices(ids);
         let vcpu_states = control.collect_states(vcpus, SAVE_LIMIT)?;
@@ -88,6 +98,11 @@ impl SnapshotSource<'_> {
                     })?,
             );
         }
+        let memory = MemoryLineage {
+            kind,
+            id: dirty::new_id(),
+            parent: self.dirty.and_then(DirtyTracking::parent),
+        };
         let state = Snapshot {
             description,
             vcpus: vcpu_states,
@@ -95,18 +110,75 @@ impl SnapshotSource<'_> {
             serial,
             pci_config_address,
             devices: device_states,
+            memory,
         };
-        file::write(snapshot, &state)?;
-        let saved = start.elapsed();
-        memory_file::write(mem_file, self.memory)?;
-        log::info!(
-            "snapshot {} taken: state in {} us, memory file {} in {} ms",
-            snapshot.display(),
-            saved.as_micros(),
-            mem_file.display(),
-            start.elapsed().as_millis()
-        );
-        Ok(())
+        // Taken (and so cleared) before anything is written: on a failure below they are
+        // given back as "everything dirty", never silently dropped.
+        let dirty_pages = match self.dirty {
+            Some(tracking) => {
+                dirty::mark_used_rings(self.memory, &state.devices);
+                Some(tracking.take(self.vm, self.memory)?)
+            }
+            None => None,
+        };
+        let written = self.write_files(snapshot, mem_file, &state, dirty_pages.as_deref());
+        match (written, self.dirty) {
+            (Ok(bytes), tracking) => {
+                if let Some(tracking) = tracking {
+                    tracking.taken(memory.id);
+                }
+                log::info!(
+                    "{kind:?} snapshot {} taken: memory file {} ({bytes} bytes written) in {} ms",
+                    snapshot.display(),
+                    mem_file.display(),
+                    start.elapsed().as_millis()
+                );
+                Ok(())
+            }
+            (Err(e), Some(tracking)) => {
+                tracking.lost();
+                Err(e)
+            }
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    /// Refuses a Diff this VM cannot take: no tracking, or a data plane outside the log.
+    fn check_diff(&self) -> Result<(), SnapshotError> {
+        if self.dirty.is_none() {
+            return Err(SnapshotError::DiffUntracked);
+        }
+        match self
+            .config
+            .taps
+            .iter()
+            .find(|t| t.vhost == crate::config::VhostMode::On)
+        {
+            Some(tap) => Err(SnapshotError::DiffVhostNet(tap.name.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the state and the memory file: a Diff's when `state` is one (its pages in
+    /// `dirty`), else all of RAM. Returns the memory file's bytes of data.
+    fn write_files(
+        &self,
+        snapshot: &Path,
+        mem_file: &Path,
+        state: &Snapshot,
+        dirty: Option<&[Vec<u64>]>,
+    ) -> Result<u64, SnapshotError> {
+        file::write(snapshot, state)?;
+        match (state.memory.kind, dirty) {
+            (SnapshotKind::Diff, Some(dirty)) => {
+                memory_file::write_diff(mem_file, self.memory, dirty)
+            }
+            (SnapshotKind::Diff, None) => Err(SnapshotError::DiffUntracked),
+            (SnapshotKind::Full, _) => {
+                memory_file::write(mem_file, self.memory)?;
+                Ok(memory_file::file_bytes(self.config.mem_bytes))
+            }
+        }
     }
 }
 
@@ -160,7 +232,12 @@ impl Vm {
     ) -> Result<Vm, Error> {
         prepare_sandbox(config);
         let console_socket = super::bind_console_socket(config)?;
-        let memory = VmMemory::from_file(Arc::new(create_vm(kvm)?), config.mem_bytes, mem_file)?;
+        let mut memory =
+            VmMemory::from_file(Arc::new(create_vm(kvm)?), config.mem_bytes, mem_file)?;
+        if config.track_dirty_pages {
+            // The RAM is the snapshot's memory file: a Diff taken next layers onto it.
+            memory.track_dirty_pages(Some(snapshot.memory.id))?;
+        }
         let (vm_fd, guest_memory) = (memory.vm_fd(), memory.guest_memory());
         create_irqchip(vm_fd)?;
         let end = Arc::new(crate::exit::EndSignal::new().map_err(super::io_err("eventfd"))?);
