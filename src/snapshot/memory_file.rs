@@ -5,7 +5,6 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -96,7 +95,9 @@ pub fn write_diff(
         path: path.to_path_buf(),
         source,
     };
-    let file = super::file::create_private(path)?;
+    // Seek and write rather than pwrite: the main thread's seccomp filter allows the calls
+    // a Full snapshot makes, and a Diff needs no others.
+    let mut file = super::file::create_private(path)?;
     let (mut base, mut written) = (0u64, 0u64);
     for (region, bits) in memory.iter().zip(dirty) {
         let len = region.len() as usize;
@@ -104,7 +105,8 @@ pub fn write_diff(
         let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr().cast_const(), len) };
         for run in dirty_runs(bits, len.div_ceil(PAGE)) {
             let (from, to) = (run.start * PAGE, (run.end * PAGE).min(len));
-            file.write_all_at(&bytes[from..to], base + from as u64)
+            file.seek(SeekFrom::Start(base + from as u64))
+                .and_then(|_| file.write_all(&bytes[from..to]))
                 .map_err(fail)?;
             written += (to - from) as u64;
         }
