@@ -170,8 +170,10 @@ fn mmio_vhost_two_cpus() -> Scenario {
 /// onto the Full (`pvm snapshot-layer`) restores to the Diff's count, not the Full's. The tap
 /// has no rate limit: with tracking, vhost=auto must pick pvm's own worker.
 fn diff_over_full() -> Scenario {
-    let full = r#"'{"snapshot_type": "Full", "snapshot_path": "full.snap", "mem_file_path": "full.mem"}'"#;
-    let diff = r#"'{"snapshot_type": "Diff", "snapshot_path": "diff.snap", "mem_file_path": "diff.mem"}'"#;
+    let full =
+        r#"'{"snapshot_type": "Full", "snapshot_path": "full.snap", "mem_file_path": "full.mem"}'"#;
+    let diff =
+        r#"'{"snapshot_type": "Diff", "snapshot_path": "diff.snap", "mem_file_path": "diff.mem"}'"#;
     let body = format!(
         r#"{HELPERS}pvm --api-sock a.sock > boot.log 2>&1 &
 pvm=$!
@@ -316,7 +318,9 @@ fn a_diff_layered_onto_its_full_snapshot_restores_the_later_count() {
     let first = number_after(outcome, "d-first ");
     if first != last + 1 {
         outcome.dump();
-        panic!("{name}: the layered restore counted from {first}; the Diff was at {last}, the Full at {full}");
+        panic!(
+            "{name}: the layered restore counted from {first}; the Diff was at {last}, the Full at {full}"
+        );
     }
     assert_eq!(number_after(outcome, "d-booted-again "), 0);
     let written = outcome.word_after("d-disk ");

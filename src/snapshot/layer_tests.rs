@@ -3,13 +3,13 @@
 
 use std::os::unix::fs::FileExt;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::layout;
 use crate::snapshot::MemoryLineage;
 use crate::snapshot::file::tests::sample;
 use crate::snapshot::file::write;
+use crate::snapshot::memory_file::tests::test_ram;
 use crate::snapshot::memory_file::{file_bytes, write_diff};
 
 const MEM: u64 = 32 << 20;
@@ -43,14 +43,6 @@ fn state(dir: &Dir, name: &str, kind: SnapshotKind, id: u64, parent: Option<u64>
     path
 }
 
-fn memory() -> GuestMemoryMmap {
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(MEM)
-        .iter()
-        .map(|&(start, size)| (start, size as usize))
-        .collect();
-    GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap()
-}
-
 /// A file of the guest's size whose every page holds its page number's low byte + 1.
 fn base_file(path: &Path) {
     let file = File::create(path).unwrap();
@@ -76,7 +68,7 @@ fn a_diff_layers_its_pages_onto_its_base_and_leaves_the_rest() {
     let base = state(&dir, "base.snap", SnapshotKind::Full, 10, None);
     let diff = state(&dir, "diff.snap", SnapshotKind::Diff, 11, Some(10));
     base_file(&dir.path("base.mem"));
-    let mem = memory();
+    let mem = test_ram(MEM);
     mem.write_slice(&[0xab; 4096], GuestAddress(0x5000))
         .unwrap();
     let mut dirty = vec![0u64; (MEM / 4096 / 64) as usize];

@@ -170,7 +170,7 @@ pub fn open(path: &Path, mem_bytes: u64) -> Result<File, MemoryFileError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use vm_memory::{Bytes, GuestAddress};
@@ -180,11 +180,7 @@ mod tests {
         let dir = tempdir();
         let path = dir.join("mem");
         let mem_bytes = 32u64 << 20;
-        let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mem_bytes)
-            .iter()
-            .map(|&(start, size)| (start, size as usize))
-            .collect();
-        let memory = GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap();
+        let memory = test_ram(mem_bytes);
         memory
             .write_slice(b"hello", GuestAddress(0x10_0000))
             .unwrap();
@@ -232,11 +228,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("mem");
         let mem_bytes = 32u64 << 20;
-        let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mem_bytes)
-            .iter()
-            .map(|&(start, size)| (start, size as usize))
-            .collect();
-        let memory = GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap();
+        let memory = test_ram(mem_bytes);
         // Written but clean pages (not in the log) stay holes.
         memory
             .write_slice(&[1; 4096], GuestAddress(0x20_0000))
@@ -282,6 +274,15 @@ mod tests {
         let runs: Vec<_> = dirty_runs(&bits, 63).collect();
         assert_eq!((runs.len(), runs[0].clone()), (1, 62..63));
         assert_eq!(dirty_runs(&[], 1000).count(), 0);
+    }
+
+    /// Guest RAM of `mem_bytes` laid out as pvm lays it out.
+    pub(crate) fn test_ram(mem_bytes: u64) -> GuestMemoryMmap {
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mem_bytes)
+            .iter()
+            .map(|&(start, size)| (start, size as usize))
+            .collect();
+        GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap()
     }
 
     fn tempdir() -> PathBuf {
