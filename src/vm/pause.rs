@@ -227,15 +227,12 @@ impl<'a> Pauser<'a> {
         let Some(source) = self.source.as_ref().filter(|_| self.is_paused()) else {
             return Err(SnapshotError::NotPaused);
         };
-        source.create(
+        let target = super::snapshot::SnapshotTarget {
             kind,
-            &self.control,
-            self.vcpus.len(),
-            self.devices,
             snapshot,
             mem_file,
-            ids,
-        )
+        };
+        source.create(target, &self.control, self.vcpus.len(), self.devices, ids)
     }
 
     pub fn handle(&mut self, request: VmRequest) {

@@ -57,21 +57,32 @@ pub struct SnapshotSource<'a> {
     pub(super) dirty: Option<&'a DirtyTracking>,
 }
 
+/// What a snapshot is taken into: the state file, the memory file, and how much of RAM goes
+/// into the memory file.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotTarget<'p> {
+    pub kind: SnapshotKind,
+    pub snapshot: &'p Path,
+    pub mem_file: &'p Path,
+}
+
 impl SnapshotSource<'_> {
-    /// Saves the paused VM: the state to `snapshot`, the RAM to `mem_file` (both 0600), all
-    /// of it (`Full`) or the pages written since the last snapshot (`Diff`).
+    /// Saves the paused VM: the state to `target.snapshot`, the RAM to `target.mem_file`
+    /// (both 0600), all of it (`Full`) or the pages written since the last snapshot (`Diff`).
     /// `ids` are the API's drive and interface ids, in attach order, where it has them.
-    #[allow(clippy::too_many_arguments)]
     pub fn create(
         &self,
-        kind: SnapshotKind,
+        target: SnapshotTarget<'_>,
         control: &RunControl,
         vcpus: usize,
         devices: &[PausableDevice],
-        snapshot: &Path,
-        mem_file: &Path,
         ids: &DeviceIds,
     ) -> Result<(), SnapshotError> {
+        let SnapshotTarget {
+            kind,
+            snapshot,
+            mem_file,
+        } = target;
         let start = Instant::now();
         if kind == SnapshotKind::Diff {
             self.check_diff()?;
