@@ -6,9 +6,7 @@
 
 use pvm::snapshot::description::{Description, LimitDescription, TapDescription, VhostDescription};
 use pvm::snapshot::file::{decode, encode, frame};
-use pvm::snapshot::{
-    MemoryLineage, SerialState, Snapshot, SnapshotKind, VcpuState, VmState,
-};
+use pvm::snapshot::{MemoryLineage, SerialState, Snapshot, SnapshotKind, VcpuState, VmState};
 
 pub fn file(data: &[u8]) {
     let (mode, rest) = data.split_first().unwrap_or((&0, &[]));
