@@ -156,18 +156,7 @@ impl SnapshotSource<'_> {
 
     /// Refuses a Diff this VM cannot take: no tracking, or a data plane outside the log.
     fn check_diff(&self) -> Result<(), SnapshotError> {
-        if self.dirty.is_none() {
-            return Err(SnapshotError::DiffUntracked);
-        }
-        match self
-            .config
-            .taps
-            .iter()
-            .find(|t| t.vhost == crate::config::VhostMode::On)
-        {
-            Some(tap) => Err(SnapshotError::DiffVhostNet(tap.name.clone())),
-            None => Ok(()),
-        }
+        check_diff(self.dirty.is_some(), self.config)
     }
 
     /// Writes the state and the memory file: a Diff's when `state` is one (its pages in
@@ -190,6 +179,22 @@ impl SnapshotSource<'_> {
                 Ok(memory_file::file_bytes(self.config.mem_bytes))
             }
         }
+    }
+}
+
+/// Refuses a Diff of a VM that does not track dirty pages, or whose tap the kernel's vhost-net
+/// serves (it writes guest RAM past pvm's log).
+fn check_diff(tracked: bool, config: &VmConfig) -> Result<(), SnapshotError> {
+    if !tracked {
+        return Err(SnapshotError::DiffUntracked);
+    }
+    match config
+        .taps
+        .iter()
+        .find(|t| t.vhost == crate::config::VhostMode::On)
+    {
+        Some(tap) => Err(SnapshotError::DiffVhostNet(tap.name.clone())),
+        None => Ok(()),
     }
 }
 
@@ -307,5 +312,32 @@ impl Vm {
             memory,
             Some(resume),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{TapSpec, VhostMode};
+
+    #[test]
+    fn a_diff_is_refused_untracked_or_with_a_vhost_net_tap() {
+        let mut config = crate::api::models::tests::base();
+        let e = check_diff(false, &config).unwrap_err().to_string();
+        assert!(e.contains("needs dirty page tracking"), "{e}");
+        assert!(check_diff(true, &config).is_ok());
+        let tap = |name: &str, vhost| TapSpec {
+            name: name.to_string(),
+            mac: None,
+            vhost,
+            queues: 1,
+            rx_limit: Default::default(),
+            tx_limit: Default::default(),
+        };
+        config.taps = vec![tap("tap0", VhostMode::Off), tap("tap1", VhostMode::Auto)];
+        assert!(check_diff(true, &config).is_ok());
+        config.taps.push(tap("tap2", VhostMode::On));
+        let e = check_diff(true, &config).unwrap_err().to_string();
+        assert!(e.contains("tap tap2") && e.contains("vhost-net"), "{e}");
     }
 }
