@@ -66,6 +66,13 @@ struct Args {
     #[arg(long, value_name = "2M", value_parser = parse_huge_pages)]
     huge_pages: Option<GuestPages>,
 
+    /// Log which guest pages are written between snapshots, as Firecracker's
+    /// `track_dirty_pages`, so that `snapshot_type: Diff` can write only those. Taps with
+    /// vhost=auto are then served by pvm's own worker (the kernel's vhost-net writes past the
+    /// log); with --restore, tracking starts from the restored memory.
+    #[arg(long)]
+    track_dirty_pages: bool,
+
     /// A raw disk image as a virtio-blk device; repeatable. `ro` makes it read-only, `serial=ID`
     /// sets the id the guest reads, `bw=` (bytes/s, K/M/G) and `iops=` rate-limit it.
     /// `engine=io_uring` serves it through io_uring (default sync), `direct=on` with O_DIRECT,
@@ -608,6 +615,7 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
         vsock: args.vsock,
         exit_port: false,
         shares: args.share,
+        track_dirty_pages: args.track_dirty_pages,
     };
     Ok(Invocation::Run(Box::new(Launch {
         config,

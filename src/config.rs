@@ -161,6 +161,9 @@ pub struct VmConfig {
     pub exit_port: bool,
     /// `--share`: read-only virtio-fs shares, after every other device in guest order.
     pub shares: Vec<ShareSpec>,
+    /// `--track-dirty-pages` (Firecracker's `track_dirty_pages`): log the pages written
+    /// between snapshots, for Diff snapshots.
+    pub track_dirty_pages: bool,
 }
 
 /// Where `--console socket` puts the console's socket.

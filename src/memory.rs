@@ -74,6 +74,8 @@ pub struct VmMemory {
     memory: GuestMemoryMmap,
     /// The slots registered so far, deleted on drop.
     slots: Vec<kvm_userspace_memory_region>,
+    /// Which pages were written since the last snapshot, with track_dirty_pages.
+    dirty: Option<crate::snapshot::dirty::DirtyTracking>,
 }
 
 impl VmMemory {
@@ -89,6 +91,7 @@ impl VmMemory {
             vm,
             memory: create(mem_bytes, shared, pages)?,
             slots: Vec::new(),
+            dirty: None,
         };
         // On an error the slots registered so far are deleted when `owned` drops.
         owned.register()?;
@@ -103,6 +106,7 @@ impl VmMemory {
             vm,
             memory: map_file(mem_bytes, file)?,
             slots: Vec::new(),
+            dirty: None,
         };
         owned.register()?;
         Ok(owned)
@@ -114,6 +118,38 @@ impl VmMemory {
 
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+
+    /// Logs every write to guest RAM from now on (track_dirty_pages): KVM the vCPUs'
+    /// (KVM_MEM_LOG_DIRTY_PAGES on every slot), pvm-virtio's log the devices'. `restored_from`
+    /// is the id of the snapshot the RAM was mapped from; a booted VM's RAM is all marked
+    /// instead, as what pvm loaded into it (kernel, boot data) is in neither log.
+    pub fn track_dirty_pages(&mut self, restored_from: Option<u64>) -> Result<(), Error> {
+        for entry in &mut self.slots {
+            entry.flags |= kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+            // SAFETY: the same slot over the same host range as registered (see `register`);
+            // only its flags change, which KVM applies in place.
+            unsafe { self.vm.set_user_memory_region(*entry) }.map_err(|source| {
+                Error::RegisterSlot {
+                    slot: entry.slot,
+                    source,
+                }
+            })?;
+        }
+        let log = pvm_virtio::dirty::DirtyLog::track(&self.memory);
+        if restored_from.is_none() {
+            log.mark_all();
+        }
+        self.dirty = Some(crate::snapshot::dirty::DirtyTracking::new(
+            log,
+            restored_from,
+        ));
+        Ok(())
+    }
+
+    /// The dirty page log, when the VM tracks dirty pages.
+    pub fn dirty_tracking(&self) -> Option<&crate::snapshot::dirty::DirtyTracking> {
+        self.dirty.as_ref()
     }
 
     /// Makes every region of the RAM a slot of the VM.

@@ -294,6 +294,18 @@ fn create_devices(
         vhost_user_index += 1;
     }
     for (i, spec) in config.taps.iter().enumerate() {
+        // The kernel's vhost-net writes guest RAM past pvm's dirty page log: with tracking on,
+        // vhost=auto means pvm's own worker (vhost=on makes Diff snapshots refused).
+        let logged;
+        let spec = if config.track_dirty_pages && spec.vhost == VhostMode::Auto {
+            logged = TapSpec {
+                vhost: VhostMode::Off,
+                ..spec.clone()
+            };
+            &logged
+        } else {
+            spec
+        };
         let (net, vhost) = create_net(spec, memory)?;
         // With vhost-net the kernel moves the frames and pvm's counters stay still: the
         // tap's own statistics count them (opened now, before the sandbox forbids open()).

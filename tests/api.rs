@@ -289,7 +289,7 @@ fn a_config_file_boots_at_once() {
         &config,
         format!(
             r#"{{"boot-source": {{"kernel_image_path": "{}"}}, "drives": [],
-                "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true}}}}"#,
+                "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64, "huge_pages": "Transparent"}}}}"#,
             kernel.display()
         ),
     )
@@ -301,7 +301,7 @@ fn a_config_file_boots_at_once() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("track_dirty_pages"), "{stderr}");
+    assert!(stderr.contains("huge_pages Transparent"), "{stderr}");
 }
 
 #[test]

@@ -10,6 +10,8 @@
 //!   by `PUT /snapshot/load` with `resume_vm: false` and `network_overrides` onto another tap
 //!   (in a network namespace of its own), then `PATCH /vm Resumed`.
 //! - mmio, kernel vhost-net, 2 vCPUs: `--restore --paused`, resumed with SIGUSR2.
+//! - track_dirty_pages: Full, counting on, Diff, SIGKILL; the Diff layered onto the Full
+//!   restores to the Diff's count.
 
 mod common;
 
@@ -164,6 +166,53 @@ fn mmio_vhost_two_cpus() -> Scenario {
     scenario("snapshot-mmio-vhost-2cpus", &body)
 }
 
+/// track_dirty_pages: a Full snapshot, three counts on, a Diff, SIGKILL; the Diff layered
+/// onto the Full (`pvm snapshot-layer`) restores to the Diff's count, not the Full's. The tap
+/// has no rate limit: with tracking, vhost=auto must pick pvm's own worker.
+fn diff_over_full() -> Scenario {
+    let full =
+        r#"'{"snapshot_type": "Full", "snapshot_path": "full.snap", "mem_file_path": "full.mem"}'"#;
+    let diff =
+        r#"'{"snapshot_type": "Diff", "snapshot_path": "diff.snap", "mem_file_path": "diff.mem"}'"#;
+    let body = format!(
+        r#"{HELPERS}pvm --api-sock a.sock > boot.log 2>&1 &
+pvm=$!
+api a.sock PUT /machine-config '{{"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}}'
+api a.sock PUT /boot-source '{{"kernel_image_path": "{{kernel}}", "initrd_path": "initrd.cpio", "boot_args": "console=ttyS0 reboot=k quiet"}}'
+api a.sock PUT /drives/rootfs '{{"drive_id": "rootfs", "path_on_host": "disk.img", "is_root_device": false, "is_read_only": false}}'
+api a.sock PUT /network-interfaces/eth0 '{{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "{GUEST_MAC}"}}'
+api a.sock PUT /actions '{{"action_type": "InstanceStart"}}'
+wait_for boot.log 'count 3 ping-ok disk-ok' 150
+api a.sock PATCH /vm '{{"state": "Paused"}}'
+api a.sock PUT /snapshot/create {full}
+usleep 300000
+full=$(grep '^count ' boot.log | tail -n 1 | cut -d' ' -f2)
+echo "full-at $full"
+api a.sock PATCH /vm '{{"state": "Resumed"}}'
+wait_past boot.log $((full + 2)) 150
+api a.sock PATCH /vm '{{"state": "Paused"}}'
+api a.sock PUT /snapshot/create {diff}
+usleep 300000
+last=$(grep '^count ' boot.log | tail -n 1 | cut -d' ' -f2)
+echo "snapshot-at $last"
+echo "a-plane $(grep 'data plane' boot.log)"
+echo "sizes full $(wc -c < full.mem) bytes $(du -k full.mem | cut -f1) KiB allocated, diff $(wc -c < diff.mem) bytes $(du -k diff.mem | cut -f1) KiB allocated"
+kill -9 $pvm
+wait $pvm
+echo "booted $(grep -c guest-counting-from-boot boot.log)"
+pvm snapshot-layer --diff-snapshot diff.snap --diff-mem diff.mem --base-snapshot full.snap --base-mem full.mem && echo layered-ok
+pvm --restore diff.snap --mem-file full.mem > d.log 2>&1 &
+pd=$!
+{}kill $pd
+wait $pd
+echo "d-disk $(dd if=disk.img bs=512 skip=8 count=1 2>/dev/null | head -c 12)"
+tail -n 3 d.log
+"#,
+        check_clone("d", "d.log"),
+    );
+    scenario("snapshot-diff", &body)
+}
+
 fn scenario(name: &str, body: &str) -> Scenario {
     Scenario::new(name)
         .kernel(Kernel::MinimalElf)
@@ -178,7 +227,7 @@ fn scenario(name: &str, body: &str) -> Scenario {
 }
 
 fn scenarios() -> Vec<Scenario> {
-    vec![pci_clones(), mmio_vhost_two_cpus()]
+    vec![pci_clones(), mmio_vhost_two_cpus(), diff_over_full()]
 }
 
 static BATCH: Batch = Batch::new(scenarios);
@@ -250,4 +299,35 @@ fn mmio_vhost_net_two_vcpus_restored_paused_then_resumed() {
     outcome.assert_contains("boot-guest-cpus 2");
     outcome.assert_contains("c-plane pvm: tap tap0: vhost-net data plane");
     outcome.assert_contains("c-counts-while-paused 0");
+}
+
+#[test]
+fn a_diff_layered_onto_its_full_snapshot_restores_the_later_count() {
+    let name = "snapshot-diff";
+    let outcome = BATCH.outcome(name);
+    if outcome.console.contains("wait-timeout") {
+        outcome.dump();
+        panic!("{name}: a wait timed out");
+    }
+    outcome.assert_contains("booted 1");
+    outcome.assert_contains("layered-ok");
+    outcome.assert_contains("a-plane pvm: tap tap0: in-process data plane");
+    let full = number_after(outcome, "full-at ");
+    let last = number_after(outcome, "snapshot-at ");
+    assert!(last >= full + 3, "{name}: Full at {full}, Diff at {last}");
+    let first = number_after(outcome, "d-first ");
+    if first != last + 1 {
+        outcome.dump();
+        panic!(
+            "{name}: the layered restore counted from {first}; the Diff was at {last}, the Full at {full}"
+        );
+    }
+    assert_eq!(number_after(outcome, "d-booted-again "), 0);
+    let written = outcome.word_after("d-disk ");
+    let count: u64 = written
+        .strip_prefix("COUNT-")
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(count > last, "its disk holds {written:?}");
 }

@@ -6,7 +6,8 @@
 mod micro;
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
@@ -318,4 +319,168 @@ fn a_restored_vm_rebuilds_its_balloon_and_vsock_and_binds_the_vsock_path_again()
     // The restored device listens at the path again.
     assert!(std::os::unix::net::UnixStream::connect(&uds).is_ok());
     pvm.kill();
+}
+
+/// Answers each byte on the UART with 'a', 'b', 'c', ..., the count kept in guest RAM at
+/// 2 MiB (not in a register): which memory file a restore gets shows in the answer.
+fn memory_counting_guest() -> PathBuf {
+    let code = [
+        0xc6, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00, b'a', // mov byte [0x200000], 'a'
+        // loop:
+        0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd (line status)
+        0xec, // in al, dx
+        0xa8, 0x01, // test al, 1 (data ready)
+        0x74, 0xfb, // jz back to the in
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xec, // in al, dx (take the byte)
+        0x8a, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00, // mov al, [0x200000]
+        0xee, // out dx, al
+        0xfe, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00, // inc byte [0x200000]
+        0xeb, 0xe1, // jmp loop (-31)
+    ];
+    micro_kernel("snapshot-memory-counter", &code)
+}
+
+/// PUT /snapshot/create of `kind` into `name`.snap and `name`.mem; returns the answer.
+fn take(
+    api: &mut std::os::unix::net::UnixStream,
+    kind: &str,
+    name: &str,
+) -> (u16, String, PathBuf, PathBuf) {
+    let (snapshot, mem) = (
+        scratch(&format!("{name}.snap")),
+        scratch(&format!("{name}.mem")),
+    );
+    let body = format!(
+        r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        snapshot.display(),
+        mem.display()
+    );
+    let (status, answer) = call(api, "PUT", "/snapshot/create", Some(&body));
+    (status, answer, snapshot, mem)
+}
+
+fn set_paused(api: &mut std::os::unix::net::UnixStream, paused: bool) {
+    let body = if paused {
+        r#"{"state": "Paused"}"#
+    } else {
+        r#"{"state": "Resumed"}"#
+    };
+    assert_eq!(call(api, "PATCH", "/vm", Some(body)).0, 204);
+}
+
+/// A process that loads `snapshot` over `mem` through its API, resumed.
+fn load(name: &str, snapshot: &Path, mem: &Path, track: bool) -> (Pvm, UnixStream) {
+    let socket = scratch(&format!("{name}.sock"));
+    let mut pvm = Pvm::start(&["--api-sock", socket.to_str().unwrap()]);
+    let mut api = connect(&socket, &mut pvm.child);
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true, "track_dirty_pages": {track}}}"#,
+        snapshot.display(),
+        mem.display()
+    );
+    let (status, answer) = call(&mut api, "PUT", "/snapshot/load", Some(&body));
+    assert_eq!(status, 204, "{answer}");
+    (pvm, api)
+}
+
+/// `pvm snapshot-layer`: its exit code and stderr.
+fn layer(diff: &Path, diff_mem: &Path, base: &Path, base_mem: &Path) -> (i32, String) {
+    let out = Command::new(PVM)
+        .arg("snapshot-layer")
+        .args(["--diff-snapshot", diff.to_str().unwrap()])
+        .args(["--diff-mem", diff_mem.to_str().unwrap()])
+        .args(["--base-snapshot", base.to_str().unwrap()])
+        .args(["--base-mem", base_mem.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+/// Full snapshot at 'c', Diff at 'f': the Diff's memory file is sparse, layering it onto the
+/// Full's makes a guest that goes on at 'g' (the Full's file alone: at 'd'); a restored VM
+/// tracking dirty pages takes a Diff of its own that layers on in turn; without tracking a
+/// Diff is refused.
+#[test]
+fn diff_snapshots_layer_onto_their_full_snapshot() {
+    require_kvm();
+    let kernel = memory_counting_guest();
+    let socket = scratch("diff.sock");
+    let mut pvm = Pvm::start(&["--api-sock", socket.to_str().unwrap()]);
+    let mut api = connect(&socket, &mut pvm.child);
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
+    assert_eq!(call(&mut api, "PUT", "/boot-source", Some(&boot)).0, 204);
+    let machine = r#"{"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true}"#;
+    assert_eq!(
+        call(&mut api, "PUT", "/machine-config", Some(machine)).0,
+        204
+    );
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(start)).0, 204);
+    let (_, config) = call(&mut api, "GET", "/machine-config", None);
+    assert!(config.contains(r#""track_dirty_pages":true"#), "{config}");
+    for want in *b"abc" {
+        assert_eq!(pvm.ask(ANSWER), Some(want));
+    }
+    set_paused(&mut api, true);
+    let (status, answer, full, full_mem) = take(&mut api, "Full", "diff-full");
+    assert_eq!(status, 204, "{answer}");
+    set_paused(&mut api, false);
+    for want in *b"def" {
+        assert_eq!(pvm.ask(ANSWER), Some(want));
+    }
+    set_paused(&mut api, true);
+    let (status, answer, diff, diff_mem) = take(&mut api, "Diff", "diff-1");
+    assert_eq!(status, 204, "{answer}");
+    pvm.kill();
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&diff_mem).unwrap();
+    assert_eq!(meta.len(), 64 << 20, "a Diff's file has the guest's size");
+    assert!(
+        meta.blocks() * 512 <= 256 << 10,
+        "only the pages written since the Full: {} KiB",
+        meta.blocks() / 2
+    );
+
+    // The Full's memory alone holds the count as it was then ('c', or 'd' if the vCPU had
+    // gone past its increment when it paused).
+    let (mut stale, _) = load("diff-stale", &diff, &full_mem, false);
+    let answer = stale.ask(ANSWER);
+    assert!(matches!(answer, Some(b'c' | b'd')), "{answer:?}");
+    stale.kill();
+    // Refused: layering onto a snapshot it does not follow, or a Full as a Diff.
+    let (code, stderr) = layer(&diff, &diff_mem, &diff, &full_mem);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("was taken over snapshot"), "{stderr}");
+    let (code, stderr) = layer(&full, &full_mem, &full, &full_mem);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("a Full snapshot"), "{stderr}");
+    let (code, stderr) = layer(&diff, &diff_mem, &full, &full_mem);
+    assert_eq!(code, 0, "{stderr}");
+
+    // Without tracking a restored VM takes Full snapshots only.
+    let (mut untracked, mut api) = load("diff-untracked", &diff, &full_mem, false);
+    assert_eq!(untracked.ask(ANSWER), Some(b'g'));
+    set_paused(&mut api, true);
+    let (status, answer, ..) = take(&mut api, "Diff", "diff-refused");
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("needs dirty page tracking"), "{answer}");
+    untracked.kill();
+
+    // A restored VM tracking dirty pages: its Diff follows the Diff it was restored from.
+    let (mut tracked, mut api) = load("diff-tracked", &diff, &full_mem, true);
+    assert_eq!(tracked.ask(ANSWER), Some(b'g'));
+    assert_eq!(tracked.ask(ANSWER), Some(b'h'));
+    set_paused(&mut api, true);
+    let (status, answer, diff2, diff2_mem) = take(&mut api, "Diff", "diff-2");
+    assert_eq!(status, 204, "{answer}");
+    tracked.kill();
+    let (code, stderr) = layer(&diff2, &diff2_mem, &full, &full_mem);
+    assert_eq!(code, 1, "it follows diff-1, not the Full: {stderr}");
+    let (code, stderr) = layer(&diff2, &diff2_mem, &diff, &full_mem);
+    assert_eq!(code, 0, "{stderr}");
+    let (mut last, _) = load("diff-last", &diff2, &full_mem, false);
+    assert_eq!(last.ask(ANSWER), Some(b'i'));
+    last.kill();
 }

@@ -6,7 +6,7 @@
 
 use pvm::snapshot::description::{Description, LimitDescription, TapDescription, VhostDescription};
 use pvm::snapshot::file::{decode, encode, frame};
-use pvm::snapshot::{SerialState, Snapshot, VcpuState, VmState};
+use pvm::snapshot::{MemoryLineage, SerialState, Snapshot, SnapshotKind, VcpuState, VmState};
 
 pub fn file(data: &[u8]) {
     let (mode, rest) = data.split_first().unwrap_or((&0, &[]));
@@ -92,6 +92,11 @@ pub fn sample() -> Snapshot {
         serial: SerialState::default(),
         pci_config_address: 0,
         devices: Vec::new(),
+        memory: MemoryLineage {
+            kind: SnapshotKind::Diff,
+            id: 2,
+            parent: Some(1),
+        },
     }
 }
 

@@ -20,7 +20,8 @@ impl Controller {
         body: &crate::api::snapshot::SnapshotCreate,
         vm: &mut RunningVm<'_, '_>,
     ) -> Response {
-        match vm.create_snapshot(&body.snapshot_path, &body.mem_file_path, &self.device_ids()) {
+        let ids = self.device_ids();
+        match vm.create_snapshot(body.kind(), &body.snapshot_path, &body.mem_file_path, &ids) {
             Ok(()) => Response::no_content(),
             Err(e) => Response::fault(&format!("Create snapshot error: {}", error_chain(&e))),
         }
@@ -56,7 +57,9 @@ impl Controller {
                 .collect(),
             resume: request.resume_vm,
         };
-        match vm::restore_described(&self.base, &spec) {
+        let mut base = self.base.clone();
+        base.track_dirty_pages |= request.track_dirty_pages;
+        match vm::restore_described(&base, &spec) {
             Ok(restored) => {
                 self.adopt_restored(&restored);
                 log::info!("API: snapshot {} loaded", spec.snapshot.display());

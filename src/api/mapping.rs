@@ -181,7 +181,7 @@ impl MachineConfig {
             vcpu_count: config.cpus,
             mem_size_mib: config.mem_bytes >> 20,
             smt: config.smt,
-            track_dirty_pages: false,
+            track_dirty_pages: config.track_dirty_pages,
             huge_pages: match config.huge_pages {
                 GuestPages::Normal => HugePages::None,
                 GuestPages::Huge2M => HugePages::Huge2M,
@@ -201,13 +201,6 @@ impl MachineConfig {
         let bytes = self.mem_size_mib.checked_mul(1 << 20);
         if !bytes.is_some_and(|b| (MIN_MEM_BYTES..=MAX_MEM_BYTES).contains(&b)) {
             return Err(ConfigError::MemSize(self.mem_size_mib));
-        }
-        if self.track_dirty_pages {
-            return Err(refused(
-                CATEGORY,
-                "track_dirty_pages",
-                "pvm takes Full snapshots only; dirty page tracking (for Diff snapshots) is not implemented",
-            ));
         }
         match self.huge_pages {
             HugePages::None => {}
@@ -354,6 +347,7 @@ impl FcConfig {
             crate::balloon::check_fits(balloon, vm.mem_bytes)?;
         }
         vm.smt = machine.smt;
+        vm.track_dirty_pages = machine.track_dirty_pages;
         vm.huge_pages = match machine.huge_pages {
             HugePages::Huge2M => GuestPages::Huge2M,
             // validate() refused the others.

@@ -34,6 +34,7 @@ pub(crate) fn base() -> VmConfig {
         vsock: None,
         exit_port: false,
         shares: Vec::new(),
+        track_dirty_pages: false,
     }
 }
 
@@ -158,10 +159,6 @@ fn refused_fields_are_named() {
         (
             r#"{"vcpu_count": 3, "mem_size_mib": 128, "smt": true}"#,
             "1 or even with smt",
-        ),
-        (
-            r#"{"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}"#,
-            "track_dirty_pages",
         ),
         (
             r#"{"vcpu_count": 1, "mem_size_mib": 129, "huge_pages": "2M"}"#,
@@ -389,4 +386,16 @@ fn machine_patch_and_put_replace() {
     assert_eq!(json["machine-config"]["mem_size_mib"], 128);
     assert_eq!(json["drives"][0]["path_on_host"], "/b");
     assert!(json["vsock"].is_null());
+}
+
+#[test]
+fn track_dirty_pages_reaches_the_vm_and_its_machine_config() {
+    let fc = config(
+        r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}}"#,
+    );
+    let vm = fc.to_vm_config(&base()).unwrap();
+    assert!(vm.track_dirty_pages);
+    assert!(MachineConfig::from_vm_config(&vm).track_dirty_pages);
+    let fc = config(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}"#);
+    assert!(!fc.to_vm_config(&base()).unwrap().track_dirty_pages);
 }

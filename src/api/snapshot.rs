@@ -1,6 +1,6 @@
 //! `PUT /snapshot/create` and `PUT /snapshot/load`: Firecracker's bodies, checked on the API
-//! thread; what pvm does not do (Diff snapshots, the Uffd backend, dirty page tracking) is
-//! refused naming the field, never accepted and ignored.
+//! thread; what pvm does not do (the Uffd backend, a target format version) is refused naming
+//! the field, never accepted and ignored.
 
 use std::path::PathBuf;
 
@@ -25,6 +25,16 @@ pub struct SnapshotCreate {
 pub enum SnapshotType {
     Full,
     Diff,
+}
+
+impl SnapshotCreate {
+    /// Full unless the body asks for a Diff (Firecracker's default is Full).
+    pub fn kind(&self) -> crate::snapshot::SnapshotKind {
+        match self.snapshot_type {
+            Some(SnapshotType::Diff) => crate::snapshot::SnapshotKind::Diff,
+            Some(SnapshotType::Full) | None => crate::snapshot::SnapshotKind::Full,
+        }
+    }
 }
 
 /// `PUT /snapshot/load`.
@@ -75,6 +85,8 @@ pub struct LoadRequest {
     pub mem_file: PathBuf,
     pub resume_vm: bool,
     pub network_overrides: Vec<NetworkOverride>,
+    /// Keep logging dirty pages in the restored VM (for its Diff snapshots).
+    pub track_dirty_pages: bool,
 }
 
 fn refuse(path: &str, why: &'static str) -> RouteError {
@@ -85,15 +97,9 @@ fn refuse(path: &str, why: &'static str) -> RouteError {
     }
 }
 
-/// Checks a create body; only full snapshots.
+/// Checks a create body (whether a Diff can be taken is the VM's to say).
 pub fn check_create(body: SnapshotCreate) -> Result<SnapshotCreate, RouteError> {
     const PATH: &str = "snapshot/create";
-    if body.snapshot_type == Some(SnapshotType::Diff) {
-        return Err(refuse(
-            PATH,
-            "snapshot_type Diff: pvm takes Full snapshots only (no dirty page tracking yet)",
-        ));
-    }
     if body.version.is_some() {
         return Err(refuse(
             PATH,
@@ -106,13 +112,6 @@ pub fn check_create(body: SnapshotCreate) -> Result<SnapshotCreate, RouteError> 
 /// Checks a load body and picks the memory file from `mem_backend` or `mem_file_path`.
 pub fn check_load(body: SnapshotLoad) -> Result<LoadRequest, RouteError> {
     const PATH: &str = "snapshot/load";
-    if body.enable_diff_snapshots || body.track_dirty_pages {
-        return Err(refuse(
-            PATH,
-            "track_dirty_pages / enable_diff_snapshots: pvm has no dirty page tracking (Diff \
-             snapshots) yet; leave them false",
-        ));
-    }
     let mem_file = match (body.mem_backend, body.mem_file_path) {
         (Some(_), Some(_)) => {
             return Err(refuse(
@@ -141,6 +140,8 @@ pub fn check_load(body: SnapshotLoad) -> Result<LoadRequest, RouteError> {
         mem_file,
         resume_vm: body.resume_vm,
         network_overrides: body.network_overrides,
+        // enable_diff_snapshots is Firecracker's deprecated name for it.
+        track_dirty_pages: body.track_dirty_pages || body.enable_diff_snapshots,
     })
 }
 
@@ -172,7 +173,17 @@ mod tests {
         assert_eq!(r.mem_file, PathBuf::from("m2"));
         assert!(!r.resume_vm);
         let c = create(r#"{"snapshot_type":"Full","snapshot_path":"s","mem_file_path":"m"}"#);
-        assert!(c.is_ok());
+        assert_eq!(c.unwrap().kind(), crate::snapshot::SnapshotKind::Full);
+        let c = create(r#"{"snapshot_type":"Diff","snapshot_path":"s","mem_file_path":"m"}"#);
+        assert_eq!(c.unwrap().kind(), crate::snapshot::SnapshotKind::Diff);
+        assert!(
+            create(r#"{"snapshot_type":"diff","snapshot_path":"s","mem_file_path":"m"}"#).is_err()
+        );
+        assert!(!r.track_dirty_pages);
+        for field in ["track_dirty_pages", "enable_diff_snapshots"] {
+            let body = format!(r#"{{"snapshot_path":"s","mem_file_path":"m","{field}":true}}"#);
+            assert!(load(&body).unwrap().track_dirty_pages, "{field}");
+        }
         assert!(create(r#"{"snapshot_path":"s","mem_file_path":"m"}"#).is_ok());
     }
 
@@ -184,10 +195,6 @@ mod tests {
                     r#"{"snapshot_path":"s","mem_backend":{"backend_type":"Uffd","backend_path":"u"}}"#,
                 ),
                 "Uffd",
-            ),
-            (
-                load(r#"{"snapshot_path":"s","mem_file_path":"m","track_dirty_pages":true}"#),
-                "track_dirty_pages",
             ),
             (
                 load(
@@ -211,9 +218,6 @@ mod tests {
             let e = result.unwrap_err();
             assert!(e.contains(want), "{e}");
         }
-        let e = create(r#"{"snapshot_type":"Diff","snapshot_path":"s","mem_file_path":"m"}"#)
-            .unwrap_err();
-        assert!(e.contains("snapshot_type Diff"), "{e}");
         let e =
             create(r#"{"snapshot_path":"s","mem_file_path":"m","version":"1.0.0"}"#).unwrap_err();
         assert!(e.contains("version"), "{e}");

@@ -85,6 +85,25 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Layer a Diff snapshot's memory file onto the memory file of the snapshot it was taken
+    /// over (changed in place); that file then restores with the Diff's state file. Refused
+    /// unless the two snapshots follow one another and their sizes match.
+    #[command(name = "snapshot-layer")]
+    SnapshotLayer {
+        /// The Diff snapshot's state file.
+        #[arg(long, value_name = "PATH")]
+        diff_snapshot: PathBuf,
+        /// The Diff snapshot's memory file.
+        #[arg(long, value_name = "PATH")]
+        diff_mem: PathBuf,
+        /// The state file the base memory file goes with: the Full snapshot the Diff follows,
+        /// or the Diff layered onto the base last.
+        #[arg(long, value_name = "PATH")]
+        base_snapshot: PathBuf,
+        /// The base memory file, written in place.
+        #[arg(long, value_name = "PATH")]
+        base_mem: PathBuf,
+    },
     /// Print pvm's manual page (roff) on stdout.
     #[command(hide = true)]
     Man,
@@ -113,6 +132,8 @@ pub enum ManageError {
     Attach(#[from] attach::AttachError),
     #[error("writing the manual page: {0}")]
     Man(std::io::Error),
+    #[error("snapshot-layer: {0}")]
+    Layer(#[from] crate::snapshot::layer::LayerError),
 }
 
 impl ManageError {
@@ -135,6 +156,17 @@ pub fn run(command: Command) -> i32 {
         Command::Stop { target, timeout } => stop(&target, Duration::from_secs(timeout)),
         Command::Console { target } => console(&target),
         Command::Man => man(),
+        Command::SnapshotLayer {
+            diff_snapshot,
+            diff_mem,
+            base_snapshot,
+            base_mem,
+        } => snapshot_layer(&crate::snapshot::layer::LayerSpec {
+            diff_snapshot,
+            diff_mem,
+            base_snapshot,
+            base_mem,
+        }),
         Command::CleanupSockets { paths } => Ok(cleanup::run(&paths)),
     };
     match result {
@@ -147,6 +179,18 @@ pub fn run(command: Command) -> i32 {
             e.exit_code()
         }
     }
+}
+
+/// `pvm snapshot-layer`: says how much was copied.
+fn snapshot_layer(spec: &crate::snapshot::layer::LayerSpec) -> Result<i32, ManageError> {
+    let copied = crate::snapshot::layer::layer(spec)?;
+    println!(
+        "{}: {copied} bytes of {} layered; restore it with {}",
+        spec.base_mem.display(),
+        spec.diff_mem.display(),
+        spec.diff_snapshot.display()
+    );
+    Ok(0)
 }
 
 /// The API socket `target` names.

@@ -24,7 +24,8 @@ use super::{Snapshot, SnapshotError};
 pub const MAGIC: [u8; 8] = *b"PVMSNAP\0";
 /// Bumped whenever the encoded state changes shape; a file of another version is refused.
 /// 2: the description records each disk's API drive id. 3: and the balloon and vsock.
-pub const VERSION: u32 = 3;
+/// 4: the memory file's lineage (Full or Diff, ids).
+pub const VERSION: u32 = 4;
 const HEADER_BYTES: usize = 24;
 const CRC_BYTES: usize = 4;
 /// Far above any real state (a vCPU is ~10 KiB): a larger file is not a pvm snapshot.
@@ -207,4 +208,4 @@ pub fn write(path: &Path, snapshot: &Snapshot) -> Result<(), SnapshotError> {
 
 #[cfg(test)]
 #[path = "file_tests.rs"]
-mod tests;
+pub(crate) mod tests;

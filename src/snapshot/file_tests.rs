@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::snapshot::description::{Description, LimitDescription};
-use crate::snapshot::{SerialState, Snapshot, VcpuState, VmState};
+use crate::snapshot::{MemoryLineage, SerialState, Snapshot, SnapshotKind, VcpuState, VmState};
 
 /// A snapshot with default KVM state (never given to KVM here).
 pub(crate) fn sample() -> Snapshot {
@@ -44,6 +44,11 @@ pub(crate) fn sample() -> Snapshot {
         serial: SerialState::default(),
         pci_config_address: 0x8000_0800,
         devices: Vec::new(),
+        memory: MemoryLineage {
+            kind: SnapshotKind::Diff,
+            id: 7,
+            parent: Some(3),
+        },
     }
 }
 
@@ -97,7 +102,7 @@ fn other_versions_are_refused_naming_both() {
     bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
     let e = refused(&bytes);
     assert!(
-        e.contains("format version 7; this pvm reads version 3"),
+        e.contains("format version 7; this pvm reads version 4"),
         "{e}"
     );
 }

@@ -6,8 +6,10 @@
 //! KVM or a device, and a VM is only started once all of it was restored.
 
 pub mod description;
+pub mod dirty;
 pub mod file;
 pub mod kvm_state;
+pub mod layer;
 pub mod memory_file;
 
 use serde::{Deserialize, Serialize};
@@ -30,6 +32,29 @@ pub struct Snapshot {
     pub pci_config_address: u32,
     /// Each virtio transport's state, in the order pvm attaches them.
     pub devices: Vec<DeviceState>,
+    /// What the memory file holds, and for a Diff what it layers onto.
+    pub memory: MemoryLineage,
+}
+
+/// Full or Diff (Firecracker's `snapshot_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotKind {
+    /// The memory file holds all of RAM.
+    Full,
+    /// The memory file holds the pages written since the parent snapshot; holes elsewhere.
+    Diff,
+}
+
+/// Which snapshots a memory file belongs with: checked when a Diff is layered onto a base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryLineage {
+    pub kind: SnapshotKind,
+    /// This snapshot's id (random).
+    pub id: u64,
+    /// A Diff's parent: the snapshot of the same VM taken or restored before it, whose memory
+    /// file (as layered so far) the Diff's pages go onto. None for a Diff of a VM that booted
+    /// and had no snapshot since: then every page was dirty and the Diff's file is complete.
+    pub parent: Option<u64>,
 }
 
 /// vm-superio's `SerialState`, as plain data pvm can serialize.
@@ -94,6 +119,16 @@ pub enum DeviceState {
 pub enum SnapshotError {
     #[error("the VM is running: pause it first (PATCH /vm Paused, or SIGUSR1)")]
     NotPaused,
+    #[error(
+        "snapshot_type Diff needs dirty page tracking: start the VM with track_dirty_pages \
+         (machine-config, --track-dirty-pages, or track_dirty_pages in the load request)"
+    )]
+    DiffUntracked,
+    #[error(
+        "snapshot_type Diff: tap {0} is served by the kernel's vhost-net (vhost=on), whose \
+         writes to guest RAM pvm's dirty page log cannot see; use vhost=auto or off"
+    )]
+    DiffVhostNet(String),
     #[error(
         "a vhost-user device ({0}) holds guest RAM in another process; pvm cannot snapshot \
          such a VM"

@@ -68,14 +68,15 @@ impl RunningVm<'_, '_> {
         self.pauser.device(name)
     }
 
-    /// Snapshots the paused VM into `snapshot` and `mem_file`; `ids` are the API's names of its drives and taps.
+    /// Snapshots the paused VM (`kind`: Full or Diff) into `snapshot` and `mem_file`; `ids` are the API's names of its drives and taps.
     pub fn create_snapshot(
         &self,
+        kind: crate::snapshot::SnapshotKind,
         snapshot: &std::path::Path,
         mem_file: &std::path::Path,
         ids: &crate::snapshot::description::DeviceIds,
     ) -> Result<(), crate::snapshot::SnapshotError> {
-        self.pauser.create_snapshot(snapshot, mem_file, ids)
+        self.pauser.create_snapshot(kind, snapshot, mem_file, ids)
     }
 
     /// Pauses (true) or resumes (false) the VM; asking for the state it is in changes nothing.

@@ -228,6 +228,7 @@ impl Vm {
             serial: &serial,
             buses: &self.buses,
             config: &self.config,
+            dirty: self.memory.dirty_tracking(),
         });
         if self.restored.is_some() {
             pauser.mark_paused();
@@ -307,12 +308,11 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, Error> {
 fn create_memory(vm_fd: VmFd, config: &VmConfig) -> Result<VmMemory, Error> {
     // vhost-user backends map guest RAM themselves: it must be shareable.
     let shared = !config.vhost_user_disks.is_empty() || !config.vhost_user_nets.is_empty();
-    Ok(VmMemory::new(
-        Arc::new(vm_fd),
-        config.mem_bytes,
-        shared,
-        config.huge_pages,
-    )?)
+    let mut memory = VmMemory::new(Arc::new(vm_fd), config.mem_bytes, shared, config.huge_pages)?;
+    if config.track_dirty_pages {
+        memory.track_dirty_pages(None)?;
+    }
+    Ok(memory)
 }
 
 /// `--console socket`'s listener, bound before anything writes to the console's ring.

@@ -219,6 +219,7 @@ impl<'a> Pauser<'a> {
     /// Snapshots the paused VM into `snapshot` and `mem_file`.
     pub fn create_snapshot(
         &self,
+        kind: crate::snapshot::SnapshotKind,
         snapshot: &Path,
         mem_file: &Path,
         ids: &crate::snapshot::description::DeviceIds,
@@ -226,14 +227,12 @@ impl<'a> Pauser<'a> {
         let Some(source) = self.source.as_ref().filter(|_| self.is_paused()) else {
             return Err(SnapshotError::NotPaused);
         };
-        source.create(
-            &self.control,
-            self.vcpus.len(),
-            self.devices,
+        let target = super::snapshot::SnapshotTarget {
+            kind,
             snapshot,
             mem_file,
-            ids,
-        )
+        };
+        source.create(target, &self.control, self.vcpus.len(), self.devices, ids)
     }
 
     pub fn handle(&mut self, request: VmRequest) {

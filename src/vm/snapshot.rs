@@ -20,8 +20,10 @@ use crate::devices::legacy::SerialDevice;
 use crate::kvm_host;
 use crate::memory::VmMemory;
 use crate::snapshot::description::DeviceIds;
+use crate::snapshot::dirty::{self, DirtyTracking};
 use crate::snapshot::{
-    Description, RestoreError, SerialState, Snapshot, SnapshotError, VmState, file, memory_file,
+    Description, MemoryLineage, RestoreError, SerialState, Snapshot, SnapshotError, SnapshotKind,
+    VmState, file, memory_file,
 };
 use crate::vcpu::Buses;
 use crate::virtio_devices::{self, PausableDevice};
@@ -51,21 +53,40 @@ pub struct SnapshotSource<'a> {
     pub(super) serial: &'a Arc<Mutex<SerialDevice>>,
     pub(super) buses: &'a Buses,
     pub(super) config: &'a VmConfig,
+    /// With track_dirty_pages: the pages written since the last snapshot.
+    pub(super) dirty: Option<&'a DirtyTracking>,
+}
+
+/// What a snapshot is taken into: the state file, the memory file, and how much of RAM goes
+/// into the memory file.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotTarget<'p> {
+    pub kind: SnapshotKind,
+    pub snapshot: &'p Path,
+    pub mem_file: &'p Path,
 }
 
 impl SnapshotSource<'_> {
-    /// Saves the paused VM: the state to `snapshot`, the RAM to `mem_file` (both 0600).
+    /// Saves the paused VM: the state to `target.snapshot`, the RAM to `target.mem_file`
+    /// (both 0600), all of it (`Full`) or the pages written since the last snapshot (`Diff`).
     /// `ids` are the API's drive and interface ids, in attach order, where it has them.
     pub fn create(
         &self,
+        target: SnapshotTarget<'_>,
         control: &RunControl,
         vcpus: usize,
         devices: &[PausableDevice],
-        snapshot: &Path,
-        mem_file: &Path,
         ids: &DeviceIds,
     ) -> Result<(), SnapshotError> {
+        let SnapshotTarget {
+            kind,
+            snapshot,
+            mem_file,
+        } = target;
         let start = Instant::now();
+        if kind == SnapshotKind::Diff {
+            self.check_diff()?;
+        }
         let mut description = Description::of(self.config)?;
         description.name_devices(ids);
         let vcpu_states = control.collect_states(vcpus, SAVE_LIMIT)?;
@@ -88,6 +109,11 @@ impl SnapshotSource<'_> {
                     })?,
             );
         }
+        let memory = MemoryLineage {
+            kind,
+            id: dirty::new_id(),
+            parent: self.dirty.and_then(DirtyTracking::parent),
+        };
         let state = Snapshot {
             description,
             vcpus: vcpu_states,
@@ -95,18 +121,80 @@ impl SnapshotSource<'_> {
             serial,
             pci_config_address,
             devices: device_states,
+            memory,
         };
-        file::write(snapshot, &state)?;
-        let saved = start.elapsed();
-        memory_file::write(mem_file, self.memory)?;
-        log::info!(
-            "snapshot {} taken: state in {} us, memory file {} in {} ms",
-            snapshot.display(),
-            saved.as_micros(),
-            mem_file.display(),
-            start.elapsed().as_millis()
-        );
-        Ok(())
+        // Taken (and so cleared) before anything is written: on a failure below they are
+        // given back as "everything dirty", never silently dropped.
+        let dirty_pages = match self.dirty {
+            Some(tracking) => {
+                dirty::mark_used_rings(self.memory, &state.devices);
+                Some(tracking.take(self.vm, self.memory)?)
+            }
+            None => None,
+        };
+        let written = self.write_files(snapshot, mem_file, &state, dirty_pages.as_deref());
+        match (written, self.dirty) {
+            (Ok(bytes), tracking) => {
+                if let Some(tracking) = tracking {
+                    tracking.taken(memory.id);
+                }
+                log::info!(
+                    "{kind:?} snapshot {} taken: memory file {} ({bytes} bytes written) in {} ms",
+                    snapshot.display(),
+                    mem_file.display(),
+                    start.elapsed().as_millis()
+                );
+                Ok(())
+            }
+            (Err(e), Some(tracking)) => {
+                tracking.lost();
+                Err(e)
+            }
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    /// Refuses a Diff this VM cannot take: no tracking, or a data plane outside the log.
+    fn check_diff(&self) -> Result<(), SnapshotError> {
+        check_diff(self.dirty.is_some(), self.config)
+    }
+
+    /// Writes the state and the memory file: a Diff's when `state` is one (its pages in
+    /// `dirty`), else all of RAM. Returns the memory file's bytes of data.
+    fn write_files(
+        &self,
+        snapshot: &Path,
+        mem_file: &Path,
+        state: &Snapshot,
+        dirty: Option<&[Vec<u64>]>,
+    ) -> Result<u64, SnapshotError> {
+        file::write(snapshot, state)?;
+        match (state.memory.kind, dirty) {
+            (SnapshotKind::Diff, Some(dirty)) => {
+                memory_file::write_diff(mem_file, self.memory, dirty)
+            }
+            (SnapshotKind::Diff, None) => Err(SnapshotError::DiffUntracked),
+            (SnapshotKind::Full, _) => {
+                memory_file::write(mem_file, self.memory)?;
+                Ok(memory_file::file_bytes(self.config.mem_bytes))
+            }
+        }
+    }
+}
+
+/// Refuses a Diff of a VM that does not track dirty pages, or whose tap the kernel's vhost-net
+/// serves (it writes guest RAM past pvm's log).
+fn check_diff(tracked: bool, config: &VmConfig) -> Result<(), SnapshotError> {
+    if !tracked {
+        return Err(SnapshotError::DiffUntracked);
+    }
+    match config
+        .taps
+        .iter()
+        .find(|t| t.vhost == crate::config::VhostMode::On)
+    {
+        Some(tap) => Err(SnapshotError::DiffVhostNet(tap.name.clone())),
+        None => Ok(()),
     }
 }
 
@@ -173,7 +261,12 @@ impl Vm {
             |done: &str| log::debug!("restore: {done} at {} us", start.elapsed().as_micros());
         prepare_sandbox(config);
         let console_socket = super::bind_console_socket(config)?;
-        let memory = VmMemory::from_file(Arc::new(create_vm(kvm)?), config.mem_bytes, mem_file)?;
+        let mut memory =
+            VmMemory::from_file(Arc::new(create_vm(kvm)?), config.mem_bytes, mem_file)?;
+        if config.track_dirty_pages {
+            // The RAM is the snapshot's memory file: a Diff taken next layers onto it.
+            memory.track_dirty_pages(Some(snapshot.memory.id))?;
+        }
         phase("VM created, memory mapped and registered");
         let (vm_fd, guest_memory) = (memory.vm_fd(), memory.guest_memory());
         create_irqchip(vm_fd)?;
@@ -236,5 +329,32 @@ impl Vm {
             memory,
             Some(resume),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{TapSpec, VhostMode};
+
+    #[test]
+    fn a_diff_is_refused_untracked_or_with_a_vhost_net_tap() {
+        let mut config = crate::api::models::tests::base();
+        let e = check_diff(false, &config).unwrap_err().to_string();
+        assert!(e.contains("needs dirty page tracking"), "{e}");
+        assert!(check_diff(true, &config).is_ok());
+        let tap = |name: &str, vhost| TapSpec {
+            name: name.to_string(),
+            mac: None,
+            vhost,
+            queues: 1,
+            rx_limit: Default::default(),
+            tx_limit: Default::default(),
+        };
+        config.taps = vec![tap("tap0", VhostMode::Off), tap("tap1", VhostMode::Auto)];
+        assert!(check_diff(true, &config).is_ok());
+        config.taps.push(tap("tap2", VhostMode::On));
+        let e = check_diff(true, &config).unwrap_err().to_string();
+        assert!(e.contains("tap tap2") && e.contains("vhost-net"), "{e}");
     }
 }

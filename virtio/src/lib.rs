@@ -14,6 +14,7 @@ mod chain;
 pub mod console;
 pub mod data_plane;
 pub mod device;
+pub mod dirty;
 pub mod fs;
 pub mod net;
 pub mod rate_limiter;

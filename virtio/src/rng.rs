@@ -130,6 +130,7 @@ pub(crate) fn handle_request(mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
             let Some(addr) = desc.addr().checked_add(offset as u64) else {
                 return written as u32;
             };
+            crate::dirty::mark_guest(mem, addr, n);
             if mem.write_slice(&random[..n], addr).is_err() {
                 // A buffer outside guest RAM: report what was filled so far.
                 return written as u32;
@@ -255,6 +256,15 @@ mod tests {
         // 256 random bytes being all zero has probability 2^-2048.
         assert_ne!(bytes(&mem, 0x20_000, 256), vec![0; 256]);
         assert_ne!(bytes(&mem, 0x30_000 + 4900, 100), vec![0; 100]);
+    }
+
+    #[test]
+    fn random_bytes_mark_the_pages_they_fill() {
+        let mem = test_memory();
+        let log = crate::dirty::DirtyLog::track(&mem);
+        let used = run(&mem, &[readable(0x10_000, 64), writable(0x20_ff0, 32)]);
+        assert_eq!(used, 32);
+        assert_eq!(crate::dirty::tests::pages(&log, 0), [0x20, 0x21]);
     }
 
     #[test]

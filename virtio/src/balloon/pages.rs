@@ -182,6 +182,9 @@ pub(crate) fn discard(
         libc::MADV_DONTNEED
     };
     let bytes = end - start;
+    // The pages change (to zeros, or back to a restored file's contents): a Diff snapshot
+    // must carry them.
+    crate::dirty::mark_host(host.cast_const(), bytes as usize);
     if cfg!(fuzzing) {
         // The fuzz harness keeps its rings in the same small RAM and checks them afterwards; a
         // guest ballooning its own rings only hurts itself, but would void those checks. The

@@ -342,6 +342,19 @@ fn shared_memfd_ram_is_punched_not_just_unmapped() {
     assert!(pages::discard(&mem, GuestAddress(0x1f_f000), 0x2000).is_err());
 }
 
+/// A discarded page changes (to zeros, or back to a restored memory file's contents): a Diff
+/// snapshot must carry it. Partial pages at either end are left alone and unmarked.
+#[test]
+fn discarded_pages_are_marked_dirty() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+    let log = crate::dirty::DirtyLog::track(&mem);
+    assert_eq!(
+        pages::discard(&mem, GuestAddress(0x10_0800), 0x2800).unwrap(),
+        0x2000
+    );
+    assert_eq!(crate::dirty::tests::pages(&log, 0), [0x101, 0x102]);
+}
+
 #[path = "hinting_tests.rs"]
 mod hinting;
 #[test]

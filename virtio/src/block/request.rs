@@ -286,6 +286,7 @@ pub(crate) fn complete(
             (e.status(), 0)
         }
     };
+    crate::dirty::mark_guest(mem, status, 1);
     if let Err(e) = mem.write_obj(code, status) {
         debug!("virtio-blk: cannot write the status byte: {e}");
         return 0;

@@ -66,6 +66,7 @@ tests_on_io_uring!(
     malformed_chains,
     host_errors_are_logged_once_per_cause_and_all_counted,
     a_failed_flush_fails_every_later_flush,
+    reads_mark_the_guest_pages_they_fill,
 );
 
 fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) -> RawDescriptor {
@@ -627,4 +628,28 @@ fn a_failed_flush_fails_every_later_flush() {
     let s = status_desc(&mem);
     submit(&disk, &mem, &[h, writable(DATA, 512), s]);
     assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+}
+
+/// A disk read writes the guest's buffers through raw iovecs (preadv, io_uring) and the status
+/// byte through vm-memory: with tracking on, a Diff snapshot sees those pages and not the
+/// header's, which the device only reads.
+#[test]
+fn reads_mark_the_guest_pages_they_fill() {
+    let (mem, tmp) = (test_memory(), image());
+    let disk = disk(&tmp, false);
+    let log = crate::dirty::DirtyLog::track(&mem);
+    let h = header(&mem, VIRTIO_BLK_T_IN, 3);
+    let s = status_desc(&mem);
+    let used = submit(
+        &disk,
+        &mem,
+        &[h, writable(DATA, 512), writable(DATA + 0x3000, 1024), s],
+    );
+    assert_eq!(used, 1536 + 1);
+    let page = |addr: u64| (addr / 4096) as usize;
+    let mut want = vec![page(DATA), page(DATA + 0x3000), page(STATUS)];
+    want.sort_unstable();
+    assert_eq!(crate::dirty::tests::pages(&log, 0), want);
+    assert_ne!(page(HEADER), page(DATA));
+    assert_ne!(page(HEADER), page(STATUS));
 }

@@ -215,6 +215,7 @@ impl<'s> Segments<'s> {
         data: &[u8],
     ) -> Result<usize, ChainError> {
         self.for_each_piece(data.len(), |addr, piece| {
+            crate::dirty::mark_guest(mem, addr, piece.len());
             mem.write_slice(&data[piece], addr)
         })
     }
@@ -260,6 +261,10 @@ impl<'s> Segments<'s> {
             for slice in GuestMemory::get_slices(mem, seg.addr, len, access)? {
                 let slice = slice?;
                 let guard = slice.ptr_guard_mut();
+                if access.allow(Permissions::Write) {
+                    // The I/O writes these bytes past vm-memory: a Diff snapshot must see them.
+                    crate::dirty::mark_host(guard.as_ptr(), slice.len());
+                }
                 iovecs.scratch.iovecs.push(libc::iovec {
                     iov_base: guard.as_ptr().cast(),
                     iov_len: slice.len(),

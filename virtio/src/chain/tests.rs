@@ -107,3 +107,31 @@ fn iovecs_cover_the_view_and_are_cleared_after_use() {
     }
     assert!(scratch.iovecs.is_empty() && scratch.guards.is_empty());
 }
+
+/// Writes into the guest (received frames, console input, vsock packets: `write_from`; disk
+/// reads: iovecs for `Write`) mark their pages when the memory is tracked; reads do not.
+#[test]
+fn guest_writes_mark_their_pages_and_reads_do_not() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let log = crate::dirty::DirtyLog::track(&mem);
+    let all = list(&[(0x1ffe, 4), (0x5000, 8)]);
+    let s = whole(&all);
+    assert_eq!(s.write_from(&mem, b"abcdef").unwrap(), 6);
+    assert_eq!(crate::dirty::tests::pages(&log, 0), [1, 2, 5]);
+    let mut buf = [0u8; 12];
+    s.read_into(&mem, &mut buf).unwrap();
+    let mut scratch = IovecScratch::default();
+    let other = list(&[(0x8000, 4)]);
+    drop(
+        whole(&other)
+            .iovecs(&mem, Permissions::Read, &mut scratch)
+            .unwrap(),
+    );
+    assert!(crate::dirty::tests::pages(&log, 0).is_empty());
+    drop(
+        whole(&other)
+            .iovecs(&mem, Permissions::Write, &mut scratch)
+            .unwrap(),
+    );
+    assert_eq!(crate::dirty::tests::pages(&log, 0), [8]);
+}

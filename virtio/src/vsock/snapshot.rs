@@ -85,6 +85,7 @@ impl VsockWorker {
             .filter(Descriptor::is_write_only)
             .find(|desc| desc.len() >= EVENT_LEN)
             .and_then(|desc| {
+                crate::dirty::mark_guest(&self.memory, desc.addr(), EVENT_LEN as usize);
                 self.memory
                     .write_obj(EVENT_TRANSPORT_RESET.to_le(), desc.addr())
                     .ok()

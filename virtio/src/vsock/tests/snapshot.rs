@@ -52,12 +52,16 @@ fn a_restored_vsock_drops_its_connections_and_sends_a_transport_reset() {
     restore_into(&mut restored, &guest, &saved);
     assert_eq!(restored.paused_connections(), Some(0));
     assert!(guest._ev.used(&guest.mem).is_empty(), "sent while paused");
+    let log = crate::dirty::DirtyLog::track(&guest.mem);
     restored.resume().unwrap();
     assert!(eventually(
         || guest._ev.used(&guest.mem) == vec![(u32::from(head), 4)]
     ));
     let event: u32 = guest.mem.read_obj(GuestAddress(EVENT_BUFFER)).unwrap();
     assert_eq!(u32::from_le(event), EVENT_TRANSPORT_RESET);
+    // A Diff snapshot carries the event buffer's page.
+    let page = (EVENT_BUFFER / 4096) as usize;
+    assert!(crate::dirty::tests::pages(&log, 0).contains(&page));
     // The restored device listens at its own path.
     let mut host = UnixStream::connect(&uds).unwrap();
     host.write_all(b"CONNECT 77\n").unwrap();
