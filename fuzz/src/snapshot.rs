@@ -4,9 +4,8 @@
 //! checksum (so the fuzzer reaches the state decoder and the validation behind it); even, as
 //! the whole file.
 
-use pvm::snapshot::description::{Description, LimitDescription, TapDescription, VhostDescription};
 use pvm::snapshot::file::{decode, encode, frame};
-use pvm::snapshot::{MemoryLineage, SerialState, Snapshot, SnapshotKind, VcpuState, VmState};
+use pvm::snapshot::sample::sample;
 
 pub fn file(data: &[u8]) {
     let (mode, rest) = data.split_first().unwrap_or((&0, &[]));
@@ -31,72 +30,6 @@ pub fn file(data: &[u8]) {
         let _ = snapshot
             .description
             .to_config(&base, &[], &[("net0".into(), "t".into())]);
-    }
-}
-
-/// A snapshot of one vCPU with a tap and a disk (KVM state all defaults).
-pub fn sample() -> Snapshot {
-    let vcpu = VcpuState {
-        cpuid: vec![Default::default(); 2],
-        mp_state: Default::default(),
-        regs: Default::default(),
-        sregs: Default::default(),
-        xsave: Default::default(),
-        xcrs: Default::default(),
-        debug_regs: Default::default(),
-        lapic: Default::default(),
-        tsc_khz: Some(2_000_000),
-        msrs: vec![(0x10, 1), (0x4b56_4d01, 0x1001)],
-        events: Default::default(),
-    };
-    Snapshot {
-        description: Description {
-            mem_bytes: 128 << 20,
-            cpus: 1,
-            pci: true,
-            virtio_console: false,
-            cmdline: String::new(),
-            disks: vec![pvm::snapshot::description::DiskDescription {
-                drive_id: Some("rootfs".into()),
-                path: "/images/root.img".into(),
-                read_only: false,
-                serial: None,
-                flush: true,
-                limit: LimitDescription::default(),
-                io_uring: false,
-                direct: false,
-                queues: 1,
-                queue_size: 256,
-            }],
-            taps: vec![TapDescription {
-                iface_id: Some("eth0".into()),
-                name: "tap0".into(),
-                mac: None,
-                vhost: VhostDescription::Auto,
-                queues: 1,
-                rx_limit: LimitDescription::default(),
-                tx_limit: LimitDescription::default(),
-            }],
-            rng_limit: LimitDescription::default(),
-            balloon: None,
-            vsock: None,
-        },
-        vcpus: vec![vcpu],
-        vm: VmState {
-            pic_master: Default::default(),
-            pic_slave: Default::default(),
-            ioapic: Default::default(),
-            pit: Default::default(),
-            clock: Default::default(),
-        },
-        serial: SerialState::default(),
-        pci_config_address: 0,
-        devices: Vec::new(),
-        memory: MemoryLineage {
-            kind: SnapshotKind::Diff,
-            id: 2,
-            parent: Some(1),
-        },
     }
 }
 

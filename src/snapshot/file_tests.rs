@@ -1,56 +1,7 @@
 //! Hostile and damaged snapshot files: each is refused with one line naming what is wrong.
 
 use super::*;
-use crate::snapshot::description::{Description, LimitDescription};
-use crate::snapshot::{MemoryLineage, SerialState, Snapshot, SnapshotKind, VcpuState, VmState};
-
-/// A snapshot with default KVM state (never given to KVM here).
-pub(crate) fn sample() -> Snapshot {
-    let mut vcpu = VcpuState {
-        cpuid: vec![Default::default(); 3],
-        mp_state: Default::default(),
-        regs: Default::default(),
-        sregs: Default::default(),
-        xsave: Default::default(),
-        xcrs: Default::default(),
-        debug_regs: Default::default(),
-        lapic: Default::default(),
-        tsc_khz: Some(2_000_000),
-        msrs: vec![(0x10, 1234), (0x4b56_4d01, 0x1001)],
-        events: Default::default(),
-    };
-    vcpu.regs.rip = 0xffff_ffff_8100_0000;
-    Snapshot {
-        description: Description {
-            mem_bytes: 128 << 20,
-            cpus: 1,
-            pci: true,
-            virtio_console: false,
-            cmdline: "quiet".to_string(),
-            disks: Vec::new(),
-            taps: Vec::new(),
-            rng_limit: LimitDescription::default(),
-            balloon: None,
-            vsock: None,
-        },
-        vcpus: vec![vcpu],
-        vm: VmState {
-            pic_master: Default::default(),
-            pic_slave: Default::default(),
-            ioapic: Default::default(),
-            pit: Default::default(),
-            clock: Default::default(),
-        },
-        serial: SerialState::default(),
-        pci_config_address: 0x8000_0800,
-        devices: Vec::new(),
-        memory: MemoryLineage {
-            kind: SnapshotKind::Diff,
-            id: 7,
-            parent: Some(3),
-        },
-    }
-}
+use crate::snapshot::sample::sample;
 
 fn refused(bytes: &[u8]) -> String {
     let e = decode("snap", bytes).expect_err("refused").to_string();

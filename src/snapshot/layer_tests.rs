@@ -7,10 +7,10 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::snapshot::MemoryLineage;
-use crate::snapshot::file::tests::sample;
 use crate::snapshot::file::write;
 use crate::snapshot::memory_file::tests::test_ram;
 use crate::snapshot::memory_file::{file_bytes, write_diff};
+use crate::snapshot::sample::sample;
 
 const MEM: u64 = 32 << 20;
 

@@ -11,6 +11,8 @@ pub mod file;
 pub mod kvm_state;
 pub mod layer;
 pub mod memory_file;
+#[cfg(any(test, feature = "testing"))]
+pub mod sample;
 
 use serde::{Deserialize, Serialize};
 
