@@ -148,6 +148,8 @@ pub struct VmConfig {
     pub huge_pages: GuestPages,
     /// `--vsock`: a virtio-vsock device (one per VM).
     pub vsock: Option<VsockSpec>,
+    /// `--cloud-init`: the NoCloud seed, a read-only disk after every other disk.
+    pub cloud_init: Option<std::sync::Arc<crate::cloud_init::Seed>>,
 }
 
 /// Where `--console socket` puts the console's socket.

@@ -63,6 +63,8 @@ pub enum Error {
         tap: String,
         source: pvm_virtio::NetError,
     },
+    #[error("--cloud-init: the seed disk: {0}")]
+    CloudInit(#[source] BlockError),
     #[error("--vsock: {0}")]
     Vsock(#[source] pvm_virtio::VsockError),
     #[error("--vsock vhost=on: {0}")]
@@ -129,6 +131,8 @@ impl Error {
             // A CID out of range, or a socket path that exists or cannot be made.
             Error::Vsock(_) => true,
             Error::Console(_)
+            // The seed is pvm's own memory file: opening it failing is the host's doing.
+            | Error::CloudInit(_)
             | Error::VhostVsock(_)
             | Error::Net { .. }
             | Error::VhostNet { .. }
@@ -286,6 +290,9 @@ fn create_devices(
         devices.push((format!("block-vhost-user{vhost_user_index}"), device));
         vhost_user_index += 1;
     }
+    if let Some(seed) = &config.cloud_init {
+        devices.push(("cloud-init".to_string(), cloud_init_disk(seed)?));
+    }
     for (i, spec) in config.taps.iter().enumerate() {
         let (net, vhost) = create_net(spec, memory)?;
         // With vhost-net the kernel moves the frames and pvm's counters stay still: the
@@ -320,6 +327,18 @@ fn create_devices(
         devices.push(("vsock".to_string(), create_vsock(spec, memory)?));
     }
     Ok(devices)
+}
+
+/// The `--cloud-init` seed as a read-only disk, after every disk the user named.
+fn cloud_init_disk(seed: &crate::cloud_init::Seed) -> Result<Box<dyn VirtioDevice>, Error> {
+    let block = Block::new(&seed.path(), true, Some(crate::cloud_init::SERIAL))
+        .map_err(Error::CloudInit)?;
+    log::info!(
+        "--cloud-init: a {} KiB NoCloud seed (label {}) as a read-only disk",
+        seed.bytes() >> 10,
+        crate::cloud_init::LABEL
+    );
+    Ok(Box::new(block))
 }
 
 /// A device served by the vhost-user backend on `socket`, connected and negotiated now (before

@@ -32,6 +32,7 @@ pub(crate) fn base() -> VmConfig {
         smt: false,
         huge_pages: Default::default(),
         vsock: None,
+        cloud_init: None,
     }
 }
 
