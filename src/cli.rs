@@ -116,6 +116,14 @@ struct Args {
     /// (ENFILE beyond). A VM with a share cannot be snapshotted.
     #[arg(long, value_name = "PATH[,tag=NAME]", value_parser = config::parse_share)]
     share: Vec<config::ShareSpec>,
+    /// Attach a NoCloud seed so a stock cloud image configures itself with cloud-init: a
+    /// read-only FAT disk labelled CIDATA (serial `cidata`), after every other disk, holding
+    /// user-data, meta-data (default: `instance-id` and `local-hostname` from --id) and
+    /// network-config if given. Each file at most 4 MiB; the seed lives in memory only. Not
+    /// with --restore, and a VM with a seed cannot be snapshotted.
+    #[arg(long, value_name = "user-data=FILE[,meta-data=FILE][,network-config=FILE]",
+          value_parser = crate::cloud_init::parse_spec)]
+    cloud_init: Option<crate::cloud_init::CloudInitSpec>,
 
     /// Where the guest console lives: the 8250 UART (ttyS0) or virtio-console (hvc0); and
     /// `socket=PATH` puts it on a Unix socket instead of the terminal (which pvm then leaves
@@ -573,6 +581,7 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
         crate::balloon::check_fits(balloon, mem)
             .map_err(|e| usage_error(format!("--balloon: {e}")))?;
     }
+    let cloud_init = cloud_init_seed(args.cloud_init.as_ref(), &id, args.restore.is_some())?;
     let restore = match (&args.restore, &args.mem_file) {
         (Some(snapshot), Some(mem_file)) => Some(crate::vm::RestoreSpec {
             snapshot: snapshot.clone(),
@@ -616,6 +625,7 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
         exit_port: false,
         shares: args.share,
         track_dirty_pages: args.track_dirty_pages,
+        cloud_init,
     };
     Ok(Invocation::Run(Box::new(Launch {
         config,
@@ -675,6 +685,7 @@ pub fn sandbox_refusal(launch: &Launch) -> Result<(), CliExit> {
         (!c.vhost_user_nets.is_empty(), "--net", no_driver),
         (c.vsock.is_some(), "--vsock", no_driver),
         (c.balloon.is_some(), "--balloon", no_driver),
+        (c.cloud_init.is_some(), "--cloud-init", no_driver),
         (
             c.shares.iter().any(|s| s.tag == crate::sandbox::SHARE_TAG),
             "--share",
@@ -712,6 +723,34 @@ fn check_shares(shares: &[config::ShareSpec]) -> Result<(), CliExit> {
         }
     }
     Ok(())
+}
+
+/// `--cloud-init`'s seed, built now so that an unusable file is a usage error before anything
+/// else happens. A restored VM has exactly the devices its snapshot recorded, and a VM with a
+/// seed is never snapshotted (see [`crate::snapshot::SnapshotError::CloudInit`]).
+fn cloud_init_seed(
+    spec: Option<&crate::cloud_init::CloudInitSpec>,
+    id: &str,
+    restore: bool,
+) -> Result<Option<std::sync::Arc<crate::cloud_init::Seed>>, CliExit> {
+    let Some(spec) = spec else {
+        return Ok(None);
+    };
+    if restore {
+        return Err(usage_error(
+            "--cloud-init cannot be used with --restore: the restored VM has the devices its \
+             snapshot recorded, and a VM with a cloud-init seed is never snapshotted"
+                .to_string(),
+        ));
+    }
+    match crate::cloud_init::Seed::build(spec, id) {
+        Ok(seed) => Ok(Some(std::sync::Arc::new(seed))),
+        Err(e) if e.is_usage() => Err(usage_error(format!("--cloud-init {e}"))),
+        Err(e) => Err(CliExit::Message(
+            pvm_common::exit::FAILURE,
+            format!("pvm: --cloud-init: {e}\n"),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -993,5 +1032,47 @@ mod tests {
         assert!(e.contains("not a directory"), "{e}");
         let e = error_of(&["--share", &format!("{dir},ro")]);
         assert!(e.contains("unknown share option 'ro'"), "{e}");
+    }
+
+    #[test]
+    fn cloud_init_builds_the_seed_and_refuses_bad_values_naming_flag_and_file() {
+        let dir = std::env::temp_dir().join(format!("pvm-cli-cloud-init-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let user = dir.join("user-data");
+        std::fs::write(&user, "#cloud-config\n").unwrap();
+        let empty = dir.join("empty");
+        std::fs::write(&empty, "").unwrap();
+        let flag = format!("user-data={}", user.display());
+        let seed = parse_strs(&["--id", "vm-9", "--cloud-init", &flag])
+            .unwrap()
+            .cloud_init
+            .expect("a seed");
+        assert_eq!(seed.bytes(), 1 << 20);
+        assert!(parse_strs(&[]).unwrap().cloud_init.is_none());
+        for (value, says) in [
+            (
+                "user-data=/nonexistent/u".to_string(),
+                "--cloud-init user-data=/nonexistent/u: ",
+            ),
+            (format!("user-data={}", empty.display()), "is empty"),
+            (
+                format!("{flag},meta-data=/nonexistent/m"),
+                "meta-data=/nonexistent/m: ",
+            ),
+            (format!("{flag},vendor-data=v"), "unknown key 'vendor-data'"),
+            (format!("{flag},{flag}"), "user-data= is given twice"),
+            ("meta-data=m".to_string(), "user-data=FILE is missing"),
+        ] {
+            let e = error_of(&["--cloud-init", &value]);
+            assert!(e.starts_with("pvm: ") && e.contains("--cloud-init"), "{e}");
+            assert!(e.contains(says), "{value}: {e}");
+        }
+        let e = error_of(&["--cloud-init", &flag, "--cloud-init", &flag]);
+        assert!(e.contains("--cloud-init"), "{e}");
+        let e = error_of(&["--restore", "s", "--mem-file", "m", "--cloud-init", &flag]);
+        assert!(
+            e.contains("--cloud-init cannot be used with --restore"),
+            "{e}"
+        );
     }
 }

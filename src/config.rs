@@ -164,6 +164,8 @@ pub struct VmConfig {
     /// `--track-dirty-pages` (Firecracker's `track_dirty_pages`): log the pages written
     /// between snapshots, for Diff snapshots.
     pub track_dirty_pages: bool,
+    /// `--cloud-init`: the NoCloud seed, a read-only disk after every other disk.
+    pub cloud_init: Option<std::sync::Arc<crate::cloud_init::Seed>>,
 }
 
 /// Where `--console socket` puts the console's socket.

@@ -9,6 +9,7 @@ pub mod balloon;
 pub mod boot;
 pub mod bus;
 pub mod cli;
+pub mod cloud_init;
 pub mod config;
 pub mod cpuid;
 pub mod devices;

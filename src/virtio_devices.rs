@@ -63,6 +63,8 @@ pub enum Error {
         tap: String,
         source: pvm_virtio::NetError,
     },
+    #[error("--cloud-init: the seed disk: {0}")]
+    CloudInit(#[source] BlockError),
     #[error("--vsock: {0}")]
     Vsock(#[source] pvm_virtio::VsockError),
     #[error("--share {path}: {source}")]
@@ -136,6 +138,8 @@ impl Error {
             // A directory that cannot be opened, or a bad tag.
             Error::Share { .. } => true,
             Error::Console(_)
+            // The seed is pvm's own memory file: opening it failing is the host's doing.
+            | Error::CloudInit(_)
             | Error::VhostVsock(_)
             | Error::Net { .. }
             | Error::VhostNet { .. }
@@ -293,6 +297,9 @@ fn create_devices(
         devices.push((format!("block-vhost-user{vhost_user_index}"), device));
         vhost_user_index += 1;
     }
+    if let Some(seed) = &config.cloud_init {
+        devices.push(("cloud-init".to_string(), cloud_init_disk(seed)?));
+    }
     for (i, spec) in config.taps.iter().enumerate() {
         // The kernel's vhost-net writes guest RAM past pvm's dirty page log: with tracking on,
         // vhost=auto means pvm's own worker (vhost=on makes Diff snapshots refused).
@@ -359,6 +366,18 @@ fn create_share(share: &crate::config::ShareSpec) -> Result<Box<dyn VirtioDevice
         share.tag
     );
     Ok(Box::new(fs))
+}
+
+/// The `--cloud-init` seed as a read-only disk, after every disk the user named.
+fn cloud_init_disk(seed: &crate::cloud_init::Seed) -> Result<Box<dyn VirtioDevice>, Error> {
+    let block = Block::new(&seed.path(), true, Some(crate::cloud_init::SERIAL))
+        .map_err(Error::CloudInit)?;
+    log::info!(
+        "--cloud-init: a {} KiB NoCloud seed (label {}) as a read-only disk",
+        seed.bytes() >> 10,
+        crate::cloud_init::LABEL
+    );
+    Ok(Box::new(block))
 }
 
 /// A device served by the vhost-user backend on `socket`, connected and negotiated now (before

@@ -260,6 +260,7 @@ fn help_lists_every_flag() {
         "tx_pps=N",
         "--console",
         "--serial-out",
+        "--cloud-init",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help");
     }
@@ -1009,5 +1010,108 @@ fn a_share_is_attached_on_both_transports_and_its_thread_is_sandboxed() {
         let (out, _) = run(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         assert!(error_lines(&out)[0].contains("--share"), "{args:?}");
+    }
+}
+
+/// pvm's memory files named `pvm-cloud-init` (its seeds), read through /proc: one entry per
+/// file, however many descriptors pvm holds of it.
+fn cloud_init_memfds(pid: u32) -> Vec<Vec<u8>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seeds = std::collections::BTreeMap::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let path = fd.unwrap().path();
+        let target = std::fs::read_link(&path).unwrap_or_default();
+        if target
+            .to_string_lossy()
+            .starts_with("/memfd:pvm-cloud-init")
+        {
+            let inode = std::fs::metadata(&path).unwrap().ino();
+            seeds.insert(inode, std::fs::read(&path).unwrap());
+        }
+    }
+    seeds.into_values().collect()
+}
+
+#[test]
+fn cloud_init_adds_a_read_only_seed_disk_on_both_transports_and_bad_values_exit_2() {
+    require_kvm();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cloud-init");
+    let xdg = dir.join(format!("xdg-{}", std::process::id()));
+    std::fs::create_dir_all(&xdg).unwrap();
+    let user = dir.join("user-data");
+    let user_data = "#cloud-config\nhostname: seeded\n";
+    std::fs::write(&user, user_data).unwrap();
+    let network = dir.join("network-config");
+    std::fs::write(&network, "version: 2\n").unwrap();
+    let flag = format!(
+        "user-data={},network-config={}",
+        user.display(),
+        network.display()
+    );
+    for transport in ["pci", "mmio"] {
+        let id = format!("seed-{transport}");
+        let extra = ["--id", &id, "--transport", transport, "--cloud-init", &flag];
+        let mut child = spinning_pvm(
+            &format!("spin-seed-{transport}"),
+            &extra,
+            &[("XDG_RUNTIME_DIR", xdg.to_str().unwrap())],
+        );
+        // The seed is one more disk, read-only, after the user's.
+        let start = Instant::now();
+        let info = loop {
+            let out = Command::new(PVM)
+                .args(["status", &id, "--json"])
+                .env("XDG_RUNTIME_DIR", &xdg)
+                .output()
+                .unwrap();
+            if out.status.success() || start.elapsed() > Duration::from_secs(10) {
+                break out;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let seeds = cloud_init_memfds(child.id());
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert_eq!(child.wait().unwrap().code(), Some(128 + libc::SIGTERM));
+        assert!(info.status.success(), "{info:?}");
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        let disks = info["disks"].as_array().unwrap();
+        assert_eq!(disks.len(), 2, "{transport}: {disks:?}");
+        assert!(disks[0].as_str().unwrap().ends_with(".img"), "{disks:?}");
+        assert_eq!(disks[1], "cloud-init(ro)", "{transport}");
+        // In pvm's memory only: a FAT volume labelled CIDATA holding the files and the
+        // meta-data pvm wrote from the id.
+        assert_eq!(seeds.len(), 1, "{transport}");
+        let seed = &seeds[0];
+        assert_eq!(seed.len(), 1 << 20);
+        assert_eq!(&seed[0x2b..0x36], b"CIDATA     ");
+        assert_eq!(&seed[0x36..0x3e], b"FAT12   ");
+        let contains = |needle: &[u8]| seed.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(user_data.as_bytes()), "{transport}");
+        assert!(contains(b"version: 2\n"), "{transport}");
+        let meta = format!("instance-id: {id}\nlocal-hostname: {id}\n");
+        assert!(contains(meta.as_bytes()), "{transport}");
+    }
+    let empty = dir.join("empty");
+    std::fs::write(&empty, "").unwrap();
+    let kernel = micro_kernel("seed-refused", &spin());
+    for (value, says) in [
+        (
+            "user-data=/nonexistent/u".to_string(),
+            "user-data=/nonexistent/u: ",
+        ),
+        (format!("user-data={}", empty.display()), "is empty"),
+        (format!("{flag},meta-data={}", dir.display()), "meta-data="),
+        (format!("{flag},vendor-data=v"), "unknown key 'vendor-data'"),
+        (format!("{flag},user-data=u"), "user-data= is given twice"),
+        ("meta-data=m".to_string(), "user-data=FILE is missing"),
+    ] {
+        let (out, _) = run(&["--kernel", kernel.to_str().unwrap(), "--cloud-init", &value]);
+        assert_eq!(out.status.code(), Some(2), "{value}: {}", stderr(&out));
+        let lines = error_lines(&out);
+        assert_eq!(lines.len(), 1, "{value}: {lines:?}");
+        assert!(lines[0].starts_with("pvm: "), "{lines:?}");
+        assert!(lines[0].contains("--cloud-init"), "{lines:?}");
+        assert!(lines[0].contains(says), "{value}: {lines:?}");
     }
 }

@@ -35,6 +35,7 @@ pub(crate) fn base() -> VmConfig {
         exit_port: false,
         shares: Vec::new(),
         track_dirty_pages: false,
+        cloud_init: None,
     }
 }
 

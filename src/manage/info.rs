@@ -29,6 +29,9 @@ pub struct PvmInfo {
     pub console_dropped_bytes: Option<u64>,
 }
 
+/// How the `--cloud-init` seed shows among the disks: it has no path.
+pub const CLOUD_INIT_DISK: &str = "cloud-init(ro)";
+
 /// `pvm list`'s columns.
 pub const HEADER: [&str; 8] = [
     "ID", "PID", "STATE", "VCPUS", "MEMORY", "UPTIME", "DISKS", "TAPS",
@@ -50,6 +53,12 @@ impl PvmInfo {
                 .iter()
                 .map(|d: &DiskSpec| d.path.display().to_string())
                 .chain(config.vhost_user_disks.iter().map(vhost_user))
+                .chain(
+                    config
+                        .cloud_init
+                        .iter()
+                        .map(|_| CLOUD_INIT_DISK.to_string()),
+                )
                 .collect(),
             taps: config
                 .taps

@@ -171,6 +171,11 @@ impl Description {
         {
             return Err(SnapshotError::VhostUser(socket.display().to_string()));
         }
+        // Refused rather than rebuilt on restore: the files it was built from may have
+        // changed or gone, and a seed that differs under a running guest is worse than none.
+        if config.cloud_init.is_some() {
+            return Err(SnapshotError::CloudInit);
+        }
         Ok(Description {
             mem_bytes: config.mem_bytes,
             cpus: config.cpus,
@@ -334,6 +339,12 @@ impl Description {
                 taps.len(),
                 self.taps.len()
             )));
+        }
+        if base.cloud_init.is_some() {
+            return Err(RestoreError::invalid(
+                "pvm was started with --cloud-init, but a restored VM has only the devices \
+                 its snapshot recorded; start it without --cloud-init",
+            ));
         }
         let mut config = base.clone();
         config.kernel = None;
@@ -562,6 +573,23 @@ mod tests {
         bare.vsock = None;
         let config = bare.to_config(&base, &[], &[]).unwrap();
         assert_eq!((config.balloon, config.vsock), (None, None));
+    }
+
+    #[test]
+    fn a_vm_with_a_cloud_init_seed_is_neither_snapshotted_nor_restored_over() {
+        let user = std::env::temp_dir().join(format!("pvm-snap-seed-{}", std::process::id()));
+        std::fs::write(&user, "#cloud-config\n").unwrap();
+        let flag = format!("user-data={}", user.display());
+        let seeded = crate::cli::parse(["pvm".into(), "--cloud-init".into(), flag.into()]).unwrap();
+        let e = Description::of(&seeded).unwrap_err();
+        assert!(matches!(e, SnapshotError::CloudInit), "{e}");
+        assert!(e.to_string().contains("--cloud-init seed"), "{e}");
+        // PUT /snapshot/load in a pvm started with --cloud-init: the flag is not dropped silently.
+        let e = sample()
+            .to_config(&seeded, &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--cloud-init"), "{e}");
     }
 
     #[test]

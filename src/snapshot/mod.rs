@@ -141,6 +141,11 @@ pub enum SnapshotError {
          cannot save; use the hybrid vsock (socket=PATH) for a VM to snapshot"
     )]
     VhostVsock,
+    #[error(
+        "the VM has a --cloud-init seed, which lives only in this process's memory and could \
+         not be given back to a restored VM; boot without --cloud-init to snapshot"
+    )]
+    CloudInit,
     #[error("vCPU {index}: {what}: {source}")]
     Vcpu {
         index: u8,

@@ -14,6 +14,9 @@
 //! scenario's arguments, `{kernel}` the path of the scenario's guest kernel, and `{shared}` the
 //! batch's shared directory, where [`Scenario::shared_file`]s are put once for all scenarios.
 //! Files left in the script's `out/` directory come back in [`Outcome::out`].
+//! `{disk}` is the scenario's [`Scenario::disk_image`]: a block device of the emulated host
+//! (the image attached to QEMU with snapshot=on), or a copy of the image in the scenario's
+//! directory on this machine; either way the cached image is never written.
 
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
@@ -372,6 +375,8 @@ pub struct Scenario {
     /// Further workspace binaries the script runs (e.g. `pvm-vhost-user-blk`), put on its
     /// `PATH` (static builds, in /bin of the emulated host).
     pub programs: Vec<String>,
+    /// A large disk image `{disk}` stands for, attached to the host instead of copied into it.
+    pub disk: Option<PathBuf>,
 }
 
 impl Scenario {
@@ -386,7 +391,25 @@ impl Scenario {
             shared: Vec::new(),
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             programs: Vec::new(),
+            disk: None,
         }
+    }
+
+    /// The disk image `{disk}` stands for (e.g. the Debian image, too large for the emulated
+    /// host's initramfs); the guest's writes never reach `path`.
+    pub fn disk_image(mut self, path: &Path) -> Self {
+        self.disk = Some(path.to_path_buf());
+        self
+    }
+
+    /// This scenario with `{disk}` replaced by `with` in its script and pvm arguments.
+    fn with_disk_path(&self, with: &str) -> Scenario {
+        let mut s = self.clone();
+        s.script = s.script.replace("{disk}", with);
+        for arg in &mut s.pvm_args {
+            *arg = arg.replace("{disk}", with);
+        }
+        s
     }
 
     /// The common case: boot `kernel` on `cpus` vCPUs and 256 MiB with an initramfs whose
@@ -691,6 +714,7 @@ fn run_emulated(scenarios: &[&Scenario], dir: &Path) -> Result<HashMap<String, O
             link_or_copy(&path, &dir.join("bin").join(name))?;
         }
     }
+    let disks = batch_disks(scenarios, dir)?;
     for s in scenarios {
         if let Some(kernel) = s.kernel {
             let shared = dir.join("shared").join(kernel.relative_path());
@@ -698,6 +722,10 @@ fn run_emulated(scenarios: &[&Scenario], dir: &Path) -> Result<HashMap<String, O
                 link_or_copy(&assets.join(kernel.relative_path()), &shared)?;
             }
         }
+        let s = match &s.disk {
+            Some(disk) => s.with_disk_path(&disks[disk]),
+            None => (*s).clone(),
+        };
         s.write(
             &dir.join("scenarios").join(&s.name),
             Path::new("/batch/shared"),
@@ -722,6 +750,33 @@ fn run_emulated(scenarios: &[&Scenario], dir: &Path) -> Result<HashMap<String, O
         message
     });
     read_results(&dir.join("results"), scenarios, host_failure.as_deref())
+}
+
+/// Links the batch's disk images into `dir/disks`, where scripts/kvm-host attaches them in name
+/// order after its results disk (/dev/vda), and returns each image's device in the host.
+fn batch_disks(scenarios: &[&Scenario], dir: &Path) -> Result<HashMap<PathBuf, String>, String> {
+    let mut images: Vec<&PathBuf> = scenarios.iter().filter_map(|s| s.disk.as_ref()).collect();
+    images.sort();
+    images.dedup();
+    if images.len() > 24 {
+        return Err(format!(
+            "{} disk images in one batch; at most 24",
+            images.len()
+        ));
+    }
+    let mut devices = HashMap::new();
+    for (i, image) in images.into_iter().enumerate() {
+        let target = image
+            .canonicalize()
+            .map_err(|e| format!("disk image {}: {e}", image.display()))?;
+        let link = dir.join("disks").join(format!("{i:02}.img"));
+        fs::create_dir_all(link.parent().unwrap()).map_err(|e| e.to_string())?;
+        std::os::unix::fs::symlink(&target, &link)
+            .map_err(|e| format!("cannot link {}: {e}", link.display()))?;
+        let letter = char::from(b'b' + i as u8);
+        devices.insert(image.clone(), format!("/dev/vd{letter}"));
+    }
+    Ok(devices)
 }
 
 /// The outcomes of `scenarios` from a batch's results directory (`<batch>/results`). With
@@ -796,9 +851,26 @@ fn run_direct(scenarios: &[&Scenario], dir: &Path) -> Result<HashMap<String, Out
     for s in scenarios {
         let cwd = dir.join("scenarios").join(&s.name);
         let shared = dir.join("shared");
+        // A private copy (sparse, as the image is) that the guest may write.
+        let s = match &s.disk {
+            Some(disk) => {
+                fs::create_dir_all(&cwd).map_err(|e| e.to_string())?;
+                let ok = Command::new("cp")
+                    .arg("--sparse=always")
+                    .arg(disk)
+                    .arg(cwd.join("disk.img"))
+                    .status()
+                    .is_ok_and(|st| st.success());
+                if !ok {
+                    return Err(format!("cannot copy disk image {}", disk.display()));
+                }
+                s.with_disk_path("disk.img")
+            }
+            None => (*s).clone(),
+        };
         s.write(&cwd, &try_assets()?, &shared, &shared)?;
         let outcome =
-            run_direct_one(s, &cwd, &path).map_err(|e| format!("scenario {}: {e}", s.name))?;
+            run_direct_one(&s, &cwd, &path).map_err(|e| format!("scenario {}: {e}", s.name))?;
         eprintln!(
             "pvm-test: scenario {} rc={} in {:.2}s",
             s.name, outcome.rc, outcome.seconds

@@ -1,0 +1,161 @@
+//! The demo's Debian 12 image (scripts/debian-image, `debian.img` in the assets) boots under
+//! pvm from its own disk: `pvm --disk /dev/vdX --tap tap0`, with no --kernel. One boot serves
+//! every check: systemd reaches the end of its start-up, the guest pings the host, ssh from the
+//! host (with the image's test key) runs a command in the guest, and `poweroff` in the guest
+//! ends pvm with 0. The guest is driven through its console: root is logged in there, and the
+//! script types into pvm's stdin (a FIFO) once the shell prompt shows.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{Batch, Scenario};
+
+static BATCH: Batch = Batch::new(scenarios);
+
+/// The guest's and the host's addresses on tap0, as the image configures them.
+const GUEST_IP: &str = "172.16.0.2";
+const HOST_IP: &str = "172.16.0.1";
+
+/// The run script. Markers the guest prints are computed there (`$((...))`), so the console's
+/// echo of the typed command never contains them.
+fn script() -> String {
+    format!(
+        r#"set -u
+mkdir -p out
+# The ssh client of the build machine with its libraries (the emulated host is busybox), run
+# through their dynamic loader; OpenSSH wants a passwd entry for its user.
+grep -q '^root:' /etc/passwd 2>/dev/null || echo 'root:x:0:0:root:/root:/bin/sh' >> /etc/passwd
+export HOME=$PWD
+chmod 600 id_ed25519
+S={{shared}}/ssh
+ssh() {{
+    "$S"/lib/ld-linux-x86-64.so.2 --library-path "$S/lib" "$S/bin/ssh" -i id_ed25519 \
+        -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=30 \
+        -o BatchMode=yes "$@"
+}}
+# tap0 comes from common::in_network_namespace; the image's subnet is added to it.
+ip addr add {HOST_IP}/24 dev tap0
+mkfifo console-in
+# Holds the FIFO open, so pvm never reads end-of-file between typed lines.
+sleep 100000 > console-in &
+holder=$!
+start=$(cut -d' ' -f1 /proc/uptime)
+pvm --disk {{disk}} --tap tap0 --cpus 2 --mem 1G --cmdline quiet < console-in > guest.log 2>&1 &
+pvm=$!
+elapsed() {{ awk -v s="$start" '{{ printf "%.0f", $1 - s }}' /proc/uptime; }}
+# Waits (up to $2 s) for guest.log to hold $1; says how long it took.
+wait_for() {{
+    i=0
+    while ! grep -q "$1" guest.log; do
+        kill -0 $pvm 2>/dev/null || {{ echo "pvm ended while waiting for $1"; return 1; }}
+        i=$((i + 1))
+        [ $i -le $(($2 * 2)) ] || {{ echo "no $1 after $2 s"; return 1; }}
+        sleep 0.5
+    done
+    echo "seen $1 at $(elapsed) s"
+}}
+type_line() {{ printf '%s\n' "$1" > console-in; }}
+finish() {{
+    kill $holder 2>/dev/null
+    echo "--- guest console ---"
+    cat guest.log
+}}
+# The shell's prompt, not just the host name: until the shell runs, typed lines are lost.
+if wait_for 'root@pvm-debian:~#' 420; then
+    type_line 'echo "STATE-$((1+1))=$(systemctl is-system-running --wait)"; systemctl --failed --no-legend --plain | sed "s/^/FAILED-UNIT /"'
+    wait_for 'STATE-2=' 240
+    # Where the boot's time went, for whoever makes it faster.
+    type_line 'systemd-analyze | head -n 1; systemd-analyze blame --no-pager | head -n 12; echo "BLAME-$((3+3))-DONE"'
+    wait_for 'BLAME-6-DONE' 60
+    type_line 'ping -c 2 -W 5 {HOST_IP} > /dev/null && echo "PING-$((2+2))-OK"'
+    wait_for 'PING-4-OK' 60
+    ssh root@{GUEST_IP} 'echo "SSH-$((40+2)) $(hostname) $(id -un)"' > out/ssh.txt 2> out/ssh.err
+    echo "ssh rc=$? at $(elapsed) s: $(cat out/ssh.txt) $(tail -n 3 out/ssh.err)"
+    type_line 'poweroff'
+fi
+i=0
+while kill -0 $pvm 2>/dev/null && [ $i -lt 240 ]; do i=$((i + 1)); sleep 0.5; done
+kill -0 $pvm 2>/dev/null && {{ echo "pvm still running after poweroff"; kill -9 $pvm; }}
+wait $pvm
+rc=$?
+echo "PVM-RC=$rc at $(elapsed) s"
+finish
+exit $rc
+"#
+    )
+}
+
+/// The build machine's ssh client and the libraries it loads, as (path in the batch's shared
+/// directory, host path).
+fn ssh_client_files() -> Vec<(String, PathBuf)> {
+    let ssh = PathBuf::from("/usr/bin/ssh");
+    let out = Command::new("ldd")
+        .arg(&ssh)
+        .output()
+        .expect("ldd (libc-bin)");
+    assert!(
+        out.status.success(),
+        "ldd /usr/bin/ssh failed (openssh-client, scripts/host-packages)"
+    );
+    let mut files = vec![("ssh/bin/ssh".to_string(), ssh)];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)".
+        let path = line
+            .split_whitespace()
+            .find(|word| word.starts_with('/'))
+            .map(PathBuf::from);
+        if let Some(path) = path {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            files.push((format!("ssh/lib/{name}"), path));
+        }
+    }
+    files
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let assets = common::assets();
+    let key = std::fs::read(assets.join("id_ed25519"))
+        .expect("the Debian image's test key (scripts/guest-assets)");
+    let mut scenario = Scenario::new("debian-boot")
+        .script(&common::in_network_namespace(&script()))
+        .disk_image(&assets.join("debian.img"))
+        .file("id_ed25519", key)
+        .timeout(900);
+    for (path, from) in ssh_client_files() {
+        scenario = scenario.shared_file(&path, &from);
+    }
+    vec![scenario]
+}
+
+#[test]
+fn systemd_comes_up() {
+    let outcome = BATCH.outcome("debian-boot");
+    // "running", or "degraded" with the failed units listed: either way the boot finished.
+    let state = outcome.word_after("STATE-2=");
+    if state != "running" {
+        outcome.dump();
+        panic!("systemctl is-system-running: {state}");
+    }
+    outcome.assert_lacks("Kernel panic");
+}
+
+#[test]
+fn guest_pings_the_host() {
+    BATCH.outcome("debian-boot").assert_contains("PING-4-OK");
+}
+
+#[test]
+fn ssh_from_the_host_runs_a_command() {
+    let outcome = BATCH.outcome("debian-boot");
+    outcome.assert_contains("ssh rc=0");
+    outcome.assert_contains("SSH-42 pvm-debian root");
+}
+
+#[test]
+fn poweroff_in_the_guest_ends_pvm_with_zero() {
+    let outcome = BATCH.outcome("debian-boot");
+    outcome.assert_contains("PVM-RC=0");
+    outcome.assert_rc(0);
+}
