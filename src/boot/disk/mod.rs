@@ -5,6 +5,7 @@
 use std::cmp::Ordering;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use ext4_view::{Ext4, Ext4Read};
@@ -141,11 +142,23 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default())
 }
 
+/// The image's size in bytes. A block device (`--disk /dev/vdb`) reports a metadata length of 0;
+/// seeking to its end gives its size, as the kernel's BLKGETSIZE64 would.
+fn image_len(file: &File) -> std::io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        let mut file = file;
+        file.seek(SeekFrom::End(0))
+    } else {
+        Ok(meta.len())
+    }
+}
+
 /// Reads `len` bytes at `offset`; short images read as zeros past their end.
 fn read_at(file: &mut File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
     // Offsets from a hostile partition table may lie far past the end (or past i64::MAX).
-    if offset >= file.metadata()?.len() {
+    if offset >= image_len(file)? {
         return Ok(buf);
     }
     file.seek(SeekFrom::Start(offset))?;
@@ -190,7 +203,7 @@ pub fn check_superblock(
     // The high half counts even without INCOMPAT_64BIT: ext4-view adds it regardless, so a
     // stray value there would otherwise size its group-descriptor table.
     let blocks = u64::from(u32_at(&sb, 4)) | u64::from(u32_at(&sb, 0x150)) << 32;
-    let room = file.metadata()?.len().saturating_sub(offset);
+    let room = image_len(file)?.saturating_sub(offset);
     if blocks.saturating_mul(block_size) > room {
         return Ok(Err(SuperblockError::TooManyBlocks {
             blocks,
@@ -406,11 +419,7 @@ impl<'a> BootFs<'a> {
                 source,
             });
         }
-        let room = file
-            .metadata()
-            .map_err(&io)?
-            .len()
-            .saturating_sub(root.offset);
+        let room = image_len(&file).map_err(&io)?.saturating_sub(root.offset);
         let fs = Ext4::load(Box::new(Partition {
             file,
             offset: root.offset,
