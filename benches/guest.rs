@@ -13,6 +13,8 @@
 mod common;
 #[path = "guest/firecracker.rs"]
 mod firecracker;
+#[path = "guest/io.rs"]
+mod io;
 
 use std::collections::BTreeMap;
 
@@ -510,6 +512,7 @@ fn scenarios() -> Vec<Scenario> {
             }
         }
     }
+    all.extend(io::scenarios());
     all
 }
 
@@ -809,6 +812,7 @@ fn main() {
             print_exits(label, outcome, base, moved - idle, "packets");
         }
     }
+    io::report(&ok);
 }
 
 /// Userspace exits per 1000 `unit`s: the run's total minus its baseline's (the same boot
