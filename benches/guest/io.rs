@@ -161,6 +161,14 @@ fn stage_tools() -> Result<PathBuf, String> {
             copy(&to, &host.join(tool))?;
         }
     }
+    // fio keeps its job table in SysV shared memory, which the minimal kernel lacks
+    // (CONFIG_SYSVIPC off): a preloaded shim serves shmget/shmat from anonymous mappings.
+    let shim = stage.join("noshm.c");
+    std::fs::write(&shim, NOSHM_SHIM).map_err(|e| format!("{}: {e}", shim.display()))?;
+    run(Command::new("gcc")
+        .args(["-O2", "-shared", "-fPIC", "-o"])
+        .arg(lib.join("libnoshm.so"))
+        .arg(&shim))?;
     // The image's size: what the files take, plus room for ext4's own blocks.
     let used = run(Command::new("du").args(["-sm"]).arg(&root))?;
     let mib: u64 = String::from_utf8_lossy(&used)
@@ -184,6 +192,28 @@ fn copy(from: &Path, to: &Path) -> Result<(), String> {
         .map_err(|e| format!("{} -> {}: {e}", from.display(), to.display()))
 }
 
+/// shmget/shmat/shmdt/shmctl over MAP_SHARED anonymous mappings (fio with `--thread` only
+/// shares them within its own process).
+const NOSHM_SHIM: &str = r#"#include <stddef.h>
+#include <sys/mman.h>
+static void *segs[64];
+static int used;
+int shmget(int key, size_t size, int flags) {
+    (void)key; (void)flags;
+    if (used == 64) return -1;
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return -1;
+    segs[used] = p;
+    return used++;
+}
+void *shmat(int id, const void *addr, int flags) {
+    (void)addr; (void)flags;
+    return id >= 0 && id < used ? segs[id] : (void *)-1;
+}
+int shmdt(const void *addr) { (void)addr; return 0; }
+int shmctl(int id, int cmd, void *buf) { (void)id; (void)cmd; (void)buf; return 0; }
+"#;
+
 /// The guest's /init lines that mount the tools disk on /tools (whichever vdX is ext4) and
 /// set `$test` to the other disk (if any) and `$T` to the tools' loader command prefix.
 const MOUNT_TOOLS: &str = "mkdir -p /tools /tmp\n\
@@ -205,16 +235,22 @@ fn sample_jobs(names: &[&str]) -> String {
              done\n\
              return 1\n\
          }}\n\
-         for j in {}; do\n\
+         for j in {0}; do\n\
              wait_for \"io-begin $j\" || break\n\
              echo \"BENCH cpu0-$j $(cpu_ms $vmmpid)\" >> cpu.log\n\
              wait_for \"io-end $j\" || break\n\
              echo \"BENCH cpu1-$j $(cpu_ms $vmmpid)\" >> cpu.log\n\
          done\n\
+         # Not every VMM ends on the guest's power-off (Firecracker wants a reset): 30 s,\n\
+         # then it is stopped; the run counts if the guest finished its jobs.\n\
+         for i in $(seq 1 30); do kill -0 $vmmpid 2>/dev/null || break; sleep 1; done\n\
+         kill $vmmpid 2>/dev/null && echo 'BENCH ended stopped=1'\n\
          wait $vmmpid\n\
          rc=$?\n\
+         grep -q 'io-end {1}' out.log && rc=0\n\
          cat out.log cpu.log\n",
-        names.join(" ")
+        names.join(" "),
+        names.last().copied().unwrap_or("none")
     )
 }
 
@@ -292,7 +328,7 @@ fn blk_scenario(vmm: &str, run: u32, stage: &Path, base: bool) -> Result<Scenari
     if !base {
         for (name, args, _) in FIO_JOBS {
             init.push_str(&format!(
-                "job {name} $T /tools/fio --name={name} --filename=$test --direct=1 \
+                "job {name} $T --preload /tools/lib/libnoshm.so /tools/fio --thread --name={name} --filename=$test --direct=1 \
                  --ioengine=libaio --runtime={secs} --time_based --output-format=json {args}\n"
             ));
         }
@@ -316,7 +352,7 @@ fn blk_scenario(vmm: &str, run: u32, stage: &Path, base: bool) -> Result<Scenari
     };
     let mut scenario = Scenario::boot(&name, Kernel::MinimalElf, 1, &init)
         .script(&script)
-        .timeout(300 + 8 * secs * 5);
+        .timeout(300 + 15 * secs);
     scenario = match vmm {
         "pvm" => scenario.args(["--disk", "disk.img"]),
         "uring" => scenario.args(["--disk", "disk.img,engine=io_uring"]),
@@ -356,7 +392,7 @@ fn net_scenario(vmm: &str, run: u32, stage: &Path) -> Result<Scenario, String> {
     );
     let mut scenario = Scenario::boot(&format!("io-net-{run}-{vmm}"), Kernel::MinimalElf, 1, &init)
         .script(&in_network_namespace(&body))
-        .timeout(300 + 8 * secs * 5)
+        .timeout(300 + 15 * secs)
         .shared_file("io/host/iperf3", &stage.join("host/iperf3"));
     let libs = stage.join("host/lib");
     for entry in std::fs::read_dir(&libs).map_err(|e| format!("{}: {e}", libs.display()))? {
