@@ -148,14 +148,14 @@ const NET_PLANES: [(&str, &str); 4] = [
 ];
 
 /// Shell function for the host side: `cpu_ms PID [BACKEND]` prints the CPU time (user +
-/// system, ms) of the VMM's threads other than its vCPUs (pvm's `vcpuN`, QEMU's `CPU N/KVM`),
-/// and of the data plane outside it: the vhost kernel workers serving it (`vhost-PID`) and the
-/// vhost-user backend process BACKEND.
+/// system, ms) of the VMM's threads other than its vCPUs (pvm's `vcpuN`, QEMU's `CPU N/KVM`,
+/// Firecracker's `fc_vcpu N`), and of the data plane outside it: the vhost kernel workers
+/// serving it (`vhost-PID`) and the vhost-user backend process BACKEND.
 const CPU_MS: &str = r#"cpu_ms() {
     vmm=0
     threads=""
     for t in /proc/$1/task/*; do
-        case "$(cat $t/comm)" in vcpu*|"CPU "*) continue ;; esac
+        case "$(cat $t/comm)" in vcpu*|"CPU "*|"fc_vcpu "*) continue ;; esac
         ticks=$(sed 's/.*) //' $t/stat | awk '{print $12 + $13}')
         vmm=$((vmm + ticks))
         threads="$threads $(tr ' ' _ < $t/comm):$((ticks * 10))"

@@ -465,14 +465,13 @@ fn job_json(outcome: &Outcome, name: &str) -> Option<Value> {
     serde_json::from_str(&text[text.find('{')?..]).ok()
 }
 
-/// The VMM's CPU (its threads except vCPUs, plus vhost workers) during job `name`, seconds.
-fn job_cpu_s(outcome: &Outcome, name: &str) -> Option<f64> {
+/// The CPU during job `name`, seconds: the VMM's threads except its vCPUs, and the vhost
+/// kernel workers serving it.
+fn job_cpu_s(outcome: &Outcome, name: &str) -> Option<(f64, f64)> {
     let before = crate::bench_values(outcome, &format!("cpu0-{name}"))?;
     let after = crate::bench_values(outcome, &format!("cpu1-{name}"))?;
-    let ms = |v: &BTreeMap<String, f64>| {
-        v.get("vmm_ms").copied().unwrap_or(0.0) + v.get("vhost_ms").copied().unwrap_or(0.0)
-    };
-    Some((ms(&after) - ms(&before)) / 1000.0)
+    let delta = |key: &str| Some((after.get(key)? - before.get(key)?) / 1000.0);
+    Some((delta("vmm_ms")?, delta("vhost_ms")?))
 }
 
 /// Per-job figures of one run.
@@ -487,7 +486,9 @@ struct Figures {
     p99: f64,
     /// Requests (fio).
     ios: f64,
+    /// CPU seconds of the VMM's threads except vCPUs, and of its vhost workers.
     cpu_s: f64,
+    vhost_s: f64,
 }
 
 fn fio_figures(outcome: &Outcome, name: &str, dir: &str) -> Option<Figures> {
@@ -504,7 +505,8 @@ fn fio_figures(outcome: &Outcome, name: &str, dir: &str) -> Option<Figures> {
         p50: pct("50.000000")?,
         p99: pct("99.000000")?,
         ios: side["total_ios"].as_f64()?,
-        cpu_s: job_cpu_s(outcome, name)?,
+        cpu_s: job_cpu_s(outcome, name)?.0,
+        vhost_s: 0.0,
     })
 }
 
@@ -520,11 +522,13 @@ fn iperf_figures(outcome: &Outcome, name: &str) -> Option<Figures> {
     } else {
         (&end["sum_received"], 0.0)
     };
+    let (cpu_s, vhost_s) = job_cpu_s(outcome, name)?;
     Some(Figures {
         rate: sum["bits_per_second"].as_f64()? / 1e6,
         bytes: sum["bytes"].as_f64()?,
         p50: loss,
-        cpu_s: job_cpu_s(outcome, name)?,
+        cpu_s,
+        vhost_s,
         ..Figures::default()
     })
 }
@@ -539,11 +543,13 @@ fn medians(runs: &[Figures]) -> Option<Figures> {
         p99: m(|f| f.p99)?,
         ios: m(|f| f.ios)?,
         cpu_s: m(|f| f.cpu_s)?,
+        vhost_s: m(|f| f.vhost_s)?,
     })
 }
 
-fn cpu_per_gib(f: &Figures) -> f64 {
-    f.cpu_s / (f.bytes / f64::from(1u32 << 30)).max(1e-9)
+/// CPU seconds per GiB the job moved.
+fn per_gib(f: &Figures, cpu_s: f64) -> f64 {
+    cpu_s / (f.bytes / f64::from(1u32 << 30)).max(1e-9)
 }
 
 /// Prints the io group's tables from the outcomes that succeeded (`ok`).
@@ -570,7 +576,7 @@ pub fn report<'a>(ok: &dyn Fn(&str) -> Option<&'a Outcome>) {
                 f.bytes / f64::from(1u32 << 20) / f64::from(secs),
                 f.p50,
                 f.p99,
-                cpu_per_gib(&f),
+                per_gib(&f, f.cpu_s),
                 all.len()
             );
         }
@@ -614,7 +620,7 @@ pub fn report<'a>(ok: &dyn Fn(&str) -> Option<&'a Outcome>) {
         "\n### iperf3 between the guest and the host side of tap0 ({secs} s per run, medians of up to {runs} run(s))\n"
     );
     println!(
-        "| run | VMM | Mbit/s | UDP loss % | VMM CPU s/GiB (+ vhost workers) | runs |\n| --- | --- | --- | --- | --- | --- |"
+        "| run | VMM | Mbit/s | UDP loss % | VMM CPU s/GiB | vhost workers s/GiB | runs |\n| --- | --- | --- | --- | --- | --- | --- |"
     );
     let mut net: BTreeMap<(&str, &str), Figures> = BTreeMap::new();
     for (name, _) in IPERF_RUNS {
@@ -625,10 +631,11 @@ pub fn report<'a>(ok: &dyn Fn(&str) -> Option<&'a Outcome>) {
             let Some(f) = medians(&all) else { continue };
             net.insert((name, vmm), f);
             println!(
-                "| {name} | {label} | {:.1} | {:.1} | {:.2} | {} |",
+                "| {name} | {label} | {:.1} | {:.1} | {:.2} | {:.2} | {} |",
                 f.rate,
                 f.p50,
-                cpu_per_gib(&f),
+                per_gib(&f, f.cpu_s),
+                per_gib(&f, f.vhost_s),
                 all.len()
             );
         }
