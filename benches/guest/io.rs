@@ -585,17 +585,7 @@ pub fn report<'a>(ok: &dyn Fn(&str) -> Option<&'a Outcome>) {
         "\n| job | pvm sync / QEMU | pvm io_uring / QEMU | pvm sync / Firecracker | pvm io_uring / Firecracker |\n| --- | --- | --- | --- | --- |"
     );
     for (job, _, _) in FIO_JOBS {
-        let ratio = |a: &str, b: &str| match (blk.get(&(job, a)), blk.get(&(job, b))) {
-            (Some(a), Some(b)) => format!("{:.2}", a.rate / b.rate.max(1e-9)),
-            _ => "n/a".to_string(),
-        };
-        println!(
-            "| {job} (IOPS) | {} | {} | {} | {} |",
-            ratio("pvm", "qemu"),
-            ratio("uring", "qemu"),
-            ratio("pvm", "fc"),
-            ratio("uring", "fc")
-        );
+        print_ratios(&blk, job, "IOPS", ["pvm", "uring"]);
     }
     // Exits: the whole run's minus a boot that mounted the tools and ran nothing.
     if let Some(base) = ok("io-blk-0-base").and_then(exits) {
@@ -644,16 +634,22 @@ pub fn report<'a>(ok: &dyn Fn(&str) -> Option<&'a Outcome>) {
         "\n| run | pvm in-process / QEMU | pvm vhost-net / QEMU | pvm in-process / Firecracker | pvm vhost-net / Firecracker |\n| --- | --- | --- | --- | --- |"
     );
     for (name, _) in IPERF_RUNS {
-        let ratio = |a: &str, b: &str| match (net.get(&(name, a)), net.get(&(name, b))) {
-            (Some(a), Some(b)) => format!("{:.2}", a.rate / b.rate.max(1e-9)),
-            _ => "n/a".to_string(),
-        };
-        println!(
-            "| {name} (Mbit/s) | {} | {} | {} | {} |",
-            ratio("pvm", "qemu"),
-            ratio("vhost", "qemu"),
-            ratio("pvm", "fc"),
-            ratio("vhost", "fc")
-        );
+        print_ratios(&net, name, "Mbit/s", ["pvm", "vhost"]);
     }
+}
+
+/// One row of a ratio table: each of pvm's two configurations `ours` against QEMU, then
+/// against Firecracker.
+fn print_ratios(figures: &BTreeMap<(&str, &str), Figures>, row: &str, unit: &str, ours: [&str; 2]) {
+    let ratio = |a: &str, b: &str| match (figures.get(&(row, a)), figures.get(&(row, b))) {
+        (Some(a), Some(b)) => format!("{:.2}", a.rate / b.rate.max(1e-9)),
+        _ => "n/a".to_string(),
+    };
+    println!(
+        "| {row} ({unit}) | {} | {} | {} | {} |",
+        ratio(ours[0], "qemu"),
+        ratio(ours[1], "qemu"),
+        ratio(ours[0], "fc"),
+        ratio(ours[1], "fc")
+    );
 }
