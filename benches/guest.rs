@@ -14,6 +14,8 @@
 mod common;
 #[path = "guest/firecracker.rs"]
 mod firecracker;
+#[path = "guest/io.rs"]
+mod io;
 #[path = "guest/snapshot.rs"]
 mod snapshot;
 
@@ -149,14 +151,14 @@ const NET_PLANES: [(&str, &str); 4] = [
 ];
 
 /// Shell function for the host side: `cpu_ms PID [BACKEND]` prints the CPU time (user +
-/// system, ms) of the VMM's threads other than its vCPUs (pvm's `vcpuN`, QEMU's `CPU N/KVM`),
-/// and of the data plane outside it: the vhost kernel workers serving it (`vhost-PID`) and the
-/// vhost-user backend process BACKEND.
+/// system, ms) of the VMM's threads other than its vCPUs (pvm's `vcpuN`, QEMU's `CPU N/KVM`,
+/// Firecracker's `fc_vcpu N`), and of the data plane outside it: the vhost kernel workers
+/// serving it (`vhost-PID`) and the vhost-user backend process BACKEND.
 const CPU_MS: &str = r#"cpu_ms() {
     vmm=0
     threads=""
     for t in /proc/$1/task/*; do
-        case "$(cat $t/comm)" in vcpu*|"CPU "*) continue ;; esac
+        case "$(cat $t/comm)" in vcpu*|"CPU "*|"fc_vcpu "*) continue ;; esac
         ticks=$(sed 's/.*) //' $t/stat | awk '{print $12 + $13}')
         vmm=$((vmm + ticks))
         threads="$threads $(tr ' ' _ < $t/comm):$((ticks * 10))"
@@ -525,6 +527,7 @@ fn scenarios() -> Vec<Scenario> {
         }
     }
     all.extend(snapshot::scenarios());
+    all.extend(io::scenarios());
     all
 }
 
@@ -825,6 +828,7 @@ fn main() {
         }
     }
     snapshot::report(&outcomes);
+    io::report(&ok);
 }
 
 /// Userspace exits per 1000 `unit`s: the run's total minus its baseline's (the same boot
