@@ -5,7 +5,7 @@
 //! - `ops`: `rate_limiter.ops` 100/s, read with 4 KiB O_DIRECT requests (one request each);
 //! - `free`: no limit, read the same two ways, to show that the machine is much faster than
 //!   the limits, so the limiter and not TCG sets the pace;
-//! - eth0: `tx_rate_limiter.bandwidth` 128 KiB/s (guest -> host), measured on the host side.
+//! - eth0: `tx_rate_limiter.bandwidth` 64 KiB/s (guest -> host), measured on the host side.
 //!   The emulated host has /dev/vhost-net, so without a limit pvm would hand the tap to the
 //!   kernel; with one it must serve it in-process and say so.
 //!
@@ -28,10 +28,12 @@ const DISK_BW: u64 = 4 * MIB;
 const PATCHED_BW: u64 = 8 * MIB;
 const DISK_OPS: u64 = 100;
 /// Far below what the tap does unlimited here: BENCHMARKS.md measured about 1 MiB/s guest ->
-/// host in the emulated host (not measured again in this batch, to keep it short).
-const TAP_TX_BW: u64 = 128 * KIB;
-/// What the guest sends through the tap: 4 KiB blocks (bucket + 1 s + about 8 s measured).
-const NET_BLOCKS: u64 = 320;
+/// host in the emulated host on a quiet machine. On a loaded one the guest's own pace fell to
+/// ~140 KiB/s: at a 128 KiB/s limit its bucket then drained too slowly for the limiter ever to
+/// bind, and the test measured the guest (ratio 1.11), so the limit is well under that.
+const TAP_TX_BW: u64 = 64 * KIB;
+/// What the guest sends through the tap: 4 KiB blocks (bucket + 2 s + about 13 s measured).
+const NET_BLOCKS: u64 = 256;
 const GUEST_MAC: &str = "06:00:ac:10:00:02";
 
 /// `cs` prints /proc/uptime in centiseconds. Not by gluing the digits together: under 1 s
@@ -285,8 +287,8 @@ fn samples(outcome: &Outcome) -> Vec<[f64; 3]> {
 /// instead (a sample where the tap counter moved): while the guest has frames waiting, each
 /// leaves once the tokens for it have refilled since the one before, so the bytes after the
 /// first arrival over the time between the two are the refill rate (both ends are late by up
-/// to one sampling period alike). The first arrival past the bucket and one more second's
-/// worth starts it; the last arrival before the final one ends it: the final frame is the
+/// to one sampling period alike). The first arrival past the bucket and two more seconds'
+/// worth starts it (by then a guest sending at least twice the limit has emptied the bucket); the last arrival before the final one ends it: the final frame is the
 /// remainder of the guest's data, sent whenever nc gets to it rather than waiting for tokens.
 fn tap_window(samples: &[[f64; 3]]) -> Option<([f64; 3], [f64; 3])> {
     let last_wire = samples.last()?[1];
@@ -297,7 +299,7 @@ fn tap_window(samples: &[[f64; 3]]) -> Option<([f64; 3], [f64; 3])> {
         .collect();
     let start = arrivals
         .iter()
-        .find(|s| s[2] >= 2.0 * TAP_TX_BW as f64 && s[1] < last_wire)?;
+        .find(|s| s[2] >= 3.0 * TAP_TX_BW as f64 && s[1] < last_wire)?;
     let end = arrivals.iter().rev().find(|s| s[1] < last_wire)?;
     Some((*start, *end))
 }
