@@ -19,6 +19,7 @@ pub mod kvm_host;
 pub mod layout;
 pub mod logger;
 pub mod manage;
+pub mod memfd;
 pub mod memory;
 pub mod metrics;
 pub mod pci;

@@ -15,8 +15,8 @@ mod fat;
 mod tests;
 
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// Largest file the seed takes, per file: cloud-init's user data is a configuration or a
@@ -217,7 +217,8 @@ impl Seed {
     pub fn build(spec: &CloudInitSpec, vm_id: &str) -> Result<Self, SeedError> {
         let files = seed_files(spec, vm_id)?;
         let image = fat::image(&files).map_err(SeedError::Build)?;
-        let file = sealed_memfd(&image).map_err(SeedError::Memfd)?;
+        let file =
+            crate::memfd::sealed_with_bytes(c"pvm-cloud-init", &image).map_err(SeedError::Memfd)?;
         Ok(Seed {
             file,
             bytes: image.len() as u64,
@@ -239,28 +240,4 @@ impl Seed {
     pub fn file(&self) -> &File {
         &self.file
     }
-}
-
-/// `image` in a memfd sealed against writes and size changes, so the seed the guest reads is
-/// exactly the one built.
-fn sealed_memfd(image: &[u8]) -> io::Result<File> {
-    // SAFETY: the name is a NUL-terminated string that outlives the call; the flags are valid.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"pvm-cloud-init".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
-    let mut file = unsafe { File::from_raw_fd(fd) };
-    file.write_all(image)?;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
-    // SAFETY: F_ADD_SEALS on a descriptor this function owns, with an int argument.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(file)
 }

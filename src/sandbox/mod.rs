@@ -15,8 +15,8 @@ pub mod payload;
 pub mod spec;
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::config::{ShareSpec, VmConfig};
@@ -232,19 +232,6 @@ fn terminal_size() -> (u16, u16) {
     (size.ws_row, size.ws_col)
 }
 
-/// A memfd holding `bytes`.
-fn memory_file(bytes: &[u8]) -> std::io::Result<File> {
-    // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor or -1.
-    let fd = unsafe { libc::memfd_create(c"pvm-sandbox-initramfs".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and nothing else owns it.
-    let mut file = unsafe { File::from_raw_fd(fd) };
-    file.write_all(bytes)?;
-    Ok(file)
-}
-
 /// Turns `config` into the sandbox VM for `sandbox`: the kernel, the initramfs (returned: the
 /// caller keeps it open while the VM is built, as config.initrd names it by descriptor), the
 /// command line, the exit port and the share of the host's root.
@@ -271,7 +258,8 @@ pub fn prepare(config: &mut VmConfig, sandbox: &SandboxSpec) -> Result<File, Err
         term: std::env::var("TERM").ok(),
     };
     archive.file(SPEC_PATH, 0o644, &guest.encode())?;
-    let initramfs = memory_file(&archive.finish()).map_err(Error::Memory)?;
+    let initramfs = crate::memfd::with_bytes(c"pvm-sandbox-initramfs", &archive.finish())
+        .map_err(Error::Memory)?;
     config.kernel = Some(kernel);
     config.initrd = Some(PathBuf::from(format!(
         "/proc/self/fd/{}",

@@ -2,8 +2,6 @@
 //! kernel found on the first --disk and kept in memory files.
 
 use std::fs::File;
-use std::io::Write;
-use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 
 use super::{Error, io_err};
@@ -18,20 +16,6 @@ pub struct BootFiles {
     pub initrd: Option<(File, PathBuf)>,
     /// root= for a kernel found on the first disk.
     pub root: Option<String>,
-}
-
-/// A file in memory (memfd) holding `bytes`.
-fn memory_file(name: &str, bytes: &[u8]) -> std::io::Result<File> {
-    let cname = std::ffi::CString::new(name).unwrap_or_default();
-    // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor or -1.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and nothing else owns it.
-    let mut file = unsafe { File::from_raw_fd(fd) };
-    file.write_all(bytes)?;
-    Ok(file)
 }
 
 fn open_initrd(path: &PathBuf) -> Result<(File, PathBuf), Error> {
@@ -66,13 +50,13 @@ pub fn boot_files(config: &VmConfig) -> Result<BootFiles, Error> {
     let name = |inner: &str| PathBuf::from(format!("{}:{inner}", disk.path.display()));
     let io = io_err("keeping the disk's kernel in memory");
     let kernel = (
-        memory_file("kernel", &found.kernel).map_err(&io)?,
+        crate::memfd::with_bytes(c"kernel", &found.kernel).map_err(&io)?,
         name(&found.kernel_name),
     );
     let initrd = match (&config.initrd, &found.initrd) {
         (Some(path), _) => Some(open_initrd(path)?),
         (None, Some((initrd_name, bytes))) => Some((
-            memory_file("initrd", bytes).map_err(&io)?,
+            crate::memfd::with_bytes(c"initrd", bytes).map_err(&io)?,
             name(initrd_name),
         )),
         (None, None) => None,
