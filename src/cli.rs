@@ -582,6 +582,21 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
             .map_err(|e| usage_error(format!("--balloon: {e}")))?;
     }
     let cloud_init = cloud_init_seed(args.cloud_init.as_ref(), &id, args.restore.is_some())?;
+    if args.restore.is_some() {
+        // A restored VM keeps its snapshot's MAC, queues and limits: only the tap's name is
+        // taken, and an option that would be dropped is refused instead.
+        if let Some(tap) = args
+            .tap
+            .iter()
+            .find(|t| config::parse_tap(&t.name).ok().as_ref() != Some(*t))
+        {
+            return Err(usage_error(format!(
+                "--tap {} with --restore: only the tap's name is taken (the snapshot keeps its \
+                 MAC, queues and rate limits); give the name alone",
+                tap.name
+            )));
+        }
+    }
     let restore = match (&args.restore, &args.mem_file) {
         (Some(snapshot), Some(mem_file)) => Some(crate::vm::RestoreSpec {
             snapshot: snapshot.clone(),
@@ -1004,6 +1019,18 @@ mod tests {
         assert_eq!(spec.mem_file, PathBuf::from("vm.mem"));
         assert_eq!(spec.taps, vec!["tap7".to_string()]);
         assert!(!spec.resume);
+        let e = error_of(&[
+            "--restore",
+            "s",
+            "--mem-file",
+            "m",
+            "--tap",
+            "tap7,vhost=on",
+        ]);
+        assert!(
+            e.contains("--tap tap7 with --restore: only the tap's name"),
+            "{e}"
+        );
         assert!(launch(&[]).restore.is_none());
         assert!(error_of(&["--restore", "vm.snap"]).contains("--mem-file"));
         assert!(error_of(&["--mem-file", "vm.mem"]).contains("--restore"));
