@@ -57,6 +57,7 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
         }
     };
     logger::init(launch.config.log_level);
+    devices::boot_timer::phase("command line parsed");
     if let Err(cli::CliExit::Message(code, text)) = cli::sandbox_refusal(&launch) {
         logger::to_stderr(&text);
         return code;

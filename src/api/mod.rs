@@ -58,6 +58,7 @@ pub fn run_native(config: VmConfig, id: &str, run_dir_api: bool) -> Result<Outco
     } else {
         None
     };
+    crate::devices::boot_timer::phase("run-directory API ready");
     controller.set_limiters(vm.rate_limiters());
     controller.set_started();
     controller.set_running_config(&config);

@@ -51,6 +51,19 @@ pub fn process_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// Logs (at debug level) that a step of pvm's start is done, with the wall and CPU time since
+/// pvm started: where the time before the guest's first instruction goes.
+pub fn phase(done: &str) {
+    if !log::log_enabled!(log::Level::Debug) {
+        return;
+    }
+    let wall = PROCESS_START.get().map_or(0.0, |start| ms(start.elapsed()));
+    log::debug!(
+        "start: {done} at {wall:.3} ms, {:.3} CPU-ms",
+        ms(process_cpu_time())
+    );
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }

@@ -30,7 +30,7 @@ use crate::boot::{self, BootEntry, acpi};
 use crate::bus::Bus;
 use crate::config::{ConsoleKind, VmConfig};
 use crate::devices::IrqTrigger;
-use crate::devices::boot_timer::{BOOT_TIMER_PORT, BootTimer};
+use crate::devices::boot_timer::{BOOT_TIMER_PORT, BootTimer, phase};
 use crate::devices::console_socket::{self, ConsoleSocket};
 use crate::devices::exit_port::{EXIT_PORT, ExitPort};
 use crate::devices::i8042::{self, I8042};
@@ -75,8 +75,11 @@ pub fn run(config: VmConfig) -> Result<Outcome, Error> {
 
 /// Opens the boot files and KVM, and builds the VM described by `config`.
 pub fn build(config: &VmConfig) -> Result<Vm, Error> {
+    phase("configuration read");
     let boot_files = boot_files(config)?;
+    phase("boot files opened");
     let (kvm, _flavour) = kvm_host::open()?;
+    phase("/dev/kvm opened");
     Vm::build(&kvm, config, boot_files)
 }
 
@@ -138,6 +141,7 @@ impl Vm {
         // First: the UART and virtio-console made below write to its ring.
         let console_socket = bind_console_socket(config)?;
         let memory = create_memory(create_vm(kvm)?, config)?;
+        phase("VM created, memory mapped and registered");
         let (vm_fd, guest_memory) = (memory.vm_fd(), memory.guest_memory());
         create_irqchip(vm_fd)?;
         let end = Arc::new(EndSignal::new().map_err(io_err("eventfd"))?);
@@ -146,9 +150,12 @@ impl Vm {
             serial,
             i8042,
         } = legacy_devices(vm_fd, config, &end, None)?;
+        phase("irqchip, PIT and legacy devices made");
         let mut mmio = Bus::new();
         let attached = virtio_devices::attach(config, vm_fd, guest_memory, &mut pio, &mut mmio)?;
+        phase("virtio devices attached");
         let entry = load_guest(guest_memory, config, &attached, boot_files)?;
+        phase("kernel, initrd and boot data loaded");
         let shared = VcpuShared {
             buses: Arc::new(Buses { pio, mmio }),
             end,
@@ -157,6 +164,7 @@ impl Vm {
             stats: Arc::new(ExitStats::default()),
         };
         let vcpus = create_vcpus(kvm, &memory, config, entry, &shared)?;
+        phase("vCPUs created");
         Ok(Vm::assemble(
             config,
             vcpus,
@@ -219,6 +227,7 @@ impl Vm {
         } else {
             None
         };
+        phase("main thread ready to start the vCPUs");
         let (threads, spawned) = spawn_vcpus(self.vcpus, sandbox);
         let mut pauser = Pauser::new(self.control.clone(), &threads, &self.pausable);
         let serial = self.serial.clone();
@@ -478,6 +487,7 @@ fn spawn_vcpus(
                         return;
                     }
                 }
+                phase(&format!("vCPU {index} thread ready for KVM_RUN"));
                 vcpu.run()
             });
         match spawned {
