@@ -151,7 +151,8 @@ struct Args {
     #[arg(long)]
     boot_timer: bool,
 
-    /// Print the VM's userspace exits (KVM_RUN returns) by reason on stderr when it ends.
+    /// Print the VM's userspace exits (KVM_RUN returns) by reason, and the ports and MMIO
+    /// addresses the guest exited for most, on stderr when it ends.
     #[arg(long)]
     stats: bool,
 

@@ -3,8 +3,9 @@
 //! its own handles, and only the one device an exit touches is locked.
 
 use std::cell::Cell;
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{CpuId, Msrs, kvm_msr_entry, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -75,11 +76,53 @@ pub struct ExitStats {
     pub mmio_write: AtomicU64,
     pub interrupted: AtomicU64,
     pub other: AtomicU64,
+    /// With `--stats` only: port and MMIO exits by kind and address, to see which device a
+    /// guest exits for (a lock per exit is a cost only a diagnostic run pays).
+    places: Option<Mutex<HashMap<(&'static str, u64), u64>>>,
 }
 
 impl ExitStats {
+    /// Counters that also count port and MMIO exits by address (`--stats`).
+    pub fn with_places() -> Self {
+        ExitStats {
+            places: Some(Mutex::new(HashMap::new())),
+            ..ExitStats::default()
+        }
+    }
+
+    /// [`ExitStats::with_places`] when `places`, else plain counters.
+    pub fn new(places: bool) -> Self {
+        if places {
+            Self::with_places()
+        } else {
+            Self::default()
+        }
+    }
+
     fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn place(&self, kind: &'static str, address: u64) {
+        if let Some(places) = &self.places {
+            let mut places = places.lock().unwrap_or_else(|e| e.into_inner());
+            *places.entry((kind, address)).or_default() += 1;
+        }
+    }
+
+    /// The `top` places with the most exits, most first, as "kind@address=count"; None
+    /// without places.
+    pub fn places_summary(&self, top: usize) -> Option<String> {
+        let places = self.places.as_ref()?;
+        let places = places.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counted: Vec<_> = places.iter().map(|(k, v)| (*v, *k)).collect();
+        counted.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let parts: Vec<String> = counted
+            .iter()
+            .take(top)
+            .map(|(count, (kind, address))| format!("{kind}@{address:#x}={count}"))
+            .collect();
+        Some(parts.join(" "))
     }
 
     /// "reason=count" pairs, for `--stats` and the benchmarks.
@@ -110,22 +153,26 @@ pub fn handle_exit(exit: VcpuExit<'_>, buses: &Buses, stats: &ExitStats) -> Exit
     match exit {
         VcpuExit::IoIn(port, data) => {
             ExitStats::bump(&stats.io_in);
+            stats.place("io_in", u64::from(port));
             if !buses.pio.read(u64::from(port), data) {
                 data.fill(0xff);
             }
         }
         VcpuExit::IoOut(port, data) => {
             ExitStats::bump(&stats.io_out);
+            stats.place("io_out", u64::from(port));
             buses.pio.write(u64::from(port), data);
         }
         VcpuExit::MmioRead(addr, data) => {
             ExitStats::bump(&stats.mmio_read);
+            stats.place("mmio_read", addr);
             if !buses.mmio.read(addr, data) {
                 data.fill(0xff);
             }
         }
         VcpuExit::MmioWrite(addr, data) => {
             ExitStats::bump(&stats.mmio_write);
+            stats.place("mmio_write", addr);
             buses.mmio.write(addr, data);
         }
         VcpuExit::Shutdown => return ExitAction::End(Outcome::TripleFault),
@@ -466,6 +513,25 @@ mod tests {
             stats.summary(),
             "io_in=2 io_out=1 mmio_read=1 mmio_write=2 interrupted=0 other=0"
         );
+    }
+
+    #[test]
+    fn places_count_exits_by_kind_and_address_most_first() {
+        let (buses, _) = buses();
+        assert_eq!(ExitStats::default().places_summary(5), None);
+        let stats = ExitStats::with_places();
+        for _ in 0..3 {
+            handle_exit(VcpuExit::IoOut(0x3f8, b"a"), &buses, &stats);
+        }
+        let mut data = [0u8; 1];
+        handle_exit(VcpuExit::IoIn(0x3f8, &mut data), &buses, &stats);
+        handle_exit(VcpuExit::IoIn(0x3f8, &mut data), &buses, &stats);
+        handle_exit(VcpuExit::MmioWrite(0xd000_0010, b"b"), &buses, &stats);
+        assert_eq!(
+            stats.places_summary(5).unwrap(),
+            "io_out@0x3f8=3 io_in@0x3f8=2 mmio_write@0xd0000010=1"
+        );
+        assert_eq!(stats.places_summary(1).unwrap(), "io_out@0x3f8=3");
     }
 
     #[test]

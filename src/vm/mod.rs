@@ -161,7 +161,7 @@ impl Vm {
             end,
             stop: Arc::new(AtomicBool::new(false)),
             control: Arc::new(RunControl::default()),
-            stats: Arc::new(ExitStats::default()),
+            stats: Arc::new(ExitStats::new(config.stats)),
         };
         let vcpus = create_vcpus(kvm, &memory, config, entry, &shared)?;
         phase("vCPUs created");
@@ -526,6 +526,9 @@ fn stop_vcpus(stop: &AtomicBool, control: &RunControl, threads: Vec<JoinHandle<(
 /// host I/O errors and the CPU time of each thread.
 fn stats_report(counters: &Sources, thread_cpu: &[(String, u64)]) -> String {
     let mut stats = format!("pvm: exits: {}\n", counters.exits.summary());
+    if let Some(places) = counters.exits.places_summary(12) {
+        stats.push_str(&format!("pvm: exits by place, most first: {places}\n"));
+    }
     for (tap, source) in &counters.nets {
         let pairs = match source {
             NetSource::InProcess(pairs) => pairs,

@@ -304,7 +304,7 @@ impl Vm {
             end,
             stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             control: Arc::new(RunControl::default()),
-            stats: Arc::new(crate::vcpu::ExitStats::default()),
+            stats: Arc::new(crate::vcpu::ExitStats::new(config.stats)),
         };
         let msr_list = super::msr_list(kvm)?;
         let mut vcpus = Vec::with_capacity(snapshot.vcpus.len());
