@@ -126,6 +126,32 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8, threads
     }
 }
 
+/// The processor brand string leaves (48 bytes of ASCII, 16 per leaf).
+const BRAND_LEAVES: std::ops::RangeInclusive<u32> = 0x8000_0002..=0x8000_0004;
+
+/// Fills the brand string leaves KVM leaves empty (KVM_GET_SUPPORTED_CPUID zeroes them) with
+/// `host`'s (EAX, EBX, ECX, EDX) for the leaf, so the guest's /proc/cpuinfo and lscpu name the
+/// processor ("model name") instead of printing its family and model numbers, as on the host.
+/// Leaves that already hold a string are left alone.
+pub fn fill_brand_string(entries: &mut [kvm_cpuid_entry2], host: impl Fn(u32) -> [u32; 4]) {
+    for entry in entries
+        .iter_mut()
+        .filter(|e| BRAND_LEAVES.contains(&e.function))
+    {
+        if [entry.eax, entry.ebx, entry.ecx, entry.edx] == [0; 4] {
+            [entry.eax, entry.ebx, entry.ecx, entry.edx] = host(entry.function);
+        }
+    }
+}
+
+/// The host processor's CPUID leaf `function` (subleaf 0) as (EAX, EBX, ECX, EDX).
+pub fn host_leaf(function: u32) -> [u32; 4] {
+    // CPUID exists on every x86_64 processor and only reads identification registers; a leaf
+    // above the maximum returns data of the highest basic leaf, never faults.
+    let r = std::arch::x86_64::__cpuid_count(function, 0);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
 /// How many vCPUs share the cache a leaf 4 / 0x8000_001d entry describes (level in EAX[7:5]):
 /// a core's threads share its L1 and L2, all vCPUs the L3.
 fn sharing(eax: u32, threads: u32, count: u32) -> u32 {
@@ -155,6 +181,34 @@ mod tests {
             .iter()
             .find(|e| e.function == function && e.index == index)
             .unwrap()
+    }
+
+    #[test]
+    fn brand_string_comes_from_the_host_where_kvm_left_it_empty() {
+        let empty = |function| kvm_cpuid_entry2 {
+            function,
+            ..Default::default()
+        };
+        let mut named = empty(0x8000_0004);
+        named.eax = 0x2020_2020;
+        let mut e = vec![empty(0x8000_0002), empty(0x8000_0003), named, empty(1)];
+        fill_brand_string(&mut e, |f| [f, f + 1, f + 2, f + 3]);
+        let regs = |x: kvm_cpuid_entry2| [x.eax, x.ebx, x.ecx, x.edx];
+        assert_eq!(
+            regs(e[0]),
+            [0x8000_0002, 0x8000_0003, 0x8000_0004, 0x8000_0005]
+        );
+        assert_eq!(regs(e[1])[0], 0x8000_0003);
+        assert_eq!(
+            regs(e[2]),
+            [0x2020_2020, 0, 0, 0],
+            "a string already there stays"
+        );
+        assert_eq!(regs(e[3]), [0; 4], "other leaves are not touched");
+        // The host's own leaves read as ASCII (or are empty on a processor without them).
+        let host = host_leaf(0x8000_0002);
+        let bytes: Vec<u8> = host.iter().flat_map(|r| r.to_le_bytes()).collect();
+        assert!(bytes.iter().all(|b| *b == 0 || b.is_ascii()), "{bytes:?}");
     }
 
     #[test]

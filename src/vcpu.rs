@@ -266,6 +266,7 @@ pub fn configure(
         count,
         cpuid::threads_per_core(count, smt),
     );
+    cpuid::fill_brand_string(cpuid.as_mut_slice(), cpuid::host_leaf);
     vcpu.set_cpuid2(&cpuid).map_err(setup("KVM_SET_CPUID2"))?;
 
     let entries = boot_msrs();
