@@ -21,6 +21,7 @@ pub mod logger;
 pub mod manage;
 pub mod memfd;
 pub mod memory;
+pub mod memory_map;
 pub mod metrics;
 pub mod pci;
 pub mod sandbox;

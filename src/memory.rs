@@ -15,13 +15,11 @@ use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-};
+use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::config::{GuestPages, HUGE_PAGE_BYTES};
 use crate::layout;
+use crate::memory_map::{self, MappedRange, Spec};
 
 /// Where the kernel counts the host's free 2 MiB huge pages.
 const FREE_HUGE_PAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
@@ -29,10 +27,7 @@ const FREE_HUGE_PAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hu
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot map {size} bytes of guest memory: {source}")]
-    Map {
-        size: u64,
-        source: vm_memory::mmap::FromRangesError,
-    },
+    Map { size: u64, source: std::io::Error },
     #[error("cannot create shareable guest memory (memfd of {size} bytes): {source}")]
     Memfd { size: u64, source: std::io::Error },
     #[error(
@@ -49,9 +44,9 @@ pub enum Error {
     MapFile {
         size: u64,
         offset: u64,
-        source: vm_memory::mmap::MmapRegionError,
+        source: std::io::Error,
     },
-    #[error("the memory file's mappings do not make guest memory: {0}")]
+    #[error("the guest memory mappings do not make guest memory: {0}")]
     Regions(vm_memory::GuestRegionCollectionError),
     #[error("KVM refused guest memory slot {slot}: {source}")]
     RegisterSlot {
@@ -72,6 +67,10 @@ pub struct VmMemory {
     /// The regions are reference-counted mappings (device workers and vCPUs hold clones); this
     /// reference keeps them mapped at least until the slots below are deleted.
     memory: GuestMemoryMmap,
+    /// pvm's own handles on the regions' mappings (2 MiB-aligned, see `memory_map`): each
+    /// unmaps its range once nothing else references it. Declared after `memory`, so that
+    /// its reference is gone first.
+    ranges: Vec<MappedRange>,
     /// The slots registered so far, deleted on drop.
     slots: Vec<kvm_userspace_memory_region>,
     /// Which pages were written since the last snapshot, with track_dirty_pages.
@@ -87,9 +86,11 @@ impl VmMemory {
         shared: bool,
         pages: GuestPages,
     ) -> Result<Self, Error> {
+        let (memory, ranges) = create(mem_bytes, shared, pages)?;
         let mut owned = VmMemory {
             vm,
-            memory: create(mem_bytes, shared, pages)?,
+            memory,
+            ranges,
             slots: Vec::new(),
             dirty: None,
         };
@@ -102,9 +103,11 @@ impl VmMemory {
     /// range mapped MAP_PRIVATE from its offset: pages are read when first touched, and the
     /// guest's writes stay in this process.
     pub fn from_file(vm: Arc<VmFd>, mem_bytes: u64, file: &File) -> Result<Self, Error> {
+        let (memory, ranges) = map_file(mem_bytes, file)?;
         let mut owned = VmMemory {
             vm,
-            memory: map_file(mem_bytes, file)?,
+            memory,
+            ranges,
             slots: Vec::new(),
             dirty: None,
         };
@@ -189,6 +192,7 @@ impl Drop for VmMemory {
                     entry.slot
                 );
                 std::mem::forget(self.memory.clone());
+                std::mem::forget(std::mem::take(&mut self.ranges));
                 return;
             }
         }
@@ -197,7 +201,11 @@ impl Drop for VmMemory {
 
 /// Maps the guest's RAM (not yet visible to KVM); `shared` backs it with memfds another process
 /// can map (vhost-user). Huge pages are always memfds, so always shareable.
-fn create(mem_bytes: u64, shared: bool, pages: GuestPages) -> Result<GuestMemoryMmap, Error> {
+fn create(
+    mem_bytes: u64,
+    shared: bool,
+    pages: GuestPages,
+) -> Result<(GuestMemoryMmap, Vec<MappedRange>), Error> {
     if pages == GuestPages::Huge2M {
         check_free_huge_pages(mem_bytes, read_free_huge_pages()?)?;
     }
@@ -208,14 +216,31 @@ fn create(mem_bytes: u64, shared: bool, pages: GuestPages) -> Result<GuestMemory
             GuestPages::Normal if shared => Some(FileOffset::new(memfd(size)?, 0)),
             GuestPages::Normal => None,
         };
-        ranges.push((start, size as usize, file));
+        // As vm-memory maps them: memfds shared (vhost-user maps them too), the rest private.
+        let flags = match file {
+            Some(_) => libc::MAP_SHARED | libc::MAP_NORESERVE,
+            None => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        };
+        let spec = Spec {
+            prot: libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            file,
+        };
+        let len = usize::try_from(size).map_err(|_| Error::Map {
+            size: mem_bytes,
+            source: std::io::ErrorKind::InvalidInput.into(),
+        })?;
+        let range = memory_map::region(start, len, spec).map_err(|source| Error::Map {
+            size: mem_bytes,
+            source,
+        })?;
+        ranges.push(range);
     }
-    let memory = GuestMemoryMmap::from_ranges_with_files(&ranges).map_err(|source| Error::Map {
-        size: mem_bytes,
-        source,
-    })?;
+    let memory =
+        GuestMemoryMmap::from_arc_regions(ranges.iter().map(MappedRange::region).collect())
+            .map_err(Error::Regions)?;
     for region in memory.iter().filter(|_| pages == GuestPages::Normal) {
-        // SAFETY: the range is a mapping vm-memory owns for the life of `memory`; MADV_HUGEPAGE
+        // SAFETY: the range is a mapping pvm owns for the life of `memory`; MADV_HUGEPAGE
         // only changes how the kernel backs it. Failure (no THP) is harmless, so it is ignored.
         unsafe {
             libc::madvise(
@@ -225,12 +250,12 @@ fn create(mem_bytes: u64, shared: bool, pages: GuestPages) -> Result<GuestMemory
             );
         }
     }
-    Ok(memory)
+    Ok((memory, ranges))
 }
 
 /// The RAM ranges of a `mem_bytes` guest mapped privately from `file`, back to back.
-fn map_file(mem_bytes: u64, file: &File) -> Result<GuestMemoryMmap, Error> {
-    let mut regions = Vec::new();
+fn map_file(mem_bytes: u64, file: &File) -> Result<(GuestMemoryMmap, Vec<MappedRange>), Error> {
+    let mut ranges = Vec::new();
     let mut offset = 0u64;
     for (start, size) in layout::ram_ranges(mem_bytes) {
         let fail = |source| Error::MapFile {
@@ -238,22 +263,21 @@ fn map_file(mem_bytes: u64, file: &File) -> Result<GuestMemoryMmap, Error> {
             offset,
             source,
         };
-        let descriptor = file
-            .try_clone()
-            .map_err(|e| fail(vm_memory::mmap::MmapRegionError::Mmap(e)))?;
-        let mapping = MmapRegionBuilder::new(size as usize)
-            .with_file_offset(FileOffset::new(descriptor, offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .build()
-            .map_err(fail)?;
-        // Ranges come from the layout, sorted and apart: a region always fits its start.
-        let region = GuestRegionMmap::new(mapping, start)
-            .ok_or_else(|| fail(vm_memory::mmap::MmapRegionError::InvalidPointer))?;
-        regions.push(region);
+        let descriptor = file.try_clone().map_err(fail)?;
+        let len =
+            usize::try_from(size).map_err(|_| fail(std::io::ErrorKind::InvalidInput.into()))?;
+        let spec = Spec {
+            prot: libc::PROT_READ | libc::PROT_WRITE,
+            flags: libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            file: Some(FileOffset::new(descriptor, offset)),
+        };
+        ranges.push(memory_map::region(start, len, spec).map_err(fail)?);
         offset += size;
     }
-    GuestMemoryMmap::from_regions(regions).map_err(Error::Regions)
+    let memory =
+        GuestMemoryMmap::from_arc_regions(ranges.iter().map(MappedRange::region).collect())
+            .map_err(Error::Regions)?;
+    Ok((memory, ranges))
 }
 
 /// A memfd of `size` bytes (sparse: pages are allocated as the guest touches them).
