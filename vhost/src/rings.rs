@@ -129,6 +129,16 @@ impl Rings {
         })
     }
 
+    /// Has the backend log its writes to every used ring (VHOST_VRING_F_LOG, the used ring's
+    /// guest address as `log_guest_addr`), from the next [`Self::program`] on. For rings named
+    /// by guest address ([`RingAddresses::Guest`]): the log counts guest pages.
+    pub(crate) fn log_used_rings(&mut self) {
+        for ring in &mut self.rings {
+            ring.config.flags |= 1 << vhost::vhost_kern::vhost_binding::VHOST_VRING_F_LOG;
+            ring.config.log_addr = Some(ring.config.used_ring_addr);
+        }
+    }
+
     /// The backend's indices of the rings.
     pub(crate) fn vrings(&self) -> impl Iterator<Item = usize> + '_ {
         self.rings.iter().map(|ring| ring.vring)
