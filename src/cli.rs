@@ -67,9 +67,9 @@ struct Args {
     huge_pages: Option<GuestPages>,
 
     /// Log which guest pages are written between snapshots, as Firecracker's
-    /// `track_dirty_pages`, so that `snapshot_type: Diff` can write only those. Taps with
-    /// vhost=auto are then served by pvm's own worker (the kernel's vhost-net writes past the
-    /// log); with --restore, tracking starts from the restored memory.
+    /// `track_dirty_pages`, so that `snapshot_type: Diff` can write only those; taps on the
+    /// kernel's vhost-net log their writes through its dirty log. With --restore, tracking
+    /// starts from the restored memory.
     #[arg(long)]
     track_dirty_pages: bool,
 

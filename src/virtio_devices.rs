@@ -176,6 +176,9 @@ pub struct Attached {
     pub pausable: Vec<PausableDevice>,
     /// The rate limiters the API may change while the VM runs.
     pub limiters: DeviceLimiters,
+    /// With track_dirty_pages and a tap on vhost-net: the log the kernel's vhost-net marks
+    /// the guest pages it writes in, for Diff snapshots.
+    pub vhost_log: Option<Arc<pvm_vhost::dirty::VhostLog>>,
 }
 
 /// The rate limiters of the devices pvm serves itself, whose limits may change at run time
@@ -301,19 +304,18 @@ fn create_devices(
         devices.push(("cloud-init".to_string(), cloud_init_disk(seed)?));
     }
     for (i, spec) in config.taps.iter().enumerate() {
-        // The kernel's vhost-net writes guest RAM past pvm's dirty page log: with tracking on,
-        // vhost=auto means pvm's own worker (vhost=on makes Diff snapshots refused).
-        let logged;
-        let spec = if config.track_dirty_pages && spec.vhost == VhostMode::Auto {
-            logged = TapSpec {
-                vhost: VhostMode::Off,
-                ..spec.clone()
-            };
-            &logged
-        } else {
-            spec
-        };
-        let (net, vhost) = create_net(spec, memory)?;
+        // With tracking on, vhost-net logs its writes into guest RAM where a Diff finds them:
+        // one log for all the VM's taps on vhost-net, kept once the first is.
+        let log = config.track_dirty_pages.then(|| {
+            attached
+                .vhost_log
+                .clone()
+                .unwrap_or_else(|| Arc::new(pvm_vhost::dirty::VhostLog::for_memory(memory)))
+        });
+        let (net, vhost) = create_net(spec, memory, log.clone())?;
+        if vhost && log.is_some() {
+            attached.vhost_log = log;
+        }
         // With vhost-net the kernel moves the frames and pvm's counters stay still: the
         // tap's own statistics count them (opened now, before the sandbox forbids open()).
         let source = if vhost {
@@ -409,8 +411,13 @@ fn connect_vhost_user(
 /// A net device on the tap `spec` names, its queues served by vhost-net or by pvm's worker;
 /// with `queues=N`, N queues of a multi-queue tap and, with vhost-net, one instance per pair.
 /// Everything is opened here, before the sandbox forbids open(). Says whether vhost-net
-/// serves it.
-fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<(Net, bool), Error> {
+/// serves it. With `log` (the VM tracks dirty pages) vhost-net must log its writes there:
+/// vhost=on refuses an instance that cannot, vhost=auto then uses pvm's worker.
+fn create_net(
+    spec: &TapSpec,
+    memory: &GuestMemoryMmap,
+    log: Option<Arc<pvm_vhost::dirty::VhostLog>>,
+) -> Result<(Net, bool), Error> {
     let taps = Tap::open_queues(&spec.name, spec.queues).map_err(Error::Tap)?;
     let taps: Vec<Arc<Tap>> = taps.into_iter().map(Arc::new).collect();
     let backends = taps
@@ -425,7 +432,7 @@ fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<(Net, bool), E
         .with_rate_limits(spec.rx_limit, spec.tx_limit);
     // vhost-net cannot enforce a rate limit: a limited tap is served in-process (vhost=on with
     // a limit is refused when the flag is parsed).
-    let vhost = match spec.vhost {
+    let mut vhost = match spec.vhost {
         VhostMode::On => true,
         VhostMode::Off => false,
         VhostMode::Auto => !spec.is_limited() && pvm_vhost::net::available(),
@@ -440,11 +447,32 @@ fn create_net(spec: &TapSpec, memory: &GuestMemoryMmap) -> Result<(Net, bool), E
                     .map_err(|source| Error::TapClone { tap: tap(), source })?;
                 let plane = VhostNetPlane::new(file, memory)
                     .map_err(|source| Error::VhostNet { tap: tap(), source })?;
-                Ok(Box::new(plane) as Box<dyn pvm_virtio::data_plane::DataPlane>)
+                let plane = match &log {
+                    Some(log) => plane.with_dirty_log(log.clone()),
+                    None => Ok(plane),
+                };
+                plane.map_err(|source| Error::VhostNet { tap: tap(), source })
             })
-            .collect::<Result<Vec<_>, Error>>()?;
-        net.set_data_planes(planes)
-            .map_err(|source| Error::DataPlanes { tap: tap(), source })?;
+            .collect::<Result<Vec<_>, Error>>();
+        match planes {
+            Ok(planes) => {
+                let planes = planes
+                    .into_iter()
+                    .map(|p| Box::new(p) as Box<dyn pvm_virtio::data_plane::DataPlane>)
+                    .collect();
+                net.set_data_planes(planes)
+                    .map_err(|source| Error::DataPlanes { tap: tap(), source })?;
+            }
+            // vhost=auto takes pvm's worker rather than a vhost-net a Diff could not see.
+            Err(Error::VhostNet {
+                source: pvm_vhost::net::Error::NoDirtyLog,
+                ..
+            }) if spec.vhost == VhostMode::Auto => {
+                log::info!("tap {}: vhost-net cannot log dirty pages", spec.name);
+                vhost = false;
+            }
+            Err(e) => return Err(e),
+        }
     }
     // Which one serves the queues matters for what to expect of throughput and CPU.
     let pairs = match net.pair_count() {

@@ -10,8 +10,9 @@
 //!   by `PUT /snapshot/load` with `resume_vm: false` and `network_overrides` onto another tap
 //!   (in a network namespace of its own), then `PATCH /vm Resumed`.
 //! - mmio, kernel vhost-net, 2 vCPUs: `--restore --paused`, resumed with SIGUSR2.
-//! - track_dirty_pages: Full, counting on, Diff, SIGKILL; the Diff layered onto the Full
-//!   restores to the Diff's count.
+//! - track_dirty_pages, kernel vhost-net: Full, counting on, data received over the tap into
+//!   a socket the guest does not read yet, Diff, SIGKILL; the Diff layered onto the Full
+//!   restores to the Diff's count, and the guest then reads the data whole.
 
 mod common;
 
@@ -36,6 +37,16 @@ const GUEST: &str = "ip link set eth0 up\n\
          echo \"count $i $p $d\"\n\
          usleep 200000\n\
      done\n";
+
+/// For the Diff scenario: a TCP listener on port 5000 whose process is stopped before any data
+/// comes, so what the host sends stays queued in the guest's socket, in the receive buffers
+/// only vhost-net wrote (the guest kernel hands full frames' pages to the socket as they are);
+/// a connection to port 5001 lets it go on, and it prints what it received.
+const RECEIVER: &str = "( nc -l -p 5000 < /dev/null > /tmp/rx & echo $! > /tmp/rx.pid; wait $!; \
+         echo \"rx-done bytes $(wc -c < /tmp/rx) md5 $(md5sum < /tmp/rx | cut -d' ' -f1)\" ) &\n\
+     until netstat -ltn | grep -q ':5000 '; do usleep 100000; done\n\
+     kill -STOP $(cat /tmp/rx.pid) && echo rx-held\n\
+     ( nc -l -p 5001 < /dev/null > /dev/null; kill -CONT $(cat /tmp/rx.pid); echo rx-released ) &\n";
 
 /// `api SOCK METHOD PATH [BODY]` prints `api METHOD PATH: EXIT ANSWER`; `wait_for FILE TEXT
 /// SECS` polls a log; `progress LOG` prints the log's first and last count.
@@ -166,16 +177,18 @@ fn mmio_vhost_two_cpus() -> Scenario {
     scenario("snapshot-mmio-vhost-2cpus", &body)
 }
 
-/// track_dirty_pages: a Full snapshot, three counts on, a Diff, SIGKILL; the Diff layered
-/// onto the Full (`pvm snapshot-layer`) restores to the Diff's count, not the Full's. The tap
-/// has no rate limit: with tracking, vhost=auto must pick pvm's own worker.
+/// track_dirty_pages: a Full snapshot, three counts on and 24 KiB sent to the guest's held
+/// [`RECEIVER`], a Diff, SIGKILL; the Diff layered onto the Full (`pvm snapshot-layer`)
+/// restores to the Diff's count, not the Full's, and the released receiver gets the bytes
+/// sent. The tap has no rate limit: vhost=auto picks the kernel's vhost-net, whose writes
+/// only its dirty log has, so without that log the data would come back as the Full's pages.
 fn diff_over_full() -> Scenario {
     let full =
         r#"'{"snapshot_type": "Full", "snapshot_path": "full.snap", "mem_file_path": "full.mem"}'"#;
     let diff =
         r#"'{"snapshot_type": "Diff", "snapshot_path": "diff.snap", "mem_file_path": "diff.mem"}'"#;
     let body = format!(
-        r#"{HELPERS}pvm --api-sock a.sock > boot.log 2>&1 &
+        r#"{HELPERS}pvm --api-sock a.sock --log-level info > boot.log 2>&1 &
 pvm=$!
 api a.sock PUT /machine-config '{{"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}}'
 api a.sock PUT /boot-source '{{"kernel_image_path": "{{kernel}}", "initrd_path": "initrd.cpio", "boot_args": "console=ttyS0 reboot=k quiet"}}'
@@ -190,12 +203,18 @@ full=$(grep '^count ' boot.log | tail -n 1 | cut -d' ' -f2)
 echo "full-at $full"
 api a.sock PATCH /vm '{{"state": "Resumed"}}'
 wait_past boot.log $((full + 2)) 150
+head -c 24576 /dev/urandom > rx.bin
+echo "rx-sent md5 $(md5sum < rx.bin | cut -d' ' -f1)"
+timeout 3 nc 10.0.2.2 5000 < rx.bin
+usleep 500000
 api a.sock PATCH /vm '{{"state": "Paused"}}'
 api a.sock PUT /snapshot/create {diff}
 usleep 300000
 last=$(grep '^count ' boot.log | tail -n 1 | cut -d' ' -f2)
 echo "snapshot-at $last"
 echo "a-plane $(grep 'data plane' boot.log)"
+echo "a-rx-held $(grep -c rx-held boot.log)"
+echo "a-$(grep 'vhost-net wrote' boot.log | tail -n 1 | sed 's/.*vhost-net/vhost-net/')"
 echo "sizes full $(wc -c < full.mem) bytes $(du -k full.mem | cut -f1) KiB allocated, diff $(wc -c < diff.mem) bytes $(du -k diff.mem | cut -f1) KiB allocated"
 kill -9 $pvm
 wait $pvm
@@ -203,22 +222,35 @@ echo "booted $(grep -c guest-counting-from-boot boot.log)"
 pvm snapshot-layer --diff-snapshot diff.snap --diff-mem diff.mem --base-snapshot full.snap --base-mem full.mem && echo layered-ok
 pvm --restore diff.snap --mem-file full.mem > d.log 2>&1 &
 pd=$!
-{}kill $pd
+{}echo go | timeout 5 nc 10.0.2.2 5001
+wait_for d.log rx-done 60
+echo "d-$(grep rx-done d.log)"
+kill $pd
 wait $pd
 echo "d-disk $(dd if=disk.img bs=512 skip=8 count=1 2>/dev/null | head -c 12)"
 tail -n 3 d.log
 "#,
         check_clone("d", "d.log"),
     );
-    scenario("snapshot-diff", &body)
+    let guest = GUEST.replacen(
+        "echo guest-counting-from-boot\n",
+        &format!("{RECEIVER}echo guest-counting-from-boot\n"),
+        1,
+    );
+    scenario_of("snapshot-diff", &body, &guest)
 }
 
 fn scenario(name: &str, body: &str) -> Scenario {
+    scenario_of(name, body, GUEST)
+}
+
+/// A scenario whose guest runs `guest`.
+fn scenario_of(name: &str, body: &str, guest: &str) -> Scenario {
     Scenario::new(name)
         .kernel(Kernel::MinimalElf)
         .file(
             "initrd.cpio",
-            common::guest_initramfs(GUEST, Kernel::MinimalElf),
+            common::guest_initramfs(guest, Kernel::MinimalElf),
         )
         .file("disk.img", vec![0; DISK_BYTES])
         .program("pvm-api-client")
@@ -311,7 +343,8 @@ fn a_diff_layered_onto_its_full_snapshot_restores_the_later_count() {
     }
     outcome.assert_contains("booted 1");
     outcome.assert_contains("layered-ok");
-    outcome.assert_contains("a-plane pvm: tap tap0: in-process data plane");
+    outcome.assert_contains("a-plane pvm: tap tap0: vhost-net data plane");
+    outcome.assert_contains("a-rx-held 1");
     let full = number_after(outcome, "full-at ");
     let last = number_after(outcome, "snapshot-at ");
     assert!(last >= full + 3, "{name}: Full at {full}, Diff at {last}");
@@ -330,4 +363,15 @@ fn a_diff_layered_onto_its_full_snapshot_restores_the_later_count() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(count > last, "its disk holds {written:?}");
+    // The Diff merged the kernel's log: at least the 6 pages of data (the guest's handling of
+    // them may write those pages as well, so the md5 below alone need not catch a lost log).
+    let logged = number_after(outcome, "a-vhost-net wrote ");
+    assert!(logged >= 6, "{name}: vhost-net logged {logged} pages");
+    // What vhost-net wrote into the guest between the Full and the Diff came back whole.
+    let sent = outcome.word_after("rx-sent md5 ");
+    let received = outcome.word_after("d-rx-done bytes 24576 md5 ");
+    if received != sent {
+        outcome.dump();
+        panic!("{name}: the restored guest received md5 {received:?}, the host sent {sent}");
+    }
 }

@@ -1,11 +1,15 @@
 //! Dirty page tracking for Diff snapshots (`track_dirty_pages`): KVM's dirty log holds the
-//! pages the vCPUs wrote, pvm-virtio's [`DirtyLog`] the pages pvm's devices wrote. A Diff
-//! snapshot writes the union; every snapshot, Full or Diff, clears both, so the next Diff holds
-//! only what was written after it.
+//! pages the vCPUs wrote, pvm-virtio's [`DirtyLog`] the pages pvm's devices wrote, and the
+//! kernel vhost log ([`VhostLog`], with a tap on vhost-net) the pages the kernel's vhost-net
+//! wrote. A Diff snapshot writes the union; every snapshot, Full or Diff, clears all three, so
+//! the next Diff holds only what was written after it. A snapshot is taken paused, when every
+//! vhost-net ring has been detached from its tap (which waits for the kernel's worker): the
+//! vhost log then holds all the kernel wrote.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use kvm_ioctls::VmFd;
+use pvm_vhost::dirty::{LOG_PAGE_BYTES, VhostLog};
 use pvm_virtio::dirty::DirtyLog;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -15,6 +19,8 @@ use super::{DeviceState, SnapshotError};
 #[derive(Debug)]
 pub struct DirtyTracking {
     log: DirtyLog,
+    /// The kernel vhost-net's log, once a tap on vhost-net has one.
+    vhost: OnceLock<Arc<VhostLog>>,
     /// The last snapshot taken of (or restored into) this VM: what a Diff layers onto.
     last: Mutex<Option<u64>>,
 }
@@ -23,7 +29,16 @@ impl DirtyTracking {
     pub fn new(log: DirtyLog, restored_from: Option<u64>) -> Self {
         DirtyTracking {
             log,
+            vhost: OnceLock::new(),
             last: Mutex::new(restored_from),
+        }
+    }
+
+    /// Merges `vhost`, the log the VM's vhost-net instances write into, into every Diff from
+    /// now on; called when the devices are made, before the guest runs. A VM has one such log.
+    pub fn follow_vhost(&self, vhost: Arc<VhostLog>) {
+        if self.vhost.set(vhost).is_err() {
+            log::warn!("dirty page tracking: a second vhost log was ignored");
         }
     }
 
@@ -34,13 +49,15 @@ impl DirtyTracking {
     }
 
     /// Takes and clears the pages written since the last call: per RAM region (KVM slot, in
-    /// the memory's order) a bitmap of 64 pages a word, KVM's and the devices' ORed.
+    /// the memory's order) a bitmap of 64 pages a word, KVM's, the devices' and vhost-net's
+    /// ORed.
     pub fn take(
         &self,
         vm: &VmFd,
         memory: &GuestMemoryMmap,
     ) -> Result<Vec<Vec<u64>>, SnapshotError> {
         let mut maps = Vec::new();
+        let mut vhost_pages = 0;
         for (slot, region) in memory.iter().enumerate() {
             let mut kvm = vm
                 .get_dirty_log(slot as u32, region.len() as usize)
@@ -49,11 +66,20 @@ impl DirtyTracking {
                     source,
                 })?;
             if let Some(devices) = self.log.region(slot) {
-                for (word, device) in kvm.iter_mut().zip(devices.take()) {
-                    *word |= device;
-                }
+                merge(&mut kvm, devices.take());
+            }
+            if let Some(vhost) = self.vhost.get() {
+                // The vhost log counts guest-physical pages from 0; the slot's start from here.
+                let first = region.start_addr().0 / LOG_PAGE_BYTES;
+                let pages = vhost.take(first, region.len().div_ceil(LOG_PAGE_BYTES));
+                vhost_pages += pages.iter().map(|w| w.count_ones()).sum::<u32>();
+                merge(&mut kvm, pages);
             }
             maps.push(kvm);
+        }
+        if self.vhost.get().is_some() {
+            // How much a Diff owes the kernel's log (tests/snapshot.rs reads it).
+            log::info!("vhost-net wrote {vhost_pages} guest pages since the last snapshot");
         }
         Ok(maps)
     }
@@ -67,6 +93,21 @@ impl DirtyTracking {
     /// writes every page rather than miss some.
     pub fn lost(&self) {
         self.log.mark_all();
+    }
+}
+
+/// Has `tracking` (the VM's, when it tracks dirty pages) merge the vhost log the devices
+/// `attached` write into, if a tap is on vhost-net.
+pub fn follow_vhost(tracking: Option<&DirtyTracking>, attached: &crate::virtio_devices::Attached) {
+    if let (Some(tracking), Some(log)) = (tracking, &attached.vhost_log) {
+        tracking.follow_vhost(log.clone());
+    }
+}
+
+/// ORs `other` into `map`, word by word (both bitmaps of one region).
+fn merge(map: &mut [u64], other: Vec<u64>) {
+    for (word, bits) in map.iter_mut().zip(other) {
+        *word |= bits;
     }
 }
 
@@ -140,6 +181,17 @@ mod tests {
         assert!(pages(&tracking.take(&vm, memory).unwrap()).is_empty());
         pvm_virtio::dirty::mark_guest(memory, GuestAddress(0x10_0800), 1);
         assert_eq!(pages(&tracking.take(&vm, memory).unwrap()), [(0, 0x100)]);
+        // vhost-net's log is merged in from when a tap on vhost-net brings one, and cleared.
+        let vhost = Arc::new(VhostLog::for_memory(memory));
+        vhost.mark(0x180);
+        tracking.follow_vhost(vhost.clone());
+        vhost.mark(0x3fff);
+        pvm_virtio::dirty::mark_guest(memory, GuestAddress(0x180_000), 1);
+        assert_eq!(
+            pages(&tracking.take(&vm, memory).unwrap()),
+            [(0, 0x180), (0, 0x3fff)]
+        );
+        assert!(pages(&tracking.take(&vm, memory).unwrap()).is_empty());
         // A used ring of 4 entries at 0x20_0ffc spans two pages; a queue not ready is skipped.
         let queue = |used_ring, ready| QueueState {
             max_size: 256,
@@ -173,6 +225,7 @@ mod tests {
         );
         tracking.taken(42);
         assert_eq!(tracking.parent(), Some(42));
+        vhost.mark(7);
         tracking.lost();
         assert_eq!(
             pages(&tracking.take(&vm, memory).unwrap()).len(),

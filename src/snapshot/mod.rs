@@ -127,11 +127,6 @@ pub enum SnapshotError {
     )]
     DiffUntracked,
     #[error(
-        "snapshot_type Diff: tap {0} is served by the kernel's vhost-net (vhost=on), whose \
-         writes to guest RAM pvm's dirty page log cannot see; use vhost=auto or off"
-    )]
-    DiffVhostNet(String),
-    #[error(
         "a vhost-user device ({0}) holds guest RAM in another process; pvm cannot snapshot \
          such a VM"
     )]

@@ -153,6 +153,7 @@ impl Vm {
         phase("irqchip, PIT and legacy devices made");
         let mut mmio = Bus::new();
         let attached = virtio_devices::attach(config, vm_fd, guest_memory, &mut pio, &mut mmio)?;
+        crate::snapshot::dirty::follow_vhost(memory.dirty_tracking(), &attached);
         phase("virtio devices attached");
         let entry = load_guest(guest_memory, config, &attached, boot_files)?;
         phase("kernel, initrd and boot data loaded");

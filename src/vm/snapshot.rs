@@ -85,7 +85,11 @@ impl SnapshotSource<'_> {
         } = target;
         let start = Instant::now();
         if kind == SnapshotKind::Diff {
-            self.check_diff()?;
+            // Every data plane writes where a log sees it (vhost-net into the vhost log, a
+            // vhost-user backend is refused for any snapshot): only tracking can be missing.
+            if self.dirty.is_none() {
+                return Err(SnapshotError::DiffUntracked);
+            }
         }
         let mut description = Description::of(self.config)?;
         description.name_devices(ids);
@@ -154,11 +158,6 @@ impl SnapshotSource<'_> {
         }
     }
 
-    /// Refuses a Diff this VM cannot take: no tracking, or a data plane outside the log.
-    fn check_diff(&self) -> Result<(), SnapshotError> {
-        check_diff(self.dirty.is_some(), self.config)
-    }
-
     /// Writes the state and the memory file: a Diff's when `state` is one (its pages in
     /// `dirty`), else all of RAM. Returns the memory file's bytes of data.
     fn write_files(
@@ -179,22 +178,6 @@ impl SnapshotSource<'_> {
                 Ok(memory_file::file_bytes(self.config.mem_bytes))
             }
         }
-    }
-}
-
-/// Refuses a Diff of a VM that does not track dirty pages, or whose tap the kernel's vhost-net
-/// serves (it writes guest RAM past pvm's log).
-fn check_diff(tracked: bool, config: &VmConfig) -> Result<(), SnapshotError> {
-    if !tracked {
-        return Err(SnapshotError::DiffUntracked);
-    }
-    match config
-        .taps
-        .iter()
-        .find(|t| t.vhost == crate::config::VhostMode::On)
-    {
-        Some(tap) => Err(SnapshotError::DiffVhostNet(tap.name.clone())),
-        None => Ok(()),
     }
 }
 
@@ -280,6 +263,7 @@ impl Vm {
         phase("irqchip, PIT and legacy devices made");
         let mut mmio = crate::bus::Bus::new();
         let attached = virtio_devices::attach(config, vm_fd, guest_memory, &mut pio, &mut mmio)?;
+        dirty::follow_vhost(memory.dirty_tracking(), &attached);
         if attached.pausable.len() != snapshot.devices.len() {
             return Err(RestoreError::invalid(format!(
                 "{} device states for a VM of {} virtio devices",
@@ -329,32 +313,5 @@ impl Vm {
             memory,
             Some(resume),
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{TapSpec, VhostMode};
-
-    #[test]
-    fn a_diff_is_refused_untracked_or_with_a_vhost_net_tap() {
-        let mut config = crate::api::models::tests::base();
-        let e = check_diff(false, &config).unwrap_err().to_string();
-        assert!(e.contains("needs dirty page tracking"), "{e}");
-        assert!(check_diff(true, &config).is_ok());
-        let tap = |name: &str, vhost| TapSpec {
-            name: name.to_string(),
-            mac: None,
-            vhost,
-            queues: 1,
-            rx_limit: Default::default(),
-            tx_limit: Default::default(),
-        };
-        config.taps = vec![tap("tap0", VhostMode::Off), tap("tap1", VhostMode::Auto)];
-        assert!(check_diff(true, &config).is_ok());
-        config.taps.push(tap("tap2", VhostMode::On));
-        let e = check_diff(true, &config).unwrap_err().to_string();
-        assert!(e.contains("tap tap2") && e.contains("vhost-net"), "{e}");
     }
 }

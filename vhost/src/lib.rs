@@ -4,6 +4,7 @@
 //! kernel or by another process, so the VMM is not in the packet path. Like pvm-virtio it never
 //! imports from the VMM crate.
 
+pub mod dirty;
 mod kernel;
 pub mod net;
 mod relay;

@@ -4,6 +4,11 @@
 //! status the kernel cannot set), eventfds that a relay thread turns into interrupts. A pause
 //! detaches the tap from every ring (the kernel's worker stops with it) and takes the rings'
 //! positions back; the resume programs them from there and attaches the tap again.
+//!
+//! With a [`VhostLog`] (the VM tracks dirty pages) every activation acks VHOST_F_LOG_ALL,
+//! gives the kernel the log's address and flags each ring's used ring for logging, so whatever
+//! the kernel writes into guest RAM is in the log; a reset hands the instance back
+//! (RESET_OWNER forgets the log) and the next activation programs it again.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -20,6 +25,7 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use vm_memory::GuestMemoryMmap;
 
+use crate::dirty::VhostLog;
 use crate::kernel;
 use crate::rings::{RingAddresses, Rings, Served, memory_table};
 
@@ -30,7 +36,15 @@ pub const VHOST_NET_PATH: &str = "/dev/vhost-net";
 pub enum Error {
     #[error("{VHOST_NET_PATH}: {0}")]
     Open(std::io::Error),
+    #[error(
+        "{VHOST_NET_PATH} does not offer dirty page logging (VHOST_F_LOG_ALL), which \
+         track_dirty_pages needs of it"
+    )]
+    NoDirtyLog,
 }
+
+/// VHOST_F_LOG_ALL: the instance logs every write it makes into guest RAM.
+const VHOST_F_LOG_ALL: u64 = 1 << vhost::vhost_kern::vhost_binding::VHOST_F_LOG_ALL;
 
 /// True when /dev/vhost-net can be opened read-write (the `auto` choice).
 pub fn available() -> bool {
@@ -55,6 +69,8 @@ pub struct VhostNetPlane {
     /// Whether the tap is attached to the rings (multiqueue pairs the guest has not enabled
     /// are set up without it; see `DataPlane::set_enabled`).
     enabled: bool,
+    /// Where the kernel logs its writes into guest RAM, when the VM tracks dirty pages.
+    log: Option<Arc<VhostLog>>,
 }
 
 const PLANE: &str = "vhost-net";
@@ -67,6 +83,7 @@ impl std::fmt::Debug for VhostNetPlane {
             .field("running", &self.running.is_some())
             .field("paused", &self.running.as_ref().is_some_and(|r| r.paused))
             .field("enabled", &self.enabled)
+            .field("logged", &self.log.is_some())
             .finish()
     }
 }
@@ -84,7 +101,18 @@ impl VhostNetPlane {
             relay_thread: DeviceThread::spawn("vhost-relay".to_string()),
             running: None,
             enabled: true,
+            log: None,
         })
+    }
+
+    /// Has the kernel log every write it makes into guest RAM into `log` (the VM tracks dirty
+    /// pages); an instance that cannot log is refused, as a Diff snapshot would miss pages.
+    pub fn with_dirty_log(mut self, log: Arc<VhostLog>) -> Result<Self, Error> {
+        if self.features & VHOST_F_LOG_ALL == 0 {
+            return Err(Error::NoDirtyLog);
+        }
+        self.log = Some(log);
+        Ok(self)
     }
 }
 
@@ -260,7 +288,10 @@ impl VhostNetPlane {
         // vhost takes the transport/ring features and the header-shaping MRG_RXBUF; the tap
         // handles the header and offloads. ACCESS_PLATFORM is never passed: it would make vhost
         // translate addresses through an IOTLB pvm does not run.
-        let vhost_features = features & self.supported_features();
+        let mut vhost_features = features & self.supported_features();
+        if self.log.is_some() {
+            vhost_features |= VHOST_F_LOG_ALL;
+        }
         log::debug!(
             "vhost-net: negotiated {features:#x}, vhost offers {:#x}, set {vhost_features:#x}",
             self.features
@@ -271,10 +302,17 @@ impl VhostNetPlane {
         self.net
             .set_mem_table(&memory_table(PLANE, memory, false)?)
             .map_err(refused("SET_MEM_TABLE"))?;
+        if let Some(log) = &self.log {
+            // Before any ring has a backend: the kernel checks the log covers the memory
+            // table when a ring is attached.
+            self.net
+                .set_log_base(log.base(), None)
+                .map_err(refused("SET_LOG_BASE"))?;
+        }
         // vhost-net's vrings are 0 (receive) and 1 (transmit) whichever queue pair of the
         // device they serve: the queues come in index order, rx first.
         let queues = queues.into_iter().enumerate().collect();
-        let rings = Rings::new(
+        let mut rings = Rings::new(
             PLANE,
             memory,
             queues,
@@ -282,6 +320,11 @@ impl VhostNetPlane {
             interrupt,
             &mut self.relay_thread,
         )?;
+        if self.log.is_some() {
+            // Kept in the rings' configuration, so every SET_VRING_ADDR (resumes included)
+            // asks for the used rings to be logged.
+            rings.log_used_rings();
+        }
         if paused {
             return Ok(rings);
         }

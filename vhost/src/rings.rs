@@ -129,6 +129,16 @@ impl Rings {
         })
     }
 
+    /// Has the backend log its writes to every used ring (VHOST_VRING_F_LOG, the used ring's
+    /// guest address as `log_guest_addr`), from the next [`Self::program`] on. For rings named
+    /// by guest address ([`RingAddresses::Guest`]): the log counts guest pages.
+    pub(crate) fn log_used_rings(&mut self) {
+        for ring in &mut self.rings {
+            ring.config.flags |= 1 << vhost::vhost_kern::vhost_binding::VHOST_VRING_F_LOG;
+            ring.config.log_addr = Some(ring.config.used_ring_addr);
+        }
+    }
+
     /// The backend's indices of the rings.
     pub(crate) fn vrings(&self) -> impl Iterator<Item = usize> + '_ {
         self.rings.iter().map(|ring| ring.vring)
@@ -276,4 +286,133 @@ pub(crate) fn memory_table(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use vhost::VhostUserDirtyLogRegion;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    /// A backend that records the ring addresses it is given.
+    #[derive(Default)]
+    struct Recorder {
+        addresses: RefCell<Vec<(usize, VringConfigData)>>,
+    }
+
+    impl VhostBackend for Recorder {
+        fn get_features(&self) -> vhost::Result<u64> {
+            Ok(0)
+        }
+        fn set_features(&self, _: u64) -> vhost::Result<()> {
+            Ok(())
+        }
+        fn set_owner(&self) -> vhost::Result<()> {
+            Ok(())
+        }
+        fn reset_owner(&self) -> vhost::Result<()> {
+            Ok(())
+        }
+        fn set_mem_table(
+            &self,
+            _: &[VhostUserMemoryRegionInfo],
+        ) -> vhost::Result<Option<Vec<u64>>> {
+            Ok(None)
+        }
+        fn set_log_base(&self, _: u64, _: Option<VhostUserDirtyLogRegion>) -> vhost::Result<()> {
+            Ok(())
+        }
+        fn set_log_fd(&self, _: std::os::fd::RawFd) -> vhost::Result<()> {
+            Ok(())
+        }
+        fn set_vring_num(&self, _: usize, _: u16) -> vhost::Result<()> {
+            Ok(())
+        }
+        fn set_vring_addr(&self, index: usize, config: &VringConfigData) -> vhost::Result<()> {
+            self.addresses.borrow_mut().push((index, *config));
+            Ok(())
+        }
+        fn set_vring_base(&self, _: usize, _: u16) -> vhost::Result<()> {
+            Ok(())
+        }
+        fn get_vring_base(&self, _: usize) -> vhost::Result<u32> {
+            Ok(0)
+        }
+        fn set_vring_call(&self, _: usize, _: &EventFd) -> vhost::Result<()> {
+            Ok(())
+        }
+        fn set_vring_kick(&self, _: usize, _: &EventFd) -> vhost::Result<()> {
+            Ok(())
+        }
+        fn set_vring_err(&self, _: usize, _: &EventFd) -> vhost::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Interrupts with an irqfd per queue (virtio-pci), so no relay runs.
+    #[derive(Debug)]
+    struct Irqfds;
+
+    impl Interrupt for Irqfds {
+        fn notify_queue(&self, _: u16) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn notify_config(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn queue_irqfd(&self, _: u16) -> Option<EventFd> {
+            EventFd::new(libc::EFD_NONBLOCK).ok()
+        }
+    }
+
+    fn queue(index: u16, used: u64) -> (usize, ActiveQueue) {
+        let mut queue = Queue::new(256).unwrap();
+        queue.set_size(16);
+        queue.set_desc_table_address(Some((used - 0x1000) as u32), Some(0));
+        queue.set_avail_ring_address(Some((used - 0x800) as u32), Some(0));
+        queue.set_used_ring_address(Some(used as u32), Some(0));
+        queue.set_ready(true);
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        (usize::from(index), ActiveQueue { index, queue, kick })
+    }
+
+    #[test]
+    fn logged_rings_ask_for_their_used_ring_to_be_logged_at_every_programming() {
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mut thread = DeviceThread::spawn("rings-test".to_string());
+        let queues = vec![queue(0, 0x2000), queue(1, 0x6000)];
+        let mut rings = Rings::new(
+            "test",
+            &memory,
+            queues,
+            RingAddresses::Guest,
+            Arc::new(Irqfds),
+            &mut thread,
+        )
+        .unwrap();
+        let backend = Recorder::default();
+        rings.program(&backend, &mut Vec::new()).unwrap();
+        for (_, config) in backend.addresses.take() {
+            assert_eq!(config.flags, 0, "not logged unless asked");
+            assert_eq!(config.log_addr, None);
+        }
+        rings.log_used_rings();
+        // The activation, then a resume: both carry the flag and the used ring's address.
+        for _ in 0..2 {
+            rings.program(&backend, &mut Vec::new()).unwrap();
+            let programmed = backend.addresses.take();
+            assert_eq!(programmed.len(), 2);
+            for (index, config) in programmed {
+                let used = [0x2000, 0x6000][index];
+                assert_eq!(config.flags, 1 << 0, "VHOST_VRING_F_LOG");
+                assert_eq!(config.log_addr, Some(used));
+                assert_eq!(config.used_ring_addr, used);
+                assert!(config.is_log_addr_valid());
+            }
+        }
+        rings.stop_relay(&mut thread);
+    }
 }
