@@ -161,7 +161,10 @@ const CPU_MS: &str = r#"cpu_ms() {
     threads=""
     for t in /proc/$1/task/*; do
         case "$(cat $t/comm)" in vcpu*|"CPU "*|"fc_vcpu "*) continue ;; esac
-        ticks=$(sed 's/.*) //' $t/stat | awk '{print $12 + $13}')
+        ticks=$(sed 's/.*) //' $t/stat 2>/dev/null | awk '{print $12 + $13}')
+        # A thread that ended since the glob: its time is gone from the sum (it would
+        # otherwise end the whole function on an empty operand).
+        [ -n "$ticks" ] || continue
         vmm=$((vmm + ticks))
         threads="$threads $(tr ' ' _ < $t/comm):$((ticks * 10))"
     done
@@ -175,7 +178,7 @@ const CPU_MS: &str = r#"cpu_ms() {
     for t in /proc/$1/task/*; do workers="$workers vhost-${t##*/} "; done
     for p in /proc/[0-9]*; do
         case "$workers" in *" $(cat $p/comm 2>/dev/null) "*) ;; *) continue ;; esac
-        vhost=$((vhost + $(sed 's/.*) //' $p/stat | awk '{print $12 + $13}')))
+        vhost=$((vhost + $(sed 's/.*) //' $p/stat 2>/dev/null | awk '{print $12 + $13}') + 0))
     done
     echo "vmm_ms=$((vmm * 10)) vhost_ms=$((vhost * 10)) threads_ms=$threads"
 }
