@@ -66,12 +66,12 @@ const NET_VMMS: [(&str, &str); 4] = [
 const DISK_MIB: u32 = 256;
 
 /// Seconds per fio job and iperf3 run: PVM_BENCH_IO_SECS, default 10.
-fn secs() -> u32 {
+pub(crate) fn secs() -> u32 {
     env_u32("PVM_BENCH_IO_SECS", 10)
 }
 
 /// Alternating runs per configuration: PVM_BENCH_IO_RUNS, default 1.
-fn runs() -> u32 {
+pub(crate) fn runs() -> u32 {
     env_u32("PVM_BENCH_IO_RUNS", 1)
 }
 
@@ -122,7 +122,7 @@ fn libraries(libdir: &Path, binary: &Path) -> Result<Vec<(String, PathBuf)>, Str
 
 /// Builds (once) `tools.img` (fio, iperf3, their libraries in lib/) and `host/` (iperf3 and its
 /// libraries for the emulated host) from the Debian image.
-fn stage_tools() -> Result<PathBuf, String> {
+pub(crate) fn stage_tools() -> Result<PathBuf, String> {
     let stage = stage_dir();
     let image = stage.join("tools.img");
     if image.exists() && stage.join("host/iperf3").exists() {
@@ -216,7 +216,7 @@ int shmctl(int id, int cmd, void *buf) { (void)id; (void)cmd; (void)buf; return 
 
 /// The guest's /init lines that mount the tools disk on /tools (whichever vdX is ext4) and
 /// set `$test` to the other disk (if any) and `$T` to the tools' loader command prefix.
-const MOUNT_TOOLS: &str = "mkdir -p /tools /tmp\n\
+pub(crate) const MOUNT_TOOLS: &str = "mkdir -p /tools /tmp\n\
     for d in /dev/vd?; do mount -t ext4 -o ro $d /tools 2>/dev/null && break; done\n\
     test=\n\
     for d in /dev/vd?; do grep -q \"^$d \" /proc/mounts || test=$d; done\n\
@@ -224,7 +224,7 @@ const MOUNT_TOOLS: &str = "mkdir -p /tools /tmp\n\
 
 /// The host lines that sample the VMM's CPU around each guest job: `io-begin NAME` and
 /// `io-end NAME` on the console (out.log), `$vmmpid` the VMM; lines go to cpu.log.
-fn sample_jobs(names: &[&str]) -> String {
+pub(crate) fn sample_jobs(names: &[&str]) -> String {
     format!(
         "{CPU_MS}\
          wait_for() {{\n\
@@ -264,9 +264,9 @@ const JOB_FN: &str = "job() {\n\
         echo \"io-end $name\"; sleep 2\n\
     }\n";
 
-/// A Firecracker config: the scenario's kernel and initramfs, 1 vCPU, 256 MiB, the tools disk
-/// read-only, and the test disk and/or tap0.
-fn firecracker_config(test_disk: bool, tap: bool) -> String {
+/// A Firecracker config: the scenario's kernel and initramfs, `vcpus` vCPUs, 256 MiB, the tools
+/// disk read-only, and the test disk and/or tap0.
+pub(crate) fn firecracker_config(test_disk: bool, tap: bool, vcpus: u32) -> String {
     let mut drives = String::new();
     if test_disk {
         drives.push_str(
@@ -287,13 +287,13 @@ fn firecracker_config(test_disk: bool, tap: bool) -> String {
         "cat > fc.json <<'EOF'\n\
          {{\"boot-source\": {{\"kernel_image_path\": \"{{kernel}}\", \"initrd_path\": \"initrd.cpio\", \
          \"boot_args\": \"{}\"}}, \"drives\": [{drives}], \"network-interfaces\": {net}, \
-         \"machine-config\": {{\"vcpu_count\": 1, \"mem_size_mib\": 256}}}}\nEOF\n",
+         \"machine-config\": {{\"vcpu_count\": {vcpus}, \"mem_size_mib\": 256}}}}\nEOF\n",
         firecracker::BOOT_ARGS
     )
 }
 
 /// QEMU's arguments attaching the tools disk read-only.
-const QEMU_TOOLS: &str = "-drive file={shared}/io/tools.img,format=raw,if=none,id=tools,readonly=on \
+pub(crate) const QEMU_TOOLS: &str = "-drive file={shared}/io/tools.img,format=raw,if=none,id=tools,readonly=on \
     -device virtio-blk-pci,drive=tools";
 
 /// The VMM command for `vmm` (pvm's arguments come from the scenario), after `setup` lines.
@@ -311,7 +311,7 @@ fn vmm_command(vmm: &str, qemu_devices: &str, fc_config: String) -> (String, Str
     }
 }
 
-fn with_vmm(scenario: Scenario, vmm: &str, stage: &Path) -> Result<Scenario, String> {
+pub(crate) fn with_vmm(scenario: Scenario, vmm: &str, stage: &Path) -> Result<Scenario, String> {
     let scenario = scenario.shared_file("io/tools.img", &stage.join("tools.img"));
     match vmm {
         "qemu" => with_qemu(scenario),
@@ -336,7 +336,7 @@ fn blk_scenario(vmm: &str, run: u32, stage: &Path, base: bool) -> Result<Scenari
     let qemu_devices = "-object iothread,id=io0 \
          -drive file=disk.img,format=raw,if=none,id=d0,aio=io_uring \
          -device virtio-blk-pci,drive=d0,iothread=io0";
-    let (setup, command) = vmm_command(vmm, qemu_devices, firecracker_config(true, false));
+    let (setup, command) = vmm_command(vmm, qemu_devices, firecracker_config(true, false, 1));
     let names: Vec<&str> = FIO_JOBS.iter().map(|j| j.0).collect();
     let script = format!(
         "{setup}dd if=/dev/zero of=disk.img bs=1M count=0 seek={DISK_MIB} 2>/dev/null\n\
@@ -378,7 +378,7 @@ fn net_scenario(vmm: &str, run: u32, stage: &Path) -> Result<Scenario, String> {
     }
     let qemu_devices = "-netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=on \
          -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile=";
-    let (setup, command) = vmm_command(vmm, qemu_devices, firecracker_config(false, true));
+    let (setup, command) = vmm_command(vmm, qemu_devices, firecracker_config(false, true, 1));
     let names: Vec<&str> = IPERF_RUNS.iter().map(|r| r.0).collect();
     let body = format!(
         "{setup}{{shared}}/io/host/lib/ld-linux-x86-64.so.2 --library-path {{shared}}/io/host/lib \
@@ -390,10 +390,21 @@ fn net_scenario(vmm: &str, run: u32, stage: &Path) -> Result<Scenario, String> {
          exit $rc",
         sample_jobs(&names)
     );
-    let mut scenario = Scenario::boot(&format!("io-net-{run}-{vmm}"), Kernel::MinimalElf, 1, &init)
+    let scenario = Scenario::boot(&format!("io-net-{run}-{vmm}"), Kernel::MinimalElf, 1, &init)
         .script(&in_network_namespace(&body))
-        .timeout(300 + 15 * secs)
-        .shared_file("io/host/iperf3", &stage.join("host/iperf3"));
+        .timeout(300 + 15 * secs);
+    let mut scenario = with_host_iperf(scenario, stage)?;
+    scenario = match vmm {
+        "pvm" => scenario.args(["--tap", "tap0,mac=52:54:00:12:34:56,vhost=off"]),
+        "vhost" => scenario.args(["--tap", "tap0,mac=52:54:00:12:34:56,vhost=on"]),
+        _ => scenario,
+    };
+    with_vmm(scenario, vmm, stage)
+}
+
+/// `scenario` with the host's iperf3 and its libraries at `{shared}/io/host/`.
+pub(crate) fn with_host_iperf(mut scenario: Scenario, stage: &Path) -> Result<Scenario, String> {
+    scenario = scenario.shared_file("io/host/iperf3", &stage.join("host/iperf3"));
     let libs = stage.join("host/lib");
     for entry in std::fs::read_dir(&libs).map_err(|e| format!("{}: {e}", libs.display()))? {
         let path = entry.map_err(|e| e.to_string())?.path();
@@ -404,12 +415,7 @@ fn net_scenario(vmm: &str, run: u32, stage: &Path) -> Result<Scenario, String> {
             .into_owned();
         scenario = scenario.shared_file(&format!("io/host/lib/{name}"), &path);
     }
-    scenario = match vmm {
-        "pvm" => scenario.args(["--tap", "tap0,mac=52:54:00:12:34:56,vhost=off"]),
-        "vhost" => scenario.args(["--tap", "tap0,mac=52:54:00:12:34:56,vhost=on"]),
-        _ => scenario,
-    };
-    with_vmm(scenario, vmm, stage)
+    Ok(scenario)
 }
 
 /// The io group's scenarios when PVM_BENCH_ONLY selects them (staging the tools takes a while,
@@ -450,7 +456,7 @@ pub fn scenarios() -> Vec<Scenario> {
 }
 
 /// The JSON a job printed between `OUT-BEGIN name` and `OUT-END name`.
-fn job_json(outcome: &Outcome, name: &str) -> Option<Value> {
+pub(crate) fn job_json(outcome: &Outcome, name: &str) -> Option<Value> {
     let console = &outcome.console;
     // The exact name: "tcp1" must not match "tcp1-rev" (lines end in \r\n on a serial tty).
     let marker = |m: &str| {
@@ -467,7 +473,7 @@ fn job_json(outcome: &Outcome, name: &str) -> Option<Value> {
 
 /// The CPU during job `name`, seconds: the VMM's threads except its vCPUs, and the vhost
 /// kernel workers serving it.
-fn job_cpu_s(outcome: &Outcome, name: &str) -> Option<(f64, f64)> {
+pub(crate) fn job_cpu_s(outcome: &Outcome, name: &str) -> Option<(f64, f64)> {
     let before = crate::bench_values(outcome, &format!("cpu0-{name}"))?;
     let after = crate::bench_values(outcome, &format!("cpu1-{name}"))?;
     let delta = |key: &str| Some((after.get(key)? - before.get(key)?) / 1000.0);
@@ -476,19 +482,19 @@ fn job_cpu_s(outcome: &Outcome, name: &str) -> Option<(f64, f64)> {
 
 /// Per-job figures of one run.
 #[derive(Default, Clone, Copy)]
-struct Figures {
+pub(crate) struct Figures {
     /// IOPS (fio) or Mbit/s (iperf3).
-    rate: f64,
+    pub(crate) rate: f64,
     /// Bytes moved.
-    bytes: f64,
+    pub(crate) bytes: f64,
     /// fio: completion latency p50 / p99, µs; iperf3 UDP: loss percent in p50.
-    p50: f64,
-    p99: f64,
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
     /// Requests (fio).
-    ios: f64,
+    pub(crate) ios: f64,
     /// CPU seconds of the VMM's threads except vCPUs, and of its vhost workers.
-    cpu_s: f64,
-    vhost_s: f64,
+    pub(crate) cpu_s: f64,
+    pub(crate) vhost_s: f64,
 }
 
 fn fio_figures(outcome: &Outcome, name: &str, dir: &str) -> Option<Figures> {
@@ -534,7 +540,7 @@ fn iperf_figures(outcome: &Outcome, name: &str) -> Option<Figures> {
 }
 
 /// Median of each field over the runs that have figures.
-fn medians(runs: &[Figures]) -> Option<Figures> {
+pub(crate) fn medians(runs: &[Figures]) -> Option<Figures> {
     let m = |f: fn(&Figures) -> f64| median(runs.iter().map(f).collect());
     Some(Figures {
         rate: m(|f| f.rate)?,
@@ -548,7 +554,7 @@ fn medians(runs: &[Figures]) -> Option<Figures> {
 }
 
 /// CPU seconds per GiB the job moved.
-fn per_gib(f: &Figures, cpu_s: f64) -> f64 {
+pub(crate) fn per_gib(f: &Figures, cpu_s: f64) -> f64 {
     cpu_s / (f.bytes / f64::from(1u32 << 30)).max(1e-9)
 }
 

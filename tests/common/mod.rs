@@ -677,10 +677,20 @@ fn batch_dir() -> Result<PathBuf, String> {
 /// Runs all `scenarios` and returns their outcomes by name; panics if the batch could not run
 /// (a scenario failing is an outcome, not a panic).
 pub fn run_batch(scenarios: &[Scenario]) -> HashMap<String, Outcome> {
-    try_run_batch(scenarios).unwrap_or_else(|e| panic!("{e}"))
+    try_run_batch(scenarios, None).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn try_run_batch(scenarios: &[Scenario]) -> Result<HashMap<String, Outcome>, String> {
+/// [`run_batch`] on an emulated host with `cpus` vCPUs (scripts/kvm-host's PVM_KVM_HOST_CPUS;
+/// the default is 1) for scenarios that need the host to run things in parallel. Where the
+/// scenarios run directly on this machine, its own CPUs serve.
+pub fn run_batch_on_cpus(scenarios: &[Scenario], cpus: u32) -> HashMap<String, Outcome> {
+    try_run_batch(scenarios, Some(cpus)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn try_run_batch(
+    scenarios: &[Scenario],
+    host_cpus: Option<u32>,
+) -> Result<HashMap<String, Outcome>, String> {
     let mut sorted: Vec<&Scenario> = scenarios.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     for (i, s) in sorted.iter().enumerate() {
@@ -691,7 +701,7 @@ fn try_run_batch(scenarios: &[Scenario]) -> Result<HashMap<String, Outcome>, Str
     }
     let dir = batch_dir()?;
     if emulated_host() {
-        run_emulated(&sorted, &dir)
+        run_emulated(&sorted, &dir, host_cpus)
     } else {
         run_direct(&sorted, &dir)
     }
@@ -705,7 +715,11 @@ fn link_or_copy(from: &Path, to: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))
 }
 
-fn run_emulated(scenarios: &[&Scenario], dir: &Path) -> Result<HashMap<String, Outcome>, String> {
+fn run_emulated(
+    scenarios: &[&Scenario],
+    dir: &Path,
+    host_cpus: Option<u32>,
+) -> Result<HashMap<String, Outcome>, String> {
     let assets = try_assets()?;
     link_or_copy(&try_pvm_static()?, &dir.join("pvm"))?;
     let programs = batch_programs(scenarios);
@@ -733,10 +747,12 @@ fn run_emulated(scenarios: &[&Scenario], dir: &Path) -> Result<HashMap<String, O
             Path::new("/batch/shared"),
         )?;
     }
-    let status = Command::new(repo_root().join("scripts/kvm-host"))
-        .arg("run")
-        .arg(dir)
-        .env("PVM_ASSETS", &assets)
+    let mut kvm_host = Command::new(repo_root().join("scripts/kvm-host"));
+    kvm_host.arg("run").arg(dir).env("PVM_ASSETS", &assets);
+    if let Some(cpus) = host_cpus {
+        kvm_host.env("PVM_KVM_HOST_CPUS", cpus.to_string());
+    }
+    let status = kvm_host
         .status()
         .map_err(|e| format!("cannot run scripts/kvm-host: {e}"))?;
     // The scenarios that finished before the emulated host gave up keep their results; the
@@ -961,7 +977,7 @@ impl Batch {
     pub fn outcome(&self, name: &str) -> &Outcome {
         let outcomes = self
             .outcomes
-            .get_or_init(|| try_run_batch(&(self.scenarios)()));
+            .get_or_init(|| try_run_batch(&(self.scenarios)(), None));
         match outcomes {
             Ok(outcomes) => outcomes
                 .get(name)
