@@ -182,11 +182,18 @@ impl SnapshotSource<'_> {
     }
 }
 
-/// Refuses a Diff of a VM that does not track dirty pages, or whose tap the kernel's vhost-net
-/// serves (it writes guest RAM past pvm's log).
+/// Refuses a Diff of a VM that does not track dirty pages, or whose tap or vsock the kernel's
+/// vhost serves (it writes guest RAM past pvm's log).
 fn check_diff(tracked: bool, config: &VmConfig) -> Result<(), SnapshotError> {
     if !tracked {
         return Err(SnapshotError::DiffUntracked);
+    }
+    if config
+        .vsock
+        .as_ref()
+        .is_some_and(|v| v.backend == crate::config::VsockBackend::Vhost)
+    {
+        return Err(SnapshotError::DiffVhostVsock);
     }
     match config
         .taps
@@ -356,5 +363,12 @@ mod tests {
         config.taps.push(tap("tap2", VhostMode::On));
         let e = check_diff(true, &config).unwrap_err().to_string();
         assert!(e.contains("tap tap2") && e.contains("vhost-net"), "{e}");
+        config.taps.clear();
+        config.vsock = Some(crate::config::VsockSpec {
+            cid: 3,
+            backend: crate::config::VsockBackend::Vhost,
+        });
+        let e = check_diff(true, &config).unwrap_err().to_string();
+        assert!(e.contains("vhost-vsock") && e.contains("Full"), "{e}");
     }
 }
