@@ -119,8 +119,9 @@ struct Args {
     /// Attach a NoCloud seed so a stock cloud image configures itself with cloud-init: a
     /// read-only FAT disk labelled CIDATA (serial `cidata`), after every other disk, holding
     /// user-data, meta-data (default: `instance-id` and `local-hostname` from --id) and
-    /// network-config if given. Each file at most 4 MiB; the seed lives in memory only. Not
-    /// with --restore, and a VM with a seed cannot be snapshotted.
+    /// network-config if given. Each file at most 4 MiB; the seed lives in memory only. A
+    /// snapshot saves the seed's image and a restore gives the guest that same disk (so not
+    /// with --restore).
     #[arg(long, value_name = "user-data=FILE[,meta-data=FILE][,network-config=FILE]",
           value_parser = crate::cloud_init::parse_spec)]
     cloud_init: Option<crate::cloud_init::CloudInitSpec>,
@@ -742,8 +743,8 @@ fn check_shares(shares: &[config::ShareSpec]) -> Result<(), CliExit> {
 }
 
 /// `--cloud-init`'s seed, built now so that an unusable file is a usage error before anything
-/// else happens. A restored VM has exactly the devices its snapshot recorded, and a VM with a
-/// seed is never snapshotted (see [`crate::snapshot::SnapshotError::CloudInit`]).
+/// else happens. A restored VM has exactly the devices its snapshot recorded, its seed (saved
+/// whole in the snapshot) included.
 fn cloud_init_seed(
     spec: Option<&crate::cloud_init::CloudInitSpec>,
     id: &str,
@@ -755,7 +756,7 @@ fn cloud_init_seed(
     if restore {
         return Err(usage_error(
             "--cloud-init cannot be used with --restore: the restored VM has the devices its \
-             snapshot recorded, and a VM with a cloud-init seed is never snapshotted"
+             snapshot recorded, and the seed it booted with is in the snapshot"
                 .to_string(),
         ));
     }

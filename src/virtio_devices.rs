@@ -137,6 +137,8 @@ impl Error {
             Error::Vsock(_) => true,
             // A directory that cannot be opened, or a bad tag.
             Error::Share { .. } => true,
+            // A CID another VM holds: the user's to change (or to stop that VM).
+            Error::VhostVsock(pvm_vhost::vsock::Error::CidInUse { .. }) => true,
             Error::Console(_)
             // The seed is pvm's own memory file: opening it failing is the host's doing.
             | Error::CloudInit(_)

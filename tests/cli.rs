@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use micro::{micro_kernel, out_then_halt, print, read_until, require_kvm, spin};
+use micro::{cloud_init_memfds, micro_kernel, out_then_halt, print, read_until, require_kvm, spin};
 
 const PVM: &str = env!("CARGO_BIN_EXE_pvm");
 
@@ -1011,25 +1011,6 @@ fn a_share_is_attached_on_both_transports_and_its_thread_is_sandboxed() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         assert!(error_lines(&out)[0].contains("--share"), "{args:?}");
     }
-}
-
-/// pvm's memory files named `pvm-cloud-init` (its seeds), read through /proc: one entry per
-/// file, however many descriptors pvm holds of it.
-fn cloud_init_memfds(pid: u32) -> Vec<Vec<u8>> {
-    use std::os::unix::fs::MetadataExt;
-    let mut seeds = std::collections::BTreeMap::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
-        let path = fd.unwrap().path();
-        let target = std::fs::read_link(&path).unwrap_or_default();
-        if target
-            .to_string_lossy()
-            .starts_with("/memfd:pvm-cloud-init")
-        {
-            let inode = std::fs::metadata(&path).unwrap().ino();
-            seeds.insert(inode, std::fs::read(&path).unwrap());
-        }
-    }
-    seeds.into_values().collect()
 }
 
 #[test]

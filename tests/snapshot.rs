@@ -13,10 +13,17 @@
 //! - track_dirty_pages, kernel vhost-net: Full, counting on, data received over the tap into
 //!   a socket the guest does not read yet, Diff, SIGKILL; the Diff layered onto the Full
 //!   restores to the Diff's count, and the guest then reads the data whole.
+//! - Debian's kernel with a `--cloud-init` seed and a `vhost=on` vsock, in one boot: a restore
+//!   while the original holds the CID is refused naming it; after SIGKILL and a change of the
+//!   seed's file, the restored guest still reads the snapshot's seed (page cache dropped) and
+//!   accepts a new vsock connection from the host.
 
 mod common;
 
-use common::{Batch, Kernel, Scenario, in_network_namespace};
+use common::{
+    Batch, Kernel, Scenario, add_initramfs_files, extra_module, in_network_namespace,
+    vsock_helper_binary,
+};
 
 const GUEST_MAC: &str = "06:00:ac:10:00:02";
 const DISK_BYTES: usize = 1 << 20;
@@ -240,6 +247,95 @@ tail -n 3 d.log
     scenario_of("snapshot-diff", &body, &guest)
 }
 
+/// The seeded vhost-vsock guest: a vsock listener on port 52, then a tick a second with
+/// how often the seed disk (found by its serial, read past the page cache) holds the user
+/// data's token and how many connections the listener has had.
+const SEEDED_GUEST: &str = "for m in vsock common transport; do insmod /$m.ko || echo \"insmod $m failed\"; done\n\
+     /h serve-vsock 52 > /tmp/s52 2>&1 &\n\
+     for d in /sys/block/vd*; do [ \"$(cat $d/serial 2>/dev/null)\" = cidata ] && seed=/dev/${d##*/}; done\n\
+     echo \"guest-seed-disk $seed\"\n\
+     echo guest-counting-from-boot\n\
+     i=0\n\
+     while :; do\n\
+         i=$((i + 1))\n\
+         echo 3 > /proc/sys/vm/drop_caches\n\
+         echo \"tick $i seed $(dd if=$seed bs=65536 2>/dev/null | grep -c SNAPSEED42) recv $(grep -c '^recv' /tmp/s52)\"\n\
+         sleep 1\n\
+     done\n";
+
+fn seeded_vhost_vsock() -> Scenario {
+    let mut initrd = common::guest_initramfs(SEEDED_GUEST, Kernel::DebianBzImage);
+    let helper = std::fs::read(vsock_helper_binary()).expect("the helper");
+    add_initramfs_files(
+        &mut initrd,
+        &[
+            ("h".to_string(), 0o755, helper),
+            ("vsock.ko".to_string(), 0o644, extra_module("vsock")),
+            (
+                "common.ko".to_string(),
+                0o644,
+                extra_module("vmw_vsock_virtio_transport_common"),
+            ),
+            (
+                "transport.ko".to_string(),
+                0o644,
+                extra_module("vmw_vsock_virtio_transport"),
+            ),
+        ],
+    );
+    let body = format!(
+        r#"{HELPERS}for m in host-vsock host-common vhost_vsock; do insmod ./$m.ko || echo host-insmod-failed; done
+for i in $(seq 1 20); do [ -e /dev/vhost-vsock ] && break; sleep 0.5; done
+[ -e /dev/vhost-vsock ] || mknod /dev/vhost-vsock c 10 241
+printf '#cloud-config\nhostname: SNAPSEED42\n' > user-data
+pvm --api-sock a.sock --cloud-init user-data=user-data --vsock cid=3,vhost=on > boot.log 2>&1 &
+pvm=$!
+api a.sock PUT /machine-config '{{"vcpu_count": 1, "mem_size_mib": 128}}'
+api a.sock PUT /boot-source '{{"kernel_image_path": "{{kernel}}", "initrd_path": "initrd.cpio", "boot_args": "console=ttyS0 reboot=k quiet"}}'
+api a.sock PUT /actions '{{"action_type": "InstanceStart"}}'
+wait_for boot.log 'tick 1 seed [1-9]' 150
+pvm-vsock-helper send-vsock 3 52 100000 1 > pre.log 2>&1
+wait_for boot.log 'recv 1' 60
+api a.sock PATCH /vm '{{"state": "Paused"}}'
+api a.sock PUT /snapshot/create '{{"snapshot_type": "Full", "snapshot_path": "vm.snap", "mem_file_path": "vm.mem"}}'
+last=$(grep '^tick ' boot.log | tail -n 1 | cut -d' ' -f2)
+echo "snapshot-at $last"
+pvm --restore vm.snap --mem-file vm.mem > busy.log 2>&1
+echo "busy-rc $? $(tail -n 1 busy.log)"
+kill -9 $pvm
+wait $pvm
+echo "booted $(grep -c guest-counting-from-boot boot.log)"
+printf '#cloud-config\nhostname: changed\n' > user-data
+pvm --restore vm.snap --mem-file vm.mem > c.log 2>&1 &
+pc=$!
+wait_for c.log "tick $((last + 1)) " 150
+pvm-vsock-helper send-vsock 3 52 100000 1 > post.log 2>&1
+echo "post-rc $?"
+wait_for c.log 'recv 2' 60
+kill $pc
+wait $pc
+tail -n 3 c.log
+echo "c-first $(grep '^tick ' c.log | head -n 1 | cut -d' ' -f2)"
+echo "c-seed $(grep '^tick ' c.log | tail -n 1 | cut -d' ' -f4)"
+echo "c-booted-again $(grep -c guest-counting-from-boot c.log)"
+for f in pre post; do sed "s/^/$f: /" $f.log; done
+"#
+    );
+    Scenario::new("snapshot-seed-vhost-vsock")
+        .kernel(Kernel::DebianBzImage)
+        .file("initrd.cpio", initrd)
+        .file("host-vsock.ko", extra_module("vsock"))
+        .file(
+            "host-common.ko",
+            extra_module("vmw_vsock_virtio_transport_common"),
+        )
+        .file("vhost_vsock.ko", extra_module("vhost_vsock"))
+        .program("pvm-api-client")
+        .program("pvm-vsock-helper")
+        .script(&body)
+        .timeout(300)
+}
+
 fn scenario(name: &str, body: &str) -> Scenario {
     scenario_of(name, body, GUEST)
 }
@@ -259,7 +355,12 @@ fn scenario_of(name: &str, body: &str, guest: &str) -> Scenario {
 }
 
 fn scenarios() -> Vec<Scenario> {
-    vec![pci_clones(), mmio_vhost_two_cpus(), diff_over_full()]
+    vec![
+        pci_clones(),
+        mmio_vhost_two_cpus(),
+        diff_over_full(),
+        seeded_vhost_vsock(),
+    ]
 }
 
 static BATCH: Batch = Batch::new(scenarios);
@@ -374,4 +475,34 @@ fn a_diff_layered_onto_its_full_snapshot_restores_the_later_count() {
         outcome.dump();
         panic!("{name}: the restored guest received md5 {received:?}, the host sent {sent}");
     }
+}
+
+#[test]
+fn a_seeded_vhost_vsock_guest_keeps_its_seed_and_takes_new_connections_after_restore() {
+    let name = "snapshot-seed-vhost-vsock";
+    let outcome = BATCH.outcome(name);
+    if outcome.console.contains("wait-timeout") {
+        outcome.dump();
+        panic!("{name}: a wait timed out");
+    }
+    outcome.assert_contains("booted 1");
+    outcome.assert_contains("api PUT /snapshot/create: 0 204");
+    outcome.assert_lacks("host-insmod-failed");
+    // A second VM on the CID while the original holds it: refused, naming the CID.
+    outcome.assert_contains("busy-rc 2 ");
+    outcome.assert_contains("guest CID 3 is in use by another VM");
+    let last = number_after(outcome, "snapshot-at ");
+    let first = number_after(outcome, "c-first ");
+    if first != last + 1 {
+        outcome.dump();
+        panic!("{name}: the clone ticked from {first}, the snapshot was at {last}");
+    }
+    assert_eq!(number_after(outcome, "c-booted-again "), 0);
+    // The seed as it was at boot, though its file changed before the restore.
+    assert!(
+        number_after(outcome, "c-seed ") >= 1,
+        "the restored seed lost its data"
+    );
+    outcome.assert_contains("post-rc 0");
+    outcome.assert_contains("post: send-done ok=1");
 }

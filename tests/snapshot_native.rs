@@ -13,7 +13,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
 use micro::http::{call, connect};
-use micro::{micro_kernel, require_kvm};
+use micro::{cloud_init_memfds, micro_kernel, require_kvm};
 
 const PVM: &str = env!("CARGO_BIN_EXE_pvm");
 
@@ -106,9 +106,21 @@ fn counted_snapshot(
     disk: Option<&PathBuf>,
     extra: &[(&str, String)],
 ) -> (PathBuf, PathBuf) {
+    counted_snapshot_with(name, disk, extra, &[])
+}
+
+/// [`counted_snapshot`] of a pvm started with `flags` too.
+fn counted_snapshot_with(
+    name: &str,
+    disk: Option<&PathBuf>,
+    extra: &[(&str, String)],
+    flags: &[&str],
+) -> (PathBuf, PathBuf) {
     let kernel = counting_guest();
     let socket = scratch(&format!("{name}.sock"));
-    let mut pvm = Pvm::start(&["--api-sock", socket.to_str().unwrap(), "--mem", "64M"]);
+    let mut args = vec!["--api-sock", socket.to_str().unwrap(), "--mem", "64M"];
+    args.extend_from_slice(flags);
+    let mut pvm = Pvm::start(&args);
     let mut api = connect(&socket, &mut pvm.child);
     let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
     assert_eq!(call(&mut api, "PUT", "/boot-source", Some(&boot)).0, 204);
@@ -319,6 +331,49 @@ fn a_restored_vm_rebuilds_its_balloon_and_vsock_and_binds_the_vsock_path_again()
     // The restored device listens at the path again.
     assert!(std::os::unix::net::UnixStream::connect(&uds).is_ok());
     pvm.kill();
+}
+
+#[test]
+fn a_restored_vm_gets_the_snapshots_cloud_init_seed_not_one_built_again() {
+    require_kvm();
+    let user = scratch("seed.user-data");
+    std::fs::write(&user, "#cloud-config\nhostname: before-snapshot\n").unwrap();
+    let flag = format!("user-data={}", user.display());
+    let flags = ["--id", "seeded-vm", "--cloud-init", &flag];
+    let (snapshot, mem) = counted_snapshot_with("seed", None, &[], &flags);
+    // The files change (or go) after the snapshot: the restore does not read them.
+    std::fs::write(&user, "#cloud-config\nhostname: after-snapshot\n").unwrap();
+    let args = [
+        "--restore",
+        snapshot.to_str().unwrap(),
+        "--mem-file",
+        mem.to_str().unwrap(),
+    ];
+    let mut clone = Pvm::start(&args);
+    assert_eq!(clone.ask(ANSWER), Some(b'd'), "the clone goes on");
+    let seeds = cloud_init_memfds(clone.child.id());
+    let stderr = clone.kill();
+    assert_eq!(seeds.len(), 1, "one seed in the clone: {stderr}");
+    let seed = &seeds[0];
+    assert_eq!(seed.len(), 1 << 20);
+    assert_eq!(&seed[0x2b..0x36], b"CIDATA     ");
+    let contains = |needle: &[u8]| seed.windows(needle.len()).any(|w| w == needle);
+    assert!(contains(b"hostname: before-snapshot\n"));
+    assert!(!contains(b"after-snapshot"));
+    assert!(contains(b"local-hostname: seeded-vm\n"));
+    // --cloud-init with --restore is refused: the seed comes from the snapshot.
+    let out = Command::new(PVM)
+        .args(args)
+        .args(["--cloud-init", &flag])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the seed it booted with is in the snapshot"),
+        "{stderr}"
+    );
 }
 
 /// Answers each byte on the UART with 'a', 'b', 'c', ..., the count kept in guest RAM at

@@ -15,24 +15,11 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-
-use common::{Batch, Kernel, Scenario, assets};
+use common::{
+    Batch, Kernel, Scenario, extra_module as module, vsock_helper_binary as helper_binary,
+};
 
 const MB4: usize = 4_000_000;
-
-/// The static helper's path (scripts/build-static prints it last).
-fn helper_binary() -> PathBuf {
-    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-static"))
-        .arg("pvm-vsock-helper")
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("scripts/build-static");
-    assert!(out.status.success(), "scripts/build-static failed");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(stdout.lines().last().expect("a path").trim())
-}
 
 /// A disk image of `files` at 4 KiB boundaries and the guest lines that copy them out.
 fn files_disk(files: &[(&str, Vec<u8>)]) -> (Vec<u8>, String) {
@@ -48,11 +35,6 @@ fn files_disk(files: &[(&str, Vec<u8>)]) -> (Vec<u8>, String) {
         ));
     }
     (image, script)
-}
-
-fn module(name: &str) -> Vec<u8> {
-    let path = assets().join(format!("debian/extra-modules/{name}.ko"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Waits (up to 120 s) until the guest's receiver on `port` has seen `count` connections.

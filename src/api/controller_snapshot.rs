@@ -230,6 +230,7 @@ mod tests {
             rng_limit: LimitDescription::default(),
             balloon: None,
             vsock: None,
+            cloud_init: None,
         };
         let drives = restored_drives(&description);
         assert_eq!(drives[0].drive_id, "drive0");

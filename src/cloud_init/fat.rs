@@ -26,7 +26,7 @@ fn label_bytes() -> [u8; 11] {
 /// both). Its size is the files' plus [`SLACK_BYTES`], rounded up to a MiB.
 pub(super) fn image(files: &[(SeedFile, Vec<u8>)]) -> io::Result<Vec<u8>> {
     let payload: u64 = files.iter().map(|(_, data)| data.len() as u64).sum();
-    let bytes = (payload + SLACK_BYTES).div_ceil(MIB) * MIB;
+    let bytes = image_bytes(payload);
     let size = usize::try_from(bytes).map_err(|_| io::Error::other("the seed is too large"))?;
     let mut disk = Cursor::new(vec![0u8; size]);
     let options = fatfs::FormatVolumeOptions::new()
@@ -46,6 +46,11 @@ pub(super) fn image(files: &[(SeedFile, Vec<u8>)]) -> io::Result<Vec<u8>> {
         fs.unmount()?;
     }
     Ok(disk.into_inner())
+}
+
+/// The size of the image of files of `payload` bytes in all.
+pub(super) const fn image_bytes(payload: u64) -> u64 {
+    (payload + SLACK_BYTES).div_ceil(MIB) * MIB
 }
 
 fn le16(image: &[u8], offset: usize) -> u64 {

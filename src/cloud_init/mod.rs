@@ -24,6 +24,10 @@ use std::path::{Path, PathBuf};
 /// with `write_files` while keeping the seed, which pvm holds in memory, small.
 pub const MAX_FILE_BYTES: u64 = 4 << 20;
 
+/// The largest seed image [`Seed::build`] makes (every file at its limit; 13 MiB): a snapshot
+/// claiming a larger one was not written by pvm.
+pub const MAX_SEED_BYTES: u64 = fat::image_bytes(SeedFile::ALL.len() as u64 * MAX_FILE_BYTES);
+
 /// The serial the guest reads from the seed disk (`/dev/disk/by-id/virtio-cidata`).
 pub const SERIAL: &str = "cidata";
 
@@ -217,12 +221,26 @@ impl Seed {
     pub fn build(spec: &CloudInitSpec, vm_id: &str) -> Result<Self, SeedError> {
         let files = seed_files(spec, vm_id)?;
         let image = fat::image(&files).map_err(SeedError::Build)?;
-        let file =
-            crate::memfd::sealed_with_bytes(c"pvm-cloud-init", &image).map_err(SeedError::Memfd)?;
+        Self::from_image(&image).map_err(SeedError::Memfd)
+    }
+
+    /// A seed holding `image` as it is: a restored VM gets back the disk its snapshot saw,
+    /// never one rebuilt from files that may have changed since.
+    pub fn from_image(image: &[u8]) -> io::Result<Self> {
+        let file = crate::memfd::sealed_with_bytes(c"pvm-cloud-init", image)?;
         Ok(Seed {
             file,
             bytes: image.len() as u64,
         })
+    }
+
+    /// The image's bytes, read back from the memory file (for a snapshot).
+    pub fn image(&self) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let len = usize::try_from(self.bytes).map_err(io::Error::other)?;
+        let mut image = vec![0u8; len];
+        self.file.read_exact_at(&mut image, 0)?;
+        Ok(image)
     }
 
     /// Where the disk opens the seed: the memfd through /proc, a read-only open of the same

@@ -145,6 +145,11 @@ fn a_seed_of_the_largest_files_fits() {
     ];
     let image = fat::image(&files).unwrap();
     assert_eq!(image.len(), 13 << 20);
+    assert_eq!(
+        image.len() as u64,
+        MAX_SEED_BYTES,
+        "the bound a restore checks"
+    );
     let (read, _, _) = read_back(image);
     assert_eq!(read.len(), 3);
     assert!(read.iter().all(|(_, data)| *data == big));
@@ -160,7 +165,7 @@ fn the_built_seed_is_a_sealed_memfd_with_the_default_meta_data() {
         image,
         fat::image(&seed_files(&spec(&user), "vm-7").unwrap()).unwrap()
     );
-    let (read, _, _) = read_back(image);
+    let (read, _, _) = read_back(image.clone());
     assert_eq!(read[1].0, "meta-data");
     assert_eq!(read[1].1, b"instance-id: vm-7\nlocal-hostname: vm-7\n");
     assert_eq!(read.len(), 2, "no network-config unless given");
@@ -170,6 +175,13 @@ fn the_built_seed_is_a_sealed_memfd_with_the_default_meta_data() {
     // The disk opens it read-only by path.
     let reopened = std::fs::read(seed.path()).unwrap();
     assert_eq!(reopened.len() as u64, seed.bytes());
+    // A snapshot takes the image's bytes; a restore seals the same bytes into a new memfd.
+    assert_eq!(seed.image().unwrap(), image);
+    let again = Seed::from_image(&image).unwrap();
+    assert_eq!(again.bytes(), seed.bytes());
+    assert_eq!(again.image().unwrap(), image);
+    assert!(again.file().write_at(b"x", 0).is_err());
+    assert!(again.file().set_len(1).is_err());
 }
 
 #[test]

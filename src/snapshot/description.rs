@@ -1,6 +1,7 @@
 //! The VM's shape as a snapshot records it: what [`crate::virtio_devices::attach`] needs to
 //! build the same devices in the same order again (disk and tap names, transports, vCPUs,
-//! memory size, vhost-net and rate limits). Files and taps are reopened by name on restore.
+//! memory size, vhost-net and rate limits). Files and taps are reopened by name on restore;
+//! the `--cloud-init` seed, which has no file, is saved whole ([`SeedImage`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use pvm_virtio::{BucketConfig, RateLimit};
 use serde::{Deserialize, Serialize};
 
+use super::seed::SeedImage;
 use super::{RestoreError, SnapshotError};
 use crate::config::{
     self, ConsoleKind, DiskSpec, MAX_TAP_QUEUES, TapSpec, Transport, VhostMode, VmConfig,
@@ -33,6 +35,8 @@ pub struct Description {
     /// Format version 3: the balloon and the (hybrid) vsock device, rebuilt as they were.
     pub balloon: Option<BalloonDescription>,
     pub vsock: Option<VsockDescription>,
+    /// Format version 5: the `--cloud-init` seed's image, the disk after the user's disks.
+    pub cloud_init: Option<SeedImage>,
 }
 
 /// `--balloon` / `PUT /balloon` as configured; the target and interval the API changed since
@@ -46,12 +50,22 @@ pub struct BalloonDescription {
     pub free_page_hinting: bool,
 }
 
-/// A vsock served by pvm (Firecracker's hybrid vsock). The restored VM binds a new listener
-/// at `uds_path`, which must not exist then (as in Firecracker).
+/// The vsock and its guest CID, which the restored VM claims again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockDescription {
     pub cid: u64,
-    pub uds_path: PathBuf,
+    pub backend: VsockBackendDescription,
+}
+
+/// Who serves the vsock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VsockBackendDescription {
+    /// pvm (Firecracker's hybrid vsock): the restored VM binds a new listener at this path,
+    /// which must not exist then (as in Firecracker).
+    Unix(PathBuf),
+    /// The kernel's vhost-vsock (format version 5): the restored VM opens a new instance for
+    /// the same CID, refused while another VM (the original, a clone) holds it.
+    Vhost,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,11 +185,6 @@ impl Description {
         {
             return Err(SnapshotError::VhostUser(socket.display().to_string()));
         }
-        // Refused rather than rebuilt on restore: the files it was built from may have
-        // changed or gone, and a seed that differs under a running guest is worse than none.
-        if config.cloud_init.is_some() {
-            return Err(SnapshotError::CloudInit);
-        }
         Ok(Description {
             mem_bytes: config.mem_bytes,
             cpus: config.cpus,
@@ -223,20 +232,18 @@ impl Description {
                 free_page_reporting: b.free_page_reporting,
                 free_page_hinting: b.free_page_hinting,
             }),
-            vsock: match &config.vsock {
-                None => None,
-                Some(VsockSpec {
-                    cid,
-                    backend: VsockBackend::Unix(path),
-                }) => Some(VsockDescription {
-                    cid: *cid,
-                    uds_path: path.clone(),
-                }),
-                Some(VsockSpec {
-                    backend: VsockBackend::Vhost,
-                    ..
-                }) => return Err(SnapshotError::VhostVsock),
-            },
+            vsock: config.vsock.as_ref().map(|v| VsockDescription {
+                cid: v.cid,
+                backend: match &v.backend {
+                    VsockBackend::Unix(path) => VsockBackendDescription::Unix(path.clone()),
+                    VsockBackend::Vhost => VsockBackendDescription::Vhost,
+                },
+            }),
+            cloud_init: config
+                .cloud_init
+                .as_deref()
+                .map(SeedImage::of)
+                .transpose()?,
         })
     }
 
@@ -303,9 +310,14 @@ impl Description {
             if !cids.contains(&vsock.cid) {
                 return bad(format!("vsock: guest CID {} is out of range", vsock.cid));
             }
-            if vsock.uds_path.as_os_str().is_empty() {
-                return bad("vsock: an empty uds_path".to_string());
+            if let VsockBackendDescription::Unix(path) = &vsock.backend {
+                if path.as_os_str().is_empty() {
+                    return bad("vsock: an empty uds_path".to_string());
+                }
             }
+        }
+        if let Some(seed) = &self.cloud_init {
+            seed.validate()?;
         }
         for (i, tap) in self.taps.iter().enumerate() {
             if !(1..=MAX_TAP_QUEUES).contains(&tap.queues) || (tap.queues > 1 && !self.pci) {
@@ -343,7 +355,7 @@ impl Description {
         if base.cloud_init.is_some() {
             return Err(RestoreError::invalid(
                 "pvm was started with --cloud-init, but a restored VM has only the devices \
-                 its snapshot recorded; start it without --cloud-init",
+                 its snapshot recorded (its seed included); start it without --cloud-init",
             ));
         }
         let mut config = base.clone();
@@ -406,8 +418,17 @@ impl Description {
         config.balloon = self.balloon.map(|b| b.config());
         config.vsock = self.vsock.as_ref().map(|v| VsockSpec {
             cid: v.cid,
-            backend: VsockBackend::Unix(v.uds_path.clone()),
+            backend: match &v.backend {
+                VsockBackendDescription::Unix(path) => VsockBackend::Unix(path.clone()),
+                VsockBackendDescription::Vhost => VsockBackend::Vhost,
+            },
         });
+        // The saved image, never one built again from the files named at boot.
+        config.cloud_init = self
+            .cloud_init
+            .as_ref()
+            .map(|seed| seed.to_seed().map(std::sync::Arc::new))
+            .transpose()?;
         Ok(config)
     }
 
@@ -474,8 +495,9 @@ mod tests {
             }),
             vsock: Some(VsockDescription {
                 cid: 3,
-                uds_path: "/run/v.sock".into(),
+                backend: VsockBackendDescription::Unix("/run/v.sock".into()),
             }),
+            cloud_init: None,
         }
     }
 
@@ -535,8 +557,16 @@ mod tests {
             ),
             (|d| d.vsock.as_mut().unwrap().cid = 2, "vsock: guest CID 2"),
             (
-                |d| d.vsock.as_mut().unwrap().uds_path = PathBuf::new(),
+                |d| d.vsock.as_mut().unwrap().backend = VsockBackendDescription::Unix("".into()),
                 "vsock: an empty uds_path",
+            ),
+            (
+                |d| {
+                    d.cloud_init = Some(SeedImage {
+                        bytes: vec![0; 100],
+                    })
+                },
+                "cloud-init seed: 100 bytes",
             ),
             (
                 |d| d.disks = vec![d.disks[0].clone(); 2],
@@ -559,14 +589,23 @@ mod tests {
     }
 
     #[test]
-    fn a_vhost_vsock_is_not_snapshotted_and_the_flags_devices_are_not_restored() {
+    fn a_vhost_vsock_is_described_and_the_flags_devices_are_not_restored() {
         let mut base = crate::cli::parse(["pvm".into()]).unwrap();
         base.vsock = Some(VsockSpec {
-            cid: 3,
+            cid: 7,
             backend: VsockBackend::Vhost,
         });
-        let e = Description::of(&base).unwrap_err().to_string();
-        assert!(e.contains("vhost=on"), "{e}");
+        let described = Description::of(&base).unwrap();
+        let vsock = described.vsock.clone().expect("a vsock");
+        assert_eq!(
+            (vsock.cid, vsock.backend),
+            (7, VsockBackendDescription::Vhost)
+        );
+        // Restored as it was, not as the process flags say.
+        let mut flags = base.clone();
+        flags.vsock = None;
+        let config = described.to_config(&flags, &[], &[]).unwrap();
+        assert_eq!(config.vsock, base.vsock);
         // A restore takes the snapshot's balloon and vsock, never the process flags'.
         let mut bare = sample();
         bare.balloon = None;
@@ -576,14 +615,22 @@ mod tests {
     }
 
     #[test]
-    fn a_vm_with_a_cloud_init_seed_is_neither_snapshotted_nor_restored_over() {
+    fn a_cloud_init_seed_is_saved_whole_and_restored_from_the_snapshot_not_the_files() {
         let user = std::env::temp_dir().join(format!("pvm-snap-seed-{}", std::process::id()));
-        std::fs::write(&user, "#cloud-config\n").unwrap();
+        std::fs::write(&user, "#cloud-config\nhostname: first\n").unwrap();
         let flag = format!("user-data={}", user.display());
         let seeded = crate::cli::parse(["pvm".into(), "--cloud-init".into(), flag.into()]).unwrap();
-        let e = Description::of(&seeded).unwrap_err();
-        assert!(matches!(e, SnapshotError::CloudInit), "{e}");
-        assert!(e.to_string().contains("--cloud-init seed"), "{e}");
+        let image = seeded.cloud_init.as_ref().unwrap().image().unwrap();
+        let described = Description::of(&seeded).unwrap();
+        assert_eq!(described.cloud_init.as_ref().unwrap().bytes, image);
+        // The files change after the snapshot: the restored seed is still the saved one.
+        std::fs::write(&user, "#cloud-config\nhostname: changed\n").unwrap();
+        let base = crate::cli::parse(["pvm".into()]).unwrap();
+        let config = described.to_config(&base, &[], &[]).unwrap();
+        let restored = config.cloud_init.as_ref().expect("a seed");
+        assert_eq!(restored.image().unwrap(), image);
+        assert_eq!(Description::of(&config).unwrap(), described);
+        std::fs::remove_file(&user).unwrap();
         // PUT /snapshot/load in a pvm started with --cloud-init: the flag is not dropped silently.
         let e = sample()
             .to_config(&seeded, &[], &[])

@@ -24,8 +24,9 @@ use super::{Snapshot, SnapshotError};
 pub const MAGIC: [u8; 8] = *b"PVMSNAP\0";
 /// Bumped whenever the encoded state changes shape; a file of another version is refused.
 /// 2: the description records each disk's API drive id. 3: and the balloon and vsock.
-/// 4: the memory file's lineage (Full or Diff, ids).
-pub const VERSION: u32 = 4;
+/// 4: the memory file's lineage (Full or Diff, ids). 5: the cloud-init seed's image and the
+/// vsock's backend (vhost-vsock).
+pub const VERSION: u32 = 5;
 const HEADER_BYTES: usize = 24;
 const CRC_BYTES: usize = 4;
 /// Far above any real state (a vCPU is ~10 KiB): a larger file is not a pvm snapshot.

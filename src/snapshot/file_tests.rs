@@ -53,7 +53,7 @@ fn other_versions_are_refused_naming_both() {
     bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
     let e = refused(&bytes);
     assert!(
-        e.contains("format version 7; this pvm reads version 4"),
+        e.contains("format version 7; this pvm reads version 5"),
         "{e}"
     );
 }
@@ -150,4 +150,38 @@ fn files_are_created_private_and_too_large_files_are_not_read() {
     let missing = read(&dir.join("missing")).unwrap_err().to_string();
     assert!(missing.contains("missing"), "{missing}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_state_file_claiming_a_huge_cloud_init_seed_is_refused() {
+    // A seed past the largest pvm builds, in an otherwise well-formed file: decoded, then
+    // refused by name before any memfd is made.
+    let mut huge = sample();
+    let seed = crate::cloud_init::MAX_SEED_BYTES as usize + 512;
+    huge.description.cloud_init = Some(crate::snapshot::seed::SeedImage {
+        bytes: vec![0xa5; seed],
+    });
+    let back = decode("snap", &encode(&huge).unwrap()).unwrap();
+    let e = back.validate().unwrap_err().to_string();
+    assert!(e.contains(&format!("cloud-init seed: {seed} bytes")), "{e}");
+    // A length prefix claiming far more than the file holds: refused while decoding, with
+    // nothing allocated for it (postcard bounds every length by the bytes that are there).
+    let mut small = sample();
+    let marker = b"CIDATA".repeat(86)[..512].to_vec();
+    small.description.cloud_init = Some(crate::snapshot::seed::SeedImage {
+        bytes: marker.clone(),
+    });
+    let mut bytes = encode(&small).unwrap();
+    let at = bytes
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("the seed's bytes");
+    // 512 is the varint 0x80 0x04 just before the bytes; claim 2^34 bytes instead, and fix
+    // the header's payload length and the checksum so only the claim is wrong.
+    assert_eq!(&bytes[at - 2..at], &[0x80, 0x04]);
+    bytes.splice(at - 2..at, [0x80, 0x80, 0x80, 0x80, 0x40]);
+    let payload = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) + 3;
+    bytes[16..24].copy_from_slice(&payload.to_le_bytes());
+    reseal(&mut bytes);
+    assert!(refused(&bytes).contains("does not decode"));
 }

@@ -13,6 +13,7 @@ pub mod layer;
 pub mod memory_file;
 #[cfg(any(test, feature = "testing"))]
 pub mod sample;
+pub mod seed;
 
 use serde::{Deserialize, Serialize};
 
@@ -132,15 +133,12 @@ pub enum SnapshotError {
     )]
     VhostUser(String),
     #[error(
-        "the vsock is served by the kernel's vhost-vsock (vhost=on), whose connections pvm \
-         cannot save; use the hybrid vsock (socket=PATH) for a VM to snapshot"
+        "snapshot_type Diff: the vsock is served by the kernel's vhost-vsock (vhost=on), whose \
+         writes to guest RAM pvm's dirty page log cannot see; take a Full snapshot"
     )]
-    VhostVsock,
-    #[error(
-        "the VM has a --cloud-init seed, which lives only in this process's memory and could \
-         not be given back to a restored VM; boot without --cloud-init to snapshot"
-    )]
-    CloudInit,
+    DiffVhostVsock,
+    #[error("cannot read the --cloud-init seed back from its memory file: {0}")]
+    CloudInitSeed(#[source] std::io::Error),
     #[error("vCPU {index}: {what}: {source}")]
     Vcpu {
         index: u8,
@@ -201,6 +199,8 @@ pub enum RestoreError {
     },
     #[error("snapshot: the serial port's state: {0}")]
     Serial(String),
+    #[error("cannot put the snapshot's cloud-init seed in a memory file (memfd): {0}")]
+    CloudInitSeed(#[source] std::io::Error),
 }
 
 impl RestoreError {
@@ -213,9 +213,10 @@ impl RestoreError {
             | RestoreError::Invalid(_)
             | RestoreError::Device { .. }
             | RestoreError::Serial(_) => true,
-            RestoreError::Vcpu { .. } | RestoreError::Kvm { .. } | RestoreError::Msrs { .. } => {
-                false
-            }
+            RestoreError::Vcpu { .. }
+            | RestoreError::Kvm { .. }
+            | RestoreError::Msrs { .. }
+            | RestoreError::CloudInitSeed(_) => false,
         }
     }
 

@@ -1,10 +1,13 @@
 //! One snapshot for tests and the fuzz harness: a vCPU with registers and MSRs set, a disk, a
-//! tap and a Diff lineage, so every part of the state format carries data. KVM state is
+//! tap, a vhost-vsock, a (one-sector) cloud-init seed and a Diff lineage, so every part of the
+//! state format carries data. KVM state is
 //! default and never given to KVM. Built with the `testing` feature (the fuzz crate) or tests.
 
 use super::description::{
     Description, DiskDescription, LimitDescription, TapDescription, VhostDescription,
+    VsockBackendDescription, VsockDescription,
 };
+use super::seed::SeedImage;
 use super::{MemoryLineage, SerialState, Snapshot, SnapshotKind, VcpuState, VmState};
 
 /// The sample snapshot.
@@ -53,7 +56,13 @@ pub fn sample() -> Snapshot {
             }],
             rng_limit: LimitDescription::default(),
             balloon: None,
-            vsock: None,
+            vsock: Some(VsockDescription {
+                cid: 3,
+                backend: VsockBackendDescription::Vhost,
+            }),
+            cloud_init: Some(SeedImage {
+                bytes: b"CIDATA".repeat(86)[..512].to_vec(),
+            }),
         },
         vcpus: vec![vcpu],
         vm: VmState {

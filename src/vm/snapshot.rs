@@ -85,11 +85,9 @@ impl SnapshotSource<'_> {
         } = target;
         let start = Instant::now();
         if kind == SnapshotKind::Diff {
-            // Every data plane writes where a log sees it (vhost-net into the vhost log, a
-            // vhost-user backend is refused for any snapshot): only tracking can be missing.
-            if self.dirty.is_none() {
-                return Err(SnapshotError::DiffUntracked);
-            }
+            // vhost-net writes into the vhost log and a vhost-user backend is refused for any
+            // snapshot: what can be missing is tracking, or a log of the kernel's vhost-vsock.
+            check_diff(self.dirty.is_some(), self.config)?;
         }
         let mut description = Description::of(self.config)?;
         description.name_devices(ids);
@@ -179,6 +177,23 @@ impl SnapshotSource<'_> {
             }
         }
     }
+}
+
+/// Refuses a Diff of a VM that does not track dirty pages, or whose vsock the kernel's
+/// vhost-vsock serves (it writes guest RAM past pvm's logs; vhost-net taps log into the vhost
+/// dirty log, see `pvm_vhost::dirty`).
+fn check_diff(tracked: bool, config: &VmConfig) -> Result<(), SnapshotError> {
+    if !tracked {
+        return Err(SnapshotError::DiffUntracked);
+    }
+    if config
+        .vsock
+        .as_ref()
+        .is_some_and(|v| v.backend == crate::config::VsockBackend::Vhost)
+    {
+        return Err(SnapshotError::DiffVhostVsock);
+    }
+    Ok(())
 }
 
 /// Reads and checks the snapshot `spec` names and builds its VM, paused (or about to resume,
@@ -313,5 +328,39 @@ impl Vm {
             memory,
             Some(resume),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{TapSpec, VhostMode};
+
+    #[test]
+    fn a_diff_is_refused_untracked_or_with_a_vhost_vsock() {
+        let mut config = crate::api::models::tests::base();
+        let e = check_diff(false, &config).unwrap_err().to_string();
+        assert!(e.contains("needs dirty page tracking"), "{e}");
+        assert!(check_diff(true, &config).is_ok());
+        let tap = |name: &str, vhost| TapSpec {
+            name: name.to_string(),
+            mac: None,
+            vhost,
+            queues: 1,
+            rx_limit: Default::default(),
+            tx_limit: Default::default(),
+        };
+        config.taps = vec![tap("tap0", VhostMode::Off), tap("tap1", VhostMode::Auto)];
+        assert!(check_diff(true, &config).is_ok());
+        // vhost-net taps log into the vhost dirty log: a Diff is fine.
+        config.taps.push(tap("tap2", VhostMode::On));
+        assert!(check_diff(true, &config).is_ok());
+        config.taps.clear();
+        config.vsock = Some(crate::config::VsockSpec {
+            cid: 3,
+            backend: crate::config::VsockBackend::Vhost,
+        });
+        let e = check_diff(true, &config).unwrap_err().to_string();
+        assert!(e.contains("vhost-vsock") && e.contains("Full"), "{e}");
     }
 }

@@ -274,6 +274,25 @@ pub fn add_initramfs_files(image: &mut Vec<u8>, files: &[(String, u32, Vec<u8>)]
     image.extend(cpio_archive(&[], files));
 }
 
+/// The static `pvm-vsock-helper` (tests/vsock-helper), built by scripts/build-static, which
+/// prints its path last: both ends of vsock connections in the vsock and snapshot tests.
+pub fn vsock_helper_binary() -> PathBuf {
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-static"))
+        .arg("pvm-vsock-helper")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("scripts/build-static");
+    assert!(out.status.success(), "scripts/build-static failed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(stdout.lines().last().expect("a path").trim())
+}
+
+/// A module of Debian's kernel that its initramfs does not load (e.g. the vsock drivers).
+pub fn extra_module(name: &str) -> Vec<u8> {
+    let path = assets().join(format!("debian/extra-modules/{name}.ko"));
+    fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// A static x86-64 Linux program that signals pvm's boot timer (writes 123 to port 0x3f0, see
 /// `pvm --boot-timer`) and exits: ioperm(0x3f0, 1, 1); out 0x3f0, al; exit(0). Hand-assembled,
 /// so it works on any guest kernel (Debian's cloud kernel has no /dev/port).

@@ -122,3 +122,22 @@ pub fn wait_exit(child: &mut Child) -> i32 {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// pvm's memory files named `pvm-cloud-init` (its seeds), read through /proc: one entry per
+/// file, however many descriptors pvm holds of it.
+pub fn cloud_init_memfds(pid: u32) -> Vec<Vec<u8>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seeds = std::collections::BTreeMap::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let path = fd.unwrap().path();
+        let target = std::fs::read_link(&path).unwrap_or_default();
+        if target
+            .to_string_lossy()
+            .starts_with("/memfd:pvm-cloud-init")
+        {
+            let inode = std::fs::metadata(&path).unwrap().ino();
+            seeds.insert(inode, std::fs::read(&path).unwrap());
+        }
+    }
+    seeds.into_values().collect()
+}

@@ -35,6 +35,7 @@ use crate::snapshot::{DeviceState, RestoreError, SavedDevice, SnapshotError};
 use crate::worker::{WorkerSlot, device_queues, feature, read_config_bytes};
 
 pub use conn::BUF_ALLOC;
+pub use snapshot::{check_state, send_transport_reset};
 pub use sock::{ACCEPT_FLAGS, SOCKET_TYPE, accept, connect};
 pub use worker::{MAX_CONNECTIONS, MAX_CONTROL, MAX_PAYLOAD};
 

@@ -3,6 +3,9 @@
 //! runs, puts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue: the guest driver then
 //! resets every socket (its peers see ECONNRESET) and reads the guest CID again. The host-side
 //! listener is the fresh device's own, bound by the VMM at `uds_path` when it built it.
+//!
+//! The kernel's vhost-vsock (pvm-vhost) restores the same way and sends the same reset with
+//! [`send_transport_reset`], checking the saved state with [`check_state`].
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::desc::split::Descriptor;
@@ -11,11 +14,12 @@ use vm_memory::Bytes;
 use super::packet::EVENT_TRANSPORT_RESET;
 use super::worker::VsockWorker;
 use super::{Vsock, data_plane};
-use crate::device::Activation;
+use crate::device::{Activation, Interrupt};
 use crate::snapshot::{
     DeviceState, QueuePosition, RestoreError, SavedDevice, SnapshotError, VsockState,
 };
 use crate::worker::{DeviceQueue, QueuePositions};
+use vm_memory::GuestMemoryMmap;
 
 const DEVICE: &str = "vsock";
 /// struct virtio_vsock_event { le32 id; }
@@ -36,20 +40,7 @@ impl Vsock {
         activation: Option<Activation>,
         state: &DeviceState,
     ) -> Result<(), RestoreError> {
-        let DeviceState::Vsock(saved) = state else {
-            return Err(RestoreError::DeviceKind {
-                saved: state.kind(),
-                here: DEVICE,
-            });
-        };
-        if saved.guest_cid != self.cid {
-            return Err(RestoreError::Mismatch {
-                device: DEVICE,
-                what: "guest CID",
-                saved: saved.guest_cid,
-                here: self.cid,
-            });
-        }
+        check_state(state, self.cid)?;
         let Some(activation) = activation else {
             // The driver never started the device: it has no sockets to reset.
             return Ok(());
@@ -59,6 +50,55 @@ impl Vsock {
             .start_paused(|| data_plane(core, activation, true))?;
         Ok(())
     }
+}
+
+/// Checks a saved vsock `state` against a fresh device whose guest CID is `cid`.
+pub fn check_state(state: &DeviceState, cid: u64) -> Result<(), RestoreError> {
+    let DeviceState::Vsock(saved) = state else {
+        return Err(RestoreError::DeviceKind {
+            saved: state.kind(),
+            here: DEVICE,
+        });
+    };
+    if saved.guest_cid != cid {
+        return Err(RestoreError::Mismatch {
+            device: DEVICE,
+            what: "guest CID",
+            saved: saved.guest_cid,
+            here: cid,
+        });
+    }
+    Ok(())
+}
+
+/// Puts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET into the next buffer of the event queue `event` and
+/// interrupts the driver. False when the driver has no event buffer posted (its driver keeps
+/// the queue filled; otherwise its next kick brings one): nothing was sent.
+pub fn send_transport_reset(
+    event: &mut DeviceQueue,
+    memory: &GuestMemoryMmap,
+    interrupt: &dyn Interrupt,
+) -> bool {
+    let Some(chain) = event.pop(memory) else {
+        return false;
+    };
+    let head = chain.head_index();
+    let written = chain
+        .filter(Descriptor::is_write_only)
+        .find(|desc| desc.len() >= EVENT_LEN)
+        .and_then(|desc| {
+            crate::dirty::mark_guest(memory, desc.addr(), EVENT_LEN as usize);
+            memory
+                .write_obj(EVENT_TRANSPORT_RESET.to_le(), desc.addr())
+                .ok()
+        })
+        .map_or(0, |()| EVENT_LEN);
+    if written == 0 {
+        log::warn!("virtio-vsock: the guest's event buffer cannot take the transport reset");
+    }
+    event.add_used(memory, head, written);
+    event.signal_used(memory, interrupt);
+    true
 }
 
 impl QueuePositions for VsockWorker {
@@ -77,26 +117,8 @@ impl VsockWorker {
         if !self.reset_pending {
             return;
         }
-        let Some(chain) = self.event.pop(&self.memory) else {
-            return;
-        };
-        let head = chain.head_index();
-        let written = chain
-            .filter(Descriptor::is_write_only)
-            .find(|desc| desc.len() >= EVENT_LEN)
-            .and_then(|desc| {
-                crate::dirty::mark_guest(&self.memory, desc.addr(), EVENT_LEN as usize);
-                self.memory
-                    .write_obj(EVENT_TRANSPORT_RESET.to_le(), desc.addr())
-                    .ok()
-            })
-            .map_or(0, |()| EVENT_LEN);
-        if written == 0 {
-            log::warn!("virtio-vsock: the guest's event buffer cannot take the transport reset");
+        if send_transport_reset(&mut self.event, &self.memory, self.interrupt.as_ref()) {
+            self.reset_pending = false;
         }
-        self.reset_pending = false;
-        self.event.add_used(&self.memory, head, written);
-        self.event
-            .signal_used(&self.memory, self.interrupt.as_ref());
     }
 }
