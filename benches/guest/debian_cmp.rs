@@ -106,7 +106,8 @@ fn script(vmm: &str, args: &str, diag: bool) -> String {
     };
     let body = format!(
         "ip addr add 172.16.0.1/24 dev tap0\n\
-         {setup}t0={NOW_CS}\n\
+         {setup}: > run.log\n\
+         t0={NOW_CS}\n\
          since() {{ echo $(({NOW_CS} - t0)); }}\n\
          {command} > run.log 2>&1 &\n\
          pid=$!\n\
@@ -125,7 +126,7 @@ fn script(vmm: &str, args: &str, diag: bool) -> String {
         print = if diag {
             "cat run.log"
         } else {
-            "grep -q 'pvm-marker network-online ' run.log && grep 'pvm-marker ' run.log || tail -n 40 run.log"
+            "grep -q 'pvm-marker network-online ' run.log && grep -E 'pvm-marker |FAILED|DEPEND| TIME ' run.log || tail -n 40 run.log"
         },
     );
     // A milestone never seen leaves its time as the moment the wait gave up; the table
@@ -232,13 +233,24 @@ fn guest_ms(outcome: &Outcome, milestone: &str) -> Option<f64> {
         .map(|s| s * 1000.0)
 }
 
-/// Prints the diagnostic boots' consoles and the table of the timed rounds.
+/// Whether systemd reported a unit it failed or gave up waiting for (its coloured status
+/// lines, which `quiet` leaves on the console): a network-online reached with networkd failed
+/// is no network-online.
+fn degraded(outcome: &Outcome) -> bool {
+    ["FAILED", "DEPEND", " TIME "]
+        .iter()
+        .any(|word| outcome.console.contains(word))
+}
+
+/// Prints the diagnostic boots' consoles, every boot's milestones, and the medians of the timed
+/// rounds (round 0's boots carry the diagnostics' extra options, so they are listed, not
+/// counted).
 pub fn report(outcomes: &std::collections::HashMap<String, Outcome>) {
     if !wanted() {
         return;
     }
     for vmm in VMMS {
-        if let Some(o) = outcomes.get(&name(0, vmm)) {
+        if let Some(o) = outcomes.get(&name(0, vmm)).filter(|o| o.rc != -1) {
             println!("--- {} (rc {}) ---\n{}", name(0, vmm), o.rc, o.console);
         }
     }
@@ -246,9 +258,14 @@ pub fn report(outcomes: &std::collections::HashMap<String, Outcome>) {
     let mut host: BTreeMap<(&str, usize), Vec<f64>> = BTreeMap::new();
     let mut guest: BTreeMap<(&str, usize), Vec<f64>> = BTreeMap::new();
     let mut failed: BTreeMap<&str, u32> = BTreeMap::new();
-    for round in 1..=rounds() {
+    println!(
+        "\n| round | VMM | initramfs starts | hands over to systemd | network-online | guest uptime then | units failed |\n\
+         | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for round in 0..=rounds() {
         for vmm in VMMS {
-            let Some(o) = outcomes.get(&name(round, vmm)) else {
+            // rc -1: a batch read back before it ended (PVM_BENCH_RESULTS) has no result yet.
+            let Some(o) = outcomes.get(&name(round, vmm)).filter(|o| o.rc != -1) else {
                 continue;
             };
             let values = crate::bench_values(o, "debian");
@@ -262,18 +279,31 @@ pub fn report(outcomes: &std::collections::HashMap<String, Outcome>) {
                 o.dump();
                 continue;
             };
+            let mut cells = Vec::new();
             for (i, (key, milestone)) in ["top_ms", "bottom_ms", "online_ms"]
                 .iter()
                 .zip(MILESTONES)
                 .enumerate()
             {
-                if let Some(ms) = values.get(*key) {
-                    host.entry((vmm, i)).or_default().push(*ms);
+                let ms = values.get(*key).copied();
+                cells.push(ms.map_or("n/a".to_string(), |ms| format!("{:.1} s", ms / 1000.0)));
+                if round == 0 {
+                    continue;
+                }
+                if let Some(ms) = ms {
+                    host.entry((vmm, i)).or_default().push(ms);
                 }
                 if let Some(ms) = guest_ms(o, milestone) {
                     guest.entry((vmm, i)).or_default().push(ms);
                 }
             }
+            let uptime = guest_ms(o, "network-online")
+                .map_or("n/a".to_string(), |ms| format!("{:.1} s", ms / 1000.0));
+            let bad = if degraded(o) { "yes" } else { "no" };
+            println!(
+                "| {round} | {vmm} | {} | {uptime} | {bad} |",
+                cells.join(" | ")
+            );
         }
     }
     println!(
@@ -303,7 +333,9 @@ pub fn report(outcomes: &std::collections::HashMap<String, Outcome>) {
             cells.join(" | ")
         );
     }
-    println!("\nmedians from the VMM's launch (min-max); ratios of the medians:");
+    println!(
+        "\nmedians of the timed rounds from the VMM's launch (min-max); ratios of the medians:"
+    );
     for (i, milestone) in MILESTONES.iter().enumerate() {
         let mut line = format!("{milestone}:");
         for pvm in ["pvm", "pvm-mmio"] {
