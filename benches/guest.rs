@@ -12,6 +12,8 @@
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
+#[path = "guest/debian_cmp.rs"]
+mod debian_cmp;
 #[path = "guest/firecracker.rs"]
 mod firecracker;
 #[path = "guest/io.rs"]
@@ -534,6 +536,7 @@ fn scenarios() -> Vec<Scenario> {
     all.extend(snapshot::scenarios());
     all.extend(io::scenarios());
     all.extend(net_mq::scenarios());
+    all.extend(debian_cmp::scenarios());
     all
 }
 
@@ -638,6 +641,7 @@ fn main() {
         }
         Some(outcome)
     };
+    debian_cmp::report(&outcomes);
     for vmm in ["pvm", "pvm-mmio", "firecracker"] {
         if let Some(outcome) = outcomes.get(&format!("cmp-minimal-diag-{vmm}")) {
             println!(

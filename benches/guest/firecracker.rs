@@ -53,3 +53,21 @@ pub fn with_binary(scenario: Scenario) -> Result<Scenario, String> {
     }
     Ok(scenario.shared_file("firecracker/firecracker", &path))
 }
+
+/// Shell lines writing `fc.json` for the Debian boot comparison (benches/guest/debian_cmp.rs):
+/// the Debian image's kernel (its ELF vmlinux) and initramfs from `{shared}/debian-image`, the
+/// image `{disk}` as a writable drive the command line names as root (so not Firecracker's root
+/// device, which would append `root=/dev/vda`), tap0 as its network, a virtio-rng, 1 vCPU and
+/// `mem_mib` MiB; `boot_args` whole (Firecracker appends its virtio-mmio devices and `pci=off`).
+pub fn write_disk_config(boot_args: &str, mem_mib: u32) -> String {
+    format!(
+        "cat > fc.json <<'EOF'\n\
+         {{\"boot-source\": {{\"kernel_image_path\": \"{{shared}}/debian-image/vmlinux\", \
+         \"initrd_path\": \"{{shared}}/debian-image/initrd.img\", \"boot_args\": \"{boot_args}\"}}, \
+         \"drives\": [{{\"drive_id\": \"root\", \"path_on_host\": \"{{disk}}\", \
+         \"is_root_device\": false, \"is_read_only\": false}}], \
+         \"network-interfaces\": [{{\"iface_id\": \"eth0\", \"host_dev_name\": \"tap0\", \
+         \"guest_mac\": \"52:54:00:12:34:56\"}}], \"entropy\": {{}}, \
+         \"machine-config\": {{\"vcpu_count\": 1, \"mem_size_mib\": {mem_mib}}}}}\nEOF\n"
+    )
+}
