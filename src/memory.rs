@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
 use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -22,6 +23,7 @@ use vm_memory::{
 
 use crate::config::{GuestPages, HUGE_PAGE_BYTES};
 use crate::layout;
+use crate::uffd::backend::PageServer;
 
 /// Where the kernel counts the host's free 2 MiB huge pages.
 const FREE_HUGE_PAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
@@ -53,6 +55,8 @@ pub enum Error {
     },
     #[error("the memory file's mappings do not make guest memory: {0}")]
     Regions(vm_memory::GuestRegionCollectionError),
+    #[error(transparent)]
+    PageServer(#[from] crate::uffd::backend::BackendError),
     #[error("KVM refused guest memory slot {slot}: {source}")]
     RegisterSlot {
         slot: u32,
@@ -76,6 +80,9 @@ pub struct VmMemory {
     slots: Vec<kvm_userspace_memory_region>,
     /// Which pages were written since the last snapshot, with track_dirty_pages.
     dirty: Option<crate::snapshot::dirty::DirtyTracking>,
+    /// The page-fault handler serving the RAM (mem_backend Uffd); dropped after the RAM's
+    /// slots are deleted, as the fields drop after `Drop::drop`.
+    page_server: Option<PageServer>,
 }
 
 impl VmMemory {
@@ -92,6 +99,7 @@ impl VmMemory {
             memory: create(mem_bytes, shared, pages)?,
             slots: Vec::new(),
             dirty: None,
+            page_server: None,
         };
         // On an error the slots registered so far are deleted when `owned` drops.
         owned.register()?;
@@ -107,9 +115,40 @@ impl VmMemory {
             memory: map_file(mem_bytes, file)?,
             slots: Vec::new(),
             dirty: None,
+            page_server: None,
         };
         owned.register()?;
         Ok(owned)
+    }
+
+    /// Guest RAM served by the page-fault handler at `socket` (Firecracker's Uffd backend):
+    /// anonymous private memory, nothing of it touched, registered with a userfaultfd that
+    /// goes to the handler with the regions' mappings; every page's first touch waits for it.
+    pub fn from_uffd(vm: Arc<VmFd>, mem_bytes: u64, socket: &Path) -> Result<Self, Error> {
+        // Not advised for huge pages: the handler fills the RAM a 4 KiB page at a time.
+        let ranges: Vec<_> = layout::ram_ranges(mem_bytes)
+            .into_iter()
+            .map(|(start, size)| (start, size as usize))
+            .collect();
+        let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Map {
+            size: mem_bytes,
+            source,
+        })?;
+        let page_server = PageServer::start(socket, &memory)?;
+        let mut owned = VmMemory {
+            vm,
+            memory,
+            slots: Vec::new(),
+            dirty: None,
+            page_server: Some(page_server),
+        };
+        owned.register()?;
+        Ok(owned)
+    }
+
+    /// The page-fault handler serving the RAM, if one does.
+    pub fn page_server(&self) -> Option<&PageServer> {
+        self.page_server.as_ref()
     }
 
     pub fn vm_fd(&self) -> &Arc<VmFd> {

@@ -25,7 +25,9 @@ use vmm_sys_util::signal::Killable;
 
 use self::main_loop::{InputSink, StopSignals, kick_signal, main_loop, metrics_timer};
 pub use self::pause::{Pauser, RunControl};
-pub use self::snapshot::{RestoreSpec, Restored, SnapshotSource, restore, restore_described};
+pub use self::snapshot::{
+    MemSource, RestoreSpec, Restored, SnapshotSource, restore, restore_described,
+};
 use crate::boot::{self, BootEntry, acpi};
 use crate::bus::Bus;
 use crate::config::{ConsoleKind, VmConfig};
@@ -260,6 +262,7 @@ impl Vm {
                     &mut pauser,
                     timer,
                     control,
+                    self.memory.page_server(),
                 )
             });
         let pauses = pauser.summary();
