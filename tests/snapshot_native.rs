@@ -543,6 +543,14 @@ fn a_uffd_restore_is_served_by_the_handler_and_ends_when_it_goes() {
     assert_eq!(status, 400, "{answer}");
     assert!(answer.contains(nobody.to_str().unwrap()), "{answer}");
     refused.kill();
+    let out = Command::new(PVM)
+        .args(["--restore", full.to_str().unwrap()])
+        .args(["--mem-uffd", nobody.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(nobody.to_str().unwrap()), "{stderr}");
 
     let uds = scratch("uffd-handler.uds");
     let mut handler = uffd_handler(&full_mem, &uds);

@@ -118,25 +118,13 @@ impl Drop for MemFile {
 
 /// The data ranges of `file`, up to `len`.
 fn data_ranges(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    let seek = |at: u64, whence| -> std::io::Result<Option<u64>> {
-        let at = libc::off_t::try_from(at).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        // SAFETY: lseek only moves the offset of a descriptor `file` owns.
-        let to = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
-        if to < 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENXIO) => Ok(None),
-                _ => Err(e),
-            };
-        }
-        Ok(Some(to as u64))
-    };
+    use crate::snapshot::layer::seek;
     let (mut ranges, mut at) = (Vec::new(), 0);
     while at < len {
-        let Some(start) = seek(at, libc::SEEK_DATA)? else {
+        let Some(start) = seek(file, at, libc::SEEK_DATA)? else {
             break;
         };
-        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        let end = seek(file, start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
         if end <= start {
             break;
         }
