@@ -238,10 +238,9 @@ pub(super) fn main_loop(
             match event.data() {
                 TOKEN_END => return Ok(()),
                 TOKEN_PAGE_SERVER => {
+                    // pvm prints the outcome's message as it exits.
                     if let Some(server) = page_server {
-                        let message = server.gone_message();
-                        log::error!("{message}");
-                        end.end(Outcome::VmmFailure(message));
+                        end.end(Outcome::VmmFailure(server.gone_message()));
                     }
                     return Ok(());
                 }
