@@ -197,14 +197,27 @@ struct Args {
     /// Restore the VM saved in this snapshot file (PUT /snapshot/create, or a paused VM's
     /// snapshot) instead of booting one: its disks and taps are opened again by the names it
     /// recorded; `--tap NAME` flags, one per tap in order, put the clone on other taps.
-    #[arg(long, value_name = "SNAPSHOT", requires = "mem_file",
+    #[arg(long, value_name = "SNAPSHOT", requires = "mem_source",
           conflicts_with_all = ["kernel", "initrd", "disk", "net", "config_file"])]
     restore: Option<PathBuf>,
 
     /// The snapshot's memory file (with --restore); mapped privately, so it stays unchanged
     /// and one file serves many clones.
-    #[arg(long, value_name = "MEM", requires = "restore")]
+    #[arg(long, value_name = "MEM", requires = "restore", group = "mem_source")]
     mem_file: Option<PathBuf>,
+
+    /// With --restore, instead of --mem-file: the guest's RAM is served by the page-fault
+    /// handler listening on this Unix socket (Firecracker's Uffd backend; `pvm uffd-handler`
+    /// is one). pvm sends it the memory mappings and a userfaultfd, and ends the VM with an
+    /// error if the handler goes away.
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        requires = "restore",
+        group = "mem_source",
+        conflicts_with = "mem_file"
+    )]
+    mem_uffd: Option<PathBuf>,
 
     /// With --restore: leave the restored VM paused (SIGUSR2 or PATCH /vm resumes it).
     #[arg(long, requires = "restore")]
@@ -599,10 +612,15 @@ pub fn parse_invocation<I: IntoIterator<Item = OsString>>(args: I) -> Result<Inv
             )));
         }
     }
-    let restore = match (&args.restore, &args.mem_file) {
-        (Some(snapshot), Some(mem_file)) => Some(crate::vm::RestoreSpec {
+    let ram = match (&args.mem_file, &args.mem_uffd) {
+        (Some(file), _) => Some(crate::vm::MemSource::File(file.clone())),
+        (None, Some(socket)) => Some(crate::vm::MemSource::Uffd(socket.clone())),
+        (None, None) => None,
+    };
+    let restore = match (&args.restore, ram) {
+        (Some(snapshot), Some(mem)) => Some(crate::vm::RestoreSpec {
             snapshot: snapshot.clone(),
-            mem_file: mem_file.clone(),
+            mem,
             taps: args.tap.iter().map(|t| t.name.clone()).collect(),
             overrides: Vec::new(),
             resume: !args.paused,
@@ -1018,7 +1036,10 @@ mod tests {
         ]);
         let spec = l.restore.expect("a restore");
         assert_eq!(spec.snapshot, PathBuf::from("vm.snap"));
-        assert_eq!(spec.mem_file, PathBuf::from("vm.mem"));
+        assert_eq!(
+            spec.mem,
+            crate::vm::MemSource::File(PathBuf::from("vm.mem"))
+        );
         assert_eq!(spec.taps, vec!["tap7".to_string()]);
         assert!(!spec.resume);
         let e = error_of(&[
@@ -1036,10 +1057,24 @@ mod tests {
         assert!(launch(&[]).restore.is_none());
         assert!(error_of(&["--restore", "vm.snap"]).contains("--mem-file"));
         assert!(error_of(&["--mem-file", "vm.mem"]).contains("--restore"));
-        // clap names the first missing flag of the chain --paused → --restore → --mem-file.
-        assert!(error_of(&["--paused"]).contains("--mem-file"));
+        // --paused needs --restore, which needs --mem-file or --mem-uffd: clap names the first.
+        assert!(error_of(&["--paused"]).contains("--restore"));
         let e = error_of(&["--restore", "s", "--mem-file", "m", "--kernel", "k"]);
         assert!(e.contains("--kernel") || e.contains("--restore"), "{e}");
+    }
+
+    #[test]
+    fn restore_takes_a_page_fault_handler_socket_instead_of_a_memory_file() {
+        let l = launch(&["--restore", "vm.snap", "--mem-uffd", "/run/h.sock"]);
+        let spec = l.restore.expect("a restore");
+        assert_eq!(
+            spec.mem,
+            crate::vm::MemSource::Uffd(PathBuf::from("/run/h.sock"))
+        );
+        let e = error_of(&["--restore", "s", "--mem-file", "m", "--mem-uffd", "u"]);
+        assert!(e.contains("--mem-uffd") && e.contains("--mem-file"), "{e}");
+        assert!(error_of(&["--mem-uffd", "u"]).contains("--restore"));
+        assert!(error_of(&["--restore", "vm.snap"]).contains("--mem-uffd"));
     }
 
     #[test]

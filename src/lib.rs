@@ -28,6 +28,7 @@ pub mod sandbox;
 pub mod seccomp;
 pub mod snapshot;
 pub mod terminal;
+pub mod uffd;
 pub mod vcpu;
 pub mod virtio_devices;
 pub mod vm;

@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
 use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -20,6 +21,7 @@ use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegi
 use crate::config::{GuestPages, HUGE_PAGE_BYTES};
 use crate::layout;
 use crate::memory_map::{self, MappedRange, Spec};
+use crate::uffd::backend::PageServer;
 
 /// Where the kernel counts the host's free 2 MiB huge pages.
 const FREE_HUGE_PAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
@@ -48,6 +50,8 @@ pub enum Error {
     },
     #[error("the guest memory mappings do not make guest memory: {0}")]
     Regions(vm_memory::GuestRegionCollectionError),
+    #[error(transparent)]
+    PageServer(#[from] crate::uffd::backend::BackendError),
     #[error("KVM refused guest memory slot {slot}: {source}")]
     RegisterSlot {
         slot: u32,
@@ -75,6 +79,9 @@ pub struct VmMemory {
     slots: Vec<kvm_userspace_memory_region>,
     /// Which pages were written since the last snapshot, with track_dirty_pages.
     dirty: Option<crate::snapshot::dirty::DirtyTracking>,
+    /// The page-fault handler serving the RAM (mem_backend Uffd); dropped after the RAM's
+    /// slots are deleted, as the fields drop after `Drop::drop`.
+    page_server: Option<PageServer>,
 }
 
 impl VmMemory {
@@ -93,6 +100,7 @@ impl VmMemory {
             ranges,
             slots: Vec::new(),
             dirty: None,
+            page_server: None,
         };
         // On an error the slots registered so far are deleted when `owned` drops.
         owned.register()?;
@@ -110,9 +118,34 @@ impl VmMemory {
             ranges,
             slots: Vec::new(),
             dirty: None,
+            page_server: None,
         };
         owned.register()?;
         Ok(owned)
+    }
+
+    /// Guest RAM served by the page-fault handler at `socket` (Firecracker's Uffd backend):
+    /// anonymous private memory, nothing of it touched, registered with a userfaultfd that
+    /// goes to the handler with the regions' mappings; every page's first touch waits for it.
+    pub fn from_uffd(vm: Arc<VmFd>, mem_bytes: u64, socket: &Path) -> Result<Self, Error> {
+        // Not advised for huge pages: the handler fills the RAM a 4 KiB page at a time.
+        let (memory, ranges) = map_ranges(mem_bytes, false, GuestPages::Normal)?;
+        let page_server = PageServer::start(socket, &memory)?;
+        let mut owned = VmMemory {
+            vm,
+            memory,
+            ranges,
+            slots: Vec::new(),
+            dirty: None,
+            page_server: Some(page_server),
+        };
+        owned.register()?;
+        Ok(owned)
+    }
+
+    /// The page-fault handler serving the RAM, if one does.
+    pub fn page_server(&self) -> Option<&PageServer> {
+        self.page_server.as_ref()
     }
 
     pub fn vm_fd(&self) -> &Arc<VmFd> {
@@ -199,9 +232,32 @@ impl Drop for VmMemory {
     }
 }
 
-/// Maps the guest's RAM (not yet visible to KVM); `shared` backs it with memfds another process
-/// can map (vhost-user). Huge pages are always memfds, so always shareable.
+/// Maps the guest's RAM (not yet visible to KVM), advised for transparent huge pages; `shared`
+/// backs it with memfds another process can map (vhost-user). Huge pages are always memfds, so
+/// always shareable.
 fn create(
+    mem_bytes: u64,
+    shared: bool,
+    pages: GuestPages,
+) -> Result<(GuestMemoryMmap, Vec<MappedRange>), Error> {
+    let (memory, ranges) = map_ranges(mem_bytes, shared, pages)?;
+    for region in memory.iter().filter(|_| pages == GuestPages::Normal) {
+        // SAFETY: the range is a mapping pvm owns for the life of `memory`; MADV_HUGEPAGE
+        // only changes how the kernel backs it. Failure (no THP) is harmless, so it is ignored.
+        unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_HUGEPAGE,
+            );
+        }
+    }
+    Ok((memory, ranges))
+}
+
+/// The guest's RAM ranges, each mapped at a 2 MiB-aligned address (`memory_map`), as
+/// [`create`] describes, without advice.
+fn map_ranges(
     mem_bytes: u64,
     shared: bool,
     pages: GuestPages,
@@ -239,17 +295,6 @@ fn create(
     let memory =
         GuestMemoryMmap::from_arc_regions(ranges.iter().map(MappedRange::region).collect())
             .map_err(Error::Regions)?;
-    for region in memory.iter().filter(|_| pages == GuestPages::Normal) {
-        // SAFETY: the range is a mapping pvm owns for the life of `memory`; MADV_HUGEPAGE
-        // only changes how the kernel backs it. Failure (no THP) is harmless, so it is ignored.
-        unsafe {
-            libc::madvise(
-                region.as_ptr().cast(),
-                region.len() as usize,
-                libc::MADV_HUGEPAGE,
-            );
-        }
-    }
     Ok((memory, ranges))
 }
 

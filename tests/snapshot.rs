@@ -12,7 +12,9 @@
 //! - mmio, kernel vhost-net, 2 vCPUs: `--restore --paused`, resumed with SIGUSR2.
 //! - track_dirty_pages, kernel vhost-net: Full, counting on, data received over the tap into
 //!   a socket the guest does not read yet, Diff, SIGKILL; the Diff layered onto the Full
-//!   restores to the Diff's count, and the guest then reads the data whole.
+//!   restores to the Diff's count, and the guest then reads the data whole. The same files
+//!   restore again with the Uffd backend, served by `pvm uffd-handler`; killing the handler
+//!   then ends that pvm with the error (no hang).
 //! - Debian's kernel with a `--cloud-init` seed and a `vhost=on` vsock, in one boot: a restore
 //!   while the original holds the CID is refused naming it; after SIGKILL and a change of the
 //!   seed's file, the restored guest still reads the snapshot's seed (page cache dropped) and
@@ -236,8 +238,24 @@ kill $pd
 wait $pd
 echo "d-disk $(dd if=disk.img bs=512 skip=8 count=1 2>/dev/null | head -c 12)"
 tail -n 3 d.log
+pvm uffd-handler --mem-file full.mem --socket mem.uds > h.log 2>&1 &
+ph=$!
+i=0
+while [ ! -S mem.uds ] && [ $i -lt 100 ]; do i=$((i + 1)); usleep 100000; done
+pvm --restore diff.snap --mem-uffd mem.uds > u.log 2>&1 &
+pu=$!
+{}kill -9 $ph
+wait $ph
+i=0
+while kill -0 $pu 2>/dev/null && [ $i -lt 100 ]; do i=$((i + 1)); usleep 100000; done
+if kill -0 $pu 2>/dev/null; then echo u-still-running; kill -9 $pu; fi
+wait $pu
+echo "u-exit $?"
+echo "u-ended-by-handler $(grep -c '^pvm: the page-fault handler at mem.uds closed its socket' u.log)"
+tail -n 3 u.log h.log
 "#,
         check_clone("d", "d.log"),
+        check_clone("u", "u.log"),
     );
     let guest = GUEST.replacen(
         "echo guest-counting-from-boot\n",
@@ -475,6 +493,20 @@ fn a_diff_layered_onto_its_full_snapshot_restores_the_later_count() {
         outcome.dump();
         panic!("{name}: the restored guest received md5 {received:?}, the host sent {sent}");
     }
+    // The Uffd restore of the same files counts on from the Diff too, and ends when its
+    // handler is killed, as a VMM failure.
+    let first = number_after(outcome, "u-first ");
+    if first != last + 1 {
+        outcome.dump();
+        panic!("{name}: the Uffd restore counted from {first}; the Diff was at {last}");
+    }
+    assert_eq!(number_after(outcome, "u-booted-again "), 0);
+    if outcome.console.contains("u-still-running") {
+        outcome.dump();
+        panic!("{name}: pvm ran on after its page-fault handler was killed");
+    }
+    outcome.assert_contains("u-exit 1");
+    outcome.assert_contains("u-ended-by-handler 1");
 }
 
 #[test]

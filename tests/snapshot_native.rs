@@ -539,3 +539,120 @@ fn diff_snapshots_layer_onto_their_full_snapshot() {
     assert_eq!(last.ask(ANSWER), Some(b'i'));
     last.kill();
 }
+
+/// `pvm uffd-handler` serving `mem` on `socket`, once the socket is there.
+fn uffd_handler(mem: &Path, socket: &Path) -> Child {
+    let mut child = Command::new(PVM)
+        .arg("uffd-handler")
+        .args(["--mem-file", mem.to_str().unwrap()])
+        .args(["--socket", socket.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..500 {
+        if socket.exists() {
+            return child;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "uffd-handler ended");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("uffd-handler never listened on {}", socket.display());
+}
+
+/// mem_backend Uffd with pvm's own handler: the guest counts on from its RAM as the handler
+/// serves it, Diff and Full snapshots of the restored VM read all of it through the handler,
+/// and when the handler is killed pvm ends with an error naming it instead of hanging. A
+/// handler socket nobody listens on fails the load naming backend_path.
+#[test]
+fn a_uffd_restore_is_served_by_the_handler_and_ends_when_it_goes() {
+    require_kvm();
+    let kernel = memory_counting_guest();
+    let socket = scratch("uffd.sock");
+    let mut pvm = Pvm::start(&["--api-sock", socket.to_str().unwrap(), "--mem", "64M"]);
+    let mut api = connect(&socket, &mut pvm.child);
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
+    assert_eq!(call(&mut api, "PUT", "/boot-source", Some(&boot)).0, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(start)).0, 204);
+    for want in *b"abc" {
+        assert_eq!(pvm.ask(ANSWER), Some(want));
+    }
+    set_paused(&mut api, true);
+    let (status, answer, full, full_mem) = take(&mut api, "Full", "uffd-full");
+    assert_eq!(status, 204, "{answer}");
+    pvm.kill();
+
+    let load_body = |uds: &Path| {
+        format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "Uffd", "backend_path": "{}"}}, "resume_vm": true, "track_dirty_pages": true}}"#,
+            full.display(),
+            uds.display()
+        )
+    };
+    // Nobody listens: the load fails, naming the socket.
+    let nobody = scratch("uffd-nobody.uds");
+    let socket = scratch("uffd-load.sock");
+    let mut refused = Pvm::start(&["--api-sock", socket.to_str().unwrap()]);
+    let mut api = connect(&socket, &mut refused.child);
+    let (status, answer) = call(&mut api, "PUT", "/snapshot/load", Some(&load_body(&nobody)));
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains(nobody.to_str().unwrap()), "{answer}");
+    refused.kill();
+    let out = Command::new(PVM)
+        .args(["--restore", full.to_str().unwrap()])
+        .args(["--mem-uffd", nobody.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(nobody.to_str().unwrap()), "{stderr}");
+
+    let uds = scratch("uffd-handler.uds");
+    let mut handler = uffd_handler(&full_mem, &uds);
+    let socket = scratch("uffd-served.sock");
+    let mut served = Pvm::start(&["--api-sock", socket.to_str().unwrap()]);
+    let mut api = connect(&socket, &mut served.child);
+    let (status, answer) = call(&mut api, "PUT", "/snapshot/load", Some(&load_body(&uds)));
+    assert_eq!(status, 204, "{answer}");
+    // The count lives in guest RAM: only pages from the memory file make it go on at 'd'.
+    for want in *b"de" {
+        assert_eq!(served.ask(ANSWER), Some(want));
+    }
+    set_paused(&mut api, true);
+    let (status, answer, diff, diff_mem) = take(&mut api, "Diff", "uffd-diff");
+    assert_eq!(status, 204, "{answer}");
+    let (status, answer, _, full2_mem) = take(&mut api, "Full", "uffd-full2");
+    assert_eq!(status, 204, "{answer}");
+    set_paused(&mut api, false);
+    assert_eq!(served.ask(ANSWER), Some(b'f'));
+    // The Full taken through the handler is the whole RAM: restored from it, the guest
+    // goes on at 'f' too; so does the Diff layered onto a copy of the first Full.
+    let (mut from_full, _) = load("uffd-from-full2", &diff, &full2_mem, false);
+    assert_eq!(from_full.ask(ANSWER), Some(b'f'));
+    from_full.kill();
+    let base_mem = scratch("uffd-base.mem");
+    std::fs::copy(&full_mem, &base_mem).unwrap();
+    let (code, stderr) = layer(&diff, &diff_mem, &full, &base_mem);
+    assert_eq!(code, 0, "{stderr}");
+    let (mut from_diff, _) = load("uffd-from-diff", &diff, &base_mem, false);
+    assert_eq!(from_diff.ask(ANSWER), Some(b'f'));
+    from_diff.kill();
+
+    // The handler goes: pvm ends the VM with the error, it does not hang.
+    handler.kill().unwrap();
+    let _ = handler.wait();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = served.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "pvm still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "VMM failure");
+    let stderr = served.kill();
+    assert!(
+        stderr.contains("page-fault handler") && stderr.contains(uds.to_str().unwrap()),
+        "{stderr}"
+    );
+}

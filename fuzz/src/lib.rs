@@ -10,6 +10,7 @@ pub mod queue;
 pub mod seeds;
 pub mod snapshot;
 pub mod transports;
+pub mod uffd;
 pub mod virtio_fs;
 pub mod vsock;
 
@@ -17,7 +18,7 @@ pub mod vsock;
 pub type Target = fn(&[u8]);
 
 /// Every fuzz target, by the name of its `fuzz_targets/` file and corpus directory.
-pub const TARGETS: [(&str, Target); 14] = [
+pub const TARGETS: [(&str, Target); 15] = [
     ("block", devices::block),
     ("net_tx", devices::net_tx),
     ("net_rx", devices::net_rx),
@@ -32,6 +33,7 @@ pub const TARGETS: [(&str, Target); 14] = [
     ("vsock", vsock::vsock),
     ("snapshot_file", snapshot::file),
     ("virtio_fs", virtio_fs::virtio_fs),
+    ("uffd_message", uffd::message),
 ];
 
 /// Runs the target called `name` on `data`.

@@ -869,6 +869,7 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("vsock", vsock()),
         ("snapshot_file", crate::snapshot::seeds()),
         ("virtio_fs", crate::virtio_fs::seeds()),
+        ("uffd_message", crate::uffd::seeds()),
     ]
 }
 

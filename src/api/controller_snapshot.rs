@@ -48,7 +48,7 @@ impl Controller {
         }
         let spec = vm::RestoreSpec {
             snapshot: request.snapshot_path,
-            mem_file: request.mem_file,
+            mem: request.mem,
             taps: Vec::new(),
             overrides: request
                 .network_overrides

@@ -1,5 +1,5 @@
 //! `PUT /snapshot/create` and `PUT /snapshot/load`: Firecracker's bodies, checked on the API
-//! thread; what pvm does not do (the Uffd backend, a target format version) is refused naming
+//! thread; what pvm does not do (a target format version) is refused naming
 //! the field, never accepted and ignored.
 
 use std::path::PathBuf;
@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::routes::RouteError;
+use crate::vm::MemSource;
 
 /// `PUT /snapshot/create`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -82,7 +83,7 @@ pub struct NetworkOverride {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadRequest {
     pub snapshot_path: PathBuf,
-    pub mem_file: PathBuf,
+    pub mem: crate::vm::MemSource,
     pub resume_vm: bool,
     pub network_overrides: Vec<NetworkOverride>,
     /// Keep logging dirty pages in the restored VM (for its Diff snapshots).
@@ -112,7 +113,7 @@ pub fn check_create(body: SnapshotCreate) -> Result<SnapshotCreate, RouteError> 
 /// Checks a load body and picks the memory file from `mem_backend` or `mem_file_path`.
 pub fn check_load(body: SnapshotLoad) -> Result<LoadRequest, RouteError> {
     const PATH: &str = "snapshot/load";
-    let mem_file = match (body.mem_backend, body.mem_file_path) {
+    let mem = match (body.mem_backend, body.mem_file_path) {
         (Some(_), Some(_)) => {
             return Err(refuse(
                 PATH,
@@ -125,19 +126,16 @@ pub fn check_load(body: SnapshotLoad) -> Result<LoadRequest, RouteError> {
                 "no memory file: give mem_backend (backend_type File) or mem_file_path",
             ));
         }
-        (Some(backend), None) if backend.backend_type == BackendType::Uffd => {
-            return Err(refuse(
-                PATH,
-                "mem_backend Uffd: pvm has no userfaultfd page server; use backend_type File \
-                 (pvm maps the file privately, so its pages load lazily)",
-            ));
-        }
-        (Some(backend), None) => backend.backend_path,
-        (None, Some(path)) => path,
+        (Some(backend), None) => match backend.backend_type {
+            BackendType::File => MemSource::File(backend.backend_path),
+            // backend_path is the page-fault handler's socket.
+            BackendType::Uffd => MemSource::Uffd(backend.backend_path),
+        },
+        (None, Some(path)) => MemSource::File(path),
     };
     Ok(LoadRequest {
         snapshot_path: body.snapshot_path,
-        mem_file,
+        mem,
         resume_vm: body.resume_vm,
         network_overrides: body.network_overrides,
         // enable_diff_snapshots is Firecracker's deprecated name for it.
@@ -166,11 +164,16 @@ mod tests {
                 "resume_vm":true,"network_overrides":[{"iface_id":"eth0","host_dev_name":"tap9"}]}"#,
         )
         .unwrap();
-        assert_eq!(r.mem_file, PathBuf::from("m"));
+        assert_eq!(r.mem, MemSource::File(PathBuf::from("m")));
         assert!(r.resume_vm);
         assert_eq!(r.network_overrides[0].host_dev_name, "tap9");
         let r = load(r#"{"snapshot_path":"s","mem_file_path":"m2"}"#).unwrap();
-        assert_eq!(r.mem_file, PathBuf::from("m2"));
+        assert_eq!(r.mem, MemSource::File(PathBuf::from("m2")));
+        let r = load(
+            r#"{"snapshot_path":"s","mem_backend":{"backend_type":"Uffd","backend_path":"u.sock"}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.mem, MemSource::Uffd(PathBuf::from("u.sock")));
         assert!(!r.resume_vm);
         let c = create(r#"{"snapshot_type":"Full","snapshot_path":"s","mem_file_path":"m"}"#);
         assert_eq!(c.unwrap().kind(), crate::snapshot::SnapshotKind::Full);
@@ -192,9 +195,13 @@ mod tests {
         let cases = [
             (
                 load(
-                    r#"{"snapshot_path":"s","mem_backend":{"backend_type":"Uffd","backend_path":"u"}}"#,
+                    r#"{"snapshot_path":"s","mem_backend":{"backend_type":"Uffd","backend_path":"u","x":1}}"#,
                 ),
-                "Uffd",
+                "unknown field",
+            ),
+            (
+                load(r#"{"snapshot_path":"s","mem_backend":{"backend_type":"Uffd"}}"#),
+                "backend_path",
             ),
             (
                 load(

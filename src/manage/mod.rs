@@ -104,6 +104,20 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         base_mem: PathBuf,
     },
+    /// Serve a restored VM's memory from a snapshot's memory file: the page-fault handler of
+    /// `--mem-uffd` (Firecracker's Uffd backend; Firecracker's message is taken too). Listens
+    /// on SOCKET for one VMM, fills each page the guest first touches from MEM (zeros where
+    /// MEM has a hole, or where the balloon gave the page back) and exits 0 when the VMM
+    /// closes its end; 1 on a bad message or a failed fill.
+    #[command(name = "uffd-handler")]
+    UffdHandler {
+        /// The snapshot's memory file.
+        #[arg(long, value_name = "MEM")]
+        mem_file: PathBuf,
+        /// The Unix socket to listen on (created; it must not exist).
+        #[arg(long, value_name = "SOCKET")]
+        socket: PathBuf,
+    },
     /// Print pvm's manual page (roff) on stdout.
     #[command(hide = true)]
     Man,
@@ -134,6 +148,8 @@ pub enum ManageError {
     Man(std::io::Error),
     #[error("snapshot-layer: {0}")]
     Layer(#[from] crate::snapshot::layer::LayerError),
+    #[error("uffd-handler: {0}")]
+    UffdHandler(#[from] crate::uffd::handler::HandlerError),
 }
 
 impl ManageError {
@@ -167,6 +183,9 @@ pub fn run(command: Command) -> i32 {
             base_snapshot,
             base_mem,
         }),
+        Command::UffdHandler { mem_file, socket } => crate::uffd::handler::run(&mem_file, &socket)
+            .map(|()| 0)
+            .map_err(ManageError::from),
         Command::CleanupSockets { paths } => Ok(cleanup::run(&paths)),
     };
     match result {

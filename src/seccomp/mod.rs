@@ -66,7 +66,10 @@ const RATE_LIMIT: &[i64] = &[libc::SYS_timerfd_settime];
 /// The main loop, and the teardown of the VM when it ends. Resuming a paused VM restarts
 /// in-process device workers from the main thread: a new event loop and kill eventfd each.
 /// Metrics re-read /proc/self/net/dev (opened before the filter) for vhost-net taps, in
-/// place.
+/// place. A VM restored with a page-fault handler (mem_backend Uffd) adds nothing: the
+/// userfaultfd and the handler's socket are set up before any filter, the main loop watches
+/// the socket with epoll_ctl, and the RAM's faults (the vCPUs', a snapshot's reads, the
+/// balloon's madvise with its REMOVE event) wait in the kernel, not in a system call of ours.
 const MAIN: &[i64] = &[
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,

@@ -140,7 +140,7 @@ fn copy_data(from: &File, onto: &File, len: u64) -> std::io::Result<u64> {
 }
 
 /// lseek with SEEK_DATA or SEEK_HOLE; None when there is no more data (ENXIO).
-fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+pub(crate) fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
     let offset = libc::off_t::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
     // SAFETY: lseek only moves the offset of a descriptor `file` owns; no memory is passed.
     let at = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };

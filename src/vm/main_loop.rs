@@ -152,6 +152,7 @@ const TOKEN_STOP: u64 = 2;
 const TOKEN_REQUEST: u64 = 3;
 const TOKEN_METRICS: u64 = 4;
 const TOKEN_CONTROL: u64 = 5;
+const TOKEN_PAGE_SERVER: u64 = 6;
 
 /// The periodic metrics line's timer, armed when metrics are configured. Created before the
 /// main thread's sandbox, which has no timerfd_create.
@@ -171,7 +172,10 @@ pub(super) fn metrics_timer() -> Result<Option<TimerFd>, Error> {
 
 /// Waits for the end of the VM or a stop signal, passing host input to `sink` (None: stdin is
 /// not read, the console being elsewhere) and pause/resume requests to `pauser` meanwhile, and
-/// writing a metrics line on each tick of `metrics_timer`.
+/// writing a metrics line on each tick of `metrics_timer`, and ending the VM when the
+/// `page_server` serving its RAM goes away.
+// Each argument is a separate source of events the loop waits on.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn main_loop(
     sink: Option<&InputSink>,
     end: &EndSignal,
@@ -180,6 +184,7 @@ pub(super) fn main_loop(
     pauser: &mut Pauser<'_>,
     mut metrics_timer: Option<TimerFd>,
     mut control: Option<&mut dyn ControlPlane>,
+    page_server: Option<&crate::uffd::backend::PageServer>,
 ) -> Result<(), Error> {
     let stop_event = &stop.event;
     let epoll = Epoll::new().map_err(io_err("epoll"))?;
@@ -201,6 +206,17 @@ pub(super) fn main_loop(
     if let Some(control) = &control {
         add(control.event().as_raw_fd(), TOKEN_CONTROL)?;
     }
+    if let Some(server) = page_server {
+        // Only the hang-up matters (EPOLLHUP is always reported): a handler that is gone
+        // leaves every fault on a page not yet served pending for good.
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                server.socket().as_raw_fd(),
+                EpollEvent::new(EventSet::READ_HANG_UP, TOKEN_PAGE_SERVER),
+            )
+            .map_err(io_err("epoll_ctl"))?;
+    }
     // stdin may be /dev/null or a regular file, which epoll refuses; then there is no input.
     let mut stdin_open = sink.is_some() && add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
     let mut input = KeyboardInput::default();
@@ -221,6 +237,13 @@ pub(super) fn main_loop(
         for event in &events[..n] {
             match event.data() {
                 TOKEN_END => return Ok(()),
+                TOKEN_PAGE_SERVER => {
+                    // pvm prints the outcome's message as it exits.
+                    if let Some(server) = page_server {
+                        end.end(Outcome::VmmFailure(server.gone_message()));
+                    }
+                    return Ok(());
+                }
                 TOKEN_STOP => {
                     end.end(Outcome::Signal(stop.received()));
                     return Ok(());

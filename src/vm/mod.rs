@@ -25,7 +25,9 @@ use vmm_sys_util::signal::Killable;
 
 use self::main_loop::{InputSink, StopSignals, kick_signal, main_loop, metrics_timer};
 pub use self::pause::{Pauser, RunControl};
-pub use self::snapshot::{RestoreSpec, Restored, SnapshotSource, restore, restore_described};
+pub use self::snapshot::{
+    MemSource, RestoreSpec, Restored, SnapshotSource, restore, restore_described,
+};
 use crate::boot::{self, BootEntry, acpi};
 use crate::bus::Bus;
 use crate::config::{ConsoleKind, Transport, VmConfig};
@@ -261,6 +263,7 @@ impl Vm {
                     &mut pauser,
                     timer,
                     control,
+                    self.memory.page_server(),
                 )
             });
         let pauses = pauser.summary();

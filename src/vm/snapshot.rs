@@ -37,13 +37,23 @@ const PCI_CONFIG_ADDRESS: u64 = 0xcf8;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestoreSpec {
     pub snapshot: PathBuf,
-    pub mem_file: PathBuf,
+    /// Where the guest's RAM comes from.
+    pub mem: MemSource,
     /// Replaces the snapshot's tap names, in order (empty: keep them).
     pub taps: Vec<String>,
     /// (interface, tap): puts one interface on another tap (the API's network_overrides).
     pub overrides: Vec<(String, String)>,
     /// Run the guest at once; otherwise it stays paused until resumed.
     pub resume: bool,
+}
+
+/// Where a restored VM's RAM comes from (Firecracker's `mem_backend`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemSource {
+    /// The memory file, mapped privately (`File`, `--mem-file`).
+    File(PathBuf),
+    /// A page-fault handler listening on this Unix socket (`Uffd`, `--mem-uffd`).
+    Uffd(PathBuf),
 }
 
 /// What a snapshot is taken from: borrowed from the running [`Vm`] by the main loop.
@@ -224,10 +234,14 @@ pub fn restore_described(base: &VmConfig, spec: &RestoreSpec) -> Result<Restored
     let config = snapshot
         .description
         .to_config(base, &spec.taps, &spec.overrides)?;
-    let mem_file =
-        memory_file::open(&spec.mem_file, config.mem_bytes).map_err(RestoreError::from)?;
+    let mem = match &spec.mem {
+        MemSource::File(path) => {
+            RamFrom::File(memory_file::open(path, config.mem_bytes).map_err(RestoreError::from)?)
+        }
+        MemSource::Uffd(socket) => RamFrom::Uffd(socket),
+    };
     let (kvm, _flavour) = kvm_host::open()?;
-    let vm = Vm::restore(&kvm, &config, &snapshot, &mem_file, spec.resume)?;
+    let vm = Vm::restore(&kvm, &config, &snapshot, &mem, spec.resume)?;
     log::info!(
         "snapshot {} restored in {} us, {} us of CPU",
         spec.snapshot.display(),
@@ -243,14 +257,30 @@ pub fn restore_described(base: &VmConfig, spec: &RestoreSpec) -> Result<Restored
     })
 }
 
+/// The restored RAM's source, opened.
+enum RamFrom<'a> {
+    File(std::fs::File),
+    Uffd(&'a Path),
+}
+
+impl RamFrom<'_> {
+    /// Maps a `mem_bytes` guest's RAM (and, with a handler, hands it over) for `vm`.
+    fn map(&self, vm: VmFd, mem_bytes: u64) -> Result<VmMemory, crate::memory::Error> {
+        match self {
+            RamFrom::File(file) => VmMemory::from_file(Arc::new(vm), mem_bytes, file),
+            RamFrom::Uffd(socket) => VmMemory::from_uffd(Arc::new(vm), mem_bytes, socket),
+        }
+    }
+}
+
 impl Vm {
-    /// [`Vm::build`] for a snapshot: RAM from `mem_file`, devices rebuilt from `config` (the
+    /// [`Vm::build`] for a snapshot: RAM from `mem`, devices rebuilt from `config` (the
     /// snapshot's description) and given their saved state, vCPUs given theirs.
     fn restore(
         kvm: &Kvm,
         config: &VmConfig,
         snapshot: &Snapshot,
-        mem_file: &std::fs::File,
+        mem: &RamFrom<'_>,
         resume: bool,
     ) -> Result<Vm, Error> {
         // Where a restore's time goes, at debug level (BENCHMARKS.md "Snapshots").
@@ -259,8 +289,7 @@ impl Vm {
             |done: &str| log::debug!("restore: {done} at {} us", start.elapsed().as_micros());
         prepare_sandbox(config);
         let console_socket = super::bind_console_socket(config)?;
-        let mut memory =
-            VmMemory::from_file(Arc::new(create_vm(kvm)?), config.mem_bytes, mem_file)?;
+        let mut memory = mem.map(create_vm(kvm)?, config.mem_bytes)?;
         if config.track_dirty_pages {
             // The RAM is the snapshot's memory file: a Diff taken next layers onto it.
             memory.track_dirty_pages(Some(snapshot.memory.id))?;
