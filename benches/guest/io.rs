@@ -9,10 +9,11 @@
 //! initramfs copied into each scenario). The host side runs the same iperf3 through the
 //! image's loader.
 //!
-//! fio runs on a second disk, a 256 MiB raw file on the emulated host's tmpfs, with O_DIRECT in
-//! the guest and libaio (the minimal kernel has no io_uring). The host samples the VMM's CPU
-//! (threads other than vCPUs, plus vhost workers) around each job from markers the guest
-//! prints, so CPU per GiB covers that job.
+//! fio runs on a second disk, a 256 MiB raw file on ext4 on a disk of the emulated host (see
+//! fio.rs, which holds the block half), with O_DIRECT in the guest and libaio (the minimal
+//! kernel has no io_uring). The host samples the VMM's CPU (threads other than vCPUs, plus
+//! vhost workers) around each job from markers the guest prints, so CPU per GiB covers that
+//! job.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,21 +22,9 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::common::{Kernel, Outcome, Scenario, in_network_namespace};
-use crate::{CPU_MS, QEMU, exits, firecracker, median, with_qemu};
+use crate::{CPU_MS, QEMU, firecracker, median, with_qemu};
 
-/// fio jobs in the order they run (writes first, so the reads find written blocks): name,
-/// fio arguments, the direction fio reports them under.
-const FIO_JOBS: [(&str, &str, &str); 5] = [
-    ("seqwrite", "--rw=write --bs=1M --iodepth=8", "write"),
-    (
-        "randwrite32",
-        "--rw=randwrite --bs=4k --iodepth=32",
-        "write",
-    ),
-    ("randread1", "--rw=randread --bs=4k --iodepth=1", "read"),
-    ("randread32", "--rw=randread --bs=4k --iodepth=32", "read"),
-    ("seqread", "--rw=read --bs=1M --iodepth=8", "read"),
-];
+mod fio;
 
 /// iperf3 runs, guest as client of the host's server: name, arguments.
 const IPERF_RUNS: [(&str, &str); 5] = [
@@ -46,20 +35,20 @@ const IPERF_RUNS: [(&str, &str); 5] = [
     ("udp", "-u -l 1400 -b 0"),
 ];
 
-/// Block configurations: scenario tag, label.
-const BLK_VMMS: [(&str, &str); 4] = [
-    ("pvm", "pvm engine=sync"),
-    ("uring", "pvm engine=io_uring"),
-    ("qemu", "QEMU q35 virtio-blk-pci, iothread, aio=io_uring"),
-    ("fc", "Firecracker io_engine=Async"),
-];
-
 /// Network configurations: scenario tag, label.
 const NET_VMMS: [(&str, &str); 4] = [
     ("pvm", "pvm in-process"),
     ("vhost", "pvm vhost-net"),
     ("qemu", "QEMU q35 virtio-net-pci vhost=on"),
     ("fc", "Firecracker virtio-net (mmio)"),
+];
+
+/// Ratio columns of the iperf3 table: (pvm's tag, the other's tag, header).
+const NET_RATIOS: [(&str, &str, &str); 4] = [
+    ("pvm", "qemu", "pvm in-process / QEMU"),
+    ("vhost", "qemu", "pvm vhost-net / QEMU"),
+    ("pvm", "fc", "pvm in-process / Firecracker"),
+    ("vhost", "fc", "pvm vhost-net / Firecracker"),
 ];
 
 /// The test disk's size in the emulated host, MiB.
@@ -265,14 +254,14 @@ const JOB_FN: &str = "job() {\n\
     }\n";
 
 /// A Firecracker config: the scenario's kernel and initramfs, `vcpus` vCPUs, 256 MiB, the tools
-/// disk read-only, and the test disk and/or tap0.
-pub(crate) fn firecracker_config(test_disk: bool, tap: bool, vcpus: u32) -> String {
+/// disk read-only, and the test disk (at the path given) and/or tap0.
+pub(crate) fn firecracker_config(test_disk: Option<&str>, tap: bool, vcpus: u32) -> String {
     let mut drives = String::new();
-    if test_disk {
-        drives.push_str(
-            "{\"drive_id\": \"test\", \"path_on_host\": \"disk.img\", \"is_root_device\": false, \
-             \"is_read_only\": false, \"io_engine\": \"Async\"}, ",
-        );
+    if let Some(path) = test_disk {
+        drives.push_str(&format!(
+            "{{\"drive_id\": \"test\", \"path_on_host\": \"{path}\", \"is_root_device\": false, \
+             \"is_read_only\": false, \"io_engine\": \"Async\"}}, "
+        ));
     }
     drives.push_str(
         "{\"drive_id\": \"tools\", \"path_on_host\": \"{shared}/io/tools.img\", \
@@ -320,47 +309,6 @@ pub(crate) fn with_vmm(scenario: Scenario, vmm: &str, stage: &Path) -> Result<Sc
     }
 }
 
-/// fio's five jobs on the test disk under `vmm` (see [`BLK_VMMS`]); `base` only boots and
-/// mounts the tools (pvm's exits baseline).
-fn blk_scenario(vmm: &str, run: u32, stage: &Path, base: bool) -> Result<Scenario, String> {
-    let secs = secs();
-    let mut init = format!("{MOUNT_TOOLS}{JOB_FN}echo \"test disk $test\"\n");
-    if !base {
-        for (name, args, _) in FIO_JOBS {
-            init.push_str(&format!(
-                "job {name} $T --preload /tools/lib/libnoshm.so /tools/fio --thread --name={name} --filename=$test --direct=1 \
-                 --ioengine=libaio --runtime={secs} --time_based --output-format=json {args}\n"
-            ));
-        }
-    }
-    let qemu_devices = "-object iothread,id=io0 \
-         -drive file=disk.img,format=raw,if=none,id=d0,aio=io_uring \
-         -device virtio-blk-pci,drive=d0,iothread=io0";
-    let (setup, command) = vmm_command(vmm, qemu_devices, firecracker_config(true, false, 1));
-    let names: Vec<&str> = FIO_JOBS.iter().map(|j| j.0).collect();
-    let script = format!(
-        "{setup}dd if=/dev/zero of=disk.img bs=1M count=0 seek={DISK_MIB} 2>/dev/null\n\
-         {command} > out.log 2>&1 &\n\
-         vmmpid=$!\n\
-         {}exit $rc\n",
-        sample_jobs(if base { &[] } else { &names })
-    );
-    let name = if base {
-        "io-blk-0-base".to_string()
-    } else {
-        format!("io-blk-{run}-{vmm}")
-    };
-    let mut scenario = Scenario::boot(&name, Kernel::MinimalElf, 1, &init)
-        .script(&script)
-        .timeout(300 + 15 * secs);
-    scenario = match vmm {
-        "pvm" => scenario.args(["--disk", "disk.img"]),
-        "uring" => scenario.args(["--disk", "disk.img,engine=io_uring"]),
-        _ => scenario,
-    };
-    with_vmm(scenario, vmm, stage)
-}
-
 /// iperf3's runs between the guest (client) and the host side of tap0 under `vmm` (see
 /// [`NET_VMMS`]).
 fn net_scenario(vmm: &str, run: u32, stage: &Path) -> Result<Scenario, String> {
@@ -378,7 +326,7 @@ fn net_scenario(vmm: &str, run: u32, stage: &Path) -> Result<Scenario, String> {
     }
     let qemu_devices = "-netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=on \
          -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile=";
-    let (setup, command) = vmm_command(vmm, qemu_devices, firecracker_config(false, true, 1));
+    let (setup, command) = vmm_command(vmm, qemu_devices, firecracker_config(None, true, 1));
     let names: Vec<&str> = IPERF_RUNS.iter().map(|r| r.0).collect();
     let body = format!(
         "{setup}{{shared}}/io/host/lib/ld-linux-x86-64.so.2 --library-path {{shared}}/io/host/lib \
@@ -437,14 +385,10 @@ pub fn scenarios() -> Vec<Scenario> {
         Ok(s) => all.push(s),
         Err(e) => println!("{name}: left out: {e}"),
     };
-    push("io-blk-0-base".into(), blk_scenario("pvm", 0, &stage, true));
+    for (name, scenario) in fio::scenarios(&stage) {
+        push(name, scenario);
+    }
     for run in 1..=runs() {
-        for (vmm, _) in BLK_VMMS {
-            push(
-                format!("io-blk-{run}-{vmm}"),
-                blk_scenario(vmm, run, &stage, false),
-            );
-        }
         for (vmm, _) in NET_VMMS {
             push(
                 format!("io-net-{run}-{vmm}"),
@@ -455,8 +399,8 @@ pub fn scenarios() -> Vec<Scenario> {
     all
 }
 
-/// The JSON a job printed between `OUT-BEGIN name` and `OUT-END name`.
-pub(crate) fn job_json(outcome: &Outcome, name: &str) -> Option<Value> {
+/// What a job printed between `OUT-BEGIN name` and `OUT-END name`.
+pub(crate) fn job_text<'a>(outcome: &'a Outcome, name: &str) -> Option<&'a str> {
     let console = &outcome.console;
     // The exact name: "tcp1" must not match "tcp1-rev" (lines end in \r\n on a serial tty).
     let marker = |m: &str| {
@@ -466,8 +410,13 @@ pub(crate) fn job_json(outcome: &Outcome, name: &str) -> Option<Value> {
             .map(|(at, _)| at)
             .find(|&at| matches!(console.as_bytes().get(at + m.len()), Some(b'\r' | b'\n')))
     };
-    let (start, end) = (marker("OUT-BEGIN")?, marker("OUT-END")?);
-    let text = console.get(start..end)?;
+    let start = marker("OUT-BEGIN")? + "OUT-BEGIN ".len() + name.len();
+    console.get(start..marker("OUT-END")?)
+}
+
+/// The JSON a job printed (see [`job_text`]).
+pub(crate) fn job_json(outcome: &Outcome, name: &str) -> Option<Value> {
+    let text = job_text(outcome, name)?;
     serde_json::from_str(&text[text.find('{')?..]).ok()
 }
 
@@ -495,25 +444,6 @@ pub(crate) struct Figures {
     /// CPU seconds of the VMM's threads except vCPUs, and of its vhost workers.
     pub(crate) cpu_s: f64,
     pub(crate) vhost_s: f64,
-}
-
-fn fio_figures(outcome: &Outcome, name: &str, dir: &str) -> Option<Figures> {
-    let json = job_json(outcome, name)?;
-    let side = &json["jobs"][0][dir];
-    let pct = |p: &str| {
-        side["clat_ns"]["percentile"][p]
-            .as_f64()
-            .map(|ns| ns / 1000.0)
-    };
-    Some(Figures {
-        rate: side["iops"].as_f64()?,
-        bytes: side["io_bytes"].as_f64()?,
-        p50: pct("50.000000")?,
-        p99: pct("99.000000")?,
-        ios: side["total_ios"].as_f64()?,
-        cpu_s: job_cpu_s(outcome, name)?.0,
-        vhost_s: 0.0,
-    })
 }
 
 fn iperf_figures(outcome: &Outcome, name: &str) -> Option<Figures> {
@@ -562,56 +492,7 @@ pub(crate) fn per_gib(f: &Figures, cpu_s: f64) -> f64 {
 pub fn report<'a>(ok: &dyn Fn(&str) -> Option<&'a Outcome>) {
     let runs = runs();
     let secs = secs();
-    println!(
-        "\n### fio in the guest ({DISK_MIB} MiB raw file on the emulated host's tmpfs, O_DIRECT, libaio, {secs} s per job, medians of up to {runs} run(s))\n"
-    );
-    println!(
-        "| job | VMM | IOPS | MiB/s | p50 / p99 µs | VMM CPU s/GiB | runs |\n| --- | --- | --- | --- | --- | --- | --- |"
-    );
-    let mut blk: BTreeMap<(&str, &str), Figures> = BTreeMap::new();
-    for (job, _, dir) in FIO_JOBS {
-        for (vmm, label) in BLK_VMMS {
-            let all: Vec<Figures> = (1..=runs)
-                .filter_map(|r| fio_figures(ok(&format!("io-blk-{r}-{vmm}"))?, job, dir))
-                .collect();
-            let Some(f) = medians(&all) else { continue };
-            blk.insert((job, vmm), f);
-            println!(
-                "| {job} | {label} | {:.0} | {:.1} | {:.0} / {:.0} | {:.2} | {} |",
-                f.rate,
-                f.bytes / f64::from(1u32 << 20) / f64::from(secs),
-                f.p50,
-                f.p99,
-                per_gib(&f, f.cpu_s),
-                all.len()
-            );
-        }
-    }
-    println!(
-        "\n| job | pvm sync / QEMU | pvm io_uring / QEMU | pvm sync / Firecracker | pvm io_uring / Firecracker |\n| --- | --- | --- | --- | --- |"
-    );
-    for (job, _, _) in FIO_JOBS {
-        print_ratios(&blk, job, "IOPS", ["pvm", "uring"]);
-    }
-    // Exits: the whole run's minus a boot that mounted the tools and ran nothing.
-    if let Some(base) = ok("io-blk-0-base").and_then(exits) {
-        for (vmm, label) in &BLK_VMMS[..2] {
-            let Some(outcome) = ok(&format!("io-blk-1-{vmm}")) else {
-                continue;
-            };
-            let ios: f64 = FIO_JOBS
-                .iter()
-                .filter_map(|(job, _, dir)| fio_figures(outcome, job, dir))
-                .map(|f| f.ios)
-                .sum();
-            if let Some(total) = exits(outcome) {
-                println!(
-                    "\n{label}: userspace exits per 1000 requests: {:.2} ({total} exits in run 1, {base} in the baseline boot, {ios:.0} requests)",
-                    (total as f64 - base as f64).max(0.0) * 1000.0 / ios.max(1.0)
-                );
-            }
-        }
-    }
+    fio::report(ok);
     println!(
         "\n### iperf3 between the guest and the host side of tap0 ({secs} s per run, medians of up to {runs} run(s))\n"
     );
@@ -636,26 +517,35 @@ pub fn report<'a>(ok: &dyn Fn(&str) -> Option<&'a Outcome>) {
             );
         }
     }
-    println!(
-        "\n| run | pvm in-process / QEMU | pvm vhost-net / QEMU | pvm in-process / Firecracker | pvm vhost-net / Firecracker |\n| --- | --- | --- | --- | --- |"
-    );
-    for (name, _) in IPERF_RUNS {
-        print_ratios(&net, name, "Mbit/s", ["pvm", "vhost"]);
-    }
+    println!();
+    let names: Vec<&str> = IPERF_RUNS.iter().map(|r| r.0).collect();
+    print_ratios(&net, &names, "Mbit/s", &NET_RATIOS);
 }
 
-/// One row of a ratio table: each of pvm's two configurations `ours` against QEMU, then
-/// against Firecracker.
-fn print_ratios(figures: &BTreeMap<(&str, &str), Figures>, row: &str, unit: &str, ours: [&str; 2]) {
-    let ratio = |a: &str, b: &str| match (figures.get(&(row, a)), figures.get(&(row, b))) {
-        (Some(a), Some(b)) => format!("{:.2}", a.rate / b.rate.max(1e-9)),
-        _ => "n/a".to_string(),
-    };
+/// A ratio table: a row per `rows` entry, a column per `columns` entry (pvm's tag, the other
+/// VMM's tag, header) with pvm's rate over the other's.
+fn print_ratios(
+    figures: &BTreeMap<(&str, &str), Figures>,
+    rows: &[&str],
+    unit: &str,
+    columns: &[(&str, &str, &str)],
+) {
+    let headers: Vec<&str> = columns.iter().map(|c| c.2).collect();
     println!(
-        "| {row} ({unit}) | {} | {} | {} | {} |",
-        ratio(ours[0], "qemu"),
-        ratio(ours[1], "qemu"),
-        ratio(ours[0], "fc"),
-        ratio(ours[1], "fc")
+        "| | {} |\n|{}",
+        headers.join(" | "),
+        " --- |".repeat(columns.len() + 1)
     );
+    for row in rows {
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|(ours, theirs, _)| {
+                match (figures.get(&(*row, *ours)), figures.get(&(*row, *theirs))) {
+                    (Some(a), Some(b)) => format!("{:.2}", a.rate / b.rate.max(1e-9)),
+                    _ => "n/a".to_string(),
+                }
+            })
+            .collect();
+        println!("| {row} ({unit}) | {} |", cells.join(" | "));
+    }
 }

@@ -127,7 +127,7 @@ fn scenario(vmm: &str, pairs: u32, run: u32, stage: &Path) -> Result<Scenario, S
             )
         }
         "fc" => (
-            firecracker_config(false, true, GUEST_CPUS),
+            firecracker_config(None, true, GUEST_CPUS),
             firecracker::COMMAND.to_string(),
         ),
         _ => (String::new(), "{pvm}".to_string()),
