@@ -93,35 +93,14 @@ impl VmMemory {
         shared: bool,
         pages: GuestPages,
     ) -> Result<Self, Error> {
-        let (memory, ranges) = create(mem_bytes, shared, pages)?;
-        let mut owned = VmMemory {
-            vm,
-            memory,
-            ranges,
-            slots: Vec::new(),
-            dirty: None,
-            page_server: None,
-        };
-        // On an error the slots registered so far are deleted when `owned` drops.
-        owned.register()?;
-        Ok(owned)
+        Self::registered(vm, create(mem_bytes, shared, pages)?, None)
     }
 
     /// Guest RAM from a snapshot's memory file (already checked to hold `mem_bytes`), each
     /// range mapped MAP_PRIVATE from its offset: pages are read when first touched, and the
     /// guest's writes stay in this process.
     pub fn from_file(vm: Arc<VmFd>, mem_bytes: u64, file: &File) -> Result<Self, Error> {
-        let (memory, ranges) = map_file(mem_bytes, file)?;
-        let mut owned = VmMemory {
-            vm,
-            memory,
-            ranges,
-            slots: Vec::new(),
-            dirty: None,
-            page_server: None,
-        };
-        owned.register()?;
-        Ok(owned)
+        Self::registered(vm, map_file(mem_bytes, file)?, None)
     }
 
     /// Guest RAM served by the page-fault handler at `socket` (Firecracker's Uffd backend):
@@ -129,16 +108,27 @@ impl VmMemory {
     /// goes to the handler with the regions' mappings; every page's first touch waits for it.
     pub fn from_uffd(vm: Arc<VmFd>, mem_bytes: u64, socket: &Path) -> Result<Self, Error> {
         // Not advised for huge pages: the handler fills the RAM a 4 KiB page at a time.
-        let (memory, ranges) = map_ranges(mem_bytes, false, GuestPages::Normal)?;
-        let page_server = PageServer::start(socket, &memory)?;
+        let mapped = map_ranges(mem_bytes, false, GuestPages::Normal)?;
+        let page_server = PageServer::start(socket, &mapped.0)?;
+        Self::registered(vm, mapped, Some(page_server))
+    }
+
+    /// The RAM `mapped` (and the page server filling it, if any) made guest-physical memory
+    /// of `vm`, one slot per region.
+    fn registered(
+        vm: Arc<VmFd>,
+        (memory, ranges): (GuestMemoryMmap, Vec<MappedRange>),
+        page_server: Option<PageServer>,
+    ) -> Result<Self, Error> {
         let mut owned = VmMemory {
             vm,
             memory,
             ranges,
             slots: Vec::new(),
             dirty: None,
-            page_server: Some(page_server),
+            page_server,
         };
+        // On an error the slots registered so far are deleted when `owned` drops.
         owned.register()?;
         Ok(owned)
     }
