@@ -674,13 +674,19 @@ impl<'a> PciAttacher<'a> {
                 name: name.to_string(),
                 source,
             })?;
-        let msi = Arc::new(DeviceMsi {
-            router: self.router.clone(),
-            first_gsi: resources.first_gsi,
-        });
-        let transport = PciTransport::new(device, self.memory.clone(), resources.bar, vectors, msi)
-            .map_err(io_error("transport", name))?;
-        self.connect_vectors(name, &transport, resources.first_gsi)?;
+        let msi = Arc::new(DeviceMsi::new(self.router.clone(), resources.first_gsi));
+        let transport = PciTransport::new(
+            device,
+            self.memory.clone(),
+            resources.bar,
+            vectors,
+            msi.clone(),
+        )
+        .map_err(io_error("transport", name))?;
+        // Vector `v` raises GSI `first_gsi + v` through its irqfd, which KVM is given once the
+        // driver unmasks the vector (see DeviceMsi).
+        msi.connect(&transport.vector_irqfds())
+            .map_err(io_error("MSI-X irqfds", name))?;
         self.connect_kicks(name, &transport, resources.bar)?;
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(
@@ -696,21 +702,6 @@ impl<'a> PciAttacher<'a> {
         );
         self.root.plug(resources.slot, transport.clone());
         Ok(transport)
-    }
-
-    /// Vector `v` raises GSI `first_gsi + v` through its irqfd.
-    fn connect_vectors(
-        &self,
-        name: &str,
-        transport: &PciTransport,
-        first_gsi: u32,
-    ) -> Result<(), Error> {
-        for (gsi, irqfd) in (first_gsi..).zip(transport.vector_irqfds()) {
-            self.vm
-                .register_irqfd(irqfd, gsi)
-                .map_err(kvm_error("irqfd", name))?;
-        }
-        Ok(())
     }
 
     /// A write to a queue's notify address in the BAR signals its kick eventfd in KVM.

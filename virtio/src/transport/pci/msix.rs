@@ -40,8 +40,12 @@ pub struct MsiMessage {
 /// routing table + irqfds), by tests with a recorder.
 pub trait MsiSink: Send + Sync {
     /// From now on, a write to the irqfd of `vector` must deliver `message` (`Some`), or the
-    /// vector is masked / MSI-X is off and its irqfd will not be written until a later
-    /// `Some` (`None`; the VMM may drop the route or keep it).
+    /// vector is masked / MSI-X is off (`None`): the transport then writes the irqfd no more
+    /// until a later `Some`, but a data plane outside the VMM holding it ([`queue_irqfd`]) may,
+    /// and the VMM must keep such writes for the next `Some` rather than drop them (pvm's
+    /// KVM stops listening to the irqfd, so they wait in the eventfd).
+    ///
+    /// [`queue_irqfd`]: crate::device::Interrupt::queue_irqfd
     ///
     /// Called on the vCPU thread that wrote the MSI-X table or control register, with the
     /// transport's interrupt lock held: install the route before returning, and do not call
@@ -482,8 +486,8 @@ impl Msix {
 
 impl Interrupt for PciInterrupt {
     fn queue_irqfd(&self, queue: u16) -> Option<EventFd> {
-        // While the vector is masked its GSI has no route, so a data plane's writes then are
-        // lost rather than left pending: the known cost of signalling without pvm in the path.
+        // While the vector is masked the sink keeps a data plane's writes for the unmask (see
+        // MsiSink::update_vector); they do not show in the PBA meanwhile.
         self.msix().queue_irqfd(queue)
     }
 
