@@ -14,7 +14,8 @@
 //! after the last milestone) and, for pvm, `--boot-timer --stats --log-level debug`; a pvm
 //! warm-up boot before it takes the image's first-boot work. `PVM_BENCH_DEBIAN_ROUNDS` timed
 //! rounds follow (default 5), alternating the VMMs; `PVM_BENCH_DEBIAN_DIAG=off` leaves round 0
-//! out, `PVM_BENCH_ONLY=cmp-debian-boot-0` runs only it (with the warm-up).
+//! out, `PVM_BENCH_ONLY=cmp-debian-boot-0` runs only it (with the warm-up), and
+//! `PVM_BENCH_DEBIAN_VMMS=q35,...` only those VMMs' boots.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -77,7 +78,7 @@ fn command(vmm: &str, args: &str) -> String {
         _ => format!(
             "{qemu} -M q35 -kernel {kernel} -initrd {initrd} -append '{VMM_ARGS} {args}' \\\n    \
              -drive file={{disk}},format=raw,if=none,id=d0 -device virtio-blk-pci,drive=d0 \\\n    \
-             {net} -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56 \\\n    \
+             {net} -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile= \\\n    \
              -device virtio-rng-pci"
         ),
     }
@@ -206,9 +207,20 @@ pub fn scenarios() -> Vec<Scenario> {
         Ok("off") => 1,
         _ => 0,
     };
+    // PVM_BENCH_DEBIAN_VMMS=a,b runs only those VMMs' boots (and the warm-up), e.g. to redo
+    // one VMM's rounds; PVM_BENCH_RESULTS can then print them with another batch's results.
+    let only: Option<Vec<String>> = std::env::var("PVM_BENCH_DEBIAN_VMMS")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    if let Some(unknown) = only.iter().flatten().find(|v| !VMMS.contains(&v.as_str())) {
+        println!("{PREFIX}: PVM_BENCH_DEBIAN_VMMS: no VMM '{unknown}' (one of {VMMS:?})");
+        return Vec::new();
+    }
     for round in first..=rounds() {
         for vmm in VMMS {
-            add(scenario(round, vmm, &assets), vmm);
+            if only.as_ref().is_none_or(|o| o.iter().any(|v| v == vmm)) {
+                add(scenario(round, vmm, &assets), vmm);
+            }
         }
     }
     all
