@@ -239,6 +239,12 @@ fn wait_gone(path: &Path) {
     }
 }
 
+/// Ends a console client's connection whoever else holds a copy of its descriptor.
+fn hang_up(client: UnixStream) {
+    // NotConnected: pvm has closed its end already.
+    let _ = client.shutdown(std::net::Shutdown::Both);
+}
+
 fn console_client(path: &Path) -> UnixStream {
     let stream = UnixStream::connect(path).unwrap();
     stream
@@ -263,12 +269,14 @@ fn console_socket_attach_detach_and_hostile_clients() {
     second.read_to_string(&mut refused).unwrap();
     assert!(refused.contains("console busy"), "{refused}");
     // The first detaches; the guest runs on and the next client is served at once, even
-    // before pvm's console thread has woken for the first one's hang-up.
-    drop(first);
+    // before pvm's console thread has woken for the first one's hang-up. (Each client hangs
+    // up with shutdown, not only by closing its descriptor: another test thread's spawn can
+    // hold a copy of the descriptor until its child execs, and the connection would stay up.)
+    hang_up(first);
     let mut again = console_client(&path);
     again.write_all(b"still-here").unwrap();
     read_until(&mut again, "still-here").unwrap();
-    drop(again);
+    hang_up(again);
 
     // A flood of garbage that the guest echoes back while the client never reads: pvm holds
     // it back and drops output instead of stalling the guest, and a later client is served.
@@ -285,7 +293,7 @@ fn console_socket_attach_detach_and_hostile_clients() {
             Err(e) => panic!("{e}"),
         }
     }
-    drop(flood);
+    hang_up(flood);
     assert!(vm.try_wait().unwrap().is_none(), "the flood ended the VM");
     // Output nobody read is counted (how much depends on the socket buffers).
     let out = pvm(&xdg, &["status", "echo", "--json"]);

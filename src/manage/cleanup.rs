@@ -5,7 +5,9 @@
 //! closed in the child before it execs (posix_spawn's closefrom), close-on-exec or not.
 //! It waits for that pipe to end (pvm exited, however: normally, by a signal, even SIGKILL),
 //! then runs `pvm cleanup-sockets PATH...` (hidden), which removes each socket that is then
-//! stale (connecting is refused), so a socket a newer pvm has bound meanwhile stays. If the
+//! stale (connecting is refused; one that still accepts is tried again for a few seconds, as
+//! the dying pvm may release it after the pipe), so a socket a newer pvm has bound meanwhile
+//! stays. If the
 //! helper cannot be started, the sockets stay and are cleaned as stale ones are.
 //!
 //! While it waits the helper is `/bin/sh` (its script's `$0` is `pvm-cleanup`), not the pvm
@@ -237,15 +239,56 @@ pub fn run(paths: &[PathBuf]) -> i32 {
         }
     }
     for path in paths {
-        let _ = super::rundir::remove_if_stale(path);
+        remove_once_released(path, RELEASE_GRACE);
     }
     0
+}
+
+/// How long a socket may still accept connections after pvm's end. An exiting process's
+/// descriptors are released after its descriptor table is emptied, in an order that is the
+/// kernel's: the pipe whose end woke this helper can go before the listening socket, with the
+/// VM's descriptors (whose release takes a while) between them. A socket that still accepts
+/// right after is tried again until it refuses or this has passed (then a newer pvm holds it).
+const RELEASE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Removes `path` once it is stale, trying for up to `grace` while it still accepts.
+fn remove_once_released(path: &Path, grace: std::time::Duration) {
+    use super::rundir::{Probe, probe, remove_if_stale};
+    let deadline = std::time::Instant::now() + grace;
+    while matches!(probe(path), Ok(Probe::Live)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = remove_if_stale(path);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn a_socket_released_after_the_wake_up_is_removed_and_a_live_one_kept() {
+        let dir = std::env::temp_dir().join(format!("pvm-cleanup-grace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Still listening when the helper looks, closed 200 ms later: removed.
+        let late = dir.join("late.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&late).unwrap();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(listener);
+        });
+        remove_once_released(&late, std::time::Duration::from_secs(5));
+        closer.join().unwrap();
+        assert!(!late.exists(), "a socket released after the wake-up stays");
+        // Listening for good (a newer pvm's): kept once the grace has passed.
+        let live = dir.join("live.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        let start = std::time::Instant::now();
+        remove_once_released(&live, std::time::Duration::from_millis(300));
+        assert!(start.elapsed() >= std::time::Duration::from_millis(300));
+        assert!(live.exists(), "a live socket was removed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn wait_for(path: &Path) -> String {
         for _ in 0..500 {
