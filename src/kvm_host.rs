@@ -76,6 +76,17 @@ pub fn open() -> Result<(Kvm, KvmFlavour), Error> {
     Ok((kvm, flavour))
 }
 
+/// For unit tests that need a real VM: /dev/kvm, or None (said on stderr) where this host
+/// has none, and the test returns early.
+#[cfg(test)]
+pub(crate) fn kvm_for_tests() -> Option<Kvm> {
+    let kvm = Kvm::new().ok();
+    if kvm.is_none() {
+        eprintln!("no usable /dev/kvm: test skipped");
+    }
+    kvm
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
